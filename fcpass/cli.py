@@ -1,0 +1,355 @@
+"""The `fcpass` command line. Every user-facing failure is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcpass import __version__
+from fcpass.errors import FcpassError
+
+log = logging.getLogger("fcpass")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("torch", "onnxscript", "onnx_ir", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not hasattr(args, "func"):
+        args = parser.parse_args(["sample", *(argv or [])])
+    try:
+        return args.func(args) or 0
+    except FcpassError as exc:
+        print(f"fcpass: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fcpass: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fcpass", description="Compile adaptive caches into exported Diffusion Transformers.")
+    p.add_argument("--version", action="version", version=f"fcpass {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    e = sub.add_parser("export", help="export a PyTorch DiT to static-shaped ONNX")
+    e.add_argument("--arch", required=True, help="digits, dit-{s,b,l,xl}-{2,4,8}, pixart-tiny, pixart-xl-2")
+    e.add_argument("--image-size", type=int, default=256)
+    e.add_argument("--weights", type=Path, help="checkpoint (official DiT .pt, or diffusers layout)")
+    e.add_argument("--batch", type=int, default=2, help="static batch (2 = one sample with guidance)")
+    e.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    e.add_argument("-o", "--output", type=Path, required=True)
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="inputs, outputs, transformer blocks, MACs, and the cache plan if any")
+    i.add_argument("model", type=Path)
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--block-pattern", help="regex matching a block scope name, with a group for its number")
+    i.add_argument("--inputs", help="input roles, e.g. latent=x,timestep=t,class=y")
+    i.set_defaults(func=cmd_inspect)
+
+    o = sub.add_parser("optimize", help="rewrite a DiT graph into a cache-aware graph")
+    o.add_argument("model", type=Path, nargs="?", help="exported DiT (default: the bundled digits model)")
+    o.add_argument("-o", "--output", type=Path, required=True)
+    o.add_argument("--regions", default="blocks,tail,stack", help="region sets: blocks, tail (1..L-1), stack")
+    o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
+    o.add_argument("--calib-steps", type=int, default=50)
+    o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
+    o.add_argument("--block-pattern")
+    o.add_argument("--inputs")
+    _sampling_args(o)
+    o.set_defaults(func=cmd_optimize)
+
+    s = sub.add_parser("sample", help="sample with an (optimized) graph on ONNX Runtime")
+    s.add_argument("model", type=Path, nargs="?", help="ONNX graph (default: the bundled digits model)")
+    s.add_argument("--policy", default=None, help="none, fora, fastcache (cache-aware graphs)")
+    s.add_argument("--alpha", type=float)
+    s.add_argument("--dof", choices=["elements", "tokens"])
+    s.add_argument("--max-skips", type=int)
+    s.add_argument("--warmup", type=int)
+    s.add_argument("--interval", type=int, help="FORA's interval")
+    s.add_argument("--approx", choices=["reuse", "residual", "linear"])
+    s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
+    s.add_argument("--inputs")
+    s.add_argument("--out", type=Path, help="PNG grid of the samples")
+    s.add_argument("--out-npy", type=Path, help="final samples as .npy")
+    s.add_argument("--report", type=Path, help="JSON report: timing, MACs, every step's decisions")
+    s.add_argument("--baseline", action="store_true", help="also run the uncached graph, print speedup and PSNR")
+    _sampling_args(s)
+    s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("compare", help="PSNR and SSIM of B against A")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
+    c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="plot a sampling report's decisions as a step x region heatmap")
+    r.add_argument("report", type=Path)
+    r.add_argument("-o", "--output", type=Path, required=True)
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler-config", type=Path, help="diffusers scheduler_config.json")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--class", dest="classes", type=int, nargs="+", help="class labels to draw")
+    p.add_argument("--prompt-embeds", type=Path, help=".npy of caption embeddings (N, L, C)")
+    p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument("--uncond-class", type=int)
+    p.add_argument("--seed", type=int, default=0)
+
+
+# --- export / inspect ---------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fcpass.export import ExportSpec, export
+    from fcpass.onnx_io import check_distinct
+
+    if args.weights is not None:
+        check_distinct(args.weights, args.output)
+    spec = ExportSpec(args.arch, args.image_size, args.batch, args.exporter, args.opset)
+    path = export(spec, args.output, weights=args.weights, verify=not args.no_verify)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fcpass.discover import discover_blocks
+    from fcpass.graphinfo import GraphIndex, graph_macs
+    from fcpass.onnx_io import load_model
+    from fcpass.plan import has_plan, read_plan
+    from fcpass.roles import graph_inputs, graph_outputs, infer_roles, parse_role_overrides
+
+    model = load_model(args.model)
+    info: dict[str, Any] = {
+        "model": str(args.model),
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "inputs": [_spec_json(s) for s in graph_inputs(model)],
+        "outputs": [_spec_json(s) for s in graph_outputs(model)],
+    }
+    if has_plan(model):
+        plan = read_plan(model, str(args.model))
+        info["plan"] = json.loads(plan.to_json())
+        info["macs_per_call"] = plan.uncached_macs
+    else:
+        roles = infer_roles(model, parse_role_overrides(args.inputs))
+        info["roles"] = _roles_json(roles)
+        index = GraphIndex(model)
+        info["macs_per_call"] = graph_macs(index)
+        bmap = discover_blocks(model, roles.latent.name, args.block_pattern)
+        info["blocks"] = {
+            "count": len(bmap),
+            "method": bmap.method,
+            "blocks": [
+                {"index": b.index, "scope": b.scope, "nodes": len(b.nodes), "inputs": b.inputs,
+                 "outputs": b.outputs, "params": b.params, "macs": b.macs}
+                for b in bmap.blocks
+            ],
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['model']}  (opset {info['opset']})")
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}:")
+        for s in info[kind]:
+            if not s["name"].startswith("fc"):
+                print(f"  {s['name']:<24} {s['dtype']:<8} {s['shape']}")
+    print(f"MACs per call: {info['macs_per_call'] / 1e9:.3f} G")
+    if "blocks" in info:
+        b = info["blocks"]
+        print(f"transformer blocks: {b['count']} (found by {b['method']})")
+        for blk in b["blocks"]:
+            print(f"  {blk['index']:>3} {blk['scope']:<28} nodes {blk['nodes']:>4}  params {blk['params'] / 1e6:7.3f} M"
+                  f"  MACs {blk['macs'] / 1e9:7.3f} G")
+    if "plan" in info:
+        plan = info["plan"]
+        print(f"cache plan (fcpass {plan['version']}): {len(plan['regions'])} regions, {len(plan['states'])} state tensors")
+        for r in plan["regions"]:
+            cal = r["calibration"]
+            cal_txt = f"  sigma2 {cal['sigma2']:.3g}  fit err {cal.get('fit_rel_err', float('nan')):.3g}" if cal.get("sigma2") is not None else ""
+            print(f"  {r['index']:>3} {r['name']:<10} parent {str(r['parent']):<6} blocks {r['blocks'][0]}..{r['blocks'][-1]}"
+                  f"  MACs {r['macs'] / 1e9:.3f} G{cal_txt}")
+    return 0
+
+
+def _spec_json(s: Any) -> dict[str, Any]:
+    return {"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)}
+
+
+def _roles_json(roles: Any) -> dict[str, str | None]:
+    return {
+        "latent": roles.latent.name,
+        "timestep": roles.timestep.name,
+        "class": roles.class_labels.name if roles.class_labels else None,
+        "prompt_embeds": roles.prompt_embeds.name if roles.prompt_embeds else None,
+    }
+
+
+# --- optimize -------------------------------------------------------------------------------
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from fcpass.optimize import OptimizeOptions, optimize
+
+    model_path = args.model or _bundled_onnx()
+    options = OptimizeOptions(
+        regions=tuple(x.strip() for x in args.regions.split(",") if x.strip()),
+        calibrate=args.calibrate,
+        calib_steps=args.calib_steps,
+        calib_eps=args.calib_eps,
+        block_pattern=args.block_pattern,
+        inputs=args.inputs,
+    )
+    setup = _sampling_setup(args, model_path)
+    plan = optimize(model_path, args.output, options, setup)
+    print(f"wrote {args.output}: {len(plan.regions)} regions over {len(plan.block_regions())} blocks"
+          f"{', calibrated' if args.calibrate else ''}")
+    return 0
+
+
+# --- sample ---------------------------------------------------------------------------------
+
+def _bundled_onnx() -> Path:
+    from models.digits import ONNX
+
+    if not ONNX.exists():
+        raise FcpassError(f"the bundled model {ONNX} is missing; reinstall fcpass or run tools/train_digits.py")
+    return ONNX
+
+
+def _export_meta(model: Any) -> dict[str, Any]:
+    from fcpass.export import EXPORT_METADATA_KEY
+
+    for prop in model.metadata_props:
+        if prop.key == EXPORT_METADATA_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
+    """Scheduler, request defaults and roles for a graph: from flags, else its export metadata."""
+    from fcpass.onnx_io import load_model
+    from runtimes.sampler import SampleRequest
+
+    model = load_model(model_path, load_weights=False)
+    meta = _export_meta(model)
+    config = meta.get("config", {})
+    sched_path = args.scheduler_config
+    if sched_path is None:
+        if meta.get("arch") == "digits":
+            from models.digits import SCHEDULER_CONFIG
+
+            sched_path = SCHEDULER_CONFIG
+        else:
+            raise FcpassError(f"{model_path} is not the bundled model; pass --scheduler-config scheduler_config.json")
+    prompt = None
+    if args.prompt_embeds is not None:
+        from fcpass.quality import load_npy
+
+        prompt = load_npy(args.prompt_embeds).astype(np.float32)
+        if prompt.ndim == 2:
+            prompt = prompt[None]
+    classes = args.classes
+    if classes is None and prompt is None:
+        classes = list(range(min(int(config.get("num_classes", 10)), 10)))
+    uncond = args.uncond_class
+    if uncond is None and config.get("family") == "dit":
+        uncond = int(config["num_classes"])
+    request = SampleRequest(classes=classes, prompt_embeds=prompt, steps=args.steps,
+                            guidance_scale=args.guidance_scale, uncond_class=uncond, seed=args.seed)
+    return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),
+            "arch": meta.get("arch")}
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from fcpass.runner import load_denoiser, run_sampling
+
+    model_path = args.model or _bundled_onnx()
+    setup = _sampling_setup(args, model_path)
+    options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx")}
+    denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"])
+    result, report = run_sampling(denoiser, setup, model_path, args.policy)
+    if args.baseline:
+        if args.policy in (None, "none"):
+            raise FcpassError("--baseline compares a cache policy with the uncached graph; add --policy fastcache")
+        base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup["inputs"])
+        base_result, base_report = run_sampling(base, setup, model_path, "none")
+        from fcpass.quality import compare_batches
+
+        q = compare_batches(base_result.images, result.images)
+        report["baseline"] = {"wall_seconds": base_result.wall_seconds, "macs": base_result.macs_executed,
+                              "psnr_mean": q["psnr_mean"], "ssim_mean": q["ssim_mean"]}
+        report["speedup"] = base_result.wall_seconds / result.wall_seconds
+        report["mac_ideal_speedup"] = base_result.macs_executed / max(result.macs_executed, 1)
+    _write_outputs(args, result, report)
+    _print_summary(report)
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, result: Any, report: dict[str, Any]) -> None:
+    from fcpass.onnx_io import atomic_path
+
+    if args.out:
+        from fcpass.images import save_grid
+
+        save_grid(result.images, args.out)
+        print(f"wrote {args.out}")
+    if args.out_npy:
+        with atomic_path(args.out_npy, suffix=".npy") as tmp:
+            np.save(tmp, result.images)
+        print(f"wrote {args.out_npy}")
+    if args.report:
+        with atomic_path(args.report) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.report}")
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    steps = report["steps"]
+    line = (f"{report['samples']} samples x {steps} steps on {report['provider']}: "
+            f"{report['wall_seconds']:.3f} s, {report['macs'] / 1e9:.2f} GMACs "
+            f"({report['macs_fraction'] * 100:.1f}% of uncached)")
+    if report.get("accuracy") is not None:
+        line += f", digit accuracy {report['accuracy']:.2f}"
+    print(line)
+    if "speedup" in report:
+        b = report["baseline"]
+        print(f"uncached: {b['wall_seconds']:.3f} s -> speedup {report['speedup']:.2f}x "
+              f"(MAC-ideal {report['mac_ideal_speedup']:.2f}x), PSNR {b['psnr_mean']:.2f} dB, SSIM {b['ssim_mean']:.4f}")
+
+
+# --- compare / report -----------------------------------------------------------------------
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fcpass.quality import compare_batches, load_npy
+
+    a, b = load_npy(args.a), load_npy(args.b)
+    if a.ndim == 3:
+        a, b = a[None], b[None]
+    q = compare_batches(a, b)
+    print(f"PSNR {q['psnr_mean']:.2f} dB  SSIM {q['ssim_mean']:.4f}  ({q['n']} samples)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fcpass.report import plot_report
+
+    plot_report(args.report, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Read-only facts about an ONNX graph: tensor shapes and dtypes, producers, consumers, MACs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GraphIndex:
+    """Producer/consumer maps and inferred shapes of a model's main graph (subgraphs not entered)."""
+
+    model: onnx.ModelProto
+
+    @cached_property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return list(self.model.graph.node)
+
+    @cached_property
+    def producer(self) -> dict[str, int]:
+        return {out: i for i, n in enumerate(self.nodes) for out in n.output if out}
+
+    @cached_property
+    def consumers(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            for name in node_inputs(n):
+                out.setdefault(name, []).append(i)
+        return out
+
+    @cached_property
+    def graph_outputs(self) -> set[str]:
+        return {o.name for o in self.model.graph.output}
+
+    @cached_property
+    def initializers(self) -> set[str]:
+        return {t.name for t in self.model.graph.initializer}
+
+    @cached_property
+    def value_types(self) -> dict[str, tuple[int, tuple[int | str | None, ...]]]:
+        """name -> (onnx elem type, shape) for every tensor shape inference could type."""
+        inferred = infer_shapes(self.model)
+        out: dict[str, tuple[int, tuple[int | str | None, ...]]] = {}
+        g = inferred.graph
+        for v in [*g.input, *g.value_info, *g.output]:
+            tt = v.type.tensor_type
+            if not tt.elem_type:
+                continue
+            dims = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+            ) if tt.HasField("shape") else None
+            out[v.name] = (tt.elem_type, dims)
+        for t in g.initializer:
+            out[t.name] = (t.data_type, tuple(t.dims))
+        for n in g.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        out[n.output[0]] = (a.t.data_type, tuple(a.t.dims))
+        return out
+
+    def shape(self, name: str) -> tuple[int | str | None, ...] | None:
+        entry = self.value_types.get(name)
+        return entry[1] if entry else None
+
+    def dtype(self, name: str) -> np.dtype | None:
+        entry = self.value_types.get(name)
+        return np.dtype(helper.tensor_dtype_to_np_dtype(entry[0])) if entry else None
+
+    def descendants(self, sources: set[str]) -> set[int]:
+        """Indices of nodes that (transitively) read any tensor in `sources`."""
+        seen: set[int] = set()
+        frontier = list(sources)
+        while frontier:
+            t = frontier.pop()
+            for i in self.consumers.get(t, ()):
+                if i not in seen:
+                    seen.add(i)
+                    frontier.extend(o for o in self.nodes[i].output if o)
+        return seen
+
+    def ancestors(self, targets: set[str]) -> set[int]:
+        """Indices of nodes that (transitively) produce any tensor in `targets`."""
+        seen: set[int] = set()
+        frontier = list(targets)
+        while frontier:
+            t = frontier.pop()
+            i = self.producer.get(t)
+            if i is not None and i not in seen:
+                seen.add(i)
+                frontier.extend(node_inputs(self.nodes[i]))
+        return seen
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs, including the outer-scope names its subgraphs (If, Loop, Scan) read."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            names.extend(_outer_names(attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                names.extend(_outer_names(g))
+    return names
+
+
+def _outer_names(graph: onnx.GraphProto) -> list[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    local |= {o for n in graph.node for o in n.output}
+    return [name for n in graph.node for name in node_inputs(n) if name not in local]
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # a partly unsupported graph still has useful exported value_info
+        log.warning("shape inference failed (%s); using the shapes stored in the model", exc)
+        return model
+
+
+def _numel(shape: tuple | None) -> int | None:
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        return None
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def node_macs(node: onnx.NodeProto, index: GraphIndex) -> int:
+    """Multiply-accumulates of one node (MatMul, Gemm, Conv, Einsum-free graphs); 0 if unknown."""
+    if node.op_type in ("MatMul", "Gemm"):
+        a = index.shape(node.input[0])
+        out = index.shape(node.output[0])
+        n_out = _numel(out)
+        if not a or n_out is None:
+            return 0
+        trans_a = any(x.name == "transA" and x.i for x in node.attribute)
+        k = a[-2] if (node.op_type == "Gemm" and trans_a) else a[-1]
+        return n_out * k if isinstance(k, int) else 0
+    if node.op_type == "Conv":
+        w = index.shape(node.input[1])
+        n_out = _numel(index.shape(node.output[0]))
+        if not w or n_out is None or any(not isinstance(d, int) for d in w):
+            return 0
+        return n_out * int(np.prod(w[1:]))
+    return 0
+
+
+def graph_macs(index: GraphIndex, nodes: list[int] | None = None) -> int:
+    chosen = range(len(index.nodes)) if nodes is None else nodes
+    return sum(node_macs(index.nodes[i], index) for i in chosen)
+
+
+def param_count(index: GraphIndex, nodes: list[int]) -> int:
+    """Elements of the initializers (and Constant tensors of rank >= 1) that `nodes` read."""
+    seen: set[str] = set()
+    total = 0
+    for i in nodes:
+        for name in index.nodes[i].input:
+            if name in seen:
+                continue
+            seen.add(name)
+            producer = index.producer.get(name)
+            is_const = name in index.initializers or (
+                producer is not None and index.nodes[producer].op_type == "Constant"
+            )
+            shape = index.shape(name) if is_const else None
+            if shape:
+                total += _numel(shape) or 0
+    return total

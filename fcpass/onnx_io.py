@@ -1,0 +1,95 @@
+"""Loading and saving ONNX models with clear errors and atomic writes.
+
+Saving never leaves a half-written artefact: the model (and its external data, for models over
+2 GB) is written to a temporary name in the destination folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+
+from fcpass.errors import FcpassError
+
+log = logging.getLogger(__name__)
+
+# Protobuf cannot serialise a single message over 2 GiB; above this, weights go to external data.
+_PROTO_LIMIT = 2**31 - 2**20
+
+
+def load_model(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, turning every failure into one actionable FcpassError."""
+    p = Path(path)
+    if not p.exists():
+        raise FcpassError(f"model file not found: {p}; check the path (fcpass export writes one from a checkpoint)")
+    if p.is_dir():
+        raise FcpassError(f"{p} is a directory, not an ONNX file; pass the path of the .onnx file inside it")
+    try:
+        model = onnx.load(str(p), load_external_data=load_weights)
+    except Exception as exc:  # protobuf raises several unrelated types for a non-ONNX file
+        raise FcpassError(
+            f"{p} is not a readable ONNX model ({type(exc).__name__}); pass an .onnx file exported from the model"
+        ) from None
+    if not model.graph.node:
+        raise FcpassError(f"{p} holds no graph nodes; it is not an exported model (re-export it with fcpass export)")
+    return model
+
+
+def check_distinct(input_path: str | Path, output_path: str | Path) -> None:
+    """Refuse to write over the input: an interrupted or failed run would lose the user's model."""
+    src, dst = Path(input_path).resolve(), Path(output_path).resolve()
+    if src == dst:
+        raise FcpassError(f"output {output_path} is the input model; choose another -o path (e.g. model.fc.onnx)")
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix + ".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write `model` atomically; models over 2 GB keep their weights in `<name>.data` beside it."""
+    dst = Path(path)
+    if model.ByteSize() < _PROTO_LIMIT:
+        with atomic_path(dst) as tmp:
+            onnx.save_model(model, str(tmp))
+        return dst
+    data_name = dst.name + ".data"
+    with atomic_path(dst.parent / data_name) as tmp_data, atomic_path(dst) as tmp:
+        # The model refers to its data file by name, so write the data under the temporary name
+        # and then point the references at the final one before the model itself is written.
+        onnx.save_model(
+            model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data.name
+        )
+        for tensor in _external_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        onnx.save_model(model, str(tmp))
+    log.info("wrote %s with external data %s", dst, data_name)
+    return dst
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor

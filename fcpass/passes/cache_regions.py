@@ -1,0 +1,488 @@
+"""Wrap blocks and block ranges in cache branches: `region(H) -> If(skip, region(H), approx(H, state))`.
+
+Invariant: with every region forced to compute (`fc_ctl` all 0) the original outputs are produced by
+exactly the original nodes, so they equal the original model's; the state outputs are then the true
+inputs and outputs of every region.
+
+Cases:
+1. A region is every node on a path from its stream inputs to its stream outputs (see
+   `fcpass.discover`). Its nodes move into the then-branch unchanged; names it exports are renamed
+   inside the branch so the `If` can produce them under their original names, and nothing
+   downstream changes.
+2. Regions nest (blocks inside the tail range inside the whole stack). A nested region's state,
+   statistic and decision leave through every enclosing `If`; when an enclosing region is skipped,
+   they pass through unchanged (state), NaN (statistic) and -1 (decision).
+3. The statistic (per sample, relative change of the stream inputs against the last computed ones)
+   and the decision are computed before the `If`, outside the branches. A NaN or Inf statistic
+   never skips: `stat <= thr` is false for it.
+4. The else-branch is the approximation of `fcpass.plan.APPROX_MIX`; an output with no input of the
+   same shape (a double-stream block's second stream, for one) can only be reused or extrapolated.
+5. Declined: a region output that shape inference cannot type, and opsets below 13 (Unsqueeze and
+   Slice take attributes there); both raise FcpassError naming the tensor or the opset.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fcpass.discover import Block, BlockMap, boundary_of
+from fcpass.errors import FcpassError
+from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs
+from fcpass.plan import (
+    CTL_INPUT, MIX_INPUT, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, CachePlan, RegionSpec, StateSpec,
+)
+
+log = logging.getLogger(__name__)
+
+REGION_SETS = ("blocks", "tail", "stack")
+
+
+@dataclass
+class _Region:
+    spec: RegionSpec
+    nodes: set[int]
+    children: list["_Region"] = field(default_factory=list)
+    states_in: list[StateSpec] = field(default_factory=list)
+    states_out: list[StateSpec] = field(default_factory=list)
+    states_prev: list[StateSpec] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def own_states(self) -> list[StateSpec]:
+        return [*self.states_in, *self.states_out, *self.states_prev]
+
+    def aux_outputs(self) -> list[str]:
+        """Names this region's If exports besides the stream outputs: its own and its descendants'."""
+        names = [s.next for s in self.own_states()]
+        for child in self.children:
+            names += [f"fc.{child.name}.stat", f"fc.{child.name}.skip", *child.aux_outputs()]
+        return names
+
+
+def insert_cache_regions(
+    model: onnx.ModelProto, block_map: BlockMap, roles: dict[str, str | None], region_sets: tuple[str, ...] = REGION_SETS
+) -> tuple[onnx.ModelProto, CachePlan]:
+    """Return a cache-aware copy of `model` and its plan; `model` itself is not modified."""
+    opset = _default_opset(model)
+    if opset < 13:
+        raise FcpassError(f"the model uses opset {opset}; fcpass needs opset >= 13 (re-export with --opset 18)")
+    unknown = set(region_sets) - set(REGION_SETS)
+    if unknown or not region_sets:
+        raise FcpassError(f"--regions {','.join(region_sets)} is not a subset of {','.join(REGION_SETS)}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    index = GraphIndex(out)
+    latent = block_map.latent
+    builder = _Builder(out, index)
+    regions = _plan_regions(index, block_map, latent, region_sets, builder)
+    flat = _flatten(regions)
+    for k, r in enumerate(flat):
+        r.spec.index = k
+    builder.add_control_inputs(flat)
+    for r in flat:
+        builder.add_state(r)
+    main_nodes = list(out.graph.node)
+    new_nodes = builder.replace_regions(main_nodes, regions, scope="")
+    new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)
+    del out.graph.node[:]
+    out.graph.node.extend(_toposort(new_nodes, _available(out)))
+    builder.finish_value_info()
+    plan = CachePlan(
+        regions=[r.spec for r in flat],
+        states=[s for r in flat for s in r.own_states()],
+        roles=roles,
+        outputs=[o.name for o in model.graph.output],
+        uncached_macs=graph_macs(index),
+        discovery=block_map.method,
+    )
+    return out, plan
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def _plan_regions(
+    index: GraphIndex, block_map: BlockMap, latent: str, region_sets: tuple[str, ...], builder: "_Builder"
+) -> list[_Region]:
+    blocks = block_map.blocks
+    per_block = [builder.region_for(f"block{b.index}", [b], latent) for b in blocks] if "blocks" in region_sets else []
+    tail = builder.region_for("tail", blocks[1:], latent) if "tail" in region_sets and len(blocks) > 2 else None
+    stack = builder.region_for("stack", blocks, latent) if "stack" in region_sets else None
+    if tail is not None:
+        tail.children = per_block[1:]
+        for c in tail.children:
+            c.spec.parent = "tail"
+    top_blocks = per_block[:1] + ([tail] if tail else per_block[1:])
+    if stack is not None:
+        stack.children = top_blocks
+        for c in top_blocks:
+            c.spec.parent = "stack"
+        return [stack]
+    return top_blocks
+
+
+def _flatten(regions: list[_Region]) -> list[_Region]:
+    out: list[_Region] = []
+    for r in regions:
+        out.append(r)
+        out.extend(_flatten(r.children))
+    return out
+
+
+class _Builder:
+    """Creates the nodes, initializers and graph inputs/outputs of the rewrite."""
+
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex) -> None:
+        self.model = model
+        self.index = index
+        self.graph = model.graph
+        self.control_nodes: list[onnx.NodeProto] = []
+        self._counter = 0
+        self._inner_value_info: dict[str, onnx.ValueInfoProto] = {v.name: v for v in self.graph.value_info}
+
+    # --- names and typing -------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        self._counter += 1
+        return f"{base}__fc{self._counter}"
+
+    def tensor_type(self, name: str) -> tuple[int, list[int | str | None]]:
+        entry = self.index.value_types.get(name)
+        if entry is None or entry[1] is None:
+            raise FcpassError(
+                f"cannot type region tensor {name!r} (shape inference gave nothing); "
+                "re-export with static shapes or run onnx shape inference on the model first"
+            )
+        return entry[0], list(entry[1])
+
+    def value_info(self, name: str, like: str) -> onnx.ValueInfoProto:
+        elem, shape = self.tensor_type(like)
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    # --- regions ----------------------------------------------------------------------------
+    def region_for(self, name: str, blocks: list[Block], latent: str) -> _Region:
+        inputs = blocks[0].inputs
+        outputs = blocks[-1].outputs
+        nodes, ins, outs = boundary_of(self.index, inputs, outputs, latent)
+        for o in outs:
+            self.tensor_type(o)
+        for i in ins:
+            self.tensor_type(i)
+        pairs: list[int | None] = []
+        for o in outs:
+            o_type = self.tensor_type(o)
+            match = next((j for j, i in enumerate(ins) if self.tensor_type(i) == o_type), None)
+            pairs.append(match)
+        approx_macs = 0
+        for o, j in zip(outs, pairs):
+            if j is not None:
+                shape = self.tensor_type(o)[1]
+                if all(isinstance(d, int) for d in shape):
+                    approx_macs += int(np.prod(shape)) * int(shape[-1])
+        spec = RegionSpec(
+            name=name, index=-1, blocks=[b.index for b in blocks], parent=None, inputs=ins, outputs=outs,
+            pairs=pairs, macs=graph_macs(self.index, sorted(nodes)), approx_macs=approx_macs,
+        )
+        return _Region(spec, set(nodes))
+
+    def add_control_inputs(self, flat: list[_Region]) -> None:
+        r = len(flat)
+        self.graph.input.extend([
+            helper.make_tensor_value_info(CTL_INPUT, TensorProto.INT64, [r]),
+            helper.make_tensor_value_info(THR_INPUT, TensorProto.FLOAT, [r]),
+            helper.make_tensor_value_info(MIX_INPUT, TensorProto.FLOAT, [r, 3]),
+        ])
+        for region in flat:
+            k = region.spec.index
+            idx = self.const(f"fc.{region.name}.idx", np.array(k, dtype=np.int64))
+            n = region.name
+            self.control_nodes += [
+                helper.make_node("Gather", [CTL_INPUT, idx], [f"fc.{n}.ctl"], name=f"fc/{n}/ctl"),
+                helper.make_node("Gather", [THR_INPUT, idx], [f"fc.{n}.thr"], name=f"fc/{n}/thr"),
+                helper.make_node("Gather", [MIX_INPUT, idx], [f"fc.{n}.mix"], name=f"fc/{n}/mix"),
+            ]
+            for j, coef in enumerate(("mres", "mlin", "mtay")):
+                jdx = self.const(f"fc.{n}.{coef}.idx", np.array(j, dtype=np.int64))
+                self.control_nodes.append(
+                    helper.make_node("Gather", [f"fc.{n}.mix", jdx], [f"fc.{n}.{coef}"], name=f"fc/{n}/{coef}")
+                )
+
+    def add_state(self, region: _Region) -> None:
+        n = region.name
+        spec = region.spec
+
+        def state(kind: str, k: int, source: str) -> StateSpec:
+            elem, shape = self.tensor_type(source)
+            name = f"fc.{n}.{kind}{k}"
+            self.graph.input.append(helper.make_tensor_value_info(name, elem, shape))
+            self.graph.output.append(helper.make_tensor_value_info(name + ".next", elem, shape))
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
+            return StateSpec(name, name + ".next", n, kind, source, shape, dtype)
+
+        region.states_in = [state("in", j, t) for j, t in enumerate(spec.inputs)]
+        region.states_out = [state("out", k, t) for k, t in enumerate(spec.outputs)]
+        region.states_prev = [state("prev", k, t) for k, t in enumerate(spec.outputs)]
+        for k, (o, j) in enumerate(zip(spec.outputs, spec.pairs)):
+            if j is None:
+                continue
+            elem, shape = self.tensor_type(o)
+            d = shape[-1]
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            self.const(f"fc.{n}.V{k}", np.zeros((d, d), dtype=dtype))
+            self.const(f"fc.{n}.b{k}", np.zeros((d,), dtype=dtype))
+
+    def replace_regions(self, nodes: list[onnx.NodeProto], regions: list[_Region], scope: str) -> list[onnx.NodeProto]:
+        """`nodes` with each region's nodes replaced by its statistic, decision and If nodes."""
+        by_id = {id(n): i for i, n in enumerate(self.index.nodes)}
+        result: list[onnx.NodeProto] = []
+        placed: set[str] = set()
+        owner: dict[int, _Region] = {}
+        for r in regions:
+            for i in r.nodes:
+                owner[i] = r
+        for node in nodes:
+            r = owner.get(by_id.get(id(node), -1))
+            if r is None:
+                result.append(node)
+            elif r.name not in placed:
+                placed.add(r.name)
+                result.extend(self.build(r))
+        return result
+
+    def build(self, region: _Region) -> list[onnx.NodeProto]:
+        n = region.name
+        spec = region.spec
+        pre = self.statistic_nodes(region)
+        body_src = [self.index.nodes[i] for i in sorted(region.nodes)]
+        body = self.replace_regions(body_src, region.children, scope=n)
+        body = [_copy(x) for x in body]
+        exported = list(spec.outputs) + region.aux_outputs()
+        rename = {x: f"{x}~{n}" for x in exported}
+        for node in body:
+            _rename(node, rename)
+        run_out: list[onnx.ValueInfoProto] = []
+        approx_out: list[onnx.ValueInfoProto] = []
+        run_nodes = list(body)
+        approx_nodes: list[onnx.NodeProto] = []
+
+        def emit(target: list[onnx.NodeProto], infos: list[onnx.ValueInfoProto], src: str, out_name: str, like: str) -> None:
+            target.append(helper.make_node("Identity", [src], [out_name], name=f"fc/{out_name}"))
+            infos.append(self.value_info(out_name, like))
+
+        for k, o in enumerate(spec.outputs):
+            emit(run_nodes, run_out, rename[o], f"{o}@{n}.run", o)
+            approx = self.approximation_nodes(region, k, approx_nodes)
+            emit(approx_nodes, approx_out, approx, f"{o}@{n}.approx", o)
+        for j, s in enumerate(region.states_in):
+            emit(run_nodes, run_out, spec.inputs[j], f"{s.next}@{n}.run", s.source)
+            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        for k, s in enumerate(region.states_out):
+            emit(run_nodes, run_out, rename[spec.outputs[k]], f"{s.next}@{n}.run", s.source)
+            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        for k, s in enumerate(region.states_prev):
+            emit(run_nodes, run_out, region.states_out[k].name, f"{s.next}@{n}.run", s.source)
+            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        for child in _flatten(region.children):
+            stat, skip = f"fc.{child.name}.stat", f"fc.{child.name}.skip"
+            run_nodes.append(helper.make_node("Identity", [rename[stat]], [f"{stat}@{n}.run"]))
+            run_out.append(helper.make_tensor_value_info(f"{stat}@{n}.run", TensorProto.FLOAT, None))
+            run_nodes.append(helper.make_node("Identity", [rename[skip]], [f"{skip}@{n}.run"]))
+            run_out.append(helper.make_tensor_value_info(f"{skip}@{n}.run", TensorProto.FLOAT, []))
+            # Not reached: the statistic is NaN (anything times NaN), the decision -1.
+            approx_nodes.append(helper.make_node("Mul", [f"fc.{n}.stat", "fc.nan"], [f"{stat}@{n}.approx"]))
+            approx_out.append(helper.make_tensor_value_info(f"{stat}@{n}.approx", TensorProto.FLOAT, None))
+            approx_nodes.append(helper.make_node("Identity", ["fc.minus_one"], [f"{skip}@{n}.approx"]))
+            approx_out.append(helper.make_tensor_value_info(f"{skip}@{n}.approx", TensorProto.FLOAT, []))
+            for s in child.own_states():
+                emit(run_nodes, run_out, rename[s.next], f"{s.next}@{n}.run", s.source)
+                emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        run_graph = helper.make_graph(_toposort(run_nodes, None), f"fc_{n}_compute", [], run_out)
+        self._move_value_info(run_graph, body, rename)
+        approx_graph = helper.make_graph(approx_nodes, f"fc_{n}_approx", [], approx_out)
+        outputs = list(spec.outputs) + [
+            x for x in exported[len(spec.outputs):]
+        ]
+        if_node = helper.make_node(
+            "If", [f"fc.{n}.cond"], outputs, name=f"fc/{n}/If", then_branch=approx_graph, else_branch=run_graph
+        )
+        return [*pre, if_node]
+
+    def statistic_nodes(self, region: _Region) -> list[onnx.NodeProto]:
+        """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step."""
+        n = region.name
+        nodes: list[onnx.NodeProto] = []
+        num, den = [], []
+        for j, s in enumerate(region.states_in):
+            h = region.spec.inputs[j]
+            rank = len(self.tensor_type(h)[1])
+            axes = self.const(self.fresh(f"fc.{n}.axes"), np.arange(1, rank, dtype=np.int64))
+            d = f"fc.{n}.d{j}"
+            nodes.append(helper.make_node("Sub", [h, s.name], [d]))
+            nodes.append(helper.make_node("Cast", [d], [d + ".f"], to=TensorProto.FLOAT))
+            nodes.append(helper.make_node("Cast", [s.name], [s.name + ".f"], to=TensorProto.FLOAT))
+            nodes.append(helper.make_node("ReduceSumSquare", [d + ".f", axes], [f"{d}.ss"], keepdims=0))
+            nodes.append(helper.make_node("ReduceSumSquare", [s.name + ".f", axes], [f"{d}.rs"], keepdims=0))
+            num.append(f"{d}.ss")
+            den.append(f"{d}.rs")
+        nodes.append(helper.make_node("Sum", num, [f"fc.{n}.num"]))
+        nodes.append(helper.make_node("Sum", den, [f"fc.{n}.den"]))
+        nodes.append(helper.make_node("Div", [f"fc.{n}.num", f"fc.{n}.den"], [f"fc.{n}.ratio"]))
+        nodes.append(helper.make_node("Sqrt", [f"fc.{n}.ratio"], [f"fc.{n}.stat"]))
+        # Skip iff forced (ctl 1) or, when the graph decides (ctl 2), every sample's stat <= thr.
+        nodes += [
+            helper.make_node("LessOrEqual", [f"fc.{n}.stat", f"fc.{n}.thr"], [f"fc.{n}.ok"]),
+            helper.make_node("Cast", [f"fc.{n}.ok"], [f"fc.{n}.okf"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMin", [f"fc.{n}.okf"], [f"fc.{n}.allok"], keepdims=0),
+            helper.make_node("Greater", [f"fc.{n}.allok", "fc.half"], [f"fc.{n}.pass"]),
+            helper.make_node("Equal", [f"fc.{n}.ctl", "fc.two"], [f"fc.{n}.decide"]),
+            helper.make_node("Equal", [f"fc.{n}.ctl", "fc.one"], [f"fc.{n}.forced"]),
+            helper.make_node("And", [f"fc.{n}.decide", f"fc.{n}.pass"], [f"fc.{n}.tested"]),
+            helper.make_node("Or", [f"fc.{n}.forced", f"fc.{n}.tested"], [f"fc.{n}.cond"]),
+            helper.make_node("Cast", [f"fc.{n}.cond"], [f"fc.{n}.skip"], to=TensorProto.FLOAT),
+        ]
+        for node in nodes:
+            node.name = node.name or f"fc/{n}/{node.output[0]}"
+        return nodes
+
+    def approximation_nodes(self, region: _Region, k: int, nodes: list[onnx.NodeProto]) -> str:
+        """Append the approximation branch's nodes approximating output k; return the approximation's name."""
+        n = region.name
+        spec = region.spec
+        o_ref = region.states_out[k].name
+        o_prev = region.states_prev[k].name
+        elem = self.tensor_type(spec.outputs[k])[0]
+        p = f"fc.{n}.a{k}"
+
+        def coef(c: str) -> str:
+            if elem == TensorProto.FLOAT:
+                return f"fc.{n}.{c}"
+            nodes.append(helper.make_node("Cast", [f"fc.{n}.{c}"], [f"{p}.{c}"], to=elem))
+            return f"{p}.{c}"
+
+        nodes.append(helper.make_node("Sub", [o_ref, o_prev], [f"{p}.trend"]))
+        nodes.append(helper.make_node("Mul", [coef("mtay"), f"{p}.trend"], [f"{p}.tay"]))
+        nodes.append(helper.make_node("Add", [o_ref, f"{p}.tay"], [f"{p}.base"]))
+        j = spec.pairs[k]
+        if j is None:
+            return f"{p}.base"
+        h, h_ref = spec.inputs[j], region.states_in[j].name
+        nodes += [
+            helper.make_node("Sub", [h, h_ref], [f"{p}.delta"]),
+            helper.make_node("MatMul", [f"{p}.delta", f"fc.{n}.V{k}"], [f"{p}.dv"]),
+            helper.make_node("Add", [f"{p}.dv", f"fc.{n}.b{k}"], [f"{p}.lin"]),
+            helper.make_node("Mul", [coef("mres"), f"{p}.delta"], [f"{p}.res"]),
+            helper.make_node("Mul", [coef("mlin"), f"{p}.lin"], [f"{p}.fit"]),
+            helper.make_node("Add", [f"{p}.base", f"{p}.res"], [f"{p}.s1"]),
+            helper.make_node("Add", [f"{p}.s1", f"{p}.fit"], [f"{p}.out"]),
+        ]
+        return f"{p}.out"
+
+    def summary_nodes(self, flat: list[_Region]) -> list[onnx.NodeProto]:
+        """fc_stat (R, B) and fc_skip (R,) from every region's statistic and decision."""
+        self.const("fc.nan", np.array(np.nan, dtype=np.float32))
+        self.const("fc.minus_one", np.array(-1.0, dtype=np.float32))
+        self.const("fc.half", np.array(0.5, dtype=np.float32))
+        self.const("fc.one", np.array(1, dtype=np.int64))
+        self.const("fc.two", np.array(2, dtype=np.int64))
+        self.const("fc.axis0", np.array([0], dtype=np.int64))
+        nodes = []
+        for r in flat:
+            nodes.append(helper.make_node("Unsqueeze", [f"fc.{r.name}.stat", "fc.axis0"], [f"fc.{r.name}.stat1"]))
+            nodes.append(helper.make_node("Unsqueeze", [f"fc.{r.name}.skip", "fc.axis0"], [f"fc.{r.name}.skip1"]))
+        nodes.append(helper.make_node("Concat", [f"fc.{r.name}.stat1" for r in flat], [STAT_OUTPUT], axis=0))
+        nodes.append(helper.make_node("Concat", [f"fc.{r.name}.skip1" for r in flat], [SKIP_OUTPUT], axis=0))
+        batch = self.tensor_type(flat[0].spec.inputs[0])[1][0]
+        self.graph.output.extend([
+            helper.make_tensor_value_info(STAT_OUTPUT, TensorProto.FLOAT, [len(flat), batch]),
+            helper.make_tensor_value_info(SKIP_OUTPUT, TensorProto.FLOAT, [len(flat)]),
+        ])
+        return nodes
+
+    def _move_value_info(self, graph: onnx.GraphProto, body: list[onnx.NodeProto], rename: dict[str, str]) -> None:
+        """Carry the shapes of values now defined inside a branch with them (TensorRT and ORT use them)."""
+        inverse = {v: k for k, v in rename.items()}
+        for node in body:
+            for out in node.output:
+                src = inverse.get(out, out)
+                if src in self._inner_value_info:
+                    vi = onnx.ValueInfoProto()
+                    vi.CopyFrom(self._inner_value_info[src])
+                    vi.name = out
+                    graph.value_info.append(vi)
+
+    def finish_value_info(self) -> None:
+        """Keep top-level value_info only for values the main graph itself defines."""
+        defined = {o for n in self.graph.node for o in n.output}
+        keep = [v for v in self.graph.value_info if v.name in defined]
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(keep)
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    c = onnx.NodeProto()
+    c.CopyFrom(node)
+    return c
+
+
+def _rename(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
+    """Rename every use and definition of the mapped names, into nested subgraphs too."""
+    for i, name in enumerate(node.input):
+        if name in mapping:
+            node.input[i] = mapping[name]
+    for i, name in enumerate(node.output):
+        if name in mapping:
+            node.output[i] = mapping[name]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                _rename(inner, mapping)
+            for o in g.output:
+                if o.name in mapping:
+                    o.name = mapping[o.name]
+
+
+def _available(model: onnx.ModelProto) -> set[str]:
+    return {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+
+
+def _toposort(nodes: list[onnx.NodeProto], available: set[str] | None) -> list[onnx.NodeProto]:
+    """Stable topological order; names not produced by `nodes` count as available (outer scope)."""
+    produced = {o for n in nodes for o in n.output}
+    producer_of = {o: i for i, n in enumerate(nodes) for o in n.output}
+    deps = [{producer_of[x] for x in node_inputs(n) if x in produced and producer_of[x] != i} for i, n in enumerate(nodes)]
+    users: dict[int, list[int]] = {}
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users.setdefault(d, []).append(i)
+    missing = [len(ds) for ds in deps]
+    import heapq
+
+    ready = [i for i, m in enumerate(missing) if m == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, ()):
+            missing[u] -= 1
+            if missing[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        stuck = next(nodes[i] for i in range(len(nodes)) if i not in set(order))
+        raise FcpassError(f"the rewrite left a cycle at node {stuck.name or stuck.op_type!r}; please report this graph")
+    return [nodes[i] for i in order]

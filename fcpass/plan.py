@@ -1,0 +1,118 @@
+"""The cache plan: what the compiled graph contains, stored as JSON in the model's metadata.
+
+One file is the whole artefact: regions, the state tensors (names, shapes, dtypes), calibration
+numbers, policy defaults and the fcpass version travel inside `model.metadata_props["fcpass.plan"]`.
+The fitted weights of the linear approximations are graph initializers, not metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+
+from fcpass import __version__
+from fcpass.errors import FcpassError
+
+PLAN_KEY = "fcpass.plan"
+CTL_INPUT = "fc_ctl"  # int64 (R,): 0 compute, 1 skip, 2 decide in the graph (skip iff stat <= thr)
+THR_INPUT = "fc_thr"  # float32 (R,): thresholds on the statistic
+MIX_INPUT = "fc_mix"  # float32 (R, 3): coefficients of the approximation, see APPROX_MIX
+STAT_OUTPUT = "fc_stat"  # float32 (R, B): per-sample relative change of each region's input
+SKIP_OUTPUT = "fc_skip"  # float32 (R,): 1 skipped, 0 computed, -1 not reached (an enclosing region skipped)
+
+CTL_COMPUTE, CTL_SKIP, CTL_DECIDE = 0, 1, 2
+
+# A skipped region's output is  O_ref + m_res*(H - H_ref) + m_lin*((H - H_ref) V + b) + m_tay*(O_ref - O_prev),
+# with V = W - I fitted by calibration. Rows of fc_mix per approximation (taylor1's m_tay is step-dependent).
+APPROX_MIX: dict[str, tuple[float, float, float]] = {
+    "reuse": (0.0, 0.0, 0.0),
+    "residual": (1.0, 0.0, 0.0),
+    "linear": (1.0, 1.0, 0.0),
+    "taylor1": (0.0, 0.0, 1.0),
+}
+
+
+@dataclass
+class StateSpec:
+    """One cache-state tensor: fed as `name`, its next value comes back as `next`."""
+
+    name: str
+    next: str
+    region: str
+    kind: str  # "in" (last computed input), "out" (last computed output), "prev" (the computed output before)
+    source: str  # the original graph tensor it tracks
+    shape: list[int | str | None]
+    dtype: str
+
+
+@dataclass
+class RegionSpec:
+    """A skippable region: one block or a range of blocks, nested under `parent` if any."""
+
+    name: str
+    index: int
+    blocks: list[int]
+    parent: str | None
+    inputs: list[str]
+    outputs: list[str]
+    pairs: list[int | None]  # for each output, the input of equal shape it is approximated from
+    macs: int
+    approx_macs: int
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CachePlan:
+    regions: list[RegionSpec]
+    states: list[StateSpec]
+    roles: dict[str, str | None]
+    outputs: list[str]
+    uncached_macs: int
+    discovery: str
+    version: str = __version__
+    calibration: dict[str, Any] = field(default_factory=dict)
+    policy_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def region(self, name: str) -> RegionSpec:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise FcpassError(f"the plan has no region {name!r}; it has {', '.join(r.name for r in self.regions)}")
+
+    def block_regions(self) -> list[RegionSpec]:
+        return sorted((r for r in self.regions if r.name.startswith("block")), key=lambda r: r.blocks[0])
+
+    def has(self, name: str) -> bool:
+        return any(r.name == name for r in self.regions)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "CachePlan":
+        raw = json.loads(text)
+        raw["regions"] = [RegionSpec(**r) for r in raw["regions"]]
+        raw["states"] = [StateSpec(**s) for s in raw["states"]]
+        return cls(**raw)
+
+
+def read_plan(model: onnx.ModelProto, path: str = "the model") -> CachePlan:
+    for prop in model.metadata_props:
+        if prop.key == PLAN_KEY:
+            return CachePlan.from_json(prop.value)
+    raise FcpassError(f"{path} has no fcpass cache plan; make one with: fcpass optimize {path} -o model.fc.onnx")
+
+
+def has_plan(model: onnx.ModelProto) -> bool:
+    return any(p.key == PLAN_KEY for p in model.metadata_props)
+
+
+def write_plan(model: onnx.ModelProto, plan: CachePlan) -> None:
+    for prop in list(model.metadata_props):
+        if prop.key == PLAN_KEY:
+            model.metadata_props.remove(prop)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = PLAN_KEY, plan.to_json()

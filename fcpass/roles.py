@@ -1,0 +1,122 @@
+"""Which graph input is the latent, the timestep, the class label or the caption embeddings.
+
+Inferred from rank and dtype (latent: rank-4 float; timestep: rank-0/1 float or int; class: rank-1
+int; caption embeddings: rank-3 float) unless the user names them with `--inputs role=NAME,...`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from fcpass.errors import FcpassError
+
+ROLES = ("latent", "timestep", "class", "prompt_embeds")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, numpy dtype and shape of a graph input or output (None for an unknown dimension)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class InputRoles:
+    latent: TensorSpec
+    timestep: TensorSpec
+    class_labels: TensorSpec | None = None
+    prompt_embeds: TensorSpec | None = None
+    others: tuple[TensorSpec, ...] = field(default_factory=tuple)
+
+
+def value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tt = value.type.tensor_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
+    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    return TensorSpec(value.name, dtype, shape)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [value_spec(v) for v in model.graph.input if v.name not in initializers]
+
+
+def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
+    return [value_spec(v) for v in model.graph.output]
+
+
+def parse_role_overrides(text: str | None) -> dict[str, str]:
+    """Parse `latent=x,timestep=t,class=y` into {role: input name}."""
+    if not text:
+        return {}
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        role, sep, name = item.partition("=")
+        role = role.strip()
+        if not sep or not name.strip():
+            raise FcpassError(f"--inputs entry {item!r} is not ROLE=NAME; write e.g. latent=x,timestep=t,class=y")
+        if role not in ROLES:
+            raise FcpassError(f"--inputs names unknown role {role!r}; roles are {', '.join(ROLES)}")
+        out[role] = name.strip()
+    return out
+
+
+def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None, candidates: list[TensorSpec] | None = None) -> InputRoles:
+    """Assign roles to the graph inputs; raise a FcpassError naming what is missing and the fix.
+
+    `candidates` restricts the search (the cache-aware graph has extra state inputs, which must
+    not be mistaken for the model's own).
+    """
+    inputs = candidates if candidates is not None else graph_inputs(model)
+    by_name = {s.name: s for s in inputs}
+    overrides = overrides or {}
+    chosen: dict[str, TensorSpec] = {}
+    for role, name in overrides.items():
+        if name not in by_name:
+            raise FcpassError(
+                f"--inputs {role}={name}: the graph has no input {name!r}; its inputs are {', '.join(by_name)}"
+            )
+        chosen[role] = by_name[name]
+
+    def pick(role: str, test) -> None:
+        if role in chosen:
+            return
+        taken = {s.name for s in chosen.values()}
+        for spec in inputs:
+            if spec.name not in taken and test(spec):
+                chosen[role] = spec
+                return
+
+    is_float = lambda s: np.issubdtype(s.dtype, np.floating)  # noqa: E731
+    is_int = lambda s: np.issubdtype(s.dtype, np.integer)  # noqa: E731
+    pick("latent", lambda s: s.rank == 4 and is_float(s))
+    pick("timestep", lambda s: s.rank <= 1 and (is_float(s) or is_int(s)) and "class" not in s.name and "label" not in s.name)
+    pick("class", lambda s: s.rank == 1 and is_int(s))
+    pick("prompt_embeds", lambda s: s.rank == 3 and is_float(s))
+    names = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in inputs)
+    if "latent" not in chosen:
+        raise FcpassError(
+            f"no latent input found (expected a rank-4 float input) among: {names}; name it with --inputs latent=NAME"
+        )
+    if "timestep" not in chosen:
+        raise FcpassError(
+            f"no timestep input found (expected a rank-0/1 number) among: {names}; name it with --inputs timestep=NAME"
+        )
+    used = {s.name for s in chosen.values()}
+    return InputRoles(
+        latent=chosen["latent"],
+        timestep=chosen["timestep"],
+        class_labels=chosen.get("class"),
+        prompt_embeds=chosen.get("prompt_embeds"),
+        others=tuple(s for s in inputs if s.name not in used),
+    )

@@ -1,0 +1,66 @@
+"""Glue between the CLI and the runtimes: load a graph as a denoiser, run a sampling job, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fcpass.errors import FcpassError
+from fcpass.graphinfo import GraphIndex, graph_macs
+from fcpass.plan import has_plan, read_plan
+from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
+from runtimes.backend import OrtBackend
+from runtimes.cache import CachedDenoiser
+from runtimes.policies import make_policy
+from runtimes.sampler import PlainDenoiser, SampleResult, sample
+from runtimes.schedulers import scheduler_from_config
+
+
+def roles_from_plan(plan_roles: dict[str, str | None], backend: Any) -> InputRoles:
+    """The model's own inputs, by the names the plan recorded (state inputs are not candidates)."""
+    own = [s for s in graph_inputs(backend.model) if not s.name.startswith("fc")]
+    overrides = {k: v for k, v in plan_roles.items() if v}
+    return infer_roles(backend.model, overrides, candidates=own)
+
+
+def load_denoiser(
+    path: str | Path, policy: str | None, options: dict[str, Any], provider: str = "cpu", inputs: str | None = None
+) -> Any:
+    """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser."""
+    backend = OrtBackend(path, [provider])
+    if has_plan(backend.model):
+        plan = read_plan(backend.model, str(path))
+        return CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
+    if policy not in (None, "none"):
+        raise FcpassError(f"--policy {policy} needs a cache-aware graph; run: fcpass optimize {path} -o model.fc.onnx --calibrate 8")
+    roles = infer_roles(backend.model, parse_role_overrides(inputs))
+    return PlainDenoiser(backend, roles, backend.outputs[0].name, graph_macs(GraphIndex(backend.model)))
+
+
+def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, policy: str | None,
+                 progress: bool = True) -> tuple[SampleResult, dict[str, Any]]:
+    scheduler = scheduler_from_config(setup["scheduler_config"])
+    request = setup["request"]
+    result = sample(denoiser, scheduler, request, progress=progress)
+    report: dict[str, Any] = {
+        "model": str(model_path),
+        "policy": denoiser.policy.describe() if hasattr(denoiser, "policy") else {"name": policy or "none"},
+        "provider": denoiser.backend.provider,
+        "steps": request.steps,
+        "samples": request.count,
+        "guidance_scale": request.guidance_scale,
+        "seed": request.seed,
+        "wall_seconds": result.wall_seconds,
+        "step_seconds": result.step_seconds,
+        "macs": result.macs_executed,
+        "macs_uncached": result.macs_uncached,
+        "macs_fraction": result.macs_executed / max(result.macs_uncached, 1),
+        "regions": [r.name for r in denoiser.plan.regions] if hasattr(denoiser, "plan") else [],
+        "records": result.records,
+        "accuracy": None,
+    }
+    if setup.get("arch") == "digits" and request.classes:
+        from fcpass.quality import DigitClassifier
+
+        report["accuracy"] = DigitClassifier().accuracy(result.images, request.classes)
+    return result, report

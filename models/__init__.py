@@ -1,0 +1,1 @@
+"""Reference DiT families in PyTorch, their checkpoint layouts, and the bundled digits model."""

@@ -1,0 +1,73 @@
+"""The `Backend` interface (load, run one step) and its ONNX Runtime implementation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from fcpass.errors import FcpassError
+from fcpass.onnx_io import load_model
+from fcpass.roles import TensorSpec, graph_inputs, graph_outputs
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """Runs one denoiser call. Implementations keep whatever they need on their device."""
+
+    name: str
+    model: onnx.ModelProto
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @property
+    def provider(self) -> str: ...
+
+
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class OrtBackend:
+    """ONNX Runtime session with explicit providers; `provider` reports the one that actually runs."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.model = load_model(self.path, load_weights=False)
+        wanted = [PROVIDER_ALIASES.get(p, p) for p in (providers or ["cpu"])]
+        available = ort.get_available_providers()
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise FcpassError(
+                f"ONNX Runtime provider {missing[0]} is not available here (available: {', '.join(available)}); "
+                "install onnxruntime-gpu for CUDA (pip install 'fcpass[gpu]') or use --provider cpu"
+            )
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # ORT warns about harmless initializer dedup inside If branches
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
+        except Exception as exc:  # ORT reports graph problems as generic RuntimeErrors
+            first_line = str(exc).strip().splitlines()[0][:300]
+            raise FcpassError(f"ONNX Runtime cannot load {self.path}: {first_line}; re-export the model") from None
+        self.inputs = graph_inputs(self.model)
+        self.outputs = graph_outputs(self.model)
+        self._output_names = [o.name for o in self.outputs]
+        log.info("ONNX Runtime session on %s", self.provider)
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))

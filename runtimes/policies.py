@@ -1,0 +1,217 @@
+"""Cache policies: the host-loop rules that fill a compiled graph's controls at every step.
+
+The graph holds the mechanism (regions, approximations, the statistic and the in-graph test); a
+policy only says, before each step, which regions compute (ctl 0), skip (1) or decide in the graph
+(2, skip iff every sample's statistic <= thr), and with which approximation. Changing a threshold
+or the policy never needs a rebuild. Every policy computes the first `warmup` steps and the last.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from fcpass.errors import FcpassError
+from fcpass.plan import APPROX_MIX, CTL_COMPUTE, CTL_DECIDE, CTL_SKIP, CachePlan
+
+
+@dataclass
+class StepControls:
+    ctl: np.ndarray  # int64 (R,)
+    thr: np.ndarray  # float32 (R,)
+    mix: np.ndarray  # float32 (R, 3)
+
+
+class Policy(ABC):
+    name: str = "policy"
+
+    def __init__(self) -> None:
+        self.plan: CachePlan | None = None
+        self.num_steps = 0
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        """Start a new trajectory; subclasses clear their counters here."""
+        self.plan = plan
+        self.num_steps = num_steps
+
+    def base(self) -> StepControls:
+        assert self.plan is not None, "reset() must be called before controls()"
+        r = len(self.plan.regions)
+        return StepControls(np.zeros(r, np.int64), np.zeros(r, np.float32), np.zeros((r, 3), np.float32))
+
+    @abstractmethod
+    def controls(self, step: int) -> StepControls: ...
+
+    def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
+        """See what the graph did at `step` (stat (R, B), skip (R,)); default: nothing to learn."""
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name}
+
+
+class NoCache(Policy):
+    """Every region computes: the compiled graph then equals the original model."""
+
+    name = "none"
+
+    def controls(self, step: int) -> StepControls:
+        return self.base()
+
+
+def _block_indices(plan: CachePlan) -> list[int]:
+    blocks = [r.index for r in plan.block_regions()]
+    if not blocks:
+        raise FcpassError("this policy needs per-block regions; optimize with --regions including 'blocks'")
+    return blocks
+
+
+@dataclass
+class ForaConfig:
+    """FORA: full steps every `interval` steps; in between, every block reuses its cached output.
+
+    interval: larger is faster and drifts more (3 is FORA's usual setting for DiT).
+    warmup: leading steps always computed (the trajectory changes fastest there).
+    approx: the stand-in for a skipped block; `reuse` is FORA's own, `residual` is gentler.
+    """
+
+    interval: int = 3
+    warmup: int = 2
+    approx: str = "reuse"
+
+
+class Fora(Policy):
+    name = "fora"
+
+    def __init__(self, config: ForaConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ForaConfig()
+        if self.config.interval < 1:
+            raise FcpassError(f"FORA interval {self.config.interval} must be >= 1")
+        if self.config.approx not in APPROX_MIX:
+            raise FcpassError(f"approximation {self.config.approx!r} unknown; use one of {', '.join(APPROX_MIX)}")
+
+    def full_step(self, step: int) -> bool:
+        c = self.config
+        return step < c.warmup or step == self.num_steps - 1 or (step - c.warmup) % c.interval == 0
+
+    def controls(self, step: int) -> StepControls:
+        out = self.base()
+        if not self.full_step(step):
+            for k in _block_indices(self.plan):  # type: ignore[arg-type]
+                out.ctl[k] = CTL_SKIP
+                out.mix[k] = APPROX_MIX[self.config.approx]
+        return out
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, **self.config.__dict__}
+
+
+@dataclass
+class FastCacheConfig:
+    """FastCache's transformer-level cache (per block), decided by a chi-square test in the graph.
+
+    alpha: significance level; skip block l iff delta_l^2 <= sigma_l^2 * chi2_ppf(1 - alpha, nu) / nu.
+        Smaller alpha raises the threshold (more skipping, more error).
+    dof: `elements` (nu = N*D, the paper) or `tokens` (nu = N; tokens are correlated, so N*D overstates
+        the evidence and makes alpha nearly irrelevant).
+    warmup: leading steps always computed.  max_skips: consecutive skips of one block before it must
+        compute again (bounds the drift of its cached reference).
+    approx: `linear` (the calibrated W, b) by default; `residual` or `reuse` to compare.
+    sigma_scale: multiplies every calibrated sigma^2 (a single knob for tuning speed against quality).
+    """
+
+    alpha: float = 0.05
+    dof: str = "elements"
+    warmup: int = 2
+    max_skips: int = 3
+    approx: str = "linear"
+    sigma_scale: float = 1.0
+
+
+class FastCache(Policy):
+    name = "fastcache"
+
+    def __init__(self, config: FastCacheConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or FastCacheConfig()
+        c = self.config
+        if not 0 < c.alpha < 1:
+            raise FcpassError(f"--alpha {c.alpha} must be in (0, 1)")
+        if c.dof not in ("elements", "tokens"):
+            raise FcpassError(f"--dof {c.dof!r} unknown; use elements or tokens")
+        if c.approx not in APPROX_MIX:
+            raise FcpassError(f"approximation {c.approx!r} unknown; use one of {', '.join(APPROX_MIX)}")
+        self.streak: dict[int, int] = {}
+        self.thresholds: dict[int, float] = {}
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        super().reset(plan, num_steps)
+        self.streak = {k: 0 for k in _block_indices(plan)}
+        self.thresholds = {}
+        uncalibrated = []
+        for region in plan.block_regions():
+            sigma2 = region.calibration.get("sigma2")
+            if sigma2 is None:
+                uncalibrated.append(region.name)
+                continue
+            self.thresholds[region.index] = chi2_threshold(
+                sigma2 * self.config.sigma_scale, self.config.alpha, self._dof(region.inputs, plan, region.name)
+            )
+        if len(uncalibrated) == len(plan.block_regions()):
+            raise FcpassError(
+                "fastcache needs calibrated blocks and this graph has none; run fcpass optimize with --calibrate N"
+            )
+
+    def _dof(self, inputs: list[str], plan: CachePlan, region: str) -> int:
+        state = next(s for s in plan.states if s.region == region and s.kind == "in")
+        dims = [int(d) for d in state.shape[1:] if isinstance(d, int)]
+        if self.config.dof == "tokens":
+            return dims[0] if dims else 1
+        return int(np.prod(dims)) if dims else 1
+
+    def controls(self, step: int) -> StepControls:
+        out = self.base()
+        if step < self.config.warmup or step == self.num_steps - 1:
+            return out
+        mix = APPROX_MIX[self.config.approx]
+        for k, thr in self.thresholds.items():
+            if self.streak[k] >= self.config.max_skips:
+                continue
+            out.ctl[k] = CTL_DECIDE
+            out.thr[k] = thr
+            out.mix[k] = mix
+        return out
+
+    def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
+        for k in self.streak:
+            self.streak[k] = self.streak[k] + 1 if skip[k] == 1 else 0
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, **self.config.__dict__}
+
+
+def chi2_threshold(sigma2: float, alpha: float, nu: int) -> float:
+    """Threshold on delta (not delta^2): sqrt(sigma^2 * chi2_ppf(1 - alpha, nu) / nu)."""
+    from scipy.stats import chi2
+
+    return math.sqrt(sigma2 * float(chi2.ppf(1.0 - alpha, nu)) / nu)
+
+
+POLICIES = {"none": NoCache, "fora": Fora, "fastcache": FastCache}
+
+
+def make_policy(name: str, **options: object) -> Policy:
+    """Build a policy by name from keyword options that match its config's fields (None = default)."""
+    if name not in POLICIES:
+        raise FcpassError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    config_cls = {"fora": ForaConfig, "fastcache": FastCacheConfig}.get(name)
+    if config_cls is None:
+        return cls()
+    fields = config_cls.__dataclass_fields__
+    given = {k: v for k, v in options.items() if v is not None and k in fields}
+    return cls(config_cls(**given))  # type: ignore[call-arg]
+

@@ -1,0 +1,174 @@
+"""The sampling host loop: scheduler steps around a denoiser, classifier-free guidance in one call.
+
+The denoiser is either the plain graph or a cache-aware one (`runtimes.cache.CachedDenoiser`); the
+loop does not know which. Each sampling run resets the denoiser, so no cache state leaks between
+runs. Noise comes from one seeded generator for the whole request, so a sample does not depend on
+how requests are split into model-sized batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from fcpass.errors import FcpassError
+from fcpass.roles import InputRoles
+from runtimes.schedulers import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Denoiser(Protocol):
+    """One model call per step; `reset` starts a new trajectory of `num_steps` steps."""
+
+    roles: InputRoles
+    uncached_macs: int
+
+    def reset(self, num_steps: int) -> None: ...
+
+    def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray: ...
+
+    def last_record(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class SampleRequest:
+    """What to draw. `classes` for class-conditional models, `prompt_embeds` (N, L, C) for captions."""
+
+    classes: list[int] | None = None
+    prompt_embeds: np.ndarray | None = None
+    steps: int = 50
+    guidance_scale: float = 1.5
+    uncond_class: int | None = None
+    seed: int = 0
+
+    @property
+    def count(self) -> int:
+        if self.prompt_embeds is not None:
+            return int(self.prompt_embeds.shape[0])
+        return len(self.classes or [])
+
+
+@dataclass
+class SampleResult:
+    images: np.ndarray
+    wall_seconds: float
+    step_seconds: list[float]
+    macs_executed: int
+    macs_uncached: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    calls: int = 0
+
+
+def _batch_of(roles: InputRoles) -> int | None:
+    b = roles.latent.shape[0] if roles.latent.shape else None
+    return b if isinstance(b, int) else None
+
+
+def sample(
+    denoiser: Denoiser, scheduler: Scheduler, request: SampleRequest, progress: bool = True
+) -> SampleResult:
+    """Run the whole sampling loop for every sample in `request`; time it as one wall-clock span."""
+    roles = denoiser.roles
+    n = request.count
+    if n == 0:
+        raise FcpassError("nothing to sample: give --class C (one or more) or --prompt-embeds FILE.npy")
+    if request.steps < 1:
+        raise FcpassError(f"--steps {request.steps} must be at least 1")
+    cfg = request.guidance_scale != 1.0
+    cond_input = roles.prompt_embeds if request.prompt_embeds is not None else roles.class_labels
+    if cond_input is None:
+        kind = "--prompt-embeds" if request.prompt_embeds is not None else "--class"
+        raise FcpassError(f"{kind} given but the graph has no matching conditioning input; name it with --inputs")
+    if cfg and request.prompt_embeds is None and request.uncond_class is None:
+        raise FcpassError("classifier-free guidance needs the unconditional label; pass --uncond-class U")
+    model_batch = _batch_of(roles)
+    per_call = n if model_batch is None else (model_batch // 2 if cfg else model_batch)
+    if per_call < 1:
+        raise FcpassError(
+            f"the graph's batch is {model_batch}, too small for guidance; re-export with --batch 2 or use --guidance-scale 1"
+        )
+    c, h, w = (int(d) for d in roles.latent.shape[1:])  # type: ignore[arg-type]
+    rng = np.random.default_rng(request.seed)
+    noise = rng.standard_normal((n, c, h, w)).astype(np.float32) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(request.steps)
+    timesteps = scheduler.timesteps
+    images = np.empty_like(noise)
+    step_seconds: list[float] = []
+    records: list[dict[str, Any]] = []
+    macs = 0
+    chunks = range(0, n, per_call)
+    bar = tqdm(total=len(chunks) * len(timesteps), desc="sample", disable=not progress, leave=False, mininterval=1.0)
+    start = time.perf_counter()
+    for first in chunks:
+        idx = np.arange(first, min(first + per_call, n))
+        pad = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
+        x = noise[pad]
+        cond = _conditioning(request, pad, cfg)
+        denoiser.reset(len(timesteps))
+        for i, t in enumerate(timesteps):
+            t0 = time.perf_counter()
+            latent_in = np.concatenate([x, x]) if cfg else x
+            feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype)}
+            feeds[roles.timestep.name] = _timestep_feed(t, latent_in.shape[0], roles)
+            feeds[cond_input.name] = cond.astype(cond_input.dtype)
+            out = denoiser(feeds, i)[:, :c]  # learned-sigma graphs output 2C channels; the first C are the mean
+            if cfg:
+                cond_out, uncond_out = out[: len(x)], out[len(x) :]
+                out = uncond_out + request.guidance_scale * (cond_out - uncond_out)
+            x = scheduler.step(out, i, x)
+            step_seconds.append(time.perf_counter() - t0)
+            record = denoiser.last_record()
+            macs += record.get("macs", denoiser.uncached_macs)
+            records.append({"step": i, "chunk": first // per_call, **record})
+            bar.update()
+        images[idx] = x[: len(idx)]
+    wall = time.perf_counter() - start
+    bar.close()
+    calls = len(chunks) * len(timesteps)
+    return SampleResult(images, wall, step_seconds, macs, denoiser.uncached_macs * calls, records, calls)
+
+
+def _conditioning(request: SampleRequest, idx: np.ndarray, cfg: bool) -> np.ndarray:
+    if request.prompt_embeds is not None:
+        cond = request.prompt_embeds[idx]
+        # No text encoder here: the unconditional branch gets zero caption embeddings.
+        return np.concatenate([cond, np.zeros_like(cond)]) if cfg else cond
+    labels = np.asarray(request.classes, dtype=np.int64)[idx]
+    if cfg:
+        return np.concatenate([labels, np.full_like(labels, request.uncond_class)])
+    return labels
+
+
+def _timestep_feed(t: float, batch: int, roles: InputRoles) -> np.ndarray:
+    spec = roles.timestep
+    value = np.asarray(t, dtype=np.float64)
+    if np.issubdtype(spec.dtype, np.integer):
+        value = np.round(value)
+    if spec.rank == 0:
+        return value.astype(spec.dtype)
+    return np.full((batch,), value, dtype=spec.dtype)
+
+
+class PlainDenoiser:
+    """The uncached graph: one backend call per step."""
+
+    def __init__(self, backend: Any, roles: InputRoles, output: str, macs: int) -> None:
+        self.backend = backend
+        self.roles = roles
+        self.output = output
+        self.uncached_macs = macs
+
+    def reset(self, num_steps: int) -> None:
+        pass
+
+    def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
+        return self.backend.run(feeds)[self.output]
+
+    def last_record(self) -> dict[str, Any]:
+        return {"macs": self.uncached_macs}

@@ -1,0 +1,353 @@
+"""The numpy schedulers against diffusers as the oracle, plus config loading and its error messages.
+
+Sampling loops use a deterministic fake model, ``out = 0.1 * x + 0.05 * cos(t)``, evaluated in
+float32 numpy for both sides so that only the schedulers differ. Final samples must agree within
+``RTOL = 1e-5`` and ``ATOL = 1e-5``: our float32 arithmetic follows diffusers' operation order,
+but torch's CPU ``sqrt`` is not always correctly rounded (it is off by one ulp for some inputs),
+so DDIM agrees to about 2e-6 relative rather than bit for bit. Timesteps must agree exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fcpass.errors import FcpassError
+from runtimes.schedulers import (
+    SUPPORTED_CLASS_NAMES,
+    DDIMScheduler,
+    FlowMatchEulerScheduler,
+    Scheduler,
+    scheduler_from_config,
+)
+
+RTOL = 1e-5
+ATOL = 1e-5
+SHAPE = (1, 4, 8, 8)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SD_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012}
+
+
+@pytest.fixture(scope="module")
+def diffusers() -> ModuleType:
+    pytest.importorskip("torch")
+    return pytest.importorskip("diffusers")
+
+
+def _fake_model(sample: np.ndarray, timestep: float) -> np.ndarray:
+    return (np.float32(0.1) * sample + np.float32(0.05) * np.cos(np.float32(timestep))).astype(np.float32)
+
+
+def _initial_sample() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+
+
+def _sample_ours(scheduler: Scheduler, steps: int) -> np.ndarray:
+    scheduler.set_timesteps(steps)
+    x = _initial_sample() * np.float32(scheduler.init_noise_sigma)
+    for index, timestep in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(x, index)
+        x = scheduler.step(_fake_model(model_input, float(timestep)), index, x)
+    return x
+
+
+def _sample_diffusers(scheduler: Any, steps: int) -> np.ndarray:
+    import torch
+
+    scheduler.set_timesteps(steps)
+    # FlowMatchEulerDiscreteScheduler has neither attribute; its pipelines use the sample as is.
+    x = torch.from_numpy(_initial_sample()) * getattr(scheduler, "init_noise_sigma", 1.0)
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, timestep) if hasattr(scheduler, "scale_model_input") else x
+        model_output = torch.from_numpy(_fake_model(model_input.numpy(), float(timestep)))
+        x = scheduler.step(model_output, timestep, x).prev_sample
+    return x.numpy()
+
+
+def _assert_same_sampling(ours: Scheduler, reference: Any, steps: int) -> None:
+    final_ours = _sample_ours(ours, steps)
+    final_ref = _sample_diffusers(reference, steps)
+    assert final_ours.dtype == np.float32
+    # A schedule that never moved the sample would make the comparison vacuous.
+    assert not np.allclose(final_ref, _initial_sample(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(final_ours, final_ref, rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------------------------------
+# DDIM
+# --------------------------------------------------------------------------------------------
+
+DDIM_GRID = list(
+    itertools.product(
+        ["linear", "scaled_linear", "squaredcos_cap_v2"],
+        ["epsilon", "v_prediction", "sample"],
+        [False, True],
+        ["leading", "trailing", "linspace"],
+        [False, True],
+    )
+)
+
+
+def _ddim_kwargs(beta_schedule: str, prediction: str, clip: bool, spacing: str, alpha_one: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "beta_schedule": beta_schedule,
+        "prediction_type": prediction,
+        "clip_sample": clip,
+        # A range other than 1 checks that the configured range, not a constant, is used.
+        "clip_sample_range": 1.5,
+        "timestep_spacing": spacing,
+        "set_alpha_to_one": alpha_one,
+        # steps_offset only acts on "leading"; SD-style configs set it to 1.
+        "steps_offset": 1 if spacing == "leading" else 0,
+    }
+    if beta_schedule == "scaled_linear":
+        kwargs.update(SD_BETAS)
+    return kwargs
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize(("beta_schedule", "prediction", "clip", "spacing", "alpha_one"), DDIM_GRID)
+def test_ddim_matches_diffusers(
+    diffusers: ModuleType, beta_schedule: str, prediction: str, clip: bool, spacing: str, alpha_one: bool, steps: int
+) -> None:
+    kwargs = _ddim_kwargs(beta_schedule, prediction, clip, spacing, alpha_one)
+    config = {"_class_name": "DDIMScheduler", **kwargs}
+    ours = scheduler_from_config(config)
+    reference = diffusers.DDIMScheduler(**kwargs)
+
+    ours.set_timesteps(steps)
+    reference.set_timesteps(steps)
+    assert ours.timesteps.dtype == np.float32
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy().astype(np.float32))
+    _assert_same_sampling(ours, reference, steps)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_ddim_alphas_cumprod_match(diffusers: ModuleType, beta_schedule: str) -> None:
+    kwargs = {"beta_schedule": beta_schedule, **(SD_BETAS if beta_schedule == "scaled_linear" else {})}
+    ours = DDIMScheduler(**kwargs)
+    reference = diffusers.DDIMScheduler(**kwargs)
+    np.testing.assert_allclose(ours.alphas_cumprod, reference.alphas_cumprod.numpy(), rtol=1e-6, atol=0)
+
+
+def test_ddim_final_alpha_cumprod(diffusers: ModuleType) -> None:
+    for alpha_one in (False, True):
+        ours = DDIMScheduler(set_alpha_to_one=alpha_one)
+        reference = diffusers.DDIMScheduler(set_alpha_to_one=alpha_one)
+        assert ours.final_alpha_cumprod == pytest.approx(float(reference.final_alpha_cumprod), rel=1e-7)
+
+
+def test_ddim_rescale_zero_terminal_snr_matches_diffusers(diffusers: ModuleType) -> None:
+    kwargs = {
+        "beta_schedule": "scaled_linear",
+        **SD_BETAS,
+        "rescale_betas_zero_snr": True,
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",
+        "clip_sample": False,
+    }
+    ours = DDIMScheduler(**kwargs)
+    reference = diffusers.DDIMScheduler(**kwargs)
+    assert ours.alphas_cumprod[-1] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(ours.alphas_cumprod, reference.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-7)
+    _assert_same_sampling(ours, reference, 25)
+
+
+def test_ddim_trailing_overshoot_reproduced_and_warned(diffusers: ModuleType, caplog: pytest.LogCaptureFixture) -> None:
+    # diffusers' float arange gives 62 "trailing" timesteps, ending at -1, for 61 steps.
+    ours = DDIMScheduler(timestep_spacing="trailing")
+    reference = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    with caplog.at_level(logging.WARNING, logger="runtimes.schedulers"):
+        ours.set_timesteps(61)
+    reference.set_timesteps(61)
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy().astype(np.float32))
+    assert "61 steps yields 62 timesteps" in caplog.text
+    _assert_same_sampling(ours, reference, 61)
+
+
+@pytest.mark.parametrize("class_name", ["DDPMScheduler", "DPMSolverMultistepScheduler"])
+def test_ddim_fallback_for_other_beta_schedulers(
+    diffusers: ModuleType, class_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = getattr(diffusers, class_name)(beta_schedule="scaled_linear", prediction_type="v_prediction", **SD_BETAS)
+    config = {key: value for key, value in source.config.items() if not key.startswith("_")}
+    config["_class_name"] = class_name
+    with caplog.at_level(logging.WARNING, logger="runtimes.schedulers"):
+        ours = scheduler_from_config(config)
+    assert isinstance(ours, DDIMScheduler)
+    assert f"{class_name}" in caplog.text and "DDIM" in caplog.text
+    # DPM-Solver has no clip_sample key and never clips; the fallback keeps that meaning.
+    overrides = {"clip_sample": False} if class_name == "DPMSolverMultistepScheduler" else {}
+    reference = diffusers.DDIMScheduler.from_config(config, **overrides)
+    ours.set_timesteps(20)
+    reference.set_timesteps(20)
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy().astype(np.float32))
+    _assert_same_sampling(ours, reference, 20)
+
+
+def test_ddim_trained_betas(diffusers: ModuleType) -> None:
+    betas = np.linspace(0.0002, 0.03, 100).tolist()
+    config = {"_class_name": "DDIMScheduler", "num_train_timesteps": 100, "trained_betas": betas, "clip_sample": False}
+    ours = scheduler_from_config(config)
+    reference = diffusers.DDIMScheduler(num_train_timesteps=100, trained_betas=betas, clip_sample=False)
+    _assert_same_sampling(ours, reference, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Flow matching
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 10, 28])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_match_matches_diffusers(diffusers: ModuleType, shift: float, steps: int) -> None:
+    ours = scheduler_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift})
+    reference = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    assert isinstance(ours, FlowMatchEulerScheduler)
+
+    ours.set_timesteps(steps)
+    reference.set_timesteps(steps)
+    assert ours.timesteps.dtype == np.float32 and ours.sigmas.dtype == np.float32
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
+    np.testing.assert_array_equal(ours.sigmas, reference.sigmas.numpy())
+    _assert_same_sampling(ours, reference, steps)
+
+
+def test_flow_match_shift_changes_schedule() -> None:
+    plain, shifted = FlowMatchEulerScheduler(shift=1.0), FlowMatchEulerScheduler(shift=3.0)
+    plain.set_timesteps(10)
+    shifted.set_timesteps(10)
+    # Shifting moves the schedule towards high noise; the end points stay at sigma 1 and 0.
+    assert np.all(shifted.sigmas[1:-1] > plain.sigmas[1:-1])
+    assert shifted.sigmas[0] == pytest.approx(1.0) and shifted.sigmas[-1] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Interface
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler(), FlowMatchEulerScheduler(shift=3.0)], ids=["ddim", "flow"])
+def test_common_interface(scheduler: Scheduler) -> None:
+    assert isinstance(scheduler, Scheduler)
+    assert scheduler.init_noise_sigma == 1.0
+    sample = _initial_sample()
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        scheduler.step(sample, 0, sample)
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.shape == (4,) and scheduler.timesteps.dtype == np.float32
+    assert scheduler.scale_model_input(sample, 0) is sample
+    # Timesteps run from noisy to clean.
+    assert np.all(np.diff(scheduler.timesteps) < 0)
+    out = scheduler.step(sample.astype(np.float16), 0, sample.astype(np.float64))
+    assert out.dtype == np.float32 and out.shape == sample.shape
+    with pytest.raises(IndexError):
+        scheduler.step(sample, 4, sample)
+    with pytest.raises(ValueError, match="shape"):
+        scheduler.step(sample[:, :2], 0, sample)
+
+
+def test_module_does_not_import_torch() -> None:
+    code = "import sys, runtimes.schedulers; sys.exit(1 if 'torch' in sys.modules else 0)"
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO_ROOT, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+
+
+# --------------------------------------------------------------------------------------------
+# Config files and error messages
+# --------------------------------------------------------------------------------------------
+
+
+def test_config_from_file_and_folder(tmp_path: Path) -> None:
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "_diffusers_version": "0.30.0"}
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    for source in (path, str(path), tmp_path):
+        scheduler = scheduler_from_config(source)
+        assert isinstance(scheduler, FlowMatchEulerScheduler) and scheduler.shift == 3.0
+
+
+def test_unknown_keys_are_ignored() -> None:
+    scheduler = scheduler_from_config({"_class_name": "DDIMScheduler", "some_future_option": [1, 2]})
+    assert isinstance(scheduler, DDIMScheduler)
+
+
+def test_unknown_class_name_lists_supported() -> None:
+    with pytest.raises(FcpassError) as info:
+        scheduler_from_config({"_class_name": "EulerAncestralDiscreteScheduler"})
+    message = str(info.value)
+    assert "_class_name" in message and "EulerAncestralDiscreteScheduler" in message
+    assert all(name in message for name in SUPPORTED_CLASS_NAMES)
+
+
+def test_missing_class_name() -> None:
+    with pytest.raises(FcpassError, match="_class_name.*found null"):
+        scheduler_from_config({"beta_schedule": "linear"})
+
+
+def test_unsupported_beta_schedule() -> None:
+    with pytest.raises(FcpassError) as info:
+        scheduler_from_config({"_class_name": "DDIMScheduler", "beta_schedule": "sigmoid"})
+    message = str(info.value)
+    assert "'beta_schedule'" in message and '"sigmoid"' in message
+    assert all(f'"{s}"' in message for s in ("linear", "scaled_linear", "squaredcos_cap_v2"))
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "found"),
+    [
+        ({"_class_name": "DDIMScheduler", "thresholding": True}, "thresholding", "true"),
+        ({"_class_name": "DDPMScheduler", "thresholding": True}, "thresholding", "true"),
+        (
+            {"_class_name": "DDIMScheduler", "prediction_type": "flow_prediction"},
+            "prediction_type",
+            '"flow_prediction"',
+        ),
+        ({"_class_name": "DDIMScheduler", "timestep_spacing": "karras"}, "timestep_spacing", '"karras"'),
+        ({"_class_name": "DDIMScheduler", "clip_sample": "yes"}, "clip_sample", '"yes"'),
+        ({"_class_name": "DDIMScheduler", "steps_offset": -1}, "steps_offset", "-1"),
+        (
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True},
+            "use_dynamic_shifting",
+            "true",
+        ),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 0}, "shift", "0"),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift_terminal": 0.02}, "shift_terminal", "0.02"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True}, "use_flow_sigmas", "true"),
+    ],
+)
+def test_unsupported_value_names_key_and_value(config: dict[str, Any], key: str, found: str) -> None:
+    with pytest.raises(FcpassError) as info:
+        scheduler_from_config(config)
+    message = str(info.value)
+    assert f"{key!r}" in message and f"found {found};" in message and "supported" in message
+
+
+def test_missing_file_names_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "scheduler_config.json"
+    with pytest.raises(FcpassError, match="not found") as info:
+        scheduler_from_config(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_invalid_json_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "scheduler_config.json"
+    path.write_text('{"_class_name": "DDIMScheduler",', encoding="utf-8")
+    with pytest.raises(FcpassError, match="not valid JSON") as info:
+        scheduler_from_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("steps", [0, 1001, 2.5])
+def test_invalid_step_count(steps: Any) -> None:
+    with pytest.raises(FcpassError, match="inference steps"):
+        DDIMScheduler().set_timesteps(steps)
