@@ -131,16 +131,27 @@ class _Sink:
             self.trajectory += 1
             return
         now = {s.name: state[s.name] for s in self.plan.states if s.kind in ("in", "out")}
-        for s in self.plan.states:
-            if s.kind in ("in", "out") and not np.isfinite(now[s.name]).all():
-                raise FcpassError(
-                    f"calibration diverged: region {s.region} {s.kind}put is NaN/Inf at step {step} of trajectory "
-                    f"{self.trajectory}; check the scheduler config and the model's weights"
-                )
+        bad = [n for n, v in now.items() if not np.isfinite(v).all()]
+        if bad:
+            raise FcpassError(
+                f"calibration diverged: {self._culprit(now)} is NaN/Inf at step {step} of trajectory "
+                f"{self.trajectory}; check the scheduler config and the model's weights"
+            )
         for gap, ref in enumerate(reversed(self.history), start=1):
             for f in self.fits.values():
                 f.add(ref, now, gap, self.phase)
         self.history.append(now)
+
+
+    def _culprit(self, now: dict[str, np.ndarray]) -> str:
+        """The first block whose input is finite and output is not, else the first bad tensor."""
+        for r in self.plan.block_regions():
+            ins = [now[f"fc.{r.name}.in{j}"] for j in range(len(r.inputs))]
+            outs = [now[f"fc.{r.name}.out{k}"] for k in range(len(r.outputs))]
+            if all(np.isfinite(x).all() for x in ins) and not all(np.isfinite(x).all() for x in outs):
+                return f"region {r.name} output"
+        name = next(n for n, v in now.items() if not np.isfinite(v).all())
+        return f"state {name}"
 
 
 class _Fit:

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except FcpassError as exc:
-        print(f"fcpass: error: {exc}", file=sys.stderr)
+        # One line even when the message quotes a multi-line library error (e.g. torch.load's).
+        print(f"fcpass: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fcpass: interrupted", file=sys.stderr)
@@ -267,6 +268,17 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
     uncond = args.uncond_class
     if uncond is None and config.get("family") == "dit":
         uncond = int(config["num_classes"])
+    if config.get("family") == "dit":
+        # An out-of-range label would only surface as an ONNX Runtime Gather error mid-sampling.
+        n = int(config["num_classes"])
+        bad = next((c for c in classes or [] if not 0 <= c < n), None)
+        if bad is not None:
+            raise FcpassError(f"--class {bad} is out of range: {model_path} has {n} classes; use labels 0..{n - 1}")
+        rows = n + int(float(config.get("class_dropout_prob", 0.0)) > 0)  # the null label's row, if trained
+        if args.uncond_class is not None and not 0 <= uncond < rows:
+            raise FcpassError(
+                f"--uncond-class {uncond} is out of range: {model_path} has a {rows}-row label table; use 0..{rows - 1}"
+            )
     request = SampleRequest(classes=classes, prompt_embeds=prompt, steps=args.steps,
                             guidance_scale=args.guidance_scale, uncond_class=uncond, seed=args.seed)
     return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),

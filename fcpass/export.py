@@ -55,9 +55,18 @@ def build_model(arch: str, image_size: int = 256) -> tuple[Any, dict[str, Any]]:
         return DiT(cfg), {"family": "dit", **asdict(cfg)}
     m = _DIT_NAME.match(arch)
     if m:
-        if image_size % 8:
-            raise FcpassError(f"--image-size {image_size} is not a multiple of 8 (the VAE factor); use e.g. 256 or 512")
-        cfg = dit_config(m.group(1), int(m.group(2)), image_size)
+        if image_size <= 0 or image_size % 8:
+            raise FcpassError(
+                f"--image-size {image_size} is not a positive multiple of 8 (the VAE factor); use e.g. 256 or 512"
+            )
+        patch = int(m.group(2))
+        if (image_size // 8) % patch:
+            # A latent side the patch does not divide would silently export a graph with the wrong output size.
+            raise FcpassError(
+                f"--image-size {image_size} gives a {image_size // 8}x{image_size // 8} latent, which patch size "
+                f"{patch} does not divide; use a multiple of {8 * patch} (e.g. 256 or 512)"
+            )
+        cfg = dit_config(m.group(1), patch, image_size)
         return DiT(cfg), {"family": "dit", **asdict(cfg)}
     if arch.startswith("pixart"):
         from models.pixart import PixArt, pixart_config
@@ -96,7 +105,24 @@ def load_weights(model: Any, config: dict[str, Any], weights: str | Path) -> Non
     path = Path(weights)
     if not path.exists():
         raise FcpassError(f"weights file not found: {path}; check the --weights path")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (torch.load raises UnpicklingError, RuntimeError, EOFError, ...)
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise FcpassError(
+            f"weights {path} could not be read ({type(exc).__name__}: {first_line}); pass a torch.save state dict"
+        ) from None
+    if not isinstance(state, dict):
+        raise FcpassError(f"weights {path} hold a {type(state).__name__}, not a state dict; save model.state_dict()")
+    expected = model.state_dict()
+    # load_state_dict(strict=False) still raises a multi-line RuntimeError on a shape mismatch.
+    wrong = next((k for k, v in state.items()
+                  if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape), None)
+    if wrong is not None:
+        raise FcpassError(
+            f"weights {path} do not match {config['family']}: key {wrong!r} has shape {tuple(state[wrong].shape)}, "
+            f"the model expects {tuple(expected[wrong].shape)}; pick the --arch the checkpoint was trained with"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         first = (missing or unexpected)[0]
@@ -116,6 +142,8 @@ def export(spec: ExportSpec, output: str | Path, weights: str | Path | None = No
         raise FcpassError(
             f"--opset {spec.opset} is not supported; use 18..22 (opset 23 fuses attention, which TensorRT cannot build inside an If)"
         )
+    if spec.batch < 1:
+        raise FcpassError(f"--batch {spec.batch} must be at least 1; use 2 for one sample with guidance")
     if spec.exporter not in ("dynamo", "legacy"):
         raise FcpassError(f"--exporter {spec.exporter!r} is unknown; use dynamo or legacy")
     model, config = build_model(spec.arch, spec.image_size)

@@ -19,6 +19,9 @@ from fcpass.errors import FcpassError
 
 log = logging.getLogger(__name__)
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 # Protobuf cannot serialise a single message over 2 GiB; above this, weights go to external data.
 _PROTO_LIMIT = 2**31 - 2**20
 
@@ -52,13 +55,25 @@ def check_distinct(input_path: str | Path, output_path: str | Path) -> None:
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
     dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix + ".tmp", dir=dst.parent)
+    if dst.is_dir():
+        raise FcpassError(f"output {dst} is a directory; pass the path of a file to write (inside it or elsewhere)")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix + ".tmp", dir=dst.parent)
+    except OSError as exc:  # a parent is a file, the folder is not writable, ...
+        not_folder = isinstance(exc, (FileExistsError, NotADirectoryError))
+        why = "part of the path is a file, not a folder" if not_folder else exc.strerror or exc
+        raise FcpassError(f"cannot write {dst}: {why}; choose an output path in a writable folder") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; outputs get the usual mode
         os.replace(tmp, dst)
+    except OSError as exc:  # disk full, quota, ... while writing or renaming into place
+        raise FcpassError(
+            f"could not write {dst}: {exc.strerror or exc}; free some space or choose another output path"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()

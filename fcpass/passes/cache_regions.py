@@ -14,7 +14,7 @@ Cases:
    they pass through unchanged (state), NaN (statistic) and -1 (decision).
 3. The statistic (per sample, relative change of the stream inputs against the last computed ones)
    and the decision are computed before the `If`, outside the branches. A NaN or Inf statistic
-   never skips: `stat <= thr` is false for it.
+   never skips (`stat <= thr` is false for NaN; Inf is tested explicitly, since thr may be Inf).
 4. The else-branch is the approximation of `fcpass.plan.APPROX_MIX`; an output with no input of the
    same shape (a double-stream block's second stream, for one) can only be reused or extrapolated.
 5. Declined: a region output that shape inference cannot type, and opsets below 13 (Unsqueeze and
@@ -344,7 +344,10 @@ class _Builder:
         nodes.append(helper.make_node("Sqrt", [f"fc.{n}.ratio"], [f"fc.{n}.stat"]))
         # Skip iff forced (ctl 1) or, when the graph decides (ctl 2), every sample's stat <= thr.
         nodes += [
-            helper.make_node("LessOrEqual", [f"fc.{n}.stat", f"fc.{n}.thr"], [f"fc.{n}.ok"]),
+            helper.make_node("LessOrEqual", [f"fc.{n}.stat", f"fc.{n}.thr"], [f"fc.{n}.below"]),
+            helper.make_node("IsInf", [f"fc.{n}.stat"], [f"fc.{n}.inf"]),
+            helper.make_node("Not", [f"fc.{n}.inf"], [f"fc.{n}.finite"]),
+            helper.make_node("And", [f"fc.{n}.below", f"fc.{n}.finite"], [f"fc.{n}.ok"]),
             helper.make_node("Cast", [f"fc.{n}.ok"], [f"fc.{n}.okf"], to=TensorProto.FLOAT),
             helper.make_node("ReduceMin", [f"fc.{n}.okf"], [f"fc.{n}.allok"], keepdims=0),
             helper.make_node("Greater", [f"fc.{n}.allok", "fc.half"], [f"fc.{n}.pass"]),

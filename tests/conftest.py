@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny DiTs with random weights, exported by both torch exporters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+
+
+def export_tiny_dit(path: Path, exporter: str, seed: int = 0, **overrides: object) -> Path:
+    torch = pytest.importorskip("torch")
+    from models.dit import DiT, DiTConfig
+    from models.pixart import randomize_
+
+    model = DiT(DiTConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():
+        randomize_(model, seed)
+    cfg = model.config
+    args = (
+        torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(1)),
+        torch.tensor([10.0, 500.0]),
+        torch.tensor([1, cfg.num_classes]),
+    )
+    with torch.no_grad():
+        torch.onnx.export(
+            model, args, str(path), dynamo=exporter == "dynamo", opset_version=18,
+            input_names=["latent", "timestep", "class_labels"], output_names=["noise_pred"], verbose=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session", params=["legacy", "dynamo"])
+def tiny_dit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-block DiT (8x8x4 latent, width 32) exported with each exporter."""
+    return export_tiny_dit(tmp_path_factory.mktemp(request.param) / "tiny.onnx", request.param)
+
+
+def tiny_feeds(seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "latent": rng.standard_normal((batch, 4, 8, 8)).astype(np.float32),
+        "timestep": np.full((batch,), 400.0 + seed, dtype=np.float32),
+        "class_labels": np.array([3, 10][:batch], dtype=np.int64),
+    }
+
+
+def load(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path))

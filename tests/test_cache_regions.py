@@ -1,0 +1,210 @@
+"""The cache-region rewrite: exact structure, the all-compute invariant, every branch forced."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from fcpass.discover import discover_blocks
+from fcpass.passes.cache_regions import insert_cache_regions
+from fcpass.plan import APPROX_MIX, CachePlan, read_plan, write_plan
+from tests.conftest import load, tiny_feeds
+
+ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
+
+
+class Compiled:
+    """A compiled tiny model with helpers to run one step under chosen controls."""
+
+    def __init__(self, path: Path, regions: tuple[str, ...] = ("blocks", "tail", "stack")) -> None:
+        self.original = load(path)
+        bmap = discover_blocks(self.original, "latent")
+        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions)
+        write_plan(self.model, self.plan)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(self.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.ref_sess = ort.InferenceSession(self.original.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.sess.get_outputs()]
+        r = len(self.plan.regions)
+        self.state = {s.name: np.zeros(s.shape, np.float32) for s in self.plan.states}
+        self.ctl = np.zeros(r, np.int64)
+        self.thr = np.zeros(r, np.float32)
+        self.mix = np.zeros((r, 3), np.float32)
+
+    def idx(self, name: str) -> int:
+        return self.plan.region(name).index
+
+    def run(self, feeds: dict[str, np.ndarray], update: bool = True) -> dict[str, np.ndarray]:
+        out = dict(zip(self.names, self.sess.run(None, {**feeds, **self.state, "fc_ctl": self.ctl,
+                                                          "fc_thr": self.thr, "fc_mix": self.mix})))
+        if update:
+            self.state = {s.name: out[s.next] for s in self.plan.states}
+        return out
+
+    def true_values(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """Values of original-graph tensors, by exposing them as extra outputs of the original model."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self.original)
+        for n in names:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+@pytest.fixture()
+def compiled(tiny_dit: Path) -> Compiled:
+    return Compiled(tiny_dit)
+
+
+def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Compiled) -> None:
+    onnx.checker.check_model(compiled.model, full_check=True)
+    names = [r.name for r in compiled.plan.regions]
+    assert names == ["stack", "block0", "tail", "block1", "block2"]
+    parents = {r.name: r.parent for r in compiled.plan.regions}
+    assert parents == {"stack": None, "block0": "stack", "tail": "stack", "block1": "tail", "block2": "tail"}
+    top_ifs = [n for n in compiled.model.graph.node if n.op_type == "If"]
+    assert len(top_ifs) == 1  # only the stack at top level; the rest nest inside its compute branch
+    then_branch = next(a.g for a in top_ifs[0].attribute if a.name == "then_branch")
+    approx_ops = Counter(n.op_type for n in then_branch.node)
+    # reuse/taylor term, the linear/residual terms for one paired output, Identities for the 3 outputs+states.
+    assert approx_ops["MatMul"] == 1 and approx_ops["Sub"] == 2 and approx_ops["Mul"] >= 3
+    else_branch = next(a.g for a in top_ifs[0].attribute if a.name == "else_branch")
+    inner_ifs = [n for n in else_branch.node if n.op_type == "If"]
+    assert len(inner_ifs) == 2  # block0 and tail
+    # No branch output is an outer value directly.
+    for branch in (then_branch, else_branch):
+        produced = {o for n in branch.node for o in n.output}
+        assert all(o.name in produced for o in branch.output)
+    # The original graph still holds no If, and its outputs are the compiled graph's first outputs.
+    assert not any(n.op_type == "If" for n in compiled.original.graph.node)
+    assert compiled.names[0] == "noise_pred"
+
+
+def test_all_compute_equals_original_and_states_are_true_block_io(compiled: Compiled) -> None:
+    feeds = tiny_feeds(0)
+    out = compiled.run(feeds)
+    (ref,) = compiled.ref_sess.run(None, feeds)
+    assert np.abs(out["noise_pred"] - ref).max() <= 1e-5
+    assert (out["fc_skip"] == 0).all()
+    tensors = sorted({t for r in compiled.plan.regions for t in r.inputs + r.outputs})
+    truth = compiled.true_values(feeds, tensors)
+    for s in compiled.plan.states:
+        if s.kind in ("in", "out"):
+            np.testing.assert_allclose(out[s.next], truth[s.source], rtol=0, atol=1e-5, err_msg=s.name)
+        else:  # prev takes the old `out`, zero at the first step
+            assert not out[s.next].any()
+
+
+def test_zero_state_never_skips_even_when_the_graph_decides(compiled: Compiled) -> None:
+    """A fresh state gives NaN/Inf statistics; `stat <= thr` is false for them: fail closed."""
+    compiled.ctl[:] = 2
+    compiled.thr[:] = np.inf
+    out = compiled.run(tiny_feeds(0))
+    assert (out["fc_skip"] == 0).all()
+    assert not np.isfinite(out["fc_stat"]).any()
+
+
+@pytest.mark.parametrize("approx", ["reuse", "residual", "linear", "taylor1"])
+def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compiled, approx: str) -> None:
+    f1, f2 = tiny_feeds(0), tiny_feeds(1)
+    compiled.run(tiny_feeds(2))  # so that `prev` differs from `out` for taylor1
+    compiled.run(f1)
+    before = dict(compiled.state)
+    k = compiled.idx("block1")
+    # A known fitted map for `linear`: V = 0.1 * J (shifted identity), b = 0.01.
+    d = before["fc.block1.in0"].shape[-1]
+    v = 0.1 * np.eye(d, k=1, dtype=np.float32)
+    b = np.full(d, 0.01, np.float32)
+    _set_initializer(compiled, "fc.block1.V0", v)
+    _set_initializer(compiled, "fc.block1.b0", b)
+    compiled.ctl[k] = 1
+    compiled.mix[k] = APPROX_MIX[approx] if approx != "taylor1" else (0.0, 0.0, 0.5)
+    out = compiled.run(f2)
+    assert out["fc_skip"][k] == 1 and (np.delete(out["fc_skip"], k) == 0).all()
+    h = out["fc.block2.in0.next"]  # block2's input is block1's (approximated) output
+    # block1's input this step is block0's true output (block0 computed); the state keeps the old one.
+    source = compiled.plan.region("block1").inputs[0]
+    h1 = compiled.true_values(f2, [source])[source]
+    h_ref, o_ref, o_prev = before["fc.block1.in0"], before["fc.block1.out0"], before["fc.block1.prev0"]
+    expected = {
+        "reuse": o_ref,
+        "residual": o_ref + (h1 - h_ref),
+        "linear": o_ref + (h1 - h_ref) + (h1 - h_ref) @ v + b,
+        "taylor1": o_ref + 0.5 * (o_ref - o_prev),
+    }[approx]
+    np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-5)
+    # A skipped region keeps its references.
+    for kind in ("in0", "out0", "prev0"):
+        np.testing.assert_array_equal(out[f"fc.block1.{kind}.next"], before[f"fc.block1.{kind}"])
+
+
+def _set_initializer(compiled: Compiled, name: str, value: np.ndarray) -> None:
+    for t in compiled.model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(onnx.numpy_helper.from_array(value, name))
+    compiled.sess = ort.InferenceSession(compiled.model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_residual_skip_at_unchanged_input_reproduces_the_computed_output(compiled: Compiled) -> None:
+    feeds = tiny_feeds(0)
+    first = compiled.run(feeds)
+    compiled.ctl[:] = 0
+    k = compiled.idx("tail")
+    compiled.ctl[k] = 1
+    compiled.mix[k] = APPROX_MIX["residual"]
+    second = compiled.run(feeds)
+    assert second["fc_skip"][k] == 1
+    np.testing.assert_allclose(second["noise_pred"], first["noise_pred"], atol=1e-5)
+
+
+def test_skipped_stack_passes_nested_state_through(compiled: Compiled) -> None:
+    compiled.run(tiny_feeds(0))
+    before = dict(compiled.state)
+    compiled.ctl[compiled.idx("stack")] = 1
+    out = compiled.run(tiny_feeds(1))
+    skip = dict(zip([r.name for r in compiled.plan.regions], out["fc_skip"]))
+    assert skip == {"stack": 1, "block0": -1, "tail": -1, "block1": -1, "block2": -1}
+    assert np.isnan(out["fc_stat"][1:]).all() and np.isfinite(out["fc_stat"][0]).all()
+    for s in compiled.plan.states:
+        np.testing.assert_array_equal(out[s.next], before[s.name], err_msg=s.name)
+
+
+def test_graph_decision_is_per_sample_and_needs_every_sample(compiled: Compiled) -> None:
+    compiled.run(tiny_feeds(0))
+    feeds = tiny_feeds(0)
+    feeds["latent"] = feeds["latent"].copy()
+    feeds["latent"][1] += 0.5  # only the second sample changes
+    k = compiled.idx("block0")
+    compiled.ctl[k] = 2
+    probe = compiled.run(feeds, update=False)
+    stat = probe["fc_stat"][k]
+    assert stat[0] == pytest.approx(0.0, abs=1e-6) and stat[1] > 1e-3
+    compiled.thr[k] = stat[1] / 2  # sample 0 would skip, sample 1 would not
+    assert compiled.run(feeds, update=False)["fc_skip"][k] == 0
+    compiled.thr[k] = stat[1] * 2
+    assert compiled.run(feeds, update=False)["fc_skip"][k] == 1
+
+
+def test_plan_round_trips_through_metadata(compiled: Compiled, tmp_path: Path) -> None:
+    path = tmp_path / "m.fc.onnx"
+    onnx.save(compiled.model, str(path))
+    plan = read_plan(onnx.load(str(path)))
+    assert isinstance(plan, CachePlan)
+    assert plan.to_json() == compiled.plan.to_json()
+    assert [s.name for s in plan.states] == [i.name for i in compiled.model.graph.input if i.name.startswith("fc.")]
+
+
+def test_blocks_only_region_set(tiny_dit: Path) -> None:
+    c = Compiled(tiny_dit, regions=("blocks",))
+    assert [r.name for r in c.plan.regions] == ["block0", "block1", "block2"]
+    assert all(r.parent is None for r in c.plan.regions)
+    assert sum(n.op_type == "If" for n in c.model.graph.node) == 3
+    feeds = tiny_feeds(3)
+    (ref,) = c.ref_sess.run(None, feeds)
+    assert np.abs(c.run(feeds)["noise_pred"] - ref).max() <= 1e-5

@@ -1,0 +1,100 @@
+"""Calibration: the ridge fit recovers a known map; end to end it writes a usable, calibrated graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from fcpass.calibrate import CalibrationOptions, _Fit
+from fcpass.errors import FcpassError
+from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.plan import CachePlan, RegionSpec, StateSpec, read_plan
+from models.digits import SCHEDULER_CONFIG
+from runtimes.sampler import SampleRequest
+from tests.conftest import export_tiny_dit
+
+
+def _region(d: int) -> tuple[RegionSpec, CachePlan]:
+    spec = RegionSpec("block0", 0, [0], None, ["h"], ["o"], [0], 1, 1)
+    states = [StateSpec("fc.block0.out0", "fc.block0.out0.next", "block0", "out", "o", [2, 4, d], "float32")]
+    return spec, CachePlan([spec], states, {}, ["y"], 1, "test")
+
+
+def test_ridge_fit_recovers_a_known_linear_map_and_sigma2() -> None:
+    rng = np.random.default_rng(0)
+    d = 6
+    w_true = np.eye(d) + 0.3 * rng.standard_normal((d, d))
+    spec, plan = _region(d)
+    fit = _Fit(spec, plan, CalibrationOptions(ridge=1e-9, eps=0.05))
+    hs = [rng.standard_normal((2, 4, d)) for _ in range(6)]
+    frames = [{"fc.block0.in0": h, "fc.block0.out0": h @ w_true + 5.0} for h in hs]
+    for phase in ("fit", "test"):
+        if phase == "test":
+            fit.solve()
+        for i in range(1, len(frames)):
+            for gap in (1, 2):
+                if i - gap >= 0:
+                    fit.add(frames[i - gap], frames[i], gap, phase)
+    v, b = fit.solution[0]
+    np.testing.assert_allclose(v, w_true - np.eye(d), atol=1e-6)
+    np.testing.assert_allclose(b, 0.0, atol=1e-6)
+    summary = fit.summary()
+    assert summary["fit_rel_err"] < 1e-6 < summary["residual_rel_err"]
+    # Every pair is reproduced within eps, so sigma^2 is the mean squared relative input change.
+    deltas = [
+        np.max(np.linalg.norm((frames[i]["fc.block0.in0"] - frames[i - g]["fc.block0.in0"]).reshape(2, -1), axis=1)
+               / np.linalg.norm(frames[i - g]["fc.block0.in0"].reshape(2, -1), axis=1))
+        for i in range(1, 6) for g in (1, 2) if i - g >= 0
+    ]
+    assert summary["n_good"] == len(deltas)
+    assert summary["sigma2"] == pytest.approx(np.mean(np.square(deltas)))
+
+
+def _setup(classes: list[int]) -> dict:
+    return {"scheduler_config": SCHEDULER_CONFIG,
+            "request": SampleRequest(classes=classes, steps=6, guidance_scale=1.5, uncond_class=10)}
+
+
+@pytest.fixture(scope="session")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("calib")
+    src = export_tiny_dit(d / "tiny.onnx", "legacy", seed=3)
+    out = d / "tiny.fc.onnx"
+    optimize(src, out, OptimizeOptions(calibrate=2, calib_steps=6, calib_eps=0.5), _setup([1, 2]))
+    return src, out
+
+
+def test_calibrated_graph_has_fitted_weights_and_sigma(calibrated: tuple[Path, Path]) -> None:
+    src, out = calibrated
+    model = onnx.load(str(out))
+    plan = read_plan(model)
+    assert plan.calibration["trajectories"] == 2 and plan.calibration["steps"] == 6
+    for r in plan.regions:
+        cal = r.calibration
+        assert cal["n_pairs"] > 0
+        assert cal["fit_rel_err"] <= cal["residual_rel_err"] * 1.05, r.name
+        assert cal["sigma2"] is None or cal["sigma2"] > 0
+    assert any(r.calibration["sigma2"] is not None for r in plan.block_regions())
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if ".V" in t.name}
+    assert weights and all(np.abs(v).max() > 0 for v in weights.values())
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_calibration_that_diverges_names_the_region_and_writes_nothing(tmp_path: Path) -> None:
+    src = export_tiny_dit(tmp_path / "tiny.onnx", "legacy")
+    model = onnx.load(str(src))
+    for t in model.graph.initializer:  # poison block 1's MLP bias
+        if "blocks.1" in t.name and "fc2.bias" in t.name:
+            arr = onnx.numpy_helper.to_array(t).copy()
+            arr[:] = np.nan
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    bad = tmp_path / "nan.onnx"
+    onnx.save(model, str(bad))
+    out = tmp_path / "nan.fc.onnx"
+    with pytest.raises(FcpassError, match="calibration diverged: region .*block1"):
+        optimize(bad, out, OptimizeOptions(calibrate=1, calib_steps=3), _setup([1]))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

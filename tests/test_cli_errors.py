@@ -1,0 +1,250 @@
+"""Bad input to the `fcpass` CLI: one line `fcpass: error: ...` on stderr, exit code 2, no traceback.
+
+And a failing `export` or `optimize` leaves nothing behind: neither the output nor a `.*.tmp` file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from fcpass.cli import main
+from models.digits import DIGITS_DIT, SCHEDULER_CONFIG
+
+
+def user_error(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> str:
+    """Run the CLI; check the one-line error contract; return the message."""
+    capsys.readouterr()  # drop anything a fixture printed
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 2, f"exit code {rc}; stderr: {err!r}"
+    assert "Traceback" not in err + out
+    lines = err.splitlines()
+    assert len(lines) == 1, f"stderr is not one line: {err!r}"
+    assert lines[0].startswith("fcpass: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits DiT exported through the CLI (legacy exporter: ~1 s), un-optimized."""
+    path = tmp_path_factory.mktemp("plain") / "digits.onnx"
+    assert main(["export", "--arch", "digits", "--exporter", "legacy", "-o", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def cached(plain: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`plain` rewritten into a cache-aware graph (no calibration)."""
+    path = tmp_path_factory.mktemp("cached") / "digits.fc.onnx"
+    assert main(["optimize", str(plain), "-o", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def rank2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid ONNX graph whose only input is rank-2, so nothing can be the latent."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "rank2", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("rank2") / "rank2.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """An empty output folder; a failing command must leave it empty."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+# --- unreadable models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["inspect", "optimize", "sample"])
+def test_missing_model_file(capsys, tmp_path: Path, out: Path, command: str) -> None:
+    argv = [command, tmp_path / "nope.onnx"] + (["-o", out / "x.onnx"] if command == "optimize" else [])
+    user_error(capsys, argv, "model file not found", "nope.onnx")
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("command", ["inspect", "optimize", "sample"])
+def test_file_that_is_not_onnx(capsys, tmp_path: Path, out: Path, command: str) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\xffnot a protobuf\x08\x96\x01" * 17)
+    argv = [command, junk] + (["-o", out / "x.onnx"] if command == "optimize" else [])
+    user_error(capsys, argv, "not a readable ONNX model")
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("command", ["inspect", "optimize", "sample"])
+def test_graph_without_a_latent_input(capsys, rank2: Path, out: Path, command: str) -> None:
+    argv: list = [command, rank2]
+    if command == "optimize":
+        argv += ["-o", out / "x.onnx"]
+    if command != "inspect":
+        argv += ["--scheduler-config", SCHEDULER_CONFIG]
+    user_error(capsys, argv, "no latent input", "--inputs latent=")
+    assert leftovers(out) == []
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def test_unknown_architecture(capsys, out: Path) -> None:
+    user_error(
+        capsys, ["export", "--arch", "dit-q-2", "-o", out / "m.onnx"], "unknown architecture 'dit-q-2'", "dit-s-2"
+    )
+    assert leftovers(out) == []
+
+
+def _dit_checkpoint(path: Path, **overrides: object) -> Path:
+    from models.dit import DiT, DiTConfig
+
+    torch.save(DiT(DiTConfig(**{**DIGITS_DIT, **overrides})).state_dict(), path)
+    return path
+
+
+def _pixart_checkpoint(path: Path) -> Path:
+    from dataclasses import replace
+
+    from models.pixart import PixArt, pixart_config
+
+    torch.save(PixArt(replace(pixart_config("pixart-tiny"), hidden_size=32)).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["digits", "pixart-tiny"])
+def test_weights_of_another_width(capsys, tmp_path: Path, out: Path, arch: str) -> None:
+    if arch == "digits":
+        weights = _dit_checkpoint(tmp_path / "w64.pt", hidden_size=64)
+    else:
+        weights = _pixart_checkpoint(tmp_path / "p32.pt")
+    msg = user_error(capsys, ["export", "--arch", arch, "--weights", weights, "-o", out / "m.onnx"], "not match")
+    assert ("width 64" if arch == "digits" else "(1, 16, 32)") in msg  # names what the file holds
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("arch", ["digits", "pixart-tiny"])
+def test_weights_file_that_is_not_a_checkpoint(capsys, tmp_path: Path, out: Path, arch: str) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(64))
+    user_error(capsys, ["export", "--arch", arch, "--weights", junk, "-o", out / "m.onnx"], "could not be read")
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--arch", "digits", "--batch", "0"], "--batch 0"),  # crashed with SIGFPE before
+        (["--arch", "dit-s-2", "--image-size", "264"], "patch size 2"),  # silently exported a 32x32 output
+        (["--arch", "digits", "--opset", "23"], "--opset 23"),
+    ],
+)
+def test_bad_export_settings(capsys, out: Path, flags: list[str], fragment: str) -> None:
+    user_error(capsys, ["export", *flags, "--exporter", "legacy", "-o", out / "m.onnx"], fragment)
+    assert leftovers(out) == []
+
+
+def test_export_that_fails_verification_leaves_nothing(capsys, monkeypatch, out: Path) -> None:
+    import fcpass.export
+
+    monkeypatch.setattr(fcpass.export, "_max_abs_diff", lambda *a: 0.5)
+    argv = ["export", "--arch", "pixart-tiny", "--exporter", "legacy", "-o", out / "m.onnx"]
+    user_error(capsys, argv, "disagrees with PyTorch")
+    assert leftovers(out) == []
+
+
+def _failing_save(model, path, *args, **kwargs) -> None:
+    """Stand-in for onnx.save_model: half-writes the file, then the disk fills up."""
+    Path(path).write_bytes(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_export_that_fails_while_writing_leaves_nothing(capsys, monkeypatch, out: Path) -> None:
+    monkeypatch.setattr(onnx, "save_model", _failing_save)
+    argv = ["export", "--arch", "pixart-tiny", "--exporter", "legacy", "--no-verify", "-o", out / "m.onnx"]
+    user_error(capsys, argv, "No space left on device")
+    assert leftovers(out) == []
+
+
+# --- optimize -------------------------------------------------------------------------------
+
+
+def test_optimize_refuses_to_overwrite_its_input(capsys, monkeypatch, plain: Path) -> None:
+    before = plain.read_bytes()
+    user_error(capsys, ["optimize", plain, "-o", plain], "is the input model")
+    monkeypatch.chdir(plain.parent)  # the same file spelled differently
+    user_error(capsys, ["optimize", plain, "-o", plain.name], "is the input model")
+    assert plain.read_bytes() == before
+    assert leftovers(plain.parent) == [plain.name]
+
+
+def test_optimize_that_fails_while_writing_leaves_nothing(capsys, monkeypatch, plain: Path, out: Path) -> None:
+    monkeypatch.setattr(onnx, "save_model", _failing_save)
+    user_error(capsys, ["optimize", plain, "-o", out / "m.fc.onnx"], "No space left on device")
+    assert leftovers(out) == []
+
+
+def test_output_path_that_is_a_directory(capsys, plain: Path, out: Path) -> None:
+    user_error(capsys, ["optimize", plain, "-o", out], "is a directory")
+    assert leftovers(out) == []
+
+
+def test_output_path_under_a_file(capsys, plain: Path, out: Path) -> None:
+    blocker = out / "file"
+    blocker.write_text("x")
+    user_error(capsys, ["optimize", plain, "-o", blocker / "m.fc.onnx"], "cannot write")
+    assert leftovers(out) == ["file"]
+
+
+# --- sample / compare -----------------------------------------------------------------------
+
+
+def test_cache_policy_on_a_plain_graph(capsys, plain: Path) -> None:
+    user_error(
+        capsys, ["sample", plain, "--policy", "fastcache", "--steps", "2"], "cache-aware graph", "fcpass optimize"
+    )
+
+
+@pytest.mark.parametrize("graph", ["plain", "cached"])
+def test_unknown_policy(capsys, request: pytest.FixtureRequest, graph: str) -> None:
+    path = request.getfixturevalue(graph)
+    msg = user_error(capsys, ["sample", path, "--policy", "bogus", "--steps", "2"], "bogus")
+    if graph == "cached":
+        assert "unknown policy" in msg and "fastcache" in msg
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--class", "12"), ("--uncond-class", "11")])
+def test_label_out_of_range(capsys, plain: Path, flag: str, value: str) -> None:
+    # Reached ONNX Runtime before and died there with an INVALID_ARGUMENT traceback.
+    user_error(capsys, ["sample", plain, "--steps", "2", flag, value], f"{flag} {value} is out of range")
+
+
+def test_compare_shapes_that_differ(capsys, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(a, np.zeros((2, 1, 16, 16), np.float32))
+    np.save(b, np.zeros((2, 1, 8, 8), np.float32))
+    user_error(capsys, ["compare", a, b], "(2, 1, 16, 16)", "(2, 1, 8, 8)")
+
+
+def test_compare_missing_file(capsys, tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((1, 1, 8, 8), np.float32))
+    user_error(capsys, ["compare", tmp_path / "a.npy", tmp_path / "b.npy"], "not found")

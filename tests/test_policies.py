@@ -1,0 +1,88 @@
+"""Host-loop policies: which regions compute, skip or decide at each step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import chi2
+
+from fcpass.errors import FcpassError
+from fcpass.plan import APPROX_MIX, CachePlan, RegionSpec, StateSpec
+from runtimes.policies import FastCache, FastCacheConfig, Fora, ForaConfig, NoCache, chi2_threshold, make_policy
+
+
+def _plan(blocks: int = 3, sigma2: list[float | None] | None = None, n: int = 4, d: int = 8) -> CachePlan:
+    regions, states = [], []
+    regions.append(RegionSpec("stack", 0, list(range(blocks)), None, ["h"], ["o"], [0], 100, 1))
+    for b in range(blocks):
+        cal = {"sigma2": (sigma2 or [0.01] * blocks)[b]}
+        regions.append(RegionSpec(f"block{b}", b + 1, [b], "stack", [f"h{b}"], [f"o{b}"], [0], 10, 1, cal))
+        states.append(StateSpec(f"fc.block{b}.in0", f"fc.block{b}.in0.next", f"block{b}", "in", f"h{b}", [2, n, d], "float32"))
+    return CachePlan(regions, states, {"latent": "x"}, ["out"], 1000, "test")
+
+
+def test_none_computes_everything() -> None:
+    p = NoCache()
+    p.reset(_plan(), 10)
+    c = p.controls(5)
+    assert not c.ctl.any() and c.ctl.shape == (4,) and c.mix.shape == (4, 3)
+
+
+def test_fora_schedule_reuses_blocks_between_full_steps() -> None:
+    p = Fora(ForaConfig(interval=3, warmup=2))
+    p.reset(_plan(), 12)
+    full = [i for i in range(12) if not p.controls(i).ctl.any()]
+    assert full == [0, 1, 2, 5, 8, 11]  # warm-up, every 3rd after it, the last step
+    c = p.controls(3)
+    assert c.ctl.tolist() == [0, 1, 1, 1]  # the stack computes; each block inside it is skipped
+    assert tuple(c.mix[1]) == APPROX_MIX["reuse"]
+
+
+def test_chi2_threshold_matches_the_formula() -> None:
+    assert chi2_threshold(0.04, 0.05, 10) == pytest.approx(math.sqrt(0.04 * chi2.ppf(0.95, 10) / 10))
+    # Smaller alpha -> larger quantile -> higher threshold (more skipping).
+    assert chi2_threshold(0.04, 0.01, 10) > chi2_threshold(0.04, 0.05, 10)
+
+
+@pytest.mark.parametrize("dof, nu", [("elements", 4 * 8), ("tokens", 4)])
+def test_fastcache_thresholds_use_calibrated_sigma_and_dof(dof: str, nu: int) -> None:
+    p = FastCache(FastCacheConfig(alpha=0.1, dof=dof, warmup=2))
+    p.reset(_plan(sigma2=[0.01, 0.04, None]), 10)
+    c = p.controls(3)
+    assert c.ctl.tolist() == [0, 2, 2, 0]  # block2 is uncalibrated: never skipped
+    assert c.thr[1] == pytest.approx(chi2_threshold(0.01, 0.1, nu))
+    assert c.thr[2] == pytest.approx(chi2_threshold(0.04, 0.1, nu))
+    assert tuple(c.mix[1]) == APPROX_MIX["linear"]
+
+
+def test_fastcache_warmup_last_step_and_max_skips() -> None:
+    p = FastCache(FastCacheConfig(warmup=2, max_skips=2))
+    plan = _plan()
+    p.reset(plan, 8)
+    assert not p.controls(0).ctl.any() and not p.controls(1).ctl.any() and not p.controls(7).ctl.any()
+    skip_all = np.array([0, 1, 1, 1], np.float32)
+    stat = np.zeros((4, 2), np.float32)
+    assert p.controls(2).ctl[1] == 2
+    p.observe(2, stat, skip_all)
+    assert p.controls(3).ctl[1] == 2
+    p.observe(3, stat, skip_all)
+    assert p.controls(4).ctl[1] == 0  # skipped twice in a row: must compute
+    p.observe(4, stat, np.array([0, 0, 1, 1], np.float32))
+    assert p.controls(5).ctl.tolist() == [0, 2, 0, 0]
+    p.reset(plan, 8)  # a new trajectory forgets the streaks
+    assert p.controls(2).ctl.tolist() == [0, 2, 2, 2]
+
+
+def test_fastcache_refuses_an_uncalibrated_graph() -> None:
+    with pytest.raises(FcpassError, match="--calibrate"):
+        FastCache().reset(_plan(sigma2=[None, None, None]), 10)
+
+
+def test_make_policy_validates_names_and_options() -> None:
+    assert isinstance(make_policy("fora", interval=4, alpha=None), Fora)
+    with pytest.raises(FcpassError, match="unknown policy"):
+        make_policy("teacup")
+    with pytest.raises(FcpassError, match="alpha"):
+        make_policy("fastcache", alpha=1.5)

@@ -1,0 +1,68 @@
+"""The sampling host loop: determinism, guidance, batching, state reset, learned sigma."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcpass.errors import FcpassError
+from fcpass.runner import load_denoiser
+from models.digits import SCHEDULER_CONFIG
+from runtimes.sampler import SampleRequest, sample
+from runtimes.schedulers import scheduler_from_config
+from tests.test_calibrate import calibrated  # noqa: F401  (session fixture: a calibrated tiny graph)
+
+
+def _run(path: Path, policy: str | None = None, **request: object) -> np.ndarray:
+    args = dict(classes=[1, 2, 3], steps=6, guidance_scale=1.5, uncond_class=10, seed=0)
+    args.update(request)
+    den = load_denoiser(path, policy, {})
+    return sample(den, scheduler_from_config(SCHEDULER_CONFIG), SampleRequest(**args), progress=False).images
+
+
+def test_same_seed_same_samples_and_different_seed_differs(calibrated: tuple[Path, Path]) -> None:
+    src, _ = calibrated
+    a, b = _run(src), _run(src)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(_run(src, seed=1) - a).max() > 1e-3
+
+
+def test_guidance_changes_samples_and_one_means_no_guidance(calibrated: tuple[Path, Path]) -> None:
+    src, _ = calibrated
+    assert np.abs(_run(src, guidance_scale=3.0) - _run(src)).max() > 1e-3
+    # guidance 1: one conditional batch per call; the graph's batch of 2 then holds two samples.
+    assert _run(src, guidance_scale=1.0).shape == (3, 4, 8, 8)
+
+
+def test_a_sample_does_not_depend_on_how_requests_are_batched(calibrated: tuple[Path, Path]) -> None:
+    src, _ = calibrated
+    three = _run(src, classes=[1, 2, 3])
+    one = _run(src, classes=[1])
+    np.testing.assert_allclose(three[:1], one, atol=1e-6)
+
+
+def test_compiled_graph_with_no_policy_equals_the_original(calibrated: tuple[Path, Path]) -> None:
+    src, fc = calibrated
+    np.testing.assert_allclose(_run(fc, "none"), _run(src), atol=1e-5)
+
+
+def test_cache_state_is_reset_between_runs(calibrated: tuple[Path, Path]) -> None:
+    _, fc = calibrated
+    den = load_denoiser(fc, "fora", {"interval": 2, "warmup": 1})
+    sched = scheduler_from_config(SCHEDULER_CONFIG)
+    req = SampleRequest(classes=[1], steps=6, guidance_scale=1.5, uncond_class=10)
+    first = sample(den, sched, req, progress=False)
+    second = sample(den, sched, req, progress=False)
+    np.testing.assert_array_equal(first.images, second.images)
+    skips = [r["skip"] for r in first.records]
+    assert skips == [r["skip"] for r in second.records]
+    assert any(1 in s for s in skips)  # FORA really skipped something
+    assert first.macs_executed < first.macs_uncached
+
+
+def test_guidance_without_an_unconditional_label_is_refused(calibrated: tuple[Path, Path]) -> None:
+    src, _ = calibrated
+    with pytest.raises(FcpassError, match="--uncond-class"):
+        _run(src, uncond_class=None)

@@ -1,0 +1,156 @@
+"""Benchmark cache policies against the uncached graph, in one process, on ONNX Runtime.
+
+    python tools/bench.py                       # the bundled digits model, 50 DDIM steps, guidance 1.5
+    python tools/bench.py --policies none fora:interval=3 fastcache fastcache:sigma_scale=4,max_skips=6
+
+For every policy: end-to-end wall time of the whole sampling loop (best of --repeats, runs
+interleaved with the uncached baseline so drift in machine load hits both), the speedup over the
+uncached *original* graph, the MAC-ideal speedup (uncached MACs / MACs executed) and realised/ideal,
+PSNR and SSIM of each sample against the uncached sample of the same seed and class, and the digit
+classifier's accuracy at recognising the requested class. Writes a markdown table (--out) and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcpass.onnx_io import atomic_path
+from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.quality import DigitClassifier, compare_batches
+from fcpass.runner import load_denoiser
+from models.digits import ONNX, SCHEDULER_CONFIG
+from runtimes.sampler import SampleRequest, sample
+from runtimes.schedulers import scheduler_from_config
+
+log = logging.getLogger("bench")
+
+DEFAULT_POLICIES = [
+    "none",
+    "fora:interval=2",
+    "fora:interval=3,approx=residual",
+    "fastcache",
+    "fastcache:max_skips=6,sigma_scale=2",
+]
+
+
+def parse_policy(text: str) -> tuple[str, dict[str, Any]]:
+    """`fastcache:alpha=0.1,max_skips=5` -> ("fastcache", {"alpha": 0.1, "max_skips": 5})."""
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ONNX, help="exported DiT (default: the bundled digits model)")
+    ap.add_argument("--fc-model", type=Path, help="an already optimized graph (default: optimize --model now)")
+    ap.add_argument("--calibrate", type=int, default=8, help="calibration trajectories when optimizing here")
+    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
+    ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance-scale", type=float, default=1.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per policy; the fastest counts")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--out", type=Path, default=Path("out/bench.md"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,
+                            guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
+    setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    with tempfile.TemporaryDirectory() as tmp:
+        fc_path = args.fc_model
+        if fc_path is None:
+            fc_path = Path(tmp) / "model.fc.onnx"
+            optimize(args.model, fc_path, OptimizeOptions(calibrate=args.calibrate), setup)
+        rows = run(args, request, fc_path)
+    write(rows, args)
+
+
+def _time(denoiser: Any, request: SampleRequest) -> Any:
+    return sample(denoiser, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
+
+
+def run(args: argparse.Namespace, request: SampleRequest, fc_path: Path) -> list[dict[str, Any]]:
+    classifier = DigitClassifier()
+    base = load_denoiser(args.model, None, {})
+    _set_threads(base, args.threads)
+    denoisers = {"uncached": base}
+    for spec in args.policies:
+        name, options = parse_policy(spec)
+        den = load_denoiser(fc_path, name, options)
+        _set_threads(den, args.threads)
+        denoisers[spec] = den
+    best: dict[str, Any] = {}
+    for rep in range(args.repeats):
+        for key, den in denoisers.items():
+            result = _time(den, request)
+            if key not in best or result.wall_seconds < best[key].wall_seconds:
+                best[key] = result
+            log.info("repeat %d  %-40s %.3f s", rep, key, result.wall_seconds)
+    reference = best["uncached"]
+    rows = []
+    for key, result in best.items():
+        q = compare_batches(reference.images, result.images)
+        ideal = reference.macs_executed / max(result.macs_executed, 1)
+        speedup = reference.wall_seconds / result.wall_seconds
+        rows.append({
+            "policy": key,
+            "wall_seconds": result.wall_seconds,
+            "speedup": speedup,
+            "mac_ideal_speedup": ideal,
+            "realised_over_ideal": speedup / ideal,
+            "psnr": q["psnr_mean"],
+            "ssim": q["ssim_mean"],
+            "accuracy": classifier.accuracy(result.images, request.classes),
+        })
+    return rows
+
+
+def _set_threads(denoiser: Any, threads: int) -> None:
+    """Rebuild the ORT session with a fixed thread count so every row runs alike."""
+    import onnxruntime as ort
+
+    backend = denoiser.backend
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    backend.session = ort.InferenceSession(str(backend.path), opts, providers=["CPUExecutionProvider"])
+
+
+def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    head = (f"Bundled digits DiT ({args.model.name}), {args.samples} samples, {args.steps} DDIM steps, guidance "
+            f"{args.guidance_scale}, ONNX Runtime CPU, {args.threads} thread(s); speedup = uncached original graph's "
+            f"wall time / policy's, best of {args.repeats}.")
+    lines = [head, "", "| policy | wall s | speedup | MAC-ideal | realised/ideal | PSNR dB | SSIM | digit acc |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| `{r['policy']}` | {r['wall_seconds']:.3f} | {r['speedup']:.2f}x | {r['mac_ideal_speedup']:.2f}x | "
+                     f"{r['realised_over_ideal']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['accuracy']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with atomic_path(args.out, suffix=".md") as tmp:
+        tmp.write_text(text)
+    with atomic_path(args.out.with_suffix(".json"), suffix=".json") as tmp:
+        tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
