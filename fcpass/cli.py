@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("model", type=Path, nargs="?", help="exported DiT (default: the bundled digits model)")
     o.add_argument("-o", "--output", type=Path, required=True)
     o.add_argument("--regions", default="blocks,tail,stack", help="region sets: blocks, tail (1..L-1), stack")
+    o.add_argument("--taylor", action="store_true", help="keep each region's previous output (for taylor1)")
     o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
     o.add_argument("--calib-steps", type=int, default=50)
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int)
     s.add_argument("--interval", type=int, help="FORA's interval")
     s.add_argument("--approx", choices=["reuse", "residual", "linear"])
+    s.add_argument("--sigma-scale", type=float, help="fastcache: scale every calibrated sigma^2")
+    s.add_argument("--levels", help="fastcache: regions that take the test, e.g. stack,blocks")
     s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
     s.add_argument("--inputs")
     s.add_argument("--out", type=Path, help="PNG grid of the samples")
@@ -212,6 +215,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         calib_eps=args.calib_eps,
         block_pattern=args.block_pattern,
         inputs=args.inputs,
+        taylor=args.taylor,
     )
     setup = _sampling_setup(args, model_path)
     plan = optimize(model_path, args.output, options, setup)
@@ -290,7 +294,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     model_path = args.model or _bundled_onnx()
     setup = _sampling_setup(args, model_path)
-    options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx")}
+    options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
+                                             "sigma_scale", "levels")}
     denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"])
     result, report = run_sampling(denoiser, setup, model_path, args.policy)
     if args.baseline:

@@ -25,6 +25,7 @@ class OptimizeOptions:
     calib_eps: float = 0.05
     block_pattern: str | None = None
     inputs: str | None = None
+    taylor: bool = False
 
 
 def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: dict[str, Any] | None) -> CachePlan:
@@ -39,7 +40,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         "class": roles.class_labels.name if roles.class_labels else None,
         "prompt_embeds": roles.prompt_embeds.name if roles.prompt_embeds else None,
     }
-    out, plan = insert_cache_regions(model, block_map, role_names, options.regions)
+    out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor)
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
     if options.calibrate:
         if setup is None:

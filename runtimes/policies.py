@@ -121,6 +121,11 @@ class FastCacheConfig:
         compute again (bounds the drift of its cached reference).
     approx: `linear` (the calibrated W, b) by default; `residual` or `reuse` to compare.
     sigma_scale: multiplies every calibrated sigma^2 (a single knob for tuning speed against quality).
+    levels: which regions take the test. `blocks` is the paper (one test per block). Adding `stack`
+        and/or `tail` (an fcpass extension) tests the whole range first with its own calibrated sigma^2
+        and fitted W: when the range passes, one cheap branch replaces every block in it; when it
+        fails, the blocks inside are tested one by one. A block inside a skipped range counts as skipped
+        for `max_skips`.
     """
 
     alpha: float = 0.05
@@ -129,6 +134,7 @@ class FastCacheConfig:
     max_skips: int = 3
     approx: str = "linear"
     sigma_scale: float = 1.0
+    levels: str = "blocks"
 
 
 class FastCache(Policy):
@@ -149,23 +155,27 @@ class FastCache(Policy):
 
     def reset(self, plan: CachePlan, num_steps: int) -> None:
         super().reset(plan, num_steps)
-        self.streak = {k: 0 for k in _block_indices(plan)}
+        levels = {x.strip() for x in self.config.levels.split(",") if x.strip()}
+        unknown = levels - {"blocks", "tail", "stack"}
+        if unknown:
+            raise FcpassError(f"fastcache levels {sorted(unknown)} unknown; use blocks, tail, stack (comma-separated)")
+        tested = [r for r in plan.regions if ("blocks" if r.name.startswith("block") else r.name) in levels]
+        missing = levels - {"blocks" if r.name.startswith("block") else r.name for r in plan.regions}
+        if missing:
+            raise FcpassError(f"fastcache levels {sorted(missing)} are not in this graph; optimize with --regions including them")
+        self.streak = {r.index: 0 for r in plan.regions}
         self.thresholds = {}
-        uncalibrated = []
-        for region in plan.block_regions():
+        for region in tested:
             sigma2 = region.calibration.get("sigma2")
-            if sigma2 is None:
-                uncalibrated.append(region.name)
-                continue
-            self.thresholds[region.index] = chi2_threshold(
-                sigma2 * self.config.sigma_scale, self.config.alpha, self._dof(region.inputs, plan, region.name)
-            )
-        if len(uncalibrated) == len(plan.block_regions()):
+            if sigma2 is not None:
+                nu = self._dof(plan, region.name)
+                self.thresholds[region.index] = chi2_threshold(sigma2 * self.config.sigma_scale, self.config.alpha, nu)
+        if not any(plan.regions[k].name.startswith("block") for k in self.thresholds) and "blocks" in levels:
             raise FcpassError(
                 "fastcache needs calibrated blocks and this graph has none; run fcpass optimize with --calibrate N"
             )
 
-    def _dof(self, inputs: list[str], plan: CachePlan, region: str) -> int:
+    def _dof(self, plan: CachePlan, region: str) -> int:
         state = next(s for s in plan.states if s.region == region and s.kind == "in")
         dims = [int(d) for d in state.shape[1:] if isinstance(d, int)]
         if self.config.dof == "tokens":
@@ -186,8 +196,9 @@ class FastCache(Policy):
         return out
 
     def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
+        # -1 (not reached) means an enclosing region was skipped: this one was not computed either.
         for k in self.streak:
-            self.streak[k] = self.streak[k] + 1 if skip[k] == 1 else 0
+            self.streak[k] = self.streak[k] + 1 if skip[k] != 0 else 0
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, **self.config.__dict__}

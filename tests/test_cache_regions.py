@@ -21,10 +21,10 @@ ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "p
 class Compiled:
     """A compiled tiny model with helpers to run one step under chosen controls."""
 
-    def __init__(self, path: Path, regions: tuple[str, ...] = ("blocks", "tail", "stack")) -> None:
+    def __init__(self, path: Path, regions: tuple[str, ...] = ("blocks", "tail", "stack"), taylor: bool = True) -> None:
         self.original = load(path)
         bmap = discover_blocks(self.original, "latent")
-        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions)
+        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=taylor)
         write_plan(self.model, self.plan)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -201,8 +201,9 @@ def test_plan_round_trips_through_metadata(compiled: Compiled, tmp_path: Path) -
 
 
 def test_blocks_only_region_set(tiny_dit: Path) -> None:
-    c = Compiled(tiny_dit, regions=("blocks",))
+    c = Compiled(tiny_dit, regions=("blocks",), taylor=False)
     assert [r.name for r in c.plan.regions] == ["block0", "block1", "block2"]
+    assert {s.kind for s in c.plan.states} == {"in", "out"}  # no `prev` state without taylor
     assert all(r.parent is None for r in c.plan.regions)
     assert sum(n.op_type == "If" for n in c.model.graph.node) == 3
     feeds = tiny_feeds(3)

@@ -86,3 +86,21 @@ def test_make_policy_validates_names_and_options() -> None:
         make_policy("teacup")
     with pytest.raises(FcpassError, match="alpha"):
         make_policy("fastcache", alpha=1.5)
+
+
+def test_fastcache_levels_test_the_stack_first_and_count_unreached_blocks_as_skipped() -> None:
+    plan = _plan()
+    plan.regions[0].calibration = {"sigma2": 0.09}
+    p = FastCache(FastCacheConfig(levels="stack,blocks", max_skips=2, warmup=0))
+    p.reset(plan, 10)
+    c = p.controls(1)
+    assert c.ctl.tolist() == [2, 2, 2, 2]
+    assert c.thr[0] == pytest.approx(chi2_threshold(0.09, 0.05, 4 * 8))
+    stack_skipped = np.array([1, -1, -1, -1], np.float32)
+    p.observe(1, np.zeros((4, 2)), stack_skipped)
+    p.observe(2, np.zeros((4, 2)), stack_skipped)
+    assert p.controls(3).ctl.tolist() == [0, 0, 0, 0]  # every region reached max_skips
+    with pytest.raises(FcpassError, match="levels"):
+        FastCache(FastCacheConfig(levels="stack,bogus")).reset(plan, 10)
+    with pytest.raises(FcpassError, match="not in this graph"):
+        FastCache(FastCacheConfig(levels="tail,blocks")).reset(plan, 10)

@@ -67,9 +67,16 @@ class _Region:
 
 
 def insert_cache_regions(
-    model: onnx.ModelProto, block_map: BlockMap, roles: dict[str, str | None], region_sets: tuple[str, ...] = REGION_SETS
+    model: onnx.ModelProto,
+    block_map: BlockMap,
+    roles: dict[str, str | None],
+    region_sets: tuple[str, ...] = REGION_SETS,
+    taylor: bool = False,
 ) -> tuple[onnx.ModelProto, CachePlan]:
-    """Return a cache-aware copy of `model` and its plan; `model` itself is not modified."""
+    """Return a cache-aware copy of `model` and its plan; `model` itself is not modified.
+
+    `taylor` adds each region's previous computed output to the state, which `taylor1` needs.
+    """
     opset = _default_opset(model)
     if opset < 13:
         raise FcpassError(f"the model uses opset {opset}; fcpass needs opset >= 13 (re-export with --opset 18)")
@@ -85,9 +92,10 @@ def insert_cache_regions(
     flat = _flatten(regions)
     for k, r in enumerate(flat):
         r.spec.index = k
+    builder.add_constants()
     builder.add_control_inputs(flat)
     for r in flat:
-        builder.add_state(r)
+        builder.add_state(r, taylor)
     main_nodes = list(out.graph.node)
     new_nodes = builder.replace_regions(main_nodes, regions, scope="")
     new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)
@@ -200,28 +208,38 @@ class _Builder:
         return _Region(spec, set(nodes))
 
     def add_control_inputs(self, flat: list[_Region]) -> None:
+        """Graph inputs fc_ctl, fc_thr, fc_mix, and per region a forced-skip flag and a threshold.
+
+        The control logic runs once for all regions (vectorised over R) so its cost does not grow
+        with the number of regions: force = (ctl == 1); thr_eff = ctl == 2 ? min(thr, FLT_MAX) : -1.
+        A statistic is >= 0 or NaN, so thr_eff = -1 never skips, and clamping thr keeps an Inf
+        statistic from passing an Inf threshold (fail closed).
+        """
         r = len(flat)
         self.graph.input.extend([
             helper.make_tensor_value_info(CTL_INPUT, TensorProto.INT64, [r]),
             helper.make_tensor_value_info(THR_INPUT, TensorProto.FLOAT, [r]),
             helper.make_tensor_value_info(MIX_INPUT, TensorProto.FLOAT, [r, 3]),
         ])
+        one = self.const("fc.one", np.array(1, dtype=np.int64))
+        two = self.const("fc.two", np.array(2, dtype=np.int64))
+        fmax = self.const("fc.fmax", np.array(np.finfo(np.float32).max, dtype=np.float32))
+        never = self.const("fc.never", np.array(-1.0, dtype=np.float32))
+        self.control_nodes += [
+            helper.make_node("Equal", [CTL_INPUT, one], ["fc.force"], name="fc/force"),
+            helper.make_node("Equal", [CTL_INPUT, two], ["fc.decide"], name="fc/decide"),
+            helper.make_node("Min", [THR_INPUT, fmax], ["fc.thr_finite"], name="fc/thr_finite"),
+            helper.make_node("Where", ["fc.decide", "fc.thr_finite", never], ["fc.thr_eff"], name="fc/thr_eff"),
+        ]
         for region in flat:
-            k = region.spec.index
-            idx = self.const(f"fc.{region.name}.idx", np.array(k, dtype=np.int64))
             n = region.name
+            idx = self.const(f"fc.{n}.idx", np.array(region.spec.index, dtype=np.int64))
             self.control_nodes += [
-                helper.make_node("Gather", [CTL_INPUT, idx], [f"fc.{n}.ctl"], name=f"fc/{n}/ctl"),
-                helper.make_node("Gather", [THR_INPUT, idx], [f"fc.{n}.thr"], name=f"fc/{n}/thr"),
-                helper.make_node("Gather", [MIX_INPUT, idx], [f"fc.{n}.mix"], name=f"fc/{n}/mix"),
+                helper.make_node("Gather", ["fc.force", idx], [f"fc.{n}.force"], name=f"fc/{n}/force"),
+                helper.make_node("Gather", ["fc.thr_eff", idx], [f"fc.{n}.thr"], name=f"fc/{n}/thr"),
             ]
-            for j, coef in enumerate(("mres", "mlin", "mtay")):
-                jdx = self.const(f"fc.{n}.{coef}.idx", np.array(j, dtype=np.int64))
-                self.control_nodes.append(
-                    helper.make_node("Gather", [f"fc.{n}.mix", jdx], [f"fc.{n}.{coef}"], name=f"fc/{n}/{coef}")
-                )
 
-    def add_state(self, region: _Region) -> None:
+    def add_state(self, region: _Region, taylor: bool) -> None:
         n = region.name
         spec = region.spec
 
@@ -235,7 +253,8 @@ class _Builder:
 
         region.states_in = [state("in", j, t) for j, t in enumerate(spec.inputs)]
         region.states_out = [state("out", k, t) for k, t in enumerate(spec.outputs)]
-        region.states_prev = [state("prev", k, t) for k, t in enumerate(spec.outputs)]
+        if taylor:
+            region.states_prev = [state("prev", k, t) for k, t in enumerate(spec.outputs)]
         for k, (o, j) in enumerate(zip(spec.outputs, spec.pairs)):
             if j is None:
                 continue
@@ -322,66 +341,76 @@ class _Builder:
         return [*pre, if_node]
 
     def statistic_nodes(self, region: _Region) -> list[onnx.NodeProto]:
-        """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step."""
+        """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step.
+
+        Skip iff forced, or iff every sample's stat <= thr_eff (see add_control_inputs).
+        """
         n = region.name
         nodes: list[onnx.NodeProto] = []
         num, den = [], []
         for j, s in enumerate(region.states_in):
             h = region.spec.inputs[j]
-            rank = len(self.tensor_type(h)[1])
-            axes = self.const(self.fresh(f"fc.{n}.axes"), np.arange(1, rank, dtype=np.int64))
-            d = f"fc.{n}.d{j}"
-            nodes.append(helper.make_node("Sub", [h, s.name], [d]))
-            nodes.append(helper.make_node("Cast", [d], [d + ".f"], to=TensorProto.FLOAT))
-            nodes.append(helper.make_node("Cast", [s.name], [s.name + ".f"], to=TensorProto.FLOAT))
-            nodes.append(helper.make_node("ReduceSumSquare", [d + ".f", axes], [f"{d}.ss"], keepdims=0))
-            nodes.append(helper.make_node("ReduceSumSquare", [s.name + ".f", axes], [f"{d}.rs"], keepdims=0))
-            num.append(f"{d}.ss")
-            den.append(f"{d}.rs")
-        nodes.append(helper.make_node("Sum", num, [f"fc.{n}.num"]))
-        nodes.append(helper.make_node("Sum", den, [f"fc.{n}.den"]))
-        nodes.append(helper.make_node("Div", [f"fc.{n}.num", f"fc.{n}.den"], [f"fc.{n}.ratio"]))
-        nodes.append(helper.make_node("Sqrt", [f"fc.{n}.ratio"], [f"fc.{n}.stat"]))
-        # Skip iff forced (ctl 1) or, when the graph decides (ctl 2), every sample's stat <= thr.
+            elem, shape = self.tensor_type(h)
+            axes = self.const(self.fresh(f"fc.{n}.axes"), np.arange(1, len(shape), dtype=np.int64))
+            d, ref = f"fc.{n}.d{j}", s.name
+            nodes.append(helper.make_node("Sub", [h, ref], [d]))
+            if elem != TensorProto.FLOAT:  # accumulate fp16/bf16 sums in fp32
+                nodes.append(helper.make_node("Cast", [d], [d + ".f"], to=TensorProto.FLOAT))
+                nodes.append(helper.make_node("Cast", [ref], [ref + ".f"], to=TensorProto.FLOAT))
+                d, ref = d + ".f", ref + ".f"
+            nodes.append(helper.make_node("ReduceSumSquare", [d, axes], [f"fc.{n}.d{j}.ss"], keepdims=0))
+            nodes.append(helper.make_node("ReduceSumSquare", [ref, axes], [f"fc.{n}.d{j}.rs"], keepdims=0))
+            num.append(f"fc.{n}.d{j}.ss")
+            den.append(f"fc.{n}.d{j}.rs")
+        if len(num) > 1:
+            nodes.append(helper.make_node("Sum", num, [f"fc.{n}.num"]))
+            nodes.append(helper.make_node("Sum", den, [f"fc.{n}.den"]))
+            num, den = [f"fc.{n}.num"], [f"fc.{n}.den"]
         nodes += [
-            helper.make_node("LessOrEqual", [f"fc.{n}.stat", f"fc.{n}.thr"], [f"fc.{n}.below"]),
-            helper.make_node("IsInf", [f"fc.{n}.stat"], [f"fc.{n}.inf"]),
-            helper.make_node("Not", [f"fc.{n}.inf"], [f"fc.{n}.finite"]),
-            helper.make_node("And", [f"fc.{n}.below", f"fc.{n}.finite"], [f"fc.{n}.ok"]),
+            helper.make_node("Div", [num[0], den[0]], [f"fc.{n}.ratio"]),
+            helper.make_node("Sqrt", [f"fc.{n}.ratio"], [f"fc.{n}.stat"]),
+            helper.make_node("LessOrEqual", [f"fc.{n}.stat", f"fc.{n}.thr"], [f"fc.{n}.ok"]),
             helper.make_node("Cast", [f"fc.{n}.ok"], [f"fc.{n}.okf"], to=TensorProto.FLOAT),
             helper.make_node("ReduceMin", [f"fc.{n}.okf"], [f"fc.{n}.allok"], keepdims=0),
             helper.make_node("Greater", [f"fc.{n}.allok", "fc.half"], [f"fc.{n}.pass"]),
-            helper.make_node("Equal", [f"fc.{n}.ctl", "fc.two"], [f"fc.{n}.decide"]),
-            helper.make_node("Equal", [f"fc.{n}.ctl", "fc.one"], [f"fc.{n}.forced"]),
-            helper.make_node("And", [f"fc.{n}.decide", f"fc.{n}.pass"], [f"fc.{n}.tested"]),
-            helper.make_node("Or", [f"fc.{n}.forced", f"fc.{n}.tested"], [f"fc.{n}.cond"]),
+            helper.make_node("Or", [f"fc.{n}.force", f"fc.{n}.pass"], [f"fc.{n}.cond"]),
             helper.make_node("Cast", [f"fc.{n}.cond"], [f"fc.{n}.skip"], to=TensorProto.FLOAT),
         ]
         for node in nodes:
-            node.name = node.name or f"fc/{n}/{node.output[0]}"
+            node.name = f"fc/{n}/{node.output[0]}"
         return nodes
 
     def approximation_nodes(self, region: _Region, k: int, nodes: list[onnx.NodeProto]) -> str:
-        """Append the approximation branch's nodes approximating output k; return the approximation's name."""
+        """Append the approximation branch's nodes for output k; return the approximation's name.
+
+        The mix coefficients are gathered here, inside the branch, so a computing step pays nothing.
+        """
         n = region.name
         spec = region.spec
         o_ref = region.states_out[k].name
-        o_prev = region.states_prev[k].name
         elem = self.tensor_type(spec.outputs[k])[0]
         p = f"fc.{n}.a{k}"
+        if not any(x.output[0] == f"fc.{n}.mix" for x in nodes):
+            idx = f"fc.{n}.idx"
+            nodes.append(helper.make_node("Gather", [MIX_INPUT, idx], [f"fc.{n}.mix"]))
+            for j, c in enumerate(("mres", "mlin", "mtay")):
+                nodes.append(helper.make_node("Gather", [f"fc.{n}.mix", f"fc.c{j}"], [f"fc.{n}.{c}"]))
+                if elem != TensorProto.FLOAT:
+                    nodes.append(helper.make_node("Cast", [f"fc.{n}.{c}"], [f"fc.{n}.{c}.t"], to=elem))
 
         def coef(c: str) -> str:
-            if elem == TensorProto.FLOAT:
-                return f"fc.{n}.{c}"
-            nodes.append(helper.make_node("Cast", [f"fc.{n}.{c}"], [f"{p}.{c}"], to=elem))
-            return f"{p}.{c}"
+            return f"fc.{n}.{c}" if elem == TensorProto.FLOAT else f"fc.{n}.{c}.t"
 
-        nodes.append(helper.make_node("Sub", [o_ref, o_prev], [f"{p}.trend"]))
-        nodes.append(helper.make_node("Mul", [coef("mtay"), f"{p}.trend"], [f"{p}.tay"]))
-        nodes.append(helper.make_node("Add", [o_ref, f"{p}.tay"], [f"{p}.base"]))
+        base = o_ref
+        if region.states_prev:
+            o_prev = region.states_prev[k].name
+            nodes.append(helper.make_node("Sub", [o_ref, o_prev], [f"{p}.trend"]))
+            nodes.append(helper.make_node("Mul", [coef("mtay"), f"{p}.trend"], [f"{p}.tay"]))
+            nodes.append(helper.make_node("Add", [o_ref, f"{p}.tay"], [f"{p}.base"]))
+            base = f"{p}.base"
         j = spec.pairs[k]
         if j is None:
-            return f"{p}.base"
+            return base
         h, h_ref = spec.inputs[j], region.states_in[j].name
         nodes += [
             helper.make_node("Sub", [h, h_ref], [f"{p}.delta"]),
@@ -389,31 +418,33 @@ class _Builder:
             helper.make_node("Add", [f"{p}.dv", f"fc.{n}.b{k}"], [f"{p}.lin"]),
             helper.make_node("Mul", [coef("mres"), f"{p}.delta"], [f"{p}.res"]),
             helper.make_node("Mul", [coef("mlin"), f"{p}.lin"], [f"{p}.fit"]),
-            helper.make_node("Add", [f"{p}.base", f"{p}.res"], [f"{p}.s1"]),
+            helper.make_node("Add", [base, f"{p}.res"], [f"{p}.s1"]),
             helper.make_node("Add", [f"{p}.s1", f"{p}.fit"], [f"{p}.out"]),
         ]
         return f"{p}.out"
 
     def summary_nodes(self, flat: list[_Region]) -> list[onnx.NodeProto]:
         """fc_stat (R, B) and fc_skip (R,) from every region's statistic and decision."""
-        self.const("fc.nan", np.array(np.nan, dtype=np.float32))
-        self.const("fc.minus_one", np.array(-1.0, dtype=np.float32))
-        self.const("fc.half", np.array(0.5, dtype=np.float32))
-        self.const("fc.one", np.array(1, dtype=np.int64))
-        self.const("fc.two", np.array(2, dtype=np.int64))
-        self.const("fc.axis0", np.array([0], dtype=np.int64))
-        nodes = []
-        for r in flat:
-            nodes.append(helper.make_node("Unsqueeze", [f"fc.{r.name}.stat", "fc.axis0"], [f"fc.{r.name}.stat1"]))
-            nodes.append(helper.make_node("Unsqueeze", [f"fc.{r.name}.skip", "fc.axis0"], [f"fc.{r.name}.skip1"]))
-        nodes.append(helper.make_node("Concat", [f"fc.{r.name}.stat1" for r in flat], [STAT_OUTPUT], axis=0))
-        nodes.append(helper.make_node("Concat", [f"fc.{r.name}.skip1" for r in flat], [SKIP_OUTPUT], axis=0))
         batch = self.tensor_type(flat[0].spec.inputs[0])[1][0]
+        self.const("fc.stat_shape", np.array([len(flat), -1], dtype=np.int64))
+        self.const("fc.axis0", np.array([0], dtype=np.int64))
+        nodes = [helper.make_node("Unsqueeze", [f"fc.{r.name}.skip", "fc.axis0"], [f"fc.{r.name}.skip1"]) for r in flat]
+        nodes += [
+            helper.make_node("Concat", [f"fc.{r.name}.stat" for r in flat], ["fc.stats_flat"], axis=0),
+            helper.make_node("Reshape", ["fc.stats_flat", "fc.stat_shape"], [STAT_OUTPUT]),
+            helper.make_node("Concat", [f"fc.{r.name}.skip1" for r in flat], [SKIP_OUTPUT], axis=0),
+        ]
         self.graph.output.extend([
             helper.make_tensor_value_info(STAT_OUTPUT, TensorProto.FLOAT, [len(flat), batch]),
             helper.make_tensor_value_info(SKIP_OUTPUT, TensorProto.FLOAT, [len(flat)]),
         ])
         return nodes
+
+    def add_constants(self) -> None:
+        for name, value in (("fc.nan", np.nan), ("fc.minus_one", -1.0), ("fc.half", 0.5)):
+            self.const(name, np.array(value, dtype=np.float32))
+        for j in range(3):
+            self.const(f"fc.c{j}", np.array(j, dtype=np.int64))
 
     def _move_value_info(self, graph: onnx.GraphProto, body: list[onnx.NodeProto], rename: dict[str, str]) -> None:
         """Carry the shapes of values now defined inside a branch with them (TensorRT and ORT use them)."""
