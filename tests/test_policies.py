@@ -16,6 +16,7 @@ from runtimes.policies import FastCache, FastCacheConfig, Fora, ForaConfig, NoCa
 def _plan(blocks: int = 3, sigma2: list[float | None] | None = None, n: int = 4, d: int = 8) -> CachePlan:
     regions, states = [], []
     regions.append(RegionSpec("stack", 0, list(range(blocks)), None, ["h"], ["o"], [0], 100, 1))
+    states.append(StateSpec("fc.stack.in0", "fc.stack.in0.next", "stack", "in", "h", [2, n, d], "float32"))
     for b in range(blocks):
         cal = {"sigma2": (sigma2 or [0.01] * blocks)[b]}
         regions.append(RegionSpec(f"block{b}", b + 1, [b], "stack", [f"h{b}"], [f"o{b}"], [0], 10, 1, cal))
