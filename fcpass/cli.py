@@ -324,8 +324,8 @@ def _write_outputs(args: argparse.Namespace, result: Any, report: dict[str, Any]
         save_grid(result.images, args.out)
         print(f"wrote {args.out}")
     if args.out_npy:
-        with atomic_path(args.out_npy, suffix=".npy") as tmp:
-            np.save(tmp, result.images)
+        with atomic_path(args.out_npy, suffix=".npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, result.images)  # through a handle: np.save(path) would append ".npy" to the temp name
         print(f"wrote {args.out_npy}")
     if args.report:
         with atomic_path(args.report) as tmp:

@@ -39,7 +39,12 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise FcpassError(
+                "ONNX Runtime is not installed; pip install 'fcpass[cpu]' (or 'fcpass[gpu]' for CUDA, never both)"
+            ) from None
 
         self.path = Path(path)
         self.model = load_model(self.path, load_weights=False)
