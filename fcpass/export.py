@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,10 @@ def export(spec: ExportSpec, output: str | Path, weights: str | Path | None = No
     names = list(inputs)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        with torch.no_grad():
+        # The exporters warn about every traced Python int and deprecation; the numerical check
+        # below is what tells the user whether the export is right.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             if spec.exporter == "dynamo":
                 torch.onnx.export(
                     model, tuple(inputs.values()), str(path), dynamo=True, opset_version=spec.opset,
