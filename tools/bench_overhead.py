@@ -1,0 +1,76 @@
+"""What the cache machinery costs when nothing is skipped: original graph vs compiled graph, all computing.
+
+    python tools/bench_overhead.py --arch dit-s-2 --image-size 256 --iters 10
+
+Exports the architecture (random weights, legacy exporter), compiles it with every region set
+(blocks, tail, stack), and times one denoiser call of each on ONNX Runtime CPU, alternating the two
+so machine load hits both alike. Prints the per-call times and the ratio compiled / original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fcpass.export import ExportSpec, export
+from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.plan import CTL_INPUT, MIX_INPUT, THR_INPUT, read_plan
+from fcpass.roles import graph_inputs
+from runtimes.backend import OrtBackend
+
+log = logging.getLogger("bench_overhead")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="dit-s-2")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--model", type=Path, help="an exported graph instead of --arch")
+    ap.add_argument("--regions", default="blocks,tail,stack")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = args.model
+        if src is None:
+            src = Path(tmp) / "model.onnx"
+            export(ExportSpec(args.arch, args.image_size, exporter="legacy"), src)
+        fc = Path(tmp) / "model.fc.onnx"
+        optimize(src, fc, OptimizeOptions(regions=tuple(args.regions.split(","))), None)
+        base, comp = OrtBackend(src, threads=args.threads or None), OrtBackend(fc, threads=args.threads or None)
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for spec in graph_inputs(base.model):
+            shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+            feeds[spec.name] = (rng.integers(0, 10, shape) if np.issubdtype(spec.dtype, np.integer)
+                                else rng.standard_normal(shape)).astype(spec.dtype)
+        plan = read_plan(comp.model)
+        r = len(plan.regions)
+        comp_feeds = {**feeds, CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
+                      MIX_INPUT: np.zeros((r, 3), np.float32)}
+        comp_feeds.update({s.name: rng.standard_normal([int(d) for d in s.shape]).astype(s.dtype) for s in plan.states})
+        times: dict[str, list[float]] = {"original": [], "compiled, all computing": []}
+        for _ in range(2):  # warm-up
+            base.run(feeds), comp.run(comp_feeds)
+        for _ in range(args.iters):
+            for name, backend, f in (("original", base, feeds), ("compiled, all computing", comp, comp_feeds)):
+                t0 = time.perf_counter()
+                backend.run(f)
+                times[name].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
+    label = args.model.name if args.model else f"{args.arch} at {args.image_size}x{args.image_size}"
+    print(f"{label}, batch {feeds[next(iter(feeds))].shape[0]}, {r} regions ({args.regions}), ONNX Runtime "
+          f"{base.provider}, median of {args.iters} calls each, alternated:")
+    for k, v in med.items():
+        print(f"  {k:<26} {v:9.2f} ms")
+    print(f"  compiled / original        {med['compiled, all computing'] / med['original']:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
