@@ -118,7 +118,7 @@ def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], op
 class _Sink:
     """Keeps the last max_gap states of the current trajectory and feeds (ref, now) pairs to fits."""
 
-    def __init__(self, plan: CachePlan, fits: dict[str, "_Fit"], phase: str, max_gap: int) -> None:
+    def __init__(self, plan: CachePlan, fits: dict[str, _Fit], phase: str, max_gap: int) -> None:
         self.plan = plan
         self.fits = fits
         self.phase = phase
@@ -232,7 +232,7 @@ class _Fit:
                 tensor.CopyFrom(numpy_helper.from_array(value.astype(dtype), name))
 
     def summary(self) -> dict[str, Any]:
-        mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+        mean = lambda xs: float(np.mean(xs)) if xs else None
         return {
             "sigma2": mean(self.good_delta2),
             "n_good": len(self.good_delta2),

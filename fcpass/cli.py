@@ -184,7 +184,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for r in plan["regions"]:
             cal = r["calibration"]
             cal_txt = f"  sigma2 {cal['sigma2']:.3g}  fit err {cal.get('fit_rel_err', float('nan')):.3g}" if cal.get("sigma2") is not None else ""
-            print(f"  {r['index']:>3} {r['name']:<10} parent {str(r['parent']):<6} blocks {r['blocks'][0]}..{r['blocks'][-1]}"
+            print(f"  {r['index']:>3} {r['name']:<10} parent {r['parent']!s:<6} blocks {r['blocks'][0]}..{r['blocks'][-1]}"
                   f"  MACs {r['macs'] / 1e9:.3f} G{cal_txt}")
     return 0
 
@@ -302,7 +302,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.policy in (None, "none"):
             raise FcpassError("--baseline compares a cache policy with the uncached graph; add --policy fastcache")
         base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup["inputs"])
-        base_result, base_report = run_sampling(base, setup, model_path, "none")
+        base_result, _ = run_sampling(base, setup, model_path, "none")
         from fcpass.quality import compare_batches
 
         q = compare_batches(base_result.images, result.images)

@@ -20,6 +20,7 @@ latent-dependent node, regions that overlap, a graph that fcpass has already opt
 from __future__ import annotations
 
 import ast
+import itertools
 import logging
 import re
 from collections import Counter
@@ -233,7 +234,7 @@ def _discover_by_structure(index: GraphIndex, latent: str, dependent: set[int]) 
     if len(cuts) < 3:
         return None
     segments = []
-    for (a, _), (b, _) in zip(cuts, cuts[1:]):
+    for (a, _), (b, _) in itertools.pairwise(cuts):
         ops = tuple(index.nodes[i].op_type for i in sorted(dependent) if a < i <= b)
         segments.append(ops)
     best: tuple[int, int, int] | None = None  # (coverage, start, period)

@@ -120,7 +120,7 @@ def _outer_names(graph: onnx.GraphProto) -> list[str]:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # a partly unsupported graph still has useful exported value_info
+    except Exception as exc:  # noqa: BLE001  (a partly unsupported graph still has useful exported value_info)
         log.warning("shape inference failed (%s); using the shapes stored in the model", exc)
         return model
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 
@@ -35,7 +35,7 @@ def load_model(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
         raise FcpassError(f"{p} is a directory, not an ONNX file; pass the path of the .onnx file inside it")
     try:
         model = onnx.load(str(p), load_external_data=load_weights)
-    except Exception as exc:  # protobuf raises several unrelated types for a non-ONNX file
+    except Exception as exc:  # noqa: BLE001  (protobuf raises several unrelated types for a non-ONNX file)
         raise FcpassError(
             f"{p} is not a readable ONNX model ({type(exc).__name__}); pass an .onnx file exported from the model"
         ) from None

@@ -92,7 +92,7 @@ class CachePlan:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "CachePlan":
+    def from_json(cls, text: str) -> CachePlan:
         raw = json.loads(text)
         raw["regions"] = [RegionSpec(**r) for r in raw["regions"]]
         raw["states"] = [StateSpec(**s) for s in raw["states"]]

@@ -97,8 +97,8 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
                 chosen[role] = spec
                 return
 
-    is_float = lambda s: np.issubdtype(s.dtype, np.floating)  # noqa: E731
-    is_int = lambda s: np.issubdtype(s.dtype, np.integer)  # noqa: E731
+    is_float = lambda s: np.issubdtype(s.dtype, np.floating)
+    is_int = lambda s: np.issubdtype(s.dtype, np.integer)
     pick("latent", lambda s: s.rank == 4 and is_float(s))
     pick("timestep", lambda s: s.rank <= 1 and (is_float(s) or is_int(s)) and "class" not in s.name and "label" not in s.name)
     pick("class", lambda s: s.rank == 1 and is_int(s))

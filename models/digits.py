@@ -20,18 +20,18 @@ IMAGE_SIZE = 16
 NUM_CLASSES = 10
 
 # Kept as plain keyword arguments so this module imports without torch.
-DIGITS_DIT = dict(
-    input_size=IMAGE_SIZE,
-    patch_size=2,
-    in_channels=1,
-    hidden_size=128,
-    depth=8,
-    num_heads=4,
-    mlp_ratio=4.0,
-    class_dropout_prob=0.1,
-    num_classes=NUM_CLASSES,
-    learn_sigma=False,
-)
+DIGITS_DIT = {
+    "input_size": IMAGE_SIZE,
+    "patch_size": 2,
+    "in_channels": 1,
+    "hidden_size": 128,
+    "depth": 8,
+    "num_heads": 4,
+    "mlp_ratio": 4.0,
+    "class_dropout_prob": 0.1,
+    "num_classes": NUM_CLASSES,
+    "learn_sigma": False,
+}
 
 
 def load_digits_16() -> tuple[np.ndarray, np.ndarray]:

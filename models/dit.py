@@ -253,6 +253,6 @@ _SIZES = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28,
 def dit_config(size: str, patch: int, image_size: int = 256, **overrides: object) -> DiTConfig:
     """Config of a published DiT, e.g. dit_config("xl", 2) for DiT-XL/2 at 256x256 (latent 32x32)."""
     depth, hidden, heads = _SIZES[size]
-    base = dict(input_size=image_size // 8, patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads)
+    base = {"input_size": image_size // 8, "patch_size": patch, "hidden_size": hidden, "depth": depth, "num_heads": heads}
     base.update(overrides)
     return DiTConfig(**base)  # type: ignore[arg-type]

@@ -62,7 +62,7 @@ class OrtBackend:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
-        except Exception as exc:  # ORT reports graph problems as generic RuntimeErrors
+        except Exception as exc:  # noqa: BLE001  (ORT reports graph problems as generic RuntimeErrors)
             first_line = str(exc).strip().splitlines()[0][:300]
             raise FcpassError(f"ONNX Runtime cannot load {self.path}: {first_line}; re-export the model") from None
         self.inputs = graph_inputs(self.model)

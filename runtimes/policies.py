@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fcpass.errors import FcpassError
-from fcpass.plan import APPROX_MIX, CTL_COMPUTE, CTL_DECIDE, CTL_SKIP, CachePlan
+from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, CachePlan
 
 
 @dataclass

@@ -9,9 +9,13 @@ import numpy as np
 import onnx
 import pytest
 
+from fcpass.optimize import OptimizeOptions, optimize
+from models.digits import SCHEDULER_CONFIG
+from runtimes.sampler import SampleRequest
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+TINY = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 3, "num_heads": 2, "num_classes": 10}
 
 
 def export_tiny_dit(path: Path, exporter: str, seed: int = 0, **overrides: object) -> Path:
@@ -49,6 +53,20 @@ def tiny_feeds(seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
         "timestep": np.full((batch,), 400.0 + seed, dtype=np.float32),
         "class_labels": np.array([3, 10][:batch], dtype=np.int64),
     }
+
+
+def calibration_setup(classes: list[int]) -> dict:
+    return {"scheduler_config": SCHEDULER_CONFIG,
+            "request": SampleRequest(classes=classes, steps=6, guidance_scale=1.5, uncond_class=10)}
+
+
+@pytest.fixture(scope="session")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("calib")
+    src = export_tiny_dit(d / "tiny.onnx", "legacy", seed=3)
+    out = d / "tiny.fc.onnx"
+    optimize(src, out, OptimizeOptions(calibrate=2, calib_steps=6, calib_eps=0.5), calibration_setup([1, 2]))
+    return src, out
 
 
 def load(path: Path) -> onnx.ModelProto:

@@ -12,9 +12,7 @@ from fcpass.calibrate import CalibrationOptions, _Fit
 from fcpass.errors import FcpassError
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.plan import CachePlan, RegionSpec, StateSpec, read_plan
-from models.digits import SCHEDULER_CONFIG
-from runtimes.sampler import SampleRequest
-from tests.conftest import export_tiny_dit
+from tests.conftest import calibration_setup, export_tiny_dit
 
 
 def _region(d: int) -> tuple[RegionSpec, CachePlan]:
@@ -53,22 +51,8 @@ def test_ridge_fit_recovers_a_known_linear_map_and_sigma2() -> None:
     assert summary["sigma2"] == pytest.approx(np.mean(np.square(deltas)))
 
 
-def _setup(classes: list[int]) -> dict:
-    return {"scheduler_config": SCHEDULER_CONFIG,
-            "request": SampleRequest(classes=classes, steps=6, guidance_scale=1.5, uncond_class=10)}
-
-
-@pytest.fixture(scope="session")
-def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("calib")
-    src = export_tiny_dit(d / "tiny.onnx", "legacy", seed=3)
-    out = d / "tiny.fc.onnx"
-    optimize(src, out, OptimizeOptions(calibrate=2, calib_steps=6, calib_eps=0.5), _setup([1, 2]))
-    return src, out
-
-
 def test_calibrated_graph_has_fitted_weights_and_sigma(calibrated: tuple[Path, Path]) -> None:
-    src, out = calibrated
+    _src, out = calibrated
     model = onnx.load(str(out))
     plan = read_plan(model)
     assert plan.calibration["trajectories"] == 2 and plan.calibration["steps"] == 6
@@ -95,6 +79,6 @@ def test_calibration_that_diverges_names_the_region_and_writes_nothing(tmp_path:
     onnx.save(model, str(bad))
     out = tmp_path / "nan.fc.onnx"
     with pytest.raises(FcpassError, match="calibration diverged: region .*block1"):
-        optimize(bad, out, OptimizeOptions(calibrate=1, calib_steps=3), _setup([1]))
+        optimize(bad, out, OptimizeOptions(calibrate=1, calib_steps=3), calibration_setup([1]))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

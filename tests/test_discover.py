@@ -53,8 +53,8 @@ def test_block_pattern_overrides_the_default(tiny_dit: Path) -> None:
 
 def test_nothing_found_says_what_was_tried(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A graph with a latent input and no repeated blocks: patch embed and an output projection only.
-    from onnx import TensorProto, helper, numpy_helper
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     g = helper.make_graph(

@@ -12,11 +12,10 @@ from fcpass.runner import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
-from tests.test_calibrate import calibrated  # noqa: F401  (session fixture: a calibrated tiny graph)
 
 
 def _run(path: Path, policy: str | None = None, **request: object) -> np.ndarray:
-    args = dict(classes=[1, 2, 3], steps=6, guidance_scale=1.5, uncond_class=10, seed=0)
+    args = {"classes": [1, 2, 3], "steps": 6, "guidance_scale": 1.5, "uncond_class": 10, "seed": 0}
     args.update(request)
     den = load_denoiser(path, policy, {})
     return sample(den, scheduler_from_config(SCHEDULER_CONFIG), SampleRequest(**args), progress=False).images

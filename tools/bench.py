@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per policy; the fastest counts")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     ap.add_argument("--out", type=Path, default=Path("out/bench.md"))
+    ap.add_argument("--readme", type=Path, help="also replace the table between the bench markers of this README")
+    ap.add_argument("--grid", type=Path, help="PNG grid: uncached samples, then each policy's, one row each")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -79,15 +81,21 @@ def main() -> None:
         if fc_path is None:
             fc_path = Path(tmp) / "model.fc.onnx"
             optimize(args.model, fc_path, OptimizeOptions(calibrate=args.calibrate), setup)
-        rows = run(args, request, fc_path)
+        rows, images = run(args, request, fc_path)
     write(rows, args)
+    if args.grid:
+        from fcpass.images import save_grid
+
+        n = min(10, args.samples)
+        save_grid(np.concatenate([img[:n] for img in images.values()]), args.grid, ncol=n)
+        print("grid rows: " + ", ".join(images))
 
 
 def _time(denoiser: Any, request: SampleRequest) -> Any:
     return sample(denoiser, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
 
 
-def run(args: argparse.Namespace, request: SampleRequest, fc_path: Path) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, request: SampleRequest, fc_path: Path) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     classifier = DigitClassifier()
     base = load_denoiser(args.model, None, {})
     _set_threads(base, args.threads)
@@ -120,7 +128,7 @@ def run(args: argparse.Namespace, request: SampleRequest, fc_path: Path) -> list
             "ssim": q["ssim_mean"],
             "accuracy": classifier.accuracy(result.images, request.classes),
         })
-    return rows
+    return rows, {key: result.images for key, result in best.items()}
 
 
 def _set_threads(denoiser: Any, threads: int) -> None:
@@ -135,6 +143,26 @@ def _set_threads(denoiser: Any, threads: int) -> None:
     backend.session = ort.InferenceSession(str(backend.path), opts, providers=["CPUExecutionProvider"])
 
 
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _cli_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    for key in ("samples", "steps", "repeats", "threads", "calibrate"):
+        out += [f"--{key}", str(getattr(args, key))]
+    return out + ["--policies", *[f"'{p}'" for p in args.policies]]
+
+
+def _update_readme(path: Path, table: str) -> None:
+    text = path.read_text()
+    if MARK_START not in text or MARK_END not in text:
+        raise SystemExit(f"{path} has no {MARK_START} ... {MARK_END} block to replace")
+    head, rest = text.split(MARK_START, 1)
+    _, tail = rest.split(MARK_END, 1)
+    with atomic_path(path, suffix=".md") as tmp:
+        tmp.write_text(f"{head}{MARK_START}\n{table}{MARK_END}{tail}")
+
+
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     head = (f"Bundled digits DiT ({args.model.name}), {args.samples} samples, {args.steps} DDIM steps, guidance "
             f"{args.guidance_scale}, ONNX Runtime CPU, {args.threads} thread(s); speedup = uncached original graph's "
@@ -144,10 +172,13 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for r in rows:
         lines.append(f"| `{r['policy']}` | {r['wall_seconds']:.3f} | {r['speedup']:.2f}x | {r['mac_ideal_speedup']:.2f}x | "
                      f"{r['realised_over_ideal']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['accuracy']:.2f} |")
+    lines += ["", "Command: `python tools/bench.py " + " ".join(_cli_args(args)) + "`"]
     text = "\n".join(lines) + "\n"
     print(text)
     with atomic_path(args.out, suffix=".md") as tmp:
         tmp.write_text(text)
+    if args.readme:
+        _update_readme(args.readme, text)
     with atomic_path(args.out.with_suffix(".json"), suffix=".json") as tmp:
         tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

@@ -34,7 +34,14 @@ from fcpass.discover import Block, BlockMap, boundary_of
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs
 from fcpass.plan import (
-    CTL_INPUT, MIX_INPUT, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, CachePlan, RegionSpec, StateSpec,
+    CTL_INPUT,
+    MIX_INPUT,
+    SKIP_OUTPUT,
+    STAT_OUTPUT,
+    THR_INPUT,
+    CachePlan,
+    RegionSpec,
+    StateSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +53,7 @@ REGION_SETS = ("blocks", "tail", "stack")
 class _Region:
     spec: RegionSpec
     nodes: set[int]
-    children: list["_Region"] = field(default_factory=list)
+    children: list[_Region] = field(default_factory=list)
     states_in: list[StateSpec] = field(default_factory=list)
     states_out: list[StateSpec] = field(default_factory=list)
     states_prev: list[StateSpec] = field(default_factory=list)
@@ -121,7 +128,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _plan_regions(
-    index: GraphIndex, block_map: BlockMap, latent: str, region_sets: tuple[str, ...], builder: "_Builder"
+    index: GraphIndex, block_map: BlockMap, latent: str, region_sets: tuple[str, ...], builder: _Builder
 ) -> list[_Region]:
     blocks = block_map.blocks
     per_block = [builder.region_for(f"block{b.index}", [b], latent) for b in blocks] if "blocks" in region_sets else []
