@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--approx", choices=["reuse", "residual", "linear"])
     s.add_argument("--sigma-scale", type=float, help="fastcache: scale every calibrated sigma^2")
     s.add_argument("--levels", help="fastcache: regions that take the test, e.g. stack,blocks")
+    s.add_argument("--level", choices=["blocks", "stack"], help="fora: skip per block or the whole stack")
     s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
     s.add_argument("--inputs")
     s.add_argument("--out", type=Path, help="PNG grid of the samples")
@@ -295,7 +296,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model_path = args.model or _bundled_onnx()
     setup = _sampling_setup(args, model_path)
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
-                                             "sigma_scale", "levels")}
+                                             "sigma_scale", "levels", "level")}
     denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"])
     result, report = run_sampling(denoiser, setup, model_path, args.policy)
     if args.baseline:

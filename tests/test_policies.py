@@ -105,3 +105,10 @@ def test_fastcache_levels_test_the_stack_first_and_count_unreached_blocks_as_ski
         FastCache(FastCacheConfig(levels="stack,bogus")).reset(plan, 10)
     with pytest.raises(FcpassError, match="not in this graph"):
         FastCache(FastCacheConfig(levels="tail,blocks")).reset(plan, 10)
+
+
+def test_fora_at_stack_level_skips_one_region() -> None:
+    p = Fora(ForaConfig(interval=2, warmup=1, level="stack"))
+    p.reset(_plan(), 6)
+    assert p.controls(2).ctl.tolist() == [1, 0, 0, 0]
+    assert not p.controls(1).ctl.any()

@@ -65,3 +65,14 @@ def test_guidance_without_an_unconditional_label_is_refused(calibrated: tuple[Pa
     src, _ = calibrated
     with pytest.raises(FcpassError, match="--uncond-class"):
         _run(src, uncond_class=None)
+
+
+def test_fora_reuse_at_stack_level_equals_fora_reuse_per_block(calibrated: tuple[Path, Path]) -> None:
+    """Per-block reuse telescopes to the stack's reuse: same samples, one branch instead of L."""
+    _, fc = calibrated
+    sched = scheduler_from_config(SCHEDULER_CONFIG)
+    req = SampleRequest(classes=[1, 2], steps=8, guidance_scale=1.5, uncond_class=10)
+    per_block = sample(load_denoiser(fc, "fora", {"interval": 2, "warmup": 1}), sched, req, progress=False)
+    stack = sample(load_denoiser(fc, "fora", {"interval": 2, "warmup": 1, "level": "stack"}), sched, req,
+                   progress=False)
+    np.testing.assert_allclose(stack.images, per_block.images, atol=1e-5)
