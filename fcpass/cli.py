@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample with an (optimized) graph on ONNX Runtime")
     s.add_argument("model", type=Path, nargs="?", help="ONNX graph (default: the bundled digits model)")
-    s.add_argument("--policy", default=None, help="none, fora, fastcache (cache-aware graphs)")
+    s.add_argument("--policy", default=None, help="none, fora, fastcache, taylorseer, delta-dit (cache-aware graphs)")
     s.add_argument("--alpha", type=float)
     s.add_argument("--dof", choices=["elements", "tokens"])
     s.add_argument("--max-skips", type=int)

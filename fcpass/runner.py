@@ -11,7 +11,7 @@ from fcpass.plan import has_plan, read_plan
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
-from runtimes.policies import make_policy
+from runtimes.policies import POLICIES, make_policy
 from runtimes.sampler import PlainDenoiser, SampleResult, sample
 from runtimes.schedulers import scheduler_from_config
 
@@ -27,6 +27,8 @@ def load_denoiser(
     path: str | Path, policy: str | None, options: dict[str, Any], provider: str = "cpu", inputs: str | None = None
 ) -> Any:
     """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser."""
+    if policy is not None and policy not in POLICIES:
+        raise FcpassError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     backend = OrtBackend(path, [provider])
     if has_plan(backend.model):
         plan = read_plan(backend.model, str(path))

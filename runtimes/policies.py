@@ -217,6 +217,101 @@ class FastCache(Policy):
         return {"name": self.name, **self.config.__dict__}
 
 
+@dataclass
+class TaylorSeerConfig:
+    """TaylorSeer (order 1): full steps every `interval` steps; in between, every block extrapolates.
+
+    O(i) = O_a + (i - a) (O_a - O_b) / (a - b), a > b the two last full steps. Needs a graph optimized
+    with --taylor (the previous computed output is part of the state).
+    interval: larger is faster; extrapolation error grows with the distance to the last full step.
+    warmup: leading full steps (TaylorSeer uses 3).
+    """
+
+    interval: int = 5
+    warmup: int = 3
+
+
+class TaylorSeer(Policy):
+    name = "taylorseer"
+
+    def __init__(self, config: TaylorSeerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or TaylorSeerConfig()
+        if self.config.interval < 1:
+            raise FcpassError(f"TaylorSeer interval {self.config.interval} must be >= 1")
+        self.full: list[int] = []
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        super().reset(plan, num_steps)
+        if not any(s.kind == "prev" for s in plan.states):
+            raise FcpassError("taylorseer needs the previous output in the cache state; optimize with --taylor")
+        self.blocks = _block_indices(plan)
+        self.full = []
+
+    def controls(self, step: int) -> StepControls:
+        c = self.config
+        out = self.base()
+        if step < c.warmup or step == self.num_steps - 1 or (step - c.warmup) % c.interval == 0:
+            self.full.append(step)
+            return out
+        a = self.full[-1]
+        slope = (step - a) / (a - self.full[-2]) if len(self.full) > 1 else 0.0
+        for k in self.blocks:
+            out.ctl[k] = CTL_SKIP
+            out.mix[k] = (0.0, 0.0, slope)
+        return out
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, **self.config.__dict__}
+
+
+@dataclass
+class DeltaDiTConfig:
+    """Delta-DiT: cache the rear blocks early in sampling and the front blocks late, with `residual`.
+
+    interval: a cached step every `interval` steps is computed in full (2: every other step).
+    boundary: fraction of the steps after which the front blocks, not the rear ones, are cached.
+    blocks: how many blocks are cached (default: half of them).
+    """
+
+    interval: int = 2
+    warmup: int = 2
+    boundary: float = 0.5
+    blocks: int | None = None
+
+
+class DeltaDiT(Policy):
+    name = "delta-dit"
+
+    def __init__(self, config: DeltaDiTConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or DeltaDiTConfig()
+        if not 0.0 <= self.config.boundary <= 1.0:
+            raise FcpassError(f"Delta-DiT boundary {self.config.boundary} must be in [0, 1]")
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        super().reset(plan, num_steps)
+        self.blocks = _block_indices(plan)
+        k = self.config.blocks if self.config.blocks is not None else len(self.blocks) // 2
+        if not 0 <= k <= len(self.blocks):
+            raise FcpassError(f"Delta-DiT blocks {k} must be between 0 and {len(self.blocks)}")
+        self.k = k
+
+    def controls(self, step: int) -> StepControls:
+        c = self.config
+        out = self.base()
+        if step < c.warmup or step == self.num_steps - 1 or (step - c.warmup) % c.interval == 0:
+            return out
+        chosen = self.blocks[-self.k:] if step < c.boundary * self.num_steps else self.blocks[: self.k]
+        for idx in chosen if self.k else []:
+            out.ctl[idx] = CTL_SKIP
+            out.mix[idx] = APPROX_MIX["residual"]
+        return out
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, **self.config.__dict__}
+
+
 def chi2_threshold(sigma2: float, alpha: float, nu: int) -> float:
     """Threshold on delta (not delta^2): sqrt(sigma^2 * chi2_ppf(1 - alpha, nu) / nu)."""
     from scipy.stats import chi2
@@ -224,7 +319,8 @@ def chi2_threshold(sigma2: float, alpha: float, nu: int) -> float:
     return math.sqrt(sigma2 * float(chi2.ppf(1.0 - alpha, nu)) / nu)
 
 
-POLICIES = {"none": NoCache, "fora": Fora, "fastcache": FastCache}
+POLICIES = {"none": NoCache, "fora": Fora, "fastcache": FastCache, "taylorseer": TaylorSeer, "delta-dit": DeltaDiT}
+CONFIGS = {"fora": ForaConfig, "fastcache": FastCacheConfig, "taylorseer": TaylorSeerConfig, "delta-dit": DeltaDiTConfig}
 
 
 def make_policy(name: str, **options: object) -> Policy:
@@ -232,7 +328,7 @@ def make_policy(name: str, **options: object) -> Policy:
     if name not in POLICIES:
         raise FcpassError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[name]
-    config_cls = {"fora": ForaConfig, "fastcache": FastCacheConfig}.get(name)
+    config_cls = CONFIGS.get(name)
     if config_cls is None:
         return cls()
     fields = config_cls.__dataclass_fields__

@@ -112,3 +112,35 @@ def test_fora_at_stack_level_skips_one_region() -> None:
     p.reset(_plan(), 6)
     assert p.controls(2).ctl.tolist() == [1, 0, 0, 0]
     assert not p.controls(1).ctl.any()
+
+
+def _taylor_plan() -> CachePlan:
+    plan = _plan()
+    plan.states.append(StateSpec("fc.block0.prev0", "fc.block0.prev0.next", "block0", "prev", "o0", [2, 4, 8], "float32"))
+    return plan
+
+
+def test_taylorseer_extrapolates_from_the_two_last_full_steps() -> None:
+    from runtimes.policies import TaylorSeer, TaylorSeerConfig
+
+    p = TaylorSeer(TaylorSeerConfig(interval=3, warmup=2))
+    p.reset(_taylor_plan(), 10)
+    assert not p.controls(0).ctl.any() and not p.controls(1).ctl.any() and not p.controls(2).ctl.any()
+    c = p.controls(3)  # full steps so far: 0, 1, 2 -> a = 2, b = 1
+    assert c.ctl.tolist() == [0, 1, 1, 1] and c.mix[1].tolist() == [0.0, 0.0, 1.0]
+    assert p.controls(4).mix[2].tolist() == [0.0, 0.0, 2.0]
+    assert not p.controls(5).ctl.any()  # full: a = 5, b = 2
+    assert p.controls(6).mix[3][2] == pytest.approx(1 / 3)
+    with pytest.raises(FcpassError, match="--taylor"):
+        TaylorSeer().reset(_plan(), 10)
+
+
+def test_delta_dit_caches_rear_blocks_early_and_front_blocks_late() -> None:
+    from runtimes.policies import DeltaDiT, DeltaDiTConfig
+
+    p = DeltaDiT(DeltaDiTConfig(interval=2, warmup=1, boundary=0.5, blocks=2))
+    p.reset(_plan(), 10)
+    assert p.controls(2).ctl.tolist() == [0, 0, 1, 1]  # early: rear blocks 1, 2
+    assert not p.controls(3).ctl.any()
+    assert p.controls(6).ctl.tolist() == [0, 1, 1, 0]  # late: front blocks 0, 1
+    assert tuple(p.controls(6).mix[1]) == APPROX_MIX["residual"]

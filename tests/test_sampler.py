@@ -76,3 +76,19 @@ def test_fora_reuse_at_stack_level_equals_fora_reuse_per_block(calibrated: tuple
     stack = sample(load_denoiser(fc, "fora", {"interval": 2, "warmup": 1, "level": "stack"}), sched, req,
                    progress=False)
     np.testing.assert_allclose(stack.images, per_block.images, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["taylorseer", "delta-dit"])
+def test_peer_policies_run_end_to_end(tmp_path: Path, policy: str) -> None:
+    from fcpass.optimize import OptimizeOptions, optimize
+    from tests.conftest import export_tiny_dit
+
+    src = export_tiny_dit(tmp_path / "m.onnx", "legacy", seed=4)
+    fc = tmp_path / "m.fc.onnx"
+    optimize(src, fc, OptimizeOptions(taylor=True), None)
+    sched = scheduler_from_config(SCHEDULER_CONFIG)
+    req = SampleRequest(classes=[1], steps=10, guidance_scale=1.5, uncond_class=10)
+    result = sample(load_denoiser(fc, policy, {}), sched, req, progress=False)
+    assert np.isfinite(result.images).all() and result.macs_executed < result.macs_uncached
+    full = sample(load_denoiser(src, None, {}), sched, req, progress=False)
+    assert np.abs(result.images - full.images).max() > 0
