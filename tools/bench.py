@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ONNX, help="exported DiT (default: the bundled digits model)")
     ap.add_argument("--fc-model", type=Path, help="an already optimized graph (default: optimize --model now)")
     ap.add_argument("--calibrate", type=int, default=8, help="calibration trajectories when optimizing here")
+    ap.add_argument("--regions", default="blocks,stack", help="region sets of the graph optimized here")
+    ap.add_argument("--taylor", action="store_true", help="keep the previous outputs (for taylorseer)")
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
     ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
     ap.add_argument("--steps", type=int, default=50)
@@ -80,7 +82,8 @@ def main() -> None:
         fc_path = args.fc_model
         if fc_path is None:
             fc_path = Path(tmp) / "model.fc.onnx"
-            optimize(args.model, fc_path, OptimizeOptions(calibrate=args.calibrate), setup)
+            options = OptimizeOptions(regions=tuple(args.regions.split(",")), calibrate=args.calibrate, taylor=args.taylor)
+            optimize(args.model, fc_path, options, setup)
         rows, images = run(args, request, fc_path)
     write(rows, args)
     if args.grid:
@@ -148,8 +151,10 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def _cli_args(args: argparse.Namespace) -> list[str]:
     out = []
-    for key in ("samples", "steps", "repeats", "threads", "calibrate"):
+    for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions"):
         out += [f"--{key}", str(getattr(args, key))]
+    if args.taylor:
+        out.append("--taylor")
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 

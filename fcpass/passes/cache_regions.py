@@ -23,6 +23,7 @@ Cases:
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field
 
@@ -104,10 +105,10 @@ def insert_cache_regions(
     for r in flat:
         builder.add_state(r, taylor)
     main_nodes = list(out.graph.node)
-    new_nodes = builder.replace_regions(main_nodes, regions, scope="")
+    new_nodes = builder.replace_regions(main_nodes, regions)
     new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)
     del out.graph.node[:]
-    out.graph.node.extend(_toposort(new_nodes, _available(out)))
+    out.graph.node.extend(_toposort(new_nodes))
     builder.finish_value_info()
     plan = CachePlan(
         regions=[r.spec for r in flat],
@@ -271,7 +272,7 @@ class _Builder:
             self.const(f"fc.{n}.V{k}", np.zeros((d, d), dtype=dtype))
             self.const(f"fc.{n}.b{k}", np.zeros((d,), dtype=dtype))
 
-    def replace_regions(self, nodes: list[onnx.NodeProto], regions: list[_Region], scope: str) -> list[onnx.NodeProto]:
+    def replace_regions(self, nodes: list[onnx.NodeProto], regions: list[_Region]) -> list[onnx.NodeProto]:
         """`nodes` with each region's nodes replaced by its statistic, decision and If nodes."""
         by_id = {id(n): i for i, n in enumerate(self.index.nodes)}
         result: list[onnx.NodeProto] = []
@@ -294,7 +295,7 @@ class _Builder:
         spec = region.spec
         pre = self.statistic_nodes(region)
         body_src = [self.index.nodes[i] for i in sorted(region.nodes)]
-        body = self.replace_regions(body_src, region.children, scope=n)
+        body = self.replace_regions(body_src, region.children)
         body = [_copy(x) for x in body]
         exported = list(spec.outputs) + region.aux_outputs()
         rename = {x: f"{x}~{n}" for x in exported}
@@ -322,28 +323,26 @@ class _Builder:
         for k, s in enumerate(region.states_prev):
             emit(run_nodes, run_out, region.states_out[k].name, f"{s.next}@{n}.run", s.source)
             emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        batch = self.tensor_type(spec.inputs[0])[1][0]
         for child in _flatten(region.children):
             stat, skip = f"fc.{child.name}.stat", f"fc.{child.name}.skip"
             run_nodes.append(helper.make_node("Identity", [rename[stat]], [f"{stat}@{n}.run"]))
-            run_out.append(helper.make_tensor_value_info(f"{stat}@{n}.run", TensorProto.FLOAT, None))
+            run_out.append(helper.make_tensor_value_info(f"{stat}@{n}.run", TensorProto.FLOAT, [batch]))
             run_nodes.append(helper.make_node("Identity", [rename[skip]], [f"{skip}@{n}.run"]))
             run_out.append(helper.make_tensor_value_info(f"{skip}@{n}.run", TensorProto.FLOAT, []))
             # Not reached: the statistic is NaN (anything times NaN), the decision -1.
             approx_nodes.append(helper.make_node("Mul", [f"fc.{n}.stat", "fc.nan"], [f"{stat}@{n}.approx"]))
-            approx_out.append(helper.make_tensor_value_info(f"{stat}@{n}.approx", TensorProto.FLOAT, None))
+            approx_out.append(helper.make_tensor_value_info(f"{stat}@{n}.approx", TensorProto.FLOAT, [batch]))
             approx_nodes.append(helper.make_node("Identity", ["fc.minus_one"], [f"{skip}@{n}.approx"]))
             approx_out.append(helper.make_tensor_value_info(f"{skip}@{n}.approx", TensorProto.FLOAT, []))
             for s in child.own_states():
                 emit(run_nodes, run_out, rename[s.next], f"{s.next}@{n}.run", s.source)
                 emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
-        run_graph = helper.make_graph(_toposort(run_nodes, None), f"fc_{n}_compute", [], run_out)
+        run_graph = helper.make_graph(_toposort(run_nodes), f"fc_{n}_compute", [], run_out)
         self._move_value_info(run_graph, body, rename)
         approx_graph = helper.make_graph(approx_nodes, f"fc_{n}_approx", [], approx_out)
-        outputs = list(spec.outputs) + [
-            x for x in exported[len(spec.outputs):]
-        ]
         if_node = helper.make_node(
-            "If", [f"fc.{n}.cond"], outputs, name=f"fc/{n}/If", then_branch=approx_graph, else_branch=run_graph
+            "If", [f"fc.{n}.cond"], exported, name=f"fc/{n}/If", then_branch=approx_graph, else_branch=run_graph
         )
         return [*pre, if_node]
 
@@ -497,11 +496,7 @@ def _rename(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
                     o.name = mapping[o.name]
 
 
-def _available(model: onnx.ModelProto) -> set[str]:
-    return {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-
-
-def _toposort(nodes: list[onnx.NodeProto], available: set[str] | None) -> list[onnx.NodeProto]:
+def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """Stable topological order; names not produced by `nodes` count as available (outer scope)."""
     produced = {o for n in nodes for o in n.output}
     producer_of = {o: i for i, n in enumerate(nodes) for o in n.output}
@@ -511,7 +506,7 @@ def _toposort(nodes: list[onnx.NodeProto], available: set[str] | None) -> list[o
         for d in ds:
             users.setdefault(d, []).append(i)
     missing = [len(ds) for ds in deps]
-    import heapq
+
 
     ready = [i for i, m in enumerate(missing) if m == 0]
     heapq.heapify(ready)
