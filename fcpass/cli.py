@@ -103,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("report", type=Path)
     r.add_argument("-o", "--output", type=Path, required=True)
     r.set_defaults(func=cmd_report)
+
+    k = sub.add_parser("check", help="static checks that TensorRT 10.x/11.x can build a (cache-aware) graph")
+    k.add_argument("model", type=Path)
+    k.add_argument("--target", default="tensorrt", help="the runtime to check for: tensorrt")
+    k.add_argument("--json", action="store_true", help="the violations as a JSON list")
+    k.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("build", help="build a TensorRT engine (needs fcpass[trt] and an NVIDIA GPU)")
+    b.add_argument("model", type=Path)
+    b.add_argument("-o", "--output", type=Path, required=True, help="the engine (plan) file")
+    precision = b.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="allow fp16 kernels (TensorRT 10.x)")
+    precision.add_argument("--bf16", action="store_true", help="allow bf16 kernels (TensorRT 10.x)")
+    b.add_argument("--timing-cache", type=Path, metavar="FILE", help="read (if present) and update this timing cache")
+    b.add_argument("--workspace", type=int, metavar="MB", help="workspace memory pool limit")
+    b.add_argument("--batch", type=int, default=2, help="opt/max batch of the profile if axis 0 is dynamic")
+    b.add_argument("--verbose", dest="trt_verbose", action="store_true", help="TensorRT's verbose log")
+    b.set_defaults(func=cmd_build)
     return p
 
 
@@ -366,6 +384,45 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     plot_report(args.report, args.output)
     print(f"wrote {args.output}")
+    return 0
+
+
+# --- check / build (TensorRT) ---------------------------------------------------------------
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from fcpass.onnx_io import load_model
+    from fcpass.trt_check import check_graph
+
+    model = load_model(args.model, load_weights=False)
+    violations = check_graph(model, args.target, base_dir=args.model.parent)
+    if args.json:
+        print(json.dumps([v.to_json() for v in violations], indent=2))
+    else:
+        for v in violations:
+            print(v.format())
+        if not violations:
+            print(f"{args.model}: no violations of the {args.target} rules")
+    if violations:
+        n = len(violations)
+        print(f"{n} violation{'s' if n != 1 else ''}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from fcpass.trt_build import BuildOptions, build_engine
+
+    options = BuildOptions(fp16=args.fp16, bf16=args.bf16, timing_cache=args.timing_cache,
+                           workspace_mb=args.workspace, batch=args.batch, verbose=args.trt_verbose)
+    s = build_engine(args.model, args.output, options)
+    print(f"wrote {s.output}: {s.engine_bytes / 2**20:.2f} MiB, {s.layers} layers, {s.conditionals} If conditionals"
+          f"{f', dynamic batch 1..{args.batch}' if s.dynamic_batch else ''}")
+    for t in s.io:
+        if not t.name.startswith("fc"):
+            print(f"  {t.mode.lower():<6} {t.name:<24} {t.dtype:<8} {list(t.shape)}")
+    n_fc = sum(t.name.startswith("fc") for t in s.io)
+    if n_fc:
+        print(f"  ... and {n_fc} cache tensors (fc*)")
     return 0
 
 

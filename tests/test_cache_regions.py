@@ -13,6 +13,7 @@ import pytest
 from fcpass.discover import discover_blocks
 from fcpass.passes.cache_regions import insert_cache_regions
 from fcpass.plan import APPROX_MIX, CachePlan, read_plan, write_plan
+from fcpass.trt_check import check_graph
 from tests.conftest import load, tiny_feeds
 
 ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
@@ -64,6 +65,7 @@ def compiled(tiny_dit: Path) -> Compiled:
 
 def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Compiled) -> None:
     onnx.checker.check_model(compiled.model, full_check=True)
+    assert check_graph(compiled.model) == []  # TensorRT's static rules (fcpass check)
     names = [r.name for r in compiled.plan.regions]
     assert names == ["stack", "block0", "tail", "block1", "block2"]
     parents = {r.name: r.parent for r in compiled.plan.regions}

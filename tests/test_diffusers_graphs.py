@@ -45,6 +45,7 @@ from fcpass.discover import BlockMap, discover_blocks
 from fcpass.graphinfo import GraphIndex
 from fcpass.passes.cache_regions import insert_cache_regions
 from fcpass.plan import CachePlan
+from fcpass.trt_check import check_graph
 
 BATCH = 2
 LAYERS = 3
@@ -310,6 +311,7 @@ def test_discovers_one_block_per_layer(exported: Exported, rewritten: Rewritten)
 
 def test_rewrite_passes_full_check(exported: Exported, rewritten: Rewritten) -> None:
     onnx.checker.check_model(rewritten.model, full_check=True)
+    assert check_graph(rewritten.model) == []  # TensorRT's static rules (fcpass check)
     plan = rewritten.plan
     assert [r.name for r in plan.regions] == ["stack", "block0", "tail", "block1", "block2"]
     assert {r.name: r.parent for r in plan.regions} == {

@@ -109,6 +109,7 @@ def insert_cache_regions(
     new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)
     del out.graph.node[:]
     out.graph.node.extend(_toposort(new_nodes))
+    out.graph.value_info.extend(_cond_info(regions))
     builder.finish_value_info()
     plan = CachePlan(
         regions=[r.spec for r in flat],
@@ -340,6 +341,7 @@ class _Builder:
                 emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
         run_graph = helper.make_graph(_toposort(run_nodes), f"fc_{n}_compute", [], run_out)
         self._move_value_info(run_graph, body, rename)
+        run_graph.value_info.extend(_cond_info(region.children))
         approx_graph = helper.make_graph(approx_nodes, f"fc_{n}_approx", [], approx_out)
         if_node = helper.make_node(
             "If", [f"fc.{n}.cond"], exported, name=f"fc/{n}/If", then_branch=approx_graph, else_branch=run_graph
@@ -470,6 +472,11 @@ class _Builder:
         keep = [v for v in self.graph.value_info if v.name in defined]
         del self.graph.value_info[:]
         self.graph.value_info.extend(keep)
+
+
+def _cond_info(regions: list[_Region]) -> list[onnx.ValueInfoProto]:
+    """TensorRT wants an If condition to be a 0-d bool; say so rather than leave it to inference."""
+    return [helper.make_tensor_value_info(f"fc.{r.name}.cond", TensorProto.BOOL, []) for r in regions]
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
