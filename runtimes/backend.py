@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -38,7 +38,13 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        iobinding: bool | None = None,
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -68,6 +74,9 @@ class OrtBackend:
         self.inputs = graph_inputs(self.model)
         self.outputs = graph_outputs(self.model)
         self._output_names = [o.name for o in self.outputs]
+        # On CUDA, I/O binding keeps the cache state on the device; on the CPU, numpy feeds are
+        # already zero-copy and binding measured no faster, so host arrays are the default there.
+        self.iobinding = self.provider == "CUDAExecutionProvider" if iobinding is None else iobinding
         log.info("ONNX Runtime session on %s", self.provider)
 
     @property
@@ -76,3 +85,12 @@ class OrtBackend:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
+
+    def state_binding(self, plan: Any) -> Any:
+        """Cache state on the session's device with I/O binding, or as host arrays."""
+        from runtimes.state import BoundState, HostState
+
+        if not self.iobinding:
+            return HostState(self, plan)
+        device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        return BoundState(self.session, plan, device)

@@ -92,3 +92,26 @@ def test_peer_policies_run_end_to_end(tmp_path: Path, policy: str) -> None:
     assert np.isfinite(result.images).all() and result.macs_executed < result.macs_uncached
     full = sample(load_denoiser(src, None, {}), sched, req, progress=False)
     assert np.abs(result.images - full.images).max() > 0
+
+
+def test_bound_device_state_equals_host_state(calibrated: tuple[Path, Path]) -> None:
+    """I/O binding (state in double-buffered OrtValues, swapped) gives the same trajectory as host arrays."""
+    from fcpass.plan import read_plan
+    from fcpass.runner import roles_from_plan
+    from runtimes.backend import OrtBackend
+    from runtimes.cache import CachedDenoiser
+    from runtimes.policies import make_policy
+    from runtimes.state import BoundState, HostState
+
+    _, fc = calibrated
+    sched = scheduler_from_config(SCHEDULER_CONFIG)
+    req = SampleRequest(classes=[1, 2], steps=8, guidance_scale=1.5, uncond_class=10)
+    results = {}
+    for iobinding in (False, True):
+        backend = OrtBackend(fc, iobinding=iobinding)
+        plan = read_plan(backend.model)
+        den = CachedDenoiser(backend, plan, make_policy("fora", interval=2, warmup=1), roles_from_plan(plan.roles, backend))
+        assert isinstance(den.binding, BoundState if iobinding else HostState)
+        results[iobinding] = sample(den, sched, req, progress=False)
+    np.testing.assert_array_equal(results[True].images, results[False].images)
+    assert [r["skip"] for r in results[True].records] == [r["skip"] for r in results[False].records]
