@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--levels", help="fastcache: regions that take the test, e.g. stack,blocks")
     s.add_argument("--level", choices=["blocks", "stack"], help="fora: skip per block or the whole stack")
     s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
+    s.add_argument("--engine", type=Path, metavar="PATH",
+                   help="run this TensorRT engine (fcpass build of MODEL) instead of ONNX Runtime")
     s.add_argument("--inputs")
     s.add_argument("--out", type=Path, help="PNG grid of the samples")
     s.add_argument("--out-npy", type=Path, help="final samples as .npy")
@@ -315,12 +317,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     setup = _sampling_setup(args, model_path)
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
                                              "sigma_scale", "levels", "level")}
-    denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"])
+    denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"],
+                             engine=args.engine)
     result, report = run_sampling(denoiser, setup, model_path, args.policy)
     if args.baseline:
         if args.policy in (None, "none"):
             raise FcpassError("--baseline compares a cache policy with the uncached graph; add --policy fastcache")
-        base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup["inputs"])
+        base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup["inputs"], engine=args.engine)
         base_result, _ = run_sampling(base, setup, model_path, "none")
         from fcpass.quality import compare_batches
 

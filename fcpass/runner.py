@@ -24,12 +24,22 @@ def roles_from_plan(plan_roles: dict[str, str | None], backend: Any) -> InputRol
 
 
 def load_denoiser(
-    path: str | Path, policy: str | None, options: dict[str, Any], provider: str = "cpu", inputs: str | None = None
+    path: str | Path, policy: str | None, options: dict[str, Any], provider: str = "cpu", inputs: str | None = None,
+    engine: str | Path | None = None,
 ) -> Any:
-    """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser."""
+    """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser.
+
+    With `engine` (a TensorRT plan built from `path`), the engine runs the steps and `path` supplies
+    the cache plan and the input roles.
+    """
     if policy is not None and policy not in POLICIES:
         raise FcpassError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    backend = OrtBackend(path, [provider])
+    if engine is not None:
+        from runtimes.trt_backend import TrtBackend
+
+        backend: Any = TrtBackend(engine, path)
+    else:
+        backend = OrtBackend(path, [provider])
     if has_plan(backend.model):
         plan = read_plan(backend.model, str(path))
         return CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
