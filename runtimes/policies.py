@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import chi2
 
 from fcpass.errors import FcpassError
 from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, CachePlan
@@ -314,8 +315,6 @@ class DeltaDiT(Policy):
 
 def chi2_threshold(sigma2: float, alpha: float, nu: int) -> float:
     """Threshold on delta (not delta^2): sqrt(sigma^2 * chi2_ppf(1 - alpha, nu) / nu)."""
-    from scipy.stats import chi2
-
     return math.sqrt(sigma2 * float(chi2.ppf(1.0 - alpha, nu)) / nu)
 
 

@@ -25,7 +25,7 @@ QUICK=${FCPASS_SMOKE_QUICK:-0}
 mkdir -p "$OUT"
 
 if [[ $QUICK == 1 ]]; then
-  STEPS=3; CLASSES=(1 7); CALIB=(--calibrate 1 --calib-steps 8); ITERS=2; DITS2_CLASSES=(1)
+  STEPS=6; CLASSES=(1 7); CALIB=(--calibrate 1 --calib-steps 8); ITERS=2; DITS2_CLASSES=(1)
 else
   STEPS=50; CLASSES=(0 1 2 3 4 5 6 7 8 9); CALIB=(--calibrate 4); ITERS=10; DITS2_CLASSES=(1 2)
 fi
@@ -36,6 +36,7 @@ note() { echo "$*"; SUMMARY+=("$*"); }
 fcpass() { "$PY" -m fcpass.cli "$@"; }
 jget() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 ratio() { "$PY" -c 'import sys; a, b = map(float, sys.argv[1:]); print(f"{a / b:.2f}x")' "$1" "$2"; }
+lastline() { tr '\r' '\n' < "$1" | grep -v '^[[:space:]]*$' | tail -n 1; }  # past tqdm's \r updates
 maxdiff() {
   "$PY" -c 'import numpy as np, sys; a, b = (np.load(p) for p in sys.argv[1:]); print(f"{np.abs(a - b).max():.3g}")' "$1" "$2"
 }
@@ -88,7 +89,7 @@ run() {
   if "$@" > "$OUT/$name.log" 2>&1; then
     return 0
   fi
-  note "FAILED $name: $(tail -n 1 "$OUT/$name.log") (log: $OUT/$name.log)"
+  note "FAILED $name: $(lastline "$OUT/$name.log") (log: $OUT/$name.log)"
   FAILURES+=("$name")
   return 1
 }
@@ -160,7 +161,7 @@ model() {
 echo "== digits: fcpass optimize ${CALIB[*]}"
 DIGITS=models/digits/dit_digits.onnx
 if run optimize_digits fcpass optimize "$DIGITS" -o "$OUT/digits.fc.onnx" "${CALIB[@]}"; then
-  note "digits: $(tail -n 1 "$OUT/optimize_digits.log")"
+  note "digits: $(lastline "$OUT/optimize_digits.log")"
   model digits "$DIGITS" "$OUT/digits.fc.onnx" "none fora fastcache" --steps "$STEPS" --class "${CLASSES[@]}"
 fi
 
@@ -170,7 +171,7 @@ else
   echo "== dit-s-2 256x256 (random weights): export, optimize"
   D2=$OUT/dit-s-2.onnx
   if run export_dits2 fcpass export --arch dit-s-2 --image-size 256 --exporter legacy -o "$D2" &&
-     run optimize_dits2 fcpass optimize "$D2" -o "$OUT/dit-s-2.fc.onnx"; then
+     run optimize_dits2 fcpass optimize "$D2" -o "$OUT/dit-s-2.fc.onnx" --scheduler-config models/digits/scheduler_config.json; then
     echo "== dit-s-2: tools/bench_overhead.py (ONNX Runtime CPU: the tool has no other provider)"
     if run bench_overhead_dits2 "$PY" tools/bench_overhead.py --model "$D2" --iters "$ITERS"; then
       tail -n 4 "$OUT/bench_overhead_dits2.log"
