@@ -144,8 +144,11 @@ class FinalLayer(nn.Module):
 
 
 @dataclass(frozen=True)
-class DiTConfig:
-    """Hyper-parameters of one DiT. `input_size` is the latent (or pixel) side length."""
+class GridTransformerConfig:
+    """What every latent-grid transformer here shares: the token grid and the stack's width and depth.
+
+    `input_size` is the latent (or pixel) side length; tokens are patch_size x patch_size patches.
+    """
 
     input_size: int = 32
     patch_size: int = 2
@@ -154,8 +157,6 @@ class DiTConfig:
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1
-    num_classes: int = 1000
     learn_sigma: bool = True
 
     @property
@@ -165,6 +166,43 @@ class DiTConfig:
     @property
     def num_tokens(self) -> int:
         return (self.input_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class DiTConfig(GridTransformerConfig):
+    """Hyper-parameters of one class-conditional DiT."""
+
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+
+
+def unpatchify(x: torch.Tensor, channels: int, patch: int) -> torch.Tensor:
+    """(B, N, p*p*C) tokens of a square grid -> (B, C, H, W) image."""
+    h = w = int(x.shape[1] ** 0.5)
+    x = x.reshape(x.shape[0], h, w, patch, patch, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * patch, w * patch)
+
+
+def init_backbone_(model: nn.Module, config: GridTransformerConfig) -> None:
+    """The shared part of DiT's and PixArt's initialisation: Xavier linears, the sin-cos table,
+    the patch embedding as a linear map, small timestep-MLP weights."""
+
+    def _basic_init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0)
+
+    model.apply(_basic_init)
+    grid = int(config.num_tokens**0.5)
+    table = torch.from_numpy(get_2d_sincos_pos_embed(config.hidden_size, grid)).float()[None]
+    model.pos_embed.data.copy_(table)
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    nn.init.constant_(model.x_embedder.proj.bias, 0)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
 
 
 class DiT(nn.Module):
@@ -190,22 +228,8 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """The official initialisation: Xavier linears, zeroed adaLN and output layers."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        grid = int(self.config.num_tokens**0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()[None])
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        init_backbone_(self, self.config)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
@@ -214,19 +238,12 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
             x = block(x, c)
-        return self.unpatchify(self.final_layer(x, c))
+        return unpatchify(self.final_layer(x, c), self.out_channels, self.patch_size)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:

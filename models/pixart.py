@@ -23,10 +23,12 @@ from torch import nn
 from fcpass.errors import FcpassError
 from models.dit import (
     Attention,
+    GridTransformerConfig,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
-    get_2d_sincos_pos_embed,
+    init_backbone_,
+    unpatchify,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,27 +40,12 @@ def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> t
 
 
 @dataclass(frozen=True)
-class PixArtConfig:
-    """Hyper-parameters of one PixArt model. `input_size` is the latent side length."""
+class PixArtConfig(GridTransformerConfig):
+    """Hyper-parameters of one PixArt model (defaults: PixArt-alpha XL/2 at 512, a 64x64 latent)."""
 
     input_size: int = 64
-    patch_size: int = 2
-    in_channels: int = 4
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
     caption_channels: int = 4096
     caption_len: int = 120
-    learn_sigma: bool = True
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -175,22 +162,8 @@ class PixArt(nn.Module):
 
     def initialize_weights(self) -> None:
         """The reference initialisation; cross-attention outputs and the final linear start at zero."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        grid = int(self.config.num_tokens**0.5)
         # PixArt scales the grid by base_size / grid_size (1 at the native size), i.e. DiT's table.
-        self.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()[None])
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_backbone_(self, self.config)
         nn.init.normal_(self.t_block[1].weight, std=0.02)
         nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
         nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
@@ -200,13 +173,6 @@ class PixArt(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
@@ -215,7 +181,7 @@ class PixArt(nn.Module):
         for block in self.blocks:
             x = block(x, y, t0)
         # The final layer takes the embedding before t_block, as in the reference.
-        return self.unpatchify(self.final_layer(x, t_emb))
+        return unpatchify(self.final_layer(x, t_emb), self.out_channels, self.patch_size)
 
 
 _CONFIGS: dict[str, PixArtConfig] = {
