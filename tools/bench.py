@@ -1,7 +1,11 @@
 """Benchmark cache policies against the uncached graph, in one process, on ONNX Runtime.
 
     python tools/bench.py                       # the bundled digits model, 50 DDIM steps, guidance 1.5
-    python tools/bench.py --policies none fora:interval=3 fastcache fastcache:sigma_scale=4,max_skips=6
+    python tools/bench.py --policies none fora:interval=3 fastcache 'fastcache:levels=stack,sigma_scale=30@stack'
+
+A policy runs on a graph optimized with --regions blocks,stack, or with the region sets named after
+`@` (e.g. `@stack`: one region, the cheapest graph for stack-level policies). Every graph is
+calibrated on the same trajectories.
 
 For every policy: end-to-end wall time of the whole sampling loop (best of --repeats, runs
 interleaved with the uncached baseline so drift in machine load hits both), the speedup over the
@@ -42,10 +46,16 @@ DEFAULT_POLICIES = [
 
 
 def parse_policy(text: str) -> tuple[str, dict[str, Any]]:
-    """`fastcache:alpha=0.1,max_skips=5` -> ("fastcache", {"alpha": 0.1, "max_skips": 5})."""
-    name, _, rest = text.partition(":")
+    """`fastcache:alpha=0.1,levels=stack@stack` -> ("fastcache", {"alpha": 0.1, "levels": "stack"})."""
+    name, _, rest = text.split("@")[0].partition(":")
     options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    items: list[str] = []
+    for piece in filter(None, rest.split(",")):  # "levels=stack,blocks": a bare word continues a value
+        if "=" in piece or not items:
+            items.append(piece)
+        else:
+            items[-1] += "," + piece
+    for item in items:
         key, _, value = item.partition("=")
         try:
             options[key] = json.loads(value)
@@ -57,7 +67,6 @@ def parse_policy(text: str) -> tuple[str, dict[str, Any]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ONNX, help="exported DiT (default: the bundled digits model)")
-    ap.add_argument("--fc-model", type=Path, help="an already optimized graph (default: optimize --model now)")
     ap.add_argument("--calibrate", type=int, default=8, help="calibration trajectories when optimizing here")
     ap.add_argument("--regions", default="blocks,stack", help="region sets of the graph optimized here")
     ap.add_argument("--taylor", action="store_true", help="keep the previous outputs (for taylorseer)")
@@ -79,12 +88,14 @@ def main() -> None:
                             guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
     setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
     with tempfile.TemporaryDirectory() as tmp:
-        fc_path = args.fc_model
-        if fc_path is None:
-            fc_path = Path(tmp) / "model.fc.onnx"
-            options = OptimizeOptions(regions=tuple(args.regions.split(",")), calibrate=args.calibrate, taylor=args.taylor)
-            optimize(args.model, fc_path, options, setup)
-        rows, images = run(args, request, fc_path)
+        graphs: dict[str, Path] = {}
+        for spec in args.policies:
+            regions = _regions_of(spec, args.regions)
+            if regions not in graphs:
+                graphs[regions] = Path(tmp) / f"model.{regions.replace(',', '-')}.fc.onnx"
+                options = OptimizeOptions(regions=tuple(regions.split(",")), calibrate=args.calibrate, taylor=args.taylor)
+                optimize(args.model, graphs[regions], options, setup)
+        rows, images = run(args, request, graphs)
     write(rows, args)
     if args.grid:
         from fcpass.images import save_grid
@@ -98,14 +109,20 @@ def _time(denoiser: Any, request: SampleRequest) -> Any:
     return sample(denoiser, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
 
 
-def run(args: argparse.Namespace, request: SampleRequest, fc_path: Path) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+def _regions_of(spec: str, default: str) -> str:
+    return spec.split("@", 1)[1] if "@" in spec else default
+
+
+def run(
+    args: argparse.Namespace, request: SampleRequest, graphs: dict[str, Path]
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     classifier = DigitClassifier()
     base = load_denoiser(args.model, None, {})
     _set_threads(base, args.threads)
     denoisers = {"uncached": base}
     for spec in args.policies:
         name, options = parse_policy(spec)
-        den = load_denoiser(fc_path, name, options)
+        den = load_denoiser(graphs[_regions_of(spec, args.regions)], name, options)
         _set_threads(den, args.threads)
         denoisers[spec] = den
     best: dict[str, Any] = {}
