@@ -5,8 +5,11 @@ makes its state outputs the true input H and output O of every region at every s
 
 1. Fit. For each step i and gap g in 1..max_gap (a skipped region's reference is up to max_gap
    steps old), with X = H(i) - H(i-g) and Y = O(i) - O(i-g), solve the ridge problem
-   min ||X W + b - Y||^2 + lam ||W - I||^2 for V = W - I, b. Only the normal equations are
-   accumulated ((D+1)^2 numbers per region output), never the activations, so memory is bounded.
+   min ||X W + b - Y||^2 + lam (||W - I||^2 + ||b||^2) for V = W - I, b. Only the normal equations
+   are accumulated ((D+1)^2 numbers per region output), never the activations, so memory is
+   bounded. lam is chosen on held-out trajectories (every 4th) from a grid that includes lam = inf
+   (W = I, b = 0: the residual approximation), so the fit never does worse than `residual` there;
+   the residual stream has directions that barely vary, and a weak ridge blows the fit up along them.
 2. Test. Rerun the same trajectories; wherever the fitted approximation reproduces O(i) within
    relative error eps, collect delta^2 = rel(H(i), H(i-g))^2. sigma^2 is their mean (ALGORITHMS 2a);
    a region with no such pair gets none and is never skipped by FastCache.
@@ -43,7 +46,7 @@ class CalibrationOptions:
     steps: int = 50
     eps: float = 0.05
     max_gap: int = 4
-    ridge: float = 1e-3
+    ridge: float = 1e-2  # used when there is no held-out trajectory to choose it (fewer than 4)
     seed: int = 1000
 
 
@@ -139,7 +142,7 @@ class _Sink:
             )
         for gap, ref in enumerate(reversed(self.history), start=1):
             for f in self.fits.values():
-                f.add(ref, now, gap, self.phase)
+                f.add(ref, now, gap, self.phase, held_out=self.trajectory % 4 == 3)
         self.history.append(now)
 
 
@@ -161,7 +164,9 @@ class _Fit:
         self.names_in = [f"fc.{region.name}.in{j}" for j in range(len(region.inputs))]
         self.names_out = [f"fc.{region.name}.out{k}" for k in range(len(region.outputs))]
         self.width = {k: s.shape[-1] for k, s in enumerate(st for st in plan.states if st.region == region.name and st.kind == "out")}
-        self.normal: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Per output k and split (0 fit, 1 held out): X'X, X'R and R'R of the augmented problem.
+        self.normal: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, float]] = {}
+        self.chosen_lambda: dict[int, float] = {}
         self.solution: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.good_delta2: list[float] = []
         self.pairs_seen = 0
@@ -169,7 +174,9 @@ class _Fit:
         self.err_residual: list[float] = []
         self.err_reuse: list[float] = []
 
-    def add(self, ref: dict[str, np.ndarray], now: dict[str, np.ndarray], gap: int, phase: str) -> None:
+    def add(
+        self, ref: dict[str, np.ndarray], now: dict[str, np.ndarray], gap: int, phase: str, held_out: bool = False
+    ) -> None:
         pairs = _pairs(self.region)
         if phase == "fit":
             for k, j in pairs:
@@ -179,8 +186,9 @@ class _Fit:
                 x = (h1 - h0).reshape(-1, d).astype(np.float64)
                 y = (o1 - o0).reshape(-1, d).astype(np.float64) - x
                 xa = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-                a, b = self.normal.get(k, (np.zeros((d + 1, d + 1)), np.zeros((d + 1, d))))
-                self.normal[k] = (a + xa.T @ xa, b + xa.T @ y)
+                key = (k, int(held_out))
+                a, b, c = self.normal.get(key, (np.zeros((d + 1, d + 1)), np.zeros((d + 1, d)), 0.0))
+                self.normal[key] = (a + xa.T @ xa, b + xa.T @ y, c + float(np.sum(y * y)))
             return
         # Test phase: one decision per region, so errors and deltas combine all its streams.
         self.pairs_seen += 1
@@ -210,18 +218,36 @@ class _Fit:
             self.good_delta2.append(delta**2)
 
     def solve(self) -> None:
-        for k, (a, b) in self.normal.items():
-            d = a.shape[0] - 1
-            # Ridge toward W = I (V = 0), scaled to the data; b is barely regularised.
-            lam = self.options.ridge * max(np.trace(a[:d, :d]) / d, 1e-12)
-            reg = np.full(d + 1, lam)
-            reg[d] = lam * 1e-6
-            sol = linalg.solve(a + np.diag(reg), b, assume_a="pos")
-            self.solution[k] = (sol[:d], sol[d])
+        zero = (np.zeros((0, 0)), np.zeros((0, 0)), 0.0)
         for k, _ in _pairs(self.region):
-            if k not in self.solution:  # no pair seen (a 1-step calibration): stay at W = I, b = 0
-                d = int(self.width[k])
+            d = int(self.width[k])
+            fit, held = self.normal.get((k, 0), zero), self.normal.get((k, 1), zero)
+            if not fit[0].size:  # no pair seen (a 1-step calibration): stay at W = I, b = 0
                 self.solution[k] = (np.zeros((d, d)), np.zeros(d))
+                self.chosen_lambda[k] = float("inf")
+                continue
+            scale = max(np.trace(fit[0][:d, :d]) / d, 1e-12)
+            lam = self._select_lambda(fit, held, scale)
+            self.chosen_lambda[k] = lam
+            if not np.isfinite(lam):
+                self.solution[k] = (np.zeros((d, d)), np.zeros(d))
+                continue
+            a = fit[0] + (held[0] if held[0].size else 0.0)
+            b = fit[1] + (held[1] if held[1].size else 0.0)
+            sol = linalg.solve(a + lam * scale * np.eye(d + 1), b, assume_a="pos")
+            self.solution[k] = (sol[:d], sol[d])
+
+    def _select_lambda(self, fit: tuple, held: tuple, scale: float) -> float:
+        """The grid value with the least held-out squared error; inf means W = I, b = 0."""
+        if not held[0].size:
+            return self.options.ridge
+        best, best_err = float("inf"), held[2]  # the residual approximation's error
+        for lam in (1e-3, 1e-2, 1e-1, 1.0, 10.0):
+            theta = linalg.solve(fit[0] + lam * scale * np.eye(len(fit[0])), fit[1], assume_a="pos")
+            err = float(np.sum(theta * (held[0] @ theta)) - 2 * np.sum(theta * held[1]) + held[2])
+            if err < best_err:
+                best, best_err = lam, err
+        return best
 
     def store(self, model: onnx.ModelProto) -> None:
         by_name = {t.name: t for t in model.graph.initializer}
@@ -240,4 +266,6 @@ class _Fit:
             "fit_rel_err": mean(self.err_linear),
             "residual_rel_err": mean(self.err_residual),
             "reuse_rel_err": mean(self.err_reuse),
+            # None: held-out data preferred W = I, b = 0 (the fit stays the residual approximation).
+            "ridge": {str(k): (v if np.isfinite(v) else None) for k, v in self.chosen_lambda.items()},
         }

@@ -81,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-skips", type=int)
     s.add_argument("--warmup", type=int)
     s.add_argument("--interval", type=int, help="FORA's interval")
-    s.add_argument("--approx", choices=["reuse", "residual", "linear"])
+    s.add_argument("--approx", choices=["reuse", "residual", "linear", "taylor1"])
     s.add_argument("--sigma-scale", type=float, help="fastcache: scale every calibrated sigma^2")
     s.add_argument("--levels", help="fastcache: regions that take the test, e.g. stack,blocks")
-    s.add_argument("--level", choices=["blocks", "stack"], help="fora: skip per block or the whole stack")
+    s.add_argument("--level", choices=["blocks", "stack"], help="fora, taylorseer: per block or the whole stack")
     s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
     s.add_argument("--engine", type=Path, metavar="PATH",
                    help="run this TensorRT engine (fcpass build of MODEL) instead of ONNX Runtime")
@@ -240,7 +240,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     )
     setup = _sampling_setup(args, model_path)
     plan = optimize(model_path, args.output, options, setup)
-    print(f"wrote {args.output}: {len(plan.regions)} regions over {len(plan.block_regions())} blocks"
+    blocks = len({b for r in plan.regions for b in r.blocks})
+    print(f"wrote {args.output}: {len(plan.regions)} regions over {blocks} blocks"
           f"{', calibrated' if args.calibrate else ''}")
     return 0
 

@@ -133,7 +133,9 @@ class FastCacheConfig:
         the evidence and makes alpha nearly irrelevant).
     warmup: leading steps always computed.  max_skips: consecutive skips of one block before it must
         compute again (bounds the drift of its cached reference).
-    approx: `linear` (the calibrated W, b) by default; `residual` or `reuse` to compare.
+    approx: `linear` (the calibrated W, b) by default; `residual` or `reuse` to compare; `taylor1`
+        (an fcpass extension; graph optimized with --taylor) extrapolates from the region's own two last
+        computed steps a > b: O = O_a + (i - a)(O_a - O_b)/(a - b).
     sigma_scale: multiplies every calibrated sigma^2 (a single knob for tuning speed against quality).
     levels: which regions take the test. `blocks` is the paper (one test per block). Adding `stack`
         and/or `tail` (an fcpass extension) tests the whole range first with its own calibrated sigma^2
@@ -178,6 +180,9 @@ class FastCache(Policy):
         if missing:
             raise FcpassError(f"fastcache levels {sorted(missing)} are not in this graph; optimize with --regions including them")
         self.streak = {r.index: 0 for r in plan.regions}
+        self.computed: dict[int, list[int]] = {r.index: [] for r in plan.regions}
+        if self.config.approx == "taylor1" and not any(s.kind == "prev" for s in plan.states):
+            raise FcpassError("fastcache --approx taylor1 needs the previous outputs; optimize with --taylor")
         self.thresholds = {}
         for region in tested:
             sigma2 = region.calibration.get("sigma2")
@@ -200,19 +205,29 @@ class FastCache(Policy):
         out = self.base()
         if step < self.config.warmup or step == self.num_steps - 1:
             return out
-        mix = APPROX_MIX[self.config.approx]
         for k, thr in self.thresholds.items():
             if self.streak[k] >= self.config.max_skips:
                 continue
             out.ctl[k] = CTL_DECIDE
             out.thr[k] = thr
-            out.mix[k] = mix
+            out.mix[k] = self._mix(k, step)
         return out
+
+    def _mix(self, k: int, step: int) -> tuple[float, float, float]:
+        if self.config.approx != "taylor1":
+            return APPROX_MIX[self.config.approx]
+        done = self.computed[k]
+        if len(done) < 2:
+            return APPROX_MIX["reuse"]
+        a, b = done[-1], done[-2]
+        return (0.0, 0.0, (step - a) / (a - b))
 
     def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
         # -1 (not reached) means an enclosing region was skipped: this one was not computed either.
         for k in self.streak:
             self.streak[k] = self.streak[k] + 1 if skip[k] != 0 else 0
+            if skip[k] == 0:
+                self.computed[k].append(step)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, **self.config.__dict__}
@@ -226,10 +241,13 @@ class TaylorSeerConfig:
     with --taylor (the previous computed output is part of the state).
     interval: larger is faster; extrapolation error grows with the distance to the last full step.
     warmup: leading full steps (TaylorSeer uses 3).
+    level: `blocks` extrapolates every block; `stack` extrapolates the whole stack's output in one
+        branch (an fcpass extension: the cheapest skip, and the same idea one level up).
     """
 
     interval: int = 5
     warmup: int = 3
+    level: str = "blocks"
 
 
 class TaylorSeer(Policy):
@@ -246,7 +264,9 @@ class TaylorSeer(Policy):
         super().reset(plan, num_steps)
         if not any(s.kind == "prev" for s in plan.states):
             raise FcpassError("taylorseer needs the previous output in the cache state; optimize with --taylor")
-        self.blocks = _block_indices(plan)
+        if self.config.level not in ("blocks", "stack"):
+            raise FcpassError(f"TaylorSeer level {self.config.level!r} unknown; use blocks or stack")
+        self.blocks = [plan.region("stack").index] if self.config.level == "stack" else _block_indices(plan)
         self.full = []
 
     def controls(self, step: int) -> StepControls:

@@ -82,3 +82,27 @@ def test_calibration_that_diverges_names_the_region_and_writes_nothing(tmp_path:
         optimize(bad, out, OptimizeOptions(calibrate=1, calib_steps=3), calibration_setup([1]))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("related", [True, False])
+def test_held_out_trajectories_choose_the_ridge(related: bool) -> None:
+    """A real linear relation is fitted; pure noise keeps W = I, b = 0 (the residual approximation)."""
+    rng = np.random.default_rng(1)
+    d = 6
+    w_true = np.eye(d) + 0.5 * rng.standard_normal((d, d))
+    spec, plan = _region(d)
+    fit = _Fit(spec, plan, CalibrationOptions())
+    for traj in range(8):
+        hs = [rng.standard_normal((2, 4, d)) for _ in range(5)]
+        outs = [h @ w_true if related else h + rng.standard_normal(h.shape) for h in hs]
+        for i in range(1, 5):
+            ref = {"fc.block0.in0": hs[i - 1], "fc.block0.out0": outs[i - 1]}
+            now = {"fc.block0.in0": hs[i], "fc.block0.out0": outs[i]}
+            fit.add(ref, now, 1, "fit", held_out=traj % 4 == 3)
+    fit.solve()
+    v, b = fit.solution[0]
+    if related:
+        assert np.isfinite(fit.chosen_lambda[0])
+        np.testing.assert_allclose(v, w_true - np.eye(d), atol=0.05)
+    else:
+        assert fit.chosen_lambda[0] == float("inf") and not v.any() and not b.any()

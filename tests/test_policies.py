@@ -144,3 +144,19 @@ def test_delta_dit_caches_rear_blocks_early_and_front_blocks_late() -> None:
     assert not p.controls(3).ctl.any()
     assert p.controls(6).ctl.tolist() == [0, 1, 1, 0]  # late: front blocks 0, 1
     assert tuple(p.controls(6).mix[1]) == APPROX_MIX["residual"]
+
+
+def test_fastcache_taylor1_uses_each_regions_own_computed_steps() -> None:
+    p = FastCache(FastCacheConfig(approx="taylor1", warmup=2))
+    p.reset(_taylor_plan(), 12)
+    stat = np.zeros((4, 2))
+    for step in (0, 1):
+        p.controls(step)
+        p.observe(step, stat, np.zeros(4, np.float32))
+    assert p.controls(2).mix[1].tolist() == [0.0, 0.0, 1.0]  # a = 1, b = 0
+    p.observe(2, stat, np.array([0, 1, 0, 0], np.float32))  # block0 skipped at 2; block1 computed
+    c = p.controls(3)
+    assert c.mix[1].tolist() == [0.0, 0.0, 2.0]  # block0: a = 1, b = 0 -> (3 - 1) / 1
+    assert c.mix[2].tolist() == [0.0, 0.0, 1.0]  # block1: a = 2, b = 1
+    with pytest.raises(FcpassError, match="--taylor"):
+        FastCache(FastCacheConfig(approx="taylor1")).reset(_plan(), 10)

@@ -37,11 +37,17 @@ from runtimes.schedulers import scheduler_from_config
 log = logging.getLogger("bench")
 
 DEFAULT_POLICIES = [
+    # On a graph with every block and the stack as regions (the paper's per-block cache):
     "none",
     "fora:interval=2",
-    "fora:interval=3,approx=residual",
     "fastcache",
-    "fastcache:max_skips=6,sigma_scale=2",
+    # On a graph whose one region is the whole stack (the cheapest skip):
+    "none@stack",
+    "fora:interval=2,level=stack@stack",
+    "taylorseer:interval=5,warmup=2,level=stack@stack",
+    "taylorseer:interval=6,warmup=2,level=stack@stack",
+    "fastcache:approx=taylor1,levels=stack,sigma_scale=30,max_skips=5,warmup=3@stack",
+    "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4@stack",
 ]
 
 
@@ -69,7 +75,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ONNX, help="exported DiT (default: the bundled digits model)")
     ap.add_argument("--calibrate", type=int, default=8, help="calibration trajectories when optimizing here")
     ap.add_argument("--regions", default="blocks,stack", help="region sets of the graph optimized here")
-    ap.add_argument("--taylor", action="store_true", help="keep the previous outputs (for taylorseer)")
+    ap.add_argument("--taylor", action="store_true", help="keep the previous outputs (automatic when a policy needs them)")
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
     ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
     ap.add_argument("--steps", type=int, default=50)
@@ -82,6 +88,7 @@ def main() -> None:
     ap.add_argument("--grid", type=Path, help="PNG grid: uncached samples, then each policy's, one row each")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.taylor = args.taylor or any("taylor" in p for p in args.policies)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,

@@ -6,7 +6,8 @@ inputs and outputs of every region.
 
 Cases:
 1. A region is every node on a path from its stream inputs to its stream outputs (see
-   `fcpass.discover`). Its nodes move into the then-branch unchanged; names it exports are renamed
+   `fcpass.discover`), plus the outside nodes whose outputs only it reads (its own adaLN modulation,
+   say; shared conditioning stays outside). Its nodes move into the compute branch unchanged; names it exports are renamed
    inside the branch so the `If` can produce them under their original names, and nothing
    downstream changes.
 2. Regions nest (blocks inside the tail range inside the whole stack). A nested region's state,
@@ -98,6 +99,10 @@ def insert_cache_regions(
     builder = _Builder(out, index)
     regions = _plan_regions(index, block_map, latent, region_sets, builder)
     flat = _flatten(regions)
+    dependent = index.descendants({latent})
+    for r in sorted(flat, key=lambda r: len(r.nodes)):  # innermost first
+        _sink_exclusive_nodes(index, r, dependent)
+        r.spec.macs = graph_macs(index, sorted(r.nodes))
     for k, r in enumerate(flat):
         r.spec.index = k
     builder.add_constants()
@@ -147,6 +152,32 @@ def _plan_regions(
             c.spec.parent = "stack"
         return [stack]
     return top_blocks
+
+
+def _sink_exclusive_nodes(index: GraphIndex, region: _Region, dependent: set[int]) -> None:
+    """Move into the region every outside node whose outputs only the region reads (transitively).
+
+    Such nodes compute conditioning for the region alone (a DiT block's adaLN modulation): a skipped
+    region then does not compute them either. A node that another region or the rest of the graph
+    also reads (a timestep embedding shared by all blocks, the legacy exporter's shared casts) stays
+    outside, and so does anything on the latent's path (the statistic reads the stream inputs before
+    the If). The outputs are unchanged: the moved nodes run exactly when their readers run.
+    """
+    changed = True
+    while changed:
+        changed = False
+        outside = index.ancestors(set(_region_inputs(index, region))) - region.nodes - dependent
+        for i in sorted(outside, reverse=True):
+            outs = [o for o in index.nodes[i].output if o]
+            readers = {r for o in outs for r in index.consumers.get(o, [])}
+            if readers and readers <= region.nodes and not any(o in index.graph_outputs for o in outs):
+                region.nodes.add(i)
+                changed = True
+
+
+def _region_inputs(index: GraphIndex, region: _Region) -> list[str]:
+    """Every tensor the region's nodes read from outside it."""
+    return [x for i in region.nodes for x in index.nodes[i].input if index.producer.get(x) not in region.nodes]
 
 
 def _flatten(regions: list[_Region]) -> list[_Region]:
