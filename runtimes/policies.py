@@ -50,7 +50,33 @@ class Policy(ABC):
         """See what the graph did at `step` (stat (R, B), skip (R,)); default: nothing to learn."""
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name}
+        config = getattr(self, "config", None)
+        return {"name": self.name, **(config.__dict__ if config is not None else {})}
+
+
+class Scheduled(Policy):
+    """A fixed schedule: full steps during `warmup`, at the last step and every `interval` steps after
+    the warm-up; in between, `skipped` regions (every block, or the stack with `level = "stack"`) skip."""
+
+    config: ForaConfig | TaylorSeerConfig | DeltaDiTConfig
+
+    def __init__(self, config: object) -> None:
+        super().__init__()
+        self.config = config  # type: ignore[assignment]
+        if self.config.interval < 1:
+            raise FcpassError(f"{self.name} interval {self.config.interval} must be >= 1")
+        self.skipped: list[int] = []
+
+    def full_step(self, step: int) -> bool:
+        c = self.config
+        return step < c.warmup or step == self.num_steps - 1 or (step - c.warmup) % c.interval == 0
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        super().reset(plan, num_steps)
+        level = getattr(self.config, "level", "blocks")
+        if level not in ("blocks", "stack"):
+            raise FcpassError(f"{self.name} level {level!r} unknown; use blocks or stack")
+        self.skipped = [plan.region("stack").index] if level == "stack" else _block_indices(plan)
 
 
 class NoCache(Policy):
@@ -87,29 +113,13 @@ class ForaConfig:
     level: str = "blocks"
 
 
-class Fora(Policy):
+class Fora(Scheduled):
     name = "fora"
 
     def __init__(self, config: ForaConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or ForaConfig()
-        if self.config.interval < 1:
-            raise FcpassError(f"FORA interval {self.config.interval} must be >= 1")
+        super().__init__(config or ForaConfig())
         if self.config.approx not in APPROX_MIX:
             raise FcpassError(f"approximation {self.config.approx!r} unknown; use one of {', '.join(APPROX_MIX)}")
-
-    def full_step(self, step: int) -> bool:
-        c = self.config
-        return step < c.warmup or step == self.num_steps - 1 or (step - c.warmup) % c.interval == 0
-
-    def reset(self, plan: CachePlan, num_steps: int) -> None:
-        super().reset(plan, num_steps)
-        if self.config.level == "stack":
-            self.skipped = [plan.region("stack").index]
-        elif self.config.level == "blocks":
-            self.skipped = _block_indices(plan)
-        else:
-            raise FcpassError(f"FORA level {self.config.level!r} unknown; use blocks or stack")
 
     def controls(self, step: int) -> StepControls:
         out = self.base()
@@ -118,9 +128,6 @@ class Fora(Policy):
                 out.ctl[k] = CTL_SKIP
                 out.mix[k] = APPROX_MIX[self.config.approx]
         return out
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, **self.config.__dict__}
 
 
 @dataclass
@@ -229,10 +236,6 @@ class FastCache(Policy):
             if skip[k] == 0:
                 self.computed[k].append(step)
 
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, **self.config.__dict__}
-
-
 @dataclass
 class TaylorSeerConfig:
     """TaylorSeer (order 1): full steps every `interval` steps; in between, every block extrapolates.
@@ -250,40 +253,30 @@ class TaylorSeerConfig:
     level: str = "blocks"
 
 
-class TaylorSeer(Policy):
+class TaylorSeer(Scheduled):
     name = "taylorseer"
 
     def __init__(self, config: TaylorSeerConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or TaylorSeerConfig()
-        if self.config.interval < 1:
-            raise FcpassError(f"TaylorSeer interval {self.config.interval} must be >= 1")
+        super().__init__(config or TaylorSeerConfig())
         self.full: list[int] = []
 
     def reset(self, plan: CachePlan, num_steps: int) -> None:
-        super().reset(plan, num_steps)
         if not any(s.kind == "prev" for s in plan.states):
             raise FcpassError("taylorseer needs the previous output in the cache state; optimize with --taylor")
-        if self.config.level not in ("blocks", "stack"):
-            raise FcpassError(f"TaylorSeer level {self.config.level!r} unknown; use blocks or stack")
-        self.blocks = [plan.region("stack").index] if self.config.level == "stack" else _block_indices(plan)
+        super().reset(plan, num_steps)
         self.full = []
 
     def controls(self, step: int) -> StepControls:
-        c = self.config
         out = self.base()
-        if step < c.warmup or step == self.num_steps - 1 or (step - c.warmup) % c.interval == 0:
+        if self.full_step(step):
             self.full.append(step)
             return out
         a = self.full[-1]
         slope = (step - a) / (a - self.full[-2]) if len(self.full) > 1 else 0.0
-        for k in self.blocks:
+        for k in self.skipped:
             out.ctl[k] = CTL_SKIP
             out.mix[k] = (0.0, 0.0, slope)
         return out
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, **self.config.__dict__}
 
 
 @dataclass
@@ -301,36 +294,30 @@ class DeltaDiTConfig:
     blocks: int | None = None
 
 
-class DeltaDiT(Policy):
+class DeltaDiT(Scheduled):
     name = "delta-dit"
 
     def __init__(self, config: DeltaDiTConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or DeltaDiTConfig()
+        super().__init__(config or DeltaDiTConfig())
         if not 0.0 <= self.config.boundary <= 1.0:
             raise FcpassError(f"Delta-DiT boundary {self.config.boundary} must be in [0, 1]")
 
     def reset(self, plan: CachePlan, num_steps: int) -> None:
         super().reset(plan, num_steps)
-        self.blocks = _block_indices(plan)
-        k = self.config.blocks if self.config.blocks is not None else len(self.blocks) // 2
-        if not 0 <= k <= len(self.blocks):
-            raise FcpassError(f"Delta-DiT blocks {k} must be between 0 and {len(self.blocks)}")
+        k = self.config.blocks if self.config.blocks is not None else len(self.skipped) // 2
+        if not 0 <= k <= len(self.skipped):
+            raise FcpassError(f"Delta-DiT blocks {k} must be between 0 and {len(self.skipped)}")
         self.k = k
 
     def controls(self, step: int) -> StepControls:
-        c = self.config
         out = self.base()
-        if step < c.warmup or step == self.num_steps - 1 or (step - c.warmup) % c.interval == 0:
+        if self.full_step(step) or not self.k:
             return out
-        chosen = self.blocks[-self.k:] if step < c.boundary * self.num_steps else self.blocks[: self.k]
-        for idx in chosen if self.k else []:
+        late = step >= self.config.boundary * self.num_steps
+        for idx in self.skipped[: self.k] if late else self.skipped[-self.k :]:
             out.ctl[idx] = CTL_SKIP
             out.mix[idx] = APPROX_MIX["residual"]
         return out
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, **self.config.__dict__}
 
 
 def chi2_threshold(sigma2: float, alpha: float, nu: int) -> float:
