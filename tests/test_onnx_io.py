@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import fcpass.onnx_io as onnx_io
+from fcpass import onnx_io
 from fcpass.errors import FcpassError
 from tests.conftest import tiny_feeds
 
