@@ -24,7 +24,7 @@ import itertools
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 
@@ -55,7 +55,6 @@ class BlockMap:
     blocks: list[Block]
     method: str
     latent: str
-    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.blocks)

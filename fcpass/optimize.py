@@ -13,6 +13,7 @@ from fcpass.onnx_io import check_distinct, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.plan import CachePlan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
+from runtimes.policies import policy_defaults
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         if setup is None:
             raise ValueError("calibration needs a sampling setup")
         calibrate(out, plan, setup, CalibrationOptions(options.calibrate, options.calib_steps, options.calib_eps))
+    plan.policy_defaults = policy_defaults()
     write_plan(out, plan)
     save_model(out, output)
     return plan

@@ -85,9 +85,6 @@ class CachePlan:
     def block_regions(self) -> list[RegionSpec]:
         return sorted((r for r in self.regions if r.name.startswith("block")), key=lambda r: r.blocks[0])
 
-    def has(self, name: str) -> bool:
-        return any(r.name == name for r in self.regions)
-
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 

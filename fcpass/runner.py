@@ -24,7 +24,12 @@ def roles_from_plan(plan_roles: dict[str, str | None], backend: Any) -> InputRol
 
 
 def load_denoiser(
-    path: str | Path, policy: str | None, options: dict[str, Any], provider: str = "cpu", inputs: str | None = None,
+    path: str | Path,
+    policy: str | None,
+    options: dict[str, Any],
+    provider: str = "cpu",
+    inputs: str | None = None,
+    threads: int | None = None,
     engine: str | Path | None = None,
 ) -> Any:
     """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser.
@@ -39,7 +44,7 @@ def load_denoiser(
 
         backend: Any = TrtBackend(engine, path)
     else:
-        backend = OrtBackend(path, [provider])
+        backend = OrtBackend(path, [provider], threads=threads)
     if has_plan(backend.model):
         plan = read_plan(backend.model, str(path))
         return CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))

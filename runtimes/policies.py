@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.stats import chi2
@@ -327,6 +327,11 @@ def chi2_threshold(sigma2: float, alpha: float, nu: int) -> float:
 
 POLICIES = {"none": NoCache, "fora": Fora, "fastcache": FastCache, "taylorseer": TaylorSeer, "delta-dit": DeltaDiT}
 CONFIGS = {"fora": ForaConfig, "fastcache": FastCacheConfig, "taylorseer": TaylorSeerConfig, "delta-dit": DeltaDiTConfig}
+
+
+def policy_defaults() -> dict[str, dict[str, object]]:
+    """Every policy's default settings, as the cache plan records them."""
+    return {name: asdict(cls()) for name, cls in CONFIGS.items()}
 
 
 def make_policy(name: str, **options: object) -> Policy:

@@ -106,3 +106,11 @@ def test_held_out_trajectories_choose_the_ridge(related: bool) -> None:
         np.testing.assert_allclose(v, w_true - np.eye(d), atol=0.05)
     else:
         assert fit.chosen_lambda[0] == float("inf") and not v.any() and not b.any()
+
+
+def test_plan_records_every_policys_defaults(calibrated: tuple[Path, Path]) -> None:
+    from runtimes.policies import CONFIGS, FastCacheConfig
+
+    plan = read_plan(onnx.load(str(calibrated[1])))
+    assert set(plan.policy_defaults) == set(CONFIGS)
+    assert plan.policy_defaults["fastcache"]["alpha"] == FastCacheConfig().alpha

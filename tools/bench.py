@@ -124,13 +124,11 @@ def run(
     args: argparse.Namespace, request: SampleRequest, graphs: dict[str, Path]
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     classifier = DigitClassifier()
-    base = load_denoiser(args.model, None, {})
-    _set_threads(base, args.threads)
+    base = load_denoiser(args.model, None, {}, threads=args.threads)
     denoisers = {"uncached": base}
     for spec in args.policies:
         name, options = parse_policy(spec)
-        den = load_denoiser(graphs[_regions_of(spec, args.regions)], name, options)
-        _set_threads(den, args.threads)
+        den = load_denoiser(graphs[_regions_of(spec, args.regions)], name, options, threads=args.threads)
         denoisers[spec] = den
     best: dict[str, Any] = {}
     for rep in range(args.repeats):
@@ -156,18 +154,6 @@ def run(
             "accuracy": classifier.accuracy(result.images, request.classes),
         })
     return rows, {key: result.images for key, result in best.items()}
-
-
-def _set_threads(denoiser: Any, threads: int) -> None:
-    """Rebuild the ORT session with a fixed thread count so every row runs alike."""
-    import onnxruntime as ort
-
-    backend = denoiser.backend
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    backend.session = ort.InferenceSession(str(backend.path), opts, providers=["CPUExecutionProvider"])
 
 
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
