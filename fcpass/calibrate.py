@@ -5,7 +5,8 @@ makes its state outputs the true input H and output O of every region at every s
 
 1. Fit. For each step i and gap g in 1..max_gap (a skipped region's reference is up to max_gap
    steps old), with X = H(i) - H(i-g) and Y = O(i) - O(i-g), solve the ridge problem
-   min ||X W + b - Y||^2 + lam (||W - I||^2 + ||b||^2) for V = W - I, b. Only the normal equations
+   min ||X W + b - Y||^2 + lam (||W - I||^2 + ||b||^2) for V = W - I, b (`linear`); and with
+   X = H(i), Y = O(i), the same problem for `affine`'s A and c. Only the normal equations
    are accumulated ((D+1)^2 numbers per region output), never the activations, so memory is
    bounded. lam is chosen on held-out trajectories (every 4th) from a grid that includes lam = inf
    (W = I, b = 0: the residual approximation), so the fit never does worse than `residual` there;
@@ -20,6 +21,8 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from onnx import numpy_helper
 from scipy import linalg
 
 from fcpass.errors import FcpassError
+from fcpass.peer_calibration import PEERS, PeerStats
 from fcpass.plan import CachePlan, RegionSpec
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
@@ -51,7 +55,7 @@ class CalibrationOptions:
 
 
 class _Recorder(CachedDenoiser):
-    """Calls `sink(step, state)` after every step with the new (true, all-compute) state."""
+    """Calls `sink(step, state, output)` after every step with the new (true, all-compute) state."""
 
     def __init__(self, *args: Any, sink: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -59,12 +63,73 @@ class _Recorder(CachedDenoiser):
 
     def reset(self, num_steps: int) -> None:
         super().reset(num_steps)
-        self.sink(-1, None)
+        self.sink(-1, None, None)
 
     def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
         out = super().__call__(feeds, step)
-        self.sink(step, self.state)
+        self.sink(step, self.state, out)
         return out
+
+
+def _calibration_request(request: SampleRequest, options: CalibrationOptions) -> SampleRequest:
+    """N trajectories cycling through the user's classes or prompts, with the calibration seed."""
+    n = options.trajectories
+    classes = request.classes or []
+    return SampleRequest(
+        classes=[classes[j % len(classes)] for j in range(n)] if classes else None,
+        prompt_embeds=None if request.prompt_embeds is None else request.prompt_embeds[np.arange(n) % len(request.prompt_embeds)],
+        steps=options.steps, guidance_scale=request.guidance_scale, uncond_class=request.uncond_class,
+        seed=options.seed,
+    )
+
+
+@contextmanager
+def _recording_session(model: onnx.ModelProto, plan: CachePlan) -> Iterator[Callable[..., None]]:
+    """One ONNX Runtime session of `model`; yields record(sink, setup, options), which samples the
+    calibration trajectories with every region computing and calls sink after every step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "calib.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 2**31 - 2**20)
+        backend = OrtBackend(path)
+        from fcpass.runner import roles_from_plan
+
+        roles = roles_from_plan(plan.roles, backend)
+
+        def record(sink: Callable[..., None], setup: dict[str, Any], options: CalibrationOptions) -> None:
+            denoiser = _Recorder(backend, plan, NoCache(), roles, sink=sink)
+            scheduler = scheduler_from_config(setup["scheduler_config"])
+            sample(denoiser, scheduler, _calibration_request(setup["request"], options), progress=True)
+
+        yield record
+
+
+def calibrate_peers(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], which: str,
+                    options: CalibrationOptions) -> dict[str, Any]:
+    """Fit `which` (teacache, magcache) on fresh trajectories and store it in `plan`; see peer_calibration."""
+    if which not in PEERS:
+        raise FcpassError(f"--for {which!r} unknown; use one of {', '.join(PEERS)}")
+    if options.trajectories < 1:
+        raise FcpassError(f"--calibrate {options.trajectories} must be at least 1 trajectory")
+    peers = PeerStats(plan, (which,))
+    if not peers.which:
+        raise FcpassError(f"{which} calibration needs the stack region"
+                          + (" with block 0's modulated-input probe" if which == "teacache" else "")
+                          + "; optimize with --regions including stack")
+
+    def sink(step: int, state: dict[str, np.ndarray] | None, output: np.ndarray | None) -> None:
+        if state is None or output is None:
+            peers.reset()
+            return
+        if not (np.isfinite(output).all() and all(np.isfinite(v).all() for v in state.values())):
+            raise FcpassError(f"calibration diverged: NaN/Inf at step {step}; check the scheduler config and weights")
+        peers.add(step, state, output)
+
+    with _recording_session(model, plan) as record:
+        record(sink, setup, options)
+    result = peers.store(options.steps)
+    if which not in result:
+        raise FcpassError(f"{which} calibration saw no usable pair of steps; use --calib-steps >= 2")
+    return result[which]
 
 
 def _pairs(region: RegionSpec) -> list[tuple[int, int]]:
@@ -85,33 +150,20 @@ def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], op
     if options.trajectories < 1:
         raise FcpassError(f"--calibrate {options.trajectories} must be at least 1 trajectory")
     request: SampleRequest = setup["request"]
-    classes = request.classes or []
     n = options.trajectories
-    calib_request = SampleRequest(
-        classes=[classes[j % len(classes)] for j in range(n)] if classes else None,
-        prompt_embeds=None if request.prompt_embeds is None else request.prompt_embeds[np.arange(n) % len(request.prompt_embeds)],
-        steps=options.steps, guidance_scale=request.guidance_scale, uncond_class=request.uncond_class,
-        seed=options.seed,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "calib.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 2**31 - 2**20)
-        backend = OrtBackend(path)
-        from fcpass.runner import roles_from_plan
-
-        roles = roles_from_plan(plan.roles, backend)
-        fits = {r.name: _Fit(r, plan, options) for r in plan.regions}
+    fits = {r.name: _Fit(r, plan, options) for r in plan.regions}
+    peers = PeerStats(plan)
+    with _recording_session(model, plan) as record:
         for phase in ("fit", "test"):
             if phase == "test":
                 for f in fits.values():
                     f.solve()
-            sink = _Sink(plan, fits, phase, options.max_gap)
-            denoiser = _Recorder(backend, plan, NoCache(), roles, sink=sink)
             log.info("calibration, %s pass: %d trajectories x %d steps", phase, n, options.steps)
-            sample(denoiser, scheduler_from_config(setup["scheduler_config"]), calib_request, progress=True)
+            record(_Sink(plan, fits, phase, options.max_gap, peers if phase == "fit" else None), setup, options)
     for r in plan.regions:
         fits[r.name].store(model)
         r.calibration = fits[r.name].summary()
+    peers.store(options.steps)
     plan.calibration = {
         "trajectories": n, "steps": options.steps, "eps": options.eps, "max_gap": options.max_gap,
         "ridge": options.ridge, "seed": options.seed, "guidance_scale": request.guidance_scale,
@@ -121,17 +173,21 @@ def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], op
 class _Sink:
     """Keeps the last max_gap states of the current trajectory and feeds (ref, now) pairs to fits."""
 
-    def __init__(self, plan: CachePlan, fits: dict[str, _Fit], phase: str, max_gap: int) -> None:
+    def __init__(self, plan: CachePlan, fits: dict[str, _Fit], phase: str, max_gap: int,
+                 peers: PeerStats | None = None) -> None:
         self.plan = plan
+        self.peers = peers
         self.fits = fits
         self.phase = phase
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=max_gap)
         self.trajectory = -1
 
-    def __call__(self, step: int, state: dict[str, np.ndarray] | None) -> None:
-        if state is None:
+    def __call__(self, step: int, state: dict[str, np.ndarray] | None, output: np.ndarray | None) -> None:
+        if state is None or output is None:
             self.history.clear()
             self.trajectory += 1
+            if self.peers is not None:
+                self.peers.reset()
             return
         now = {s.name: state[s.name] for s in self.plan.states if s.kind in ("in", "out")}
         bad = [n for n, v in now.items() if not np.isfinite(v).all()]
@@ -144,6 +200,8 @@ class _Sink:
             for f in self.fits.values():
                 f.add(ref, now, gap, self.phase, held_out=self.trajectory % 4 == 3)
         self.history.append(now)
+        if self.peers is not None:
+            self.peers.add(step, state, output)
 
 
     def _culprit(self, now: dict[str, np.ndarray]) -> str:
@@ -164,15 +222,18 @@ class _Fit:
         self.names_in = [f"fc.{region.name}.in{j}" for j in range(len(region.inputs))]
         self.names_out = [f"fc.{region.name}.out{k}" for k in range(len(region.outputs))]
         self.width = {k: s.shape[-1] for k, s in enumerate(st for st in plan.states if st.region == region.name and st.kind == "out")}
-        # Per output k and split (0 fit, 1 held out): X'X, X'R and R'R of the augmented problem.
-        self.normal: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, float]] = {}
-        self.chosen_lambda: dict[int, float] = {}
+        # Per form ("lin": X = H(i) - H(i-g); "aff": X = H(i)), output k and split (0 fit, 1 held
+        # out): X'X, X'R and R'R of the augmented problem, R the target minus the identity's guess.
+        self.normal: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray, float]] = {}
+        self.chosen_lambda: dict[tuple[str, int], float] = {}
         self.solution: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.affine: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.good_delta2: list[float] = []
         self.pairs_seen = 0
         self.err_linear: list[float] = []
         self.err_residual: list[float] = []
         self.err_reuse: list[float] = []
+        self.err_affine: list[float] = []
 
     def add(
         self, ref: dict[str, np.ndarray], now: dict[str, np.ndarray], gap: int, phase: str, held_out: bool = False
@@ -184,11 +245,10 @@ class _Fit:
                 o0, o1 = ref[self.names_out[k]], now[self.names_out[k]]
                 d = h1.shape[-1]
                 x = (h1 - h0).reshape(-1, d).astype(np.float64)
-                y = (o1 - o0).reshape(-1, d).astype(np.float64) - x
-                xa = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-                key = (k, int(held_out))
-                a, b, c = self.normal.get(key, (np.zeros((d + 1, d + 1)), np.zeros((d + 1, d)), 0.0))
-                self.normal[key] = (a + xa.T @ xa, b + xa.T @ y, c + float(np.sum(y * y)))
+                self._accumulate(("lin", k, int(held_out)), x, (o1 - o0).reshape(-1, d) - x)
+                if gap == 1:  # the affine map ignores the reference: one pair per step
+                    x = h1.reshape(-1, d).astype(np.float64)
+                    self._accumulate(("aff", k, int(held_out)), x, o1.reshape(-1, d) - x)
             return
         # Test phase: one decision per region, so errors and deltas combine all its streams.
         self.pairs_seen += 1
@@ -196,46 +256,62 @@ class _Fit:
         den = sum(np.sum(ref[n].astype(np.float64).reshape(len(ref[n]), -1) ** 2, axis=1) for n in self.names_in)
         with np.errstate(divide="ignore", invalid="ignore"):
             delta = float(np.max(np.sqrt(num / den)))
-        errs_lin, errs_res, errs_reuse = [], [], []
+        errs_lin, errs_res, errs_reuse, errs_aff = [], [], [], []
         for k in range(len(self.names_out)):
             o0, o1 = ref[self.names_out[k]], now[self.names_out[k]]
             j = self.region.pairs[k]
             if j is None:
-                lin = res = o0
+                lin = res = aff = o0
             else:
-                dh = now[self.names_in[j]].astype(np.float64) - ref[self.names_in[j]]
+                h1 = now[self.names_in[j]].astype(np.float64)
+                dh = h1 - ref[self.names_in[j]]
                 res = o0 + dh
                 v, b = self.solution[k]
                 lin = res + dh @ v + b
+                va, c = self.affine[k]
+                aff = h1 + h1 @ va + c
             errs_lin.append(np.max(_rel(lin, o1)))
             errs_res.append(np.max(_rel(res, o1)))
             errs_reuse.append(np.max(_rel(o0, o1)))
+            errs_aff.append(np.max(_rel(aff, o1)))
         err = float(max(errs_lin))
         self.err_linear.append(err)
         self.err_residual.append(float(max(errs_res)))
         self.err_reuse.append(float(max(errs_reuse)))
+        self.err_affine.append(float(max(errs_aff)))
         if err <= self.options.eps and np.isfinite(delta):
             self.good_delta2.append(delta**2)
 
+    def _accumulate(self, key: tuple[str, int, int], x: np.ndarray, y: np.ndarray) -> None:
+        d = x.shape[1]
+        y = y.astype(np.float64)
+        xa = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        a, b, c = self.normal.get(key, (np.zeros((d + 1, d + 1)), np.zeros((d + 1, d)), 0.0))
+        self.normal[key] = (a + xa.T @ xa, b + xa.T @ y, c + float(np.sum(y * y)))
+
     def solve(self) -> None:
-        zero = (np.zeros((0, 0)), np.zeros((0, 0)), 0.0)
         for k, _ in _pairs(self.region):
-            d = int(self.width[k])
-            fit, held = self.normal.get((k, 0), zero), self.normal.get((k, 1), zero)
-            if not fit[0].size:  # no pair seen (a 1-step calibration): stay at W = I, b = 0
-                self.solution[k] = (np.zeros((d, d)), np.zeros(d))
-                self.chosen_lambda[k] = float("inf")
-                continue
-            scale = max(np.trace(fit[0][:d, :d]) / d, 1e-12)
-            lam = self._select_lambda(fit, held, scale)
-            self.chosen_lambda[k] = lam
-            if not np.isfinite(lam):
-                self.solution[k] = (np.zeros((d, d)), np.zeros(d))
-                continue
-            a = fit[0] + (held[0] if held[0].size else 0.0)
-            b = fit[1] + (held[1] if held[1].size else 0.0)
-            sol = linalg.solve(a + lam * scale * np.eye(d + 1), b, assume_a="pos")
-            self.solution[k] = (sol[:d], sol[d])
+            self.solution[k] = self._solve("lin", k)
+            self.affine[k] = self._solve("aff", k)
+
+    def _solve(self, form: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(W - I, b) of one form and output: the ridge solution at the held-out choice of lambda."""
+        zero = (np.zeros((0, 0)), np.zeros((0, 0)), 0.0)
+        d = int(self.width[k])
+        identity = (np.zeros((d, d)), np.zeros(d))
+        fit, held = self.normal.get((form, k, 0), zero), self.normal.get((form, k, 1), zero)
+        if not fit[0].size:  # no pair seen (a 1-step calibration): stay at W = I, b = 0
+            self.chosen_lambda[(form, k)] = float("inf")
+            return identity
+        scale = max(np.trace(fit[0][:d, :d]) / d, 1e-12)
+        lam = self._select_lambda(fit, held, scale)
+        self.chosen_lambda[(form, k)] = lam
+        if not np.isfinite(lam):
+            return identity
+        a = fit[0] + (held[0] if held[0].size else 0.0)
+        b = fit[1] + (held[1] if held[1].size else 0.0)
+        sol = linalg.solve(a + lam * scale * np.eye(d + 1), b, assume_a="pos")
+        return sol[:d], sol[d]
 
     def _select_lambda(self, fit: tuple, held: tuple, scale: float) -> float:
         """The grid value with the least held-out squared error; inf means W = I, b = 0."""
@@ -251,8 +327,11 @@ class _Fit:
 
     def store(self, model: onnx.ModelProto) -> None:
         by_name = {t.name: t for t in model.graph.initializer}
+        n = self.region.name
         for k, (v, b) in self.solution.items():
-            for name, value in ((f"fc.{self.region.name}.V{k}", v), (f"fc.{self.region.name}.b{k}", b)):
+            va, c = self.affine[k]
+            weights = ((f"fc.{n}.V{k}", v), (f"fc.{n}.b{k}", b), (f"fc.{n}.A{k}", np.eye(len(va)) + va), (f"fc.{n}.c{k}", c))
+            for name, value in weights:
                 tensor = by_name[name]
                 dtype = numpy_helper.to_array(tensor).dtype
                 tensor.CopyFrom(numpy_helper.from_array(value.astype(dtype), name))
@@ -266,6 +345,9 @@ class _Fit:
             "fit_rel_err": mean(self.err_linear),
             "residual_rel_err": mean(self.err_residual),
             "reuse_rel_err": mean(self.err_reuse),
-            # None: held-out data preferred W = I, b = 0 (the fit stays the residual approximation).
-            "ridge": {str(k): (v if np.isfinite(v) else None) for k, v in self.chosen_lambda.items()},
+            "affine_rel_err": mean(self.err_affine),
+            # None: held-out data preferred W = I, b = 0 (linear: the residual approximation).
+            "ridge": {str(k): (v if np.isfinite(v) else None) for (f, k), v in self.chosen_lambda.items() if f == "lin"},
+            "ridge_affine": {str(k): (v if np.isfinite(v) else None)
+                             for (f, k), v in self.chosen_lambda.items() if f == "aff"},
         }

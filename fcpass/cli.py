@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,26 +66,35 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", type=Path, required=True)
     o.add_argument("--regions", default="blocks,tail,stack", help="region sets: blocks, tail (1..L-1), stack")
     o.add_argument("--taylor", action="store_true", help="keep each region's previous output (for taylor1)")
+    o.add_argument("--tokens", choices=["duca", "toca"],
+                   help="compile token-level caching (top-k token gather/scatter per block) with this k schedule")
+    o.add_argument("--token-score", choices=["vnorm", "saliency", "random"], help="token scores (default vnorm)")
     o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
     o.add_argument("--calib-steps", type=int, default=50)
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
     o.add_argument("--block-pattern")
     o.add_argument("--inputs")
+    o.add_argument("--lowering", default="if", metavar="{if,segments}",
+                   help="if: one .fc.onnx with an If per region; segments: -o names a folder of If-free "
+                        "head/branch/tail graphs the host chooses between (no If: CUDA-graph friendly)")
     _sampling_args(o)
     o.set_defaults(func=cmd_optimize)
 
     s = sub.add_parser("sample", help="sample with an (optimized) graph on ONNX Runtime")
     s.add_argument("model", type=Path, nargs="?", help="ONNX graph (default: the bundled digits model)")
-    s.add_argument("--policy", default=None, help="none, fora, fastcache, taylorseer, delta-dit (cache-aware graphs)")
+    s.add_argument("--policy", default=None, metavar="NAME[:KEY=VALUE,...]",
+                   help="on cache-aware graphs: none, fora, fastcache, taylorseer, delta-dit, fbcache, teacache, "
+                        "magcache; options after a colon, e.g. teacache:threshold=0.2")
     s.add_argument("--alpha", type=float)
     s.add_argument("--dof", choices=["elements", "tokens"])
     s.add_argument("--max-skips", type=int)
     s.add_argument("--warmup", type=int)
     s.add_argument("--interval", type=int, help="FORA's interval")
-    s.add_argument("--approx", choices=["reuse", "residual", "linear", "taylor1"])
+    s.add_argument("--approx", choices=["reuse", "residual", "linear", "affine", "taylor1"])
     s.add_argument("--sigma-scale", type=float, help="fastcache: scale every calibrated sigma^2")
     s.add_argument("--levels", help="fastcache: regions that take the test, e.g. stack,blocks")
     s.add_argument("--level", choices=["blocks", "stack"], help="fora, taylorseer: per block or the whole stack")
+    s.add_argument("--threshold", type=float, help="fbcache, teacache, magcache: their skip threshold")
     s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
     s.add_argument("--engine", type=Path, metavar="PATH",
                    help="run this TensorRT engine (fcpass build of MODEL) instead of ONNX Runtime")
@@ -95,6 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline", action="store_true", help="also run the uncached graph, print speedup and PSNR")
     _sampling_args(s)
     s.set_defaults(func=cmd_sample)
+
+    cal = sub.add_parser("calibrate", help="fit TeaCache's polynomial or MagCache's ratios into a cache-aware graph's plan")
+    cal.add_argument("model", type=Path, help="a graph written by fcpass optimize")
+    cal.add_argument("-o", "--output", type=Path, required=True, help="the recalibrated graph (never the input)")
+    cal.add_argument("--for", dest="peer", required=True, choices=["teacache", "magcache"])
+    cal.add_argument("--calibrate", type=int, default=8, metavar="N", help="trajectories")
+    cal.add_argument("--calib-steps", type=int, default=50)
+    cal.add_argument("--inputs")
+    _sampling_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
+
+    t = sub.add_parser("tune", help="the fastest setting of each policy that holds a PSNR target, with a plot")
+    t.add_argument("model", type=Path, help="a graph written by fcpass optimize (calibrated)")
+    t.add_argument("--target-psnr", type=float, default=30.0, help="mean PSNR (dB) against the uncached samples")
+    t.add_argument("--policies", nargs="+", metavar="NAME[:KEY=VALUE,...]",
+                   help="policies to tune (default: fora at stack level, fastcache, fbcache, teacache, magcache, "
+                        "taylorseer at stack level); fixing the knob in a spec evaluates just that setting")
+    t.add_argument("--samples", type=int, default=10, help="samples of the calibration set (classes cycled)")
+    t.add_argument("--repeats", type=int, default=1, help="timed runs per setting; the fastest counts")
+    t.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    t.add_argument("--provider", default="cpu")
+    t.add_argument("--plot", type=Path, default=Path("tune.png"), help="speed against quality, one curve per policy")
+    t.add_argument("--json", type=Path, help="every setting measured, as JSON")
+    t.add_argument("--inputs")
+    _sampling_args(t)
+    t.set_defaults(func=cmd_tune, seed=1234)
 
     c = sub.add_parser("compare", help="PSNR and SSIM of B against A")
     c.add_argument("a", type=Path)
@@ -154,9 +190,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from fcpass.discover import discover_blocks
     from fcpass.graphinfo import GraphIndex, graph_macs
     from fcpass.onnx_io import load_model
+    from fcpass.passes.segments import is_segments_artefact
     from fcpass.plan import has_plan, read_plan
     from fcpass.roles import graph_inputs, graph_outputs, infer_roles, parse_role_overrides
 
+    if is_segments_artefact(args.model):
+        return _inspect_segments(args)
     model = load_model(args.model)
     info: dict[str, Any] = {
         "model": str(args.model),
@@ -174,13 +213,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         index = GraphIndex(model)
         info["macs_per_call"] = graph_macs(index)
         bmap = discover_blocks(model, roles.latent.name, args.block_pattern)
+        from fcpass.branches import branches_of
+
+        split = branches_of(index, bmap.blocks, roles.latent.name)
         info["blocks"] = {
             "count": len(bmap),
             "method": bmap.method,
             "blocks": [
                 {"index": b.index, "scope": b.scope, "nodes": len(b.nodes), "inputs": b.inputs,
-                 "outputs": b.outputs, "params": b.params, "macs": b.macs}
-                for b in bmap.blocks
+                 "outputs": b.outputs, "params": b.params, "macs": b.macs,
+                 "branches": split_b if isinstance(split_b, str) else [
+                     {"role": br.role, "kind": br.kind, "output": br.output, "gate": br.gate, "value": br.value,
+                      "value_projection": br.value_proj} for br in split_b.branches]}
+                for b, split_b in zip(bmap.blocks, split)
             ],
         }
     if args.json:
@@ -199,6 +244,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for blk in b["blocks"]:
             print(f"  {blk['index']:>3} {blk['scope']:<28} nodes {blk['nodes']:>4}  params {blk['params'] / 1e6:7.3f} M"
                   f"  MACs {blk['macs'] / 1e9:7.3f} G")
+            branches = blk["branches"]
+            if isinstance(branches, str):
+                print(f"      branches: not split: {branches}")
+            else:
+                print("      branches: " + " -> ".join(
+                    f"{br['role']}({br['kind']}{', V from ' + br['value_projection'] if br['value_projection'] else ''})"
+                    for br in branches))
     if "plan" in info:
         plan = info["plan"]
         print(f"cache plan (fcpass {plan['version']}): {len(plan['regions'])} regions, {len(plan['states'])} state tensors")
@@ -207,6 +259,33 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             cal_txt = f"  sigma2 {cal['sigma2']:.3g}  fit err {cal.get('fit_rel_err', float('nan')):.3g}" if cal.get("sigma2") is not None else ""
             print(f"  {r['index']:>3} {r['name']:<10} parent {r['parent']!s:<6} blocks {r['blocks'][0]}..{r['blocks'][-1]}"
                   f"  MACs {r['macs'] / 1e9:.3f} G{cal_txt}")
+    return 0
+
+
+def _inspect_segments(args: argparse.Namespace) -> int:
+    """The manifest of a segments folder: its step program, one line per segment or branch."""
+    from fcpass.passes.segments import read_manifest
+
+    manifest = read_manifest(args.model)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    plan = manifest.get("plan") or {"regions": []}
+    print(f"{args.model}  (fcpass segments, {manifest['segments']} segments, {manifest['branches']} branch points)")
+    print(f"cache plan: {len(plan['regions'])} regions ({', '.join(r['name'] for r in plan['regions'])})")
+
+    def show(steps: list[dict[str, Any]], depth: int) -> None:
+        pad = "  " * depth
+        for s in steps:
+            if s["kind"] == "segment":
+                print(f"{pad}{s['file']:<34} {len(s['inputs']):>3} in  {len(s['outputs']):>3} out")
+            elif s["kind"] == "branch":
+                print(f"{pad}if {s['cond']} ({s['region'] or 'not a region'}):")
+                for key in ("then", "else"):
+                    print(f"{pad}  {s[key]['role']}:")
+                    show(s[key]["steps"], depth + 2)
+
+    show(manifest["steps"], 1)
     return 0
 
 
@@ -237,12 +316,79 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         block_pattern=args.block_pattern,
         inputs=args.inputs,
         taylor=args.taylor,
+        tokens=args.tokens,
+        token_score=args.token_score,
+        lowering=args.lowering,
     )
     setup = _sampling_setup(args, model_path)
     plan = optimize(model_path, args.output, options, setup)
     blocks = len({b for r in plan.regions for b in r.blocks})
+    lowered = ""
+    if options.lowering == "segments":
+        from fcpass.passes.segments import read_manifest
+
+        lowered = f", lowered to {read_manifest(args.output)['segments']} If-free segments"
     print(f"wrote {args.output}: {len(plan.regions)} regions over {blocks} blocks"
-          f"{', calibrated' if args.calibrate else ''}")
+          f"{', calibrated' if args.calibrate else ''}{lowered}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fcpass.calibrate import CalibrationOptions, calibrate_peers
+    from fcpass.onnx_io import check_distinct, load_model, save_model
+    from fcpass.plan import read_plan, write_plan
+
+    check_distinct(args.model, args.output)
+    model = load_model(args.model)
+    plan = read_plan(model, str(args.model))
+    setup = _sampling_setup(args, args.model)
+    options = CalibrationOptions(trajectories=args.calibrate, steps=args.calib_steps)
+    result = calibrate_peers(model, plan, setup, args.peer, options)
+    write_plan(model, plan)
+    save_model(model, args.output)
+    if args.peer == "teacache":
+        print(f"wrote {args.output}: teacache polynomial {', '.join(f'{c:.4g}' for c in result['coefficients'])} "
+              f"(relative fit residual {result['rel_residual']:.3f} over {result['points']} points)")
+    else:
+        ratios = np.asarray(result["ratios"])
+        print(f"wrote {args.output}: magcache ratios for {len(ratios)} steps, "
+              f"{ratios.min():.4f} .. {ratios.max():.4f}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fcpass import tune
+    from fcpass.onnx_io import atomic_path
+    from fcpass.runner import load_denoiser
+
+    if args.samples < 1:
+        raise FcpassError(f"--samples {args.samples} must be at least 1")
+    if args.threads is not None:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    setup = _sampling_setup(args, args.model)
+    request = setup["request"]
+    if request.classes is not None and args.classes is None:
+        request.classes = [request.classes[i % len(request.classes)] for i in range(args.samples)]
+    denoiser = load_denoiser(args.model, "none", {}, provider=args.provider, inputs=setup["inputs"], threads=args.threads)
+    if not hasattr(denoiser, "plan"):
+        raise FcpassError(f"{args.model} is not cache-aware; run: fcpass optimize {args.model} -o model.fc.onnx --calibrate 8")
+    classifier = None
+    if setup.get("arch") == "digits":
+        from fcpass.quality import DigitClassifier
+
+        classifier = DigitClassifier()
+    policies = args.policies or tune.DEFAULT_POLICIES
+    for spec in policies:
+        tune.settings(spec)  # unknown policies fail before any sampling
+    result = tune.tune(denoiser, setup, policies, args.target_psnr, args.repeats, classifier, str(args.model))
+    text = tune.table(result)
+    print(text)
+    tune.plot(tune.curves_of(result), args.target_psnr, args.plot,
+              f"{args.model.name}: {request.count} samples x {request.steps} steps")
+    print(f"wrote {args.plot}")
+    if args.json:
+        with atomic_path(args.json, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(tune.to_json(result), indent=1))
     return 0
 
 
@@ -268,9 +414,13 @@ def _export_meta(model: Any) -> dict[str, Any]:
 def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     """Scheduler, request defaults and roles for a graph: from flags, else its export metadata."""
     from fcpass.onnx_io import load_model
+    from fcpass.passes.segments import interface_model, is_segments_artefact, read_manifest
     from runtimes.sampler import SampleRequest
 
-    model = load_model(model_path, load_weights=False)
+    if is_segments_artefact(model_path):  # a segments folder: its manifest holds the export metadata
+        model = interface_model(read_manifest(model_path))
+    else:
+        model = load_model(model_path, load_weights=False)
     meta = _export_meta(model)
     config = meta.get("config", {})
     sched_path = args.scheduler_config
@@ -317,7 +467,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model_path = args.model or _bundled_onnx()
     setup = _sampling_setup(args, model_path)
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
-                                             "sigma_scale", "levels", "level")}
+                                             "sigma_scale", "levels", "level", "threshold")}
     denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"],
                              engine=args.engine)
     result, report = run_sampling(denoiser, setup, model_path, args.policy)

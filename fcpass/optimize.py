@@ -1,4 +1,10 @@
-"""`fcpass optimize`: discover blocks, insert cache regions, calibrate, and write one artefact."""
+"""`fcpass optimize`: discover blocks, insert cache regions, calibrate, and write one artefact.
+
+The artefact is one `.fc.onnx` file with `lowering="if"` (every region an ONNX If), or a folder of
+If-free segments with `lowering="segments"` (`fcpass.passes.segments`: the same calibrated graph, cut
+at its Ifs, for runtimes that must not see an If). An input that is already cache-aware can only be
+lowered to segments, as it is (its regions, calibration and fitted weights are kept).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,14 @@ from typing import Any
 
 from fcpass.calibrate import CalibrationOptions, calibrate
 from fcpass.discover import discover_blocks
+from fcpass.errors import FcpassError
 from fcpass.onnx_io import check_distinct, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
-from fcpass.plan import CachePlan, write_plan
+from fcpass.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
+from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
 from runtimes.policies import policy_defaults
+from runtimes.token_policies import token_options
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +36,20 @@ class OptimizeOptions:
     block_pattern: str | None = None
     inputs: str | None = None
     taylor: bool = False
+    lowering: str = "if"  # "if": one .fc.onnx file; "segments": a folder of If-free segments
+    tokens: str | None = None  # token-level caching with this policy's k schedule: "duca" or "toca"
+    token_score: str | None = None  # vnorm (default), saliency or random
 
 
 def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: dict[str, Any] | None) -> CachePlan:
     """Write the cache-aware graph of `model_path` to `output`; nothing is written on failure."""
+    check_lowering(options.lowering)
     check_distinct(model_path, output)
+    if options.lowering == "segments":
+        check_segments_output(output)  # before the (possibly long) calibration
     model = load_model(model_path)
+    if options.lowering == "segments" and has_plan(model):
+        return _lower_compiled(model, model_path, output, options)
     roles = infer_roles(model, parse_role_overrides(options.inputs))
     block_map = discover_blocks(model, roles.latent.name, options.block_pattern)
     role_names = {
@@ -41,7 +58,8 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         "class": roles.class_labels.name if roles.class_labels else None,
         "prompt_embeds": roles.prompt_embeds.name if roles.prompt_embeds else None,
     }
-    out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor)
+    tokens = token_options(options.tokens, options.token_score) if options.tokens else None
+    out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor, tokens=tokens)
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
     if options.calibrate:
         if setup is None:
@@ -49,5 +67,24 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         calibrate(out, plan, setup, CalibrationOptions(options.calibrate, options.calib_steps, options.calib_eps))
     plan.policy_defaults = policy_defaults()
     write_plan(out, plan)
-    save_model(out, output)
+    if options.lowering == "segments":
+        write_segments(lower_to_segments(out), output)
+    else:
+        save_model(out, output)
+    return plan
+
+
+def _lower_compiled(model: Any, model_path: str | Path, output: str | Path, options: OptimizeOptions) -> CachePlan:
+    """Lower an already compiled graph as it is: its regions and calibration are fixed in it."""
+    fixed = OptimizeOptions(lowering=options.lowering)
+    changed = [flag for flag, given, default in (
+        ("--calibrate", options.calibrate, fixed.calibrate), ("--regions", options.regions, fixed.regions),
+        ("--taylor", options.taylor, fixed.taylor), ("--tokens", options.tokens, fixed.tokens),
+        ("--token-score", options.token_score, fixed.token_score)) if given != default]
+    if changed:
+        raise FcpassError(f"{model_path} is already cache-aware, so {', '.join(changed)} cannot change it; "
+                          "drop the flag to lower it as it is, or optimize the original export")
+    plan = read_plan(model, str(model_path))
+    log.info("%s is already cache-aware: lowering it as it is", model_path)
+    write_segments(lower_to_segments(model), output)
     return plan

@@ -17,21 +17,39 @@ from fcpass import __version__
 from fcpass.errors import FcpassError
 
 PLAN_KEY = "fcpass.plan"
-CTL_INPUT = "fc_ctl"  # int64 (R,): 0 compute, 1 skip, 2 decide in the graph (skip iff stat <= thr)
+CTL_INPUT = "fc_ctl"  # int64 (R,): 0 compute, 1 skip, 2 decide in the graph (skip iff stat <= thr), 3 the same on the probe
 THR_INPUT = "fc_thr"  # float32 (R,): thresholds on the statistic
-MIX_INPUT = "fc_mix"  # float32 (R, 3): coefficients of the approximation, see APPROX_MIX
-STAT_OUTPUT = "fc_stat"  # float32 (R, B): per-sample relative change of each region's input
+MIX_INPUT = "fc_mix"  # float32 (R, MIX_WIDTH): coefficients of the approximation, see APPROX_MIX
+STAT_OUTPUT = "fc_stat"  # float32 (R, B): per sample, the statistic each region was tested on (its probe under ctl 3)
 SKIP_OUTPUT = "fc_skip"  # float32 (R,): 1 skipped, 0 computed, -1 not reached (an enclosing region skipped)
+# Token-level caching (`fcpass.passes.token_cache`; only in graphs optimized with --tokens), one entry per
+# block: 0 full (the original nodes; token caches, V-norm scores and counters refreshed), 1 conservative
+# (self-attention reused, token-local branches on their top-k tokens), 2 conservative with attention computed.
+TOK_INPUT = "fc_tok"  # int64 (blocks,)
+TOK_RAND_INPUT = "fc_tok_rand"  # float32 (blocks, N): the host's seeded token scores, with --token-score random
 
-CTL_COMPUTE, CTL_SKIP, CTL_DECIDE = 0, 1, 2
+CTL_COMPUTE, CTL_SKIP, CTL_DECIDE, CTL_PROBE = 0, 1, 2, 3
 
-# A skipped region's output is  O_ref + m_res*(H - H_ref) + m_lin*((H - H_ref) V + b) + m_tay*(O_ref - O_prev),
-# with V = W - I fitted by calibration. Rows of fc_mix per approximation (taylor1's m_tay is step-dependent).
-APPROX_MIX: dict[str, tuple[float, float, float]] = {
-    "reuse": (0.0, 0.0, 0.0),
-    "residual": (1.0, 0.0, 0.0),
-    "linear": (1.0, 1.0, 0.0),
-    "taylor1": (0.0, 0.0, 1.0),
+# A region's second statistic, tested under ctl 3 (both are rel_L1 = sum|a - b| / sum|b| per sample):
+PROBES = {
+    # The range after the first block (FBCache): the first block's residual O_0 - H_0 against the
+    # residual at the last step this range computed.
+    "head_residual": "first block's residual vs the last computed step's",
+    # The whole stack (TeaCache): block 0's timestep-modulated, normalised input against the previous step's.
+    "modulated_input": "block 0's modulated input vs the previous step's",
+}
+
+# A skipped region's output, with d = H - H_ref, V = W - I, b fitted by calibration (linear) and
+# A, c fitted by calibration (affine, the paper's literal O = H A + c):
+#   (1 - m_aff) * (O_ref + m_tay*(O_ref - O_prev)) + m_res*d + (m_lin*d + m_aff*H)(m_lin*V + m_aff*A) + m_lin*b + m_aff*c
+# Rows of fc_mix per approximation (taylor1's m_tay is step-dependent); m_lin and m_aff are never both set.
+MIX_WIDTH = 4
+APPROX_MIX: dict[str, tuple[float, float, float, float]] = {
+    "reuse": (0.0, 0.0, 0.0, 0.0),
+    "residual": (1.0, 0.0, 0.0, 0.0),
+    "linear": (1.0, 1.0, 0.0, 0.0),
+    "affine": (0.0, 0.0, 0.0, 1.0),
+    "taylor1": (0.0, 0.0, 1.0, 0.0),
 }
 
 
@@ -42,7 +60,9 @@ class StateSpec:
     name: str
     next: str
     region: str
-    kind: str  # "in" (last computed input), "out" (last computed output), "prev" (the computed output before)
+    # "in" (last computed input), "out" (last computed output), "prev" (the computed output before),
+    # "res" (the probed residual at the last computed step), "mod" (the probed input at the previous step)
+    kind: str
     source: str  # the original graph tensor it tracks
     shape: list[int | str | None]
     dtype: str
@@ -62,6 +82,7 @@ class RegionSpec:
     macs: int
     approx_macs: int
     calibration: dict[str, Any] = field(default_factory=dict)
+    probe: str | None = None  # a key of PROBES, if the region has a second statistic
 
 
 @dataclass
@@ -75,6 +96,8 @@ class CachePlan:
     version: str = __version__
     calibration: dict[str, Any] = field(default_factory=dict)
     policy_defaults: dict[str, Any] = field(default_factory=dict)
+    # Token-level caching, if compiled: options, and per block its region, k per branch and MACs (token_cache.spec)
+    tokens: dict[str, Any] = field(default_factory=dict)
 
     def region(self, name: str) -> RegionSpec:
         for r in self.regions:

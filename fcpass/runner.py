@@ -7,11 +7,12 @@ from typing import Any
 
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs
+from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
-from runtimes.policies import POLICIES, make_policy
+from runtimes.policies import POLICIES, make_policy, parse_policy_spec
 from runtimes.sampler import PlainDenoiser, SampleResult, sample
 from runtimes.schedulers import scheduler_from_config
 
@@ -35,20 +36,29 @@ def load_denoiser(
     """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser.
 
     With `engine` (a TensorRT plan built from `path`), the engine runs the steps and `path` supplies
-    the cache plan and the input roles.
+    the cache plan and the input roles. A folder written by `fcpass optimize --lowering segments`
+    runs on `runtimes.segments.SegmentsBackend` (its manifest supplies the plan and the interface).
     """
-    if policy is not None and policy not in POLICIES:
-        raise FcpassError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if engine is not None:
+    name = parse_policy_spec(policy)[0] if policy is not None else None
+    if name is not None and name not in POLICIES:
+        raise FcpassError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if is_segments_artefact(path):
+        if engine is not None:
+            raise FcpassError(f"--engine runs a TensorRT plan built from an .fc.onnx file; {path} is a segments folder: "
+                              "drop --engine or pass the .fc.onnx the engine was built from")
+        from runtimes.segments import SegmentsBackend
+
+        backend: Any = SegmentsBackend(path, [provider], threads=threads)
+    elif engine is not None:
         from runtimes.trt_backend import TrtBackend
 
-        backend: Any = TrtBackend(engine, path)
+        backend = TrtBackend(engine, path)
     else:
         backend = OrtBackend(path, [provider], threads=threads)
     if has_plan(backend.model):
         plan = read_plan(backend.model, str(path))
         return CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
-    if policy not in (None, "none"):
+    if name not in (None, "none"):
         raise FcpassError(f"--policy {policy} needs a cache-aware graph; run: fcpass optimize {path} -o model.fc.onnx --calibrate 8")
     roles = infer_roles(backend.model, parse_role_overrides(inputs))
     return PlainDenoiser(backend, roles, backend.outputs[0].name, graph_macs(GraphIndex(backend.model)))

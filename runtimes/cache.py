@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.plan import CTL_INPUT, MIX_INPUT, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, CachePlan
+from fcpass.errors import FcpassError
+from fcpass.plan import CTL_INPUT, MIX_INPUT, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, TOK_INPUT, TOK_RAND_INPUT, CachePlan
 from fcpass.roles import InputRoles
 from runtimes.policies import Policy
 from runtimes.state import HostState
@@ -34,6 +35,15 @@ class CachedDenoiser:
         self.uncached_macs = plan.uncached_macs
         self._record: dict[str, Any] = {}
         self._saved = np.array([r.macs - r.approx_macs for r in plan.regions], dtype=np.float64)
+        # Token-level caching (graphs optimized with --tokens): a policy without token controls keeps
+        # every block in full mode, where the graph equals the original.
+        blocks = plan.tokens.get("blocks", []) if plan.tokens else []
+        self._tok_zero = np.zeros(len(blocks), np.int64) if blocks else None
+        self._tok_rand = bool(blocks) and plan.tokens.get("options", {}).get("score") == "random"
+        # Saved per block by mode: 1 (attention reused) and 2 (attention computed).
+        self._tok_saved = np.array([[0.0, b["macs"] - b["conservative_macs"], b["macs"] - b["conservative_macs"] - b["mixing_macs"]]
+                                    for b in blocks], dtype=np.float64)
+        self._tok_region = [next(r.index for r in plan.regions if r.name == b["region"]) for b in blocks]
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -47,15 +57,31 @@ class CachedDenoiser:
     def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
         controls = self.policy.controls(step)
         run_feeds = {**feeds, CTL_INPUT: controls.ctl, THR_INPUT: controls.thr, MIX_INPUT: controls.mix}
+        tok = None
+        if self._tok_zero is not None:
+            tok = getattr(controls, "tok", None)
+            tok = self._tok_zero if tok is None else tok
+            run_feeds[TOK_INPUT] = tok
+            if self._tok_rand:
+                rand = getattr(controls, "rand", None)
+                if rand is None:
+                    raise FcpassError("this graph scores tokens with host-fed random numbers; sample it with --policy duca or toca")
+                run_feeds[TOK_RAND_INPUT] = rand
         out = self.binding.step(run_feeds, [self.output, STAT_OUTPUT, SKIP_OUTPUT])
         stat, skip = out[STAT_OUTPUT], out[SKIP_OUTPUT]
         self.policy.observe(step, stat, skip)
         skipped = skip == 1
         with np.errstate(invalid="ignore"):
             stat_max = np.where(np.isnan(stat).any(axis=1), np.nan, stat.max(axis=1))
+        macs = self.uncached_macs - self._saved[skipped].sum()
+        if tok is not None and tok.any():
+            # A conservative block saves its MACs only where its region (the innermost) computed.
+            reached = (tok != 0) & (skip[self._tok_region] == 0)
+            macs -= self._tok_saved[np.arange(len(tok)), np.clip(tok, 0, 2)][reached].sum()
         self._record = {
-            "macs": int(self.uncached_macs - self._saved[skipped].sum()),
+            "macs": int(macs),
             "ctl": controls.ctl.tolist(),
+            **({"tok": tok.tolist()} if tok is not None else {}),
             "thr": controls.thr.tolist(),
             "skip": skip.tolist(),
             "stat": [None if not np.isfinite(v) else float(v) for v in stat_max],

@@ -8,22 +8,24 @@ or the policy never needs a rebuild. Every policy computes the first `warmup` st
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy.stats import chi2
 
 from fcpass.errors import FcpassError
-from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, CachePlan
+from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_PROBE, CTL_SKIP, MIX_WIDTH, CachePlan, RegionSpec
 
 
 @dataclass
 class StepControls:
     ctl: np.ndarray  # int64 (R,)
     thr: np.ndarray  # float32 (R,)
-    mix: np.ndarray  # float32 (R, 3)
+    mix: np.ndarray  # float32 (R, MIX_WIDTH)
 
 
 class Policy(ABC):
@@ -41,7 +43,7 @@ class Policy(ABC):
     def base(self) -> StepControls:
         assert self.plan is not None, "reset() must be called before controls()"
         r = len(self.plan.regions)
-        return StepControls(np.zeros(r, np.int64), np.zeros(r, np.float32), np.zeros((r, 3), np.float32))
+        return StepControls(np.zeros(r, np.int64), np.zeros(r, np.float32), np.zeros((r, MIX_WIDTH), np.float32))
 
     @abstractmethod
     def controls(self, step: int) -> StepControls: ...
@@ -140,7 +142,8 @@ class FastCacheConfig:
         the evidence and makes alpha nearly irrelevant).
     warmup: leading steps always computed.  max_skips: consecutive skips of one block before it must
         compute again (bounds the drift of its cached reference).
-    approx: `linear` (the calibrated W, b) by default; `residual` or `reuse` to compare; `taylor1`
+    approx: `linear` (the calibrated W, b) by default; `residual` or `reuse` to compare; `affine`, the
+        paper's literal O = H A + c (fitted too, but blind to the cached reference); `taylor1`
         (an fcpass extension; graph optimized with --taylor) extrapolates from the region's own two last
         computed steps a > b: O = O_a + (i - a)(O_a - O_b)/(a - b).
     sigma_scale: multiplies every calibrated sigma^2 (a single knob for tuning speed against quality).
@@ -220,14 +223,14 @@ class FastCache(Policy):
             out.mix[k] = self._mix(k, step)
         return out
 
-    def _mix(self, k: int, step: int) -> tuple[float, float, float]:
+    def _mix(self, k: int, step: int) -> tuple[float, ...]:
         if self.config.approx != "taylor1":
             return APPROX_MIX[self.config.approx]
         done = self.computed[k]
         if len(done) < 2:
             return APPROX_MIX["reuse"]
         a, b = done[-1], done[-2]
-        return (0.0, 0.0, (step - a) / (a - b))
+        return (0.0, 0.0, (step - a) / (a - b), 0.0)
 
     def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
         # -1 (not reached) means an enclosing region was skipped: this one was not computed either.
@@ -275,7 +278,7 @@ class TaylorSeer(Scheduled):
         slope = (step - a) / (a - self.full[-2]) if len(self.full) > 1 else 0.0
         for k in self.skipped:
             out.ctl[k] = CTL_SKIP
-            out.mix[k] = (0.0, 0.0, slope)
+            out.mix[k] = (0.0, 0.0, slope, 0.0)
         return out
 
 
@@ -320,13 +323,190 @@ class DeltaDiT(Scheduled):
         return out
 
 
+def _probed_region(plan: CachePlan, name: str, probe: str, policy: str) -> RegionSpec:
+    regions = [r for r in plan.regions if r.name == name]
+    if not regions:
+        raise FcpassError(f"{policy} needs the {name!r} region; optimize with --regions including {name}")
+    if regions[0].probe != probe:
+        raise FcpassError(f"{policy} needs the {probe} probe on region {name!r}, which this graph lacks "
+                          "(block 0 has no LayerNormalization on its input); re-optimize with fcpass >= 0.1")
+    return regions[0]
+
+
+@dataclass
+class FBCacheConfig:
+    """First-block cache (FBCache; diffusers' FirstBlockCache): block 0 always runs; the rest of the
+    stack is skipped with `residual` while d = rel_L1 of block 0's residual against its value at the
+    last computed step stays below `threshold`. The test runs in the graph (the `tail` region's probe).
+
+    threshold: diffusers' default 0.05 (FLUX 0.08); larger is faster and drifts more.
+    warmup: leading steps always computed (the first has no reference anyway).
+    """
+
+    threshold: float = 0.05
+    warmup: int = 1
+
+
+class FBCache(Policy):
+    name = "fbcache"
+
+    def __init__(self, config: FBCacheConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or FBCacheConfig()
+        if self.config.threshold < 0:
+            raise FcpassError(f"fbcache threshold {self.config.threshold} must be >= 0")
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        super().reset(plan, num_steps)
+        self.tail = _probed_region(plan, "tail", "head_residual", self.name).index
+
+    def controls(self, step: int) -> StepControls:
+        out = self.base()
+        if step < self.config.warmup or step == self.num_steps - 1:
+            return out
+        out.ctl[self.tail] = CTL_PROBE
+        out.thr[self.tail] = self.config.threshold
+        out.mix[self.tail] = APPROX_MIX["residual"]
+        return out
+
+
+@dataclass
+class TeaCacheConfig:
+    """TeaCache: d = rel_L1 of block 0's modulated input against the previous step's; the stack is
+    skipped (`residual`) while the accumulated rescaled change A + poly(d) stays below `threshold`;
+    a computed step resets A. poly is fitted per model (`fcpass calibrate --for teacache`, or
+    `fcpass optimize --calibrate N`), so `threshold` means the same output change on any model.
+
+    threshold: TeaCache's rel_l1_thresh; larger is faster (0.1-0.3 is near-lossless on its models).
+    warmup: leading steps always computed. The last step is always computed.
+    coefficients: the polynomial, highest degree first; None takes the calibrated one from the plan.
+    """
+
+    threshold: float = 0.3
+    warmup: int = 1
+    coefficients: tuple[float, ...] | None = None
+
+
+class TeaCache(Policy):
+    """The in-graph test is skip iff d <= thr; the host turns A + poly(d) < threshold into a bound
+    on d (the first crossing of poly(d) = threshold - A above 0), so the graph needs no polynomial."""
+
+    name = "teacache"
+
+    def __init__(self, config: TeaCacheConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or TeaCacheConfig()
+        self.accumulated = 0.0
+        self.poly = np.poly1d([1.0, 0.0])
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        super().reset(plan, num_steps)
+        stack = _probed_region(plan, "stack", "modulated_input", self.name)
+        self.stack = stack.index
+        coefficients = self.config.coefficients or stack.calibration.get("teacache", {}).get("coefficients")
+        if not coefficients:
+            raise FcpassError("teacache needs its rescaling polynomial; run: fcpass calibrate MODEL -o OUT --for teacache "
+                              "(or optimize with --calibrate N), or give coefficients")
+        self.poly = np.poly1d(np.asarray(coefficients, dtype=np.float64))
+        self.accumulated = 0.0
+
+    def bound(self, budget: float) -> float:
+        """The largest d with poly(x) < budget for every x in [0, d]; -1 when there is none."""
+        if self.poly(0.0) >= budget:
+            return -1.0
+        roots = (self.poly - budget).roots
+        real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real > 0]
+        return float(min(real)) if real else float("inf")
+
+    def controls(self, step: int) -> StepControls:
+        out = self.base()
+        if step < self.config.warmup or step == self.num_steps - 1:
+            return out
+        out.ctl[self.stack] = CTL_PROBE
+        out.thr[self.stack] = self.bound(self.config.threshold - self.accumulated)
+        out.mix[self.stack] = APPROX_MIX["residual"]
+        return out
+
+    def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
+        if skip[self.stack] == 1:
+            self.accumulated += float(self.poly(float(np.max(stat[self.stack]))))
+        else:
+            self.accumulated = 0.0
+
+
+@dataclass
+class MagCacheConfig:
+    """MagCache: the stack residual's magnitude ratio gamma_i = mean_token ||R(i)|| / ||R(i-1)|| is
+    calibrated once per model; at run time Gamma *= gamma_i and err += |1 - Gamma| over consecutive
+    skipped steps, and the stack is skipped (`residual`) while err <= threshold and at most
+    `max_skips` steps in a row. Decided on the host alone: no statistic is needed.
+
+    threshold: MagCache's default 0.06; larger is faster.
+    max_skips: K, consecutive skips before a computed step.
+    retention: the leading fraction of steps always computed (0.2; the first step always is).
+    """
+
+    threshold: float = 0.06
+    max_skips: int = 3
+    retention: float = 0.2
+
+
+class MagCache(Policy):
+    name = "magcache"
+
+    def __init__(self, config: MagCacheConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or MagCacheConfig()
+        if not 0.0 <= self.config.retention <= 1.0:
+            raise FcpassError(f"magcache retention {self.config.retention} must be in [0, 1]")
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        super().reset(plan, num_steps)
+        regions = [r for r in plan.regions if r.name == "stack"]
+        if not regions:
+            raise FcpassError("magcache needs the 'stack' region; optimize with --regions including stack")
+        self.stack = regions[0].index
+        ratios = regions[0].calibration.get("magcache", {}).get("ratios")
+        if not ratios:
+            raise FcpassError("magcache needs calibrated magnitude ratios; run: fcpass calibrate MODEL -o OUT --for magcache "
+                              "(or optimize with --calibrate N)")
+        self.ratios = resample_ratios(np.asarray(ratios, dtype=np.float64), num_steps)
+        self.gamma, self.err, self.run = 1.0, 0.0, 0
+
+    def controls(self, step: int) -> StepControls:
+        out = self.base()
+        if step < max(1, int(self.config.retention * self.num_steps)) or step == self.num_steps - 1:
+            return out
+        self.gamma *= float(self.ratios[step])
+        self.err += abs(1.0 - self.gamma)
+        self.run += 1
+        if self.err <= self.config.threshold and self.run <= self.config.max_skips:
+            out.ctl[self.stack] = CTL_SKIP
+            out.mix[self.stack] = APPROX_MIX["residual"]
+        else:
+            self.gamma, self.err, self.run = 1.0, 0.0, 0
+        return out
+
+
+def resample_ratios(ratios: np.ndarray, steps: int) -> np.ndarray:
+    """Calibrated per-step ratios mapped to another step count by nearest index (MagCache's nearest_interp)."""
+    if steps == len(ratios):
+        return ratios
+    if steps == 1:
+        return ratios[-1:]
+    idx = np.round(np.arange(steps) * (len(ratios) - 1) / (steps - 1)).astype(int)
+    return ratios[idx]
+
+
 def chi2_threshold(sigma2: float, alpha: float, nu: int) -> float:
     """Threshold on delta (not delta^2): sqrt(sigma^2 * chi2_ppf(1 - alpha, nu) / nu)."""
     return math.sqrt(sigma2 * float(chi2.ppf(1.0 - alpha, nu)) / nu)
 
 
-POLICIES = {"none": NoCache, "fora": Fora, "fastcache": FastCache, "taylorseer": TaylorSeer, "delta-dit": DeltaDiT}
-CONFIGS = {"fora": ForaConfig, "fastcache": FastCacheConfig, "taylorseer": TaylorSeerConfig, "delta-dit": DeltaDiTConfig}
+POLICIES = {"none": NoCache, "fora": Fora, "fastcache": FastCache, "taylorseer": TaylorSeer, "delta-dit": DeltaDiT,
+            "fbcache": FBCache, "teacache": TeaCache, "magcache": MagCache}
+CONFIGS = {"fora": ForaConfig, "fastcache": FastCacheConfig, "taylorseer": TaylorSeerConfig, "delta-dit": DeltaDiTConfig,
+           "fbcache": FBCacheConfig, "teacache": TeaCacheConfig, "magcache": MagCacheConfig}
 
 
 def policy_defaults() -> dict[str, dict[str, object]]:
@@ -334,15 +514,49 @@ def policy_defaults() -> dict[str, dict[str, object]]:
     return {name: asdict(cls()) for name, cls in CONFIGS.items()}
 
 
+def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """`fastcache:alpha=0.1,levels=stack,blocks` -> ("fastcache", {"alpha": 0.1, "levels": "stack,blocks"}).
+
+    Values are JSON where they parse (numbers, lists), else strings; a bare word continues the
+    previous value, so comma-separated values need no quoting.
+    """
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    items: list[str] = []
+    for piece in filter(None, rest.split(",")):
+        if "=" in piece or not items:
+            items.append(piece)
+        else:
+            items[-1] += "," + piece
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise FcpassError(f"policy option {item!r} in {text!r} needs a value: KEY=VALUE")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip().replace("-", "_")] = value
+    return name.strip(), options
+
+
 def make_policy(name: str, **options: object) -> Policy:
-    """Build a policy by name from keyword options that match its config's fields (None = default)."""
+    """Build a policy from its name, or a spec `name:key=value,...`, and keyword options matching its
+    config's fields (None = default; the spec's values win over the keywords)."""
+    name, spec_options = parse_policy_spec(name)
     if name not in POLICIES:
         raise FcpassError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[name]
+    given = {k: v for k, v in {**options, **spec_options}.items() if v is not None}
     config_cls = CONFIGS.get(name)
+    fields = config_cls.__dataclass_fields__ if config_cls is not None else {}
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise FcpassError(f"{name} has no option {', '.join(unknown)}; its options are: {', '.join(fields) or 'none'}")
     if config_cls is None:
         return cls()
-    fields = config_cls.__dataclass_fields__
-    given = {k: v for k, v in options.items() if v is not None and k in fields}
     return cls(config_cls(**given))  # type: ignore[call-arg]
 
+
+
+# DuCa and ToCa (token-level caching) register themselves into POLICIES and CONFIGS.
+import runtimes.token_policies  # noqa: E402, F401

@@ -12,7 +12,7 @@ import pytest
 
 from fcpass.discover import discover_blocks
 from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.plan import APPROX_MIX, CachePlan, read_plan, write_plan
+from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, read_plan, write_plan
 from fcpass.trt_check import check_graph
 from tests.conftest import load, tiny_feeds
 
@@ -36,7 +36,7 @@ class Compiled:
         self.state = {s.name: np.zeros(s.shape, np.float32) for s in self.plan.states}
         self.ctl = np.zeros(r, np.int64)
         self.thr = np.zeros(r, np.float32)
-        self.mix = np.zeros((r, 3), np.float32)
+        self.mix = np.zeros((r, MIX_WIDTH), np.float32)
 
     def idx(self, name: str) -> int:
         return self.plan.region(name).index
@@ -74,8 +74,8 @@ def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Comp
     assert len(top_ifs) == 1  # only the stack at top level; the rest nest inside its compute branch
     then_branch = next(a.g for a in top_ifs[0].attribute if a.name == "then_branch")
     approx_ops = Counter(n.op_type for n in then_branch.node)
-    # reuse/taylor term, the linear/residual terms for one paired output, Identities for the 3 outputs+states.
-    assert approx_ops["MatMul"] == 1 and approx_ops["Sub"] == 2 and approx_ops["Mul"] >= 3
+    # One MatMul for the fitted forms; Subs: taylor trend, delta, 1 - m_aff; Identities for outputs+states.
+    assert approx_ops["MatMul"] == 1 and approx_ops["Sub"] == 3 and approx_ops["Mul"] >= 3
     else_branch = next(a.g for a in top_ifs[0].attribute if a.name == "else_branch")
     inner_ifs = [n for n in else_branch.node if n.op_type == "If"]
     assert len(inner_ifs) == 2  # block0 and tail
@@ -94,11 +94,16 @@ def test_all_compute_equals_original_and_states_are_true_block_io(compiled: Comp
     (ref,) = compiled.ref_sess.run(None, feeds)
     assert np.abs(out["noise_pred"] - ref).max() <= 1e-5
     assert (out["fc_skip"] == 0).all()
-    tensors = sorted({t for r in compiled.plan.regions for t in r.inputs + r.outputs})
+    tensors = sorted({t for r in compiled.plan.regions for t in r.inputs + r.outputs} | {s.source for s in compiled.plan.states})
     truth = compiled.true_values(feeds, tensors)
+    head = compiled.plan.block_regions()[0].inputs[0]
+    kinds = {s.kind for s in compiled.plan.states}
+    assert {"in", "out", "res", "mod"} <= kinds
     for s in compiled.plan.states:
-        if s.kind in ("in", "out"):
+        if s.kind in ("in", "out", "mod"):
             np.testing.assert_allclose(out[s.next], truth[s.source], rtol=0, atol=1e-5, err_msg=s.name)
+        elif s.kind == "res":  # the first block's residual
+            np.testing.assert_allclose(out[s.next], truth[s.source] - truth[head], rtol=0, atol=1e-5, err_msg=s.name)
         else:  # prev takes the old `out`, zero at the first step
             assert not out[s.next].any()
 
@@ -112,7 +117,7 @@ def test_zero_state_never_skips_even_when_the_graph_decides(compiled: Compiled) 
     assert not np.isfinite(out["fc_stat"]).any()
 
 
-@pytest.mark.parametrize("approx", ["reuse", "residual", "linear", "taylor1"])
+@pytest.mark.parametrize("approx", ["reuse", "residual", "linear", "affine", "taylor1"])
 def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compiled, approx: str) -> None:
     f1, f2 = tiny_feeds(0), tiny_feeds(1)
     compiled.run(tiny_feeds(2))  # so that `prev` differs from `out` for taylor1
@@ -125,8 +130,11 @@ def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compil
     b = np.full(d, 0.01, np.float32)
     _set_initializer(compiled, "fc.block1.V0", v)
     _set_initializer(compiled, "fc.block1.b0", b)
+    a, c = np.eye(d, dtype=np.float32) + 0.05 * np.eye(d, k=-1, dtype=np.float32), np.full(d, -0.02, np.float32)
+    _set_initializer(compiled, "fc.block1.A0", a)
+    _set_initializer(compiled, "fc.block1.c0", c)
     compiled.ctl[k] = 1
-    compiled.mix[k] = APPROX_MIX[approx] if approx != "taylor1" else (0.0, 0.0, 0.5)
+    compiled.mix[k] = APPROX_MIX[approx] if approx != "taylor1" else (0.0, 0.0, 0.5, 0.0)
     out = compiled.run(f2)
     assert out["fc_skip"][k] == 1 and (np.delete(out["fc_skip"], k) == 0).all()
     h = out["fc.block2.in0.next"]  # block2's input is block1's (approximated) output
@@ -138,6 +146,7 @@ def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compil
         "reuse": o_ref,
         "residual": o_ref + (h1 - h_ref),
         "linear": o_ref + (h1 - h_ref) + (h1 - h_ref) @ v + b,
+        "affine": h1 @ a + c,
         "taylor1": o_ref + 0.5 * (o_ref - o_prev),
     }[approx]
     np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-5)
@@ -174,7 +183,10 @@ def test_skipped_stack_passes_nested_state_through(compiled: Compiled) -> None:
     assert skip == {"stack": 1, "block0": -1, "tail": -1, "block1": -1, "block2": -1}
     assert np.isnan(out["fc_stat"][1:]).all() and np.isfinite(out["fc_stat"][0]).all()
     for s in compiled.plan.states:
-        np.testing.assert_array_equal(out[s.next], before[s.name], err_msg=s.name)
+        if s.kind == "mod":  # the previous step's modulated input, updated every step
+            assert not np.array_equal(out[s.next], before[s.name])
+        else:
+            np.testing.assert_array_equal(out[s.next], before[s.name], err_msg=s.name)
 
 
 def test_graph_decision_is_per_sample_and_needs_every_sample(compiled: Compiled) -> None:
@@ -211,3 +223,55 @@ def test_blocks_only_region_set(tiny_dit: Path) -> None:
     feeds = tiny_feeds(3)
     (ref,) = c.ref_sess.run(None, feeds)
     assert np.abs(c.run(feeds)["noise_pred"] - ref).max() <= 1e-5
+
+
+def _rel_l1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    axes = tuple(range(1, a.ndim))
+    return np.abs(a - b).sum(axis=axes) / np.abs(b).sum(axis=axes)
+
+
+def test_probes_are_rel_l1_of_first_block_residual_and_modulated_input(compiled: Compiled) -> None:
+    """ctl 3 tests the probe: tail = FBCache's residual change, stack = TeaCache's modulated-input change."""
+    plan = compiled.plan
+    assert plan.region("tail").probe == "head_residual" and plan.region("stack").probe == "modulated_input"
+    assert all(r.probe is None for r in plan.block_regions())
+    mod = next(s for s in plan.states if s.kind == "mod")
+    res = next(s for s in plan.states if s.kind == "res")
+    first = compiled.run(tiny_feeds(0))
+    compiled.ctl[[compiled.idx("tail"), compiled.idx("stack")]] = 3
+    compiled.thr[:] = 0.0
+    second = compiled.run(tiny_feeds(1), update=False)
+    k_tail, k_stack = compiled.idx("tail"), compiled.idx("stack")
+    np.testing.assert_allclose(second["fc_stat"][k_stack], _rel_l1(second[mod.next], first[mod.next]), rtol=1e-5)
+    np.testing.assert_allclose(second["fc_stat"][k_tail], _rel_l1(second[res.next], first[res.next]), rtol=1e-5)
+    # The modulated input is a LayerNorm's modulated output: not the stream itself.
+    assert mod.source not in plan.region("stack").inputs
+    # Under ctl 2 the same regions report (and test) the relative change of their inputs instead.
+    compiled.ctl[[k_tail, k_stack]] = 2
+    third = compiled.run(tiny_feeds(1), update=False)
+    stream = plan.region("stack").inputs[0]
+    s_in = next(s for s in plan.states if s.region == "stack" and s.kind == "in")
+    assert stream == s_in.source
+    h1 = third[s_in.next]
+    np.testing.assert_allclose(third["fc_stat"][k_stack],
+                               np.linalg.norm((h1 - first[s_in.next]).reshape(2, -1), axis=1)
+                               / np.linalg.norm(first[s_in.next].reshape(2, -1), axis=1), rtol=1e-5)
+
+
+def test_probe_decides_under_ctl_3_and_fails_closed(compiled: Compiled) -> None:
+    compiled.run(tiny_feeds(0))
+    k = compiled.idx("tail")
+    compiled.ctl[k] = 3
+    compiled.thr[k] = np.inf
+    compiled.mix[k] = APPROX_MIX["residual"]
+    out = compiled.run(tiny_feeds(0), update=False)  # same input: probe 0 <= inf
+    assert out["fc_skip"][k] == 1 and out["fc_stat"][k].max() == 0.0
+    compiled.thr[k] = 1e-6
+    out = compiled.run(tiny_feeds(1), update=False)
+    assert out["fc_skip"][k] == 0
+    fresh = Compiled.__new__(Compiled)
+    fresh.__dict__.update(compiled.__dict__)
+    fresh.state = {s.name: np.zeros(s.shape, np.float32) for s in compiled.plan.states}
+    fresh.thr[k] = np.inf
+    out = fresh.run(tiny_feeds(0), update=False)  # zero reference: 0/0 or x/0, never a skip
+    assert out["fc_skip"][k] == 0

@@ -101,11 +101,14 @@ def test_held_out_trajectories_choose_the_ridge(related: bool) -> None:
             fit.add(ref, now, 1, "fit", held_out=traj % 4 == 3)
     fit.solve()
     v, b = fit.solution[0]
-    if related:
-        assert np.isfinite(fit.chosen_lambda[0])
+    va, c = fit.affine[0]
+    if related:  # O = H W: both the delta form and the affine form recover W
+        assert np.isfinite(fit.chosen_lambda[("lin", 0)]) and np.isfinite(fit.chosen_lambda[("aff", 0)])
         np.testing.assert_allclose(v, w_true - np.eye(d), atol=0.05)
+        np.testing.assert_allclose(va, w_true - np.eye(d), atol=0.05)
+        np.testing.assert_allclose(c, 0.0, atol=0.05)
     else:
-        assert fit.chosen_lambda[0] == float("inf") and not v.any() and not b.any()
+        assert fit.chosen_lambda[("lin", 0)] == float("inf") and not v.any() and not b.any()
 
 
 def test_plan_records_every_policys_defaults(calibrated: tuple[Path, Path]) -> None:

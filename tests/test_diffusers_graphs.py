@@ -44,7 +44,7 @@ ort = pytest.importorskip("onnxruntime")
 from fcpass.discover import BlockMap, discover_blocks
 from fcpass.graphinfo import GraphIndex
 from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.plan import CachePlan
+from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan
 from fcpass.trt_check import check_graph
 
 BATCH = 2
@@ -215,10 +215,10 @@ class Rewritten:
         """One step; every region computes except region `skip`, forced to the residual approximation."""
         r = len(self.plan.regions)
         ctl = np.zeros(r, np.int64)
-        mix = np.zeros((r, 3), np.float32)
+        mix = np.zeros((r, MIX_WIDTH), np.float32)
         if skip is not None:
             ctl[skip] = 1
-            mix[skip] = (1.0, 0.0, 0.0)
+            mix[skip] = APPROX_MIX["residual"]
         full = {**feeds, "fc_ctl": ctl, "fc_thr": np.zeros(r, np.float32), "fc_mix": mix, **state}
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(None, full)))
@@ -277,7 +277,7 @@ def rewritten(exported: Exported) -> Rewritten:
     block_map = discover_blocks(exported.model, "latent")
     roles = {"latent": "latent", "timestep": "timestep"}
     model, plan = insert_cache_regions(exported.model, block_map, roles)
-    tensors = sorted({t for r in plan.regions for t in (*r.inputs, *r.outputs)})
+    tensors = sorted({t for r in plan.regions for t in (*r.inputs, *r.outputs)} | {s.source for s in plan.states})
     probe = ort.InferenceSession(_with_outputs(exported.model, tensors).SerializeToString(), providers=PROVIDERS)
     names = [o.name for o in probe.get_outputs()]
 
@@ -344,6 +344,10 @@ def test_state_next_is_the_true_stream_value(exported: Exported, rewritten: Rewr
     for s in rewritten.plan.states:
         if s.kind == "prev":  # the output computed before this one: the fed `out` state
             expected = fed[s.name.replace(".prev", ".out")]
+        elif s.kind == "res":  # the first block's residual: the range's input minus the first block's
+            head = rewritten.plan.block_regions()[0].inputs
+            expected = rewritten.reference[s.source] - next(
+                rewritten.reference[h] for h in head if rewritten.reference[h].shape == result[s.next].shape)
         else:
             expected = rewritten.reference[s.source]
         diff = np.abs(result[s.next] - expected).max()

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import chi2
 
 from fcpass.errors import FcpassError
-from fcpass.plan import APPROX_MIX, CachePlan, RegionSpec, StateSpec
+from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, RegionSpec, StateSpec
 from runtimes.policies import FastCache, FastCacheConfig, Fora, ForaConfig, NoCache, chi2_threshold, make_policy
 
 
@@ -28,7 +28,7 @@ def test_none_computes_everything() -> None:
     p = NoCache()
     p.reset(_plan(), 10)
     c = p.controls(5)
-    assert not c.ctl.any() and c.ctl.shape == (4,) and c.mix.shape == (4, 3)
+    assert not c.ctl.any() and c.ctl.shape == (4,) and c.mix.shape == (4, MIX_WIDTH)
 
 
 def test_fora_schedule_reuses_blocks_between_full_steps() -> None:
@@ -127,8 +127,8 @@ def test_taylorseer_extrapolates_from_the_two_last_full_steps() -> None:
     p.reset(_taylor_plan(), 10)
     assert not p.controls(0).ctl.any() and not p.controls(1).ctl.any() and not p.controls(2).ctl.any()
     c = p.controls(3)  # full steps so far: 0, 1, 2 -> a = 2, b = 1
-    assert c.ctl.tolist() == [0, 1, 1, 1] and c.mix[1].tolist() == [0.0, 0.0, 1.0]
-    assert p.controls(4).mix[2].tolist() == [0.0, 0.0, 2.0]
+    assert c.ctl.tolist() == [0, 1, 1, 1] and c.mix[1].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert p.controls(4).mix[2].tolist() == [0.0, 0.0, 2.0, 0.0]
     assert not p.controls(5).ctl.any()  # full: a = 5, b = 2
     assert p.controls(6).mix[3][2] == pytest.approx(1 / 3)
     with pytest.raises(FcpassError, match="--taylor"):
@@ -153,10 +153,10 @@ def test_fastcache_taylor1_uses_each_regions_own_computed_steps() -> None:
     for step in (0, 1):
         p.controls(step)
         p.observe(step, stat, np.zeros(4, np.float32))
-    assert p.controls(2).mix[1].tolist() == [0.0, 0.0, 1.0]  # a = 1, b = 0
+    assert p.controls(2).mix[1].tolist() == [0.0, 0.0, 1.0, 0.0]  # a = 1, b = 0
     p.observe(2, stat, np.array([0, 1, 0, 0], np.float32))  # block0 skipped at 2; block1 computed
     c = p.controls(3)
-    assert c.mix[1].tolist() == [0.0, 0.0, 2.0]  # block0: a = 1, b = 0 -> (3 - 1) / 1
-    assert c.mix[2].tolist() == [0.0, 0.0, 1.0]  # block1: a = 2, b = 1
+    assert c.mix[1].tolist() == [0.0, 0.0, 2.0, 0.0]  # block0: a = 1, b = 0 -> (3 - 1) / 1
+    assert c.mix[2].tolist() == [0.0, 0.0, 1.0, 0.0]  # block1: a = 2, b = 1
     with pytest.raises(FcpassError, match="--taylor"):
         FastCache(FastCacheConfig(approx="taylor1")).reset(_plan(), 10)

@@ -51,25 +51,6 @@ DEFAULT_POLICIES = [
 ]
 
 
-def parse_policy(text: str) -> tuple[str, dict[str, Any]]:
-    """`fastcache:alpha=0.1,levels=stack@stack` -> ("fastcache", {"alpha": 0.1, "levels": "stack"})."""
-    name, _, rest = text.split("@")[0].partition(":")
-    options: dict[str, Any] = {}
-    items: list[str] = []
-    for piece in filter(None, rest.split(",")):  # "levels=stack,blocks": a bare word continues a value
-        if "=" in piece or not items:
-            items.append(piece)
-        else:
-            items[-1] += "," + piece
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return name, options
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ONNX, help="exported DiT (default: the bundled digits model)")
@@ -127,8 +108,7 @@ def run(
     base = load_denoiser(args.model, None, {}, threads=args.threads)
     denoisers = {"uncached": base}
     for spec in args.policies:
-        name, options = parse_policy(spec)
-        den = load_denoiser(graphs[_regions_of(spec, args.regions)], name, options, threads=args.threads)
+        den = load_denoiser(graphs[_regions_of(spec, args.regions)], spec.split("@")[0], {}, threads=args.threads)
         denoisers[spec] = den
     best: dict[str, Any] = {}
     for rep in range(args.repeats):

@@ -16,6 +16,11 @@ Cases:
 3. The statistic (per sample, relative change of the stream inputs against the last computed ones)
    and the decision are computed before the `If`, outside the branches. A NaN or Inf statistic
    never skips (`stat <= thr` is false for NaN; Inf is tested explicitly, since thr may be Inf).
+   Two regions also get a probe (`fcpass.plan.PROBES`), tested instead under ctl 3: the range after
+   the first block, the first block's residual (FBCache); the stack, block 0's modulated input
+   (TeaCache), whose nodes then run before the stack's `If` rather than inside it (the stack is
+   still one region; a skipped stack computes that one LayerNorm and modulation). Without a
+   LayerNormalization reading the stream in block 0, the stack has no probe.
 4. The else-branch is the approximation of `fcpass.plan.APPROX_MIX`; an output with no input of the
    same shape (a double-stream block's second stream, for one) can only be reused or extrapolated.
 5. Declined: a region output that shape inference cannot type, and opsets below 13 (Unsqueeze and
@@ -38,6 +43,7 @@ from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs
 from fcpass.plan import (
     CTL_INPUT,
     MIX_INPUT,
+    MIX_WIDTH,
     SKIP_OUTPUT,
     STAT_OUTPUT,
     THR_INPUT,
@@ -45,6 +51,7 @@ from fcpass.plan import (
     RegionSpec,
     StateSpec,
 )
+from fcpass.passes.token_cache import TokenOptions, TokenPass
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +66,19 @@ class _Region:
     states_in: list[StateSpec] = field(default_factory=list)
     states_out: list[StateSpec] = field(default_factory=list)
     states_prev: list[StateSpec] = field(default_factory=list)
+    states_res: list[StateSpec] = field(default_factory=list)
+    states_mod: list[StateSpec] = field(default_factory=list)
+    probe_pairs: list[tuple[str, str]] = field(default_factory=list)  # head_residual: (region input, head input)
+    probe_input: str | None = None  # modulated_input: the probed tensor
+    states_tok: list[StateSpec] = field(default_factory=list)  # token caching (fcpass.passes.token_cache)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def own_states(self) -> list[StateSpec]:
-        return [*self.states_in, *self.states_out, *self.states_prev]
+        """The states its `If` updates (the modulated-input state is updated every step, outside)."""
+        return [*self.states_in, *self.states_out, *self.states_prev, *self.states_res, *self.states_tok]
 
     def aux_outputs(self) -> list[str]:
         """Names this region's If exports besides the stream outputs: its own and its descendants'."""
@@ -81,10 +94,12 @@ def insert_cache_regions(
     roles: dict[str, str | None],
     region_sets: tuple[str, ...] = REGION_SETS,
     taylor: bool = False,
+    tokens: TokenOptions | None = None,
 ) -> tuple[onnx.ModelProto, CachePlan]:
     """Return a cache-aware copy of `model` and its plan; `model` itself is not modified.
 
     `taylor` adds each region's previous computed output to the state, which `taylor1` needs.
+    `tokens` compiles token-level caching into every block (`fcpass.passes.token_cache`).
     """
     opset = _default_opset(model)
     if opset < 13:
@@ -102,6 +117,10 @@ def insert_cache_regions(
     dependent = index.descendants({latent})
     for r in sorted(flat, key=lambda r: len(r.nodes)):  # innermost first
         _sink_exclusive_nodes(index, r, dependent)
+    for r in flat:
+        if r.probe_input is not None:
+            _hoist_probe(index, r, flat)
+    for r in flat:
         r.spec.macs = graph_macs(index, sorted(r.nodes))
     for k, r in enumerate(flat):
         r.spec.index = k
@@ -109,6 +128,10 @@ def insert_cache_regions(
     builder.add_control_inputs(flat)
     for r in flat:
         builder.add_state(r, taylor)
+    if tokens is not None:  # each block's token If, built inside its innermost region's compute branch
+        builder.tokens = TokenPass(builder, index, block_map, flat, tokens, opset)
+        for r in flat:
+            r.states_tok = builder.tokens.add_state(r)
     main_nodes = list(out.graph.node)
     new_nodes = builder.replace_regions(main_nodes, regions)
     new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)
@@ -118,12 +141,14 @@ def insert_cache_regions(
     builder.finish_value_info()
     plan = CachePlan(
         regions=[r.spec for r in flat],
-        states=[s for r in flat for s in r.own_states()],
+        states=[s for r in flat for s in (*r.own_states(), *r.states_mod)],
         roles=roles,
         outputs=[o.name for o in model.graph.output],
         uncached_macs=graph_macs(index),
         discovery=block_map.method,
     )
+    if builder.tokens is not None:
+        plan.tokens = builder.tokens.spec()
     return out, plan
 
 
@@ -146,12 +171,68 @@ def _plan_regions(
         for c in tail.children:
             c.spec.parent = "tail"
     top_blocks = per_block[:1] + ([tail] if tail else per_block[1:])
+    if tail is not None:
+        head = boundary_of(index, blocks[0].inputs, blocks[0].outputs, latent)[1]
+        tail.probe_pairs = _residual_pairs(builder, tail.spec.inputs, head)
+        if tail.probe_pairs:
+            tail.spec.probe = "head_residual"
+    if stack is not None:
+        stack.probe_input = _modulated_input(index, blocks[0], stack.spec.inputs)
+        if stack.probe_input is not None:
+            stack.spec.probe = "modulated_input"
     if stack is not None:
         stack.children = top_blocks
         for c in top_blocks:
             c.spec.parent = "stack"
         return [stack]
     return top_blocks
+
+
+def _residual_pairs(builder: _Builder, inputs: list[str], head: list[str]) -> list[tuple[str, str]]:
+    """Each stream input of the range after the first block, with the first block's input it updates."""
+    pairs = []
+    for x in inputs:
+        match = next((h for h in head if h != x and builder.tensor_type(h) == builder.tensor_type(x)), None)
+        if match is not None:
+            pairs.append((x, match))
+    return pairs
+
+
+def _modulated_input(index: GraphIndex, block: Block, streams: list[str]) -> str | None:
+    """Block 0's normalised, timestep-modulated input: LayerNormalization(H), then its Mul/Add chain.
+
+    The chain follows single consumers that are Mul or Add of a conditioning (not latent-dependent)
+    operand: adaLN's `x * (1 + scale) + shift`. None when no LayerNormalization reads a stream.
+    """
+    nodes = set(block.nodes)
+    ln = next((i for i in sorted(nodes) if index.nodes[i].op_type == "LayerNormalization"
+               and index.nodes[i].input[0] in streams), None)
+    if ln is None:
+        log.info("block 0 has no LayerNormalization on its input: the stack gets no modulated-input probe")
+        return None
+    streams_dependent = index.descendants(set(streams))
+    t = index.nodes[ln].output[0]
+    while True:
+        readers = [r for r in index.consumers.get(t, []) if r in nodes]
+        if len(readers) != 1 or index.nodes[readers[0]].op_type not in ("Mul", "Add"):
+            return t
+        node = index.nodes[readers[0]]
+        other = [x for x in node.input if x != t]
+        if any(index.producer.get(x) in streams_dependent for x in other):
+            return t
+        t = node.output[0]
+
+
+def _hoist_probe(index: GraphIndex, region: _Region, flat: list[_Region]) -> None:
+    """Move the probed tensor's producers out of the region (and the regions inside it).
+
+    The probe is tested before the region's `If`, so its tensor must exist outside it. Its
+    ancestors inside the region read only the stream inputs and conditioning, both outside.
+    """
+    assert region.probe_input is not None
+    moved = index.ancestors({region.probe_input}) & region.nodes
+    for r in flat:
+        r.nodes -= moved
 
 
 def _sink_exclusive_nodes(index: GraphIndex, region: _Region, dependent: set[int]) -> None:
@@ -198,6 +279,7 @@ class _Builder:
         self.control_nodes: list[onnx.NodeProto] = []
         self._counter = 0
         self._inner_value_info: dict[str, onnx.ValueInfoProto] = {v.name: v for v in self.graph.value_info}
+        self.tokens: TokenPass | None = None
 
     # --- names and typing -------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -251,23 +333,24 @@ class _Builder:
         """Graph inputs fc_ctl, fc_thr, fc_mix, and per region a forced-skip flag and a threshold.
 
         The control logic runs once for all regions (vectorised over R) so its cost does not grow
-        with the number of regions: force = (ctl == 1); thr_eff = ctl == 2 ? min(thr, FLT_MAX) : -1.
-        A statistic is >= 0 or NaN, so thr_eff = -1 never skips, and clamping thr keeps an Inf
-        statistic from passing an Inf threshold (fail closed).
+        with the number of regions: force = (ctl == 1); thr_eff = ctl >= 2 ? min(thr, FLT_MAX) : -1;
+        a region with a probe tests it instead of its statistic when ctl == 3. A statistic is >= 0
+        or NaN, so thr_eff = -1 never skips, and clamping thr keeps an Inf statistic from passing an
+        Inf threshold (fail closed).
         """
         r = len(flat)
         self.graph.input.extend([
             helper.make_tensor_value_info(CTL_INPUT, TensorProto.INT64, [r]),
             helper.make_tensor_value_info(THR_INPUT, TensorProto.FLOAT, [r]),
-            helper.make_tensor_value_info(MIX_INPUT, TensorProto.FLOAT, [r, 3]),
+            helper.make_tensor_value_info(MIX_INPUT, TensorProto.FLOAT, [r, MIX_WIDTH]),
         ])
         one = self.const("fc.one", np.array(1, dtype=np.int64))
-        two = self.const("fc.two", np.array(2, dtype=np.int64))
+        three = self.const("fc.three", np.array(3, dtype=np.int64))
         fmax = self.const("fc.fmax", np.array(np.finfo(np.float32).max, dtype=np.float32))
         never = self.const("fc.never", np.array(-1.0, dtype=np.float32))
         self.control_nodes += [
             helper.make_node("Equal", [CTL_INPUT, one], ["fc.force"], name="fc/force"),
-            helper.make_node("Equal", [CTL_INPUT, two], ["fc.decide"], name="fc/decide"),
+            helper.make_node("Greater", [CTL_INPUT, one], ["fc.decide"], name="fc/decide"),
             helper.make_node("Min", [THR_INPUT, fmax], ["fc.thr_finite"], name="fc/thr_finite"),
             helper.make_node("Where", ["fc.decide", "fc.thr_finite", never], ["fc.thr_eff"], name="fc/thr_eff"),
         ]
@@ -278,6 +361,12 @@ class _Builder:
                 helper.make_node("Gather", ["fc.force", idx], [f"fc.{n}.force"], name=f"fc/{n}/force"),
                 helper.make_node("Gather", ["fc.thr_eff", idx], [f"fc.{n}.thr"], name=f"fc/{n}/thr"),
             ]
+            if region.spec.probe:
+                if "fc.use_probe" not in {o for x in self.control_nodes for o in x.output}:
+                    self.control_nodes.append(
+                        helper.make_node("Equal", [CTL_INPUT, three], ["fc.use_probe"], name="fc/use_probe"))
+                self.control_nodes.append(
+                    helper.make_node("Gather", ["fc.use_probe", idx], [f"fc.{n}.use_probe"], name=f"fc/{n}/use_probe"))
 
     def add_state(self, region: _Region, taylor: bool) -> None:
         n = region.name
@@ -295,6 +384,9 @@ class _Builder:
         region.states_out = [state("out", k, t) for k, t in enumerate(spec.outputs)]
         if taylor:
             region.states_prev = [state("prev", k, t) for k, t in enumerate(spec.outputs)]
+        region.states_res = [state("res", j, x) for j, (x, _) in enumerate(region.probe_pairs)]
+        if region.probe_input is not None:
+            region.states_mod = [state("mod", 0, region.probe_input)]
         for k, (o, j) in enumerate(zip(spec.outputs, spec.pairs)):
             if j is None:
                 continue
@@ -303,6 +395,8 @@ class _Builder:
             dtype = helper.tensor_dtype_to_np_dtype(elem)
             self.const(f"fc.{n}.V{k}", np.zeros((d, d), dtype=dtype))
             self.const(f"fc.{n}.b{k}", np.zeros((d,), dtype=dtype))
+            self.const(f"fc.{n}.A{k}", np.eye(d, dtype=dtype))
+            self.const(f"fc.{n}.c{k}", np.zeros((d,), dtype=dtype))
 
     def replace_regions(self, nodes: list[onnx.NodeProto], regions: list[_Region]) -> list[onnx.NodeProto]:
         """`nodes` with each region's nodes replaced by its statistic, decision and If nodes."""
@@ -328,6 +422,8 @@ class _Builder:
         pre = self.statistic_nodes(region)
         body_src = [self.index.nodes[i] for i in sorted(region.nodes)]
         body = self.replace_regions(body_src, region.children)
+        if self.tokens is not None:
+            body = self.tokens.rewrite(body, region)
         body = [_copy(x) for x in body]
         exported = list(spec.outputs) + region.aux_outputs()
         rename = {x: f"{x}~{n}" for x in exported}
@@ -354,6 +450,12 @@ class _Builder:
             emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
         for k, s in enumerate(region.states_prev):
             emit(run_nodes, run_out, region.states_out[k].name, f"{s.next}@{n}.run", s.source)
+            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        for j, s in enumerate(region.states_res):
+            emit(run_nodes, run_out, f"fc.{n}.R{j}", f"{s.next}@{n}.run", s.source)
+            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        for s in region.states_tok:
+            emit(run_nodes, run_out, rename[s.next], f"{s.next}@{n}.run", s.source)
             emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
         batch = self.tensor_type(spec.inputs[0])[1][0]
         for child in _flatten(region.children):
@@ -405,9 +507,15 @@ class _Builder:
             nodes.append(helper.make_node("Sum", num, [f"fc.{n}.num"]))
             nodes.append(helper.make_node("Sum", den, [f"fc.{n}.den"]))
             num, den = [f"fc.{n}.num"], [f"fc.{n}.den"]
+        rel = f"fc.{n}.rel" if region.spec.probe else f"fc.{n}.stat"
         nodes += [
             helper.make_node("Div", [num[0], den[0]], [f"fc.{n}.ratio"]),
-            helper.make_node("Sqrt", [f"fc.{n}.ratio"], [f"fc.{n}.stat"]),
+            helper.make_node("Sqrt", [f"fc.{n}.ratio"], [rel]),
+        ]
+        if region.spec.probe:
+            nodes += self.probe_nodes(region)
+            nodes.append(helper.make_node("Where", [f"fc.{n}.use_probe", f"fc.{n}.probe", rel], [f"fc.{n}.stat"]))
+        nodes += [
             helper.make_node("LessOrEqual", [f"fc.{n}.stat", f"fc.{n}.thr"], [f"fc.{n}.ok"]),
             helper.make_node("Cast", [f"fc.{n}.ok"], [f"fc.{n}.okf"], to=TensorProto.FLOAT),
             helper.make_node("ReduceMin", [f"fc.{n}.okf"], [f"fc.{n}.allok"], keepdims=0),
@@ -417,6 +525,44 @@ class _Builder:
         ]
         for node in nodes:
             node.name = f"fc/{n}/{node.output[0]}"
+        return nodes
+
+    def probe_nodes(self, region: _Region) -> list[onnx.NodeProto]:
+        """probe (B,) = sum |a - a_ref| / sum |a_ref| over the probed tensors (rel_L1 per sample).
+
+        head_residual: a = H_region - H_head (the first block's residual), a_ref its state, which the
+        region's `If` updates when it computes. modulated_input: a = the probed tensor, a_ref its value
+        at the previous step, updated here at every step.
+        """
+        n = region.name
+        nodes: list[onnx.NodeProto] = []
+        terms: list[tuple[str, str]] = []  # (a, a_ref)
+        for j, (x, h) in enumerate(region.probe_pairs):
+            nodes.append(helper.make_node("Sub", [x, h], [f"fc.{n}.R{j}"]))
+            terms.append((f"fc.{n}.R{j}", region.states_res[j].name))
+        if region.probe_input is not None:
+            mod = region.states_mod[0]
+            nodes.append(helper.make_node("Identity", [region.probe_input], [mod.next]))
+            terms.append((region.probe_input, mod.name))
+        num, den = [], []
+        for j, (a, ref) in enumerate(terms):
+            elem, shape = self.tensor_type(region.probe_input or region.probe_pairs[j][0])
+            axes = self.const(self.fresh(f"fc.{n}.paxes"), np.arange(1, len(shape), dtype=np.int64))
+            d = f"fc.{n}.pd{j}"
+            nodes.append(helper.make_node("Sub", [a, ref], [d]))
+            if elem != TensorProto.FLOAT:
+                nodes.append(helper.make_node("Cast", [d], [d + ".f"], to=TensorProto.FLOAT))
+                nodes.append(helper.make_node("Cast", [ref], [f"fc.{n}.pr{j}.f"], to=TensorProto.FLOAT))
+                d, ref = d + ".f", f"fc.{n}.pr{j}.f"
+            nodes.append(helper.make_node("ReduceL1", [d, axes], [f"fc.{n}.pd{j}.l1"], keepdims=0))
+            nodes.append(helper.make_node("ReduceL1", [ref, axes], [f"fc.{n}.pr{j}.l1"], keepdims=0))
+            num.append(f"fc.{n}.pd{j}.l1")
+            den.append(f"fc.{n}.pr{j}.l1")
+        if len(num) > 1:
+            nodes.append(helper.make_node("Sum", num, [f"fc.{n}.pnum"]))
+            nodes.append(helper.make_node("Sum", den, [f"fc.{n}.pden"]))
+            num, den = [f"fc.{n}.pnum"], [f"fc.{n}.pden"]
+        nodes.append(helper.make_node("Div", [num[0], den[0]], [f"fc.{n}.probe"]))
         return nodes
 
     def approximation_nodes(self, region: _Region, k: int, nodes: list[onnx.NodeProto]) -> str:
@@ -432,9 +578,11 @@ class _Builder:
         if not any(x.output[0] == f"fc.{n}.mix" for x in nodes):
             idx = f"fc.{n}.idx"
             nodes.append(helper.make_node("Gather", [MIX_INPUT, idx], [f"fc.{n}.mix"]))
-            for j, c in enumerate(("mres", "mlin", "mtay")):
+            for j, c in enumerate(("mres", "mlin", "mtay", "maff")):
                 nodes.append(helper.make_node("Gather", [f"fc.{n}.mix", f"fc.c{j}"], [f"fc.{n}.{c}"]))
-                if elem != TensorProto.FLOAT:
+            nodes.append(helper.make_node("Sub", ["fc.one_f", f"fc.{n}.maff"], [f"fc.{n}.mkeep"]))
+            if elem != TensorProto.FLOAT:
+                for c in ("mres", "mlin", "mtay", "maff", "mkeep"):
                     nodes.append(helper.make_node("Cast", [f"fc.{n}.{c}"], [f"fc.{n}.{c}.t"], to=elem))
 
         def coef(c: str) -> str:
@@ -451,13 +599,24 @@ class _Builder:
         if j is None:
             return base
         h, h_ref = spec.inputs[j], region.states_in[j].name
+        # One MatMul serves both fitted forms: (m_lin d + m_aff H)(m_lin V + m_aff A); the weights
+        # are mixed (D x D), not the activations, so the branch costs what `linear` alone did.
         nodes += [
             helper.make_node("Sub", [h, h_ref], [f"{p}.delta"]),
-            helper.make_node("MatMul", [f"{p}.delta", f"fc.{n}.V{k}"], [f"{p}.dv"]),
-            helper.make_node("Add", [f"{p}.dv", f"fc.{n}.b{k}"], [f"{p}.lin"]),
+            helper.make_node("Mul", [coef("mlin"), f"{p}.delta"], [f"{p}.xl"]),
+            helper.make_node("Mul", [coef("maff"), h], [f"{p}.xa"]),
+            helper.make_node("Add", [f"{p}.xl", f"{p}.xa"], [f"{p}.x"]),
+            helper.make_node("Mul", [coef("mlin"), f"fc.{n}.V{k}"], [f"{p}.Wl"]),
+            helper.make_node("Mul", [coef("maff"), f"fc.{n}.A{k}"], [f"{p}.Wa"]),
+            helper.make_node("Add", [f"{p}.Wl", f"{p}.Wa"], [f"{p}.W"]),
+            helper.make_node("Mul", [coef("mlin"), f"fc.{n}.b{k}"], [f"{p}.bl"]),
+            helper.make_node("Mul", [coef("maff"), f"fc.{n}.c{k}"], [f"{p}.ba"]),
+            helper.make_node("Add", [f"{p}.bl", f"{p}.ba"], [f"{p}.bias"]),
+            helper.make_node("MatMul", [f"{p}.x", f"{p}.W"], [f"{p}.xw"]),
+            helper.make_node("Add", [f"{p}.xw", f"{p}.bias"], [f"{p}.fit"]),
+            helper.make_node("Mul", [coef("mkeep"), base], [f"{p}.kept"]),
             helper.make_node("Mul", [coef("mres"), f"{p}.delta"], [f"{p}.res"]),
-            helper.make_node("Mul", [coef("mlin"), f"{p}.lin"], [f"{p}.fit"]),
-            helper.make_node("Add", [base, f"{p}.res"], [f"{p}.s1"]),
+            helper.make_node("Add", [f"{p}.kept", f"{p}.res"], [f"{p}.s1"]),
             helper.make_node("Add", [f"{p}.s1", f"{p}.fit"], [f"{p}.out"]),
         ]
         return f"{p}.out"
@@ -482,8 +641,9 @@ class _Builder:
     def add_constants(self) -> None:
         for name, value in (("fc.nan", np.nan), ("fc.minus_one", -1.0), ("fc.half", 0.5)):
             self.const(name, np.array(value, dtype=np.float32))
-        for j in range(3):
+        for j in range(MIX_WIDTH):
             self.const(f"fc.c{j}", np.array(j, dtype=np.int64))
+        self.const("fc.one_f", np.array(1.0, dtype=np.float32))
 
     def _move_value_info(self, graph: onnx.GraphProto, body: list[onnx.NodeProto], rename: dict[str, str]) -> None:
         """Carry the shapes of values now defined inside a branch with them (TensorRT and ORT use them)."""

@@ -1,0 +1,736 @@
+"""Token-level caching inside a block: `block(H) -> If(tok > 0, conservative(H, state), block(H))`.
+
+DuCa's / ToCa's conservative step, compiled: the self-attention branch output (before its adaLN
+gate) is reused from the cache, and every token-local branch (MLP, cross-attention) runs only on
+the top-k tokens of its input, gathered with TopK + GatherElements, and is scattered
+(ScatterElements) into its cached output. k is static per (block, branch), so every shape is.
+
+Invariant: with `fc_tok` all 0 the block runs exactly its original nodes (the else-branch), so the
+outputs equal the original model's; the state outputs are then the true branch outputs, the
+V-norm scores of that step and zero counters. With k = N a conservative step's token-local branch
+equals the full branch at the same input (TopK only permutes the tokens); with k = 0 it is the
+cached branch output.
+
+Cases:
+1. A block takes part iff `fcpass.branches.find_branches` splits it; otherwise the pass declines
+   with its explanation (FcpassError), as it does for a block outside every cache region and for
+   opsets below 18 (the reductions take their axes as inputs there).
+2. The control `fc_tok` (int64, one per block) selects per step: 0 full (the original nodes; the
+   caches, scores and counters are refreshed), 1 conservative (attention reused, token-local
+   branches on the top-k tokens), 2 the same but with attention computed (tests; ToCa-like).
+   Mode 2's attention is a nested `If` inside the conservative branch, so a full step pays nothing.
+3. Scores (compile-time `score`): `vnorm` (DuCa: at full steps, per token the mean over heads of
+   1 - ||v_hj||, L2-normalised over the tokens, stored in the state), `saliency` (||X_j - X_j_ref||^2
+   of the branch input against its value at the last full step, L2-normalised) or `random` (fed by
+   the host as `fc_tok_rand`, (blocks, N), from a seeded generator). To each: counter_weight *
+   (c_j + 1), c_j the conservative steps since token j was last recomputed in that branch, then the
+   spatial bonus to the best token of every grid x grid cell of the token grid.
+4. Classifier-free guidance: with an even batch the two halves' scores are averaged and both halves
+   take the same selection (the batch is [cond; uncond], as the sampler feeds it).
+5. Skipped enclosing regions pass the token state through unchanged (a skipped step recomputes no
+   token; counters then count conservative steps, which only shifts every token's score alike).
+6. Shape constants that carry N in a token-local branch (a Reshape to (B, N, H, d)) are rewritten to k,
+   found by following the token axis through the branch; an op that mixes tokens, or that the
+   follower does not know, declines with FcpassError naming the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fcpass.branches import BlockBranches, Branch, find_branches
+from fcpass.discover import BlockMap
+from fcpass.errors import FcpassError
+from fcpass.graphinfo import GraphIndex, graph_macs
+from fcpass.plan import TOK_INPUT, TOK_RAND_INPUT, StateSpec
+
+if TYPE_CHECKING:
+    from fcpass.passes.cache_regions import _Builder, _Region
+
+log = logging.getLogger(__name__)
+
+SCORES = ("vnorm", "saliency", "random")
+TOPK_MAX = 3840  # TensorRT's TopK limit
+TOK_FULL, TOK_CONSERVATIVE, TOK_LOCAL_ONLY = 0, 1, 2
+
+
+@dataclass
+class TokenOptions:
+    """What the token mechanism compiles; the ratio schedule fixes every k (ALGORITHMS 3).
+
+    k = round(r N) per (block, token-local branch), r = ratio * f(layer) * local_factor with
+    f(idx) = 1 + w - 2 w idx / max_idx. `k` (tests) overrides every k with one number.
+    counter_weight multiplies the per-token counters (DuCa: 0.25 / n with interval n = 3);
+    spatial_bonus goes to the best token of every grid x grid cell (0 disables it).
+    """
+
+    ratio: float = 0.05
+    layer_weight: float = -0.2
+    local_factor: float = 2.5
+    score: str = "vnorm"
+    counter_weight: float = 0.25 / 3
+    spatial_bonus: float = 0.8
+    grid: int = 2
+    k: int | None = None
+    schedule: str = "duca"
+
+    def k_for(self, layer: int, layers: int, tokens: int) -> int:
+        if self.k is not None:
+            return max(0, min(self.k, tokens))
+        f = 1.0 + self.layer_weight - 2.0 * self.layer_weight * layer / (layers - 1) if layers > 1 else 1.0
+        return max(0, min(tokens, round(self.ratio * f * self.local_factor * tokens)))
+
+
+@dataclass
+class _TokBlock:
+    pos: int  # index into fc_tok
+    block: int
+    scope: str
+    split: BlockBranches
+    nodes: list[int]
+    region: _Region
+    tokens: int
+    batch: int
+    width: int
+    ks: dict[int, int]  # branch position -> k (token-local branches)
+    states: dict[str, StateSpec] = field(default_factory=dict)
+
+
+class TokenPass:
+    """Builds the token `If` of every block; `fcpass.passes.cache_regions` calls it while it builds.
+
+    `add_state(region)` adds the token state of the blocks whose innermost region is `region`;
+    `rewrite(body, region)` replaces those blocks' nodes in the region's compute branch by their `If`.
+    """
+
+    def __init__(self, builder: _Builder, index: GraphIndex, block_map: BlockMap, flat: list[_Region],
+                 options: TokenOptions, opset: int) -> None:
+        if options.score not in SCORES:
+            raise FcpassError(f"--token-score {options.score!r} unknown; use one of {', '.join(SCORES)}")
+        if opset < 18:
+            raise FcpassError(f"token caching needs opset >= 18 and the model uses {opset}; re-export with --opset 18")
+        self.builder = builder
+        self.index = index
+        self.options = options
+        dependent = index.descendants({block_map.latent})
+        self.blocks: list[_TokBlock] = []
+        layers = len(block_map.blocks)
+        for pos, b in enumerate(block_map.blocks):
+            split = find_branches(index, b, dependent)
+            adds = {br.add_node for br in split.branches}
+            owners = [r for r in flat if adds <= r.nodes]
+            if not owners:
+                raise FcpassError(
+                    f"block {b.scope!r} is in no cache region; token caching needs every block inside one "
+                    "(optimize with --regions including blocks or stack)"
+                )
+            region = min(owners, key=lambda r: len(r.nodes))
+            nodes = [i for i in sorted(b.nodes) if i in region.nodes]
+            batch, tokens, width = (self._dim(split.stream_in, j) for j in range(3))
+            ks = {}
+            for br in split.local():
+                outside = [i for i in (*br.nodes, br.add_node) if i not in region.nodes]
+                if outside:
+                    raise FcpassError(
+                        f"block {b.scope!r}: node {index.nodes[outside[0]].name!r} of its {br.role} branch was moved "
+                        "out of the block's region; token caching needs the token-local branches whole"
+                    )
+                ks[br.position] = options.k_for(pos, layers, tokens)
+                if ks[br.position] > TOPK_MAX:
+                    raise FcpassError(f"block {b.scope!r}: k = {ks[br.position]} exceeds TensorRT's TopK limit {TOPK_MAX}; "
+                                      "lower the token ratio")
+            if options.score == "vnorm" and not any(br.value and not br.value_fused for br in split.mixing()):
+                raise FcpassError(f"block {b.scope!r} exposes no unfused V for V-norm scores; use --token-score saliency or random")
+            self.blocks.append(_TokBlock(pos, b.index, b.scope, split, nodes, region, tokens, batch, width, ks))
+        if self.blocks:
+            self._add_inputs()
+
+    # --- setup ----------------------------------------------------------------------------
+    def _dim(self, name: str, j: int) -> int:
+        shape = self.index.shape(name)
+        if not shape or len(shape) != 3 or not isinstance(shape[j], int):
+            raise FcpassError(f"token caching needs the stream {name!r} statically shaped (B, N, D); found {shape}")
+        return int(shape[j])
+
+    def _add_inputs(self) -> None:
+        g = self.builder.graph
+        g.input.append(helper.make_tensor_value_info(TOK_INPUT, TensorProto.INT64, [len(self.blocks)]))
+        if self.options.score == "random":
+            n = self.blocks[0].tokens
+            g.input.append(helper.make_tensor_value_info(TOK_RAND_INPUT, TensorProto.FLOAT, [len(self.blocks), n]))
+        c = self.builder.const
+        c("fc.tok.zero_i", np.array(TOK_FULL, np.int64))
+        c("fc.tok.one_i", np.array(TOK_CONSERVATIVE, np.int64))
+        c("fc.tok.one", np.array(1.0, np.float32))
+        c("fc.tok.half", np.array(0.5, np.float32))
+        c("fc.tok.eps", np.array(1e-12, np.float32))
+        c("fc.tok.cw", np.array(self.options.counter_weight, np.float32))
+        c("fc.tok.bonus", np.array(self.options.spatial_bonus, np.float32))
+        c("fc.tok.ax1", np.array([1], np.int64))
+        c("fc.tok.ax2", np.array([2], np.int64))
+        c("fc.tok.axlast", np.array([-1], np.int64))
+
+    def add_state(self, region: _Region) -> list[StateSpec]:
+        """Graph inputs/outputs of the token state of the blocks `region` owns (innermost)."""
+        out: list[StateSpec] = []
+        for tb in self.blocks:
+            if tb.region is not region:
+                continue
+            b, n = tb.batch, tb.tokens
+            for br in tb.split.branches:
+                elem, shape = self.builder.tensor_type(br.output)
+                tb.states[f"out{br.position}"] = self._state(region, tb, f"b{br.position}.out", "tok_out", br.output, elem, shape)
+                if br.kind == "local":
+                    tb.states[f"cnt{br.position}"] = self._state(region, tb, f"b{br.position}.cnt", "tok_cnt", None,
+                                                                 TensorProto.FLOAT, [b, n])
+                    if self.options.score == "saliency":
+                        elem_s, shape_s = self.builder.tensor_type(br.stream_in)
+                        tb.states[f"ref{br.position}"] = self._state(region, tb, f"b{br.position}.ref", "tok_ref",
+                                                                     br.stream_in, elem_s, shape_s)
+            if self.options.score == "vnorm":
+                tb.states["score"] = self._state(region, tb, "score", "tok_score", None, TensorProto.FLOAT, [b, n])
+            self.builder.const(f"fc.tok{tb.pos}.idx", np.array(tb.pos, np.int64))
+            self.builder.const(f"fc.tok{tb.pos}.zeros_bn", np.zeros((b, n), np.float32))
+            out.extend(tb.states.values())
+        return out
+
+    def _state(self, region: _Region, tb: _TokBlock, what: str, kind: str, source: str | None, elem: int,
+               shape: list[Any]) -> StateSpec:
+        name = f"fc.tok{tb.pos}.{what}"
+        g = self.builder.graph
+        g.input.append(helper.make_tensor_value_info(name, elem, shape))
+        g.output.append(helper.make_tensor_value_info(name + ".next", elem, shape))
+        if source is None:
+            # Scores and counters track no tensor of the original graph: type them under their own name
+            # so that the region machinery can pass them through enclosing Ifs like any other state.
+            source = name
+            self.index.value_types[name] = (elem, tuple(shape))
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
+        return StateSpec(name, name + ".next", region.name, kind, source, list(shape), dtype)
+
+    # --- the rewrite ------------------------------------------------------------------------
+    def rewrite(self, body: list[onnx.NodeProto], region: _Region) -> list[onnx.NodeProto]:
+        """`body` with the nodes of each block `region` owns replaced by that block's token If."""
+        mine = [tb for tb in self.blocks if tb.region is region]
+        if not mine:
+            return body
+        by_id = {id(n): i for i, n in enumerate(self.index.nodes)}
+        owner = {i: tb for tb in mine for i in tb.nodes}
+        result: list[onnx.NodeProto] = []
+        placed: set[int] = set()
+        for node in body:
+            tb = owner.get(by_id.get(id(node), -1))
+            if tb is None:
+                result.append(node)
+            elif tb.pos not in placed:
+                placed.add(tb.pos)
+                result.extend(_BlockBuilder(self, tb).build())
+        return result
+
+    def spec(self) -> dict[str, Any]:
+        """The plan's record of the token mechanism (`CachePlan.tokens`)."""
+        blocks = []
+        for tb in self.blocks:
+            full = graph_macs(self.index, tb.nodes)
+            kept = 0
+            branches = []
+            for br in tb.split.branches:
+                macs = graph_macs(self.index, br.nodes)
+                k = tb.ks.get(br.position)
+                if k is not None:
+                    kept += round(macs * k / tb.tokens)
+                branches.append({"role": br.role, "kind": br.kind, "k": k, "macs": macs, "output": br.output})
+            mixing = sum(graph_macs(self.index, br.nodes) for br in tb.split.mixing())
+            blocks.append({"block": tb.block, "scope": tb.scope, "region": tb.region.name, "tokens": tb.tokens,
+                           "macs": full, "conservative_macs": full - sum(b["macs"] for b in branches) + kept,
+                           "mixing_macs": mixing, "branches": branches})
+        return {"input": TOK_INPUT, "modes": {"full": TOK_FULL, "conservative": TOK_CONSERVATIVE,
+                                              "local_only": TOK_LOCAL_ONLY},
+                "options": asdict(self.options), "blocks": blocks}
+
+
+class _BlockBuilder:
+    """The token If of one block: else the original nodes, then the conservative step."""
+
+    def __init__(self, tp: TokenPass, tb: _TokBlock) -> None:
+        self.tp = tp
+        self.tb = tb
+        self.index = tp.index
+        self.p = f"fc.tok{tb.pos}"
+        self.cons_nodes: list[onnx.NodeProto] = []
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        self.cons_nodes.append(helper.make_node(op, inputs, [output], name=f"fc/{output}", **attrs))
+        return output
+
+    def build(self) -> list[onnx.NodeProto]:
+        tb, p = self.tb, self.p
+        o = tb.split.stream_out
+        outputs = [o, *[s.next for s in tb.states.values()]]
+        full = self.full_branch()
+        cons = self.conservative_branch()
+        ctl = [
+            helper.make_node("Gather", [TOK_INPUT, f"{p}.idx"], [f"{p}.mode"], name=f"fc/{p}/mode"),
+            helper.make_node("Greater", [f"{p}.mode", "fc.tok.zero_i"], [f"{p}.cond"], name=f"fc/{p}/cond"),
+            helper.make_node("Equal", [f"{p}.mode", "fc.tok.one_i"], [f"{p}.reuse"], name=f"fc/{p}/reuse"),
+        ]
+        if_node = helper.make_node("If", [f"{p}.cond"], outputs, name=f"fc/{p}/If", then_branch=cons, else_branch=full)
+        return [*ctl, if_node]
+
+    # The full step: the original nodes; states refreshed from their values.
+    def full_branch(self) -> onnx.GraphProto:
+        tb, p = self.tb, self.p
+        o = tb.split.stream_out
+        nodes = []
+        for i in tb.nodes:
+            c = onnx.NodeProto()
+            c.CopyFrom(self.index.nodes[i])
+            for j, x in enumerate(c.output):
+                if x == o:
+                    c.output[j] = f"{o}~{p}"
+            for j, x in enumerate(c.input):
+                if x == o:
+                    c.input[j] = f"{o}~{p}"
+            nodes.append(c)
+        outs = [self._identity(nodes, f"{o}~{p}", f"{o}@{p}.full", o)]
+        extra: list[onnx.NodeProto] = []
+        values: dict[str, str] = {}
+        for br in tb.split.branches:
+            values[f"out{br.position}"] = br.output  # before its gate, so never the block output
+            if br.kind == "local":
+                values[f"cnt{br.position}"] = f"{p}.zeros_bn"
+                if "ref" + str(br.position) in tb.states:
+                    values[f"ref{br.position}"] = br.stream_in
+        if "score" in tb.states:
+            values["score"] = self._vnorm(extra)
+        nodes.extend(extra)
+        for key, s in tb.states.items():
+            outs.append(self._identity(nodes, values[key], f"{s.next}@{p}.full", s.source))
+        graph = helper.make_graph(nodes, f"fc_{p}_full", [], outs)
+        inner = self.tp.builder._inner_value_info
+        for n in nodes:
+            for x in n.output:
+                if x in inner:
+                    graph.value_info.append(inner[x])
+        return graph
+
+    def _identity(self, nodes: list[onnx.NodeProto], src: str, out: str, like: str) -> onnx.ValueInfoProto:
+        nodes.append(helper.make_node("Identity", [src], [out], name=f"fc/{out}"))
+        elem, shape = self.tp.builder.tensor_type(like)
+        return helper.make_tensor_value_info(out, elem, shape)
+
+    def _vnorm(self, nodes: list[onnx.NodeProto]) -> str:
+        """Mean over heads of 1 - ||v_hj||, L2-normalised over the tokens: (B, N) float32."""
+        tb, p = self.tb, self.p
+        br = next(b for b in tb.split.mixing() if b.value and not b.value_fused)
+        v = br.value
+        if self.index.dtype(v) != np.float32:
+            nodes.append(helper.make_node("Cast", [v], [f"{p}.v32"], to=TensorProto.FLOAT))
+            v = f"{p}.v32"
+        self.tp.builder.const(f"{p}.vshape", np.array([tb.batch, -1, tb.tokens], np.int64))
+        nodes += [
+            helper.make_node("ReduceL2", [v, "fc.tok.axlast"], [f"{p}.vn"], keepdims=0),
+            helper.make_node("Reshape", [f"{p}.vn", f"{p}.vshape"], [f"{p}.vnh"]),
+            helper.make_node("Sub", ["fc.tok.one", f"{p}.vnh"], [f"{p}.vu"]),
+            helper.make_node("ReduceMean", [f"{p}.vu", "fc.tok.ax1"], [f"{p}.vm"], keepdims=0),
+            helper.make_node("ReduceL2", [f"{p}.vm", "fc.tok.axlast"], [f"{p}.vl2"], keepdims=1),
+            helper.make_node("Max", [f"{p}.vl2", "fc.tok.eps"], [f"{p}.vl2e"]),
+            helper.make_node("Div", [f"{p}.vm", f"{p}.vl2e"], [f"{p}.vscore"]),
+        ]
+        return f"{p}.vscore"
+
+    # The conservative step.
+    def conservative_branch(self) -> onnx.GraphProto:
+        tb, p = self.tb, self.p
+        split = tb.split
+        ren: dict[str, str] = {}
+        by_add = {br.add_node: br for br in split.branches}
+        inner = {i for br in split.branches for i in (*br.nodes, *([br.gate_node] if br.gate_node is not None else []))}
+        nexts: dict[str, str] = {}
+        for i in tb.nodes:
+            if i in by_add:
+                br = by_add[i]
+                out_c = self._branch(br, ren, nexts)
+                if br.gate_node is not None:
+                    gate = self.index.nodes[br.gate_node]
+                    gated = self.node("Mul", [br.gate if x == br.gate else out_c for x in gate.input], f"{p}.b{br.position}.gated")
+                else:
+                    gated = out_c
+                add = self.index.nodes[i]
+                stream = ren.get(br.stream_in, br.stream_in)
+                self.node("Add", [stream if x == br.stream_in else gated for x in add.input], f"{p}.b{br.position}.stream")
+                ren[br.stream_out] = f"{p}.b{br.position}.stream"
+            elif i not in inner:  # a pass-through node between branches
+                self.cons_nodes.append(_clone(self.index.nodes[i], ren, f"~{p}c"))
+        o = split.stream_out
+        outs = [self._out(ren[o], f"{o}@{p}.cons", o)]
+        for key, s in tb.states.items():
+            outs.append(self._out(nexts.get(key, s.name), f"{s.next}@{p}.cons", s.source))
+        return helper.make_graph(self.cons_nodes, f"fc_{p}_conservative", [], outs)
+
+    def _out(self, src: str, out: str, like: str) -> onnx.ValueInfoProto:
+        self.node("Identity", [src], out)
+        elem, shape = self.tp.builder.tensor_type(like)
+        return helper.make_tensor_value_info(out, elem, shape)
+
+    def _branch(self, br: Branch, ren: dict[str, str], nexts: dict[str, str]) -> str:
+        """Append the conservative branch's nodes; return its output (before the gate)."""
+        tb, p = self.tb, self.p
+        q = f"{p}.b{br.position}"
+        cache = tb.states[f"out{br.position}"].name
+        if br.kind == "mixing":
+            out = self._attention(br, ren, cache)
+            nexts[f"out{br.position}"] = out
+            return out
+        cnt = tb.states[f"cnt{br.position}"].name
+        cnt1 = self.node("Add", [cnt, "fc.tok.one"], f"{q}.cnt1")
+        k = tb.ks[br.position]
+        if k == 0:  # nothing to recompute: the cached output, every counter one step older
+            nexts[f"cnt{br.position}"] = cnt1
+            return cache
+        x = ren.get(br.stream_in, br.stream_in)
+        idx = self._select(br, x, cnt1, k)
+        c = self.tp.builder.const
+        c(f"{q}.gshape", np.array([tb.batch, k, tb.width], np.int64))
+        idx3 = self.node("Unsqueeze", [idx, "fc.tok.axlast"], f"{q}.idx3")
+        idx_e = self.node("Expand", [idx3, f"{q}.gshape"], f"{q}.idxe")
+        xk = self.node("GatherElements", [x, idx_e], f"{q}.xk", axis=1)
+        clones, out_k = clone_on_tokens(self.index, br.nodes, br.stream_in, xk, br.output, tb.tokens, k,
+                                        f"~{p}k{br.position}", c, ren)
+        self.cons_nodes.extend(clones)
+        out = self.node("ScatterElements", [cache, idx_e, out_k], f"{q}.scattered", axis=1)
+        c(f"{q}.zeros_bk", np.zeros((tb.batch, k), np.float32))
+        nexts[f"cnt{br.position}"] = self.node("ScatterElements", [cnt1, idx, f"{q}.zeros_bk"], f"{q}.cnt_next", axis=1)
+        nexts[f"out{br.position}"] = out
+        return out
+
+    def _attention(self, br: Branch, ren: dict[str, str], cache: str) -> str:
+        """Mode 1 reuses the cached output, mode 2 recomputes the branch (a nested If)."""
+        p = self.p
+        q = f"{p}.b{br.position}"
+        reuse = helper.make_graph([helper.make_node("Identity", [cache], [f"{q}.reused"])], f"fc_{q}_reuse", [],
+                                  [self._vi(f"{q}.reused", br.output)])
+        body = [i for i in br.nodes if i in set(self.tb.nodes)]
+        local = dict(ren)
+        nodes = [_clone(self.index.nodes[i], local, f"~{p}a") for i in body]
+        nodes.append(helper.make_node("Identity", [local.get(br.output, br.output)], [f"{q}.computed"]))
+        compute = helper.make_graph(nodes, f"fc_{q}_compute", [], [self._vi(f"{q}.computed", br.output)])
+        self.cons_nodes.append(helper.make_node("If", [f"{p}.reuse"], [f"{q}.attn"], name=f"fc/{q}/If",
+                                                then_branch=reuse, else_branch=compute))
+        return f"{q}.attn"
+
+    def _vi(self, name: str, like: str) -> onnx.ValueInfoProto:
+        elem, shape = self.tp.builder.tensor_type(like)
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    def _select(self, br: Branch, x: str, cnt1: str, k: int) -> str:
+        """TopK indices (B, k) of the branch's token scores; both CFG halves select alike."""
+        tb, p = self.tb, self.p
+        q = f"{p}.b{br.position}"
+        c = self.tp.builder.const
+        opts = self.tp.options
+        if opts.score == "vnorm":
+            base = tb.states["score"].name
+        elif opts.score == "saliency":
+            ref = tb.states[f"ref{br.position}"].name
+            d = self.node("Sub", [x, ref], f"{q}.d")
+            if self.index.dtype(br.stream_in) != np.float32:
+                d = self.node("Cast", [d], f"{q}.d32", to=TensorProto.FLOAT)
+            ss = self.node("ReduceSumSquare", [d, "fc.tok.ax2"], f"{q}.sal", keepdims=0)
+            nrm = self.node("ReduceL2", [ss, "fc.tok.ax1"], f"{q}.saln", keepdims=1)
+            nrm = self.node("Max", [nrm, "fc.tok.eps"], f"{q}.salne")
+            base = self.node("Div", [ss, nrm], f"{q}.salnorm")
+        else:
+            base = self.node("Gather", [TOK_RAND_INPUT, f"{p}.idx"], f"{q}.rand")
+        weighted = self.node("Mul", [cnt1, "fc.tok.cw"], f"{q}.cw")
+        s = self.node("Add", [base, weighted], f"{q}.s")
+        b, n = tb.batch, tb.tokens
+        pair = b % 2 == 0 and b >= 2
+        rows = b // 2 if pair else b
+        if pair:
+            c(f"{q}.h0", np.array([0], np.int64))
+            c(f"{q}.h1", np.array([b // 2], np.int64))
+            c(f"{q}.h2", np.array([b], np.int64))
+            c0 = self.node("Slice", [s, f"{q}.h0", f"{q}.h1", f"{q}.h0"], f"{q}.cond")
+            c1 = self.node("Slice", [s, f"{q}.h1", f"{q}.h2", f"{q}.h0"], f"{q}.uncond")
+            s = self.node("Mul", [self.node("Add", [c0, c1], f"{q}.pairsum"), "fc.tok.half"], f"{q}.pair")
+        s = self._bonus(s, q, rows, n)
+        c(f"{q}.k", np.array([k], np.int64))
+        self.cons_nodes.append(helper.make_node("TopK", [s, f"{q}.k"], [f"{q}.topv", f"{q}.top"], name=f"fc/{q}/TopK",
+                                                axis=1, largest=1, sorted=1))
+        idx = f"{q}.top"
+        if pair:
+            idx = self.node("Concat", [idx, idx], f"{q}.idx", axis=0)
+        return idx
+
+    def _bonus(self, s: str, q: str, rows: int, n: int) -> str:
+        """+ spatial_bonus to the best token of every grid x grid cell of the square token grid."""
+        opts = self.tp.options
+        side = math.isqrt(n)
+        g = opts.grid
+        if not opts.spatial_bonus or g < 1 or side * side != n or side % g:
+            if opts.spatial_bonus:
+                log.info("block %s: %d tokens are not a square grid divisible by %d; no spatial bonus", self.tb.scope, n, g)
+            return s
+        c = self.tp.builder.const
+        h = side // g
+        c(f"{q}.cells5", np.array([rows, h, g, h, g], np.int64))
+        c(f"{q}.cells3", np.array([rows, h * h, g * g], np.int64))
+        c(f"{q}.cellsb", np.array([rows, h, h, g, g], np.int64))
+        c(f"{q}.flat", np.array([rows, n], np.int64))
+        t = self.node("Reshape", [s, f"{q}.cells5"], f"{q}.g5")
+        t = self.node("Transpose", [t], f"{q}.g5t", perm=[0, 1, 3, 2, 4])
+        t = self.node("Reshape", [t, f"{q}.cells3"], f"{q}.g3")
+        m = self.node("ReduceMax", [t, "fc.tok.ax2"], f"{q}.gmax", keepdims=1)
+        best = self.node("Equal", [t, m], f"{q}.gbest")
+        bonus = self.node("Cast", [best], f"{q}.gbestf", to=TensorProto.FLOAT)
+        bonus = self.node("Reshape", [bonus, f"{q}.cellsb"], f"{q}.gb5")
+        bonus = self.node("Transpose", [bonus], f"{q}.gb5t", perm=[0, 1, 3, 2, 4])
+        bonus = self.node("Reshape", [bonus, f"{q}.flat"], f"{q}.gbflat")
+        bonus = self.node("Mul", [bonus, "fc.tok.bonus"], f"{q}.gbonus")
+        return self.node("Add", [s, bonus], f"{q}.sb")
+
+
+def _clone(node: onnx.NodeProto, ren: dict[str, str], suffix: str) -> onnx.NodeProto:
+    """A copy of `node` reading renamed inputs; its outputs get `suffix` (recorded in `ren`)."""
+    c = onnx.NodeProto()
+    c.CopyFrom(node)
+    if c.name:
+        c.name += suffix
+    for j, x in enumerate(c.input):
+        if x in ren:
+            c.input[j] = ren[x]
+    for j, x in enumerate(c.output):
+        if x:
+            ren[x] = x + suffix
+            c.output[j] = x + suffix
+    return c
+
+
+# --- running a token-local branch on k tokens ---------------------------------------------------
+
+_UNARY = frozenset({
+    "Identity", "Cast", "Relu", "Gelu", "FastGelu", "Tanh", "Sigmoid", "Erf", "Sqrt", "Exp", "Log", "Neg", "Abs",
+    "Softplus", "Softsign", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Mish", "Clip",
+    "Dropout", "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Not", "QuickGelu",
+})
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Where", "Equal", "Less",
+                          "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Sum", "Mean", "PRelu"})
+_REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                     "ReduceSumSquare", "ReduceLogSumExp"})
+
+
+def _const_value(index: GraphIndex, name: str) -> np.ndarray | None:
+    for t in index.model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    p = index.producer.get(name)
+    if p is not None and index.nodes[p].op_type == "Constant":
+        for a in index.nodes[p].attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def clone_on_tokens(index: GraphIndex, nodes: list[int], src: str, dst: str, output: str, n: int, k: int,
+                    suffix: str, const: Any, outer: dict[str, str] | None = None) -> tuple[list[onnx.NodeProto], str]:
+    """Clones of `nodes` (a token-local branch reading `src`, (B, N, D)) that read `dst`, (B, k, D).
+
+    The token axis is followed from `src` (axis 1) through every node; shape constants that carry N on
+    it are replaced by k. Returns the clones and the name of `output`'s clone. Raises FcpassError at a
+    node that mixes tokens or that the follower does not know.
+    """
+    axis: dict[str, int | None] = {src: 1}
+    ren: dict[str, str] = dict(outer or {})
+    ren[src] = dst
+    out_nodes: list[onnx.NodeProto] = []
+    for i in nodes:
+        node = index.nodes[i]
+        t_in = {j: axis[x] for j, x in enumerate(node.input) if axis.get(x) is not None}
+        c = _clone(node, ren, suffix)
+        t_out = _follow(index, node, c, t_in, n, k, const) if t_in else None
+        for o in node.output:
+            axis[o] = t_out
+        if node.op_type == "LayerNormalization":
+            for o in node.output[1:]:
+                axis[o] = None
+        out_nodes.append(c)
+    if axis.get(output) is None and output != src:
+        raise FcpassError(f"branch output {output!r} lost the token axis; cannot scatter it back")
+    return out_nodes, ren.get(output, output)
+
+
+def _fail(node: onnx.NodeProto, why: str) -> FcpassError:
+    return FcpassError(
+        f"cannot run {node.op_type} node {node.name or node.output[0]!r} on a subset of tokens: {why}; "
+        "token-local branches may only hold per-token ops (elementwise, MatMul with weights or captions, "
+        "LayerNorm, Softmax and reshapes off the token axis)"
+    )
+
+
+def _follow(index: GraphIndex, node: onnx.NodeProto, clone: onnx.NodeProto, t_in: dict[int, int], n: int, k: int,
+            const: Any) -> int:
+    """The token axis of `node`'s output, given its inputs'; rewrites `clone`'s shape inputs."""
+    op = node.op_type
+    out_shape = index.shape(node.output[0])
+    if out_shape is None:
+        raise _fail(node, "its output shape is unknown")
+    r_out = len(out_shape)
+
+    def rank(x: str) -> int:
+        s = index.shape(x)
+        if s is None:
+            raise _fail(node, f"the shape of {x!r} is unknown")
+        return len(s)
+
+    def norm(a: int, r: int) -> int:
+        return a + r if a < 0 else a
+
+    if op in _UNARY:
+        if set(t_in) != {0}:
+            raise _fail(node, "the token axis reaches a parameter input")
+        return t_in[0]
+    if op in _ELEMENTWISE:
+        aligned = {t + r_out - rank(node.input[j]) for j, t in t_in.items()}
+        if len(aligned) != 1:
+            raise _fail(node, "its operands carry the token axis at different positions")
+        a = aligned.pop()
+        for j, x in enumerate(node.input):
+            if j in t_in or not x:
+                continue
+            s = index.shape(x) or ()
+            pos = a - (r_out - len(s))
+            # A symbolic dim (shape inference could not resolve it) is accepted: ORT then rejects a real
+            # mismatch at run time rather than computing something wrong, except for k = 1.
+            if 0 <= pos < len(s) and isinstance(s[pos], int) and s[pos] != 1:
+                raise _fail(node, f"operand {x!r} (shape {list(s)}) has the token axis without depending on the stream")
+        return a
+    if op in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
+        ax = norm(int(_attr(node, "axis", -1)), rank(node.input[0]))
+        if set(t_in) != {0} or t_in[0] >= ax:
+            raise _fail(node, "it normalises over the token axis")
+        return t_in[0]
+    if op in ("Softmax", "LogSoftmax"):
+        if norm(int(_attr(node, "axis", -1)), r_out) == t_in[0]:
+            raise _fail(node, "its softmax runs over the tokens")
+        return t_in[0]
+    if op == "MatMul":
+        ra, rb = rank(node.input[0]), rank(node.input[1])
+        if 0 in t_in and 1 in t_in:
+            raise _fail(node, "both operands depend on the tokens (attention between them)")
+        if 0 in t_in:
+            t = t_in[0]
+            if ra >= 2 and t == ra - 1:
+                raise _fail(node, "it contracts over the token axis")
+            return r_out - 2 if (ra >= 2 and t == ra - 2) else t + r_out - ra
+        t = t_in[1]
+        if rb >= 2 and t == rb - 2:
+            raise _fail(node, "it contracts over the token axis")
+        return r_out - 1 if t == rb - 1 else t + r_out - rb
+    if op == "Transpose":
+        perm = list(_attr(node, "perm", list(range(r_out))[::-1]))
+        return perm.index(t_in[0])
+    if op == "Reshape":
+        return _reshape(index, node, clone, t_in, n, k, const)
+    if op == "Expand":
+        t = t_in[0] + r_out - rank(node.input[0])
+        shape = _const_value(index, node.input[1])
+        if shape is None:
+            raise _fail(node, "its target shape is not a constant")
+        pos = t - (r_out - len(shape))
+        if 0 <= pos < len(shape) and shape[pos] == n:
+            new = shape.copy()
+            new[pos] = k
+            clone.input[1] = const(f"{clone.output[0]}.shape", new.astype(np.int64))
+        return t
+    if op == "Gather":
+        if 0 not in t_in or 1 in t_in:
+            raise _fail(node, "it gathers with token-dependent indices")
+        ax = norm(int(_attr(node, "axis", 0)), rank(node.input[0]))
+        t = t_in[0]
+        if ax == t:
+            raise _fail(node, "it gathers along the token axis")
+        return t if t < ax else t - 1 + rank(node.input[1])
+    if op in ("Split", "Concat"):
+        ax = norm(int(_attr(node, "axis", 0)), r_out)
+        if any(t == ax for t in t_in.values()):
+            raise _fail(node, "it splits or concatenates along the token axis")
+        return next(iter(t_in.values()))
+    if op == "Slice":
+        axes = _const_value(index, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        starts = _const_value(index, node.input[1])
+        if axes is None:
+            axes = np.arange(len(starts) if starts is not None else r_out)
+        if t_in.get(0) in {norm(int(a), r_out) for a in np.ravel(axes)}:
+            raise _fail(node, "it slices the token axis")
+        return t_in[0]
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _const_value(index, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(_attr(node, "axes", []))
+        t = t_in[0]
+        if op == "Squeeze":
+            ax = {norm(int(a), rank(node.input[0])) for a in np.ravel(axes)}
+            if t in ax:
+                raise _fail(node, "it squeezes the token axis")
+            return t - sum(a < t for a in ax)
+        ax = sorted(norm(int(a), r_out) for a in np.ravel(axes))
+        pos = [d for d in range(r_out) if d not in ax]
+        return pos[t]
+    if op in _REDUCE:
+        r_in = rank(node.input[0])
+        axes = _const_value(index, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "axes", None)
+        ax = set(range(r_in)) if axes is None else {norm(int(a), r_in) for a in np.ravel(axes)}
+        t = t_in[0]
+        if t in ax:
+            raise _fail(node, "it reduces over the tokens")
+        return t if _attr(node, "keepdims", 1) else t - sum(a < t for a in ax)
+    if op in ("Shape", "Size"):
+        return None  # type: ignore[return-value]
+    raise _fail(node, "the token-axis follower does not know this op")
+
+
+def _reshape(index: GraphIndex, node: onnx.NodeProto, clone: onnx.NodeProto, t_in: dict[int, int], n: int, k: int,
+             const: Any) -> int:
+    """Where the token axis lands in a Reshape, and the shape constant rewritten to k tokens."""
+    if 1 in t_in:
+        raise _fail(node, "its target shape depends on the token values")
+    s_in = index.shape(node.input[0])
+    s_out = index.shape(node.output[0])
+    if not s_in or not s_out or any(not isinstance(d, int) for d in (*s_in, *s_out)):
+        raise _fail(node, "its shapes are not static")
+    t = t_in[0]
+    before = int(np.prod(s_in[:t], dtype=np.int64))
+    after = int(np.prod(s_in[t + 1:], dtype=np.int64))
+    u = next((j for j in range(len(s_out)) if s_out[j] == n and int(np.prod(s_out[:j], dtype=np.int64)) == before
+              and int(np.prod(s_out[j + 1:], dtype=np.int64)) == after), None)
+    if u is None:
+        raise _fail(node, f"it merges or splits the token axis ({list(s_in)} -> {list(s_out)})")
+    shape = _const_value(index, node.input[1])
+    if shape is None:
+        producer = index.producer.get(node.input[1])
+        if producer is None:
+            raise _fail(node, "its target shape is neither a constant nor computed in the branch")
+        return u  # computed from Shape ops inside the branch: it follows the gathered tensor
+    shape = shape.astype(np.int64).copy()
+    allow_zero = int(_attr(node, "allowzero", 0))
+    if shape[u] == n:
+        shape[u] = k
+        clone.input[1] = const(f"{clone.output[0]}.shape", shape)
+    elif shape[u] == 0 and not allow_zero and u != t:
+        raise _fail(node, "its target shape copies the token axis from another position")
+    elif shape[u] not in (-1, 0):
+        raise _fail(node, f"its target shape has {shape[u]} where the {n} tokens go")
+    return u

@@ -1,0 +1,297 @@
+"""Token-level caching: the token If per block, top-k gather/scatter, scores, counters, DuCa and ToCa."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from fcpass.branches import find_branches
+from fcpass.discover import discover_blocks
+from fcpass.errors import FcpassError
+from fcpass.graphinfo import GraphIndex
+from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.passes.cache_regions import insert_cache_regions
+from fcpass.passes.token_cache import TokenOptions
+from fcpass.plan import APPROX_MIX, CachePlan, write_plan
+from fcpass.runner import load_denoiser
+from fcpass.trt_check import check_graph
+from models.digits import SCHEDULER_CONFIG
+from runtimes.sampler import SampleRequest, sample
+from runtimes.schedulers import scheduler_from_config
+from runtimes.token_policies import DuCa, DuCaConfig, ToCa, TokenControls
+from tests.conftest import load, tiny_feeds
+
+ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
+N, D, B = 16, 32, 2  # the tiny DiT: 16 tokens of width 32, batch 2 (one CFG pair)
+CW, BONUS = 0.25 / 3, 0.8
+
+
+class Tok:
+    """A tiny DiT compiled with token caching; run steps under chosen region and token controls."""
+
+    def __init__(self, path: Path, k: int | None = 5, regions: tuple[str, ...] = ("blocks",), score: str = "vnorm") -> None:
+        self.original = load(path)
+        bmap = discover_blocks(self.original, "latent")
+        index = GraphIndex(self.original)
+        self.split = [find_branches(index, b) for b in bmap.blocks]
+        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions,
+                                                     tokens=TokenOptions(k=k, score=score))
+        write_plan(self.model, self.plan)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(self.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.ref = ort.InferenceSession(self.original.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.state = {s.name: np.zeros(s.shape, s.dtype) for s in self.plan.states}
+        self.r = len(self.plan.regions)
+        self.blocks = len(self.plan.tokens["blocks"])
+
+    def run(self, feeds: dict[str, np.ndarray], tok: list[int] | int = 0, ctl: dict[str, int] | None = None,
+            rand: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        c = np.zeros(self.r, np.int64)
+        mix = np.zeros((self.r, len(APPROX_MIX["reuse"])), np.float32)
+        for name, v in (ctl or {}).items():
+            c[self.plan.region(name).index] = v
+            mix[self.plan.region(name).index] = APPROX_MIX["reuse"]
+        extra = {"fc_tok_rand": rand} if rand is not None else {}
+        out = dict(zip(self.names, self.sess.run(None, {
+            **feeds, **self.state, **extra, "fc_ctl": c, "fc_thr": np.zeros(self.r, np.float32), "fc_mix": mix,
+            "fc_tok": np.broadcast_to(np.asarray(tok, np.int64), (self.blocks,)).copy()})))
+        self.state = {s.name: out[s.next] for s in self.plan.states}
+        return out
+
+    def truth(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        m = onnx.ModelProto()
+        m.CopyFrom(self.original)
+        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+@pytest.fixture()
+def tok(tiny_dit: Path) -> Tok:
+    return Tok(tiny_dit)
+
+
+def _vnorm(v: np.ndarray) -> np.ndarray:
+    u = (1.0 - np.linalg.norm(v.astype(np.float64), axis=-1)).reshape(B, -1, N).mean(axis=1)
+    return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+
+def _expected_selection(base: np.ndarray, cnt: np.ndarray, k: int) -> set[int]:
+    """The graph's selection, in numpy: counters, CFG pair average, 2x2-cell bonus, top k."""
+    s = base + CW * (cnt + 1)
+    s = (s[: B // 2] + s[B // 2 :]) / 2
+    cells = s.reshape(1, 2, 2, 2, 2).transpose(0, 1, 3, 2, 4).reshape(1, 4, 4)
+    best = (cells == cells.max(axis=2, keepdims=True)).astype(np.float64)
+    s = s + BONUS * best.reshape(1, 2, 2, 2, 2).transpose(0, 1, 3, 2, 4).reshape(1, N)
+    return set(np.argsort(-s[0])[:k].tolist())
+
+
+# --- structure ----------------------------------------------------------------------------------
+
+def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
+    onnx.checker.check_model(tok.model, full_check=True)
+    assert check_graph(tok.model) == []
+    index = GraphIndex(tok.original)
+    region = next(n for n in tok.model.graph.node if n.op_type == "If" and n.name == "fc/block1/If")
+    run = next(a.g for a in region.attribute if a.name == "else_branch")
+    (tif,) = [n for n in run.node if n.op_type == "If"]
+    cons = next(a.g for a in tif.attribute if a.name == "then_branch")
+    full = next(a.g for a in tif.attribute if a.name == "else_branch")
+    mlp = tok.split[1].branches[1]
+    mlp_ops = Counter(index.nodes[i].op_type for i in mlp.nodes)
+    mechanism = Counter({
+        "If": 1,  # attention: reused (mode 1) or computed (mode 2)
+        "Mul": 2 + 1 + 1 + 1, "Add": 2 + 1 + 1 + 1 + 1,  # gates, residuals; counter+1, weight, score; CFG pair; bonus
+        "Slice": 2, "Reshape": 4, "Transpose": 2, "ReduceMax": 1, "Equal": 1, "Cast": 1,  # CFG halves; 2x2 cells
+        "TopK": 1, "Concat": 1, "Unsqueeze": 1, "Expand": 1, "GatherElements": 1, "ScatterElements": 2,
+        "Identity": 5,  # the block output and 4 states (two branch caches, the counters, the scores)
+    })
+    assert Counter(n.op_type for n in cons.node) == mlp_ops + mechanism
+    block_ops = Counter(index.nodes[i].op_type for i in discover_blocks(tok.original, "latent").blocks[1].nodes)
+    vnorm = Counter({"ReduceL2": 2, "Reshape": 1, "Sub": 1, "ReduceMean": 1, "Max": 1, "Div": 1, "Identity": 5})
+    assert Counter(n.op_type for n in full.node) == block_ops + vnorm
+    topk = next(n for n in cons.node if n.op_type == "TopK")
+    k_init = next(t for t in tok.model.graph.initializer if t.name == topk.input[1])
+    assert onnx.numpy_helper.to_array(k_init).tolist() == [5]
+    (inner,) = [n for n in cons.node if n.op_type == "If"]
+    reuse = next(a.g for a in inner.attribute if a.name == "then_branch")
+    assert [n.op_type for n in reuse.node] == ["Identity"]
+    assert tok.plan.tokens["blocks"][1]["branches"][1]["k"] == 5
+    assert [s.kind for s in tok.plan.states if s.region == "block1"][-4:] == ["tok_out", "tok_out", "tok_cnt", "tok_score"]
+
+
+def test_all_full_equals_original_and_states_are_true(tok: Tok) -> None:
+    feeds = tiny_feeds(0)
+    out = tok.run(feeds, tok=0)
+    (ref,) = tok.ref.run(None, feeds)
+    assert np.abs(out["noise_pred"] - ref).max() <= 1e-5
+    names = [br.output for s in tok.split for br in s.branches] + [s.branches[0].value for s in tok.split]
+    truth = tok.truth(feeds, names)
+    for pos, s in enumerate(tok.split):
+        for br in s.branches:
+            np.testing.assert_allclose(out[f"fc.tok{pos}.b{br.position}.out.next"], truth[br.output], atol=1e-5)
+        np.testing.assert_allclose(out[f"fc.tok{pos}.score.next"], _vnorm(truth[s.branches[0].value]), atol=1e-5)
+        assert not out[f"fc.tok{pos}.b1.cnt.next"].any()
+
+
+def test_conservative_step_at_the_same_input_reproduces_the_full_step(tok: Tok) -> None:
+    """Forced into the conservative branch right after a full step at the same input: the reused
+    attention and the scattered MLP tokens are what the full step computed."""
+    feeds = tiny_feeds(0)
+    full = tok.run(feeds, tok=0)
+    cons = tok.run(feeds, tok=1)
+    np.testing.assert_allclose(cons["noise_pred"], full["noise_pred"], atol=1e-5)
+    assert (cons["fc_skip"] == 0).all()
+
+
+# --- gather, branch on k tokens, scatter -----------------------------------------------------------
+
+def test_gathered_branch_equals_full_branch_on_selected_tokens_and_scatter_keeps_the_rest(tok: Tok) -> None:
+    a, b = tiny_feeds(0), tiny_feeds(1)
+    first = tok.run(a, tok=0)
+    old_cache = first["fc.tok0.b1.out.next"]
+    score = first["fc.tok0.score.next"]
+    out = tok.run(b, tok=[2, 0, 0])  # block 0 conservative with attention computed: its MLP input is true
+    mlp = tok.split[0].branches[1]
+    truth = tok.truth(b, [mlp.output])[mlp.output]
+    cnt = out["fc.tok0.b1.cnt.next"]
+    selected = set(np.flatnonzero(cnt[0] == 0).tolist())
+    assert selected == _expected_selection(score, np.zeros((B, N)), 5)
+    np.testing.assert_array_equal(cnt[0], cnt[1])  # both CFG halves took the same tokens
+    others = sorted(set(range(N)) - selected)
+    assert (cnt[:, others] == 1).all()
+    new_cache = out["fc.tok0.b1.out.next"]
+    np.testing.assert_allclose(new_cache[:, sorted(selected)], truth[:, sorted(selected)], atol=1e-5)
+    np.testing.assert_array_equal(new_cache[:, others], old_cache[:, others])
+    # Block 0's output is its input plus the gated attention (computed) and the gated scattered MLP.
+    attn = tok.split[0].branches[0]
+    t = tok.truth(b, [attn.stream_out, mlp.gate])
+    expected = t[attn.stream_out] + t[mlp.gate] * new_cache
+    np.testing.assert_allclose(out["fc.block0.out0.next"], expected, atol=1e-5)
+
+
+def test_counters_age_and_reset(tok: Tok) -> None:
+    tok.run(tiny_feeds(0), tok=0)
+    c1 = tok.run(tiny_feeds(1), tok=1)["fc.tok2.b1.cnt.next"]
+    c2 = tok.run(tiny_feeds(2), tok=1)["fc.tok2.b1.cnt.next"]
+    assert (c1 == 0).sum() == B * 5 and (c2 == 0).sum() == B * 5
+    assert set(np.unique(c2).tolist()) <= {0.0, 1.0, 2.0} and (c2 == 2).any()
+    np.testing.assert_array_equal(c2[c2 != 0], (c1 + 1)[c2 != 0])
+    assert not tok.run(tiny_feeds(3), tok=0)["fc.tok2.b1.cnt.next"].any()  # a full step resets them
+
+
+@pytest.mark.parametrize("k", [0, N])
+def test_k_zero_is_pure_reuse_and_k_n_is_the_full_block(tiny_dit: Path, k: int) -> None:
+    t = Tok(tiny_dit, k=k)
+    a, b = tiny_feeds(0), tiny_feeds(1)
+    first = t.run(a, tok=0)
+    if k == N:
+        out = t.run(b, tok=2)  # attention computed: every block equals the original one
+        (ref,) = t.ref.run(None, b)
+        np.testing.assert_allclose(out["noise_pred"], ref, atol=1e-5)
+        assert not out["fc.tok1.b1.cnt.next"].any()
+        return
+    out = t.run(b, tok=1)
+    for pos, s in enumerate(t.split):
+        attn, mlp = s.branches
+        np.testing.assert_array_equal(out[f"fc.tok{pos}.b1.out.next"], first[f"fc.tok{pos}.b1.out.next"])
+        np.testing.assert_array_equal(out[f"fc.tok{pos}.b1.cnt.next"], np.ones((B, N), np.float32))
+        gates = t.truth(b, [attn.gate, mlp.gate])
+        h = out[f"fc.block{pos}.in0.next"]
+        expected = h + gates[attn.gate] * first[f"fc.tok{pos}.b0.out.next"] + gates[mlp.gate] * first[f"fc.tok{pos}.b1.out.next"]
+        np.testing.assert_allclose(out[f"fc.block{pos}.out0.next"], expected, atol=1e-5)
+
+
+def test_a_skipped_stack_passes_the_token_state_through(tiny_dit: Path) -> None:
+    t = Tok(tiny_dit, regions=("stack",))
+    t.run(tiny_feeds(0), tok=0)
+    before = dict(t.state)
+    out = t.run(tiny_feeds(1), tok=1, ctl={"stack": 1})
+    assert out["fc_skip"].tolist() == [1.0]
+    token_states = [s for s in t.plan.states if s.kind.startswith("tok")]
+    assert len(token_states) == 3 * 4
+    for s in token_states:
+        np.testing.assert_array_equal(out[s.next], before[s.name], err_msg=s.name)
+
+
+def test_saliency_and_random_scores_select_what_numpy_selects(tiny_dit: Path) -> None:
+    sal = Tok(tiny_dit, score="saliency")
+    a, b = tiny_feeds(0), tiny_feeds(1)
+    sal.run(a, tok=0)
+    x = sal.split[0].branches[1].stream_in
+    ref = sal.state["fc.tok0.b1.ref"]
+    out = sal.run(b, tok=[2, 0, 0])
+    ss = ((sal.truth(b, [x])[x].astype(np.float64) - ref) ** 2).sum(axis=2)
+    base = ss / np.linalg.norm(ss, axis=1, keepdims=True)
+    assert set(np.flatnonzero(out["fc.tok0.b1.cnt.next"][0] == 0).tolist()) == _expected_selection(base, np.zeros((B, N)), 5)
+    rnd = Tok(tiny_dit, score="random")
+    r = np.random.default_rng(0).random((3, N), dtype=np.float32)
+    rnd.run(a, tok=0, rand=r)
+    out = rnd.run(b, tok=1, rand=r)
+    expected = _expected_selection(np.broadcast_to(r[1], (B, N)), np.zeros((B, N)), 5)
+    assert set(np.flatnonzero(out["fc.tok1.b1.cnt.next"][0] == 0).tolist()) == expected
+
+
+def test_declines_with_an_explanation(tiny_dit: Path) -> None:
+    model = load(tiny_dit)
+    bmap = discover_blocks(model, "latent")
+    with pytest.raises(FcpassError, match="--token-score 'attention' unknown"):
+        insert_cache_regions(model, bmap, ROLES, ("stack",), tokens=TokenOptions(score="attention"))
+    with pytest.raises(FcpassError, match="block 'blocks.0' is in no cache region"):
+        insert_cache_regions(model, bmap, ROLES, ("tail",), tokens=TokenOptions())
+
+
+# --- policies and the host loop ---------------------------------------------------------------------
+
+def test_toca_schedule_and_duca_needs_the_stack(tok: Tok) -> None:
+    with pytest.raises(FcpassError, match="skip the whole stack"):
+        DuCa(DuCaConfig(interval=3, warmup=2)).reset(tok.plan, 12)  # a blocks-only graph
+    toca = ToCa()  # conservative steps only: no stack needed
+    toca.reset(tok.plan, 12)
+    assert "".join(toca.step_type(i) for i in range(12)) == "FFFCCFCCFCCF"
+    c = toca.controls(3)
+    assert isinstance(c, TokenControls) and c.tok.tolist() == [1, 1, 1] and not c.ctl.any()
+
+
+def test_duca_schedule_on_a_stack_graph(tiny_dit: Path) -> None:
+    t = Tok(tiny_dit, regions=("stack",))
+    duca = DuCa()
+    duca.reset(t.plan, 12)
+    assert "".join(duca.step_type(i) for i in range(12)) == "FFFCAFCAFCAF"
+    a = duca.controls(4)
+    assert a.ctl.tolist() == [1] and tuple(a.mix[0]) == APPROX_MIX["reuse"] and not a.tok.any()
+    assert duca.controls(3).tok.tolist() == [1, 1, 1] and not duca.controls(3).ctl.any()
+    compute = DuCa(DuCaConfig(attention="compute"))
+    compute.reset(t.plan, 12)
+    assert compute.controls(3).tok.tolist() == [2, 2, 2]
+    with pytest.raises(FcpassError, match="needs token-level caching"):
+        DuCa().reset(_plain_plan(tiny_dit), 12)
+
+
+def _plain_plan(path: Path) -> CachePlan:
+    model = load(path)
+    return insert_cache_regions(model, discover_blocks(model, "latent"), ROLES, ("stack",))[1]
+
+
+def test_sampling_with_duca_resets_the_state_between_runs(tiny_dit: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.tok.onnx"
+    request = SampleRequest(classes=[1], steps=8, guidance_scale=1.5, uncond_class=10)
+    setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    plan = optimize(tiny_dit, out, OptimizeOptions(regions=("stack",), tokens="duca"), setup)
+    assert [b["branches"][1]["k"] for b in plan.tokens["blocks"]] == [2, 2, 2]  # round(0.05 * f * 2.5 * 16)
+    den = load_denoiser(out, "duca", {})
+    runs = [sample(den, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].images, runs[1].images)
+    assert [r["tok"][0] for r in runs[0].records] == [0, 0, 0, 1, 0, 0, 1, 0]  # F F F C A F C F(last)
+    assert [r["ctl"][0] for r in runs[0].records] == [0, 0, 0, 0, 1, 0, 0, 0]
+    assert runs[0].macs_executed < runs[0].macs_uncached
+    none = load_denoiser(out, "none", {})
+    base = sample(none, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
+    assert not np.array_equal(base.images, runs[0].images)
