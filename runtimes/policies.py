@@ -559,4 +559,4 @@ def make_policy(name: str, **options: object) -> Policy:
 
 
 # DuCa and ToCa (token-level caching) register themselves into POLICIES and CONFIGS.
-import runtimes.token_policies  # noqa: E402, F401
+import runtimes.token_policies  # noqa: F401

@@ -78,11 +78,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         graphs: dict[str, Path] = {}
         for spec in args.policies:
-            regions = _regions_of(spec, args.regions)
-            if regions not in graphs:
-                graphs[regions] = Path(tmp) / f"model.{regions.replace(',', '-')}.fc.onnx"
-                options = OptimizeOptions(regions=tuple(regions.split(",")), calibrate=args.calibrate, taylor=args.taylor)
-                optimize(args.model, graphs[regions], options, setup)
+            key = _graph_of(spec, args.regions)
+            if key not in graphs:
+                regions, _, tokens = key.partition("+")
+                graphs[key] = Path(tmp) / f"model.{key.replace(',', '-').replace('+', '.')}.fc.onnx"
+                options = OptimizeOptions(regions=tuple(regions.split(",")), calibrate=args.calibrate,
+                                          taylor=args.taylor, tokens=tokens or None)
+                optimize(args.model, graphs[key], options, setup)
         rows, images = run(args, request, graphs)
     write(rows, args)
     if args.grid:
@@ -97,6 +99,13 @@ def _time(denoiser: Any, request: SampleRequest) -> Any:
     return sample(denoiser, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
 
 
+def _graph_of(spec: str, default: str) -> str:
+    """The graph a policy runs on: its region sets, plus `+duca`/`+toca` for the token-level policies
+    (their static k is compiled in)."""
+    name = spec.split("@")[0].split(":")[0]
+    return _regions_of(spec, default) + (f"+{name}" if name in ("duca", "toca") else "")
+
+
 def _regions_of(spec: str, default: str) -> str:
     return spec.split("@", 1)[1] if "@" in spec else default
 
@@ -108,7 +117,7 @@ def run(
     base = load_denoiser(args.model, None, {}, threads=args.threads)
     denoisers = {"uncached": base}
     for spec in args.policies:
-        den = load_denoiser(graphs[_regions_of(spec, args.regions)], spec.split("@")[0], {}, threads=args.threads)
+        den = load_denoiser(graphs[_graph_of(spec, args.regions)], spec.split("@")[0], {}, threads=args.threads)
         denoisers[spec] = den
     best: dict[str, Any] = {}
     for rep in range(args.repeats):

@@ -40,6 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fcpass.discover import Block, BlockMap, boundary_of
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs
+from fcpass.passes.token_cache import TokenOptions, TokenPass
 from fcpass.plan import (
     CTL_INPUT,
     MIX_INPUT,
@@ -51,7 +52,6 @@ from fcpass.plan import (
     RegionSpec,
     StateSpec,
 )
-from fcpass.passes.token_cache import TokenOptions, TokenPass
 
 log = logging.getLogger(__name__)
 
