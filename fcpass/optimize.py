@@ -18,6 +18,7 @@ from fcpass.discover import discover_blocks
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import check_distinct, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
+from fcpass.passes.localize_weights import localize_weights
 from fcpass.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
 from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
@@ -70,6 +71,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     if options.lowering == "segments":
         write_segments(lower_to_segments(out), output)
     else:
+        localize_weights(out)
         save_model(out, output)
     return plan
 

@@ -71,3 +71,18 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path))
+
+
+def all_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers of the main graph and of every branch (compiled graphs keep weights in their branches)."""
+    out: list[onnx.TensorProto] = []
+
+    def walk(g: onnx.GraphProto) -> None:
+        out.extend(g.initializer)
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    walk(sub)
+
+    walk(model.graph)
+    return out

@@ -275,3 +275,33 @@ def test_probe_decides_under_ctl_3_and_fails_closed(compiled: Compiled) -> None:
     fresh.thr[k] = np.inf
     out = fresh.run(tiny_feeds(0), update=False)  # zero reference: 0/0 or x/0, never a skip
     assert out["fc_skip"][k] == 0
+
+
+def test_localized_weights_compute_the_same_and_live_in_their_branch(compiled: Compiled) -> None:
+    """Weights move into the innermost branch reading them (ORT prepacks them there); values unchanged."""
+    from fcpass.passes.localize_weights import localize_weights
+    from tests.conftest import all_initializers
+
+    model = onnx.ModelProto()
+    model.CopyFrom(compiled.model)
+    before = {t.name for t in all_initializers(model)}
+    moved = localize_weights(model)
+    assert moved > 0 and {t.name for t in all_initializers(model)} == before
+    onnx.checker.check_model(model, full_check=True)
+    assert check_graph(model) == []
+    # A block's own weights now sit inside that block's compute branch.
+    block1_w = next(t.name for t in compiled.model.graph.initializer if "blocks.1" in t.name or "blocks/1" in t.name)
+    stack_if = next(n for n in model.graph.node if n.op_type == "If")
+    assert block1_w not in {t.name for t in model.graph.initializer}
+    assert block1_w not in {t.name for a in stack_if.attribute for t in a.g.initializer}  # deeper than the stack
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    compiled.run(tiny_feeds(0))
+    for ctl in (0, 1):
+        compiled.ctl[:] = ctl
+        compiled.mix[:] = APPROX_MIX["linear"]
+        feeds = {**tiny_feeds(1), **compiled.state, "fc_ctl": compiled.ctl, "fc_thr": compiled.thr, "fc_mix": compiled.mix}
+        ref = compiled.run(tiny_feeds(1), update=False)
+        got = dict(zip(names, sess.run(None, feeds)))
+        for k in names:
+            np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-5, err_msg=k)

@@ -12,7 +12,7 @@ from fcpass.calibrate import CalibrationOptions, _Fit
 from fcpass.errors import FcpassError
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.plan import CachePlan, RegionSpec, StateSpec, read_plan
-from tests.conftest import calibration_setup, export_tiny_dit
+from tests.conftest import all_initializers, calibration_setup, export_tiny_dit
 
 
 def _region(d: int) -> tuple[RegionSpec, CachePlan]:
@@ -62,7 +62,7 @@ def test_calibrated_graph_has_fitted_weights_and_sigma(calibrated: tuple[Path, P
         assert cal["fit_rel_err"] <= cal["residual_rel_err"] * 1.05, r.name
         assert cal["sigma2"] is None or cal["sigma2"] > 0
     assert any(r.calibration["sigma2"] is not None for r in plan.block_regions())
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if ".V" in t.name}
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in all_initializers(model) if ".V" in t.name}
     assert weights and all(np.abs(v).max() > 0 for v in weights.values())
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
 

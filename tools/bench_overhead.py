@@ -19,7 +19,7 @@ import numpy as np
 
 from fcpass.export import ExportSpec, export
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CTL_INPUT, MIX_INPUT, THR_INPUT, read_plan
+from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
 from fcpass.roles import graph_inputs
 from runtimes.backend import OrtBackend
 
@@ -42,7 +42,7 @@ def main() -> None:
             src = Path(tmp) / "model.onnx"
             export(ExportSpec(args.arch, args.image_size, exporter="legacy"), src)
         fc = Path(tmp) / "model.fc.onnx"
-        optimize(src, fc, OptimizeOptions(regions=tuple(args.regions.split(","))), None)
+        optimize(src, fc, OptimizeOptions(regions=tuple(args.regions.split(","))), None)  # localizes weights too
         base, comp = OrtBackend(src, threads=args.threads or None), OrtBackend(fc, threads=args.threads or None)
         rng = np.random.default_rng(0)
         feeds = {}
@@ -53,7 +53,7 @@ def main() -> None:
         plan = read_plan(comp.model)
         r = len(plan.regions)
         comp_feeds = {**feeds, CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
-                      MIX_INPUT: np.zeros((r, 3), np.float32)}
+                      MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32)}
         comp_feeds.update({s.name: rng.standard_normal([int(d) for d in s.shape]).astype(s.dtype) for s in plan.states})
         times: dict[str, list[float]] = {"original": [], "compiled, all computing": []}
         for _ in range(2):  # warm-up

@@ -7,7 +7,7 @@ loop, noise, CFG batching (the ONNX graph's static batch 2: one sample's cond an
 and numpy scheduler. Uncached, its samples equal the ONNX graph's to float32 rounding.
 
     model = load_diffusers_digits(threads=1)
-    apply_hook(model, "fbcache", threshold=0.1)          # or "none", KNOBS["fbcache"][i], ...
+    apply_hook(model, "fbcache", threshold=0.03)         # or **KNOBS["fbcache"][i]; "none" adds nothing
     result = sample(DiffusersDenoiser(model), scheduler_from_config(SCHEDULER_CONFIG), request)
 
 What is measured, and caveats:

@@ -426,7 +426,11 @@ class _Builder:
             body = self.tokens.rewrite(body, region)
         body = [_copy(x) for x in body]
         exported = list(spec.outputs) + region.aux_outputs()
-        rename = {x: f"{x}~{n}" for x in exported}
+        # A value the body computes leaves the compute branch under its branch-output name directly:
+        # an Identity there would copy it once per enclosing If (a nested region's state crosses every
+        # level). Only outer values and values exported twice need an Identity.
+        produced = {o for node in body for o in node.output}
+        rename = {x: f"{x}@{n}.run" if x in produced else f"{x}~{n}" for x in exported}
         for node in body:
             _rename(node, rename)
         run_out: list[onnx.ValueInfoProto] = []
@@ -435,7 +439,8 @@ class _Builder:
         approx_nodes: list[onnx.NodeProto] = []
 
         def emit(target: list[onnx.NodeProto], infos: list[onnx.ValueInfoProto], src: str, out_name: str, like: str) -> None:
-            target.append(helper.make_node("Identity", [src], [out_name], name=f"fc/{out_name}"))
+            if src != out_name:
+                target.append(helper.make_node("Identity", [src], [out_name], name=f"fc/{out_name}"))
             infos.append(self.value_info(out_name, like))
 
         for k, o in enumerate(spec.outputs):
@@ -460,9 +465,8 @@ class _Builder:
         batch = self.tensor_type(spec.inputs[0])[1][0]
         for child in _flatten(region.children):
             stat, skip = f"fc.{child.name}.stat", f"fc.{child.name}.skip"
-            run_nodes.append(helper.make_node("Identity", [rename[stat]], [f"{stat}@{n}.run"]))
+            assert rename[stat] == f"{stat}@{n}.run" and rename[skip] == f"{skip}@{n}.run"
             run_out.append(helper.make_tensor_value_info(f"{stat}@{n}.run", TensorProto.FLOAT, [batch]))
-            run_nodes.append(helper.make_node("Identity", [rename[skip]], [f"{skip}@{n}.run"]))
             run_out.append(helper.make_tensor_value_info(f"{skip}@{n}.run", TensorProto.FLOAT, []))
             # Not reached: the statistic is NaN (anything times NaN), the decision -1.
             approx_nodes.append(helper.make_node("Mul", [f"fc.{n}.stat", "fc.nan"], [f"{stat}@{n}.approx"]))

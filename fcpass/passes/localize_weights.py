@@ -1,0 +1,57 @@
+"""Move each weight into the `If` branch that reads it: `main.initializer -> branch.initializer`.
+
+ONNX Runtime prepacks constant weights (the B operand of Gemm/MatMul) once per session, but only
+for initializers of the graph that runs the node: a branch reading a main-graph weight repacks it
+on every call. On the bundled model that costs a compiled graph with every region computing about
+10% of a step; after this pass the branch owns its weights and they are packed once.
+
+Invariant: the graph computes the same values (each weight keeps its name and data; only its scope
+changes). Cases:
+1. A weight read only inside If branches (at any depth) moves to the innermost branch holding every
+   reader.
+2. Declined: weights read by a main-graph node, by two sibling branches, or that are graph outputs;
+   they stay where they are.
+Run it last: passes that edit weights by name (calibration) look in the main graph.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+
+def localize_weights(model: onnx.ModelProto) -> int:
+    """Move weights into the branches that read them (in place); returns how many moved."""
+    graph = model.graph
+    names = {t.name for t in graph.initializer}
+    paths: dict[str, list[tuple[onnx.GraphProto, ...]]] = {}
+
+    def walk(g: onnx.GraphProto, path: tuple[onnx.GraphProto, ...]) -> None:
+        for node in g.node:
+            for x in node.input:
+                if x in names:
+                    paths.setdefault(x, []).append(path)
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    walk(sub, (*path, sub))
+        for o in g.output:
+            if o.name in names:
+                paths.setdefault(o.name, []).append(path)
+
+    walk(graph, ())
+    keep, moved = [], 0
+    for t in graph.initializer:
+        readers = paths.get(t.name, [()])
+        common = readers[0]
+        for p in readers[1:]:
+            n = 0
+            while n < min(len(common), len(p)) and common[n] is p[n]:
+                n += 1
+            common = common[:n]
+        if common:
+            common[-1].initializer.append(t)
+            moved += 1
+        else:
+            keep.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return moved
