@@ -173,3 +173,21 @@ def param_count(index: GraphIndex, nodes: list[int]) -> int:
             if shape:
                 total += _numel(shape) or 0
     return total
+
+
+def rename_values(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
+    """Rename every use and definition of the mapped names, into nested subgraphs too."""
+    for i, name in enumerate(node.input):
+        if name in mapping:
+            node.input[i] = mapping[name]
+    for i, name in enumerate(node.output):
+        if name in mapping:
+            node.output[i] = mapping[name]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                rename_values(inner, mapping)
+            for o in g.output:
+                if o.name in mapping:
+                    o.name = mapping[o.name]

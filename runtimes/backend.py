@@ -33,6 +33,38 @@ class Backend(Protocol):
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
+def session_setup(providers: list[str] | None, threads: int | None) -> tuple[Any, Any, list[str]]:
+    """The onnxruntime module, SessionOptions with `threads`, and the full provider names; one-line
+    errors when ONNX Runtime or a provider is missing."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise FcpassError(
+            "ONNX Runtime is not installed; pip install 'fcpass[cpu]' (or 'fcpass[gpu]' for CUDA, never both)"
+        ) from None
+    wanted = [PROVIDER_ALIASES.get(p, p) for p in (providers or ["cpu"])]
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise FcpassError(
+            f"ONNX Runtime provider {missing[0]} is not available here (available: {', '.join(available)}); "
+            "install onnxruntime-gpu for CUDA (pip install 'fcpass[gpu]') or use --provider cpu"
+        )
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort, opts, wanted
+
+
+def open_session(ort: Any, path: Path, opts: Any, providers: list[str], fix: str) -> Any:
+    """An InferenceSession of `path`; ORT's load errors become one line ending in `fix`."""
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # noqa: BLE001  (ORT reports graph problems as generic RuntimeErrors)
+        first_line = str(exc).strip().splitlines()[0][:300]
+        raise FcpassError(f"ONNX Runtime cannot load {path}: {first_line}; {fix}") from None
+
+
 class OrtBackend:
     """ONNX Runtime session with explicit providers; `provider` reports the one that actually runs."""
 
@@ -45,32 +77,11 @@ class OrtBackend:
         threads: int | None = None,
         iobinding: bool | None = None,
     ) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise FcpassError(
-                "ONNX Runtime is not installed; pip install 'fcpass[cpu]' (or 'fcpass[gpu]' for CUDA, never both)"
-            ) from None
-
         self.path = Path(path)
         self.model = load_model(self.path, load_weights=False)
-        wanted = [PROVIDER_ALIASES.get(p, p) for p in (providers or ["cpu"])]
-        available = ort.get_available_providers()
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            raise FcpassError(
-                f"ONNX Runtime provider {missing[0]} is not available here (available: {', '.join(available)}); "
-                "install onnxruntime-gpu for CUDA (pip install 'fcpass[gpu]') or use --provider cpu"
-            )
-        opts = ort.SessionOptions()
+        ort, opts, wanted = session_setup(providers, threads)
         opts.log_severity_level = 3  # ORT warns about harmless initializer dedup inside If branches
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
-        except Exception as exc:  # noqa: BLE001  (ORT reports graph problems as generic RuntimeErrors)
-            first_line = str(exc).strip().splitlines()[0][:300]
-            raise FcpassError(f"ONNX Runtime cannot load {self.path}: {first_line}; re-export the model") from None
+        self.session = open_session(ort, self.path, opts, wanted, "re-export the model")
         self.inputs = graph_inputs(self.model)
         self.outputs = graph_outputs(self.model)
         self._output_names = [o.name for o in self.outputs]

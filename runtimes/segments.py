@@ -46,7 +46,7 @@ from fcpass.errors import FcpassError
 from fcpass.passes.segments import interface_model, read_manifest
 from fcpass.plan import CachePlan
 from fcpass.roles import graph_inputs, graph_outputs
-from runtimes.backend import PROVIDER_ALIASES
+from runtimes.backend import open_session, session_setup
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +84,14 @@ class SegmentsBackend:
         iobinding: bool | None = None,
         device_id: int = 0,
     ) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise FcpassError(
-                "ONNX Runtime is not installed; pip install 'fcpass[cpu]' (or 'fcpass[gpu]' for CUDA, never both)"
-            ) from None
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.model = interface_model(self.manifest)
         self.inputs = graph_inputs(self.model)
         self.outputs = graph_outputs(self.model)
         self._output_names = [o.name for o in self.outputs]
-        wanted = [PROVIDER_ALIASES.get(p, p) for p in (providers or ["cpu"])]
-        available = ort.get_available_providers()
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            raise FcpassError(
-                f"ONNX Runtime provider {missing[0]} is not available here (available: {', '.join(available)}); "
-                "install onnxruntime-gpu for CUDA (pip install 'fcpass[gpu]') or use --provider cpu"
-            )
-        opts = ort.SessionOptions()
+        ort, opts, wanted = session_setup(providers, threads)
         opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
         if threads != 1:
             # Every session has its own intra-op pool; with spinning on, the pool of the segment that
             # just ran keeps spinning while the next segment's pool works, and they fight for the cores.
@@ -129,11 +113,7 @@ class SegmentsBackend:
             p = self.path / file
             if not p.is_file():
                 raise FcpassError(f"segment {p} is missing; re-run fcpass optimize --lowering segments")
-            try:
-                self.sessions[file] = self._ort.InferenceSession(str(p), sess_options=self._opts, providers=self._providers)
-            except Exception as exc:  # noqa: BLE001  (ORT reports graph problems as generic RuntimeErrors)
-                first_line = str(exc).strip().splitlines()[0][:300]
-                raise FcpassError(f"ONNX Runtime cannot load {p}: {first_line}; re-run fcpass optimize") from None
+            self.sessions[file] = open_session(self._ort, p, self._opts, self._providers, "re-run fcpass optimize")
         return self.sessions[file]
 
     def _compile(self, steps: list[dict[str, Any]]) -> list[Any]:

@@ -44,10 +44,15 @@ DEFAULT_POLICIES = [
     # On a graph whose one region is the whole stack (the cheapest skip):
     "none@stack",
     "fora:interval=2,level=stack@stack",
-    "taylorseer:interval=5,warmup=2,level=stack@stack",
     "taylorseer:interval=6,warmup=2,level=stack@stack",
+    "teacache:threshold=0.02@stack",
+    "magcache@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=30,max_skips=5,warmup=3@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4@stack",
+    # FBCache on the range after the first block; DuCa and ToCa on token-level graphs.
+    "fbcache@tail",
+    "duca@stack",
+    "toca@stack",
 ]
 
 

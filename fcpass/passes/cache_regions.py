@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fcpass.discover import Block, BlockMap, boundary_of
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs
+from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values
 from fcpass.passes.token_cache import TokenOptions, TokenPass
 from fcpass.plan import (
     CTL_INPUT,
@@ -432,7 +432,7 @@ class _Builder:
         produced = {o for node in body for o in node.output}
         rename = {x: f"{x}@{n}.run" if x in produced else f"{x}~{n}" for x in exported}
         for node in body:
-            _rename(node, rename)
+            rename_values(node, rename)
         run_out: list[onnx.ValueInfoProto] = []
         approx_out: list[onnx.ValueInfoProto] = []
         run_nodes = list(body)
@@ -678,24 +678,6 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
     c = onnx.NodeProto()
     c.CopyFrom(node)
     return c
-
-
-def _rename(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
-    """Rename every use and definition of the mapped names, into nested subgraphs too."""
-    for i, name in enumerate(node.input):
-        if name in mapping:
-            node.input[i] = mapping[name]
-    for i, name in enumerate(node.output):
-        if name in mapping:
-            node.output[i] = mapping[name]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for inner in g.node:
-                _rename(inner, mapping)
-            for o in g.output:
-                if o.name in mapping:
-                    o.name = mapping[o.name]
 
 
 def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

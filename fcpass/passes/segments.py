@@ -55,7 +55,7 @@ from onnx import helper
 
 from fcpass import __version__
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import infer_shapes, node_inputs
+from fcpass.graphinfo import infer_shapes, node_inputs, rename_values
 from fcpass.onnx_io import _UMASK, save_model
 from fcpass.plan import PLAN_KEY
 
@@ -225,7 +225,7 @@ def _lower_branch(graph: onnx.GraphProto, targets: list[str], scope: _Scope, lab
         else:  # an outer value, an initializer, or a value exported twice: the If copies it
             extra.append(helper.make_node("Identity", [out.name], [target], name=f"fc/lower/{target}"))
     for n in nodes:
-        _rename(n, rename)
+        rename_values(n, rename)
     return _lower_nodes(nodes + extra, scope.child(graph), label, counter)
 
 
@@ -236,7 +236,7 @@ def _segment(nodes: list[onnx.NodeProto], scope: _Scope, label: str) -> Segment:
     aliases: list[tuple[str, str]] = []
     for node in nodes:
         node = _copy(node)
-        _rename(node, resolve)
+        rename_values(node, resolve)
         src = node.input[0] if node.input else ""
         if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and src and not scope.is_const(src):
             resolve[node.output[0]] = src
@@ -381,28 +381,6 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
     c.CopyFrom(node)
     return c
 
-
-def _rename(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
-    """Rename uses and definitions of the mapped names, into nested subgraphs too."""
-    if not mapping:
-        return
-    for i, name in enumerate(node.input):
-        if name in mapping:
-            node.input[i] = mapping[name]
-    for i, name in enumerate(node.output):
-        if name in mapping:
-            node.output[i] = mapping[name]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for inner in g.node:
-                _rename(inner, mapping)
-            for o in g.output:
-                if o.name in mapping:
-                    o.name = mapping[o.name]
-
-
-# --- the manifest ------------------------------------------------------------------------------
 
 def _value_json(v: onnx.ValueInfoProto) -> dict[str, Any]:
     tt = v.type.tensor_type
