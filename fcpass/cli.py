@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", type=Path, required=True)
     o.add_argument("--regions", default="blocks,tail,stack", help="region sets: blocks, tail (1..L-1), stack")
     o.add_argument("--taylor", action="store_true", help="keep each region's previous output (for taylor1)")
+    o.add_argument("--no-probes", dest="probes", action="store_false",
+                   help="leave out FBCache's and TeaCache's statistics (skipped steps cost a little less)")
     o.add_argument("--tokens", choices=["duca", "toca"],
                    help="compile token-level caching (top-k token gather/scatter per block) with this k schedule")
     o.add_argument("--token-score", choices=["vnorm", "saliency", "random"], help="token scores (default vnorm)")
@@ -316,6 +318,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         block_pattern=args.block_pattern,
         inputs=args.inputs,
         taylor=args.taylor,
+        probes=args.probes,
         tokens=args.tokens,
         token_score=args.token_score,
         lowering=args.lowering,

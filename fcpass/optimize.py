@@ -40,6 +40,7 @@ class OptimizeOptions:
     lowering: str = "if"  # "if": one .fc.onnx file; "segments": a folder of If-free segments
     tokens: str | None = None  # token-level caching with this policy's k schedule: "duca" or "toca"
     token_score: str | None = None  # vnorm (default), saliency or random
+    probes: bool = True  # FBCache's and TeaCache's statistics (see fcpass.passes.cache_regions)
 
 
 def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: dict[str, Any] | None) -> CachePlan:
@@ -60,7 +61,8 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         "prompt_embeds": roles.prompt_embeds.name if roles.prompt_embeds else None,
     }
     tokens = token_options(options.tokens, options.token_score) if options.tokens else None
-    out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor, tokens=tokens)
+    out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor, tokens=tokens,
+                                     probes=options.probes)
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
     if options.calibrate:
         if setup is None:

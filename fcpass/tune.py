@@ -75,6 +75,17 @@ class TuneResult:
         return out
 
 
+def graph_needs(policy: str) -> dict[str, Any]:
+    """What a policy needs compiled into its graph, as OptimizeOptions fields: the probes (fbcache,
+    teacache), the previous outputs (taylor1 extrapolation), the token mechanism (duca, toca)."""
+    name, options = parse_policy_spec(policy)
+    return {
+        "probes": name in ("fbcache", "teacache"),
+        "taylor": name == "taylorseer" or options.get("approx") == "taylor1",
+        "tokens": name if name in ("duca", "toca") else None,
+    }
+
+
 def settings(spec: str) -> list[str]:
     """The specs to try for `spec`: its knob swept, unless the spec fixes the knob itself."""
     name, options = parse_policy_spec(spec)

@@ -429,7 +429,8 @@ class TeaCache(Policy):
 
     def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
         if skip[self.stack] == 1:
-            self.accumulated += float(self.poly(float(np.max(stat[self.stack]))))
+            # A fitted poly can dip below 0 near d = 0; a change never makes up for an earlier one.
+            self.accumulated += max(float(self.poly(float(np.max(stat[self.stack])))), 0.0)
         else:
             self.accumulated = 0.0
 

@@ -68,6 +68,11 @@ def test_teacache_accumulates_while_skipping_and_resets_on_compute() -> None:
     assert p.controls(2).thr[0] == pytest.approx(0.2)
     p.observe(2, stat, np.array([0, 0, 0], np.float32))
     assert p.controls(3).thr[0] == pytest.approx(0.3)
+    q = TeaCache(TeaCacheConfig(threshold=0.3, coefficients=(1.0, -0.05)))  # poly(d) = d - 0.05 < 0 for small d
+    q.reset(_plan(), 10)
+    stat[0] = [0.01, 0.01]
+    q.observe(1, stat, np.array([1, -1, -1], np.float32))
+    assert q.accumulated == 0.0  # a negative rescaled change never pays back an earlier one
 
 
 def test_teacache_needs_a_polynomial_and_the_probe() -> None:
@@ -144,7 +149,7 @@ def test_teacache_in_graph_decisions_equal_the_host_rule(calibrated: tuple[Path,
             assert rec["skip"][k] == 0
             acc = 0.0
             continue
-        value = acc + poly(rec["stat"][k])
+        value = acc + max(poly(rec["stat"][k]), 0.0)
         assert bool(rec["skip"][k] == 1) == bool(value <= threshold + 1e-6), (i, value)
         acc, skips = (value, skips + 1) if rec["skip"][k] == 1 else (0.0, skips)
     assert skips >= 1  # the test exercised a skip
@@ -178,3 +183,15 @@ def test_calibrate_for_writes_a_new_graph_and_keeps_the_input(calibrated: tuple[
     new = read_plan(onnx.load(str(target), load_external_data=False)).region("stack").calibration["teacache"]
     assert new["points"] == 2 * 3  # two samples (CFG halves) x three step pairs
     assert main(["calibrate", str(calibrated[1]), "-o", str(calibrated[1]), "--for", "teacache"]) == 2
+
+
+def test_a_graph_without_probes_refuses_fbcache_and_teacache(tiny_dit: Path, tmp_path: Path) -> None:
+    from fcpass.optimize import OptimizeOptions, optimize
+
+    out = tmp_path / "np.fc.onnx"
+    plan = optimize(tiny_dit, out, OptimizeOptions(probes=False), None)
+    assert all(r.probe is None for r in plan.regions)
+    assert not {s.kind for s in plan.states} & {"res", "mod"}
+    for policy, region in (("fbcache", "tail"), ("teacache:coefficients=[1,0]", "stack")):
+        with pytest.raises(FcpassError, match=f"probe on region '{region}'"):
+            _run(out, policy)

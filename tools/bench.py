@@ -4,8 +4,9 @@
     python tools/bench.py --policies none fora:interval=3 fastcache 'fastcache:levels=stack,sigma_scale=30@stack'
 
 A policy runs on a graph optimized with --regions blocks,stack, or with the region sets named after
-`@` (e.g. `@stack`: one region, the cheapest graph for stack-level policies). Every graph is
-calibrated on the same trajectories.
+`@` (e.g. `@stack`: one region, the cheapest graph for stack-level policies), compiled with what the
+policy needs and nothing more (`fcpass.tune.graph_needs`: probes, previous outputs, token caching).
+Every graph is calibrated on the same trajectories.
 
 For every policy: end-to-end wall time of the whole sampling loop (best of --repeats, runs
 interleaved with the uncached baseline so drift in machine load hits both), the speedup over the
@@ -30,6 +31,7 @@ from fcpass.onnx_io import atomic_path
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
+from fcpass.tune import graph_needs
 from models.digits import ONNX, SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
@@ -45,12 +47,13 @@ DEFAULT_POLICIES = [
     "none@stack",
     "fora:interval=2,level=stack@stack",
     "taylorseer:interval=6,warmup=2,level=stack@stack",
-    "teacache:threshold=0.02@stack",
-    "magcache@stack",
-    "fastcache:approx=taylor1,levels=stack,sigma_scale=30,max_skips=5,warmup=3@stack",
+    "taylorseer:interval=7,warmup=2,level=stack@stack",
+    "magcache:threshold=0.1@stack",
+    "teacache:threshold=0.1@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4@stack",
+    "fastcache:approx=taylor1,levels=stack,sigma_scale=64,max_skips=8,warmup=3@stack",
     # FBCache on the range after the first block; DuCa and ToCa on token-level graphs.
-    "fbcache@tail",
+    "fbcache:threshold=0.04@tail",
     "duca@stack",
     "toca@stack",
 ]
@@ -61,7 +64,6 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ONNX, help="exported DiT (default: the bundled digits model)")
     ap.add_argument("--calibrate", type=int, default=8, help="calibration trajectories when optimizing here")
     ap.add_argument("--regions", default="blocks,stack", help="region sets of the graph optimized here")
-    ap.add_argument("--taylor", action="store_true", help="keep the previous outputs (automatic when a policy needs them)")
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
     ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
     ap.add_argument("--steps", type=int, default=50)
@@ -74,7 +76,6 @@ def main() -> None:
     ap.add_argument("--grid", type=Path, help="PNG grid: uncached samples, then each policy's, one row each")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args.taylor = args.taylor or any("taylor" in p for p in args.policies)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,
@@ -85,11 +86,8 @@ def main() -> None:
         for spec in args.policies:
             key = _graph_of(spec, args.regions)
             if key not in graphs:
-                regions, _, tokens = key.partition("+")
                 graphs[key] = Path(tmp) / f"model.{key.replace(',', '-').replace('+', '.')}.fc.onnx"
-                options = OptimizeOptions(regions=tuple(regions.split(",")), calibrate=args.calibrate,
-                                          taylor=args.taylor, tokens=tokens or None)
-                optimize(args.model, graphs[key], options, setup)
+                optimize(args.model, graphs[key], _options_of(key, args.calibrate), setup)
         rows, images = run(args, request, graphs)
     write(rows, args)
     if args.grid:
@@ -105,10 +103,17 @@ def _time(denoiser: Any, request: SampleRequest) -> Any:
 
 
 def _graph_of(spec: str, default: str) -> str:
-    """The graph a policy runs on: its region sets, plus `+duca`/`+toca` for the token-level policies
-    (their static k is compiled in)."""
-    name = spec.split("@")[0].split(":")[0]
-    return _regions_of(spec, default) + (f"+{name}" if name in ("duca", "toca") else "")
+    """The graph a policy runs on: its region sets plus what it needs compiled (`fcpass.tune.graph_needs`)."""
+    needs = graph_needs(spec.split("@")[0])
+    return "+".join([_regions_of(spec, default), *(k for k in ("probes", "taylor") if needs[k]),
+                     *([needs["tokens"]] if needs["tokens"] else [])])
+
+
+def _options_of(key: str, calibrate: int) -> OptimizeOptions:
+    regions, *extras = key.split("+")
+    tokens = next((x for x in extras if x in ("duca", "toca")), None)
+    return OptimizeOptions(regions=tuple(regions.split(",")), calibrate=calibrate, probes="probes" in extras,
+                           taylor="taylor" in extras, tokens=tokens)
 
 
 def _regions_of(spec: str, default: str) -> str:
@@ -157,8 +162,6 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
     out = []
     for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions"):
         out += [f"--{key}", str(getattr(args, key))]
-    if args.taylor:
-        out.append("--taylor")
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 

@@ -95,10 +95,13 @@ def insert_cache_regions(
     region_sets: tuple[str, ...] = REGION_SETS,
     taylor: bool = False,
     tokens: TokenOptions | None = None,
+    probes: bool = True,
 ) -> tuple[onnx.ModelProto, CachePlan]:
     """Return a cache-aware copy of `model` and its plan; `model` itself is not modified.
 
     `taylor` adds each region's previous computed output to the state, which `taylor1` needs.
+    `probes` adds FBCache's and TeaCache's statistics (case 3); without them a step that skips
+    the stack costs a little less, and fbcache and teacache cannot run.
     `tokens` compiles token-level caching into every block (`fcpass.passes.token_cache`).
     """
     opset = _default_opset(model)
@@ -112,7 +115,7 @@ def insert_cache_regions(
     index = GraphIndex(out)
     latent = block_map.latent
     builder = _Builder(out, index)
-    regions = _plan_regions(index, block_map, latent, region_sets, builder)
+    regions = _plan_regions(index, block_map, latent, region_sets, builder, probes)
     flat = _flatten(regions)
     dependent = index.descendants({latent})
     for r in sorted(flat, key=lambda r: len(r.nodes)):  # innermost first
@@ -160,7 +163,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _plan_regions(
-    index: GraphIndex, block_map: BlockMap, latent: str, region_sets: tuple[str, ...], builder: _Builder
+    index: GraphIndex, block_map: BlockMap, latent: str, region_sets: tuple[str, ...], builder: _Builder, probes: bool
 ) -> list[_Region]:
     blocks = block_map.blocks
     per_block = [builder.region_for(f"block{b.index}", [b], latent) for b in blocks] if "blocks" in region_sets else []
@@ -171,12 +174,12 @@ def _plan_regions(
         for c in tail.children:
             c.spec.parent = "tail"
     top_blocks = per_block[:1] + ([tail] if tail else per_block[1:])
-    if tail is not None:
+    if tail is not None and probes:
         head = boundary_of(index, blocks[0].inputs, blocks[0].outputs, latent)[1]
         tail.probe_pairs = _residual_pairs(builder, tail.spec.inputs, head)
         if tail.probe_pairs:
             tail.spec.probe = "head_residual"
-    if stack is not None:
+    if stack is not None and probes:
         stack.probe_input = _modulated_input(index, blocks[0], stack.spec.inputs)
         if stack.probe_input is not None:
             stack.spec.probe = "modulated_input"
