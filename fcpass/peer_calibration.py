@@ -36,12 +36,14 @@ def _rel_l1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _monotone_polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
     """The least-squares polynomial of the highest degree <= `degree` that does not decrease on
-    [0, max x]: more change in the input never predicts less change in the output, so the policy's
-    threshold on the accumulated value is a threshold on d (see runtimes.policies.TeaCache)."""
+    [0, max x] and is not negative at 0: more change in the input never predicts less change in the
+    output (so the policy's threshold on the accumulated value is a threshold on d, see
+    runtimes.policies.TeaCache), and no change never predicts a negative one (which would let
+    small changes skip forever). Failing every degree: y = c x through the origin."""
     grid = np.linspace(0.0, float(x.max()), 256)
     for deg in range(degree, 0, -1):
         coefficients = np.polyfit(x, y, deg)
-        if (np.polyval(np.polyder(coefficients), grid) >= 0).all():
+        if (np.polyval(np.polyder(coefficients), grid) >= 0).all() and np.polyval(coefficients, 0.0) >= 0:
             return coefficients
     return np.array([max(float(np.sum(x * y) / max(np.sum(x * x), 1e-30)), 0.0), 0.0])  # y ~ c x, c >= 0
 

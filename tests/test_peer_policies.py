@@ -131,6 +131,7 @@ def test_optimize_calibrates_teacache_and_magcache(calibrated: tuple[Path, Path]
     assert 2 <= len(tea["coefficients"]) <= 5 and tea["points"] > 0
     slope = np.polyval(np.polyder(tea["coefficients"]), np.linspace(0, tea["x_range"][1], 100))
     assert (slope >= 0).all()  # never decreasing: a threshold on A + poly(d) is one on d
+    assert np.polyval(tea["coefficients"], 0.0) >= 0  # no change never predicts a negative one
     assert len(cal["magcache"]["ratios"]) == 6 and cal["magcache"]["ratios"][0] == 1.0
 
 

@@ -49,7 +49,7 @@ DEFAULT_POLICIES = [
     "taylorseer:interval=6,warmup=2,level=stack@stack",
     "taylorseer:interval=7,warmup=2,level=stack@stack",
     "magcache:threshold=0.1@stack",
-    "teacache:threshold=0.1@stack",
+    "teacache:threshold=0.04@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=64,max_skips=8,warmup=3@stack",
     # FBCache on the range after the first block; DuCa and ToCa on token-level graphs.
