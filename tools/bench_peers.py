@@ -29,7 +29,7 @@ from fcpass.onnx_io import atomic_path
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
-from fcpass.tune import plot, settings
+from fcpass.tune import graph_needs, plot, settings
 from models.digits import ONNX, SCHEDULER_CONFIG
 from runtimes.policies import make_policy
 from runtimes.sampler import SampleRequest, SampleResult, sample
@@ -45,7 +45,7 @@ FCPASS = [
     "fora:level=stack@stack",
     "taylorseer:level=stack,warmup=2@stack",
     "fastcache@blocks,stack",
-    "fastcache:approx=taylor1,levels=stack,max_skips=4@stack",
+    "fastcache:approx=taylor1,levels=stack,max_skips=8,warmup=3@stack",
 ]
 DIFFUSERS = ["fbcache", "taylorseer", "magcache", "fastercache", "pab", "seacache"]
 MARK_START, MARK_END = "<!-- peers:start -->", "<!-- peers:end -->"
@@ -98,18 +98,18 @@ def fcpass_rows(args: argparse.Namespace, request: SampleRequest, classifier: Di
     calib_setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
     graphs: dict[str, Path] = {}
     for spec in args.fcpass:
-        regions = spec.split("@", 1)[1]
-        if regions not in graphs:
-            graphs[regions] = tmp / f"digits.{regions.replace(',', '-')}.fc.onnx"
-            options = OptimizeOptions(regions=tuple(regions.split(",")), calibrate=args.calibrate, taylor=True)
-            optimize(args.model, graphs[regions], options, calib_setup)
+        policy, regions = spec.split("@", 1)
+        if spec not in graphs:  # each policy's graph holds what it needs and nothing more
+            graphs[spec] = tmp / f"digits.{len(graphs)}.fc.onnx"
+            options = OptimizeOptions(regions=tuple(regions.split(",")), calibrate=args.calibrate, **graph_needs(policy))
+            optimize(args.model, graphs[spec], options, calib_setup)
     original = load_denoiser(args.model, None, {}, threads=args.threads)
     base = _best_of(lambda: sample(original, scheduler, request, progress=False), args.repeats)
     log.info("fcpass uncached original graph: %.3f s", base.wall_seconds)
     rows: list[Row] = []
     for spec in args.fcpass:
         policy, regions = spec.split("@", 1)
-        den = load_denoiser(graphs[regions], "none", {}, threads=args.threads)
+        den = load_denoiser(graphs[spec], "none", {}, threads=args.threads)
 
         def runner(setting: str, den: Any = den) -> Any:
             def run() -> SampleResult:
