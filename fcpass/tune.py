@@ -176,14 +176,16 @@ def plot(curves: dict[str, list[tuple[float, float]]], target_psnr: float, path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     # Near-identical settings (PSNR far above the target) sit on the top edge: the region of
     # interest is around the target.
     top = target_psnr + 15
     low = min([q for pts in curves.values() for _, q in pts] + [target_psnr])
-    for label, pts in curves.items():
-        pts = sorted(pts)
-        ax.plot([s for s, _ in pts], [min(q, top) for _, q in pts], marker="o", ms=3, label=label)
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, pts) in enumerate(curves.items()):  # points in sweep order: conservative -> aggressive
+        style = "--" if label.startswith("diffusers") else "-"
+        ax.plot([s for s, _ in pts], [min(q, top) for _, q in pts], style, marker="o", ms=3, label=label,
+                color=colors[i % len(colors)])
     ax.plot([1.0], [top], marker="*", ms=14, color="black", linestyle="none", label="uncached (identical)")
     ax.set_ylim(max(low, target_psnr - 12) - 1, top + 1)
     ax.axhline(target_psnr, color="grey", linestyle="--", linewidth=1)
@@ -191,7 +193,7 @@ def plot(curves: dict[str, list[tuple[float, float]]], target_psnr: float, path:
     ax.set_ylabel("PSNR vs uncached (dB)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
