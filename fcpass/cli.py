@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", type=Path, nargs="?", help="ONNX graph (default: the bundled digits model)")
     s.add_argument("--policy", default=None, metavar="NAME[:KEY=VALUE,...]",
                    help="on cache-aware graphs: none, fora, fastcache, taylorseer, delta-dit, fbcache, teacache, "
-                        "magcache; options after a colon, e.g. teacache:threshold=0.2")
+                        "magcache, duca, toca; options after a colon, e.g. teacache:threshold=0.2")
     s.add_argument("--alpha", type=float)
     s.add_argument("--dof", choices=["elements", "tokens"])
     s.add_argument("--max-skips", type=int)

@@ -51,7 +51,7 @@ DEFAULT_POLICIES = [
     "magcache:threshold=0.1@stack",
     "teacache:threshold=0.04@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4@stack",
-    "fastcache:approx=taylor1,levels=stack,sigma_scale=64,max_skips=8,warmup=3@stack",
+    "fastcache:approx=taylor1,levels=stack,sigma_scale=128,max_skips=6,warmup=3@stack",
     # FBCache on the range after the first block; DuCa and ToCa on token-level graphs.
     "fbcache:threshold=0.04@tail",
     "duca@stack",
