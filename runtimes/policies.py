@@ -558,6 +558,5 @@ def make_policy(name: str, **options: object) -> Policy:
     return cls(config_cls(**given))  # type: ignore[call-arg]
 
 
-
 # DuCa and ToCa (token-level caching) register themselves into POLICIES and CONFIGS.
 import runtimes.token_policies  # noqa: F401

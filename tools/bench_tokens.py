@@ -1,0 +1,311 @@
+"""What a token-level conservative step costs and saves: time and peak activation memory, one graph call.
+
+    python tools/bench_tokens.py --arch dit-s-2 --image-size 256 --iters 10
+
+Exports the architecture (random weights, legacy exporter, batch 2), compiles it with token-level
+caching (`--tokens duca`: DuCa's k schedule, V-norm scores; `--regions stack` by default, the fewest
+regions a token graph can have) and times one denoiser call of each, alternated so machine load hits
+all alike (median of --iters calls each):
+  original       the exported graph;
+  full           the compiled graph, fc_tok all 0 (every block runs its original nodes);
+  conservative   fc_tok all 1 (attention reused, the MLP on the top-k tokens, scattered into its cache);
+  local_only     fc_tok all 2 (attention computed, the MLP on the top-k tokens).
+The token modes run on the cache state produced by one full step on the same inputs, so a conservative
+step's output equals the full step's (checked) and its caches are real ones.
+
+MAC-ideal speedup of a mode: the plan's uncached MACs over the MACs the mode still runs (uncached minus
+each block's saving recorded in `plan.tokens`, as `runtimes.cache.CachedDenoiser` counts them); TopK,
+gathers and scatters count no MACs. realised/ideal divides the measured speedup by it.
+
+Peak activation memory ("peak added"): each of original / full / conservative runs in a fresh
+subprocess (`--child`, glibc's mmap threshold fixed at 64 KiB so that every tensor-sized allocation is
+its own mapping and leaves the resident set when freed). It loads the session and the feeds, calls
+`malloc_trim`, reads VmRSS, resets the kernel's resident high-water mark (/proc/self/clear_refs, 5),
+runs --mem-iters calls of that one mode (each call's outputs freed before the next) and reports
+VmHWM - VmRSS: the most resident memory one call adds on top of weights and feeds. That is the call's
+intermediate tensors plus its outputs; for the compiled graph the outputs include the next cache state
+(printed, the same in every token mode). Two settings:
+  arena off  `enable_cpu_mem_arena = False` and one call of that mode before the reading: the live
+             allocations of a steady-state call;
+  arena on   ORT's default, read before the first call: how far the CPU arena grows (ORT extends it
+             in power-of-two chunks and keeps it, so this rounds up and includes first-call buffers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcpass.export import ExportSpec, export
+from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, TOK_INPUT, TOK_RAND_INPUT, CachePlan
+from fcpass.roles import infer_roles
+from runtimes.backend import OrtBackend, open_session, session_setup
+
+log = logging.getLogger("bench_tokens")
+
+MODES = {"full": 0, "conservative": 1, "local_only": 2}  # fc_tok value of every block
+
+
+@dataclass
+class MemResult:
+    """MiB, from /proc/self/status in a `--child` process."""
+
+    mode: str
+    arena: bool
+    loaded_mb: float  # VmRSS before the measured calls (session, feeds and, arena off, one call made)
+    peak_mb: float  # VmHWM during the measured calls minus loaded_mb
+    retained_mb: float  # VmRSS after the calls minus loaded_mb
+
+
+def saved_macs(plan: CachePlan, mode: int) -> int:
+    """MACs a token mode saves over the whole graph, as `runtimes.cache.CachedDenoiser` counts them."""
+    if mode == 0:
+        return 0
+    blocks = plan.tokens["blocks"]
+    saved = sum(b["macs"] - b["conservative_macs"] for b in blocks)
+    return saved - (sum(b["mixing_macs"] for b in blocks) if mode == 2 else 0)
+
+
+def mac_ideal(plan: CachePlan, mode: int) -> float:
+    return plan.uncached_macs / (plan.uncached_macs - saved_macs(plan, mode))
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def session(path: Path, threads: int, arena: bool = True, profile: str | None = None) -> Any:
+    ort, opts, providers = session_setup(["cpu"], threads or None)
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
+    return open_session(ort, path, opts, providers, "re-export the model")
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """One graph, one mode, a fresh process: print the memory it added as one JSON line."""
+    with np.load(args.feeds) as z:
+        feeds = {k: np.array(z[k]) for k in z.files}
+    if args.child == "original":
+        feeds = {k: v for k, v in feeds.items() if not k.startswith("fc")}
+    else:
+        feeds[TOK_INPUT] = np.full_like(feeds[TOK_INPUT], MODES[args.child])
+    arena = args.arena == "on"
+    sess = session(args.graph, args.threads, arena=arena)
+    if not arena:  # one call first, so that one-time allocations (thread buffers, ORT's memory patterns) are made
+        sess.run(None, feeds)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages go back to the kernel: RSS counts live memory
+    loaded = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: forget session creation's peak
+    out = None
+    for _ in range(args.mem_iters):
+        out = None  # the previous call's outputs are freed before the next call, as in a step loop
+        out = sess.run(None, feeds)
+    del out
+    res = MemResult(args.child, arena, loaded / 1024, (_status_kb("VmHWM") - loaded) / 1024,
+                    (_status_kb("VmRSS") - loaded) / 1024)
+    print(json.dumps(res.__dict__))
+
+
+def measure_memory(mode: str, graph: Path, feeds: Path, arena: bool, args: argparse.Namespace) -> MemResult:
+    cmd = [sys.executable, __file__, "--child", mode, "--graph", str(graph), "--feeds", str(feeds),
+           "--arena", "on" if arena else "off", "--mem-iters", str(args.mem_iters), "--threads", str(args.threads)]
+    # A fixed mmap threshold: every allocation of 64 KiB or more is its own mapping, returned to the kernel
+    # when freed, so resident memory follows the live tensors (glibc otherwise keeps freed ones resident).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
+    return MemResult(**json.loads(out))
+
+
+RUN = "(session run, wall)"
+
+
+def op_times(profile_json: str, calls: int) -> dict[str, float]:
+    """ms per call by op type from an ORT profile, and the whole run under RUN.
+
+    If is left out: its kernel time includes the kernels of its branches, which are listed themselves.
+    """
+    total: dict[str, float] = defaultdict(float)
+    for ev in json.loads(Path(profile_json).read_text()):
+        if ev.get("cat") == "Session" and ev["name"] == "model_run":
+            total[RUN] += ev["dur"] / 1000 / calls
+        elif ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            if op != "If":
+                total[op] += ev["dur"] / 1000 / calls
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def profile_modes(src: Path, fc: Path, feeds: dict[str, np.ndarray], modes: list[str], args: argparse.Namespace,
+                  tmp: str) -> dict[str, dict[str, float]]:
+    """Kernel ms per call by op type of each call kind, from ORT's profiler (a fresh session each)."""
+    calls = max(3, args.iters // 2) + 1
+    per_mode = {}
+    modes = ["original", *modes]
+    for mode in modes:
+        sess = session(src if mode == "original" else fc, args.threads, profile=str(Path(tmp) / f"prof_{mode}"))
+        if mode == "original":
+            f = {k: v for k, v in feeds.items() if not k.startswith("fc")}
+        else:
+            f = {**feeds, TOK_INPUT: np.full_like(feeds[TOK_INPUT], MODES[mode])}
+        for _ in range(calls):  # the first call (warm-up) is profiled and counted too
+            sess.run(None, f)
+        per_mode[mode] = op_times(sess.end_profiling(), calls)
+    return per_mode
+
+
+def print_profile(per_mode: dict[str, dict[str, float]], top: int) -> None:
+    modes = list(per_mode)
+    ops = sorted({op for t in per_mode.values() for op in t if op != RUN},
+                 key=lambda op: -max(t.get(op, 0) for t in per_mode.values()))
+    print("\nONNX Runtime profiler, kernel ms per call by op type (If left out: it includes its branches' kernels):\n")
+    print("| op | " + " | ".join(modes) + " |\n|---|" + "---:|" * len(modes))
+    for op in ops[:top]:
+        print(f"| {op} | " + " | ".join(f"{per_mode[m].get(op, 0):.2f}" for m in modes) + " |")
+    kernels = {m: sum(v for op, v in t.items() if op != RUN) for m, t in per_mode.items()}
+    print("| **all kernels** | " + " | ".join(f"{kernels[m]:.2f}" for m in modes) + " |")
+    print(f"| {RUN} | " + " | ".join(f"{per_mode[m].get(RUN, 0):.2f}" for m in modes) + " |")
+
+
+def build_feeds(base: OrtBackend, plan: CachePlan, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The model's inputs, and the compiled graph's extra inputs with every region computing, fc_tok 0, zero state."""
+    rng = np.random.default_rng(seed)
+    roles = infer_roles(base.model)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, *roles.others):
+        if spec is None:
+            continue
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        if spec is roles.timestep:
+            feeds[spec.name] = np.full(shape, 500, spec.dtype)
+        elif np.issubdtype(spec.dtype, np.integer):
+            feeds[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    r, blocks = len(plan.regions), plan.tokens["blocks"]
+    extra = {CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
+             MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32), TOK_INPUT: np.zeros(len(blocks), np.int64)}
+    if plan.tokens["options"].get("score") == "random":
+        extra[TOK_RAND_INPUT] = rng.random((len(blocks), int(blocks[0]["tokens"])), dtype=np.float32)
+    extra.update({s.name: np.zeros([int(d) for d in s.shape], s.dtype) for s in plan.states})
+    return feeds, extra
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="dit-s-2")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--regions", default="stack", help="region sets to compile around the token Ifs")
+    ap.add_argument("--tokens", default="duca", choices=["duca", "toca"], help="k schedule")
+    ap.add_argument("--modes", default="full,conservative,local_only", help="token modes to time")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    ap.add_argument("--mem-iters", type=int, default=3, help="calls per memory subprocess")
+    ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
+    ap.add_argument("--profile", action="store_true", help="also print ORT kernel time by op type per mode")
+    ap.add_argument("--profile-top", type=int, default=14)
+    ap.add_argument("--child", choices=["original", *MODES], help=argparse.SUPPRESS)
+    ap.add_argument("--graph", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--feeds", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--arena", default="on", choices=["on", "off"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        run_child(args)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    modes = args.modes.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, fc = Path(tmp) / "model.onnx", Path(tmp) / "model.fc.onnx"
+        export(ExportSpec(args.arch, args.image_size, exporter="legacy"), src)
+        plan = optimize(src, fc, OptimizeOptions(regions=tuple(args.regions.split(",")), tokens=args.tokens), None)
+        base, comp = OrtBackend(src, threads=args.threads or None), OrtBackend(fc, threads=args.threads or None)
+        feeds, extra = build_feeds(base, plan, seed=0)
+        reference = base.run(feeds)[plan.outputs[0]]
+        first = comp.run({**feeds, **extra})  # a full step from zero state: its caches feed every timed call
+        log.info("full step vs original graph: max abs diff %.3g", np.abs(first[plan.outputs[0]] - reference).max())
+        comp_feeds = {**feeds, **extra, **{s.name: first[s.next] for s in plan.states}}
+        calls: dict[str, tuple[Any, dict[str, np.ndarray]]] = {"original": (base, feeds)}
+        for mode in modes:
+            calls[mode] = (comp, {**comp_feeds, TOK_INPUT: np.full_like(extra[TOK_INPUT], MODES[mode])})
+            diff = np.abs(comp.run(calls[mode][1])[plan.outputs[0]] - reference).max()
+            log.info("%s step on those caches vs original graph: max abs diff %.3g", mode, diff)
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(2):  # warm-up
+            for backend, f in calls.values():
+                backend.run(f)
+        for _ in range(args.iters):
+            for name, (backend, f) in calls.items():
+                t0 = time.perf_counter()
+                backend.run(f)
+                times[name].append(time.perf_counter() - t0)
+        profile = profile_modes(src, fc, comp_feeds, modes, args, tmp) if args.profile else {}
+        mem: list[MemResult] = []
+        if args.memory:
+            feeds_path = Path(tmp) / "feeds.npz"
+            np.savez(feeds_path, **comp_feeds)
+            for arena in (False, True):
+                for mode in ("original", *[m for m in ("full", "conservative") if m in modes]):
+                    mem.append(measure_memory(mode, src if mode == "original" else fc, feeds_path, arena, args))
+                    log.info("memory %s", mem[-1])
+    report(args, plan, feeds, times, mem)
+    if profile:
+        print_profile(profile, args.profile_top)
+
+
+def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarray], times: dict[str, list[float]],
+           mem: list[MemResult]) -> None:
+    med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
+    ks = [br["k"] for b in plan.tokens["blocks"] for br in b["branches"] if br["k"] is not None]
+    n = plan.tokens["blocks"][0]["tokens"]
+    batch = next(iter(feeds.values())).shape[0]
+    threads = f"{args.threads} thread(s)" if args.threads else "intra-op threads = all cores"
+    print(f"\n{args.arch} at {args.image_size}x{args.image_size} (random weights), batch {batch}, regions "
+          f"{args.regions}, --tokens {args.tokens} (MLP k = {min(ks)}..{max(ks)} of {n} tokens), ONNX Runtime CPU, "
+          f"{threads}; median of {args.iters} alternated calls. MAC-ideal = uncached MACs / MACs run.\n")
+    print("| call | ms | speedup vs original | speedup vs full | MAC-ideal | realised/ideal (vs original) "
+          "| realised/ideal (vs full) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, t in med.items():
+        if name == "original":
+            print(f"| original graph | {t:.2f} | 1.00x | | 1.00x | 1.00 | |")
+            continue
+        ideal = mac_ideal(plan, MODES[name])
+        vs_orig, vs_full = med["original"] / t, med.get("full", float("nan")) / t
+        print(f"| `fc_tok={MODES[name]}` ({name}) | {t:.2f} | {vs_orig:.2f}x | {vs_full:.2f}x | {ideal:.2f}x | "
+              f"{vs_orig / ideal:.2f} | {vs_full / ideal:.2f} |")
+    if mem:
+        state_mb = sum(np.prod([int(d) for d in s.shape]) * np.dtype(s.dtype).itemsize for s in plan.states) / 2**20
+        print(f"\nPeak activation memory: resident high-water mark during {args.mem_iters} calls of one mode in a "
+              "fresh process minus the resident memory before them (weights and feeds loaded; arena off: after one "
+              "call of that mode, arena on: before the first). The compiled graph's outputs include the next cache "
+              f"state, {state_mb:.1f} MiB, in every token mode.\n")
+        print("| call | ORT CPU arena | loaded MiB | peak added MiB | retained after MiB | peak / full |")
+        print("|---|---|---:|---:|---:|---:|")
+        for m in mem:
+            full = next((x.peak_mb for x in mem if x.mode == "full" and x.arena == m.arena), float("nan"))
+            print(f"| {m.mode} | {'on' if m.arena else 'off'} | {m.loaded_mb:.1f} | {m.peak_mb:.1f} | "
+                  f"{m.retained_mb:.1f} | {m.peak_mb / full:.2f} |")
+    print(f"\nCommand: `python tools/bench_tokens.py {' '.join(sys.argv[1:])}`".rstrip())
+
+
+if __name__ == "__main__":
+    main()
