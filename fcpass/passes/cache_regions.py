@@ -494,29 +494,11 @@ class _Builder:
         Skip iff forced, or iff every sample's stat <= thr_eff (see add_control_inputs).
         """
         n = region.name
-        nodes: list[onnx.NodeProto] = []
-        num, den = [], []
-        for j, s in enumerate(region.states_in):
-            h = region.spec.inputs[j]
-            elem, shape = self.tensor_type(h)
-            axes = self.const(self.fresh(f"fc.{n}.axes"), np.arange(1, len(shape), dtype=np.int64))
-            d, ref = f"fc.{n}.d{j}", s.name
-            nodes.append(helper.make_node("Sub", [h, ref], [d]))
-            if elem != TensorProto.FLOAT:  # accumulate fp16/bf16 sums in fp32
-                nodes.append(helper.make_node("Cast", [d], [d + ".f"], to=TensorProto.FLOAT))
-                nodes.append(helper.make_node("Cast", [ref], [ref + ".f"], to=TensorProto.FLOAT))
-                d, ref = d + ".f", ref + ".f"
-            nodes.append(helper.make_node("ReduceSumSquare", [d, axes], [f"fc.{n}.d{j}.ss"], keepdims=0))
-            nodes.append(helper.make_node("ReduceSumSquare", [ref, axes], [f"fc.{n}.d{j}.rs"], keepdims=0))
-            num.append(f"fc.{n}.d{j}.ss")
-            den.append(f"fc.{n}.d{j}.rs")
-        if len(num) > 1:
-            nodes.append(helper.make_node("Sum", num, [f"fc.{n}.num"]))
-            nodes.append(helper.make_node("Sum", den, [f"fc.{n}.den"]))
-            num, den = [f"fc.{n}.num"], [f"fc.{n}.den"]
+        terms = [(h, st.name, h) for h, st in zip(region.spec.inputs, region.states_in)]
+        nodes, num, den = self.reduced_change(f"fc.{n}.d", terms, "ReduceSumSquare")
         rel = f"fc.{n}.rel" if region.spec.probe else f"fc.{n}.stat"
         nodes += [
-            helper.make_node("Div", [num[0], den[0]], [f"fc.{n}.ratio"]),
+            helper.make_node("Div", [num, den], [f"fc.{n}.ratio"]),
             helper.make_node("Sqrt", [f"fc.{n}.ratio"], [rel]),
         ]
         if region.spec.probe:
@@ -543,34 +525,40 @@ class _Builder:
         """
         n = region.name
         nodes: list[onnx.NodeProto] = []
-        terms: list[tuple[str, str]] = []  # (a, a_ref)
+        terms: list[tuple[str, str, str]] = []  # (a, a_ref, the tensor whose type they have)
         for j, (x, h) in enumerate(region.probe_pairs):
             nodes.append(helper.make_node("Sub", [x, h], [f"fc.{n}.R{j}"]))
-            terms.append((f"fc.{n}.R{j}", region.states_res[j].name))
+            terms.append((f"fc.{n}.R{j}", region.states_res[j].name, x))
         if region.probe_input is not None:
             mod = region.states_mod[0]
             nodes.append(helper.make_node("Identity", [region.probe_input], [mod.next]))
-            terms.append((region.probe_input, mod.name))
+            terms.append((region.probe_input, mod.name, region.probe_input))
+        reduce_nodes, num, den = self.reduced_change(f"fc.{n}.p", terms, "ReduceL1")
+        return [*nodes, *reduce_nodes, helper.make_node("Div", [num, den], [f"fc.{n}.probe"])]
+
+    def reduced_change(self, tag: str, terms: list[tuple[str, str, str]], reduce: str) -> tuple[list[onnx.NodeProto], str, str]:
+        """Per sample, sum_j reduce(a_j - ref_j) and sum_j reduce(ref_j) over every axis but the batch,
+        for terms (a_j, ref_j, like_j); fp16/bf16 tensors are summed in fp32. Returns (nodes, num, den)."""
+        nodes: list[onnx.NodeProto] = []
         num, den = [], []
-        for j, (a, ref) in enumerate(terms):
-            elem, shape = self.tensor_type(region.probe_input or region.probe_pairs[j][0])
-            axes = self.const(self.fresh(f"fc.{n}.paxes"), np.arange(1, len(shape), dtype=np.int64))
-            d = f"fc.{n}.pd{j}"
+        for j, (a, ref, like) in enumerate(terms):
+            elem, shape = self.tensor_type(like)
+            axes = self.const(self.fresh(f"{tag}.axes"), np.arange(1, len(shape), dtype=np.int64))
+            d = f"{tag}{j}"
             nodes.append(helper.make_node("Sub", [a, ref], [d]))
             if elem != TensorProto.FLOAT:
                 nodes.append(helper.make_node("Cast", [d], [d + ".f"], to=TensorProto.FLOAT))
-                nodes.append(helper.make_node("Cast", [ref], [f"fc.{n}.pr{j}.f"], to=TensorProto.FLOAT))
-                d, ref = d + ".f", f"fc.{n}.pr{j}.f"
-            nodes.append(helper.make_node("ReduceL1", [d, axes], [f"fc.{n}.pd{j}.l1"], keepdims=0))
-            nodes.append(helper.make_node("ReduceL1", [ref, axes], [f"fc.{n}.pr{j}.l1"], keepdims=0))
-            num.append(f"fc.{n}.pd{j}.l1")
-            den.append(f"fc.{n}.pr{j}.l1")
-        if len(num) > 1:
-            nodes.append(helper.make_node("Sum", num, [f"fc.{n}.pnum"]))
-            nodes.append(helper.make_node("Sum", den, [f"fc.{n}.pden"]))
-            num, den = [f"fc.{n}.pnum"], [f"fc.{n}.pden"]
-        nodes.append(helper.make_node("Div", [num[0], den[0]], [f"fc.{n}.probe"]))
-        return nodes
+                nodes.append(helper.make_node("Cast", [ref], [f"{d}.ref.f"], to=TensorProto.FLOAT))
+                d, ref = d + ".f", f"{d}.ref.f"
+            nodes.append(helper.make_node(reduce, [d, axes], [f"{tag}{j}.num"], keepdims=0))
+            nodes.append(helper.make_node(reduce, [ref, axes], [f"{tag}{j}.den"], keepdims=0))
+            num.append(f"{tag}{j}.num")
+            den.append(f"{tag}{j}.den")
+        if len(num) == 1:
+            return nodes, num[0], den[0]
+        nodes.append(helper.make_node("Sum", num, [f"{tag}.num"]))
+        nodes.append(helper.make_node("Sum", den, [f"{tag}.den"]))
+        return nodes, f"{tag}.num", f"{tag}.den"
 
     def approximation_nodes(self, region: _Region, k: int, nodes: list[onnx.NodeProto]) -> str:
         """Append the approximation branch's nodes for output k; return the approximation's name.
