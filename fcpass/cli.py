@@ -259,8 +259,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for r in plan["regions"]:
             cal = r["calibration"]
             cal_txt = f"  sigma2 {cal['sigma2']:.3g}  fit err {cal.get('fit_rel_err', float('nan')):.3g}" if cal.get("sigma2") is not None else ""
+            probe_txt = f"  probe {r['probe']}" if r.get("probe") else ""
             print(f"  {r['index']:>3} {r['name']:<10} parent {r['parent']!s:<6} blocks {r['blocks'][0]}..{r['blocks'][-1]}"
-                  f"  MACs {r['macs'] / 1e9:.3f} G{cal_txt}")
+                  f"  MACs {r['macs'] / 1e9:.3f} G{cal_txt}{probe_txt}")
+            if "teacache" in cal:
+                tea = cal["teacache"]
+                print(f"        teacache poly {', '.join(f'{c:.4g}' for c in tea['coefficients'])}"
+                      f"  (fit residual {tea['rel_residual']:.2f}, {tea['points']} points)")
+            if "magcache" in cal:
+                ratios = cal["magcache"]["ratios"]
+                print(f"        magcache ratios for {len(ratios)} steps, {min(ratios):.4f} .. {max(ratios):.4f}")
     return 0
 
 

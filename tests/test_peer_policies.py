@@ -124,7 +124,11 @@ def _run(path: Path, policy: str) -> tuple[np.ndarray, list[dict]]:
     return result.images, result.records
 
 
-def test_optimize_calibrates_teacache_and_magcache(calibrated: tuple[Path, Path]) -> None:
+def test_optimize_calibrates_teacache_and_magcache(calibrated: tuple[Path, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(calibrated[1])]) == 0
+    shown = capsys.readouterr().out
+    assert "probe modulated_input" in shown and "teacache poly" in shown and "magcache ratios for 6 steps" in shown
     plan = read_plan(onnx.load(str(calibrated[1]), load_external_data=False))
     cal = plan.region("stack").calibration
     tea = cal["teacache"]
