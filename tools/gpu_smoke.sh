@@ -162,7 +162,7 @@ echo "== digits: fcpass optimize ${CALIB[*]}"
 DIGITS=models/digits/dit_digits.onnx
 if run optimize_digits fcpass optimize "$DIGITS" -o "$OUT/digits.fc.onnx" "${CALIB[@]}"; then
   note "digits: $(lastline "$OUT/optimize_digits.log")"
-  model digits "$DIGITS" "$OUT/digits.fc.onnx" "none fora fastcache" --steps "$STEPS" --class "${CLASSES[@]}"
+  model digits "$DIGITS" "$OUT/digits.fc.onnx" "none fora fastcache fbcache teacache magcache" --steps "$STEPS" --class "${CLASSES[@]}"
 fi
 
 if [[ ${FCPASS_SMOKE_SKIP_DITS2:-0} == 1 ]]; then
