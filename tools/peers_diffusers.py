@@ -237,7 +237,7 @@ def _fastercache_config(clock: _Clock, o: dict[str, Any]) -> FasterCacheConfig:
     )
 
 
-def _latent_rows(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+def _latent_rows(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """SeaCache's raw vision latents: each row of the (B, C, H, W) input as a one-frame C x 1 x H x W video."""
     latent = kwargs.get("hidden_states", args[0] if args else None)
     return [row[:, None] for row in latent] if isinstance(latent, torch.Tensor) else []
