@@ -108,3 +108,13 @@ def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     for tensor in _get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             yield tensor
+
+
+def replace_marked_block(path: Path, text: str, start: str, end: str) -> None:
+    """Replace what stands between the `start` and `end` markers of a text file (atomically)."""
+    old = path.read_text()
+    if start not in old or end not in old:
+        raise FcpassError(f"{path} has no {start} ... {end} block to replace; add the two markers")
+    head, rest = old.split(start, 1)
+    with atomic_path(path, suffix=path.suffix or ".txt") as tmp:
+        tmp.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")

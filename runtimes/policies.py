@@ -329,7 +329,8 @@ def _probed_region(plan: CachePlan, name: str, probe: str, policy: str) -> Regio
         raise FcpassError(f"{policy} needs the {name!r} region; optimize with --regions including {name}")
     if regions[0].probe != probe:
         raise FcpassError(f"{policy} needs the {probe} probe on region {name!r}, which this graph lacks "
-                          "(block 0 has no LayerNormalization on its input); re-optimize with fcpass >= 0.1")
+                          "(optimized with --no-probes, or block 0 has no LayerNormalization on its input); "
+                          "re-optimize without --no-probes")
     return regions[0]
 
 

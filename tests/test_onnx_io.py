@@ -41,3 +41,15 @@ def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
     p = tmp_path / "m.onnx"
     with pytest.raises(FcpassError, match="is the input model"):
         onnx_io.check_distinct(p, tmp_path / "." / "m.onnx")
+
+
+def test_replace_marked_block_keeps_the_rest_and_refuses_a_file_without_markers(tmp_path: Path) -> None:
+    from fcpass.onnx_io import replace_marked_block
+
+    doc = tmp_path / "README.md"
+    doc.write_text("head\n<!-- a -->\nold\n<!-- b -->\ntail\n")
+    replace_marked_block(doc, "new\n", "<!-- a -->", "<!-- b -->")
+    assert doc.read_text() == "head\n<!-- a -->\nnew\n<!-- b -->\ntail\n"
+    with pytest.raises(FcpassError, match="no <!-- c --> ... <!-- b --> block"):
+        replace_marked_block(doc, "x", "<!-- c -->", "<!-- b -->")
+    assert doc.read_text() == "head\n<!-- a -->\nnew\n<!-- b -->\ntail\n"

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.onnx_io import atomic_path
+from fcpass.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per policy; the fastest counts")
+    ap.add_argument("--repeats", type=int, default=3, help="timed pairs (uncached, policy); the median ratio counts")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     ap.add_argument("--out", type=Path, default=Path("out/bench.md"))
     ap.add_argument("--readme", type=Path, help="also replace the table between the bench markers of this README")
@@ -82,12 +82,14 @@ def main() -> None:
                             guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
     setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
     with tempfile.TemporaryDirectory() as tmp:
-        graphs: dict[str, Path] = {}
+        graphs: dict[Any, Path] = {}
         for spec in args.policies:
             key = _graph_of(spec, args.regions)
             if key not in graphs:
-                graphs[key] = Path(tmp) / f"model.{key.replace(',', '-').replace('+', '.')}.fc.onnx"
-                optimize(args.model, graphs[key], _options_of(key, args.calibrate), setup)
+                graphs[key] = Path(tmp) / f"model.{len(graphs)}.fc.onnx"
+                regions, needs = key
+                optimize(args.model, graphs[key], OptimizeOptions(regions=regions, calibrate=args.calibrate, **dict(needs)),
+                         setup)
         rows, images = run(args, request, graphs)
     write(rows, args)
     if args.grid:
@@ -102,18 +104,10 @@ def _time(denoiser: Any, request: SampleRequest) -> Any:
     return sample(denoiser, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
 
 
-def _graph_of(spec: str, default: str) -> str:
-    """The graph a policy runs on: its region sets plus what it needs compiled (`fcpass.tune.graph_needs`)."""
-    needs = graph_needs(spec.split("@")[0])
-    return "+".join([_regions_of(spec, default), *(k for k in ("probes", "taylor") if needs[k]),
-                     *([needs["tokens"]] if needs["tokens"] else [])])
-
-
-def _options_of(key: str, calibrate: int) -> OptimizeOptions:
-    regions, *extras = key.split("+")
-    tokens = next((x for x in extras if x in ("duca", "toca")), None)
-    return OptimizeOptions(regions=tuple(regions.split(",")), calibrate=calibrate, probes="probes" in extras,
-                           taylor="taylor" in extras, tokens=tokens)
+def _graph_of(spec: str, default: str) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
+    """The graph a policy runs on: its region sets and what it needs compiled (`fcpass.tune.graph_needs`)."""
+    regions = tuple(_regions_of(spec, default).split(","))
+    return regions, tuple(sorted(graph_needs(spec.split("@")[0]).items()))
 
 
 def _regions_of(spec: str, default: str) -> str:
@@ -121,7 +115,7 @@ def _regions_of(spec: str, default: str) -> str:
 
 
 def run(
-    args: argparse.Namespace, request: SampleRequest, graphs: dict[str, Path]
+    args: argparse.Namespace, request: SampleRequest, graphs: dict[Any, Path]
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     classifier = DigitClassifier()
     base = load_denoiser(args.model, None, {}, threads=args.threads)
@@ -171,16 +165,6 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 
-def _update_readme(path: Path, table: str) -> None:
-    text = path.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        raise SystemExit(f"{path} has no {MARK_START} ... {MARK_END} block to replace")
-    head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    with atomic_path(path, suffix=".md") as tmp:
-        tmp.write_text(f"{head}{MARK_START}\n{table}{MARK_END}{tail}")
-
-
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     head = (f"Bundled digits DiT ({args.model.name}), {args.samples} samples, {args.steps} DDIM steps, guidance "
             f"{args.guidance_scale}, ONNX Runtime CPU, {args.threads} thread(s); speedup = median over {args.repeats} "
@@ -196,7 +180,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     with atomic_path(args.out, suffix=".md") as tmp:
         tmp.write_text(text)
     if args.readme:
-        _update_readme(args.readme, text)
+        replace_marked_block(args.readme, text, MARK_START, MARK_END)
     with atomic_path(args.out.with_suffix(".json"), suffix=".json") as tmp:
         tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

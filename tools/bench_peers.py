@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcpass.onnx_io import atomic_path
+from fcpass.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
@@ -219,12 +219,7 @@ def main() -> None:
     plot(curves, args.target_psnr, args.plot, f"bundled digits DiT, {args.samples} samples x {args.steps} steps; "
          "each method over its own uncached run")
     if args.readme:
-        readme = args.readme.read_text()
-        if MARK_START not in readme or MARK_END not in readme:
-            raise SystemExit(f"{args.readme} has no {MARK_START} ... {MARK_END} block to replace")
-        head, rest = readme.split(MARK_START, 1)
-        with atomic_path(args.readme, suffix=".md") as tmp_readme:
-            tmp_readme.write_text(f"{head}{MARK_START}\n{text}{MARK_END}{rest.split(MARK_END, 1)[1]}")
+        replace_marked_block(args.readme, text, MARK_START, MARK_END)
 
 
 if __name__ == "__main__":
