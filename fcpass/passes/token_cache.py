@@ -30,8 +30,8 @@ Cases:
 5. Skipped enclosing regions pass the token state through unchanged (a skipped step recomputes no
    token; counters then count conservative steps, which only shifts every token's score alike).
 6. Shape constants that carry N in a token-local branch (a Reshape to (B, N, H, d)) are rewritten to k,
-   found by following the token axis through the branch; an op that mixes tokens, or that the
-   follower does not know, declines with FcpassError naming the node.
+   found by following the token axis through the branch (`fcpass.token_axis`); an op that mixes
+   tokens, or that the follower does not know, declines with FcpassError naming the node.
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from fcpass.branches import BlockBranches, Branch, find_branches
 from fcpass.discover import BlockMap
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs
 from fcpass.plan import TOK_INPUT, TOK_RAND_INPUT, StateSpec
+from fcpass.token_axis import clone_node, clone_on_tokens
 
 if TYPE_CHECKING:
     from fcpass.passes.cache_regions import _Builder, _Region
@@ -368,7 +369,7 @@ class _BlockBuilder:
                 self.node("Add", [stream if x == br.stream_in else gated for x in add.input], f"{p}.b{br.position}.stream")
                 ren[br.stream_out] = f"{p}.b{br.position}.stream"
             elif i not in inner:  # a pass-through node between branches
-                self.cons_nodes.append(_clone(self.index.nodes[i], ren, f"~{p}c"))
+                self.cons_nodes.append(clone_node(self.index.nodes[i], ren, f"~{p}c"))
         o = split.stream_out
         outs = [self._out(ren[o], f"{o}@{p}.cons", o)]
         for key, s in tb.states.items():
@@ -402,7 +403,7 @@ class _BlockBuilder:
         idx3 = self.node("Unsqueeze", [idx, "fc.tok.axlast"], f"{q}.idx3")
         idx_e = self.node("Expand", [idx3, f"{q}.gshape"], f"{q}.idxe")
         xk = self.node("GatherElements", [x, idx_e], f"{q}.xk", axis=1)
-        clones, out_k = clone_on_tokens(self.index, br.nodes, br.stream_in, xk, br.output, tb.tokens, k,
+        clones, out_k = clone_on_tokens(self.index, br.nodes, {br.stream_in: xk}, br.output, tb.tokens, k,
                                         f"~{p}k{br.position}", c, ren)
         self.cons_nodes.extend(clones)
         out = self.node("ScatterElements", [cache, idx_e, out_k], f"{q}.scattered", axis=1)
@@ -419,7 +420,7 @@ class _BlockBuilder:
                                   [self._vi(f"{q}.reused", br.output)])
         body = [i for i in br.nodes if i in set(self.tb.nodes)]
         local = dict(ren)
-        nodes = [_clone(self.index.nodes[i], local, f"~{p}a") for i in body]
+        nodes = [clone_node(self.index.nodes[i], local, f"~{p}a") for i in body]
         nodes.append(helper.make_node("Identity", [local.get(br.output, br.output)], [f"{q}.computed"]))
         compute = helper.make_graph(nodes, f"fc_{q}_compute", [], [self._vi(f"{q}.computed", br.output)])
         self.cons_nodes.append(helper.make_node("If", [f"{p}.reuse"], [f"{q}.attn"], name=f"fc/{q}/If",
@@ -496,241 +497,3 @@ class _BlockBuilder:
         bonus = self.node("Reshape", [bonus, f"{q}.flat"], f"{q}.gbflat")
         bonus = self.node("Mul", [bonus, "fc.tok.bonus"], f"{q}.gbonus")
         return self.node("Add", [s, bonus], f"{q}.sb")
-
-
-def _clone(node: onnx.NodeProto, ren: dict[str, str], suffix: str) -> onnx.NodeProto:
-    """A copy of `node` reading renamed inputs; its outputs get `suffix` (recorded in `ren`)."""
-    c = onnx.NodeProto()
-    c.CopyFrom(node)
-    if c.name:
-        c.name += suffix
-    for j, x in enumerate(c.input):
-        if x in ren:
-            c.input[j] = ren[x]
-    for j, x in enumerate(c.output):
-        if x:
-            ren[x] = x + suffix
-            c.output[j] = x + suffix
-    return c
-
-
-# --- running a token-local branch on k tokens ---------------------------------------------------
-
-_UNARY = frozenset({
-    "Identity", "Cast", "Relu", "Gelu", "FastGelu", "Tanh", "Sigmoid", "Erf", "Sqrt", "Exp", "Log", "Neg", "Abs",
-    "Softplus", "Softsign", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Mish", "Clip",
-    "Dropout", "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Not", "QuickGelu",
-})
-_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Where", "Equal", "Less",
-                          "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Sum", "Mean", "PRelu"})
-_REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-                     "ReduceSumSquare", "ReduceLogSumExp"})
-
-
-def _const_value(index: GraphIndex, name: str) -> np.ndarray | None:
-    for t in index.model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    p = index.producer.get(name)
-    if p is not None and index.nodes[p].op_type == "Constant":
-        for a in index.nodes[p].attribute:
-            if a.name == "value":
-                return numpy_helper.to_array(a.t)
-    return None
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def clone_on_tokens(index: GraphIndex, nodes: list[int], src: str, dst: str, output: str, n: int, k: int,
-                    suffix: str, const: Any, outer: dict[str, str] | None = None) -> tuple[list[onnx.NodeProto], str]:
-    """Clones of `nodes` (a token-local branch reading `src`, (B, N, D)) that read `dst`, (B, k, D).
-
-    The token axis is followed from `src` (axis 1) through every node; shape constants that carry N on
-    it are replaced by k. Returns the clones and the name of `output`'s clone. Raises FcpassError at a
-    node that mixes tokens or that the follower does not know.
-    """
-    axis: dict[str, int | None] = {src: 1}
-    ren: dict[str, str] = dict(outer or {})
-    ren[src] = dst
-    out_nodes: list[onnx.NodeProto] = []
-    for i in nodes:
-        node = index.nodes[i]
-        t_in = {j: axis[x] for j, x in enumerate(node.input) if axis.get(x) is not None}
-        c = _clone(node, ren, suffix)
-        t_out = _follow(index, node, c, t_in, n, k, const) if t_in else None
-        for o in node.output:
-            axis[o] = t_out
-        if node.op_type == "LayerNormalization":
-            for o in node.output[1:]:
-                axis[o] = None
-        out_nodes.append(c)
-    if axis.get(output) is None and output != src:
-        raise FcpassError(f"branch output {output!r} lost the token axis; cannot scatter it back")
-    return out_nodes, ren.get(output, output)
-
-
-def _fail(node: onnx.NodeProto, why: str) -> FcpassError:
-    return FcpassError(
-        f"cannot run {node.op_type} node {node.name or node.output[0]!r} on a subset of tokens: {why}; "
-        "token-local branches may only hold per-token ops (elementwise, MatMul with weights or captions, "
-        "LayerNorm, Softmax and reshapes off the token axis)"
-    )
-
-
-def _follow(index: GraphIndex, node: onnx.NodeProto, clone: onnx.NodeProto, t_in: dict[int, int], n: int, k: int,
-            const: Any) -> int:
-    """The token axis of `node`'s output, given its inputs'; rewrites `clone`'s shape inputs."""
-    op = node.op_type
-    out_shape = index.shape(node.output[0])
-    if out_shape is None:
-        raise _fail(node, "its output shape is unknown")
-    r_out = len(out_shape)
-
-    def rank(x: str) -> int:
-        s = index.shape(x)
-        if s is None:
-            raise _fail(node, f"the shape of {x!r} is unknown")
-        return len(s)
-
-    def norm(a: int, r: int) -> int:
-        return a + r if a < 0 else a
-
-    if op in _UNARY:
-        if set(t_in) != {0}:
-            raise _fail(node, "the token axis reaches a parameter input")
-        return t_in[0]
-    if op in _ELEMENTWISE:
-        aligned = {t + r_out - rank(node.input[j]) for j, t in t_in.items()}
-        if len(aligned) != 1:
-            raise _fail(node, "its operands carry the token axis at different positions")
-        a = aligned.pop()
-        for j, x in enumerate(node.input):
-            if j in t_in or not x:
-                continue
-            s = index.shape(x) or ()
-            pos = a - (r_out - len(s))
-            # A symbolic dim (shape inference could not resolve it) is accepted: ORT then rejects a real
-            # mismatch at run time rather than computing something wrong, except for k = 1.
-            if 0 <= pos < len(s) and isinstance(s[pos], int) and s[pos] != 1:
-                raise _fail(node, f"operand {x!r} (shape {list(s)}) has the token axis without depending on the stream")
-        return a
-    if op in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
-        ax = norm(int(_attr(node, "axis", -1)), rank(node.input[0]))
-        if set(t_in) != {0} or t_in[0] >= ax:
-            raise _fail(node, "it normalises over the token axis")
-        return t_in[0]
-    if op in ("Softmax", "LogSoftmax"):
-        if norm(int(_attr(node, "axis", -1)), r_out) == t_in[0]:
-            raise _fail(node, "its softmax runs over the tokens")
-        return t_in[0]
-    if op == "MatMul":
-        ra, rb = rank(node.input[0]), rank(node.input[1])
-        if 0 in t_in and 1 in t_in:
-            raise _fail(node, "both operands depend on the tokens (attention between them)")
-        if 0 in t_in:
-            t = t_in[0]
-            if ra >= 2 and t == ra - 1:
-                raise _fail(node, "it contracts over the token axis")
-            return r_out - 2 if (ra >= 2 and t == ra - 2) else t + r_out - ra
-        t = t_in[1]
-        if rb >= 2 and t == rb - 2:
-            raise _fail(node, "it contracts over the token axis")
-        return r_out - 1 if t == rb - 1 else t + r_out - rb
-    if op == "Transpose":
-        perm = list(_attr(node, "perm", list(range(r_out))[::-1]))
-        return perm.index(t_in[0])
-    if op == "Reshape":
-        return _reshape(index, node, clone, t_in, n, k, const)
-    if op == "Expand":
-        t = t_in[0] + r_out - rank(node.input[0])
-        shape = _const_value(index, node.input[1])
-        if shape is None:
-            raise _fail(node, "its target shape is not a constant")
-        pos = t - (r_out - len(shape))
-        if 0 <= pos < len(shape) and shape[pos] == n:
-            new = shape.copy()
-            new[pos] = k
-            clone.input[1] = const(f"{clone.output[0]}.shape", new.astype(np.int64))
-        return t
-    if op == "Gather":
-        if 0 not in t_in or 1 in t_in:
-            raise _fail(node, "it gathers with token-dependent indices")
-        ax = norm(int(_attr(node, "axis", 0)), rank(node.input[0]))
-        t = t_in[0]
-        if ax == t:
-            raise _fail(node, "it gathers along the token axis")
-        return t if t < ax else t - 1 + rank(node.input[1])
-    if op in ("Split", "Concat"):
-        ax = norm(int(_attr(node, "axis", 0)), r_out)
-        if any(t == ax for t in t_in.values()):
-            raise _fail(node, "it splits or concatenates along the token axis")
-        return next(iter(t_in.values()))
-    if op == "Slice":
-        axes = _const_value(index, node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        starts = _const_value(index, node.input[1])
-        if axes is None:
-            axes = np.arange(len(starts) if starts is not None else r_out)
-        if t_in.get(0) in {norm(int(a), r_out) for a in np.ravel(axes)}:
-            raise _fail(node, "it slices the token axis")
-        return t_in[0]
-    if op in ("Squeeze", "Unsqueeze"):
-        axes = _const_value(index, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(_attr(node, "axes", []))
-        t = t_in[0]
-        if op == "Squeeze":
-            ax = {norm(int(a), rank(node.input[0])) for a in np.ravel(axes)}
-            if t in ax:
-                raise _fail(node, "it squeezes the token axis")
-            return t - sum(a < t for a in ax)
-        ax = sorted(norm(int(a), r_out) for a in np.ravel(axes))
-        pos = [d for d in range(r_out) if d not in ax]
-        return pos[t]
-    if op in _REDUCE:
-        r_in = rank(node.input[0])
-        axes = _const_value(index, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "axes", None)
-        ax = set(range(r_in)) if axes is None else {norm(int(a), r_in) for a in np.ravel(axes)}
-        t = t_in[0]
-        if t in ax:
-            raise _fail(node, "it reduces over the tokens")
-        return t if _attr(node, "keepdims", 1) else t - sum(a < t for a in ax)
-    if op in ("Shape", "Size"):
-        return None  # type: ignore[return-value]
-    raise _fail(node, "the token-axis follower does not know this op")
-
-
-def _reshape(index: GraphIndex, node: onnx.NodeProto, clone: onnx.NodeProto, t_in: dict[int, int], n: int, k: int,
-             const: Any) -> int:
-    """Where the token axis lands in a Reshape, and the shape constant rewritten to k tokens."""
-    if 1 in t_in:
-        raise _fail(node, "its target shape depends on the token values")
-    s_in = index.shape(node.input[0])
-    s_out = index.shape(node.output[0])
-    if not s_in or not s_out or any(not isinstance(d, int) for d in (*s_in, *s_out)):
-        raise _fail(node, "its shapes are not static")
-    t = t_in[0]
-    before = int(np.prod(s_in[:t], dtype=np.int64))
-    after = int(np.prod(s_in[t + 1:], dtype=np.int64))
-    u = next((j for j in range(len(s_out)) if s_out[j] == n and int(np.prod(s_out[:j], dtype=np.int64)) == before
-              and int(np.prod(s_out[j + 1:], dtype=np.int64)) == after), None)
-    if u is None:
-        raise _fail(node, f"it merges or splits the token axis ({list(s_in)} -> {list(s_out)})")
-    shape = _const_value(index, node.input[1])
-    if shape is None:
-        producer = index.producer.get(node.input[1])
-        if producer is None:
-            raise _fail(node, "its target shape is neither a constant nor computed in the branch")
-        return u  # computed from Shape ops inside the branch: it follows the gathered tensor
-    shape = shape.astype(np.int64).copy()
-    allow_zero = int(_attr(node, "allowzero", 0))
-    if shape[u] == n:
-        shape[u] = k
-        clone.input[1] = const(f"{clone.output[0]}.shape", shape)
-    elif shape[u] == 0 and not allow_zero and u != t:
-        raise _fail(node, "its target shape copies the token axis from another position")
-    elif shape[u] not in (-1, 0):
-        raise _fail(node, f"its target shape has {shape[u]} where the {n} tokens go")
-    return u

@@ -1,0 +1,292 @@
+"""Running part of a graph on k of its N tokens: follow the token axis, rewrite the constants carrying N.
+
+`clone_on_tokens` clones a list of nodes so that they read gathered (B, k, D) tensors instead of
+(B, N, D) ones. The token axis is followed from each source (axis 1) through every node; a tensor
+may carry it on several axes (an attention map, (B, H, N, N)). A shape constant that carries N on
+the token axis is replaced by k; a shape computed from Shape ops follows the gathered tensor.
+
+Two modes:
+- token-local (`mixing=False`, DuCa's token-local branches): every op must treat tokens
+  independently, so the k outputs equal the full branch's outputs at those tokens. An op that mixes
+  tokens raises FcpassError naming the node.
+- mixing (`mixing=True`, FastCache's motion tokens): attention between tokens is allowed too; the
+  clones are then the subgraph specialised to sequence length k, which is exactly the same subgraph
+  run on those k tokens alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from fcpass.errors import FcpassError
+from fcpass.graphinfo import GraphIndex
+
+Axes = frozenset[int]
+ConstFn = Callable[[str, np.ndarray], str]
+
+_UNARY = frozenset({
+    "Identity", "Cast", "Relu", "Gelu", "FastGelu", "Tanh", "Sigmoid", "Erf", "Sqrt", "Exp", "Log", "Neg", "Abs",
+    "Softplus", "Softsign", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Mish", "Clip",
+    "Dropout", "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Not", "QuickGelu",
+})
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Where", "Equal", "Less",
+                          "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Sum", "Mean", "PRelu"})
+_REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                     "ReduceSumSquare", "ReduceLogSumExp"})
+
+
+def clone_node(node: onnx.NodeProto, ren: dict[str, str], suffix: str) -> onnx.NodeProto:
+    """A copy of `node` reading renamed inputs; its outputs get `suffix` (recorded in `ren`)."""
+    c = onnx.NodeProto()
+    c.CopyFrom(node)
+    if c.name:
+        c.name += suffix
+    for j, x in enumerate(c.input):
+        if x in ren:
+            c.input[j] = ren[x]
+    for j, x in enumerate(c.output):
+        if x:
+            ren[x] = x + suffix
+            c.output[j] = x + suffix
+    return c
+
+
+def const_value(index: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of an initializer or a Constant node's output; None for anything computed."""
+    for t in index.model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    p = index.producer.get(name)
+    if p is not None and index.nodes[p].op_type == "Constant":
+        for a in index.nodes[p].attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+    return None
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def clone_on_tokens(index: GraphIndex, nodes: list[int], sources: dict[str, str], output: str, n: int, k: int,
+                    suffix: str, const: ConstFn, outer: dict[str, str] | None = None,
+                    mixing: bool = False) -> tuple[list[onnx.NodeProto], str]:
+    """Clones of `nodes` (in topological order) that read `sources`' gathered tensors.
+
+    `sources` maps each (B, N, ...) tensor to its gathered (B, k, ...) stand-in; `outer` renames
+    other inputs. Returns the clones and the name of `output`'s clone. Raises FcpassError at a node
+    that the mode forbids or that the follower does not know, or when `output` lost the token axis.
+    """
+    axis: dict[str, Axes | None] = {s: frozenset({1}) for s in sources}
+    ren: dict[str, str] = dict(outer or {})
+    ren.update(sources)
+    out_nodes: list[onnx.NodeProto] = []
+    for i in nodes:
+        node = index.nodes[i]
+        t_in = {j: a for j, x in enumerate(node.input) if (a := axis.get(x))}
+        c = clone_node(node, ren, suffix)
+        t_out = _follow(index, node, c, t_in, n, k, const, mixing) if t_in else None
+        for o in node.output:
+            axis[o] = t_out
+        if node.op_type == "LayerNormalization":
+            for o in node.output[1:]:
+                axis[o] = None
+        out_nodes.append(c)
+    if axis.get(output) != frozenset({1}) and output not in sources:
+        raise FcpassError(f"output {output!r} does not carry the tokens on axis 1; cannot scatter it back")
+    return out_nodes, ren.get(output, output)
+
+
+def _fail(node: onnx.NodeProto, why: str, mixing: bool) -> FcpassError:
+    allowed = ("per-token ops and attention between the tokens" if mixing else
+               "per-token ops (elementwise, MatMul with weights or captions, LayerNorm, Softmax and reshapes off the token axis)")
+    return FcpassError(
+        f"cannot run {node.op_type} node {node.name or node.output[0]!r} on a subset of tokens: {why}; "
+        f"only {allowed} can be specialised to k tokens"
+    )
+
+
+def _single(node: onnx.NodeProto, t: Axes, mixing: bool) -> int:
+    if len(t) != 1:
+        raise _fail(node, "its input carries the tokens on several axes", mixing)
+    return next(iter(t))
+
+
+def _follow(index: GraphIndex, node: onnx.NodeProto, clone: onnx.NodeProto, t_in: dict[int, Axes], n: int, k: int,
+            const: ConstFn, mixing: bool) -> Axes:
+    """The token axes of `node`'s output, given its inputs'; rewrites `clone`'s shape inputs."""
+    op = node.op_type
+    out_shape = index.shape(node.output[0])
+    if out_shape is None:
+        raise _fail(node, "its output shape is unknown", mixing)
+    r_out = len(out_shape)
+
+    def fail(why: str) -> FcpassError:
+        return _fail(node, why, mixing)
+
+    def rank(x: str) -> int:
+        s = index.shape(x)
+        if s is None:
+            raise fail(f"the shape of {x!r} is unknown")
+        return len(s)
+
+    def norm(a: int, r: int) -> int:
+        return a + r if a < 0 else a
+
+    first = next(iter(t_in.values()))
+    if op in _UNARY:
+        if set(t_in) != {0}:
+            raise fail("the token axis reaches a parameter input")
+        return t_in[0]
+    if op in _ELEMENTWISE:
+        aligned = {frozenset(a + r_out - rank(node.input[j]) for a in t) for j, t in t_in.items()}
+        if len(aligned) != 1:
+            raise fail("its operands carry the token axis at different positions")
+        axes = aligned.pop()
+        for j, x in enumerate(node.input):
+            if j in t_in or not x:
+                continue
+            s = index.shape(x) or ()
+            for a in axes:
+                pos = a - (r_out - len(s))
+                # A symbolic dim (shape inference could not resolve it) is accepted: ORT then rejects a
+                # real mismatch at run time rather than computing something wrong, except for k = 1.
+                if 0 <= pos < len(s) and isinstance(s[pos], int) and s[pos] != 1:
+                    raise fail(f"operand {x!r} (shape {list(s)}) has the token axis without depending on the stream")
+        return axes
+    if op in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
+        ax = norm(int(attr(node, "axis", -1)), rank(node.input[0]))
+        if set(t_in) != {0} or max(t_in[0]) >= ax:
+            raise fail("it normalises over the token axis")
+        return t_in[0]
+    if op in ("Softmax", "LogSoftmax"):
+        if norm(int(attr(node, "axis", -1)), r_out) in t_in[0] and not mixing:
+            raise fail("its softmax runs over the tokens")
+        return t_in[0]
+    if op == "MatMul":
+        return _matmul(node, t_in, rank(node.input[0]), rank(node.input[1]), r_out, fail, mixing)
+    if op == "Transpose":
+        perm = list(attr(node, "perm", list(range(r_out))[::-1]))
+        return frozenset(perm.index(a) for a in first)
+    if op == "Reshape":
+        return frozenset({_reshape(index, node, clone, t_in, n, k, const, mixing)})
+    if op == "Expand":
+        t = _single(node, t_in[0], mixing) + r_out - rank(node.input[0])
+        shape = const_value(index, node.input[1])
+        if shape is None:
+            raise fail("its target shape is not a constant")
+        pos = t - (r_out - len(shape))
+        if 0 <= pos < len(shape) and shape[pos] == n:
+            new = shape.copy()
+            new[pos] = k
+            clone.input[1] = const(f"{clone.output[0]}.shape", new.astype(np.int64))
+        return frozenset({t})
+    if op == "Gather":
+        if 0 not in t_in or 1 in t_in:
+            raise fail("it gathers with token-dependent indices")
+        ax = norm(int(attr(node, "axis", 0)), rank(node.input[0]))
+        if ax in t_in[0]:
+            raise fail("it gathers along the token axis")
+        return frozenset(t if t < ax else t - 1 + rank(node.input[1]) for t in t_in[0])
+    if op in ("Split", "Concat"):
+        ax = norm(int(attr(node, "axis", 0)), r_out)
+        if any(ax in t for t in t_in.values()):
+            raise fail("it splits or concatenates along the token axis")
+        if len({*t_in.values()}) != 1:
+            raise fail("its operands carry the token axis at different positions")
+        return first
+    if op == "Slice":
+        axes = const_value(index, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        starts = const_value(index, node.input[1])
+        if axes is None:
+            axes = np.arange(len(starts) if starts is not None else r_out)
+        if set(t_in) != {0} or t_in[0] & {norm(int(a), r_out) for a in np.ravel(axes)}:
+            raise fail("it slices the token axis")
+        return t_in[0]
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = const_value(index, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(attr(node, "axes", []))
+        if op == "Squeeze":
+            ax = {norm(int(a), rank(node.input[0])) for a in np.ravel(axes)}
+            if t_in[0] & ax:
+                raise fail("it squeezes the token axis")
+            return frozenset(t - sum(a < t for a in ax) for t in t_in[0])
+        kept = [d for d in range(r_out) if d not in {norm(int(a), r_out) for a in np.ravel(axes)}]
+        return frozenset(kept[t] for t in t_in[0])
+    if op in _REDUCE:
+        r_in = rank(node.input[0])
+        axes = const_value(index, node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "axes", None)
+        ax = set(range(r_in)) if axes is None else {norm(int(a), r_in) for a in np.ravel(axes)}
+        if t_in[0] & ax:
+            raise fail("it reduces over the tokens")
+        return frozenset(t if attr(node, "keepdims", 1) else t - sum(a < t for a in ax) for t in t_in[0])
+    if op in ("Shape", "Size"):
+        return None  # type: ignore[return-value]
+    raise fail("the token-axis follower does not know this op")
+
+
+def _matmul(node: onnx.NodeProto, t_in: dict[int, Axes], ra: int, rb: int, r_out: int,
+            fail: Callable[[str], FcpassError], mixing: bool) -> Axes:
+    """Token axes of a (batched) MatMul: a's rows and b's columns survive, the contraction does not.
+
+    Both operands carrying tokens is attention: Q K^T puts tokens on both output axes, P V contracts
+    them; either is allowed only in mixing mode. A contraction of tokens against a dimension that
+    does not carry them (a weight over the N tokens) cannot be specialised at all.
+    """
+    a, b = t_in.get(0, frozenset()), t_in.get(1, frozenset())
+    if min(ra, rb) < 2:
+        raise fail("a vector operand of MatMul")
+    contract_a, contract_b = ra - 1 in a, rb - 2 in b
+    if contract_a != contract_b:
+        raise fail("it contracts over the token axis against a dimension that does not carry the tokens")
+    if a and b and not mixing:
+        raise fail("both operands depend on the tokens (attention between them)")
+    out: set[int] = set()
+    for t in a - {ra - 1}:
+        out.add(r_out - 2 if t == ra - 2 else t + r_out - ra)
+    for t in b - {rb - 2}:
+        out.add(r_out - 1 if t == rb - 1 else t + r_out - rb)
+    if not out:
+        raise fail("the tokens are contracted away")
+    return frozenset(out)
+
+
+def _reshape(index: GraphIndex, node: onnx.NodeProto, clone: onnx.NodeProto, t_in: dict[int, Axes], n: int, k: int,
+             const: ConstFn, mixing: bool) -> int:
+    """Where the token axis lands in a Reshape, and the shape constant rewritten to k tokens."""
+    if 1 in t_in:
+        raise _fail(node, "its target shape depends on the token values", mixing)
+    s_in = index.shape(node.input[0])
+    s_out = index.shape(node.output[0])
+    if not s_in or not s_out or any(not isinstance(d, int) for d in (*s_in, *s_out)):
+        raise _fail(node, "its shapes are not static", mixing)
+    t = _single(node, t_in[0], mixing)
+    before = int(np.prod(s_in[:t], dtype=np.int64))
+    after = int(np.prod(s_in[t + 1:], dtype=np.int64))
+    u = next((j for j in range(len(s_out)) if s_out[j] == n and int(np.prod(s_out[:j], dtype=np.int64)) == before
+              and int(np.prod(s_out[j + 1:], dtype=np.int64)) == after), None)
+    if u is None:
+        raise _fail(node, f"it merges or splits the token axis ({list(s_in)} -> {list(s_out)})", mixing)
+    shape = const_value(index, node.input[1])
+    if shape is None:
+        producer = index.producer.get(node.input[1])
+        if producer is None:
+            raise _fail(node, "its target shape is neither a constant nor computed in the subgraph", mixing)
+        return u  # computed from Shape ops: it follows the gathered tensor
+    shape = shape.astype(np.int64).copy()
+    allow_zero = int(attr(node, "allowzero", 0))
+    if shape[u] == n:
+        shape[u] = k
+        clone.input[1] = const(f"{clone.output[0]}.shape", shape)
+    elif shape[u] == 0 and not allow_zero and u != t:
+        raise _fail(node, "its target shape copies the token axis from another position", mixing)
+    elif shape[u] not in (-1, 0):
+        raise _fail(node, f"its target shape has {shape[u]} where the {n} tokens go", mixing)
+    return u
