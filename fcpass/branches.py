@@ -17,7 +17,8 @@ A DiT-style block is a chain on its residual stream: `x = x + [gate *] branch(x)
 4. The value projection of a token-mixing branch: the second operand of the MatMul that reads the
    Softmax (the per-head values V, `(B, H, N, d)` or `(B*H, N, d)`), traced back through reshapes,
    transposes, gathers and splits to the MatMul/Gemm with a constant weight that projects it (for
-   DiT's fused qkv projection, that MatMul). For a fused attention op, its V input.
+   DiT's fused qkv projection, that MatMul). For a fused attention op, its V input. That Softmax's
+   output is the attention map P (ToCa's attention-column scores read it); a fused op exposes none.
 
 Declines (FcpassError naming the node and what was expected): a block with several stream inputs
 or outputs (double-stream blocks), a segment that is neither a residual branch nor a pass-through,
@@ -61,6 +62,7 @@ class Branch:
     value: str | None = None  # token-mixing: the per-head V tensor read after the Softmax
     value_proj: str | None = None  # the node that projects V (its name, or op type and output)
     value_fused: bool = False  # V is the input of a fused attention op, (B, N, H*d)
+    probs: str | None = None  # token-mixing, unfused: the Softmax output P, (B, H, N, N) or (B*H, N, N)
 
     def describe(self) -> str:
         gate = "gated" if self.gate else "ungated"
@@ -228,6 +230,8 @@ def _locate_value(index: GraphIndex, block: Block, br: Branch, streamed: set[str
                 v = index.nodes[matmul].input[1]
                 br.value = v
                 br.value_proj = _trace_projection(index, v, body)
+                # The Softmax itself, not a Cast/Dropout after it: the probabilities as computed.
+                br.probs = index.nodes[s].output[0]
                 return
             nxt = [r for r in readers if index.nodes[r].op_type in ("Cast", "Dropout", "Identity")]
             if len(nxt) != 1:

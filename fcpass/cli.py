@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out FBCache's and TeaCache's statistics (skipped steps cost a little less)")
     o.add_argument("--tokens", choices=["duca", "toca"],
                    help="compile token-level caching (top-k token gather/scatter per block) with this k schedule")
-    o.add_argument("--token-score", choices=["vnorm", "saliency", "random"], help="token scores (default vnorm)")
+    o.add_argument("--motion-ratio", type=float, metavar="RHO",
+                   help="compile FastCache's motion tokens: the stack can run on its ceil(RHO*N) most salient tokens "
+                        "(sample with --policy fastcache:motion=1)")
+    o.add_argument("--token-score", choices=["vnorm", "attention", "saliency", "random"], help="token scores (default vnorm)")
     o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
     o.add_argument("--calib-steps", type=int, default=50)
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
@@ -269,6 +272,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if "magcache" in cal:
                 ratios = cal["magcache"]["ratios"]
                 print(f"        magcache ratios for {len(ratios)} steps, {min(ratios):.4f} .. {max(ratios):.4f}")
+        if plan.get("motion"):
+            m = plan["motion"]
+            print(f"  motion tokens in {m['region']}: k = {m['k']} of {m['tokens']} (ratio {m['ratio']}), "
+                  f"MACs of a motion step {m['macs'] / 1e9:.3f} G")
     return 0
 
 
@@ -329,6 +336,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         probes=args.probes,
         tokens=args.tokens,
         token_score=args.token_score,
+        motion_ratio=args.motion_ratio,
         lowering=args.lowering,
     )
     setup = _sampling_setup(args, model_path)

@@ -39,8 +39,9 @@ class OptimizeOptions:
     taylor: bool = False
     lowering: str = "if"  # "if": one .fc.onnx file; "segments": a folder of If-free segments
     tokens: str | None = None  # token-level caching with this policy's k schedule: "duca" or "toca"
-    token_score: str | None = None  # vnorm (default), saliency or random
+    token_score: str | None = None  # vnorm (default), attention, saliency or random
     probes: bool = True  # FBCache's and TeaCache's statistics (see fcpass.passes.cache_regions)
+    motion_ratio: float | None = None  # FastCache's motion tokens in the stack (fcpass.passes.motion_tokens)
 
 
 def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: dict[str, Any] | None) -> CachePlan:
@@ -62,7 +63,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     }
     tokens = token_options(options.tokens, options.token_score) if options.tokens else None
     out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor, tokens=tokens,
-                                     probes=options.probes)
+                                     probes=options.probes, motion_ratio=options.motion_ratio)
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
     if options.calibrate:
         if setup is None:
@@ -84,7 +85,8 @@ def _lower_compiled(model: Any, model_path: str | Path, output: str | Path, opti
     changed = [flag for flag, given, default in (
         ("--calibrate", options.calibrate, fixed.calibrate), ("--regions", options.regions, fixed.regions),
         ("--taylor", options.taylor, fixed.taylor), ("--tokens", options.tokens, fixed.tokens),
-        ("--token-score", options.token_score, fixed.token_score)) if given != default]
+        ("--token-score", options.token_score, fixed.token_score),
+        ("--motion-ratio", options.motion_ratio, fixed.motion_ratio)) if given != default]
     if changed:
         raise FcpassError(f"{model_path} is already cache-aware, so {', '.join(changed)} cannot change it; "
                           "drop the flag to lower it as it is, or optimize the original export")

@@ -26,6 +26,9 @@ SKIP_OUTPUT = "fc_skip"  # float32 (R,): 1 skipped, 0 computed, -1 not reached (
 # block: 0 full (the original nodes; token caches, V-norm scores and counters refreshed), 1 conservative
 # (self-attention reused, token-local branches on their top-k tokens), 2 conservative with attention computed.
 TOK_INPUT = "fc_tok"  # int64 (blocks,)
+# FastCache's motion tokens (`fcpass.passes.motion_tokens`; only in graphs optimized with --motion-ratio):
+# 1 runs a computing stack on its k most salient tokens, the others approximated; 0 runs it whole.
+MOTION_INPUT = "fc_motion"  # int64 scalar
 TOK_RAND_INPUT = "fc_tok_rand"  # float32 (blocks, N): the host's seeded token scores, with --token-score random
 
 CTL_COMPUTE, CTL_SKIP, CTL_DECIDE, CTL_PROBE = 0, 1, 2, 3
@@ -98,6 +101,8 @@ class CachePlan:
     policy_defaults: dict[str, Any] = field(default_factory=dict)
     # Token-level caching, if compiled: options, and per block its region, k per branch and MACs (token_cache.spec)
     tokens: dict[str, Any] = field(default_factory=dict)
+    # Motion tokens, if compiled: ratio, k, N, the region and the MACs of a motion step (motion_tokens.spec)
+    motion: dict[str, Any] = field(default_factory=dict)
 
     def region(self, name: str) -> RegionSpec:
         for r in self.regions:

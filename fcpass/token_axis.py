@@ -78,11 +78,13 @@ def attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 def clone_on_tokens(index: GraphIndex, nodes: list[int], sources: dict[str, str], output: str, n: int, k: int,
                     suffix: str, const: ConstFn, outer: dict[str, str] | None = None,
-                    mixing: bool = False) -> tuple[list[onnx.NodeProto], str]:
+                    mixing: bool = False, axes_out: dict[str, Axes | None] | None = None,
+                    ) -> tuple[list[onnx.NodeProto], str]:
     """Clones of `nodes` (in topological order) that read `sources`' gathered tensors.
 
     `sources` maps each (B, N, ...) tensor to its gathered (B, k, ...) stand-in; `outer` renames
-    other inputs. Returns the clones and the name of `output`'s clone. Raises FcpassError at a node
+    other inputs. Returns the clones and the name of `output`'s clone; `axes_out` receives the token
+    axes of every original tensor the clones compute. Raises FcpassError at a node
     that the mode forbids or that the follower does not know, or when `output` lost the token axis.
     """
     axis: dict[str, Axes | None] = {s: frozenset({1}) for s in sources}
@@ -100,6 +102,8 @@ def clone_on_tokens(index: GraphIndex, nodes: list[int], sources: dict[str, str]
             for o in node.output[1:]:
                 axis[o] = None
         out_nodes.append(c)
+    if axes_out is not None:
+        axes_out.update(axis)
     if axis.get(output) != frozenset({1}) and output not in sources:
         raise FcpassError(f"output {output!r} does not carry the tokens on axis 1; cannot scatter it back")
     return out_nodes, ren.get(output, output)

@@ -8,7 +8,17 @@ from typing import Any
 import numpy as np
 
 from fcpass.errors import FcpassError
-from fcpass.plan import CTL_INPUT, MIX_INPUT, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, TOK_INPUT, TOK_RAND_INPUT, CachePlan
+from fcpass.plan import (
+    CTL_INPUT,
+    MIX_INPUT,
+    MOTION_INPUT,
+    SKIP_OUTPUT,
+    STAT_OUTPUT,
+    THR_INPUT,
+    TOK_INPUT,
+    TOK_RAND_INPUT,
+    CachePlan,
+)
 from fcpass.roles import InputRoles
 from runtimes.policies import Policy
 from runtimes.state import HostState
@@ -44,6 +54,10 @@ class CachedDenoiser:
         self._tok_saved = np.array([[0.0, b["macs"] - b["conservative_macs"], b["macs"] - b["conservative_macs"] - b["mixing_macs"]]
                                     for b in blocks], dtype=np.float64)
         self._tok_region = [next(r.index for r in plan.regions if r.name == b["region"]) for b in blocks]
+        # Motion tokens (graphs optimized with --motion-ratio): a motion step of the computing stack
+        # saves the blocks' MACs on the N - k static tokens, less the approximation they take instead.
+        self._motion = plan.region(plan.motion["region"]) if plan.motion else None
+        self._motion_saved = self._motion.macs - plan.motion["macs"] if self._motion else 0
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -67,6 +81,9 @@ class CachedDenoiser:
                 if rand is None:
                     raise FcpassError("this graph scores tokens with host-fed random numbers; sample it with --policy duca or toca")
                 run_feeds[TOK_RAND_INPUT] = rand
+        motion = self._motion is not None and controls.motion
+        if self._motion is not None:
+            run_feeds[MOTION_INPUT] = np.array(int(motion), np.int64)
         out = self.binding.step(run_feeds, [self.output, STAT_OUTPUT, SKIP_OUTPUT])
         stat, skip = out[STAT_OUTPUT], out[SKIP_OUTPUT]
         self.policy.observe(step, stat, skip)
@@ -74,6 +91,8 @@ class CachedDenoiser:
         with np.errstate(invalid="ignore"):
             stat_max = np.where(np.isnan(stat).any(axis=1), np.nan, stat.max(axis=1))
         macs = self.uncached_macs - self._saved[skipped].sum()
+        if motion and skip[self._motion.index] == 0:
+            macs -= self._motion_saved
         if tok is not None and tok.any():
             # A conservative block saves its MACs only where its region (the innermost) computed.
             reached = (tok != 0) & (skip[self._tok_region] == 0)
@@ -82,6 +101,7 @@ class CachedDenoiser:
             "macs": int(macs),
             "ctl": controls.ctl.tolist(),
             **({"tok": tok.tolist()} if tok is not None else {}),
+            **({"motion": bool(motion)} if self._motion is not None else {}),
             "thr": controls.thr.tolist(),
             "skip": skip.tolist(),
             "stat": [None if not np.isfinite(v) else float(v) for v in stat_max],

@@ -26,6 +26,7 @@ class StepControls:
     ctl: np.ndarray  # int64 (R,)
     thr: np.ndarray  # float32 (R,)
     mix: np.ndarray  # float32 (R, MIX_WIDTH)
+    motion: bool = False  # a computing stack runs on its motion tokens (graphs optimized with --motion-ratio)
 
 
 class Policy(ABC):
@@ -147,6 +148,9 @@ class FastCacheConfig:
         (an fcpass extension; graph optimized with --taylor) extrapolates from the region's own two last
         computed steps a > b: O = O_a + (i - a)(O_a - O_b)/(a - b).
     sigma_scale: multiplies every calibrated sigma^2 (a single knob for tuning speed against quality).
+    motion: spatial token selection (ALGORITHMS 2b; graph optimized with --motion-ratio): after the
+        warm-up, a step that computes the stack runs only its k most salient tokens through the blocks
+        and gives the others the stack's approximation. Blocks nested in the stack are not tested then.
     levels: which regions take the test. `blocks` is the paper (one test per block). Adding `stack`
         and/or `tail` (an fcpass extension) tests the whole range first with its own calibrated sigma^2
         and fitted W: when the range passes, one cheap branch replaces every block in it; when it
@@ -161,6 +165,7 @@ class FastCacheConfig:
     approx: str = "linear"
     sigma_scale: float = 1.0
     levels: str = "blocks"
+    motion: bool = False
 
 
 class FastCache(Policy):
@@ -193,6 +198,8 @@ class FastCache(Policy):
         self.computed: dict[int, list[int]] = {r.index: [] for r in plan.regions}
         if self.config.approx == "taylor1" and not any(s.kind == "prev" for s in plan.states):
             raise FcpassError("fastcache --approx taylor1 needs the previous outputs; optimize with --taylor")
+        if self.config.motion and not plan.motion:
+            raise FcpassError("fastcache motion=1 needs motion tokens in the graph; optimize with --motion-ratio RHO")
         self.thresholds = {}
         for region in tested:
             sigma2 = region.calibration.get("sigma2")
@@ -215,6 +222,7 @@ class FastCache(Policy):
         out = self.base()
         if step < self.config.warmup or step == self.num_steps - 1:
             return out
+        out.motion = self.config.motion
         for k, thr in self.thresholds.items():
             if self.streak[k] >= self.config.max_skips:
                 continue

@@ -49,7 +49,8 @@ class DuCaConfig:
     counter_weight: weight of the steps-since-recompute counter in the score (0.25 / n).
     spatial_bonus: added to the best token of every grid x grid cell (0.8 for DiT, grid 2), which
         spreads the recomputed tokens over the image.
-    score: `vnorm` (DuCa's V-caching), `saliency` or `random`.
+    score: `vnorm` (DuCa's V-caching), `attention` (ToCa's attention-map column scores; unfused
+        attention only), `saliency` or `random`.
     """
 
     interval: int = 3
@@ -69,8 +70,9 @@ class DuCaConfig:
 class ToCaConfig(DuCaConfig):
     """ToCa: full steps every `interval` steps, conservative steps in between (no aggressive step).
 
-    Defaults as DuCa's except ratio 0.07. ToCa's own score is the attention map's column sum, which
-    needs the attention probabilities; V-norm keeps fused attention usable and is the default here.
+    Defaults as DuCa's except ratio 0.07. ToCa's own score is the attention map's column sum
+    (`--token-score attention`), which needs the attention probabilities (an unfused Softmax);
+    V-norm keeps fused attention usable and is the default here.
     """
 
     ratio: float = 0.07

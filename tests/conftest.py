@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,7 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 TINY = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 3, "num_heads": 2, "num_classes": 10}
 
 
-def export_tiny_dit(path: Path, exporter: str, seed: int = 0, **overrides: object) -> Path:
+def tiny_dit_model(seed: int = 0, **overrides: object) -> Any:
+    """The PyTorch DiT that `export_tiny_dit` exports (random weights from `seed`)."""
     torch = pytest.importorskip("torch")
     from models.dit import DiT, DiTConfig
     from models.pixart import randomize_
@@ -26,6 +28,12 @@ def export_tiny_dit(path: Path, exporter: str, seed: int = 0, **overrides: objec
     model = DiT(DiTConfig(**{**TINY, **overrides})).eval()
     with torch.no_grad():
         randomize_(model, seed)
+    return model
+
+
+def export_tiny_dit(path: Path, exporter: str, seed: int = 0, **overrides: object) -> Path:
+    torch = pytest.importorskip("torch")
+    model = tiny_dit_model(seed, **overrides)
     cfg = model.config
     args = (
         torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(1)),

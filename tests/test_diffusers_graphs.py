@@ -11,7 +11,9 @@ opset 18, static batch 2, then:
 * with every region computing, the outputs equal the original graph's and each state `.next`
   output equals the true value of the stream tensor it tracks;
 * forcing one block region to skip (residual approximation) really switches the `If`, and with the
-  state of a compute step at the same inputs it reproduces the computed output.
+  state of a compute step at the same inputs it reproduces the computed output;
+* motion tokens (`--motion-ratio`): the stack specialised to k tokens equals diffusers' own blocks
+  run on those k tokens (SD3's joint attention is declined, naming the node).
 
 The default attention processors export as MatMul/Softmax at opset 18 (no fused attention op), so
 they are kept. diffusers zero-inits the adaLN and output layers; every parameter gets small noise so
@@ -42,9 +44,10 @@ diffusers = pytest.importorskip("diffusers")
 ort = pytest.importorskip("onnxruntime")
 
 from fcpass.discover import BlockMap, discover_blocks
+from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex
 from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan
+from fcpass.plan import APPROX_MIX, MIX_WIDTH, MOTION_INPUT, CachePlan
 from fcpass.trt_check import check_graph
 
 BATCH = 2
@@ -200,6 +203,7 @@ class Exported:
     feeds: dict[str, np.ndarray]  # inputs A
     feeds_b: dict[str, np.ndarray]  # inputs B: another latent, timestep and condition
     repaired: int
+    module: torch.nn.Module  # the exported PyTorch model
 
 
 @dataclass
@@ -261,7 +265,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     got = ort.InferenceSession(model.SerializeToString(), providers=PROVIDERS).run(None, feeds)[0]
     assert np.abs(expected).max() > 1e-2, "the randomized model's output is trivial; the parity tests would prove nothing"
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg="the export itself does not match PyTorch")
-    return Exported(name, exporter, spec, model, feeds, _feeds(model, spec.names, args_b), repaired)
+    return Exported(name, exporter, spec, model, feeds, _feeds(model, spec.names, args_b), repaired, module)
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -389,3 +393,64 @@ def test_only_the_pixart_dynamo_export_needed_the_squeeze_repair(exported: Expor
         assert exported.repaired <= 1
     else:
         assert exported.repaired == 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _blocks_on_tokens(module: torch.nn.Module, args: tuple, idx: np.ndarray) -> np.ndarray:
+    """diffusers' own blocks run on the tokens `idx` alone: the first block's hidden states are
+    gathered in a pre-hook, and the forward stops after the last block (the head needs all N)."""
+    blocks = module.m.transformer_blocks
+    captured: list[torch.Tensor] = []
+
+    def gather(_mod: Any, a: tuple, kw: dict) -> tuple:
+        if "hidden_states" in kw:
+            kw["hidden_states"] = kw["hidden_states"][:, torch.from_numpy(idx)]
+            return a, kw
+        return (a[0][:, torch.from_numpy(idx)], *a[1:]), kw
+
+    def stop(_mod: Any, _a: tuple, out: torch.Tensor) -> None:
+        captured.append(out)
+        raise _Stop
+
+    hooks = [blocks[0].register_forward_pre_hook(gather, with_kwargs=True), blocks[-1].register_forward_hook(stop)]
+    try:
+        with torch.no_grad(), pytest.raises(_Stop):
+            module(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured[0].numpy()
+
+
+def test_motion_tokens_equal_diffusers_blocks_on_the_selected_tokens(exported: Exported) -> None:
+    block_map = discover_blocks(exported.model, "latent")
+    roles = {"latent": "latent", "timestep": "timestep"}
+    if exported.name == "sd3":
+        # Joint attention concatenates caption and image tokens: the follower names that node.
+        with pytest.raises(FcpassError, match="Concat node .* on a subset of tokens: it splits or concatenates along the token axis"):
+            insert_cache_regions(exported.model, block_map, roles, ("stack",), motion_ratio=0.5)
+        return
+    model, plan = insert_cache_regions(exported.model, block_map, roles, ("stack",), motion_ratio=0.5)
+    session = ort.InferenceSession(model.SerializeToString(), providers=PROVIDERS)
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(0)
+    state = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in plan.states}
+    x_in = next(s for s in plan.states if s.kind == "in")
+    x_out = next(s for s in plan.states if s.kind == "out")
+
+    def run(motion: int) -> dict[str, np.ndarray]:
+        feeds = {**exported.feeds, **state, "fc_ctl": np.zeros(1, np.int64), "fc_thr": np.zeros(1, np.float32),
+                 "fc_mix": np.zeros((1, MIX_WIDTH), np.float32), MOTION_INPUT: np.array(motion, np.int64)}
+        return dict(zip(names, session.run(None, feeds)))
+
+    x = run(0)[x_in.next]  # the stack input at these feeds
+    saliency = ((x - state[x_in.name]) ** 2).sum(-1).mean(0)
+    idx = np.argsort(-saliency, kind="stable")[: plan.motion["k"]]
+    got = run(1)[x_out.next][:, idx]
+    args = exported.spec.inputs(torch.Generator().manual_seed(2), [10.0, 500.0])
+    want = _blocks_on_tokens(exported.module, args, idx)
+    assert want.shape[1] == plan.motion["k"] < plan.motion["tokens"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

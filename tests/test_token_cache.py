@@ -83,6 +83,12 @@ def _vnorm(v: np.ndarray) -> np.ndarray:
     return u / np.linalg.norm(u, axis=1, keepdims=True)
 
 
+def _attention_columns(probs: np.ndarray) -> np.ndarray:
+    """ToCa's score: per key token j the mean over heads and queries of P[b, h, i, j], L2-normalised."""
+    u = probs.astype(np.float64).reshape(B, -1, N).mean(axis=1)
+    return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+
 def _expected_selection(base: np.ndarray, cnt: np.ndarray, k: int) -> set[int]:
     """The graph's selection, in numpy: counters, CFG pair average, 2x2-cell bonus, top k."""
     s = base + CW * (cnt + 1)
@@ -242,10 +248,89 @@ def test_saliency_and_random_scores_select_what_numpy_selects(tiny_dit: Path) ->
 def test_declines_with_an_explanation(tiny_dit: Path) -> None:
     model = load(tiny_dit)
     bmap = discover_blocks(model, "latent")
-    with pytest.raises(FcpassError, match="--token-score 'attention' unknown"):
-        insert_cache_regions(model, bmap, ROLES, ("stack",), tokens=TokenOptions(score="attention"))
+    with pytest.raises(FcpassError, match="--token-score 'entropy' unknown"):
+        insert_cache_regions(model, bmap, ROLES, ("stack",), tokens=TokenOptions(score="entropy"))
     with pytest.raises(FcpassError, match="block 'blocks.0' is in no cache region"):
         insert_cache_regions(model, bmap, ROLES, ("tail",), tokens=TokenOptions())
+
+
+# --- attention-map scores (ToCa) ---------------------------------------------------------------------
+
+def test_attention_scores_are_the_column_means_of_the_softmax_output(tiny_dit: Path) -> None:
+    t = Tok(tiny_dit, score="attention")
+    index = GraphIndex(t.original)
+    probs = [s.branches[0].probs for s in t.split]
+    for name in probs:
+        assert name is not None and index.nodes[index.producer[name]].op_type == "Softmax"
+    assert t.plan.tokens["options"]["score"] == "attention"
+    assert [s.kind for s in t.plan.states if s.region == "block1"][-1] == "tok_score"
+    region = next(n for n in t.model.graph.node if n.op_type == "If" and n.name == "fc/block1/If")
+    run = next(a.g for a in region.attribute if a.name == "else_branch")
+    (tif,) = [n for n in run.node if n.op_type == "If"]
+    full = next(a.g for a in tif.attribute if a.name == "else_branch")
+    block_ops = Counter(index.nodes[i].op_type for i in discover_blocks(t.original, "latent").blocks[1].nodes)
+    columns = Counter({"Reshape": 1, "ReduceMean": 1, "ReduceL2": 1, "Max": 1, "Div": 1, "Identity": 5})
+    assert Counter(n.op_type for n in full.node) == block_ops + columns
+    for seed in (0, 1):
+        feeds = tiny_feeds(seed)
+        out = t.run(feeds, tok=0)
+        truth = t.truth(feeds, probs)
+        for pos, name in enumerate(probs):
+            p = truth[name]
+            assert p.shape == (B, 2, N, N)
+            expected = _attention_columns(p)
+            # A row mean would be the constant 1/N: the columns must carry information.
+            assert np.ptp(expected, axis=1).min() > 1e-3
+            np.testing.assert_allclose(out[f"fc.tok{pos}.score.next"], expected, atol=1e-5)
+            assert not out[f"fc.tok{pos}.b1.cnt.next"].any()
+
+
+def test_conservative_step_selects_the_top_k_tokens_by_attention_score(tiny_dit: Path) -> None:
+    t = Tok(tiny_dit, score="attention")
+    a = tiny_feeds(0)
+    t.run(a, tok=0)
+    attn = [s.branches[0] for s in t.split]
+    truth = t.truth(a, [br.probs for br in attn] + [br.value for br in attn])
+    cnt = [np.zeros((B, N)) for _ in attn]
+    discriminating = 0
+    # Two conservative steps: both rank by the full step's scores, the second with aged counters.
+    for seed in (1, 2):
+        out = t.run(tiny_feeds(seed), tok=1)
+        for pos, br in enumerate(attn):
+            selected = set(np.flatnonzero(out[f"fc.tok{pos}.b1.cnt.next"][0] == 0).tolist())
+            assert selected == _expected_selection(_attention_columns(truth[br.probs]), cnt[pos], 5), (seed, pos)
+            discriminating += selected != _expected_selection(_vnorm(truth[br.value]), cnt[pos], 5)
+            cnt[pos] = out[f"fc.tok{pos}.b1.cnt.next"].astype(np.float64)
+    assert discriminating > 0  # V-norm scores would select other tokens: the test tells the two apart
+
+
+def test_fused_attention_declines_attention_scores(tiny_dit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No exporter here emits fused attention, so the split reports it as `find_branches` does for one:
+    V is the fused op's input and there is no Softmax output."""
+    import fcpass.passes.token_cache as tc
+
+    real = tc.find_branches
+
+    def fused(*args: object, **kwargs: object) -> object:
+        split = real(*args, **kwargs)
+        for br in split.mixing():
+            br.value_fused, br.probs = True, None
+        return split
+
+    monkeypatch.setattr(tc, "find_branches", fused)
+    model = load(tiny_dit)
+    bmap = discover_blocks(model, "latent")
+    with pytest.raises(FcpassError, match=r"^block 'blocks.0': its self-attention is fused .* "
+                                          r"use --token-score saliency\|random$"):
+        insert_cache_regions(model, bmap, ROLES, ("blocks",), tokens=TokenOptions(k=5, score="attention"))
+    insert_cache_regions(model, bmap, ROLES, ("blocks",), tokens=TokenOptions(k=5, score="saliency"))
+
+
+def test_cli_offers_attention_scores() -> None:
+    from fcpass.cli import build_parser
+
+    args = build_parser().parse_args(["optimize", "-o", "x.onnx", "--tokens", "toca", "--token-score", "attention"])
+    assert args.token_score == "attention"
 
 
 # --- policies and the host loop ---------------------------------------------------------------------

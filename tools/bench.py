@@ -5,7 +5,8 @@
 
 A policy runs on a graph optimized with --regions blocks,stack, or with the region sets named after
 `@` (e.g. `@stack`: one region, the cheapest graph for stack-level policies), compiled with what the
-policy needs and nothing more (`fcpass.tune.graph_needs`: probes, previous outputs, token caching).
+policy needs and nothing more (`fcpass.tune.graph_needs`: probes, previous outputs, token caching,
+motion tokens at --motion-ratio).
 Every graph is calibrated on the same trajectories.
 
 For every policy: end-to-end wall time of the whole sampling loop (median of --repeats), the
@@ -52,6 +53,8 @@ DEFAULT_POLICIES = [
     "teacache:threshold=0.04@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=128,max_skips=6,warmup=3@stack",
+    # The same test with FastCache's motion tokens (a stack graph with --motion-ratio).
+    "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4,motion=1@stack",
     # FBCache on the range after the first block; DuCa and ToCa on token-level graphs.
     "fbcache:threshold=0.04@tail",
     "duca@stack",
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=8, help="calibration trajectories when optimizing here")
     ap.add_argument("--regions", default="blocks,stack", help="region sets of the graph optimized here")
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
+    ap.add_argument("--motion-ratio", type=float, default=0.5, help="k/N of the graphs for fastcache with motion=1")
     ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=1.5)
@@ -84,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         graphs: dict[Any, Path] = {}
         for spec in args.policies:
-            key = _graph_of(spec, args.regions)
+            key = _graph_of(spec, args)
             if key not in graphs:
                 graphs[key] = Path(tmp) / f"model.{len(graphs)}.fc.onnx"
                 regions, needs = key
@@ -104,10 +108,10 @@ def _time(denoiser: Any, request: SampleRequest) -> Any:
     return sample(denoiser, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
 
 
-def _graph_of(spec: str, default: str) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
+def _graph_of(spec: str, args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
     """The graph a policy runs on: its region sets and what it needs compiled (`fcpass.tune.graph_needs`)."""
-    regions = tuple(_regions_of(spec, default).split(","))
-    return regions, tuple(sorted(graph_needs(spec.split("@")[0]).items()))
+    regions = tuple(_regions_of(spec, args.regions).split(","))
+    return regions, tuple(sorted(graph_needs(spec.split("@")[0], args.motion_ratio).items()))
 
 
 def _regions_of(spec: str, default: str) -> str:
@@ -121,7 +125,7 @@ def run(
     base = load_denoiser(args.model, None, {}, threads=args.threads)
     denoisers = {"uncached": base}
     for spec in args.policies:
-        den = load_denoiser(graphs[_graph_of(spec, args.regions)], spec.split("@")[0], {}, threads=args.threads)
+        den = load_denoiser(graphs[_graph_of(spec, args)], spec.split("@")[0], {}, threads=args.threads)
         denoisers[spec] = den
     # Each policy run is paired with an uncached run just before it; the speedup is the median of
     # the pairs' ratios, so slow phases of a shared machine hit both sides of a ratio alike.
@@ -160,8 +164,8 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def _cli_args(args: argparse.Namespace) -> list[str]:
     out = []
-    for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions"):
-        out += [f"--{key}", str(getattr(args, key))]
+    for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions", "motion_ratio"):
+        out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 

@@ -40,6 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fcpass.discover import Block, BlockMap, boundary_of
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values
+from fcpass.passes.motion_tokens import MotionPass
 from fcpass.passes.token_cache import TokenOptions, TokenPass
 from fcpass.plan import (
     CTL_INPUT,
@@ -96,13 +97,15 @@ def insert_cache_regions(
     taylor: bool = False,
     tokens: TokenOptions | None = None,
     probes: bool = True,
+    motion_ratio: float | None = None,
 ) -> tuple[onnx.ModelProto, CachePlan]:
     """Return a cache-aware copy of `model` and its plan; `model` itself is not modified.
 
     `taylor` adds each region's previous computed output to the state, which `taylor1` needs.
     `probes` adds FBCache's and TeaCache's statistics (case 3); without them a step that skips
     the stack costs a little less, and fbcache and teacache cannot run.
-    `tokens` compiles token-level caching into every block (`fcpass.passes.token_cache`).
+    `tokens` compiles token-level caching into every block (`fcpass.passes.token_cache`);
+    `motion_ratio` FastCache's motion tokens into the stack (`fcpass.passes.motion_tokens`).
     """
     opset = _default_opset(model)
     if opset < 13:
@@ -135,6 +138,13 @@ def insert_cache_regions(
         builder.tokens = TokenPass(builder, index, block_map, flat, tokens, opset)
         for r in flat:
             r.states_tok = builder.tokens.add_state(r)
+    if motion_ratio is not None:
+        stack = next((r for r in flat if r.name == "stack"), None)
+        if stack is None:
+            raise FcpassError("motion tokens run in the stack region; optimize with --regions including stack")
+        if tokens is not None:
+            raise FcpassError("--motion-ratio and --tokens cannot share a graph; optimize for one of them")
+        builder.motion = MotionPass(builder, index, stack, motion_ratio, latent)
     main_nodes = list(out.graph.node)
     new_nodes = builder.replace_regions(main_nodes, regions)
     new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)
@@ -152,6 +162,8 @@ def insert_cache_regions(
     )
     if builder.tokens is not None:
         plan.tokens = builder.tokens.spec()
+    if builder.motion is not None:
+        plan.motion = builder.motion.spec()
     return out, plan
 
 
@@ -283,6 +295,7 @@ class _Builder:
         self._counter = 0
         self._inner_value_info: dict[str, onnx.ValueInfoProto] = {v.name: v for v in self.graph.value_info}
         self.tokens: TokenPass | None = None
+        self.motion: MotionPass | None = None
 
     # --- names and typing -------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -471,22 +484,35 @@ class _Builder:
             assert rename[stat] == f"{stat}@{n}.run" and rename[skip] == f"{skip}@{n}.run"
             run_out.append(helper.make_tensor_value_info(f"{stat}@{n}.run", TensorProto.FLOAT, [batch]))
             run_out.append(helper.make_tensor_value_info(f"{skip}@{n}.run", TensorProto.FLOAT, []))
-            # Not reached: the statistic is NaN (anything times NaN), the decision -1.
-            approx_nodes.append(helper.make_node("Mul", [f"fc.{n}.stat", "fc.nan"], [f"{stat}@{n}.approx"]))
-            approx_out.append(helper.make_tensor_value_info(f"{stat}@{n}.approx", TensorProto.FLOAT, [batch]))
-            approx_nodes.append(helper.make_node("Identity", ["fc.minus_one"], [f"{skip}@{n}.approx"]))
-            approx_out.append(helper.make_tensor_value_info(f"{skip}@{n}.approx", TensorProto.FLOAT, []))
             for s in child.own_states():
                 emit(run_nodes, run_out, rename[s.next], f"{s.next}@{n}.run", s.source)
-                emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        self.unreached_children(region, f"{n}.approx", approx_nodes, approx_out)
         run_graph = helper.make_graph(_toposort(run_nodes), f"fc_{n}_compute", [], run_out)
         self._move_value_info(run_graph, body, rename)
         run_graph.value_info.extend(_cond_info(region.children))
+        if self.motion is not None and self.motion.stack is region:
+            run_graph = self.motion.wrap(run_graph)
         approx_graph = helper.make_graph(approx_nodes, f"fc_{n}_approx", [], approx_out)
         if_node = helper.make_node(
             "If", [f"fc.{n}.cond"], exported, name=f"fc/{n}/If", then_branch=approx_graph, else_branch=run_graph
         )
         return [*pre, if_node]
+
+    def unreached_children(self, region: _Region, tag: str, nodes: list[onnx.NodeProto],
+                           infos: list[onnx.ValueInfoProto]) -> None:
+        """A branch that does not run `region`'s nested regions: per child (in the compute branch's
+        order) the statistic NaN (anything times NaN), the decision -1, the states passed through."""
+        n = region.name
+        batch = self.tensor_type(region.spec.inputs[0])[1][0]
+        for child in _flatten(region.children):
+            stat, skip = f"fc.{child.name}.stat@{tag}", f"fc.{child.name}.skip@{tag}"
+            nodes.append(helper.make_node("Mul", [f"fc.{n}.stat", "fc.nan"], [stat]))
+            infos.append(helper.make_tensor_value_info(stat, TensorProto.FLOAT, [batch]))
+            nodes.append(helper.make_node("Identity", ["fc.minus_one"], [skip]))
+            infos.append(helper.make_tensor_value_info(skip, TensorProto.FLOAT, []))
+            for s in child.own_states():
+                nodes.append(helper.make_node("Identity", [s.name], [f"{s.next}@{tag}"], name=f"fc/{s.next}@{tag}"))
+                infos.append(self.value_info(f"{s.next}@{tag}", s.source))
 
     def statistic_nodes(self, region: _Region) -> list[onnx.NodeProto]:
         """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step.

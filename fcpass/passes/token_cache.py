@@ -7,9 +7,9 @@ the top-k tokens of its input, gathered with TopK + GatherElements, and is scatt
 
 Invariant: with `fc_tok` all 0 the block runs exactly its original nodes (the else-branch), so the
 outputs equal the original model's; the state outputs are then the true branch outputs, the
-V-norm scores of that step and zero counters. With k = N a conservative step's token-local branch
-equals the full branch at the same input (TopK only permutes the tokens); with k = 0 it is the
-cached branch output.
+V-norm (or attention-column) scores of that step and zero counters. With k = N a conservative
+step's token-local branch equals the full branch at the same input (TopK only permutes the
+tokens); with k = 0 it is the cached branch output.
 
 Cases:
 1. A block takes part iff `fcpass.branches.find_branches` splits it; otherwise the pass declines
@@ -20,7 +20,10 @@ Cases:
    branches on the top-k tokens), 2 the same but with attention computed (tests; ToCa-like).
    Mode 2's attention is a nested `If` inside the conservative branch, so a full step pays nothing.
 3. Scores (compile-time `score`): `vnorm` (DuCa: at full steps, per token the mean over heads of
-   1 - ||v_hj||, L2-normalised over the tokens, stored in the state), `saliency` (||X_j - X_j_ref||^2
+   1 - ||v_hj||, L2-normalised over the tokens, stored in the state), `attention` (ToCa: at full
+   steps, per token j the attention it receives, the mean over heads and query tokens i of the
+   self-attention Softmax output P[b, h, i, j], L2-normalised over the tokens, stored in the same
+   state; needs an unfused Softmax, a fused attention op declines), `saliency` (||X_j - X_j_ref||^2
    of the branch input against its value at the last full step, L2-normalised) or `random` (fed by
    the host as `fc_tok_rand`, (blocks, N), from a seeded generator). To each: counter_weight *
    (c_j + 1), c_j the conservative steps since token j was last recomputed in that branch, then the
@@ -57,7 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCORES = ("vnorm", "saliency", "random")
+SCORES = ("vnorm", "attention", "saliency", "random")
+# Scores computed at full steps and kept in the `score` state until the next one.
+STORED_SCORES = ("vnorm", "attention")
 TOPK_MAX = 3840  # TensorRT's TopK limit
 TOK_FULL, TOK_CONSERVATIVE, TOK_LOCAL_ONLY = 0, 1, 2
 
@@ -68,6 +73,7 @@ class TokenOptions:
 
     k = round(r N) per (block, token-local branch), r = ratio * f(layer) * local_factor with
     f(idx) = 1 + w - 2 w idx / max_idx. `k` (tests) overrides every k with one number.
+    score: one of SCORES (module docstring, case 3); `attention` needs unfused self-attention.
     counter_weight multiplies the per-token counters (DuCa: 0.25 / n with interval n = 3);
     spatial_bonus goes to the best token of every grid x grid cell (0 disables it).
     """
@@ -147,13 +153,32 @@ class TokenPass:
                 if ks[br.position] > TOPK_MAX:
                     raise FcpassError(f"block {b.scope!r}: k = {ks[br.position]} exceeds TensorRT's TopK limit {TOPK_MAX}; "
                                       "lower the token ratio")
-            if options.score == "vnorm" and not any(br.value and not br.value_fused for br in split.mixing()):
+            if options.score == "vnorm" and not _has_unfused_v(split):
                 raise FcpassError(f"block {b.scope!r} exposes no unfused V for V-norm scores; use --token-score saliency or random")
+            if options.score == "attention":
+                self._check_attention_map(b.scope, split, tokens)
             self.blocks.append(_TokBlock(pos, b.index, b.scope, split, nodes, region, tokens, batch, width, ks))
         if self.blocks:
             self._add_inputs()
 
     # --- setup ----------------------------------------------------------------------------
+    def _check_attention_map(self, scope: str, split: BlockBranches, tokens: int) -> None:
+        """Attention-column scores read the self-attention's Softmax output; decline where there is none."""
+        # Suggest only the scores this block supports: vnorm needs an unfused V as well.
+        others = "vnorm|saliency|random" if _has_unfused_v(split) else "saliency|random"
+        probs = next((br.probs for br in split.mixing() if br.probs is not None), None)
+        if not split.mixing():
+            raise FcpassError(f"block {scope!r} has no self-attention to read an attention map from; "
+                              f"use --token-score {others}")
+        if probs is None:
+            raise FcpassError(f"block {scope!r}: its self-attention is fused (no Softmax output) and exposes no "
+                              f"attention map for attention scores; use --token-score {others}")
+        keys = self.index.shape(probs)
+        # The score is per image token: keys beyond them (joint text tokens) would have no slot.
+        if keys and isinstance(keys[-1], int) and keys[-1] != tokens:
+            raise FcpassError(f"block {scope!r}: its attention map {probs!r} has {keys[-1]} key tokens, not the "
+                              f"stream's {tokens}; use --token-score {others}")
+
     def _dim(self, name: str, j: int) -> int:
         shape = self.index.shape(name)
         if not shape or len(shape) != 3 or not isinstance(shape[j], int):
@@ -195,7 +220,7 @@ class TokenPass:
                         elem_s, shape_s = self.builder.tensor_type(br.stream_in)
                         tb.states[f"ref{br.position}"] = self._state(region, tb, f"b{br.position}.ref", "tok_ref",
                                                                      br.stream_in, elem_s, shape_s)
-            if self.options.score == "vnorm":
+            if self.options.score in STORED_SCORES:
                 tb.states["score"] = self._state(region, tb, "score", "tok_score", None, TensorProto.FLOAT, [b, n])
             self.builder.const(f"fc.tok{tb.pos}.idx", np.array(tb.pos, np.int64))
             self.builder.const(f"fc.tok{tb.pos}.zeros_bn", np.zeros((b, n), np.float32))
@@ -310,7 +335,7 @@ class _BlockBuilder:
                 if "ref" + str(br.position) in tb.states:
                     values[f"ref{br.position}"] = br.stream_in
         if "score" in tb.states:
-            values["score"] = self._vnorm(extra)
+            values["score"] = self._attention_score(extra) if self.tp.options.score == "attention" else self._vnorm(extra)
         nodes.extend(extra)
         for key, s in tb.states.items():
             outs.append(self._identity(nodes, values[key], f"{s.next}@{p}.full", s.source))
@@ -346,6 +371,25 @@ class _BlockBuilder:
             helper.make_node("Div", [f"{p}.vm", f"{p}.vl2e"], [f"{p}.vscore"]),
         ]
         return f"{p}.vscore"
+
+    def _attention_score(self, nodes: list[onnx.NodeProto]) -> str:
+        """Per token j the mean over heads and queries of P[b, h, i, j], L2-normalised: (B, N) float32."""
+        tb, p = self.tb, self.p
+        probs = next(b.probs for b in tb.split.mixing() if b.probs is not None)
+        if self.index.dtype(probs) != np.float32:
+            # Averaging H * N probabilities of about 1/N each loses too much in fp16/bf16.
+            nodes.append(helper.make_node("Cast", [probs], [f"{p}.p32"], to=TensorProto.FLOAT))
+            probs = f"{p}.p32"
+        # (B, H, N, N) or (B*H, N, N), batch outermost: (B, H*N, N) with the key token j last.
+        self.tp.builder.const(f"{p}.pshape", np.array([tb.batch, -1, tb.tokens], np.int64))
+        nodes += [
+            helper.make_node("Reshape", [probs, f"{p}.pshape"], [f"{p}.pq"]),
+            helper.make_node("ReduceMean", [f"{p}.pq", "fc.tok.ax1"], [f"{p}.pm"], keepdims=0),
+            helper.make_node("ReduceL2", [f"{p}.pm", "fc.tok.axlast"], [f"{p}.pl2"], keepdims=1),
+            helper.make_node("Max", [f"{p}.pl2", "fc.tok.eps"], [f"{p}.pl2e"]),
+            helper.make_node("Div", [f"{p}.pm", f"{p}.pl2e"], [f"{p}.pscore"]),
+        ]
+        return f"{p}.pscore"
 
     # The conservative step.
     def conservative_branch(self) -> onnx.GraphProto:
@@ -437,7 +481,7 @@ class _BlockBuilder:
         q = f"{p}.b{br.position}"
         c = self.tp.builder.const
         opts = self.tp.options
-        if opts.score == "vnorm":
+        if opts.score in STORED_SCORES:
             base = tb.states["score"].name
         elif opts.score == "saliency":
             ref = tb.states[f"ref{br.position}"].name
@@ -497,3 +541,7 @@ class _BlockBuilder:
         bonus = self.node("Reshape", [bonus, f"{q}.flat"], f"{q}.gbflat")
         bonus = self.node("Mul", [bonus, "fc.tok.bonus"], f"{q}.gbonus")
         return self.node("Add", [s, bonus], f"{q}.sb")
+
+
+def _has_unfused_v(split: BlockBranches) -> bool:
+    return any(br.value and not br.value_fused for br in split.mixing())

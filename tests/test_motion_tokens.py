@@ -1,0 +1,199 @@
+"""FastCache's motion tokens: the stack on its k most salient tokens, checked against the PyTorch DiT."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from fcpass.discover import discover_blocks
+from fcpass.errors import FcpassError
+from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.passes.cache_regions import insert_cache_regions
+from fcpass.passes.token_cache import TokenOptions
+from fcpass.plan import APPROX_MIX, MIX_WIDTH, MOTION_INPUT, CachePlan
+from fcpass.runner import load_denoiser
+from fcpass.trt_check import check_graph
+from models.digits import SCHEDULER_CONFIG
+from runtimes.policies import FastCache, FastCacheConfig
+from runtimes.sampler import SampleRequest, sample
+from runtimes.schedulers import scheduler_from_config
+from tests.conftest import export_tiny_dit, load, tiny_dit_model, tiny_feeds
+
+torch = pytest.importorskip("torch")
+
+ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
+N, D, B = 16, 32, 2  # the tiny DiT: 16 tokens of width 32, batch 2 (one CFG pair)
+SEED = 5
+
+
+class Motion:
+    """The tiny DiT (PyTorch and ONNX) compiled with motion tokens; runs one step under chosen controls."""
+
+    def __init__(self, path: Path, ratio: float, regions: tuple[str, ...] = ("blocks", "stack")) -> None:
+        self.original = load(path)
+        bmap = discover_blocks(self.original, "latent")
+        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=True, motion_ratio=ratio)
+        self.sess = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.orig = ort.InferenceSession(self.original.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.stack = self.plan.region("stack")
+        self.k = self.plan.motion["k"]
+
+    def state(self, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {s.name: rng.standard_normal([int(d) for d in s.shape]).astype(s.dtype) for s in self.plan.states}
+
+    def run(self, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], motion: int, ctl: int = 0,
+            approx: str = "residual") -> dict[str, np.ndarray]:
+        r = len(self.plan.regions)
+        mix = np.zeros((r, MIX_WIDTH), np.float32)
+        mix[self.stack.index] = APPROX_MIX[approx]
+        ctls = np.zeros(r, np.int64)
+        ctls[self.stack.index] = ctl
+        out = self.sess.run(None, {**feeds, **state, "fc_ctl": ctls, "fc_thr": np.zeros(r, np.float32), "fc_mix": mix,
+                                   MOTION_INPUT: np.array(motion, np.int64)})
+        return dict(zip(self.outputs, out))
+
+    def state_of(self, kind: str) -> str:
+        return next(s.name for s in self.plan.states if s.region == "stack" and s.kind == kind)
+
+
+@pytest.fixture(scope="module", params=["legacy", "dynamo"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_tiny_dit(tmp_path_factory.mktemp(request.param) / "tiny.onnx", request.param, seed=SEED)
+
+
+def _torch_motion_step(feeds: dict[str, np.ndarray], x_ref: np.ndarray, o_ref: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """The motion step in PyTorch: the blocks run on the k selected tokens alone (`residual` for the rest)."""
+    model = tiny_dit_model(SEED)
+    with torch.no_grad():
+        latent, t, y = (torch.from_numpy(feeds[n]) for n in ("latent", "timestep", "class_labels"))
+        x = model.x_embedder(latent) + model.pos_embed
+        c = model.t_embedder(t) + model.y_embedder(y)
+        saliency = ((x - torch.from_numpy(x_ref)) ** 2).sum(-1)
+        idx = torch.topk(saliency.mean(0), k).indices  # both CFG halves select alike
+        xk = x[:, idx]
+        for block in model.blocks:
+            xk = block(xk, c)
+        out = torch.from_numpy(o_ref) + (x - torch.from_numpy(x_ref))
+        out[:, idx] = xk
+        final = model.final_layer(out, c)
+        from models.dit import unpatchify
+
+        pred = unpatchify(final, model.out_channels, model.patch_size)
+    return {"idx": idx.numpy(), "x": x.numpy(), "xk": xk.numpy(), "stack_out": out.numpy(), "pred": pred.numpy()}
+
+
+def test_motion_step_equals_the_pytorch_blocks_on_the_selected_tokens(exported: Path) -> None:
+    m = Motion(exported, 0.5)
+    assert m.k == 8
+    feeds = tiny_feeds(seed=1)
+    state = m.state(0)
+    x_ref, o_ref, o_prev = (state[m.state_of(kind)] for kind in ("in", "out", "prev"))
+    want = _torch_motion_step(feeds, x_ref, o_ref, m.k)
+    got = m.run(feeds, state, motion=1)
+    np.testing.assert_allclose(got["noise_pred"], want["pred"], rtol=1e-5, atol=2e-5)  # fp32 rounding
+    idx = want["idx"]
+    rest = np.setdiff1d(np.arange(N), idx)
+    # Each reference is refreshed at the computed tokens only.
+    x_next, o_next, prev_next = (got[m.state_of(kind) + ".next"] for kind in ("in", "out", "prev"))
+    np.testing.assert_allclose(x_next[:, idx], want["x"][:, idx], atol=1e-5)
+    np.testing.assert_allclose(o_next[:, idx], want["xk"], atol=1e-5)
+    np.testing.assert_array_equal(x_next[:, rest], x_ref[:, rest])
+    np.testing.assert_array_equal(o_next[:, rest], o_ref[:, rest])
+    np.testing.assert_array_equal(prev_next[:, idx], o_ref[:, idx])
+    np.testing.assert_array_equal(prev_next[:, rest], o_prev[:, rest])
+    # Regions nested in the stack are not reached: NaN statistics, -1 decisions, states passed through.
+    blocks = [r.index for r in m.plan.block_regions()]
+    assert np.isnan(got["fc_stat"][blocks]).all() and (got["fc_skip"][blocks] == -1).all()
+    assert got["fc_skip"][m.stack.index] == 0
+    for s in m.plan.states:
+        if s.region.startswith("block"):
+            np.testing.assert_array_equal(got[s.next], state[s.name])
+
+
+def test_motion_off_is_the_original_graph_and_k_n_equals_it_too(exported: Path) -> None:
+    feeds = tiny_feeds(seed=2)
+    want = Motion(exported, 0.5).orig.run(None, feeds)[0]
+    for ratio, motion in ((0.5, 0), (1.0, 1)):
+        m = Motion(exported, ratio)
+        got = m.run(feeds, m.state(3), motion=motion)
+        np.testing.assert_allclose(got["noise_pred"], want, atol=1e-5)
+        if motion:  # every token computed: the states are the true stack input and output
+            assert m.k == N
+            full = m.run(feeds, m.state(3), motion=0)
+            for kind in ("in", "out"):
+                np.testing.assert_allclose(got[m.state_of(kind) + ".next"], full[m.state_of(kind) + ".next"], atol=1e-5)
+
+
+def test_a_skipped_stack_ignores_the_motion_flag(exported: Path) -> None:
+    m = Motion(exported, 0.5)
+    feeds, state = tiny_feeds(seed=4), m.state(1)
+    a, b = m.run(feeds, state, motion=0, ctl=1), m.run(feeds, state, motion=1, ctl=1)
+    for name in m.outputs:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_ops_static_k_and_tensorrt_rules(exported: Path) -> None:
+    m = Motion(exported, 0.3)
+    assert m.k == math.ceil(0.3 * N)
+    stack_if = next(n for n in m.model.graph.node if n.op_type == "If" and n.name == "fc/stack/If")
+    compute = next(a.g for a in stack_if.attribute if a.name == "else_branch")
+    motion_if = next(n for n in compute.node if n.op_type == "If")
+    motion = next(a.g for a in motion_if.attribute if a.name == "then_branch")
+    ops = Counter(n.op_type for n in motion.node)
+    assert ops["TopK"] == 1 and ops["GatherElements"] >= 2 and ops["ScatterElements"] == 4  # out, in, out, prev
+    assert ops["If"] == 0  # the nested block regions are not reached on a motion step
+    topk = next(n for n in motion.node if n.op_type == "TopK")
+    k_init = next(t for t in m.model.graph.initializer if t.name == topk.input[1])
+    assert onnx.numpy_helper.to_array(k_init).tolist() == [m.k]
+    assert m.plan.motion["macs"] < m.stack.macs
+    assert not [v for v in check_graph(m.model) if v.severity == "error"]
+    # The plan round-trips through the metadata.
+    assert CachePlan.from_json(m.plan.to_json()).motion == m.plan.motion
+
+
+def test_declines(exported: Path) -> None:
+    original = load(exported)
+    bmap = discover_blocks(original, "latent")
+    with pytest.raises(FcpassError, match="stack"):
+        insert_cache_regions(original, bmap, ROLES, ("blocks",), motion_ratio=0.5)
+    with pytest.raises(FcpassError, match=r"must be in \(0, 1\]"):
+        insert_cache_regions(original, bmap, ROLES, ("stack",), motion_ratio=0.0)
+    with pytest.raises(FcpassError, match="cannot share a graph"):
+        insert_cache_regions(original, bmap, ROLES, ("stack",), motion_ratio=0.5, tokens=TokenOptions(k=2))
+
+
+def test_fastcache_motion_policy_sets_the_flag_after_warmup(exported: Path) -> None:
+    m = Motion(exported, 0.5, regions=("stack",))
+    policy = FastCache(FastCacheConfig(levels="stack", motion=True, warmup=2))
+    policy.reset(m.plan, 6)
+    assert [policy.controls(i).motion for i in range(6)] == [False, False, True, True, True, False]
+    plain = Motion(exported, 0.5, regions=("stack",))
+    plain.plan.motion = {}
+    with pytest.raises(FcpassError, match="--motion-ratio"):
+        FastCache(FastCacheConfig(levels="stack", motion=True)).reset(plain.plan, 6)
+
+
+@pytest.mark.parametrize("lowering", ["if", "segments"])
+def test_sampling_with_motion_tokens_end_to_end(tmp_path: Path, lowering: str) -> None:
+    src = export_tiny_dit(tmp_path / "tiny.onnx", "legacy", seed=SEED)
+    out = tmp_path / ("tiny.fc.onnx" if lowering == "if" else "tiny.fc")
+    request = SampleRequest(classes=[1], steps=6, guidance_scale=1.5, uncond_class=10)
+    setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    plan = optimize(src, out, OptimizeOptions(regions=("stack",), motion_ratio=0.5, lowering=lowering), setup)
+    assert plan.motion["k"] == 8
+    den = load_denoiser(out, "fastcache:levels=stack,motion=1,warmup=2", {})
+    runs = [sample(den, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].images, runs[1].images)  # the state is reset between runs
+    assert [r["motion"] for r in runs[0].records] == [False, False, True, True, True, False]
+    assert runs[0].macs_executed == runs[0].macs_uncached - 3 * (plan.region("stack").macs - plan.motion["macs"])
+    base = sample(load_denoiser(out, "none", {}), scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
+    assert not np.array_equal(base.images, runs[0].images)
+    assert np.isfinite(runs[0].images).all()
