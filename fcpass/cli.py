@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--motion-ratio", type=float, metavar="RHO",
                    help="compile FastCache's motion tokens: the stack can run on its ceil(RHO*N) most salient tokens "
                         "(sample with --policy fastcache:motion=1)")
+    o.add_argument("--token-merge", action="store_true",
+                   help="with --motion-ratio: k-NN density merging of all tokens into ceil(RHO*N) instead of the top-k")
+    o.add_argument("--merge-neighbours", type=int, default=5, metavar="K", help="token merging: neighbourhood size")
+    o.add_argument("--merge-weight", type=float, default=1.0, metavar="LAMBDA", help="token merging: weight of motion")
     o.add_argument("--token-score", choices=["vnorm", "attention", "saliency", "random"], help="token scores (default vnorm)")
     o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
     o.add_argument("--calib-steps", type=int, default=50)
@@ -274,7 +278,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(f"        magcache ratios for {len(ratios)} steps, {min(ratios):.4f} .. {max(ratios):.4f}")
         if plan.get("motion"):
             m = plan["motion"]
-            print(f"  motion tokens in {m['region']}: k = {m['k']} of {m['tokens']} (ratio {m['ratio']}), "
+            how = (f"merged by k-NN (K = {m['merge']['neighbours']}, lambda = {m['merge']['weight']})" if m.get("merge")
+                   else "the most salient")
+            print(f"  motion tokens in {m['region']}: k = {m['k']} of {m['tokens']} (ratio {m['ratio']}), {how}; "
                   f"MACs of a motion step {m['macs'] / 1e9:.3f} G")
     return 0
 
@@ -323,6 +329,7 @@ def _roles_json(roles: Any) -> dict[str, str | None]:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from fcpass.optimize import OptimizeOptions, optimize
+    from fcpass.passes.motion_tokens import MergeOptions
 
     model_path = args.model or _bundled_onnx()
     options = OptimizeOptions(
@@ -337,6 +344,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         token_score=args.token_score,
         motion_ratio=args.motion_ratio,
+        token_merge=MergeOptions(args.merge_neighbours, args.merge_weight) if args.token_merge else None,
         lowering=args.lowering,
     )
     setup = _sampling_setup(args, model_path)

@@ -19,6 +19,7 @@ from fcpass.errors import FcpassError
 from fcpass.onnx_io import check_distinct, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.passes.localize_weights import localize_weights
+from fcpass.passes.motion_tokens import MergeOptions
 from fcpass.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
 from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
@@ -42,6 +43,7 @@ class OptimizeOptions:
     token_score: str | None = None  # vnorm (default), attention, saliency or random
     probes: bool = True  # FBCache's and TeaCache's statistics (see fcpass.passes.cache_regions)
     motion_ratio: float | None = None  # FastCache's motion tokens in the stack (fcpass.passes.motion_tokens)
+    token_merge: MergeOptions | None = None  # with motion_ratio: k-NN token merging instead of the top-k
 
 
 def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: dict[str, Any] | None) -> CachePlan:
@@ -63,7 +65,8 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     }
     tokens = token_options(options.tokens, options.token_score) if options.tokens else None
     out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor, tokens=tokens,
-                                     probes=options.probes, motion_ratio=options.motion_ratio)
+                                     probes=options.probes, motion_ratio=options.motion_ratio,
+                                     merge=options.token_merge)
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
     if options.calibrate:
         if setup is None:
@@ -86,7 +89,8 @@ def _lower_compiled(model: Any, model_path: str | Path, output: str | Path, opti
         ("--calibrate", options.calibrate, fixed.calibrate), ("--regions", options.regions, fixed.regions),
         ("--taylor", options.taylor, fixed.taylor), ("--tokens", options.tokens, fixed.tokens),
         ("--token-score", options.token_score, fixed.token_score),
-        ("--motion-ratio", options.motion_ratio, fixed.motion_ratio)) if given != default]
+        ("--motion-ratio", options.motion_ratio, fixed.motion_ratio),
+        ("--token-merge", options.token_merge, fixed.token_merge)) if given != default]
     if changed:
         raise FcpassError(f"{model_path} is already cache-aware, so {', '.join(changed)} cannot change it; "
                           "drop the flag to lower it as it is, or optimize the original export")

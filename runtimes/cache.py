@@ -44,6 +44,7 @@ class CachedDenoiser:
         self.output = plan.outputs[0]
         self.uncached_macs = plan.uncached_macs
         self._record: dict[str, Any] = {}
+        policy.reset(plan, 2)  # a policy this graph cannot run says so now, not once sampling has started
         self._saved = np.array([r.macs - r.approx_macs for r in plan.regions], dtype=np.float64)
         # Token-level caching (graphs optimized with --tokens): a policy without token controls keeps
         # every block in full mode, where the graph equals the original.

@@ -248,3 +248,19 @@ def test_compare_shapes_that_differ(capsys, tmp_path: Path) -> None:
 def test_compare_missing_file(capsys, tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.zeros((1, 1, 8, 8), np.float32))
     user_error(capsys, ["compare", tmp_path / "a.npy", tmp_path / "b.npy"], "not found")
+
+
+def test_motion_token_flags(capsys: pytest.CaptureFixture[str], plain: Path, cached: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.fc.onnx"
+    user_error(capsys, ["optimize", plain, "-o", out, "--token-merge"], "token merging needs --motion-ratio")
+    user_error(capsys, ["optimize", plain, "-o", out, "--motion-ratio", "1.5"], "--motion-ratio 1.5 must be in (0, 1]")
+    user_error(capsys, ["optimize", plain, "-o", out, "--motion-ratio", "0.5", "--regions", "blocks"], "--regions including stack")
+    user_error(capsys, ["optimize", plain, "-o", out, "--motion-ratio", "0.5", "--token-merge", "--regions", "stack"],
+               "--no-probes")
+    assert leftovers(tmp_path) == []
+    assert main(["optimize", str(plain), "-o", str(out), "--motion-ratio", "0.5", "--token-merge", "--merge-neighbours", "3",
+                 "--no-probes", "--regions", "stack"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "motion tokens in stack: k = 32 of 64 (ratio 0.5), merged by k-NN (K = 3, lambda = 1.0)" in capsys.readouterr().out
+    user_error(capsys, ["sample", cached, "--policy", "fastcache:motion=1,levels=stack", "--steps", "2"], "--motion-ratio")

@@ -197,3 +197,62 @@ def test_sampling_with_motion_tokens_end_to_end(tmp_path: Path, lowering: str) -
     base = sample(load_denoiser(out, "none", {}), scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
     assert not np.array_equal(base.images, runs[0].images)
     assert np.isfinite(runs[0].images).all()
+
+
+def _torch_merge_step(feeds: dict[str, np.ndarray], x_ref: np.ndarray, k: int, nb: int = 5, lam: float = 1.0) -> np.ndarray:
+    """ALGORITHMS 2c in numpy (float64, per sample), the blocks in PyTorch on the k merged tokens."""
+    from models.dit import unpatchify
+
+    model = tiny_dit_model(SEED)
+    with torch.no_grad():
+        latent, t, y = (torch.from_numpy(feeds[n]) for n in ("latent", "timestep", "class_labels"))
+        x = (model.x_embedder(latent) + model.pos_embed).numpy().astype(np.float64)
+        c = model.t_embedder(t) + model.y_embedder(y)
+        merged, kept_all, d2_all = [], [], []
+        for b in range(B):
+            d2 = ((x[b, :, None] - x[b, None]) ** 2).sum(-1)
+            hood = np.argsort(d2, axis=1, kind="stable")[:, : nb + 1]  # the token itself first
+            density = np.take_along_axis(d2, hood[:, 1:], 1).mean(1)
+            motion = np.linalg.norm(x[b] - x_ref[b], axis=1)
+            log_s = -density + np.log1p(lam * motion / motion.max())
+            kept = np.argsort(-log_s, kind="stable")[:k]
+            w = np.exp(log_s - log_s.max())
+            merged.append(np.stack([(w[hood[i], None] * x[b, hood[i]]).sum(0) / w[hood[i]].sum() for i in kept]))
+            kept_all.append(kept)
+            d2_all.append(d2)
+        xm = torch.from_numpy(np.stack(merged)).float()
+        ok = xm
+        for block in model.blocks:
+            ok = block(ok, c)
+        delta = (ok - xm).numpy()
+        out = np.stack([x[b] + delta[b][np.argmin(d2_all[b][:, kept_all[b]], axis=1)] for b in range(B)])
+        final = model.final_layer(torch.from_numpy(out).float(), c)
+        return unpatchify(final, model.out_channels, model.patch_size).numpy()
+
+
+def test_merge_step_equals_the_pytorch_blocks_on_the_merged_tokens(exported: Path) -> None:
+    from fcpass.passes.motion_tokens import MergeOptions
+
+    original = load(exported)
+    with pytest.raises(FcpassError, match="--no-probes"):  # TeaCache's probe reads the tokens too
+        insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",), motion_ratio=0.5,
+                             merge=MergeOptions())
+    model, plan = insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",),
+                                       motion_ratio=0.5, merge=MergeOptions(), probes=False)
+    assert plan.motion["merge"] == {"neighbours": 5, "weight": 1.0}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    feeds = tiny_feeds(seed=1)
+    rng = np.random.default_rng(0)
+    state = {s.name: rng.standard_normal([int(d) for d in s.shape]).astype(s.dtype) for s in plan.states}
+    got = dict(zip(names, sess.run(None, {**feeds, **state, "fc_ctl": np.zeros(1, np.int64), "fc_thr": np.zeros(1, np.float32),
+                                         "fc_mix": np.zeros((1, MIX_WIDTH), np.float32), MOTION_INPUT: np.array(1, np.int64)})))
+    x_ref = state[next(s.name for s in plan.states if s.kind == "in")]
+    np.testing.assert_allclose(got["noise_pred"], _torch_merge_step(feeds, x_ref, plan.motion["k"]), rtol=1e-4, atol=1e-4)
+    for s in plan.states:  # a merged step refreshes no reference
+        np.testing.assert_array_equal(got[s.next], state[s.name])
+    assert plan.motion["macs"] < plan.region("stack").macs
+    assert not [v for v in check_graph(model) if v.severity == "error"]
+    with pytest.raises(FcpassError, match="--merge-neighbours"):
+        insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",), motion_ratio=0.5,
+                             merge=MergeOptions(neighbours=N), probes=False)

@@ -30,6 +30,7 @@ import numpy as np
 
 from fcpass.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.passes.motion_tokens import MergeOptions
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
 from fcpass.tune import graph_needs
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--regions", default="blocks,stack", help="region sets of the graph optimized here")
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
     ap.add_argument("--motion-ratio", type=float, default=0.5, help="k/N of the graphs for fastcache with motion=1")
+    ap.add_argument("--token-merge", action="store_true", help="those graphs merge tokens by k-NN density instead")
     ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=1.5)
@@ -111,7 +113,10 @@ def _time(denoiser: Any, request: SampleRequest) -> Any:
 def _graph_of(spec: str, args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
     """The graph a policy runs on: its region sets and what it needs compiled (`fcpass.tune.graph_needs`)."""
     regions = tuple(_regions_of(spec, args.regions).split(","))
-    return regions, tuple(sorted(graph_needs(spec.split("@")[0], args.motion_ratio).items()))
+    needs = graph_needs(spec.split("@")[0], args.motion_ratio)
+    if needs["motion_ratio"] is not None and args.token_merge:
+        needs["token_merge"] = MergeOptions()
+    return regions, tuple(sorted(needs.items()))
 
 
 def _regions_of(spec: str, default: str) -> str:
@@ -166,6 +171,8 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
     out = []
     for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions", "motion_ratio"):
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.token_merge:
+        out.append("--token-merge")
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 

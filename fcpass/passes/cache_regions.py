@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fcpass.discover import Block, BlockMap, boundary_of
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values
-from fcpass.passes.motion_tokens import MotionPass
+from fcpass.passes.motion_tokens import MergeOptions, MotionPass
 from fcpass.passes.token_cache import TokenOptions, TokenPass
 from fcpass.plan import (
     CTL_INPUT,
@@ -98,6 +98,7 @@ def insert_cache_regions(
     tokens: TokenOptions | None = None,
     probes: bool = True,
     motion_ratio: float | None = None,
+    merge: MergeOptions | None = None,
 ) -> tuple[onnx.ModelProto, CachePlan]:
     """Return a cache-aware copy of `model` and its plan; `model` itself is not modified.
 
@@ -105,7 +106,8 @@ def insert_cache_regions(
     `probes` adds FBCache's and TeaCache's statistics (case 3); without them a step that skips
     the stack costs a little less, and fbcache and teacache cannot run.
     `tokens` compiles token-level caching into every block (`fcpass.passes.token_cache`);
-    `motion_ratio` FastCache's motion tokens into the stack (`fcpass.passes.motion_tokens`).
+    `motion_ratio` FastCache's motion tokens into the stack (`fcpass.passes.motion_tokens`), or with
+    `merge` its k-NN token merging at that ratio.
     """
     opset = _default_opset(model)
     if opset < 13:
@@ -138,13 +140,15 @@ def insert_cache_regions(
         builder.tokens = TokenPass(builder, index, block_map, flat, tokens, opset)
         for r in flat:
             r.states_tok = builder.tokens.add_state(r)
+    if merge is not None and motion_ratio is None:
+        raise FcpassError("token merging needs --motion-ratio (the fraction of tokens kept)")
     if motion_ratio is not None:
         stack = next((r for r in flat if r.name == "stack"), None)
         if stack is None:
             raise FcpassError("motion tokens run in the stack region; optimize with --regions including stack")
         if tokens is not None:
             raise FcpassError("--motion-ratio and --tokens cannot share a graph; optimize for one of them")
-        builder.motion = MotionPass(builder, index, stack, motion_ratio, latent)
+        builder.motion = MotionPass(builder, index, stack, motion_ratio, latent, merge)
     main_nodes = list(out.graph.node)
     new_nodes = builder.replace_regions(main_nodes, regions)
     new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)

@@ -28,6 +28,7 @@ outside (0, 1], and any op the token-axis follower cannot specialise (it names t
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,12 +46,26 @@ if TYPE_CHECKING:
 TOPK_MAX = 3840  # TensorRT's TopK limit
 
 
+@dataclass(frozen=True)
+class MergeOptions:
+    """k-NN density token merging (ALGORITHMS 2c) in place of the saliency top-k.
+
+    neighbours: K, the neighbourhood of the density estimate and of each merge.
+    weight: lambda, how much a token's motion raises its importance.
+    """
+
+    neighbours: int = 5
+    weight: float = 1.0
+
+
 class MotionPass:
     """Builds the stack's motion branch; `fcpass.passes.cache_regions` calls `wrap` while it builds."""
 
-    def __init__(self, builder: _Builder, index: GraphIndex, stack: _Region, ratio: float, latent: str) -> None:
+    def __init__(self, builder: _Builder, index: GraphIndex, stack: _Region, ratio: float, latent: str,
+                 merge: MergeOptions | None = None) -> None:
         if not 0.0 < ratio <= 1.0:
             raise FcpassError(f"--motion-ratio {ratio} must be in (0, 1]")
+        self.merge = merge
         self.builder = builder
         self.index = index
         self.stack = stack
@@ -79,6 +94,12 @@ class MotionPass:
             if not s or len(s) < 2 or s[0] != self.batch or s[1] != self.tokens:
                 raise FcpassError(f"motion tokens: the stack reads {x!r} (shape {s}), which depends on the latent "
                                   f"but is not token-major (B={self.batch}, N={self.tokens}, ...)")
+        if merge is not None:
+            if self.sources != [self.stream]:
+                raise FcpassError(f"token merging needs the stack to read the tokens only through {self.stream!r}, and it "
+                                  f"also reads {[x for x in self.sources if x != self.stream]}; optimize with --no-probes")
+            if not 1 <= merge.neighbours < self.tokens:
+                raise FcpassError(f"--merge-neighbours {merge.neighbours} must be in [1, {self.tokens - 1}]")
         self.macs = 0
         builder.graph.input.append(helper.make_tensor_value_info(MOTION_INPUT, TensorProto.INT64, []))
         builder.const("fc.motion.zero", np.array(0, np.int64))
@@ -112,7 +133,6 @@ class MotionPass:
     def _motion_graph(self, run_out: list[onnx.ValueInfoProto]) -> onnx.GraphProto:
         b = self.builder
         region, spec = self.stack, self.stack.spec
-        n = region.name
         nodes: list[onnx.NodeProto] = []
 
         def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
@@ -121,6 +141,8 @@ class MotionPass:
 
         j_stream = spec.inputs.index(self.stream)
         x, x_ref = self.stream, region.states_in[j_stream].name
+        if self.merge is not None:
+            return self._merge_graph(run_out, nodes, node, x, x_ref)
         idx = self._select(nodes, node, x, x_ref)
         gathered: dict[str, str] = {}
         for src in self.sources:
@@ -157,6 +179,12 @@ class MotionPass:
             was = node("GatherElements", [o_ref, idx_e], f"{s.next}@m.k", axis=1)
             values.append(node("ScatterElements", [s.name, idx_e, was], f"{s.next}@m", axis=1))
         values += [s.name for s in region.states_res]
+        return self._finish(run_out, nodes, values)
+
+    def _finish(self, run_out: list[onnx.ValueInfoProto], nodes: list[onnx.NodeProto], values: list[str]) -> onnx.GraphProto:
+        """The branch graph: `values` as the compute branch's outputs, nested regions not reached."""
+        b, region = self.builder, self.stack
+        n = region.name
         outs: list[onnx.ValueInfoProto] = []
         for src, vi in zip(values, run_out):
             name = vi.name.replace(f"@{n}.run", f"@{n}.motion")
@@ -166,6 +194,89 @@ class MotionPass:
         if [o.name.replace(".motion", ".run") for o in outs] != [vi.name for vi in run_out]:
             raise AssertionError("the motion branch's outputs are out of step with the compute branch's")
         return helper.make_graph(nodes, f"fc_{n}_motion", [], outs)
+
+    def _merge_graph(self, run_out: list[onnx.ValueInfoProto], nodes: list[onnx.NodeProto], node: Any, x: str,
+                     x_ref: str) -> onnx.GraphProto:
+        """k-NN density merging (ALGORITHMS 2c), per sample: merge N tokens into k, run the blocks on
+        them, unmerge. Nothing is refreshed in the state: no output belongs to one token alone.
+
+        Neighbours are the K nearest other tokens (squared L2 in the stream's space). Importance
+        log S_j = -mean_K d^2 + log(1 + lambda * rho_tm_j), rho_tm_j = ||X_j - X_j_ref|| / max_j, in
+        log space (exp(-mean d^2) underflows at real widths); the k most important tokens are kept,
+        each replaced by the S-weighted mean of itself and its K neighbours. Unmerging gives token j
+        the *residual* of its nearest kept token, O_j = X_j + (O_m - X~_m): copying that token's
+        output instead would overwrite j's own content (and its position) with its neighbour's.
+        """
+        b, region, spec = self.builder, self.stack, self.stack.spec
+        m = self.merge
+        assert m is not None
+        bn, n, k, d, nb = self.batch, self.tokens, self.k, self.width, m.neighbours
+        c = b.const
+        xf = node("Cast", [x], "fc.merge.x32", to=TensorProto.FLOAT) if self.index.dtype(x) != np.float32 else x
+        # Pairwise squared distances within each sample, (B, N, N).
+        sq = node("ReduceSumSquare", [xf, "fc.motion.ax2"], "fc.merge.sq", keepdims=1)
+        gram = node("MatMul", [xf, node("Transpose", [xf], "fc.merge.xt", perm=[0, 2, 1])], "fc.merge.gram")
+        d2 = node("Add", [sq, node("Transpose", [sq], "fc.merge.sqt", perm=[0, 2, 1])], "fc.merge.sqsum")
+        d2 = node("Sub", [d2, node("Mul", [gram, c("fc.merge.two", np.array(2.0, np.float32))], "fc.merge.g2")], "fc.merge.d2r")
+        d2 = node("Max", [d2, c("fc.merge.zero", np.array(0.0, np.float32))], "fc.merge.d2")
+        # The K + 1 nearest (the token itself first, at distance 0); the density ignores the token itself.
+        nodes.append(helper.make_node("TopK", [d2, c("fc.merge.k1", np.array([nb + 1], np.int64))],
+                                      ["fc.merge.nd", "fc.merge.ni"], name="fc/merge/TopK", axis=-1, largest=0, sorted=1))
+        rest = node("Slice", ["fc.merge.nd", c("fc.merge.s1", np.array([1], np.int64)),
+                              c("fc.merge.s2", np.array([nb + 1], np.int64)), c("fc.merge.sax", np.array([2], np.int64))],
+                    "fc.merge.nd_rest")
+        mean_d2 = node("ReduceMean", [rest, "fc.motion.ax2"], "fc.merge.md2", keepdims=0)
+        diff = node("Sub", [x, x_ref], "fc.merge.dx")
+        if self.index.dtype(x) != np.float32:
+            diff = node("Cast", [diff], "fc.merge.dx32", to=TensorProto.FLOAT)
+        motion = node("Sqrt", [node("ReduceSumSquare", [diff, "fc.motion.ax2"], "fc.merge.m2", keepdims=0)], "fc.merge.m")
+        top = node("ReduceMax", [motion, c("fc.merge.ax1", np.array([1], np.int64))], "fc.merge.mmax", keepdims=1)
+        eps = c("fc.merge.eps", np.array(1e-12, np.float32))
+        rho_tm = node("Div", [motion, node("Max", [top, eps], "fc.merge.mmaxe")], "fc.merge.rho_tm")
+        boost = node("Mul", [rho_tm, c("fc.merge.lambda", np.array(m.weight, np.float32))], "fc.merge.lrho")
+        one = c("fc.merge.one", np.array(1.0, np.float32))
+        log_s = node("Sub", [node("Log", [node("Add", [one, boost], "fc.merge.1lrho")], "fc.merge.logtm"), mean_d2],
+                     "fc.merge.logs")
+        # Weights relative to each sample's largest importance: the same ratios, no overflow.
+        s_max = node("ReduceMax", [log_s, "fc.merge.ax1"], "fc.merge.lsmax", keepdims=1)
+        weight = node("Exp", [node("Sub", [log_s, s_max], "fc.merge.lsrel")], "fc.merge.w")
+        nodes.append(helper.make_node("TopK", [log_s, "fc.motion.k"], ["fc.merge.keptv", "fc.merge.kept"],
+                                      name="fc/merge/kept", axis=1, largest=1, sorted=1))
+        kept = "fc.merge.kept"
+        # The kept tokens' neighbourhoods (B, k, K+1), their weights and features.
+        kept3 = node("Expand", [node("Unsqueeze", [kept, "fc.motion.ax2"], "fc.merge.kept_u"),
+                                c("fc.merge.kshape", np.array([bn, k, nb + 1], np.int64))], "fc.merge.kept_e")
+        hood = node("GatherElements", ["fc.merge.ni", kept3], "fc.merge.hood", axis=1)
+        flat = node("Reshape", [hood, c("fc.merge.flat", np.array([bn, k * (nb + 1)], np.int64))], "fc.merge.hood_flat")
+        w = node("GatherElements", [weight, flat], "fc.merge.hw", axis=1)
+        w = node("Reshape", [w, c("fc.merge.wshape", np.array([bn, k, nb + 1, 1], np.int64))], "fc.merge.hw4")
+        flat_e = node("Expand", [node("Unsqueeze", [flat, "fc.motion.ax2"], "fc.merge.flat_u"),
+                                 c("fc.merge.fshape", np.array([bn, k * (nb + 1), d], np.int64))], "fc.merge.flat_e")
+        feats = node("GatherElements", [x, flat_e], "fc.merge.hx", axis=1)
+        feats = node("Reshape", [feats, c("fc.merge.xshape", np.array([bn, k, nb + 1, d], np.int64))], "fc.merge.hx4")
+        if self.index.dtype(x) != np.float32:
+            feats = node("Cast", [feats], "fc.merge.hx32", to=TensorProto.FLOAT)
+        num = node("ReduceSum", [node("Mul", [feats, w], "fc.merge.wx"), "fc.motion.ax2"], "fc.merge.num", keepdims=0)
+        den = node("ReduceSum", [w, "fc.motion.ax2"], "fc.merge.den", keepdims=0)
+        merged = node("Div", [num, den], "fc.merge.xm32")
+        elem = self.builder.tensor_type(x)[0]
+        if elem != TensorProto.FLOAT:
+            merged = node("Cast", [merged], "fc.merge.xm", to=elem)
+        axes: dict[str, Axes | None] = {}
+        clones, out_k = clone_on_tokens(self.index, sorted(region.nodes), {x: merged}, spec.outputs[0], self.tokens, k,
+                                        "~merge", b.const, mixing=True, axes_out=axes)
+        nodes.extend(clones)
+        # Unmerge: every token takes the residual of its nearest kept token.
+        kept_n = node("Expand", [node("Unsqueeze", [kept, "fc.merge.ax1"], "fc.merge.kept_r"),
+                                 c("fc.merge.nshape", np.array([bn, n, k], np.int64))], "fc.merge.kept_n")
+        to_kept = node("GatherElements", [d2, kept_n], "fc.merge.dk", axis=2)
+        nearest = node("ArgMin", [to_kept], "fc.merge.nearest", axis=2, keepdims=1)
+        nearest = node("Expand", [nearest, c("fc.merge.ushape", np.array([bn, n, d], np.int64))], "fc.merge.nearest_e")
+        delta = node("Sub", [out_k, merged], "fc.merge.delta")
+        out = node("Add", [x, node("GatherElements", [delta, nearest], "fc.merge.spread", axis=1)], "fc.merge.out")
+        self.macs = self._macs(sorted(region.nodes), axes) + bn * n * n * d + bn * k * (nb + 1) * d
+        values = [out, *[s.name for s in (*region.states_in, *region.states_out, *region.states_prev, *region.states_res)]]
+        return self._finish(run_out, nodes, values)
 
     def _select(self, nodes: list[onnx.NodeProto], node: Any, x: str, x_ref: str) -> str:
         """TopK indices (B, k) of the tokens' saliency ||X_j - X_j_ref||^2; CFG halves select alike."""
@@ -207,7 +318,7 @@ class MotionPass:
     def spec(self) -> dict[str, Any]:
         """The plan's record of the motion branch (`CachePlan.motion`)."""
         return {"input": MOTION_INPUT, "ratio": self.ratio, "k": self.k, "tokens": self.tokens,
-                "region": self.stack.name, "macs": self.macs}
+                "region": self.stack.name, "macs": self.macs, "merge": asdict(self.merge) if self.merge else None}
 
 
 def _copy_info(vi: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
