@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--motion-ratio", type=float, metavar="RHO",
                    help="compile FastCache's motion tokens: the stack can run on its ceil(RHO*N) most salient tokens "
                         "(sample with --policy fastcache:motion=1)")
+    o.add_argument("--motion-context", action="store_true",
+                   help="with --motion-ratio: the motion tokens also attend to every other token's keys and values, "
+                        "cached at the step it was last computed (needs --regions stack)")
     o.add_argument("--token-merge", action="store_true",
                    help="with --motion-ratio: k-NN density merging of all tokens into ceil(RHO*N) instead of the top-k")
     o.add_argument("--merge-neighbours", type=int, default=5, metavar="K", help="token merging: neighbourhood size")
@@ -279,7 +282,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if plan.get("motion"):
             m = plan["motion"]
             how = (f"merged by k-NN (K = {m['merge']['neighbours']}, lambda = {m['merge']['weight']})" if m.get("merge")
-                   else "the most salient")
+                   else "the most salient" + (", attending to every token's cached keys and values" if m.get("context") else ""))
             print(f"  motion tokens in {m['region']}: k = {m['k']} of {m['tokens']} (ratio {m['ratio']}), {how}; "
                   f"MACs of a motion step {m['macs'] / 1e9:.3f} G")
     return 0
@@ -344,6 +347,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         token_score=args.token_score,
         motion_ratio=args.motion_ratio,
+        motion_context=args.motion_context,
         token_merge=MergeOptions(args.merge_neighbours, args.merge_weight) if args.token_merge else None,
         lowering=args.lowering,
     )

@@ -44,6 +44,7 @@ class OptimizeOptions:
     probes: bool = True  # FBCache's and TeaCache's statistics (see fcpass.passes.cache_regions)
     motion_ratio: float | None = None  # FastCache's motion tokens in the stack (fcpass.passes.motion_tokens)
     token_merge: MergeOptions | None = None  # with motion_ratio: k-NN token merging instead of the top-k
+    motion_context: bool = False  # with motion_ratio: motion tokens attend to all tokens' cached keys and values
 
 
 def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: dict[str, Any] | None) -> CachePlan:
@@ -66,7 +67,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     tokens = token_options(options.tokens, options.token_score) if options.tokens else None
     out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor, tokens=tokens,
                                      probes=options.probes, motion_ratio=options.motion_ratio,
-                                     merge=options.token_merge)
+                                     merge=options.token_merge, motion_context=options.motion_context)
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
     if options.calibrate:
         if setup is None:
@@ -90,7 +91,8 @@ def _lower_compiled(model: Any, model_path: str | Path, output: str | Path, opti
         ("--taylor", options.taylor, fixed.taylor), ("--tokens", options.tokens, fixed.tokens),
         ("--token-score", options.token_score, fixed.token_score),
         ("--motion-ratio", options.motion_ratio, fixed.motion_ratio),
-        ("--token-merge", options.token_merge, fixed.token_merge)) if given != default]
+        ("--token-merge", options.token_merge, fixed.token_merge),
+        ("--motion-context", options.motion_context, fixed.motion_context)) if given != default]
     if changed:
         raise FcpassError(f"{model_path} is already cache-aware, so {', '.join(changed)} cannot change it; "
                           "drop the flag to lower it as it is, or optimize the original export")

@@ -79,12 +79,12 @@ def attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 def clone_on_tokens(index: GraphIndex, nodes: list[int], sources: dict[str, str], output: str, n: int, k: int,
                     suffix: str, const: ConstFn, outer: dict[str, str] | None = None,
                     mixing: bool = False, axes_out: dict[str, Axes | None] | None = None,
-                    ) -> tuple[list[onnx.NodeProto], str]:
+                    names_out: dict[str, str] | None = None) -> tuple[list[onnx.NodeProto], str]:
     """Clones of `nodes` (in topological order) that read `sources`' gathered tensors.
 
     `sources` maps each (B, N, ...) tensor to its gathered (B, k, ...) stand-in; `outer` renames
     other inputs. Returns the clones and the name of `output`'s clone; `axes_out` receives the token
-    axes of every original tensor the clones compute. Raises FcpassError at a node
+    axes of every original tensor the clones compute, `names_out` its clone's name. Raises FcpassError at a node
     that the mode forbids or that the follower does not know, or when `output` lost the token axis.
     """
     axis: dict[str, Axes | None] = {s: frozenset({1}) for s in sources}
@@ -104,6 +104,8 @@ def clone_on_tokens(index: GraphIndex, nodes: list[int], sources: dict[str, str]
         out_nodes.append(c)
     if axes_out is not None:
         axes_out.update(axis)
+    if names_out is not None:
+        names_out.update(ren)
     if axis.get(output) != frozenset({1}) and output not in sources:
         raise FcpassError(f"output {output!r} does not carry the tokens on axis 1; cannot scatter it back")
     return out_nodes, ren.get(output, output)

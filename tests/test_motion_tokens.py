@@ -256,3 +256,67 @@ def test_merge_step_equals_the_pytorch_blocks_on_the_merged_tokens(exported: Pat
     with pytest.raises(FcpassError, match="--merge-neighbours"):
         insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",), motion_ratio=0.5,
                              merge=MergeOptions(neighbours=N), probes=False)
+
+
+def _torch_context_step(feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], plan: CachePlan, k: int) -> np.ndarray:
+    """A motion step whose k tokens attend to every token: their own fresh keys and values scattered
+    into the cached ones of all N (`--motion-context`), in PyTorch; `reuse` for the other tokens."""
+    from models.dit import modulate, unpatchify
+
+    model = tiny_dit_model(SEED)
+    keys = [state[s.name] for s in plan.states if s.kind == "key"]
+    values = [state[s.name] for s in plan.states if s.kind == "value"]
+    x_ref = state[next(s.name for s in plan.states if s.kind == "in")]
+    o_ref = state[next(s.name for s in plan.states if s.kind == "out")]
+    assert len(keys) == len(values) == len(model.blocks)
+    with torch.no_grad():
+        latent, t, y = (torch.from_numpy(feeds[n]) for n in ("latent", "timestep", "class_labels"))
+        x = model.x_embedder(latent) + model.pos_embed
+        c = model.t_embedder(t) + model.y_embedder(y)
+        idx = torch.topk(((x - torch.from_numpy(x_ref)) ** 2).sum(-1).mean(0), k).indices
+        h = x[:, idx]
+        for block, key, value in zip(model.blocks, keys, values):
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = block.adaLN_modulation(c).chunk(6, dim=1)
+            a = block.attn
+            qkv = a.qkv(modulate(block.norm1(h), shift_a, scale_a)).reshape(B, k, 3, a.num_heads, a.head_dim)
+            q, kk, v = qkv.permute(2, 0, 3, 1, 4)
+            key_all, value_all = torch.from_numpy(key).clone(), torch.from_numpy(value).clone()
+            key_all[..., idx] = kk.transpose(-2, -1)
+            value_all[:, :, idx] = v
+            att = ((q * a.scale) @ key_all).softmax(-1) @ value_all
+            h = h + gate_a.unsqueeze(1) * a.proj(att.transpose(1, 2).reshape(B, k, D))
+            h = h + gate_m.unsqueeze(1) * block.mlp(modulate(block.norm2(h), shift_m, scale_m))
+        out = torch.from_numpy(o_ref).clone()
+        out[:, idx] = h
+        return unpatchify(model.final_layer(out, c), model.out_channels, model.patch_size).numpy()
+
+
+def test_motion_tokens_attending_to_cached_keys_and_values(exported: Path) -> None:
+    original = load(exported)
+    bmap = discover_blocks(original, "latent")
+    model, plan = insert_cache_regions(original, bmap, ROLES, ("stack",), motion_ratio=0.5, motion_context=True)
+    assert plan.motion["context"]
+    kv = [s for s in plan.states if s.kind in ("key", "value")]
+    assert [s.shape for s in kv[:2]] == [[B, 2, D // 2, N], [B, 2, N, D // 2]]  # (B, H, d, N) and (B, H, N, d)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    controls = {"fc_ctl": np.zeros(1, np.int64), "fc_thr": np.zeros(1, np.float32), "fc_mix": np.zeros((1, MIX_WIDTH), np.float32)}
+
+    def run(feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], motion: int) -> dict[str, np.ndarray]:
+        return dict(zip(names, sess.run(None, {**feeds, **state, **controls, MOTION_INPUT: np.array(motion, np.int64)})))
+
+    feeds = tiny_feeds(seed=1)
+    rng = np.random.default_rng(0)
+    state = {s.name: rng.standard_normal([int(d) for d in s.shape]).astype(s.dtype) for s in plan.states}
+    got = run(feeds, state, 1)
+    np.testing.assert_allclose(got["noise_pred"], _torch_context_step(feeds, state, plan, plan.motion["k"]),
+                               rtol=1e-5, atol=2e-5)
+    # A full step stores the true keys and values; a motion step at the same input then equals it.
+    full = run(feeds, state, 0)
+    cached = {s.name: full[s.next] for s in plan.states}
+    again = run(feeds, cached, 1)
+    np.testing.assert_allclose(again["noise_pred"], full["noise_pred"], atol=1e-5)
+    for s in kv:
+        np.testing.assert_allclose(again[s.next], full[s.next], atol=1e-6)
+    with pytest.raises(FcpassError, match="--regions stack"):
+        insert_cache_regions(original, bmap, ROLES, ("blocks", "stack"), motion_ratio=0.5, motion_context=True)

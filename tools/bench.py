@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
     ap.add_argument("--motion-ratio", type=float, default=0.5, help="k/N of the graphs for fastcache with motion=1")
     ap.add_argument("--token-merge", action="store_true", help="those graphs merge tokens by k-NN density instead")
+    ap.add_argument("--motion-context", action="store_true",
+                    help="in those graphs the motion tokens attend to all tokens' cached keys and values")
     ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=1.5)
@@ -114,8 +116,9 @@ def _graph_of(spec: str, args: argparse.Namespace) -> tuple[tuple[str, ...], tup
     """The graph a policy runs on: its region sets and what it needs compiled (`fcpass.tune.graph_needs`)."""
     regions = tuple(_regions_of(spec, args.regions).split(","))
     needs = graph_needs(spec.split("@")[0], args.motion_ratio)
-    if needs["motion_ratio"] is not None and args.token_merge:
-        needs["token_merge"] = MergeOptions()
+    if needs["motion_ratio"] is not None:
+        needs["token_merge"] = MergeOptions() if args.token_merge else None
+        needs["motion_context"] = args.motion_context
     return regions, tuple(sorted(needs.items()))
 
 
@@ -171,8 +174,7 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
     out = []
     for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions", "motion_ratio"):
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    if args.token_merge:
-        out.append("--token-merge")
+    out += [flag for flag, on in (("--token-merge", args.token_merge), ("--motion-context", args.motion_context)) if on]
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 

@@ -5,6 +5,10 @@
 Exports the architecture (random weights, legacy exporter), compiles it with every region set
 (blocks, tail, stack), and times one denoiser call of each on ONNX Runtime CPU, alternating the two
 so machine load hits both alike. Prints the per-call times and the ratio compiled / original.
+
+With --motion-ratio RHO (and --regions including stack) the graph also holds FastCache's motion
+tokens, and a third call is timed: a motion step (fc_motion = 1: the blocks on ceil(RHO N) tokens,
+the rest approximated), with its MAC-ideal speedup over the original (`plan.motion`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from fcpass.export import ExportSpec, export
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
+from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, MOTION_INPUT, THR_INPUT, read_plan
 from fcpass.roles import graph_inputs
 from runtimes.backend import OrtBackend
 
@@ -34,6 +38,8 @@ def main() -> None:
     ap.add_argument("--regions", default="blocks,tail,stack")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    ap.add_argument("--motion-ratio", type=float, help="also time a motion step with this token ratio")
+    ap.add_argument("--motion-context", action="store_true", help="the motion tokens attend to cached keys and values")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,7 +48,9 @@ def main() -> None:
             src = Path(tmp) / "model.onnx"
             export(ExportSpec(args.arch, args.image_size, exporter="legacy"), src)
         fc = Path(tmp) / "model.fc.onnx"
-        optimize(src, fc, OptimizeOptions(regions=tuple(args.regions.split(","))), None)  # localizes weights too
+        options = OptimizeOptions(regions=tuple(args.regions.split(",")), motion_ratio=args.motion_ratio,
+                                  motion_context=args.motion_context, probes=not args.motion_context)
+        optimize(src, fc, options, None)  # localizes weights too
         base, comp = OrtBackend(src, threads=args.threads or None), OrtBackend(fc, threads=args.threads or None)
         rng = np.random.default_rng(0)
         feeds = {}
@@ -55,11 +63,16 @@ def main() -> None:
         comp_feeds = {**feeds, CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
                       MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32)}
         comp_feeds.update({s.name: rng.standard_normal([int(d) for d in s.shape]).astype(s.dtype) for s in plan.states})
-        times: dict[str, list[float]] = {"original": [], "compiled, all computing": []}
+        calls = [("original", base, feeds), ("compiled, all computing", comp, comp_feeds)]
+        if plan.motion:
+            comp_feeds[MOTION_INPUT] = np.array(0, np.int64)
+            calls.append(("compiled, motion step", comp, {**comp_feeds, MOTION_INPUT: np.array(1, np.int64)}))
+        times: dict[str, list[float]] = {name: [] for name, _, _ in calls}
         for _ in range(2):  # warm-up
-            base.run(feeds), comp.run(comp_feeds)
+            for _, backend, f in calls:
+                backend.run(f)
         for _ in range(args.iters):
-            for name, backend, f in (("original", base, feeds), ("compiled, all computing", comp, comp_feeds)):
+            for name, backend, f in calls:
                 t0 = time.perf_counter()
                 backend.run(f)
                 times[name].append(time.perf_counter() - t0)
@@ -70,6 +83,13 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:<26} {v:9.2f} ms")
     print(f"  compiled / original        {med['compiled, all computing'] / med['original']:9.3f}")
+    if plan.motion:
+        stack = plan.region(plan.motion["region"])
+        ideal = plan.uncached_macs / (plan.uncached_macs - stack.macs + plan.motion["macs"])
+        speedup = med["original"] / med["compiled, motion step"]
+        print(f"  motion step (k = {plan.motion['k']} of {plan.motion['tokens']}"
+              f"{', cached keys and values' if plan.motion.get('context') else ''}): speedup {speedup:.2f}x, "
+              f"MAC-ideal {ideal:.2f}x, realised/ideal {speedup / ideal:.2f}")
 
 
 if __name__ == "__main__":

@@ -164,6 +164,15 @@ if run optimize_digits fcpass optimize "$DIGITS" -o "$OUT/digits.fc.onnx" "${CAL
   note "digits: $(lastline "$OUT/optimize_digits.log")"
   model digits "$DIGITS" "$OUT/digits.fc.onnx" "none fora fastcache fbcache teacache magcache" --steps "$STEPS" --class "${CLASSES[@]}"
 fi
+# Token mechanisms: DuCa's token-level cache and FastCache's motion tokens, each on its own stack graph.
+if run optimize_digits_tokens fcpass optimize "$DIGITS" -o "$OUT/digits.tok.fc.onnx" --regions stack --tokens duca; then
+  model digits-tokens "$DIGITS" "$OUT/digits.tok.fc.onnx" "none duca" --steps "$STEPS" --class "${CLASSES[@]}"
+fi
+if run optimize_digits_motion fcpass optimize "$DIGITS" -o "$OUT/digits.motion.fc.onnx" --regions stack --motion-ratio 0.5 \
+    "${CALIB[@]}"; then
+  model digits-motion "$DIGITS" "$OUT/digits.motion.fc.onnx" "none fastcache:levels=stack,motion=1" --steps "$STEPS" \
+    --class "${CLASSES[@]}"
+fi
 
 if [[ ${FCPASS_SMOKE_SKIP_DITS2:-0} == 1 ]]; then
   note "dit-s-2: skipped (FCPASS_SMOKE_SKIP_DITS2=1)"

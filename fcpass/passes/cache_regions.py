@@ -72,6 +72,7 @@ class _Region:
     probe_pairs: list[tuple[str, str]] = field(default_factory=list)  # head_residual: (region input, head input)
     probe_input: str | None = None  # modulated_input: the probed tensor
     states_tok: list[StateSpec] = field(default_factory=list)  # token caching (fcpass.passes.token_cache)
+    states_kv: list[StateSpec] = field(default_factory=list)  # motion tokens' attention context (motion_tokens)
 
     @property
     def name(self) -> str:
@@ -79,7 +80,7 @@ class _Region:
 
     def own_states(self) -> list[StateSpec]:
         """The states its `If` updates (the modulated-input state is updated every step, outside)."""
-        return [*self.states_in, *self.states_out, *self.states_prev, *self.states_res, *self.states_tok]
+        return [*self.states_in, *self.states_out, *self.states_prev, *self.states_res, *self.states_tok, *self.states_kv]
 
     def aux_outputs(self) -> list[str]:
         """Names this region's If exports besides the stream outputs: its own and its descendants'."""
@@ -99,6 +100,7 @@ def insert_cache_regions(
     probes: bool = True,
     motion_ratio: float | None = None,
     merge: MergeOptions | None = None,
+    motion_context: bool = False,
 ) -> tuple[onnx.ModelProto, CachePlan]:
     """Return a cache-aware copy of `model` and its plan; `model` itself is not modified.
 
@@ -107,7 +109,8 @@ def insert_cache_regions(
     the stack costs a little less, and fbcache and teacache cannot run.
     `tokens` compiles token-level caching into every block (`fcpass.passes.token_cache`);
     `motion_ratio` FastCache's motion tokens into the stack (`fcpass.passes.motion_tokens`), or with
-    `merge` its k-NN token merging at that ratio.
+    `merge` its k-NN token merging at that ratio; `motion_context` lets the motion tokens attend to the
+    other tokens' cached keys and values.
     """
     opset = _default_opset(model)
     if opset < 13:
@@ -140,15 +143,16 @@ def insert_cache_regions(
         builder.tokens = TokenPass(builder, index, block_map, flat, tokens, opset)
         for r in flat:
             r.states_tok = builder.tokens.add_state(r)
-    if merge is not None and motion_ratio is None:
-        raise FcpassError("token merging needs --motion-ratio (the fraction of tokens kept)")
+    if (merge is not None or motion_context) and motion_ratio is None:
+        raise FcpassError(f"{'token merging' if merge else '--motion-context'} needs --motion-ratio (the fraction of tokens kept)")
     if motion_ratio is not None:
         stack = next((r for r in flat if r.name == "stack"), None)
         if stack is None:
             raise FcpassError("motion tokens run in the stack region; optimize with --regions including stack")
         if tokens is not None:
             raise FcpassError("--motion-ratio and --tokens cannot share a graph; optimize for one of them")
-        builder.motion = MotionPass(builder, index, stack, motion_ratio, latent, merge)
+        builder.motion = MotionPass(builder, index, stack, motion_ratio, latent, merge,
+                                    block_map.blocks if motion_context else None)
     main_nodes = list(out.graph.node)
     new_nodes = builder.replace_regions(main_nodes, regions)
     new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)
@@ -481,6 +485,9 @@ class _Builder:
             emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
         for s in region.states_tok:
             emit(run_nodes, run_out, rename[s.next], f"{s.next}@{n}.run", s.source)
+            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        for s in region.states_kv:
+            emit(run_nodes, run_out, s.source, f"{s.next}@{n}.run", s.source)
             emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
         batch = self.tensor_type(spec.inputs[0])[1][0]
         for child in _flatten(region.children):

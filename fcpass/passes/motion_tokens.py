@@ -9,6 +9,10 @@ With `--motion-ratio rho` the stack's compute branch becomes `If(fc_motion, moti
   stack's approximation (the host's fc_mix row, e.g. the fitted `linear`) and the k computed outputs
   are scattered over it (ScatterElements). Shapes are static throughout.
 
+With `merge` (ALGORITHMS 2c, `--token-merge`) the reduced step is k-NN density merging instead: all
+N tokens are merged into k per sample, the blocks run on the k merged tokens, and every token takes
+the residual of its nearest kept token (`_merge_graph`); no state is refreshed on such a step.
+
 Invariant: with fc_motion = 0 the stack runs exactly the graph it would without this pass. With
 fc_motion = 1 the k gathered tokens' outputs equal the blocks run on those k tokens alone (in
 PyTorch, say) and the other tokens' outputs equal the stack's approximation; with k = N the outputs
@@ -22,7 +26,9 @@ Both halves of classifier-free guidance (an even batch, [cond; uncond]) share on
 
 Declined (FcpassError): no stack region, a stack with more than one token stream (double-stream
 blocks), a stream that is not statically (B, N, D), token-level caching in the same graph, a ratio
-outside (0, 1], and any op the token-axis follower cannot specialise (it names the node).
+outside (0, 1], merging where the stack reads the tokens through a second tensor (TeaCache's hoisted
+probe), and any op the token-axis follower cannot specialise (it names the node: SD3's joint
+attention concatenates caption and image tokens).
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from fcpass.branches import find_branches
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, node_macs, rename_values
-from fcpass.plan import MOTION_INPUT
+from fcpass.graphinfo import GraphIndex, node_inputs, node_macs, rename_values
+from fcpass.plan import MOTION_INPUT, StateSpec
 from fcpass.token_axis import Axes, clone_on_tokens
 
 if TYPE_CHECKING:
+    from fcpass.discover import Block
     from fcpass.passes.cache_regions import _Builder, _Region
 
 TOPK_MAX = 3840  # TensorRT's TopK limit
@@ -62,7 +70,7 @@ class MotionPass:
     """Builds the stack's motion branch; `fcpass.passes.cache_regions` calls `wrap` while it builds."""
 
     def __init__(self, builder: _Builder, index: GraphIndex, stack: _Region, ratio: float, latent: str,
-                 merge: MergeOptions | None = None) -> None:
+                 merge: MergeOptions | None = None, context: list[Block] | None = None) -> None:
         if not 0.0 < ratio <= 1.0:
             raise FcpassError(f"--motion-ratio {ratio} must be in (0, 1]")
         self.merge = merge
@@ -100,12 +108,48 @@ class MotionPass:
                                   f"also reads {[x for x in self.sources if x != self.stream]}; optimize with --no-probes")
             if not 1 <= merge.neighbours < self.tokens:
                 raise FcpassError(f"--merge-neighbours {merge.neighbours} must be in [1, {self.tokens - 1}]")
+        self.context: list[tuple[StateSpec, StateSpec]] = []
+        if context is not None:
+            if merge is not None:
+                raise FcpassError("--motion-context and --token-merge exclude each other: merged tokens have no own keys")
+            if stack.children:
+                raise FcpassError("--motion-context caches keys and values inside the stack's own branch; "
+                                  "optimize with --regions stack")
+            self._add_context(context, index.descendants({latent}))
         self.macs = 0
         builder.graph.input.append(helper.make_tensor_value_info(MOTION_INPUT, TensorProto.INT64, []))
         builder.const("fc.motion.zero", np.array(0, np.int64))
         builder.const("fc.motion.k", np.array([self.k], np.int64))
         builder.const("fc.motion.ax2", np.array([2], np.int64))
         builder.const("fc.motion.half", np.array(0.5, np.float32))
+
+    def _add_context(self, blocks: list[Block], dependent: set[int]) -> None:
+        """Per block, the keys (the second operand of Q K^T) and values (of P V) of its self-attention
+        as cache state, (B, H, d, N) and (B, H, N, d): a computing step refreshes them."""
+        region = self.stack
+        for blk in blocks:
+            split = find_branches(self.index, blk, dependent)
+            att = next((br for br in split.mixing() if br.probs and br.value and not br.value_fused), None)
+            if att is None:
+                raise FcpassError(f"block {blk.scope!r}: --motion-context needs unfused self-attention (Softmax, MatMul)")
+            key = _key_operand(self.index, att.probs, set(att.nodes))
+            k_shape, v_shape = self.index.shape(key or ""), self.index.shape(att.value)
+            if key is None or not k_shape or len(k_shape) != 4 or k_shape[-1] != self.tokens \
+                    or not v_shape or len(v_shape) != 4 or v_shape[2] != self.tokens:
+                raise FcpassError(f"block {blk.scope!r}: --motion-context needs keys (B, H, d, N) and values (B, H, N, d); "
+                                  f"found {k_shape} and {v_shape}")
+            pair = tuple(self._state(kind, blk.index, src) for kind, src in (("key", key), ("value", att.value)))
+            self.context.append(pair)  # type: ignore[arg-type]
+        region.states_kv = [s for pair in self.context for s in pair]
+
+    def _state(self, kind: str, block: int, source: str) -> StateSpec:
+        b = self.builder
+        elem, shape = b.tensor_type(source)
+        name = f"fc.{self.stack.name}.{kind}{block}"
+        b.graph.input.append(helper.make_tensor_value_info(name, elem, shape))
+        b.graph.output.append(helper.make_tensor_value_info(name + ".next", elem, shape))
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
+        return StateSpec(name, name + ".next", self.stack.name, kind, source, shape, dtype)
 
     def wrap(self, run_graph: onnx.GraphProto) -> onnx.GraphProto:
         """The stack's compute branch as `If(fc_motion > 0, motion, run_graph)`, with run_graph's outputs.
@@ -155,8 +199,10 @@ class MotionPass:
             if src == x:
                 idx_e = e
         axes: dict[str, Axes | None] = {}
+        names: dict[str, str] = {}
         clones, out_k = clone_on_tokens(self.index, sorted(region.nodes), gathered, spec.outputs[0], self.tokens, self.k,
-                                        "~motion", b.const, mixing=True, axes_out=axes)
+                                        "~motion", b.const, mixing=True, axes_out=axes, names_out=names)
+        context = self._attend_to_cache(clones, names, idx) if self.context else []
         nodes.extend(clones)
         self.macs = self._macs(sorted(region.nodes), axes) + spec.approx_macs
 
@@ -179,7 +225,37 @@ class MotionPass:
             was = node("GatherElements", [o_ref, idx_e], f"{s.next}@m.k", axis=1)
             values.append(node("ScatterElements", [s.name, idx_e, was], f"{s.next}@m", axis=1))
         values += [s.name for s in region.states_res]
-        return self._finish(run_out, nodes, values)
+        return self._finish(run_out, nodes, values + context)
+
+    def _attend_to_cache(self, clones: list[onnx.NodeProto], names: dict[str, str], idx: str) -> list[str]:
+        """Rewire each cloned attention to read keys and values of all N tokens: the cached ones with
+        the k motion tokens' fresh ones scattered in. Returns those full tensors (the next state)."""
+        b, c = self.builder, self.builder.const
+        bn, k = self.batch, self.k
+        out: list[str] = []
+        for key, value in self.context:
+            full = {}
+            for s, axis in ((key, 3), (value, 2)):
+                shape = [int(d) for d in s.shape]  # type: ignore[arg-type]
+                small = names[s.source]
+                where = [bn, 1, 1, k] if axis == 3 else [bn, 1, k, 1]
+                gshape = [*shape[:axis], k, *shape[axis + 1:]]
+                pre = [
+                    helper.make_node("Reshape", [idx, c(b.fresh("fc.motion.ish"), np.array(where, np.int64))],
+                                     [f"{s.name}.i4"]),
+                    helper.make_node("Expand", [f"{s.name}.i4", c(b.fresh("fc.motion.ishape"), np.array(gshape, np.int64))],
+                                     [f"{s.name}.ie"]),
+                    helper.make_node("ScatterElements", [s.name, f"{s.name}.ie", small], [f"{s.name}.full"], axis=axis),
+                ]
+                at = next(j for j, nd in enumerate(clones) if small in nd.output) + 1
+                for nd in clones[at:]:
+                    for j, x in enumerate(nd.input):
+                        if x == small:
+                            nd.input[j] = f"{s.name}.full"
+                clones[at:at] = pre
+                full[axis] = f"{s.name}.full"
+            out += [full[3], full[2]]
+        return out
 
     def _finish(self, run_out: list[onnx.ValueInfoProto], nodes: list[onnx.NodeProto], values: list[str]) -> onnx.GraphProto:
         """The branch graph: `values` as the compute branch's outputs, nested regions not reached."""
@@ -193,7 +269,7 @@ class MotionPass:
         b.unreached_children(region, f"{n}.motion", nodes, outs)
         if [o.name.replace(".motion", ".run") for o in outs] != [vi.name for vi in run_out]:
             raise AssertionError("the motion branch's outputs are out of step with the compute branch's")
-        return helper.make_graph(nodes, f"fc_{n}_motion", [], outs)
+        return helper.make_graph(_live(nodes, {o.name for o in outs}), f"fc_{n}_motion", [], outs)
 
     def _merge_graph(self, run_out: list[onnx.ValueInfoProto], nodes: list[onnx.NodeProto], node: Any, x: str,
                      x_ref: str) -> onnx.GraphProto:
@@ -310,6 +386,8 @@ class MotionPass:
                 a, c = axes.get(nd.input[0]) or frozenset(), axes.get(nd.input[1]) or frozenset()
                 ra = len(self.index.shape(nd.input[0]) or ())
                 span = len(a) + len(c) - (1 if ra - 1 in a else 0)
+                if a and c and self.context:  # k queries against all N cached keys and values
+                    span = 1
             else:
                 span = len(axes.get(nd.output[0]) or ())
             total += macs * f ** span
@@ -318,7 +396,36 @@ class MotionPass:
     def spec(self) -> dict[str, Any]:
         """The plan's record of the motion branch (`CachePlan.motion`)."""
         return {"input": MOTION_INPUT, "ratio": self.ratio, "k": self.k, "tokens": self.tokens,
-                "region": self.stack.name, "macs": self.macs, "merge": asdict(self.merge) if self.merge else None}
+                "region": self.stack.name, "macs": self.macs, "merge": asdict(self.merge) if self.merge else None,
+                "context": bool(self.context)}
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` without those nobody reads: clones of the shape constants that k replaced."""
+    needed = set(outputs)
+    keep = []
+    for nd in reversed(nodes):
+        if any(o in needed for o in nd.output):
+            keep.append(nd)
+            needed.update(node_inputs(nd))
+    return keep[::-1]
+
+
+def _key_operand(index: GraphIndex, probs: str, body: set[int]) -> str | None:
+    """The keys of an attention: the second operand of the MatMul that the Softmax's input comes
+    from, through the scaling, casting and masking ops that may sit between them."""
+    t = index.nodes[index.producer[probs]].input[0]
+    for _ in range(6):
+        p = index.producer.get(t)
+        if p is None or p not in body:
+            return None
+        nd = index.nodes[p]
+        if nd.op_type == "MatMul":
+            return nd.input[1]
+        if nd.op_type not in ("Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where"):
+            return None
+        t = nd.input[0] if nd.op_type != "Where" else nd.input[1]
+    return None
 
 
 def _copy_info(vi: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
