@@ -151,6 +151,8 @@ class FastCacheConfig:
     motion: spatial token selection (ALGORITHMS 2b; graph optimized with --motion-ratio): after the
         warm-up, a step that computes the stack runs only its k most salient tokens through the blocks
         and gives the others the stack's approximation. Blocks nested in the stack are not tested then.
+    motion_full_every: with motion, every n-th computing step runs all tokens (0: only the warm-up
+        and the last step do), which refreshes the static tokens' references.
     levels: which regions take the test. `blocks` is the paper (one test per block). Adding `stack`
         and/or `tail` (an fcpass extension) tests the whole range first with its own calibrated sigma^2
         and fitted W: when the range passes, one cheap branch replaces every block in it; when it
@@ -166,6 +168,7 @@ class FastCacheConfig:
     sigma_scale: float = 1.0
     levels: str = "blocks"
     motion: bool = False
+    motion_full_every: int = 0
 
 
 class FastCache(Policy):
@@ -200,6 +203,11 @@ class FastCache(Policy):
             raise FcpassError("fastcache --approx taylor1 needs the previous outputs; optimize with --taylor")
         if self.config.motion and not plan.motion:
             raise FcpassError("fastcache motion=1 needs motion tokens in the graph; optimize with --motion-ratio RHO")
+        if self.config.motion_full_every < 0:
+            raise FcpassError(f"fastcache motion_full_every {self.config.motion_full_every} must be >= 0")
+        self.motion_region = plan.region(plan.motion["region"]).index if plan.motion else -1
+        self.motion_steps = 0  # computing steps run on the motion tokens since the last full one
+        self.asked_motion = False
         self.thresholds = {}
         for region in tested:
             sigma2 = region.calibration.get("sigma2")
@@ -222,7 +230,9 @@ class FastCache(Policy):
         out = self.base()
         if step < self.config.warmup or step == self.num_steps - 1:
             return out
-        out.motion = self.config.motion
+        every = self.config.motion_full_every
+        out.motion = self.config.motion and not (every and self.motion_steps >= every - 1)
+        self.asked_motion = out.motion
         for k, thr in self.thresholds.items():
             if self.streak[k] >= self.config.max_skips:
                 continue
@@ -241,6 +251,9 @@ class FastCache(Policy):
         return (0.0, 0.0, (step - a) / (a - b), 0.0)
 
     def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
+        if self.motion_region >= 0 and skip[self.motion_region] == 0:
+            self.motion_steps = self.motion_steps + 1 if self.asked_motion else 0
+        self.asked_motion = False
         # -1 (not reached) means an enclosing region was skipped: this one was not computed either.
         for k in self.streak:
             self.streak[k] = self.streak[k] + 1 if skip[k] != 0 else 0

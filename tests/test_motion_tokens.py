@@ -175,6 +175,14 @@ def test_fastcache_motion_policy_sets_the_flag_after_warmup(exported: Path) -> N
     policy = FastCache(FastCacheConfig(levels="stack", motion=True, warmup=2))
     policy.reset(m.plan, 6)
     assert [policy.controls(i).motion for i in range(6)] == [False, False, True, True, True, False]
+    # Every second computing step runs all tokens; a skipped step does not count.
+    policy = FastCache(FastCacheConfig(levels="stack", motion=True, warmup=2, motion_full_every=2))
+    policy.reset(m.plan, 9)
+    seen = []
+    for i in range(9):
+        seen.append(policy.controls(i).motion)
+        policy.observe(i, np.zeros((1, B), np.float32), np.array([1.0 if i == 4 else 0.0], np.float32))
+    assert seen == [False, False, True, False, True, True, False, True, False]
     plain = Motion(exported, 0.5, regions=("stack",))
     plain.plan.motion = {}
     with pytest.raises(FcpassError, match="--motion-ratio"):
