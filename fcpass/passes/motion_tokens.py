@@ -9,6 +9,11 @@ With `--motion-ratio rho` the stack's compute branch becomes `If(fc_motion, moti
   stack's approximation (the host's fc_mix row, e.g. the fitted `linear`) and the k computed outputs
   are scattered over it (ScatterElements). Shapes are static throughout.
 
+With `context` (`--motion-context`, an fcpass extension) the motion tokens' attention also reads the
+other tokens: every block's keys and values are cache state (refreshed by a full step), and a motion
+step scatters the k tokens' fresh keys and values into them before Q K^T and P V, so the k queries
+attend to all N tokens; MLPs and projections still run on k tokens only.
+
 With `merge` (ALGORITHMS 2c, `--token-merge`) the reduced step is k-NN density merging instead: all
 N tokens are merged into k per sample, the blocks run on the k merged tokens, and every token takes
 the residual of its nearest kept token (`_merge_graph`); no state is refreshed on such a step.
@@ -27,7 +32,7 @@ Both halves of classifier-free guidance (an even batch, [cond; uncond]) share on
 Declined (FcpassError): no stack region, a stack with more than one token stream (double-stream
 blocks), a stream that is not statically (B, N, D), token-level caching in the same graph, a ratio
 outside (0, 1], merging where the stack reads the tokens through a second tensor (TeaCache's hoisted
-probe), and any op the token-axis follower cannot specialise (it names the node: SD3's joint
+probe), `context` with regions nested in the stack or without unfused (B, H, ., .) attention, and any op the token-axis follower cannot specialise (it names the node: SD3's joint
 attention concatenates caption and image tokens).
 """
 
