@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import onnx
@@ -173,6 +175,26 @@ def param_count(index: GraphIndex, nodes: list[int]) -> int:
             if shape:
                 total += _numel(shape) or 0
     return total
+
+
+def replace_node_groups(index: GraphIndex, nodes: list[onnx.NodeProto], owner: dict[int, Any],
+                        build: Callable[[Any], list[onnx.NodeProto]]) -> list[onnx.NodeProto]:
+    """`nodes` with each group's nodes replaced by `build(group)`, placed where its first node was.
+
+    `owner` maps the index (in `index.nodes`) of every grouped node to its group; nodes outside every
+    group, and copies not in `index.nodes`, stay as they are.
+    """
+    by_id = {id(n): i for i, n in enumerate(index.nodes)}
+    result: list[onnx.NodeProto] = []
+    placed: set[int] = set()
+    for node in nodes:
+        group = owner.get(by_id.get(id(node), -1))
+        if group is None:
+            result.append(node)
+        elif id(group) not in placed:
+            placed.add(id(group))
+            result.extend(build(group))
+    return result
 
 
 def rename_values(node: onnx.NodeProto, mapping: dict[str, str]) -> None:

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fcpass.discover import Block, BlockMap, boundary_of
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values
+from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values, replace_node_groups
 from fcpass.passes.motion_tokens import MergeOptions, MotionPass
 from fcpass.passes.token_cache import TokenOptions, TokenPass
 from fcpass.plan import (
@@ -424,21 +424,8 @@ class _Builder:
 
     def replace_regions(self, nodes: list[onnx.NodeProto], regions: list[_Region]) -> list[onnx.NodeProto]:
         """`nodes` with each region's nodes replaced by its statistic, decision and If nodes."""
-        by_id = {id(n): i for i, n in enumerate(self.index.nodes)}
-        result: list[onnx.NodeProto] = []
-        placed: set[str] = set()
-        owner: dict[int, _Region] = {}
-        for r in regions:
-            for i in r.nodes:
-                owner[i] = r
-        for node in nodes:
-            r = owner.get(by_id.get(id(node), -1))
-            if r is None:
-                result.append(node)
-            elif r.name not in placed:
-                placed.add(r.name)
-                result.extend(self.build(r))
-        return result
+        owner = {i: r for r in regions for i in r.nodes}
+        return replace_node_groups(self.index, nodes, owner, self.build)
 
     def build(self, region: _Region) -> list[onnx.NodeProto]:
         n = region.name

@@ -51,7 +51,7 @@ from onnx import TensorProto, helper
 from fcpass.branches import BlockBranches, Branch, find_branches
 from fcpass.discover import BlockMap
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs
+from fcpass.graphinfo import GraphIndex, graph_macs, replace_node_groups
 from fcpass.plan import TOK_INPUT, TOK_RAND_INPUT, StateSpec
 from fcpass.token_axis import clone_node, clone_on_tokens
 
@@ -247,18 +247,8 @@ class TokenPass:
         mine = [tb for tb in self.blocks if tb.region is region]
         if not mine:
             return body
-        by_id = {id(n): i for i, n in enumerate(self.index.nodes)}
         owner = {i: tb for tb in mine for i in tb.nodes}
-        result: list[onnx.NodeProto] = []
-        placed: set[int] = set()
-        for node in body:
-            tb = owner.get(by_id.get(id(node), -1))
-            if tb is None:
-                result.append(node)
-            elif tb.pos not in placed:
-                placed.add(tb.pos)
-                result.extend(_BlockBuilder(self, tb).build())
-        return result
+        return replace_node_groups(self.index, body, owner, lambda tb: _BlockBuilder(self, tb).build())
 
     def spec(self) -> dict[str, Any]:
         """The plan's record of the token mechanism (`CachePlan.tokens`)."""
