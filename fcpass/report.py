@@ -9,8 +9,9 @@ largest relative input change over the batch, null when NaN/Inf).
 The figure has two panels sharing the step axis:
 
 * a step x region heatmap of the decisions: blocks in order, then the block ranges (`tail`,
-  `stack`); with one chunk each cell shows computed / approximated / not reached, with several it
-  shows the fraction of chunks in which the region was skipped;
+  `stack`); with one chunk each cell shows computed / approximated / not reached (and, for a graph
+  with motion tokens, the steps its region computed on them alone), with several it shows the
+  fraction of chunks in which the region was skipped;
 * for every region the graph decided on, the statistic divided by its threshold (chunk 0, log
   scale): the graph skips where the ratio is at or below 1, and an x marks a decision whose
   statistic was NaN/Inf (the graph then computes: fail-closed).
@@ -22,6 +23,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,7 @@ STATE_LABELS = {
     SKIPPED: "approximated (skipped)",
     NOT_REACHED: "not reached (an enclosing region was skipped)",
 }
+MOTION_COLOR = "#59a14f"  # computed on its motion tokens only (fastcache motion=1)
 MISSING_COLOR = "#ffffff"
 BLOCK_CMAP = "plasma"
 BLOCK_CMAP_RANGE = (0.0, 0.85)  # plasma's last stretch is too pale to read as a line on white
@@ -99,9 +102,10 @@ class _Decisions:
     """The records as arrays: `skip[c, s, r]`, `ctl`, `thr`, `stat` (NaN where absent or null)."""
 
     def __init__(self, regions: list[str], skip: np.ndarray, ctl: np.ndarray, thr: np.ndarray,
-                 stat: np.ndarray) -> None:
+                 stat: np.ndarray, motion: np.ndarray, motion_region: str | None = None) -> None:
         self.regions = regions
         self.skip, self.ctl, self.thr, self.stat = skip, ctl, thr, stat
+        self.motion, self.motion_region = motion, motion_region  # motion[c, s]: a motion step
         self.chunks, self.steps = skip.shape[0], skip.shape[1]
 
     @classmethod
@@ -124,10 +128,13 @@ class _Decisions:
         steps = max(max(s for _, s, _ in parsed) + 1, _int_or(data.get("steps"), 0))
         shape = (len(chunk_ids), steps, len(regions))
         arrays = {key: np.full(shape, np.nan) for key in ("skip", "ctl", "thr", "stat")}
-        for chunk, step, values in parsed:
+        motion = np.zeros(shape[:2], bool)
+        for (chunk, step, values), rec in zip(parsed, records):
             for key, row in values.items():
                 arrays[key][chunk_pos[chunk], step] = row
-        return cls(list(regions), **arrays)
+            motion[chunk_pos[chunk], step] = rec.get("motion") is True
+        region = data.get("motion_region")
+        return cls(list(regions), **arrays, motion=motion, motion_region=region if region in regions else None)
 
     def row_order(self) -> list[int]:
         """Indices of `regions` for the heatmap rows: blocks by number, then tail, stack, anything else."""
@@ -205,9 +212,17 @@ def _draw_heatmap(fig: Any, ax: Any, cax: Any, d: _Decisions, rows: list[int]) -
         for value, color in STATE_COLORS.items():
             img[state == value] = to_rgba(color)
         handles = [Patch(facecolor=STATE_COLORS[v], edgecolor="none", label=STATE_LABELS[v]) for v in STATE_COLORS]
+        if d.motion_region is not None:
+            row = rows.index(d.regions.index(d.motion_region))
+            on_motion = d.motion[0] & (state[row] == COMPUTED)
+            if on_motion.any():
+                img[row, on_motion] = to_rgba(MOTION_COLOR)
+                handles.append(Patch(facecolor=MOTION_COLOR, edgecolor="none", label="computed on its motion tokens"))
         if (~present[0]).any():
             handles.append(Patch(facecolor=MISSING_COLOR, edgecolor="#999999", label="no record"))
-        ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles),
+        # One row up to three entries; beyond that two rows, so the legend stays clear of the title.
+        ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0),
+                  ncol=len(handles) if len(handles) <= 3 else math.ceil(len(handles) / 2),
                   frameon=False, fontsize=8, handlelength=1.2, borderaxespad=0.2)
         ax.set_title("region decisions per step", loc="left", fontsize=10)
         cax.set_visible(False)
@@ -349,9 +364,12 @@ def _title(data: dict[str, Any], d: _Decisions, width: float) -> str:
     accuracy = _number(data.get("accuracy"))
     if accuracy is not None:
         parts.append(f"digit accuracy {accuracy:.2f}")
-    # Greedy wrap on part boundaries so the title stays inside the figure.
+    # Greedy wrap on part boundaries so the title stays inside the figure; a part longer than a
+    # line (a policy with many settings) is wrapped at its own commas.
     limit = int(width * 11)
-    lines, line = [], ""
+    line = ""
+    head_lines = textwrap.wrap(parts[0], limit, break_long_words=False)
+    lines, parts = head_lines[:-1], [head_lines[-1], *parts[1:]]
     for part in parts:
         candidate = f"{line}  ·  {part}" if line else part
         if line and len(candidate) > limit:

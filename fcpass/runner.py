@@ -83,6 +83,7 @@ def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, p
         "macs_uncached": result.macs_uncached,
         "macs_fraction": result.macs_executed / max(result.macs_uncached, 1),
         "regions": [r.name for r in denoiser.plan.regions] if hasattr(denoiser, "plan") else [],
+        "motion_region": denoiser.plan.motion.get("region") if hasattr(denoiser, "plan") else None,
         "records": result.records,
         "accuracy": None,
     }

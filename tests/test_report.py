@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from fcpass.cli import main
 from fcpass.errors import FcpassError
-from fcpass.report import DPI, STATE_COLORS, build_figure, plot_report
+from fcpass.report import DPI, MOTION_COLOR, STATE_COLORS, build_figure, plot_report
 
 COMPUTED, SKIPPED, NOT_REACHED = STATE_COLORS[0], STATE_COLORS[1], STATE_COLORS[-1]
 
@@ -291,3 +291,23 @@ def test_cli_writes_the_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["report", str(src), "-o", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert matplotlib.image.imread(out).shape[0] > 0
+
+
+def test_motion_steps_are_marked_on_their_region() -> None:
+    data = _report(blocks=4, steps=12)
+    for rec in data["records"]:
+        rec["motion"] = rec["step"] in (2, 3, 6)  # step 3 skips the stack: not a motion computation
+    cells = _cell_colors({**data, "motion_region": "stack"})
+    stack = 5  # rows: block0..3, tail, stack
+    assert [bool(x) for x in _cells_of(cells[stack], MOTION_COLOR)] == [s in (2, 6) for s in range(12)]
+    assert not _cells_of(cells[:stack], MOTION_COLOR).any()
+    assert not _cells_of(_cell_colors(data), MOTION_COLOR).any()  # no motion region named: nothing marked
+
+
+def test_a_long_policy_title_wraps_inside_the_figure() -> None:
+    data = _report()
+    data["policy"] = {"name": "fastcache", **{f"option{i}": i for i in range(30)}}
+    fig = build_figure(data)
+    title = fig._suptitle.get_text()
+    assert "option29=29" in title and len(title.splitlines()) > 2
+    assert max(len(line) for line in title.splitlines()) <= int(fig.get_size_inches()[0] * 11)
