@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -109,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="fbcache, teacache, magcache: their skip threshold")
     s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
     s.add_argument("--engine", type=Path, metavar="PATH",
-                   help="run this TensorRT engine (fcpass build of MODEL) instead of ONNX Runtime")
+                   help="run this TensorRT engine (fcpass build of MODEL) instead of ONNX Runtime; for a segments "
+                        "folder, the folder of engines built from it")
+    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="TensorRT segments: launch each engine directly instead of replaying captured CUDA graphs")
     s.add_argument("--inputs")
     s.add_argument("--out", type=Path, help="PNG grid of the samples")
     s.add_argument("--out-npy", type=Path, help="final samples as .npy")
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build a TensorRT engine (needs fcpass[trt] and an NVIDIA GPU)")
     b.add_argument("model", type=Path)
-    b.add_argument("-o", "--output", type=Path, required=True, help="the engine (plan) file")
+    b.add_argument("-o", "--output", type=Path, required=True,
+                   help="the engine (plan) file; for a segments folder, a folder of engines")
     precision = b.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="allow fp16 kernels (TensorRT 10.x)")
     precision.add_argument("--bf16", action="store_true", help="allow bf16 kernels (TensorRT 10.x)")
@@ -500,12 +505,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
                                              "sigma_scale", "levels", "level", "threshold")}
     denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"],
-                             engine=args.engine)
+                             engine=args.engine, cuda_graphs=args.cuda_graphs)
     result, report = run_sampling(denoiser, setup, model_path, args.policy)
     if args.baseline:
         if args.policy in (None, "none"):
             raise FcpassError("--baseline compares a cache policy with the uncached graph; add --policy fastcache")
-        base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup["inputs"], engine=args.engine)
+        base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup["inputs"], engine=args.engine, cuda_graphs=args.cuda_graphs)
         base_result, _ = run_sampling(base, setup, model_path, "none")
         from fcpass.quality import compare_batches
 
@@ -576,17 +581,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from fcpass.onnx_io import load_model
+    from fcpass.passes.segments import is_segments_artefact, read_manifest, segment_files
     from fcpass.trt_check import check_graph
 
-    model = load_model(args.model, load_weights=False)
-    violations = check_graph(model, args.target, base_dir=args.model.parent)
+    if is_segments_artefact(args.model):  # every segment of a segments folder
+        paths = [args.model / f for f in segment_files(read_manifest(args.model))]
+    else:
+        paths = [args.model]
+    violations = []
+    for path in paths:
+        found = check_graph(load_model(path, load_weights=False), args.target, base_dir=path.parent)
+        if len(paths) > 1:  # name the segment file in front of the subgraph path
+            found = [dataclasses.replace(v, path=" > ".join(filter(None, [path.name, v.path]))) for v in found]
+        violations += found
     if args.json:
         print(json.dumps([v.to_json() for v in violations], indent=2))
     else:
         for v in violations:
             print(v.format())
         if not violations:
-            print(f"{args.model}: no violations of the {args.target} rules")
+            segs = f" in any of its {len(paths)} segments" if len(paths) > 1 else ""
+            print(f"{args.model}: no violations of the {args.target} rules{segs}")
     if violations:
         n = len(violations)
         print(f"{n} violation{'s' if n != 1 else ''}", file=sys.stderr)
@@ -595,10 +610,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from fcpass.trt_build import BuildOptions, build_engine
+    from fcpass.passes.segments import is_segments_artefact
+    from fcpass.trt_build import BuildOptions, build_engine, build_segments
 
     options = BuildOptions(fp16=args.fp16, bf16=args.bf16, timing_cache=args.timing_cache,
                            workspace_mb=args.workspace, batch=args.batch, verbose=args.trt_verbose)
+    if is_segments_artefact(args.model):
+        built = build_segments(args.model, args.output, options)
+        engines = list(built.engines.values())
+        size = sum(e.engine_bytes for e in engines) / 2**20
+        print(f"wrote {built.output}: {len(engines)} engines (one per segment), {size:.2f} MiB, "
+              f"{sum(e.layers for e in engines)} layers, no If conditionals")
+        print(f"  run it with: fcpass sample {args.model} --engine {built.output}")
+        return 0
     s = build_engine(args.model, args.output, options)
     print(f"wrote {s.output}: {s.engine_bytes / 2**20:.2f} MiB, {s.layers} layers, {s.conditionals} If conditionals"
           f"{f', dynamic batch 1..{args.batch}' if s.dynamic_batch else ''}")

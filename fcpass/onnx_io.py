@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,6 +78,53 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_dir_output(path: str | Path, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse, before any work, a folder output that exists and is not a previous artefact of its kind."""
+    dst = Path(path)
+    if dst.exists() and not dst.is_dir():
+        raise FcpassError(f"output {dst} is an existing file; this writes {what}: choose a new -o path")
+    if dst.is_dir() and not ours(dst) and any(dst.iterdir()):
+        raise FcpassError(f"output {dst} is a folder that is not {what}; choose a new -o path")
+
+
+@contextmanager
+def atomic_dir(path: str | Path, ours: Callable[[Path], bool], what: str) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds.
+
+    A previous artefact at `path` (`ours(path)`) is replaced: renamed aside, then deleted, and put
+    back if the final rename fails. Anything else there is refused before work starts; `what` names
+    the artefact in that error ("a segments folder").
+    """
+    dst = Path(path)
+    check_dir_output(dst, ours, what)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    except OSError as exc:
+        why = "part of the path is a file, not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise FcpassError(f"cannot write {dst}: {why}; choose an output path in a writable folder") from None
+    old: Path | None = None
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes the folder private; outputs get the usual mode
+        yield tmp
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+            os.replace(dst, old / "artefact")
+        try:
+            os.replace(tmp, dst)
+        except OSError:
+            if old is not None:
+                os.replace(old / "artefact", dst)
+            raise
+    except OSError as exc:
+        raise FcpassError(f"could not write {dst}: {exc.strerror or exc}; free some space or choose another output path") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:

@@ -32,25 +32,35 @@ def load_denoiser(
     inputs: str | None = None,
     threads: int | None = None,
     engine: str | Path | None = None,
+    cuda_graphs: bool = True,
 ) -> Any:
     """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser.
 
     With `engine` (a TensorRT plan built from `path`), the engine runs the steps and `path` supplies
     the cache plan and the input roles. A folder written by `fcpass optimize --lowering segments`
-    runs on `runtimes.segments.SegmentsBackend` (its manifest supplies the plan and the interface).
+    runs on `runtimes.segments.SegmentsBackend` (its manifest supplies the plan and the interface), or
+    with `engine` (the folder of engines `fcpass build` made from it) on
+    `runtimes.trt_segments.TrtSegmentsBackend`, each segment captured in a CUDA graph if `cuda_graphs`.
     """
     name = parse_policy_spec(policy)[0] if policy is not None else None
     if name is not None and name not in POLICIES:
         raise FcpassError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     if is_segments_artefact(path):
         if engine is not None:
-            raise FcpassError(f"--engine runs a TensorRT plan built from an .fc.onnx file; {path} is a segments folder: "
-                              "drop --engine or pass the .fc.onnx the engine was built from")
-        from runtimes.segments import SegmentsBackend
+            from runtimes.trt_segments import TrtSegmentsBackend
 
-        backend: Any = SegmentsBackend(path, [provider], threads=threads)
+            backend: Any = TrtSegmentsBackend(engine, path, cuda_graphs=cuda_graphs)
+        else:
+            from runtimes.segments import SegmentsBackend
+
+            backend = SegmentsBackend(path, [provider], threads=threads)
     elif engine is not None:
+        from fcpass.trt_build import is_engines_folder
         from runtimes.trt_backend import TrtBackend
+
+        if is_engines_folder(engine):
+            raise FcpassError(f"{engine} holds the engines of a segments folder; run it with that folder: "
+                              f"fcpass sample MODEL.fc --engine {engine}")
 
         backend = TrtBackend(engine, path)
     else:

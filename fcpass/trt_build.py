@@ -14,10 +14,18 @@ Written against TensorRT's documented Python API (TensorRT 10.x; 11.x difference
    axis 0 is dynamic, one optimization profile for batch 1..N (opt = max = N);
 5. `builder.build_serialized_network` builds the plan, which is deserialized once (`trt.Runtime`)
    for the summary of its I/O tensors and written atomically with `fcpass.onnx_io.atomic_path`.
+
+A segments folder (`fcpass optimize --lowering segments`) builds into a folder of engines
+(`build_segments`): every segment is checked first, then built in turn with the same options (and
+the same timing cache, which later segments reuse), beside `engines.json`, which maps each segment
+to its engine and records the digest of the manifest they were built from. The folder is written
+atomically: a failed build leaves nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +35,17 @@ from typing import Any
 import onnx
 
 from fcpass.errors import FcpassError
-from fcpass.onnx_io import atomic_path, check_distinct, load_model
+from fcpass.onnx_io import atomic_dir, atomic_path, check_dir_output, check_distinct, load_model
+from fcpass.passes.segments import MANIFEST, read_manifest, segment_files
 from fcpass.trt_check import check_graph
 
 log = logging.getLogger(__name__)
 
 NOT_INSTALLED = "TensorRT is not installed: pip install 'fcpass[trt]' (needs NVIDIA's package index and a GPU)"
+
+ENGINES_INDEX = "engines.json"
+ENGINES_FORMAT = "fcpass-tensorrt-segments"
+ENGINES_FOLDER = "a folder of fcpass engines (a segments folder builds into a folder)"
 
 
 @dataclass
@@ -79,17 +92,7 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
     if options.batch < 1:
         raise FcpassError(f"--batch {options.batch} is not a batch size; pass 1 or more")
 
-    model = load_model(model_path, load_weights=False)
-    violations = check_graph(model, "tensorrt", base_dir=model_path.parent)
-    if violations:
-        first = violations[0]
-        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-        raise FcpassError(
-            f"{model_path} fails the TensorRT checks: {first.where}: {first.message}{more}; fix: {first.fix} "
-            f"(fcpass check {model_path} lists all)"
-        )
-    conditionals = count_conditionals(model.graph)
-    del model
+    conditionals = check_buildable(model_path)
 
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
@@ -129,6 +132,89 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
     if options.timing_cache is not None:
         save_timing_cache(config, options.timing_cache)
     return BuildSummary(output, int(engine.num_layers), plan.nbytes, conditionals, io, dynamic)
+
+
+def check_buildable(model_path: Path, listed_by: Path | None = None) -> int:
+    """Refuse a graph that fails the static TensorRT rules (its first violation); returns its If count."""
+    model = load_model(model_path, load_weights=False)
+    violations = check_graph(model, "tensorrt", base_dir=model_path.parent)
+    if violations:
+        first = violations[0]
+        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+        raise FcpassError(
+            f"{model_path} fails the TensorRT checks: {first.where}: {first.message}{more}; fix: {first.fix} "
+            f"(fcpass check {listed_by or model_path} lists all)"
+        )
+    return count_conditionals(model.graph)
+
+
+@dataclass
+class SegmentsBuildSummary:
+    output: Path
+    engines: dict[str, BuildSummary]  # segment file -> its engine
+
+
+def engine_file(segment: str) -> str:
+    return segment.removesuffix(".onnx") + ".plan"
+
+
+def manifest_digest(segments: Path) -> str:
+    return hashlib.sha256((segments / MANIFEST).read_bytes()).hexdigest()
+
+
+def is_engines_folder(path: str | Path) -> bool:
+    return (Path(path) / ENGINES_INDEX).is_file()
+
+
+def build_segments(segments: str | Path, output: str | Path, options: BuildOptions) -> SegmentsBuildSummary:
+    """One engine per segment of a segments folder, in a new folder `output` with its `engines.json`.
+
+    Invariant: the folder holds an engine for every segment of the manifest or it does not exist.
+    """
+    from tqdm import tqdm
+
+    segments, output = Path(segments), Path(output)
+    check_distinct(segments, output)
+    manifest = read_manifest(segments)
+    files = segment_files(manifest)
+    for file in files:  # every segment passes the static rules before the first (long) build starts
+        check_buildable(segments / file, listed_by=segments)
+    check_dir_output(output, is_engines_folder, ENGINES_FOLDER)
+    built: dict[str, BuildSummary] = {}
+    with atomic_dir(output, is_engines_folder, ENGINES_FOLDER) as tmp:
+        for file in tqdm(files, desc="fcpass build", unit="segment"):
+            summary = build_engine(segments / file, tmp / engine_file(file), options)
+            summary.output = output / engine_file(file)
+            built[file] = summary
+        index = {
+            "format": ENGINES_FORMAT,
+            "format_version": 1,
+            "manifest_sha256": manifest_digest(segments),
+            "tensorrt": getattr(import_tensorrt(), "__version__", "unknown"),
+            "precision": "fp16" if options.fp16 else "bf16" if options.bf16 else "fp32",
+            "engines": {file: engine_file(file) for file in files},
+        }
+        (tmp / ENGINES_INDEX).write_text(json.dumps(index, indent=1))
+    return SegmentsBuildSummary(output, built)
+
+
+def read_engines_index(engines: Path, segments: Path) -> dict[str, str]:
+    """segment file -> engine file, from an engines folder built from the segments folder `segments`."""
+    rebuild = f"fcpass build {segments} -o {engines}"
+    p = engines / ENGINES_INDEX
+    if not p.is_file():
+        raise FcpassError(f"{engines} is not a folder of engines built from a segments folder (no {ENGINES_INDEX}); "
+                          f"build one with {rebuild}")
+    try:
+        index = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise FcpassError(f"cannot read {p} ({type(exc).__name__}); rebuild the engines with {rebuild}") from None
+    if index.get("format") != ENGINES_FORMAT or index.get("format_version") != 1:
+        raise FcpassError(f"{p} is not an fcpass engines index of format 1; rebuild the engines with {rebuild}")
+    if index.get("manifest_sha256") != manifest_digest(segments):
+        raise FcpassError(f"the engines in {engines} were not built from {segments} (its manifest differs); "
+                          f"rebuild them with {rebuild}")
+    return dict(index["engines"])
 
 
 # --- steps -----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Runtime session each) and interprets the program over an environment of named va
   passed through a skipped region, a branch output);
 - a branch step reads its condition (the 0-d bool the segment before it computed: forced, or every
   sample's statistic <= threshold) on the host and runs the approximation's steps if it is true,
-  the compute branch's steps if not.
+  the compute branch's steps if not. A region the policy forced (fc_ctl 0 or 1) needs no read: its
+  condition is known from fc_ctl (`forced_branch`), which saves a device-to-host sync per region.
 
 Outputs, including `fc_stat`, `fc_skip` and the state's `.next` values, are therefore the If graph's
 (NaN statistic and -1 decision inside a skipped region, state passed through). The backend offers
@@ -27,10 +28,9 @@ state) is never overwritten in place.
 
 CUDA graphs: ONNX Runtime can capture a session's run in a CUDA graph (CUDA provider option
 `enable_cuda_graph`), but only when every input and output is bound to the same device address on every
-run and the session has no control flow and no CPU nodes. The segments satisfy the last two (no If);
-the first would need per-segment fixed input/output buffers and device-to-device copies between them
-(aliases and the double-buffered state change addresses from step to step). This runtime does not do
-that yet: `enable_cuda_graph` is not set, and nothing here claims the speed of graph capture.
+run. Here outputs get fresh buffers every run, so `enable_cuda_graph` is not set. The TensorRT runtime
+of the same folders (`runtimes.trt_segments`) gives every value a fixed buffer and captures each
+segment's launch.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import numpy as np
 
 from fcpass.errors import FcpassError
 from fcpass.passes.segments import interface_model, read_manifest
-from fcpass.plan import CachePlan
+from fcpass.plan import CTL_INPUT, CachePlan, has_plan, read_plan
 from fcpass.roles import graph_inputs, graph_outputs
 from runtimes.backend import open_session, session_setup
 
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Run:
-    session: Any
+    runner: Any  # an ONNX Runtime session, or a TensorRT segment (runtimes.trt_segments)
     inputs: list[str]
     outputs: list[str]
     binding: Any = None  # an ONNX Runtime IOBinding, made on first use by SegmentsBoundState
@@ -69,6 +69,43 @@ class _Choose:
     cond: str
     then: list[Any]
     orelse: list[Any]
+    region: int | None = None  # the cache region's index in fc_ctl, when the branch is a region's If
+
+
+def compile_program(steps: list[dict[str, Any]], segment: Any, regions: dict[str, int], where: Path) -> list[Any]:
+    """The manifest's step program as `_Run` / `_Alias` / `_Choose` ops; `segment(file)` makes a step's runner
+    (`_Run(runner, inputs, outputs)`), `regions` maps a region name to its index in fc_ctl."""
+    program: list[Any] = []
+    for s in steps:
+        kind = s["kind"]
+        if kind == "segment":
+            program.append(_Run(segment(s["file"]), list(s["inputs"]), list(s["outputs"])))
+        elif kind == "alias":
+            program.append(_Alias([(d, src) for d, src in s["pairs"]]))
+        elif kind == "branch":
+            region = s.get("region")
+            index = regions.get(region) if region and s["cond"] == f"fc.{region}.cond" else None
+            program.append(_Choose(s["cond"], compile_program(s["then"]["steps"], segment, regions, where),
+                                   compile_program(s["else"]["steps"], segment, regions, where), index))
+        else:
+            raise FcpassError(f"{where}: unknown step kind {kind!r}; re-run fcpass optimize --lowering segments")
+    return program
+
+
+def forced_branch(op: _Choose, ctl: np.ndarray | None) -> bool | None:
+    """The condition of a region the policy forced (fc_ctl 1: skip, the approximation; 0: compute), which
+    the host knows without reading it back from the device; None where the graph decides (fc_ctl 2, 3).
+
+    The graph computes the same: cond = (ctl == 1) or (ctl >= 2 and every sample passes its threshold).
+    """
+    if op.region is None or ctl is None:
+        return None
+    c = int(ctl[op.region])
+    return True if c == 1 else False if c == 0 else None
+
+
+def region_indices(model: Any) -> dict[str, int]:
+    return {r.name: r.index for r in read_plan(model).regions} if has_plan(model) else {}
 
 
 class SegmentsBackend:
@@ -100,7 +137,7 @@ class SegmentsBackend:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort, self._opts, self._providers = ort, opts, wanted
         self.sessions: dict[str, Any] = {}
-        self.program = self._compile(self.manifest["steps"])
+        self.program = compile_program(self.manifest["steps"], self._session, region_indices(self.model), self.path)
         if not self.sessions:
             raise FcpassError(f"{self.path} holds no segments; re-run fcpass optimize --lowering segments")
         self.device_id = device_id
@@ -116,27 +153,13 @@ class SegmentsBackend:
             self.sessions[file] = open_session(self._ort, p, self._opts, self._providers, "re-run fcpass optimize")
         return self.sessions[file]
 
-    def _compile(self, steps: list[dict[str, Any]]) -> list[Any]:
-        program: list[Any] = []
-        for s in steps:
-            kind = s["kind"]
-            if kind == "segment":
-                program.append(_Run(self._session(s["file"]), list(s["inputs"]), list(s["outputs"])))
-            elif kind == "alias":
-                program.append(_Alias([(d, src) for d, src in s["pairs"]]))
-            elif kind == "branch":
-                program.append(_Choose(s["cond"], self._compile(s["then"]["steps"]), self._compile(s["else"]["steps"])))
-            else:
-                raise FcpassError(f"{self.path}: unknown step kind {kind!r}; re-run fcpass optimize --lowering segments")
-        return program
-
     @property
     def provider(self) -> str:
         return next(iter(self.sessions.values())).get_providers()[0]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         env: dict[str, Any] = dict(feeds)
-        _execute(self.program, env)
+        _execute(self.program, env, feeds.get(CTL_INPUT))
         return {name: env[name] for name in self._output_names}
 
     def state_binding(self, plan: CachePlan) -> Any:
@@ -149,17 +172,18 @@ class SegmentsBackend:
         return SegmentsBoundState(self, plan, device, self.device_id)
 
 
-def _execute(program: list[Any], env: dict[str, Any]) -> None:
+def _execute(program: list[Any], env: dict[str, Any], ctl: np.ndarray | None) -> None:
     """Run the steps on numpy values (ONNX Runtime's plain `run`)."""
     for op in program:
         if isinstance(op, _Run):
-            values = op.session.run(op.outputs, {name: env[name] for name in op.inputs})
+            values = op.runner.run(op.outputs, {name: env[name] for name in op.inputs})
             env.update(zip(op.outputs, values))
         elif isinstance(op, _Alias):
             for dst, src in op.pairs:
                 env[dst] = env[src]
         else:
-            _execute(op.then if bool(env[op.cond]) else op.orelse, env)
+            cond = forced_branch(op, ctl)
+            _execute(op.then if (bool(env[op.cond]) if cond is None else cond) else op.orelse, env, ctl)
 
 
 class SegmentsBoundState:
@@ -191,15 +215,15 @@ class SegmentsBoundState:
             self._host_for = list(fetch)
         env: dict[str, Any] = {name: self._upload(value) for name, value in feeds.items()}
         env.update(self.values)
-        self._execute(self.backend.program, env)
+        self._execute(self.backend.program, env, feeds.get(CTL_INPUT))
         self.values = {s.name: env[s.next] for s in self.plan.states}
         return {name: env[name].numpy() for name in fetch}
 
-    def _execute(self, program: list[Any], env: dict[str, Any]) -> None:
+    def _execute(self, program: list[Any], env: dict[str, Any], ctl: np.ndarray | None) -> None:
         for op in program:
             if isinstance(op, _Run):
                 if op.binding is None:
-                    op.binding = op.session.io_binding()
+                    op.binding = op.runner.io_binding()
                 b = op.binding
                 for name in op.inputs:
                     b.bind_ortvalue_input(name, env[name])
@@ -207,13 +231,17 @@ class SegmentsBoundState:
                 b.clear_binding_outputs()
                 for name in op.outputs:
                     b.bind_output(name, "cpu" if name in self._host else self.device, self.device_id)
-                op.session.run_with_iobinding(b)
+                op.runner.run_with_iobinding(b)
                 env.update(zip(op.outputs, b.get_outputs()))
             elif isinstance(op, _Alias):
                 for dst, src in op.pairs:
                     env[dst] = env[src]
             else:
-                self._execute(op.then if bool(env[op.cond].numpy()) else op.orelse, env)
+                # A forced region's condition is known here: no device-to-host copy, no stream sync.
+                cond = forced_branch(op, ctl)
+                if cond is None:
+                    cond = bool(env[op.cond].numpy())
+                self._execute(op.then if cond else op.orelse, env, ctl)
 
     def state(self) -> dict[str, np.ndarray]:
         return {name: value.numpy() for name, value in self.values.items()}

@@ -37,6 +37,7 @@ at every If.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,6 +121,31 @@ def engine_mismatch(io: list[IOTensor], inputs: list[TensorSpec], outputs: list[
     return None
 
 
+def load_engine(runtime: Any, engine_path: Path, source: Path, inputs: list[TensorSpec],
+                outputs: list[TensorSpec], rebuild: str | None = None) -> tuple[Any, Any, list[IOTensor]]:
+    """Deserialize the engine at `engine_path`, built from the graph `source` (whose I/O it must have);
+    returns the engine, one execution context and its I/O tensors. `rebuild`: the command that rebuilds it."""
+    rebuild = rebuild or f"fcpass build {source} -o {engine_path}"
+    try:
+        data = engine_path.read_bytes()
+    except OSError as exc:
+        raise FcpassError(f"cannot read engine {engine_path}: {exc.strerror}; pass a readable file or rebuild it ({rebuild})") from None
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise FcpassError(
+            f"TensorRT cannot load engine {engine_path} (see its log above): an engine only loads with the "
+            f"TensorRT version and GPU it was built for; rebuild it here with {rebuild}"
+        )
+    context = engine.create_execution_context()
+    if context is None:
+        raise FcpassError(f"TensorRT cannot create an execution context for {engine_path} (out of GPU memory?)")
+    io = [io_tensor(engine, i) for i in range(engine.num_io_tensors)]
+    why = engine_mismatch(io, inputs, outputs)
+    if why:
+        raise FcpassError(f"engine {engine_path} was not built from {source}: {why}; rebuild it with {rebuild}")
+    return engine, context, io
+
+
 # --- device memory ---------------------------------------------------------------------------
 
 class Device(Protocol):
@@ -138,6 +164,18 @@ class Device(Protocol):
         ...
 
     def zero(self, buf: Any) -> None: ...
+
+    def copy(self, dst: Any, src: Any) -> None:
+        """Device -> device, ordered on the stream."""
+        ...
+
+    def capture(self, work: Callable[[], None]) -> Any:
+        """Record `work` (kernels it enqueues on the stream) into a CUDA graph without running it."""
+        ...
+
+    def replay(self, graph: Any) -> None:
+        """Launch a graph from `capture` on the stream."""
+        ...
 
     def synchronize(self) -> None: ...
 
@@ -186,6 +224,20 @@ class TorchCudaDevice:
         with self.torch.cuda.stream(self.stream):
             buf.zero_()
 
+    def copy(self, dst: Any, src: Any) -> None:
+        with self.torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+
+    def capture(self, work: Callable[[], None]) -> Any:
+        graph = self.torch.cuda.CUDAGraph()
+        with self.torch.cuda.graph(graph, stream=self.stream):
+            work()
+        return graph
+
+    def replay(self, graph: Any) -> None:
+        with self.torch.cuda.stream(self.stream):
+            graph.replay()
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
@@ -210,27 +262,7 @@ class TrtBackend:
         self.device: Device = device if device is not None else TorchCudaDevice()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        try:
-            data = self.engine_path.read_bytes()
-        except OSError as exc:
-            raise FcpassError(f"cannot read engine {self.engine_path}: {exc.strerror}; pass a readable file") from None
-        self.engine = self.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise FcpassError(
-                f"TensorRT cannot load engine {self.engine_path} (see its log above): an engine only loads with the "
-                f"TensorRT version and GPU it was built for; rebuild it here with fcpass build {self.path} "
-                f"-o {self.engine_path}"
-            )
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise FcpassError(f"TensorRT cannot create an execution context for {self.engine_path} (out of GPU memory?)")
-        self.io = [io_tensor(self.engine, i) for i in range(self.engine.num_io_tensors)]
-        why = engine_mismatch(self.io, self.inputs, self.outputs)
-        if why:
-            raise FcpassError(
-                f"engine {self.engine_path} was not built from {self.path}: {why}; rebuild it with "
-                f"fcpass build {self.path} -o {self.engine_path}"
-            )
+        self.engine, self.context, self.io = load_engine(self.runtime, self.engine_path, self.path, self.inputs, self.outputs)
         self.tensors = {t.name: t for t in self.io}
         self.dtypes = {t.name: numpy_dtype(t.dtype) for t in self.io}
         self.input_names = [t.name for t in self.io if t.mode == "INPUT"]

@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.segments import MANIFEST, is_segments_artefact, read_manifest
 from fcpass.plan import MIX_WIDTH, read_plan
@@ -251,8 +250,3 @@ def test_cli_bad_lowering_and_existing_file_output(calibrated: tuple[Path, Path]
     _one_line_error(capsys, ["optimize", fc, "-o", out / "new.fc", "--lowering", "segments", "--calibrate", "2", *common],
                     "already cache-aware", "--calibrate")
     assert sorted(p.name for p in out.iterdir()) == ["m.fc", "other"]
-
-
-def test_engine_with_a_segments_folder_is_refused(graphs: dict[str, tuple[Path, Path]]) -> None:
-    with pytest.raises(FcpassError, match="segments folder"):
-        load_denoiser(graphs["stack"][1], "none", {}, engine="model.plan")

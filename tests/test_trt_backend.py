@@ -148,6 +148,26 @@ class NumpyDevice:
         self.counts["zero"] += 1
         buf[...] = 0
 
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        self.counts["copy"] = self.counts.get("copy", 0) + 1
+        assert dst is not src and dst.shape == src.shape and dst.dtype == src.dtype
+        np.copyto(dst, src)
+
+    def capture(self, work: Any) -> list[Any]:
+        """A CUDA graph: the launches `work` makes, each with the addresses it was captured with, not run."""
+        self.counts["capture"] = self.counts.get("capture", 0) + 1
+        self.recording: list[Any] | None = []
+        try:
+            work()
+            return self.recording
+        finally:
+            self.recording = None
+
+    def replay(self, graph: list[Any]) -> None:
+        self.counts["replay"] = self.counts.get("replay", 0) + 1
+        for launch in graph:
+            launch()
+
     def synchronize(self) -> None:
         self.counts["synchronize"] += 1
 
@@ -187,10 +207,16 @@ def make_fake_trt(device: NumpyDevice, executed: list[dict[str, int]]) -> types.
 
         def execute_async_v3(self, stream_handle: int) -> bool:
             assert stream_handle == device.stream_handle
+            if getattr(device, "recording", None) is not None:  # inside capture: record, with today's addresses
+                device.recording.append(lambda addresses=dict(self.addresses): self._run(addresses))
+                return True
+            return self._run(self.addresses)
+
+        def _run(self, addresses: dict[str, int]) -> bool:
             modes = self.engine.modes
-            assert set(self.addresses) == set(modes), "every I/O tensor needs an address"
-            ins = {n: a for n, a in self.addresses.items() if modes[n] == TensorIOMode.INPUT}
-            outs = {n: a for n, a in self.addresses.items() if modes[n] == TensorIOMode.OUTPUT}
+            assert set(addresses) == set(modes), "every I/O tensor needs an address"
+            ins = {n: a for n, a in addresses.items() if modes[n] == TensorIOMode.INPUT}
+            outs = {n: a for n, a in addresses.items() if modes[n] == TensorIOMode.OUTPUT}
             assert not set(ins.values()) & set(outs.values()), "a buffer is read and written in one step"
             assert len(set(outs.values())) == len(outs), "two outputs share a buffer"
             feeds = {n: device.by_address[a] for n, a in ins.items()}
@@ -198,7 +224,7 @@ def make_fake_trt(device: NumpyDevice, executed: list[dict[str, int]]) -> types.
                 buf = device.by_address[outs[name]]
                 assert buf.shape == value.shape and buf.dtype == value.dtype
                 np.copyto(buf, value)
-            executed.append(dict(self.addresses))
+            executed.append(dict(addresses))
             return True
 
     class Engine:

@@ -9,7 +9,9 @@
 # and calibrate, `fcpass check --target tensorrt`, then for each backend (CPU always; TensorRT engines
 # via `fcpass build` + `fcpass sample --engine`; ONNX Runtime `--provider cuda`) sample the original
 # graph and the compiled one under the policies none, fora and fastcache, compare every GPU output
-# with the CPU's (`fcpass compare`) and print the speedups from the reports' wall_seconds. Then DiT-S/2
+# with the CPU's (`fcpass compare`) and print the speedups from the reports' wall_seconds; the same
+# graph lowered to segments, on every backend (TensorRT: a folder of engines, with and without CUDA
+# graphs), against the If lowering on that backend. Then DiT-S/2
 # at 256x256 (random weights): tools/bench_overhead.py (ONNX Runtime CPU, the only provider it has)
 # and the same original-vs-compiled timing on every backend present.
 # Environment: PYTHON (default python), FCPASS_SMOKE_OUT (default out/gpu), FCPASS_SMOKE_QUICK=1,
@@ -158,11 +160,53 @@ model() {
   return 0
 }
 
+# segments MODEL FC "POLICIES" [sample args...]: FC lowered to If-free segments, run on every backend
+# (TensorRT: a folder of engines, with and without CUDA graphs) and compared with the If lowering on the
+# same backend: outputs, and wall time (the target: segments with CUDA graphs no slower than the If graph).
+segments() {
+  local m=$1 fc=$2 policies=$3; shift 3
+  local seg="$OUT/$m.seg" b p tag ref variant args=() variants=()
+  echo "== $m: --lowering segments"
+  run "lower_$m" fcpass optimize "$fc" -o "$seg" --lowering segments || return 0
+  run "check_$m.seg" fcpass check "$seg" --target tensorrt && note "$m segments: $(lastline "$OUT/check_$m.seg.log")"
+  for b in "${BACKENDS[@]}"; do
+    case $b in
+      cpu) variants=("cpu") ;;
+      cuda) variants=("cuda") ;;
+      trt)
+        run "build_$m.seg" fcpass build "$seg" -o "$OUT/$m.engines" --timing-cache "$OUT/$m.timing.cache" || continue
+        note "$m segments: $(grep -m 1 '^wrote' "$OUT/build_$m.seg.log")"
+        variants=("trt" "trt-nographs") ;;
+    esac
+    for variant in "${variants[@]}"; do
+      case $variant in
+        cpu) args=() ;;
+        cuda) args=(--provider cuda) ;;
+        trt) args=(--engine "$OUT/$m.engines") ;;
+        trt-nographs) args=(--engine "$OUT/$m.engines" --no-cuda-graphs) ;;
+      esac
+      for p in $policies; do
+        tag="${m}_seg_${variant}_$p"; ref="$OUT/${m}_${b}_$p"
+        run "$tag" fcpass sample "$seg" --policy "$p" "$@" "${args[@]+"${args[@]}"}" \
+          --out-npy "$OUT/$tag.npy" --report "$OUT/$tag.json" || continue
+        local line="$m segments $variant $p: $(printf '%.3f' "$(jget "$OUT/$tag.json" wall_seconds)") s"
+        if [[ -f $ref.json ]]; then
+          line+=", speedup vs the If lowering on $b $(ratio "$(jget "$ref.json" wall_seconds)" "$(jget "$OUT/$tag.json" wall_seconds)")"
+          line+=", max|diff| vs it $(maxdiff "$ref.npy" "$OUT/$tag.npy")"
+        fi
+        note "$line"
+      done
+    done
+  done
+  return 0
+}
+
 echo "== digits: fcpass optimize ${CALIB[*]}"
 DIGITS=models/digits/dit_digits.onnx
 if run optimize_digits fcpass optimize "$DIGITS" -o "$OUT/digits.fc.onnx" "${CALIB[@]}"; then
   note "digits: $(lastline "$OUT/optimize_digits.log")"
   model digits "$DIGITS" "$OUT/digits.fc.onnx" "none fora fastcache fbcache teacache magcache" --steps "$STEPS" --class "${CLASSES[@]}"
+  segments digits "$OUT/digits.fc.onnx" "none fora fastcache" --steps "$STEPS" --class "${CLASSES[@]}"
 fi
 # Token mechanisms: DuCa's token-level cache and FastCache's motion tokens, each on its own stack graph.
 if run optimize_digits_tokens fcpass optimize "$DIGITS" -o "$OUT/digits.tok.fc.onnx" --regions stack --tokens duca; then

@@ -519,7 +519,7 @@ class _Builder:
         """
         n = region.name
         terms = [(h, st.name, h) for h, st in zip(region.spec.inputs, region.states_in)]
-        nodes, num, den = self.reduced_change(f"fc.{n}.d", terms, "ReduceSumSquare")
+        nodes, num, den = self.reduced_change(f"fc.{n}.d", terms, "sq")
         rel = f"fc.{n}.rel" if region.spec.probe else f"fc.{n}.stat"
         nodes += [
             helper.make_node("Div", [num, den], [f"fc.{n}.ratio"]),
@@ -557,12 +557,14 @@ class _Builder:
             mod = region.states_mod[0]
             nodes.append(helper.make_node("Identity", [region.probe_input], [mod.next]))
             terms.append((region.probe_input, mod.name, region.probe_input))
-        reduce_nodes, num, den = self.reduced_change(f"fc.{n}.p", terms, "ReduceL1")
+        reduce_nodes, num, den = self.reduced_change(f"fc.{n}.p", terms, "abs")
         return [*nodes, *reduce_nodes, helper.make_node("Div", [num, den], [f"fc.{n}.probe"])]
 
     def reduced_change(self, tag: str, terms: list[tuple[str, str, str]], reduce: str) -> tuple[list[onnx.NodeProto], str, str]:
         """Per sample, sum_j reduce(a_j - ref_j) and sum_j reduce(ref_j) over every axis but the batch,
-        for terms (a_j, ref_j, like_j); fp16/bf16 tensors are summed in fp32. Returns (nodes, num, den)."""
+        for terms (a_j, ref_j, like_j), where reduce is "sq" (sum of squares) or "abs" (sum of absolute
+        values); fp16/bf16 tensors are summed in fp32. Returns (nodes, num, den)."""
+        op, arity = {"sq": ("Mul", 2), "abs": ("Abs", 1)}[reduce]
         nodes: list[onnx.NodeProto] = []
         num, den = [], []
         for j, (a, ref, like) in enumerate(terms):
@@ -574,8 +576,11 @@ class _Builder:
                 nodes.append(helper.make_node("Cast", [d], [d + ".f"], to=TensorProto.FLOAT))
                 nodes.append(helper.make_node("Cast", [ref], [f"{d}.ref.f"], to=TensorProto.FLOAT))
                 d, ref = d + ".f", f"{d}.ref.f"
-            nodes.append(helper.make_node(reduce, [d, axes], [f"{tag}{j}.num"], keepdims=0))
-            nodes.append(helper.make_node(reduce, [ref, axes], [f"{tag}{j}.den"], keepdims=0))
+            for x, out in ((d, f"{tag}{j}.num"), (ref, f"{tag}{j}.den")):
+                # ReduceSum of the elementwise square/abs, not ReduceSumSquare/ReduceL1: ONNX Runtime's CPU
+                # kernels for those take 2-3x as long on a (B, N, D) tensor, once per region per step.
+                nodes.append(helper.make_node(op, [x] * arity, [out + ".e"]))
+                nodes.append(helper.make_node("ReduceSum", [out + ".e", axes], [out], keepdims=0))
             num.append(f"{tag}{j}.num")
             den.append(f"{tag}{j}.den")
         if len(num) == 1:

@@ -42,10 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +53,7 @@ from onnx import helper
 from fcpass import __version__
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import infer_shapes, node_inputs, rename_values
-from fcpass.onnx_io import _UMASK, save_model
+from fcpass.onnx_io import atomic_dir, check_dir_output, save_model
 from fcpass.plan import PLAN_KEY
 
 log = logging.getLogger(__name__)
@@ -441,6 +438,20 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def segment_files(manifest: dict[str, Any]) -> list[str]:
+    """Every segment file of the manifest's step program, in program order."""
+    def walk(steps: list[dict[str, Any]]) -> list[str]:
+        out: list[str] = []
+        for s in steps:
+            if s["kind"] == "segment":
+                out.append(s["file"])
+            elif s["kind"] == "branch":
+                out += walk(s["then"]["steps"]) + walk(s["else"]["steps"])
+        return out
+
+    return walk(manifest["steps"])
+
+
 def interface_model(manifest: dict[str, Any]) -> onnx.ModelProto:
     """A node-less model with the If graph's inputs, outputs and metadata (for roles and the plan)."""
     def vi(v: dict[str, Any]) -> onnx.ValueInfoProto:
@@ -462,53 +473,23 @@ def check_lowering(lowering: str) -> None:
         raise FcpassError(f"--lowering {lowering!r} is unknown; use one of {', '.join(LOWERINGS)}")
 
 
+SEGMENTS_FOLDER = "an fcpass segments folder (the segments lowering writes a folder)"
+
+
 def check_segments_output(path: str | Path) -> None:
-    """Refuse, before any work, an output that exists and is not a previous segments artefact."""
-    p = Path(path)
-    if p.is_dir() and not is_segments_artefact(p) and any(p.iterdir()):
-        raise FcpassError(f"output {p} is a folder that is not an fcpass segments artefact; "
-                          "choose a new -o path (the segments lowering writes a folder)")
-    if p.exists() and not p.is_dir():
-        raise FcpassError(f"output {p} is an existing file; --lowering segments writes a folder: "
-                          "choose a new -o path (e.g. model.fc)")
+    check_dir_output(path, is_segments_artefact, SEGMENTS_FOLDER)
 
 
 def write_segments(lowered: Lowered, path: str | Path) -> Path:
     """Write the segments and the manifest into a temporary folder beside `path`, then rename it into place.
 
-    A previous segments artefact at `path` is replaced (renamed aside, then deleted); anything else there
-    is refused (check_segments_output).
+    A previous segments artefact at `path` is replaced; anything else there is refused.
     """
     dst = Path(path)
-    check_segments_output(dst)
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    except OSError as exc:
-        why = "part of the path is a file, not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
-        raise FcpassError(f"cannot write {dst}: {why}; choose an output path in a writable folder") from None
-    old: Path | None = None
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes the folder private; outputs get the usual mode
+    with atomic_dir(dst, is_segments_artefact, SEGMENTS_FOLDER) as tmp:
         for seg in lowered.segments():
             assert seg.model is not None
             save_model(seg.model, tmp / seg.file)
         (tmp / MANIFEST).write_text(json.dumps(manifest_json(lowered), indent=1))
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-            os.replace(dst, old / "artefact")
-        try:
-            os.replace(tmp, dst)
-        except OSError:
-            if old is not None:
-                os.replace(old / "artefact", dst)
-            raise
-    except OSError as exc:
-        raise FcpassError(f"could not write {dst}: {exc.strerror or exc}; free some space or choose another output path") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     log.info("wrote %s: %d segments", dst, len(lowered.segments()))
     return dst
