@@ -10,8 +10,10 @@ The figure has two panels sharing the step axis:
 
 * a step x region heatmap of the decisions: blocks in order, then the block ranges (`tail`,
   `stack`); with one chunk each cell shows computed / approximated / not reached (and, for a graph
-  with motion tokens, the steps its region computed on them alone), with several it shows the
-  fraction of chunks in which the region was skipped;
+  with motion tokens, the steps its region computed on them alone; for a graph with token caches,
+  the steps a region computed with its blocks in a token mode: DuCa's conservative steps, where the
+  blocks reused attention and recomputed the top-k tokens), with several it shows the fraction of
+  chunks in which the region was skipped;
 * for every region the graph decided on, the statistic divided by its threshold (chunk 0, log
   scale): the graph skips where the ratio is at or below 1, and an x marks a decision whose
   statistic was NaN/Inf (the graph then computes: fail-closed).
@@ -46,6 +48,11 @@ STATE_LABELS = {
     NOT_REACHED: "not reached (an enclosing region was skipped)",
 }
 MOTION_COLOR = "#59a14f"  # computed on its motion tokens only (fastcache motion=1)
+# A computing region whose blocks ran in a token mode (the record's `tok`, per token-cache block):
+# 1 reused self-attention and recomputed the top-k tokens (DuCa's C steps, ToCa), 2 recomputed
+# attention in full and the token-local branches on the top-k tokens.
+TOKEN_COLORS = {1: "#76b7b2", 2: "#b07aa1"}
+TOKEN_LABELS = {1: "computed on top-k tokens, attention reused", 2: "computed on top-k tokens, attention recomputed"}
 MISSING_COLOR = "#ffffff"
 BLOCK_CMAP = "plasma"
 BLOCK_CMAP_RANGE = (0.0, 0.85)  # plasma's last stretch is too pale to read as a line on white
@@ -102,10 +109,13 @@ class _Decisions:
     """The records as arrays: `skip[c, s, r]`, `ctl`, `thr`, `stat` (NaN where absent or null)."""
 
     def __init__(self, regions: list[str], skip: np.ndarray, ctl: np.ndarray, thr: np.ndarray,
-                 stat: np.ndarray, motion: np.ndarray, motion_region: str | None = None) -> None:
+                 stat: np.ndarray, motion: np.ndarray, motion_region: str | None = None,
+                 tok: np.ndarray | None = None) -> None:
         self.regions = regions
         self.skip, self.ctl, self.thr, self.stat = skip, ctl, thr, stat
         self.motion, self.motion_region = motion, motion_region  # motion[c, s]: a motion step
+        # tok[c, s, r]: the highest token mode of region r's blocks (0: every block in full)
+        self.tok = tok if tok is not None else np.zeros(skip.shape, np.int64)
         self.chunks, self.steps = skip.shape[0], skip.shape[1]
 
     @classmethod
@@ -129,12 +139,22 @@ class _Decisions:
         shape = (len(chunk_ids), steps, len(regions))
         arrays = {key: np.full(shape, np.nan) for key in ("skip", "ctl", "thr", "stat")}
         motion = np.zeros(shape[:2], bool)
-        for (chunk, step, values), rec in zip(parsed, records):
+        tok = np.zeros(shape, np.int64)
+        owner = [regions.index(r) if r in regions else -1 for r in data.get("token_regions") or []]
+        for i, ((chunk, step, values), rec) in enumerate(zip(parsed, records)):
             for key, row in values.items():
                 arrays[key][chunk_pos[chunk], step] = row
             motion[chunk_pos[chunk], step] = rec.get("motion") is True
+            modes = rec.get("tok")
+            if owner and isinstance(modes, list):
+                if len(modes) != len(owner):
+                    raise FcpassError(f"{name} record {i} has {len(modes)} token modes for {len(owner)} token-cache "
+                                      "blocks; the report is damaged or hand-edited; write it again with fcpass sample --report")
+                for r, mode in zip(owner, modes):
+                    if r >= 0 and isinstance(mode, int):
+                        tok[chunk_pos[chunk], step, r] = max(tok[chunk_pos[chunk], step, r], mode)
         region = data.get("motion_region")
-        return cls(list(regions), **arrays, motion=motion, motion_region=region if region in regions else None)
+        return cls(list(regions), **arrays, motion=motion, motion_region=region if region in regions else None, tok=tok)
 
     def row_order(self) -> list[int]:
         """Indices of `regions` for the heatmap rows: blocks by number, then tail, stack, anything else."""
@@ -218,6 +238,12 @@ def _draw_heatmap(fig: Any, ax: Any, cax: Any, d: _Decisions, rows: list[int]) -
             if on_motion.any():
                 img[row, on_motion] = to_rgba(MOTION_COLOR)
                 handles.append(Patch(facecolor=MOTION_COLOR, edgecolor="none", label="computed on its motion tokens"))
+        modes = d.tok[0][:, rows].T
+        for mode, color in TOKEN_COLORS.items():
+            cells = (modes == mode) & (state == COMPUTED)
+            if cells.any():
+                img[cells] = to_rgba(color)
+                handles.append(Patch(facecolor=color, edgecolor="none", label=TOKEN_LABELS[mode]))
         if (~present[0]).any():
             handles.append(Patch(facecolor=MISSING_COLOR, edgecolor="#999999", label="no record"))
         # One row up to three entries; beyond that two rows, so the legend stays clear of the title.

@@ -94,6 +94,9 @@ def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, p
         "macs_fraction": result.macs_executed / max(result.macs_uncached, 1),
         "regions": [r.name for r in denoiser.plan.regions] if hasattr(denoiser, "plan") else [],
         "motion_region": denoiser.plan.motion.get("region") if hasattr(denoiser, "plan") else None,
+        # the region (innermost) of each token-cache block, in the order of the records' `tok`
+        "token_regions": [b["region"] for b in denoiser.plan.tokens.get("blocks", [])]
+        if hasattr(denoiser, "plan") and denoiser.plan.tokens else [],
         "records": result.records,
         "accuracy": None,
     }

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from fcpass.cli import main
 from fcpass.errors import FcpassError
-from fcpass.report import DPI, MOTION_COLOR, STATE_COLORS, build_figure, plot_report
+from fcpass.report import DPI, MOTION_COLOR, STATE_COLORS, TOKEN_COLORS, build_figure, plot_report
 
 COMPUTED, SKIPPED, NOT_REACHED = STATE_COLORS[0], STATE_COLORS[1], STATE_COLORS[-1]
 
@@ -302,6 +302,30 @@ def test_motion_steps_are_marked_on_their_region() -> None:
     assert [bool(x) for x in _cells_of(cells[stack], MOTION_COLOR)] == [s in (2, 6) for s in range(12)]
     assert not _cells_of(cells[:stack], MOTION_COLOR).any()
     assert not _cells_of(_cell_colors(data), MOTION_COLOR).any()  # no motion region named: nothing marked
+
+
+def test_token_modes_are_marked_on_the_regions_that_computed() -> None:
+    """DuCa's F / C / A at a glance: computed, computed on top-k tokens, approximated."""
+    data = _report(blocks=4, steps=12)
+    data["token_regions"] = ["block0", "block1", "block2", "block3"]  # the records' `tok` order
+    conservative, recomputed = {2, 3, 6, 7, 8}, {9}
+    for rec in data["records"]:
+        step = rec["step"]
+        rec["tok"] = [1 if step in conservative else 2 if step in recomputed and b == 0 else 0 for b in range(4)]
+    cells = _cell_colors(data)
+    skip = {name: np.array([r["skip"][data["regions"].index(name)] for r in data["records"]])
+            for name in data["token_regions"]}
+    for row, name in enumerate(data["token_regions"]):  # heatmap rows: block0..3 first
+        want = [s in conservative and skip[name][s] == 0 for s in range(12)]
+        assert [bool(x) for x in _cells_of(cells[row], TOKEN_COLORS[1])] == want
+        assert any(want) and not all(skip[name][s] == 0 for s in conservative)  # both cases occur
+    assert [bool(x) for x in _cells_of(cells[0], TOKEN_COLORS[2])] == [s in recomputed and skip["block0"][s] == 0
+                                                                        for s in range(12)]
+    assert not _cells_of(cells[4:], TOKEN_COLORS[1]).any()  # tail and stack hold no token-cache block
+    assert not _cells_of(_cell_colors(_report()), TOKEN_COLORS[1]).any()
+    data["records"][3]["tok"] = [1, 1]
+    with pytest.raises(FcpassError, match="record 3 has 2 token modes for 4 token-cache blocks"):
+        build_figure(data)
 
 
 def test_a_long_policy_title_wraps_inside_the_figure() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from matplotlib.colors import to_rgb
 
 from fcpass.branches import find_branches
 from fcpass.discover import discover_blocks
@@ -380,3 +382,13 @@ def test_sampling_with_duca_resets_the_state_between_runs(tiny_dit: Path, tmp_pa
     none = load_denoiser(out, "none", {})
     base = sample(none, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
     assert not np.array_equal(base.images, runs[0].images)
+    # The report marks the C steps on the stack, the region that holds the token-cache blocks.
+    from fcpass.report import TOKEN_COLORS, build_figure
+    from fcpass.runner import run_sampling
+
+    _, report = run_sampling(den, setup, out, "duca", progress=False)
+    assert report["token_regions"] == ["stack"] * 3
+    fig = build_figure(json.loads(json.dumps(report)))
+    cells = np.asarray(fig.axes[0].get_images()[0].get_array())[0, :, :3]
+    marked = np.abs(cells - np.asarray(to_rgb(TOKEN_COLORS[1]))).max(axis=-1) < 1e-6
+    assert marked.tolist() == [s in (3, 6) for s in range(8)]
