@@ -36,6 +36,7 @@ segment's launch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,7 @@ class SegmentsBackend:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         env: dict[str, Any] = dict(feeds)
-        _execute(self.program, env, feeds.get(CTL_INPUT))
+        interpret(self.program, env, feeds.get(CTL_INPUT), _run_numpy, bool)
         return {name: env[name] for name in self._output_names}
 
     def state_binding(self, plan: CachePlan) -> Any:
@@ -172,18 +173,26 @@ class SegmentsBackend:
         return SegmentsBoundState(self, plan, device, self.device_id)
 
 
-def _execute(program: list[Any], env: dict[str, Any], ctl: np.ndarray | None) -> None:
-    """Run the steps on numpy values (ONNX Runtime's plain `run`)."""
+def interpret(program: list[Any], env: dict[str, Any], ctl: np.ndarray | None,
+              launch: Callable[[_Run, dict[str, Any]], None], read: Callable[[Any], bool]) -> None:
+    """Run the step program over `env`: `launch` runs a segment, an alias binds a name to a value, and a
+    branch takes its region's forced decision or else `read`s its condition (a device-to-host sync)."""
     for op in program:
         if isinstance(op, _Run):
-            values = op.runner.run(op.outputs, {name: env[name] for name in op.inputs})
-            env.update(zip(op.outputs, values))
+            launch(op, env)
         elif isinstance(op, _Alias):
             for dst, src in op.pairs:
                 env[dst] = env[src]
         else:
             cond = forced_branch(op, ctl)
-            _execute(op.then if (bool(env[op.cond]) if cond is None else cond) else op.orelse, env, ctl)
+            if cond is None:
+                cond = read(env[op.cond])
+            interpret(op.then if cond else op.orelse, env, ctl, launch, read)
+
+
+def _run_numpy(op: _Run, env: dict[str, Any]) -> None:
+    """ONNX Runtime's plain `run` on numpy values."""
+    env.update(zip(op.outputs, op.runner.run(op.outputs, {name: env[name] for name in op.inputs})))
 
 
 class SegmentsBoundState:
@@ -215,33 +224,22 @@ class SegmentsBoundState:
             self._host_for = list(fetch)
         env: dict[str, Any] = {name: self._upload(value) for name, value in feeds.items()}
         env.update(self.values)
-        self._execute(self.backend.program, env, feeds.get(CTL_INPUT))
+        interpret(self.backend.program, env, feeds.get(CTL_INPUT), self._launch, lambda cond: bool(cond.numpy()))
         self.values = {s.name: env[s.next] for s in self.plan.states}
         return {name: env[name].numpy() for name in fetch}
 
-    def _execute(self, program: list[Any], env: dict[str, Any], ctl: np.ndarray | None) -> None:
-        for op in program:
-            if isinstance(op, _Run):
-                if op.binding is None:
-                    op.binding = op.runner.io_binding()
-                b = op.binding
-                for name in op.inputs:
-                    b.bind_ortvalue_input(name, env[name])
-                # Fresh output buffers every run: values from earlier steps (the state) stay intact.
-                b.clear_binding_outputs()
-                for name in op.outputs:
-                    b.bind_output(name, "cpu" if name in self._host else self.device, self.device_id)
-                op.runner.run_with_iobinding(b)
-                env.update(zip(op.outputs, b.get_outputs()))
-            elif isinstance(op, _Alias):
-                for dst, src in op.pairs:
-                    env[dst] = env[src]
-            else:
-                # A forced region's condition is known here: no device-to-host copy, no stream sync.
-                cond = forced_branch(op, ctl)
-                if cond is None:
-                    cond = bool(env[op.cond].numpy())
-                self._execute(op.then if cond else op.orelse, env, ctl)
+    def _launch(self, op: _Run, env: dict[str, Any]) -> None:
+        if op.binding is None:
+            op.binding = op.runner.io_binding()
+        b = op.binding
+        for name in op.inputs:
+            b.bind_ortvalue_input(name, env[name])
+        # Fresh output buffers every run: values from earlier steps (the state) stay intact.
+        b.clear_binding_outputs()
+        for name in op.outputs:
+            b.bind_output(name, "cpu" if name in self._host else self.device, self.device_id)
+        op.runner.run_with_iobinding(b)
+        env.update(zip(op.outputs, b.get_outputs()))
 
     def state(self) -> dict[str, np.ndarray]:
         return {name: value.numpy() for name, value in self.values.items()}

@@ -41,7 +41,7 @@ from fcpass.passes.segments import interface_model, read_manifest
 from fcpass.plan import CTL_INPUT, CachePlan
 from fcpass.roles import graph_inputs, graph_outputs
 from fcpass.trt_build import IOTensor, import_tensorrt, read_engines_index
-from runtimes.segments import _Alias, _Run, compile_program, forced_branch, region_indices
+from runtimes.segments import compile_program, interpret, region_indices
 from runtimes.trt_backend import Device, TorchCudaDevice, load_engine, numpy_dtype
 
 log = logging.getLogger(__name__)
@@ -134,20 +134,14 @@ class TrtSegmentsBackend:
 
     # one step
 
-    def execute(self, program: list[Any], env: dict[str, Any], place: Place, ctl: np.ndarray | None) -> None:
-        for op in program:
-            if isinstance(op, _Run):
-                self._launch(op.runner, env, place)
-            elif isinstance(op, _Alias):
-                for dst, src in op.pairs:
-                    env[dst] = env[src]
-            else:
-                cond = forced_branch(op, ctl)
-                if cond is None:
-                    host = self.device.copy_out(env[op.cond])
-                    self.device.synchronize()
-                    cond = bool(np.asarray(host))
-                self.execute(op.then if cond else op.orelse, env, place, ctl)
+    def execute(self, env: dict[str, Any], place: Place, ctl: np.ndarray | None) -> None:
+        """One step of the program over `env`; `place` gives each segment output its buffer."""
+        interpret(self.program, env, ctl, lambda op, e: self._launch(op.runner, e, place), self._read)
+
+    def _read(self, cond: Any) -> bool:
+        host = self.device.copy_out(cond)
+        self.device.synchronize()
+        return bool(np.asarray(host))
 
     def _launch(self, seg: TrtSegment, env: dict[str, Any], place: Place) -> None:
         ctx = seg.context
@@ -185,7 +179,7 @@ class TrtSegmentsBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host feeds in (the state too), every output back (plain use, and `HostState`)."""
         env = self.upload(feeds)
-        self.execute(self.program, env, self.own, feeds.get(CTL_INPUT))
+        self.execute(env, self.own, feeds.get(CTL_INPUT))
         pending = {o.name: self.device.copy_out(env[o.name]) for o in self.outputs}
         self.device.synchronize()
         return {name: np.array(value) for name, value in pending.items()}
@@ -224,7 +218,7 @@ class TrtSegmentsState:
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
         env = self.backend.upload(feeds)
         env.update({name: pair[self.current[name]] for name, pair in self.slots.items()})
-        self.backend.execute(self.backend.program, env, self._place, feeds.get(CTL_INPUT))
+        self.backend.execute(env, self._place, feeds.get(CTL_INPUT))
         pending = {name: self.device.copy_out(env[name]) for name in fetch}
         for s in self.plan.states:
             value, cur = env[s.next], self.current[s.name]

@@ -13,7 +13,7 @@ import pytest
 
 from fcpass.cli import main
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.segments import MANIFEST, is_segments_artefact, read_manifest
+from fcpass.passes.segments import MANIFEST, is_segments_artefact, read_manifest, segment_files
 from fcpass.plan import MIX_WIDTH, read_plan
 from fcpass.runner import load_denoiser
 from models.digits import SCHEDULER_CONFIG
@@ -58,7 +58,7 @@ def test_no_if_in_any_segment_and_every_segment_checks(tiny_dit: Path, tmp_path:
     assert is_segments_artefact(seg)
     manifest = read_manifest(seg)
     files = sorted(p.name for p in seg.iterdir())
-    assert files == sorted([MANIFEST, *_files(manifest["steps"])])
+    assert files == sorted([MANIFEST, *segment_files(manifest)])
     for name in files:
         if name.endswith(".onnx"):
             model = onnx.load(str(seg / name))
@@ -68,16 +68,6 @@ def test_no_if_in_any_segment_and_every_segment_checks(tiny_dit: Path, tmp_path:
     assert sorted(_regions_in(manifest["steps"])) == sorted(r.name for r in plan.regions)  # a branch per region
     assert manifest["plan"] == json.loads(plan.to_json())
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-
-
-def _files(steps: list[dict[str, Any]]) -> list[str]:
-    out = []
-    for s in steps:
-        if s["kind"] == "segment":
-            out.append(s["file"])
-        elif s["kind"] == "branch":
-            out += _files(s["then"]["steps"]) + _files(s["else"]["steps"])
-    return out
 
 
 def _assert_same(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], names: list[str] | None = None) -> None:
