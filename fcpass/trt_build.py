@@ -35,7 +35,7 @@ from typing import Any
 import onnx
 
 from fcpass.errors import FcpassError
-from fcpass.onnx_io import atomic_dir, atomic_path, check_dir_output, check_distinct, load_model
+from fcpass.onnx_io import atomic_dir, atomic_path, check_distinct, load_model
 from fcpass.passes.segments import MANIFEST, read_manifest, segment_files
 from fcpass.trt_check import check_graph
 
@@ -179,7 +179,6 @@ def build_segments(segments: str | Path, output: str | Path, options: BuildOptio
     files = segment_files(manifest)
     for file in files:  # every segment passes the static rules before the first (long) build starts
         check_buildable(segments / file, listed_by=segments)
-    check_dir_output(output, is_engines_folder, ENGINES_FOLDER)
     built: dict[str, BuildSummary] = {}
     with atomic_dir(output, is_engines_folder, ENGINES_FOLDER) as tmp:
         for file in tqdm(files, desc="fcpass build", unit="segment"):
