@@ -6,8 +6,9 @@ Written against TensorRT's documented Python API (TensorRT 10.x; 11.x difference
    (with its first violation) before TensorRT is even imported;
 2. `tensorrt` is imported lazily; a missing package or a machine without a usable CUDA GPU (the
    `trt.Builder` cannot be created) is one FcpassError line naming what is missing;
-3. `trt.OnnxParser.parse_from_file(path)` parses the file itself, so external weights next to it
-   resolve; parser errors become one FcpassError (the first error and the count);
+3. the graph's statistic gates are inlined (`fcpass.passes.inline_gates`: TensorRT would sync on
+   each), and `trt.OnnxParser.parse(model, path)` parses it with the file's path, so external
+   weights next to the file resolve; parser errors become one FcpassError (the first error and the count);
 4. the builder config gets the workspace pool limit, the fp16/bf16 flag (removed in TensorRT 11,
    where networks are always strongly typed: convert the model's precision before building), the
    timing cache (loaded if the file exists, saved atomically after the build) and, if an input's
@@ -36,6 +37,7 @@ import onnx
 
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import atomic_dir, atomic_path, check_distinct, load_model
+from fcpass.passes.inline_gates import inline_gates
 from fcpass.passes.segments import MANIFEST, read_manifest, segment_files
 from fcpass.trt_check import check_graph
 
@@ -92,13 +94,13 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
     if options.batch < 1:
         raise FcpassError(f"--batch {options.batch} is not a batch size; pass 1 or more")
 
-    conditionals = check_buildable(model_path)
+    model = check_buildable(model_path)
 
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
     builder = create_builder(trt, logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode; 11: strongly typed
-    parse_onnx(trt, network, logger, model_path)
+    parse_onnx(trt, network, logger, model, model_path)
 
     config = builder.create_builder_config()
     if options.workspace_mb is not None:
@@ -131,12 +133,13 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
         tmp.write_bytes(plan)
     if options.timing_cache is not None:
         save_timing_cache(config, options.timing_cache)
-    return BuildSummary(output, int(engine.num_layers), plan.nbytes, conditionals, io, dynamic)
+    return BuildSummary(output, int(engine.num_layers), plan.nbytes, count_conditionals(model.graph), io, dynamic)
 
 
-def check_buildable(model_path: Path, listed_by: Path | None = None) -> int:
-    """Refuse a graph that fails the static TensorRT rules (its first violation); returns its If count."""
-    model = load_model(model_path, load_weights=False)
+def check_buildable(model_path: Path, listed_by: Path | None = None) -> onnx.ModelProto:
+    """The graph TensorRT is given (weights not loaded, gates inlined); refused with its first
+    violation of the static TensorRT rules."""
+    model = inline_gates(load_model(model_path, load_weights=False))
     violations = check_graph(model, "tensorrt", base_dir=model_path.parent)
     if violations:
         first = violations[0]
@@ -145,7 +148,7 @@ def check_buildable(model_path: Path, listed_by: Path | None = None) -> int:
             f"{model_path} fails the TensorRT checks: {first.where}: {first.message}{more}; fix: {first.fix} "
             f"(fcpass check {listed_by or model_path} lists all)"
         )
-    return count_conditionals(model.graph)
+    return model
 
 
 @dataclass
@@ -253,10 +256,11 @@ def _gpu_hint() -> str:
     return "CUDA is visible to PyTorch but TensorRT could not initialise it (driver/CUDA version mismatch?)"
 
 
-def parse_onnx(trt: ModuleType, network: Any, logger: Any, model_path: Path) -> None:
-    """Parse with `parse_from_file` (external data resolves beside the file); raise on any parser error."""
+def parse_onnx(trt: ModuleType, network: Any, logger: Any, model: onnx.ModelProto, model_path: Path) -> None:
+    """Parse `model`, read from `model_path` (its external data resolves beside that file); raise on
+    any parser error."""
     parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(model_path))
+    ok = parser.parse(model.SerializeToString(), str(model_path))
     errors = [parser.get_error(i) for i in range(parser.num_errors)]
     if ok and not errors:
         return

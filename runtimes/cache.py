@@ -9,6 +9,7 @@ import numpy as np
 
 from fcpass.errors import FcpassError
 from fcpass.plan import (
+    CTL_DECIDE,
     CTL_INPUT,
     MIX_INPUT,
     MOTION_INPUT,
@@ -86,7 +87,10 @@ class CachedDenoiser:
         if self._motion is not None:
             run_feeds[MOTION_INPUT] = np.array(int(motion), np.int64)
         out = self.binding.step(run_feeds, [self.output, STAT_OUTPUT, SKIP_OUTPUT])
-        stat, skip = out[STAT_OUTPUT], out[SKIP_OUTPUT]
+        # A forced region is not measured where the graph gates its statistic (ONNX Runtime) and is
+        # where the gates are inlined (TensorRT, segments): report it as not measured on every backend.
+        stat = np.where((controls.ctl >= CTL_DECIDE)[:, None], out[STAT_OUTPUT], np.float32(np.nan))
+        skip = out[SKIP_OUTPUT]
         self.policy.observe(step, stat, skip)
         skipped = skip == 1
         with np.errstate(invalid="ignore"):

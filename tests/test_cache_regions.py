@@ -12,6 +12,7 @@ import pytest
 
 from fcpass.discover import discover_blocks
 from fcpass.passes.cache_regions import insert_cache_regions
+from fcpass.passes.inline_gates import inline_gates
 from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, read_plan, write_plan
 from fcpass.trt_check import check_graph
 from tests.conftest import load, tiny_feeds
@@ -70,15 +71,17 @@ def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Comp
     assert names == ["stack", "block0", "tail", "block1", "block2"]
     parents = {r.name: r.parent for r in compiled.plan.regions}
     assert parents == {"stack": None, "block0": "stack", "tail": "stack", "block1": "tail", "block2": "tail"}
-    top_ifs = [n for n in compiled.model.graph.node if n.op_type == "If"]
+    top_ifs = [n for n in compiled.model.graph.node if n.op_type == "If" and n.name.endswith("/If")]
     assert len(top_ifs) == 1  # only the stack at top level; the rest nest inside its compute branch
+    gates = [n.name for n in compiled.model.graph.node if n.op_type == "If" and n not in top_ifs]
+    assert gates == ["fc/stack/gate"]
     then_branch = next(a.g for a in top_ifs[0].attribute if a.name == "then_branch")
     approx_ops = Counter(n.op_type for n in then_branch.node)
     # One MatMul for the fitted forms; Subs: taylor trend, delta, 1 - m_aff; Identities for outputs+states.
     assert approx_ops["MatMul"] == 1 and approx_ops["Sub"] == 3 and approx_ops["Mul"] >= 3
     else_branch = next(a.g for a in top_ifs[0].attribute if a.name == "else_branch")
-    inner_ifs = [n for n in else_branch.node if n.op_type == "If"]
-    assert len(inner_ifs) == 2  # block0 and tail
+    inner_ifs = [n.name for n in else_branch.node if n.op_type == "If"]
+    assert sorted(inner_ifs) == ["fc/block0/If", "fc/block0/gate", "fc/tail/If", "fc/tail/gate"]
     # No branch output is an outer value directly.
     for branch in (then_branch, else_branch):
         produced = {o for n in branch.node for o in n.output}
@@ -106,6 +109,31 @@ def test_all_compute_equals_original_and_states_are_true_block_io(compiled: Comp
             np.testing.assert_allclose(out[s.next], truth[s.source] - truth[head], rtol=0, atol=1e-5, err_msg=s.name)
         else:  # prev takes the old `out`, zero at the first step
             assert not out[s.next].any()
+
+
+def test_only_regions_the_graph_decides_are_measured_and_inlined_gates_measure_all(compiled: Compiled) -> None:
+    """A forced region's gate skips its statistic (NaN); with the gates inlined (what TensorRT and the
+    segments lowering get) every region is measured and everything else is unchanged."""
+    inlined = inline_gates(compiled.model)
+    assert not any(n.op_type == "If" and n.name.endswith("/gate") for n in inlined.graph.node)
+    sess = ort.InferenceSession(inlined.SerializeToString(), providers=["CPUExecutionProvider"])
+    compiled.run(tiny_feeds(0))
+    state = dict(compiled.state)
+    assert [r.name for r in compiled.plan.regions] == ["stack", "block0", "tail", "block1", "block2"]
+    # The stack decides and computes (thr < 0), block1 decides and skips; the others are forced.
+    compiled.ctl[:] = [2, 0, 0, 2, 1]
+    compiled.thr[:] = [-1, 0, 0, np.inf, 0]
+    out = compiled.run(tiny_feeds(1), update=False)
+    measured = np.isfinite(out["fc_stat"]).all(axis=1)
+    assert [r.name for r in compiled.plan.regions if measured[r.index]] == ["stack", "block1"]
+    assert out["fc_skip"].tolist() == [0, 0, 0, 1, 1]
+    feeds = {**tiny_feeds(1), **state, "fc_ctl": compiled.ctl, "fc_thr": compiled.thr, "fc_mix": compiled.mix}
+    ref = dict(zip(compiled.names, sess.run(None, feeds)))
+    assert np.isfinite(ref["fc_stat"]).all()
+    np.testing.assert_array_equal(ref["fc_stat"][measured], out["fc_stat"][measured])
+    for name in compiled.names:
+        if name != "fc_stat":
+            np.testing.assert_array_equal(ref[name], out[name], err_msg=name)
 
 
 def test_zero_state_never_skips_even_when_the_graph_decides(compiled: Compiled) -> None:
@@ -181,7 +209,7 @@ def test_skipped_stack_passes_nested_state_through(compiled: Compiled) -> None:
     out = compiled.run(tiny_feeds(1))
     skip = dict(zip([r.name for r in compiled.plan.regions], out["fc_skip"]))
     assert skip == {"stack": 1, "block0": -1, "tail": -1, "block1": -1, "block2": -1}
-    assert np.isnan(out["fc_stat"][1:]).all() and np.isfinite(out["fc_stat"][0]).all()
+    assert np.isnan(out["fc_stat"]).all()  # the stack was forced, so not measured; the rest not reached
     for s in compiled.plan.states:
         if s.kind == "mod":  # the previous step's modulated input, updated every step
             assert not np.array_equal(out[s.next], before[s.name])
@@ -219,7 +247,7 @@ def test_blocks_only_region_set(tiny_dit: Path) -> None:
     assert [r.name for r in c.plan.regions] == ["block0", "block1", "block2"]
     assert {s.kind for s in c.plan.states} == {"in", "out"}  # no `prev` state without taylor
     assert all(r.parent is None for r in c.plan.regions)
-    assert sum(n.op_type == "If" for n in c.model.graph.node) == 3
+    assert sum(n.op_type == "If" and n.name.endswith("/If") for n in c.model.graph.node) == 3
     feeds = tiny_feeds(3)
     (ref,) = c.ref_sess.run(None, feeds)
     assert np.abs(c.run(feeds)["noise_pred"] - ref).max() <= 1e-5

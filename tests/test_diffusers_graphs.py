@@ -47,7 +47,7 @@ from fcpass.discover import BlockMap, discover_blocks
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex
 from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.plan import APPROX_MIX, MIX_WIDTH, MOTION_INPUT, CachePlan
+from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, MIX_WIDTH, MOTION_INPUT, CachePlan
 from fcpass.trt_check import check_graph
 
 BATCH = 2
@@ -215,13 +215,15 @@ class Rewritten:
     reference: dict[str, np.ndarray]  # original outputs plus every region stream tensor, at A
     reference_b: dict[str, np.ndarray]
 
-    def run(self, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], skip: int | None = None) -> dict[str, np.ndarray]:
-        """One step; every region computes except region `skip`, forced to the residual approximation."""
+    def run(self, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], skip: int | None = None,
+            skip_ctl: int = CTL_SKIP) -> dict[str, np.ndarray]:
+        """One step; every region computes except region `skip`, which takes the residual
+        approximation: forced (CTL_SKIP) or if the graph decides so at threshold 0 (CTL_DECIDE)."""
         r = len(self.plan.regions)
         ctl = np.zeros(r, np.int64)
         mix = np.zeros((r, MIX_WIDTH), np.float32)
         if skip is not None:
-            ctl[skip] = 1
+            ctl[skip] = skip_ctl
             mix[skip] = APPROX_MIX["residual"]
         full = {**feeds, "fc_ctl": ctl, "fc_thr": np.zeros(r, np.float32), "fc_mix": mix, **state}
         names = [o.name for o in self.session.get_outputs()]
@@ -380,7 +382,7 @@ def test_residual_skip_at_same_inputs_reproduces_compute(exported: Exported, rew
     first = rewritten.run(exported.feeds, rewritten.zero_state())
     state = rewritten.next_state(first)
     for region in rewritten.plan.block_regions():
-        skipped = rewritten.run(exported.feeds, state, skip=region.index)
+        skipped = rewritten.run(exported.feeds, state, skip=region.index, skip_ctl=CTL_DECIDE)
         assert skipped["fc_skip"][region.index] == 1
         diff = np.abs(skipped["sample"] - first["sample"]).max()
         assert diff <= TOL, f"{region.name}: O_ref + (H - H_ref) differs from the computed output by {diff}"

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fcpass.cli import main
 from fcpass.errors import FcpassError
+from fcpass.plan import read_plan
 from fcpass.trt_build import BuildOptions, build_engine
 
 F = TensorProto.FLOAT
@@ -58,6 +59,7 @@ class FakeState:
         self.profiles: list[dict[str, tuple]] = []
         self.timing_cache_in: bytes | None = None
         self.parsed: str | None = None
+        self.parsed_model: onnx.ModelProto | None = None
         self.plan = b"PLAN\x00engine-bytes"
 
 
@@ -118,9 +120,10 @@ def make_fake_trt(state: FakeState, trt11: bool = False) -> types.ModuleType:
         def get_error(self, index: int) -> ParserError:
             return self.errors[index]
 
-        def parse_from_file(self, model: str) -> bool:
-            state.parsed = model
-            m = onnx.load(model)
+        def parse(self, model: bytes, path: str | None = None) -> bool:
+            state.parsed = path
+            m = onnx.load_from_string(model)
+            state.parsed_model = m
 
             def tensor(v: onnx.ValueInfoProto) -> Tensor:
                 dims = v.type.tensor_type.shape.dim
@@ -297,6 +300,29 @@ def test_successful_build_writes_the_engine_and_timing_cache(tmp_path: Path, fak
     # A second build starts from the saved timing cache and updates it.
     build_engine(model, out, BuildOptions(timing_cache=cache))
     assert fake.timing_cache_in == b"+tuned" and cache.read_bytes() == b"+tuned+tuned"
+
+
+def test_a_compiled_graph_is_built_without_its_statistic_gates(calibrated: tuple[Path, Path], tmp_path: Path,
+                                                               fake: FakeState) -> None:
+    """TensorRT reads every If condition on the host: the build gets one If per region, none per gate."""
+    _, fc = calibrated
+    summary = build_engine(fc, tmp_path / "m.plan", BuildOptions())
+    assert fake.parsed == str(fc) and fake.parsed_model is not None
+    names = _if_names(fake.parsed_model.graph)
+    assert names and all(n.endswith("/If") for n in names)
+    assert summary.conditionals == len(names) == len(read_plan(onnx.load(str(fc), load_external_data=False)).regions)
+    assert any(n.endswith("/gate") for n in _if_names(onnx.load(str(fc), load_external_data=False).graph))
+
+
+def _if_names(graph: onnx.GraphProto) -> list[str]:
+    out = []
+    for n in graph.node:
+        if n.op_type == "If":
+            out.append(n.name)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out += _if_names(a.g)
+    return out
 
 
 def test_dynamic_batch_gets_a_profile(tmp_path: Path, fake: FakeState) -> None:

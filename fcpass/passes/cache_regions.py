@@ -14,7 +14,9 @@ Cases:
    statistic and decision leave through every enclosing `If`; when an enclosing region is skipped,
    they pass through unchanged (state), NaN (statistic) and -1 (decision).
 3. The statistic (per sample, relative change of the stream inputs against the last computed ones)
-   and the decision are computed before the `If`, outside the branches. A NaN or Inf statistic
+   and the decision are computed before the `If`, outside its branches, inside the region's gate
+   (an `If` on ctl >= 2, so a forced region measures nothing; `fcpass.passes.inline_gates` removes
+   the gates for back ends that read every `If` condition on the host). A NaN or Inf statistic
    never skips (`stat <= thr` is false for NaN; Inf is tested explicitly, since thr may be Inf).
    Two regions also get a probe (`fcpass.plan.PROBES`), tested instead under ctl 3: the range after
    the first block, the first block's residual (FBCache); the stack, block 0's modulated input
@@ -137,6 +139,7 @@ def insert_cache_regions(
         r.spec.index = k
     builder.add_constants()
     builder.add_control_inputs(flat)
+    builder.add_unmeasured(regions[0].spec.inputs[0])
     for r in flat:
         builder.add_state(r, taylor)
     if tokens is not None:  # each block's token If, built inside its innermost region's compute branch
@@ -354,10 +357,11 @@ class _Builder:
         return _Region(spec, set(nodes))
 
     def add_control_inputs(self, flat: list[_Region]) -> None:
-        """Graph inputs fc_ctl, fc_thr, fc_mix, and per region a forced-skip flag and a threshold.
+        """Graph inputs fc_ctl, fc_thr, fc_mix, and per region its gate's condition (ctl >= 2).
 
         The control logic runs once for all regions (vectorised over R) so its cost does not grow
-        with the number of regions: force = (ctl == 1); thr_eff = ctl >= 2 ? min(thr, FLT_MAX) : -1;
+        with the number of regions; each gate's branches gather what they use from it:
+        force = (ctl == 1); thr_eff = ctl >= 2 ? min(thr, FLT_MAX) : -1;
         a region with a probe tests it instead of its statistic when ctl == 3. A statistic is >= 0
         or NaN, so thr_eff = -1 never skips, and clamping thr keeps an Inf statistic from passing an
         Inf threshold (fail closed).
@@ -378,19 +382,24 @@ class _Builder:
             helper.make_node("Min", [THR_INPUT, fmax], ["fc.thr_finite"], name="fc/thr_finite"),
             helper.make_node("Where", ["fc.decide", "fc.thr_finite", never], ["fc.thr_eff"], name="fc/thr_eff"),
         ]
-        for region in flat:
+        if any(region.spec.probe for region in flat):
+            self.control_nodes.append(helper.make_node("Equal", [CTL_INPUT, three], ["fc.use_probe"], name="fc/use_probe"))
+        for region in flat:  # the rest of a region's controls are gathered inside its gate's branches
             n = region.name
             idx = self.const(f"fc.{n}.idx", np.array(region.spec.index, dtype=np.int64))
-            self.control_nodes += [
-                helper.make_node("Gather", ["fc.force", idx], [f"fc.{n}.force"], name=f"fc/{n}/force"),
-                helper.make_node("Gather", ["fc.thr_eff", idx], [f"fc.{n}.thr"], name=f"fc/{n}/thr"),
-            ]
-            if region.spec.probe:
-                if "fc.use_probe" not in {o for x in self.control_nodes for o in x.output}:
-                    self.control_nodes.append(
-                        helper.make_node("Equal", [CTL_INPUT, three], ["fc.use_probe"], name="fc/use_probe"))
-                self.control_nodes.append(
-                    helper.make_node("Gather", ["fc.use_probe", idx], [f"fc.{n}.use_probe"], name=f"fc/{n}/use_probe"))
+            self.control_nodes.append(
+                helper.make_node("Gather", ["fc.decide", idx], [f"fc.{n}.decide"], name=f"fc/{n}/decide"))
+
+    def add_unmeasured(self, like: str) -> None:
+        """fc.nan_b (B,), B the batch of `like`: the statistic of a region not measured this step."""
+        self.const("fc.batch_lo", np.array([0], dtype=np.int64))
+        self.const("fc.batch_hi", np.array([1], dtype=np.int64))
+        self.control_nodes += [
+            helper.make_node("Shape", [like], ["fc.shape"], name="fc/shape"),
+            helper.make_node("Slice", ["fc.shape", "fc.batch_lo", "fc.batch_hi"], ["fc.batch"], name="fc/batch"),
+            helper.make_node("ConstantOfShape", ["fc.batch"], ["fc.nan_b"], name="fc/nan_b",
+                             value=numpy_helper.from_array(np.array([np.nan], dtype=np.float32))),
+        ]
 
     def add_state(self, region: _Region, taylor: bool) -> None:
         n = region.name
@@ -431,6 +440,9 @@ class _Builder:
         n = region.name
         spec = region.spec
         pre = self.statistic_nodes(region)
+        if region.probe_input is not None:  # the previous step's modulated input, whatever the step does
+            mod = region.states_mod[0]
+            pre.append(helper.make_node("Identity", [region.probe_input], [mod.next], name=f"fc/{mod.next}"))
         body_src = [self.index.nodes[i] for i in sorted(region.nodes)]
         body = self.replace_regions(body_src, region.children)
         if self.tokens is not None:
@@ -467,8 +479,9 @@ class _Builder:
         for k, s in enumerate(region.states_prev):
             emit(run_nodes, run_out, region.states_out[k].name, f"{s.next}@{n}.run", s.source)
             emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
-        for j, s in enumerate(region.states_res):
-            emit(run_nodes, run_out, f"fc.{n}.R{j}", f"{s.next}@{n}.run", s.source)
+        for (x, h), s in zip(region.probe_pairs, region.states_res):
+            run_nodes.append(helper.make_node("Sub", [x, h], [f"{s.next}@{n}.run"], name=f"fc/{s.next}@{n}.run"))
+            run_out.append(self.value_info(f"{s.next}@{n}.run", s.source))
             emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
         for s in region.states_tok:
             emit(run_nodes, run_out, rename[s.next], f"{s.next}@{n}.run", s.source)
@@ -504,7 +517,7 @@ class _Builder:
         batch = self.tensor_type(region.spec.inputs[0])[1][0]
         for child in _flatten(region.children):
             stat, skip = f"fc.{child.name}.stat@{tag}", f"fc.{child.name}.skip@{tag}"
-            nodes.append(helper.make_node("Mul", [f"fc.{n}.stat", "fc.nan"], [stat]))
+            nodes.append(helper.make_node("Identity", ["fc.nan_b"], [stat]))
             infos.append(helper.make_tensor_value_info(stat, TensorProto.FLOAT, [batch]))
             nodes.append(helper.make_node("Identity", ["fc.minus_one"], [skip]))
             infos.append(helper.make_tensor_value_info(skip, TensorProto.FLOAT, []))
@@ -515,30 +528,56 @@ class _Builder:
     def statistic_nodes(self, region: _Region) -> list[onnx.NodeProto]:
         """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step.
 
-        Skip iff forced, or iff every sample's stat <= thr_eff (see add_control_inputs).
+        Skip iff forced, or iff every sample's stat <= thr_eff (see add_control_inputs). The statistic
+        is measured inside the region's gate, an `If` on ctl >= 2: a region the host forced pays that
+        `If` instead of passes over its inputs, and its statistic is NaN (not measured).
         """
         n = region.name
+        idx = f"fc.{n}.idx"
+        measure = [
+            helper.make_node("Gather", ["fc.force", idx], [f"fc.{n}.force"]),
+            helper.make_node("Gather", ["fc.thr_eff", idx], [f"fc.{n}.thr"]),
+        ]
+        if region.spec.probe:
+            measure.append(helper.make_node("Gather", ["fc.use_probe", idx], [f"fc.{n}.use_probe"]))
         terms = [(h, st.name, h) for h, st in zip(region.spec.inputs, region.states_in)]
-        nodes, num, den = self.reduced_change(f"fc.{n}.d", terms, "sq")
-        rel = f"fc.{n}.rel" if region.spec.probe else f"fc.{n}.stat"
-        nodes += [
+        change, num, den = self.reduced_change(f"fc.{n}.d", terms, "sq")
+        measure += change
+        rel = f"fc.{n}.rel" if region.spec.probe else f"fc.{n}.stat@gate"
+        measure += [
             helper.make_node("Div", [num, den], [f"fc.{n}.ratio"]),
             helper.make_node("Sqrt", [f"fc.{n}.ratio"], [rel]),
         ]
         if region.spec.probe:
-            nodes += self.probe_nodes(region)
-            nodes.append(helper.make_node("Where", [f"fc.{n}.use_probe", f"fc.{n}.probe", rel], [f"fc.{n}.stat"]))
-        nodes += [
-            helper.make_node("LessOrEqual", [f"fc.{n}.stat", f"fc.{n}.thr"], [f"fc.{n}.ok"]),
+            measure += self.probe_nodes(region)
+            measure.append(helper.make_node("Where", [f"fc.{n}.use_probe", f"fc.{n}.probe", rel], [f"fc.{n}.stat@gate"]))
+        measure += [
+            helper.make_node("LessOrEqual", [f"fc.{n}.stat@gate", f"fc.{n}.thr"], [f"fc.{n}.ok"]),
             helper.make_node("Cast", [f"fc.{n}.ok"], [f"fc.{n}.okf"], to=TensorProto.FLOAT),
             helper.make_node("ReduceMin", [f"fc.{n}.okf"], [f"fc.{n}.allok"], keepdims=0),
             helper.make_node("Greater", [f"fc.{n}.allok", "fc.half"], [f"fc.{n}.pass"]),
-            helper.make_node("Or", [f"fc.{n}.force", f"fc.{n}.pass"], [f"fc.{n}.cond"]),
-            helper.make_node("Cast", [f"fc.{n}.cond"], [f"fc.{n}.skip"], to=TensorProto.FLOAT),
+            # force is false where the gate measures; the Or keeps the branch exact on its own, for
+            # back ends that measure at every step (`fcpass.passes.inline_gates`).
+            helper.make_node("Or", [f"fc.{n}.force", f"fc.{n}.pass"], [f"fc.{n}.cond@gate"]),
         ]
-        for node in nodes:
+        forced = [
+            helper.make_node("Identity", ["fc.nan_b"], [f"fc.{n}.stat@forced"]),
+            helper.make_node("Gather", ["fc.force", idx], [f"fc.{n}.cond@forced"]),
+        ]
+        for node in measure + forced:
             node.name = f"fc/{n}/{node.output[0]}"
-        return nodes
+        batch = self.tensor_type(region.spec.inputs[0])[1][0]
+
+        def branch(nodes: list[onnx.NodeProto], tag: str) -> onnx.GraphProto:
+            return helper.make_graph(nodes, f"fc_{n}_{tag}", [], [
+                helper.make_tensor_value_info(f"fc.{n}.stat@{tag}", TensorProto.FLOAT, [batch]),
+                helper.make_tensor_value_info(f"fc.{n}.cond@{tag}", TensorProto.BOOL, []),
+            ])
+
+        gate = helper.make_node("If", [f"fc.{n}.decide"], [f"fc.{n}.stat", f"fc.{n}.cond"], name=gate_name(n),
+                                then_branch=branch(measure, "gate"), else_branch=branch(forced, "forced"))
+        skip = helper.make_node("Cast", [f"fc.{n}.cond"], [f"fc.{n}.skip"], name=f"fc/{n}/fc.{n}.skip", to=TensorProto.FLOAT)
+        return [gate, skip]
 
     def probe_nodes(self, region: _Region) -> list[onnx.NodeProto]:
         """probe (B,) = sum |a - a_ref| / sum |a_ref| over the probed tensors (rel_L1 per sample).
@@ -554,9 +593,7 @@ class _Builder:
             nodes.append(helper.make_node("Sub", [x, h], [f"fc.{n}.R{j}"]))
             terms.append((f"fc.{n}.R{j}", region.states_res[j].name, x))
         if region.probe_input is not None:
-            mod = region.states_mod[0]
-            nodes.append(helper.make_node("Identity", [region.probe_input], [mod.next]))
-            terms.append((region.probe_input, mod.name, region.probe_input))
+            terms.append((region.probe_input, region.states_mod[0].name, region.probe_input))
         reduce_nodes, num, den = self.reduced_change(f"fc.{n}.p", terms, "abs")
         return [*nodes, *reduce_nodes, helper.make_node("Div", [num, den], [f"fc.{n}.probe"])]
 
@@ -663,7 +700,7 @@ class _Builder:
         return nodes
 
     def add_constants(self) -> None:
-        for name, value in (("fc.nan", np.nan), ("fc.minus_one", -1.0), ("fc.half", 0.5)):
+        for name, value in (("fc.minus_one", -1.0), ("fc.half", 0.5)):
             self.const(name, np.array(value, dtype=np.float32))
         for j in range(MIX_WIDTH):
             self.const(f"fc.c{j}", np.array(j, dtype=np.int64))
@@ -687,6 +724,11 @@ class _Builder:
         keep = [v for v in self.graph.value_info if v.name in defined]
         del self.graph.value_info[:]
         self.graph.value_info.extend(keep)
+
+
+def gate_name(region: str) -> str:
+    """The name of the `If` that measures `region`'s statistic only when the graph decides it."""
+    return f"fc/{region}/gate"
 
 
 def _cond_info(regions: list[_Region]) -> list[onnx.ValueInfoProto]:

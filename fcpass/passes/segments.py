@@ -17,6 +17,7 @@ Cases:
 1. Straight-line nodes between `If`s (in the graph's topological order) form one segment: before the
    first If (head, which computes the controls and the first statistic and condition), between two
    (mid: the next region's statistic and condition) and after the last (tail: fc_stat / fc_skip).
+   A region's statistic gate is inlined, not lowered: a host branch there would cost a segment.
 2. Each `If` becomes a branch step: its condition (computed by the segment before it) and its two
    branches, lowered recursively, so an If nested in a compute branch is lowered too. A branch's
    outputs are renamed to the If's output names, so whichever branch runs defines them.
@@ -54,6 +55,7 @@ from fcpass import __version__
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import infer_shapes, node_inputs, rename_values
 from fcpass.onnx_io import atomic_dir, check_dir_output, save_model
+from fcpass.passes.inline_gates import inline_gates
 from fcpass.plan import PLAN_KEY
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,9 @@ class _Scope:
 
 
 def lower_to_segments(model: onnx.ModelProto) -> Lowered:
-    """Lower every If of `model` (an fcpass cache-aware graph, or any graph) to host-chosen segments."""
+    """Lower every If of `model` (an fcpass cache-aware graph, or any graph) to host-chosen segments;
+    statistic gates are inlined first (`fcpass.passes.inline_gates`), not lowered."""
+    model = inline_gates(model)
     g = model.graph
     if g.sparse_initializer:
         raise FcpassError("the graph has sparse initializers, which --lowering segments does not carry; "
