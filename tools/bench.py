@@ -53,7 +53,7 @@ DEFAULT_POLICIES = [
     "magcache:threshold=0.1@stack",
     "teacache:threshold=0.04@stack",
     "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4@stack",
-    "fastcache:approx=taylor1,levels=stack,sigma_scale=128,max_skips=6,warmup=3@stack",
+    "fastcache:approx=taylor1,levels=stack,sigma_scale=70,max_skips=6,warmup=3@stack",
     # The same test with FastCache's motion tokens (a stack graph with --motion-ratio).
     "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4,motion=1@stack",
     # FBCache on the range after the first block; DuCa and ToCa on token-level graphs.
