@@ -84,9 +84,10 @@ def _assert_same(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], names: 
 
 
 @pytest.mark.parametrize("regions", [ALL, ("stack",)], ids=lambda r: ",".join(r))
-@pytest.mark.parametrize("ctl", [0, 1, 2])
+@pytest.mark.parametrize("ctl", [0, 1, 2, 3])
 def test_every_branch_forced_gives_the_if_graphs_outputs(tiny_dit: Path, tmp_path: Path, regions: tuple[str, ...], ctl: int) -> None:
-    """All compute (0), all skip (1), and the graph deciding (2) with some regions passing, some not."""
+    """All compute (0), all skip (1), and the graph deciding on the statistic (2) or the probes (3)
+    with some regions passing, some not."""
     fc, seg = _lower(tiny_dit, tmp_path, regions=regions, taylor=True)
     model = onnx.load(str(fc))
     plan = read_plan(model)
@@ -102,7 +103,7 @@ def test_every_branch_forced_gives_the_if_graphs_outputs(tiny_dit: Path, tmp_pat
     ref = dict(zip(names, sess.run(None, feeds)))
     skip = ref["fc_skip"].tolist()
     # Region 0 is the outermost: skipped, it leaves every other region unreached (-1).
-    assert skip == {0: [0.0] * r, 1: [1.0] + [-1.0] * (r - 1), 2: [float(k % 2) for k in range(r)]}[ctl]
+    assert skip == {0: [0.0] * r, 1: [1.0] + [-1.0] * (r - 1)}.get(ctl, [float(k % 2) for k in range(r)])
     host = SegmentsBackend(seg)
     _assert_same(ref, host.run(feeds))
     # The I/O-binding runtime (the CUDA path) on the CPU: the same values through OrtValues.
