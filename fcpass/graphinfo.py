@@ -101,15 +101,16 @@ class GraphIndex:
         return seen
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds as attributes (If's branches, Loop's and Scan's bodies)."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """A node's inputs, including the outer-scope names its subgraphs (If, Loop, Scan) read."""
     names = [i for i in node.input if i]
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            names.extend(_outer_names(attr.g))
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for g in attr.graphs:
-                names.extend(_outer_names(g))
+    for g in subgraphs(node):
+        names.extend(_outer_names(g))
     return names
 
 
@@ -205,11 +206,9 @@ def rename_values(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
     for i, name in enumerate(node.output):
         if name in mapping:
             node.output[i] = mapping[name]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for inner in g.node:
-                rename_values(inner, mapping)
-            for o in g.output:
-                if o.name in mapping:
-                    o.name = mapping[o.name]
+    for g in subgraphs(node):
+        for inner in g.node:
+            rename_values(inner, mapping)
+        for o in g.output:
+            if o.name in mapping:
+                o.name = mapping[o.name]

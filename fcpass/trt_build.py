@@ -36,6 +36,7 @@ from typing import Any
 import onnx
 
 from fcpass.errors import FcpassError
+from fcpass.graphinfo import subgraphs
 from fcpass.onnx_io import atomic_dir, atomic_path, check_distinct, load_model
 from fcpass.passes.inline_gates import inline_gates
 from fcpass.passes.segments import MANIFEST, read_manifest, segment_files
@@ -326,12 +327,4 @@ def _enum_name(value: Any) -> str:
 
 
 def count_conditionals(graph: onnx.GraphProto) -> int:
-    n = 0
-    for node in graph.node:
-        n += node.op_type == "If"
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                n += count_conditionals(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                n += sum(count_conditionals(g) for g in a.graphs)
-    return n
+    return sum((node.op_type == "If") + sum(count_conditionals(g) for g in subgraphs(node)) for node in graph.node)

@@ -512,8 +512,7 @@ class _Builder:
     def unreached_children(self, region: _Region, tag: str, nodes: list[onnx.NodeProto],
                            infos: list[onnx.ValueInfoProto]) -> None:
         """A branch that does not run `region`'s nested regions: per child (in the compute branch's
-        order) the statistic NaN (anything times NaN), the decision -1, the states passed through."""
-        n = region.name
+        order) the statistic NaN, the decision -1, the states passed through."""
         batch = self.tensor_type(region.spec.inputs[0])[1][0]
         for child in _flatten(region.children):
             stat, skip = f"fc.{child.name}.stat@{tag}", f"fc.{child.name}.skip@{tag}"

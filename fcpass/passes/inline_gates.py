@@ -15,7 +15,7 @@ import re
 
 import onnx
 
-from fcpass.graphinfo import rename_values
+from fcpass.graphinfo import rename_values, subgraphs
 
 _GATE = re.compile(r"^fc/(.+)/gate$")
 
@@ -42,7 +42,7 @@ def _inline(graph: onnx.GraphProto) -> None:
             graph.initializer.extend(then.initializer)  # constants localized into the branch
             graph.value_info.extend(then.value_info)
         else:
-            for g in _subgraphs(node):
+            for g in subgraphs(node):
                 _inline(g)
             nodes.append(node)
     del graph.node[:]
@@ -52,6 +52,3 @@ def _inline(graph: onnx.GraphProto) -> None:
 def _is_gate(node: onnx.NodeProto) -> bool:
     return node.op_type == "If" and node.domain in ("", "ai.onnx") and bool(_GATE.match(node.name))
 
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import onnx
 
+from fcpass.graphinfo import subgraphs
+
 
 def localize_weights(model: onnx.ModelProto) -> int:
     """Move weights into the branches that read them (in place); returns how many moved."""
@@ -30,9 +32,8 @@ def localize_weights(model: onnx.ModelProto) -> int:
             for x in node.input:
                 if x in names:
                     paths.setdefault(x, []).append(path)
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    walk(sub, (*path, sub))
+            for sub in subgraphs(node):
+                walk(sub, (*path, sub))
         for o in g.output:
             if o.name in names:
                 paths.setdefault(o.name, []).append(path)

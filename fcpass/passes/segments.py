@@ -53,7 +53,7 @@ from onnx import helper
 
 from fcpass import __version__
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import infer_shapes, node_inputs, rename_values
+from fcpass.graphinfo import infer_shapes, node_inputs, rename_values, subgraphs
 from fcpass.onnx_io import atomic_dir, check_dir_output, save_model
 from fcpass.passes.inline_gates import inline_gates
 from fcpass.plan import PLAN_KEY
@@ -192,12 +192,7 @@ def _lower_nodes(nodes: list[onnx.NodeProto], scope: _Scope, label: str, counter
 
 
 def _has_nested_if(node: onnx.NodeProto) -> bool:
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            if any(n.op_type == "If" or _has_nested_if(n) for n in g.node):
-                return True
-    return False
+    return any(n.op_type == "If" or _has_nested_if(n) for g in subgraphs(node) for n in g.node)
 
 
 def _lower_if(node: onnx.NodeProto, scope: _Scope, counter: _Counter) -> Branch:
@@ -361,10 +356,8 @@ def _used_functions(nodes: list[onnx.NodeProto], source: onnx.ModelProto) -> lis
         if key in by_key and key not in used:
             used[key] = by_key[key]
             frontier.extend(by_key[key].node)
-        for attr in n.attribute:
-            graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for g in graphs:
-                frontier.extend(g.node)
+        for g in subgraphs(n):
+            frontier.extend(g.node)
     return list(used.values())
 
 
