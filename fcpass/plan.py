@@ -58,7 +58,9 @@ APPROX_MIX: dict[str, tuple[float, float, float, float]] = {
 
 @dataclass
 class StateSpec:
-    """One cache-state tensor: fed as `name`, its next value comes back as `next`."""
+    """One cache-state tensor, fed as `name`. Where its region computed (`fc_skip` 0; the "mod" probe at
+    every step) it takes the value `next`: a graph output, or another state's value before the step
+    (the previous output takes the output state's); elsewhere it keeps its value (`runtimes.state.Commit`)."""
 
     name: str
     next: str

@@ -12,8 +12,8 @@ Runtime session each) and interprets the program over an environment of named va
   the compute branch's steps if not. A region the policy forced (fc_ctl 0 or 1) needs no read: its
   condition is known from fc_ctl (`forced_branch`), which saves a device-to-host sync per region.
 
-Outputs, including `fc_stat`, `fc_skip` and the state's `.next` values, are therefore the If graph's
-(NaN statistic and -1 decision inside a skipped region, state passed through). The backend offers
+Outputs, including `fc_stat`, `fc_skip` and the values the state takes, are therefore the If graph's
+(NaN statistic and -1 decision inside a skipped region). The backend offers
 the same interface as `runtimes.backend.OrtBackend` (`model`, `inputs`, `outputs`, `provider`, `run`,
 `state_binding`), so `runtimes.cache.CachedDenoiser` and every policy run on it unchanged.
 
@@ -45,9 +45,10 @@ import numpy as np
 
 from fcpass.errors import FcpassError
 from fcpass.passes.segments import interface_model, read_manifest
-from fcpass.plan import CTL_INPUT, CachePlan, has_plan, read_plan
+from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, CachePlan, has_plan, read_plan
 from fcpass.roles import graph_inputs, graph_outputs
 from runtimes.backend import open_session, session_setup
+from runtimes.state import Commit, HostState
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,6 @@ class SegmentsBackend:
 
     def state_binding(self, plan: CachePlan) -> Any:
         """Cache state as host arrays, or as OrtValues on the session's device with I/O binding."""
-        from runtimes.state import HostState
-
         if not self.iobinding:
             return HostState(self, plan)
         device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -210,6 +209,7 @@ class SegmentsBoundState:
         self._host: set[str] = set()
         self._host_for: list[str] | None = None
         self._conds = _conditions(backend.program)
+        self.commit = Commit(plan)
 
     def _upload(self, value: np.ndarray) -> Any:
         return self._ortvalue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
@@ -220,13 +220,14 @@ class SegmentsBoundState:
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
         if fetch != self._host_for:
             # Conditions are read by the host, fetched values returned to it: bind those to host memory.
-            self._host = self._conds | set(fetch)
+            self._host = self._conds | set(fetch) | {SKIP_OUTPUT}
             self._host_for = list(fetch)
         env: dict[str, Any] = {name: self._upload(value) for name, value in feeds.items()}
         env.update(self.values)
         interpret(self.backend.program, env, feeds.get(CTL_INPUT), self._launch, lambda cond: bool(cond.numpy()))
-        self.values = {s.name: env[s.next] for s in self.plan.states}
-        return {name: env[name].numpy() for name in fetch}
+        got = {name: env[name].numpy() for name in dict.fromkeys([*fetch, SKIP_OUTPUT])}
+        self.values = self.commit(self.values, env, got[SKIP_OUTPUT])
+        return {name: got[name] for name in fetch}
 
     def _launch(self, op: _Run, env: dict[str, Any]) -> None:
         if op.binding is None:

@@ -19,9 +19,10 @@ Device memory, copies and the stream come from PyTorch (`torch.empty(..., device
 runs in the tests against a numpy fake. Data types map by `DataType` name (what `trt.nptype` does,
 with a clear error for types numpy has no equivalent for, such as BF16).
 
-`TrtBoundState` is `runtimes.state.BoundState` for TensorRT: the cache state lives in two sets of
-device buffers A/B; at parity p the state inputs point at set p and their `.next` outputs at set
-1-p (only those addresses change from step to step), so the state never crosses the bus. The small
+`TrtBoundState` is `runtimes.state.BoundState` for TensorRT: the cache state lives in pools of
+device buffers (`runtimes.state.StatePools`); each step the state inputs point at the buffers the
+states hold and the outputs they take at free ones (only addresses change from step to step, and
+only those that did), so the state never crosses the bus and is never copied. The small
 per-step inputs (latent, timestep, labels or caption embeddings, fc_ctl, fc_thr, fc_mix) are copied
 into persistent device buffers; after `execute_async_v3` only the fetched outputs (the model output,
 fc_stat, fc_skip: a few floats for the statistics) are copied back, and the stream is synchronised
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,9 +46,10 @@ import numpy as np
 
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import load_model
-from fcpass.plan import CachePlan, StateSpec
+from fcpass.plan import SKIP_OUTPUT, CachePlan
 from fcpass.roles import TensorSpec, graph_inputs, graph_outputs
 from fcpass.trt_build import IOTensor, import_tensorrt, io_tensor
+from runtimes.state import StatePools, written_outputs
 
 log = logging.getLogger(__name__)
 
@@ -75,30 +76,14 @@ def numpy_dtype(trt_dtype: str) -> np.dtype:
         ) from None
 
 
-@dataclass(frozen=True)
-class Buffer:
-    """Which device buffer an engine I/O tensor is bound to: a state set (0 = A, 1 = B) or its own."""
-
-    kind: str  # "state" or "io"
-    key: str  # the state's name, or the tensor's own name
-    set: int = -1  # 0 or 1 for "state"
-
-
-def buffer_plan(inputs: list[str], outputs: list[str], states: list[StateSpec], parity: int) -> dict[str, Buffer]:
-    """Every engine I/O tensor -> its buffer at `parity`: state `name` reads set p, `name.next` writes set 1-p."""
-    if parity not in (0, 1):
-        raise ValueError(f"parity is 0 or 1, not {parity}")
-    plan = {name: Buffer("io", name) for name in [*inputs, *outputs]}
-    missing = [s.name for s in states if s.name not in inputs] + [s.next for s in states if s.next not in outputs]
+def check_state_io(inputs: list[str], outputs: list[str], plan: CachePlan) -> None:
+    """The engine must take every state as an input and write every value the state takes as an output."""
+    missing = [s.name for s in plan.states if s.name not in inputs] + [v for v in written_outputs(plan) if v not in outputs]
     if missing:
         raise FcpassError(
             f"the engine has no I/O tensor {missing[0]} of the cache plan ({len(missing)} missing): it was built from "
             "another graph; rebuild it with fcpass build MODEL.fc.onnx -o MODEL.fc.plan"
         )
-    for s in states:
-        plan[s.name] = Buffer("state", s.name, parity)
-        plan[s.next] = Buffer("state", s.name, 1 - parity)
-    return plan
 
 
 def engine_mismatch(io: list[IOTensor], inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str | None:
@@ -343,15 +328,14 @@ class TrtBackend:
 
 
 class TrtBoundState:
-    """`BoundState` on TensorRT: state in device sets A/B, the addresses of the state tensors swapped each step."""
+    """`BoundState` on TensorRT: the state in `StatePools` of device buffers; each step points the state
+    inputs at the buffers the states hold and the outputs they take at free ones (addresses only)."""
 
     def __init__(self, backend: TrtBackend, plan: CachePlan) -> None:
         self.backend = backend
         self.plan = plan
         self.device = backend.device
-        self.plans = tuple(buffer_plan(backend.input_names, backend.output_names, plan.states, p) for p in (0, 1))
-        self.exclude = frozenset(n for n, b in self.plans[0].items() if b.kind == "state")
-        self.sets: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        check_state_io(backend.input_names, backend.output_names, plan)
         for s in plan.states:
             shape = tuple(int(d) for d in s.shape)
             t = backend.tensors[s.name]
@@ -360,36 +344,37 @@ class TrtBoundState:
                                   f"engine; rebuild the engine from this graph (fcpass build)")
             if any(e < 0 for e in t.shape) and not backend.context.set_input_shape(s.name, shape):
                 raise FcpassError(f"the engine rejects shape {list(shape)} for state {s.name}; rebuild it (fcpass build)")
-            for buffers in self.sets:
-                buffers[s.name] = self.device.empty(shape, backend.dtypes[s.name])
-        self.addresses = tuple(
-            {name: self.device.address(self.sets[b.set][b.key]) for name, b in self.plans[p].items() if b.kind == "state"}
-            for p in (0, 1)
-        )
-        self.parity = 0
-
-    def _buffer(self, name: str) -> Any:
-        b = self.plans[self.parity][name]
-        return self.sets[b.set][b.key] if b.kind == "state" else self.backend._io[name]
+        self.pools = StatePools(plan, lambda s: self.device.empty(tuple(int(d) for d in s.shape), np.dtype(s.dtype)))
+        self.exclude = frozenset(s.name for s in plan.states) | frozenset(self.pools.pools)
+        self._addresses: dict[str, int] = {}
 
     def reset(self) -> None:
-        self.parity = 0
-        for buf in self.sets[0].values():
-            self.device.zero(buf)
+        self.pools.reset(lambda buf, _: self.device.zero(buf))
+
+    def _point(self, name: str, buf: Any) -> None:
+        address = self.device.address(buf)
+        if self._addresses.get(name) != address:
+            if not self.backend.context.set_tensor_address(name, address):
+                raise FcpassError(f"TensorRT refused the device address of state tensor {name}")
+            self._addresses[name] = address
 
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
         backend = self.backend
+        if backend._bound_by is not self:
+            self._addresses.clear()  # run() or another binding pointed the context elsewhere
         backend._prepare(feeds, owner=self, exclude=self.exclude)
-        for name, address in self.addresses[self.parity].items():
-            if not backend.context.set_tensor_address(name, address):
-                raise FcpassError(f"TensorRT refused the device address of state tensor {name}")
+        targets = self.pools.targets()
+        for name, buf in (*self.pools.current.items(), *targets.items()):
+            self._point(name, buf)
         backend._execute()
-        pending = {name: self.device.copy_out(self._buffer(name)) for name in fetch}
+        wanted = list(dict.fromkeys([*fetch, SKIP_OUTPUT]))
+        pending = {name: self.device.copy_out(targets.get(name, backend._io.get(name))) for name in wanted}
         self.device.synchronize()
-        self.parity ^= 1
-        return {name: np.array(value) for name, value in pending.items()}
+        got = {name: np.array(value) for name, value in pending.items()}
+        self.pools.advance(targets, got[SKIP_OUTPUT])
+        return {name: got[name] for name in fetch}
 
     def state(self) -> dict[str, np.ndarray]:
-        pending = {name: self.device.copy_out(buf) for name, buf in self.sets[self.parity].items()}
+        pending = {name: self.device.copy_out(buf) for name, buf in self.pools.current.items()}
         self.device.synchronize()
         return {name: np.array(value) for name, value in pending.items()}

@@ -8,11 +8,12 @@ MODEL.engines` runs them here. The step program is the manifest's, interpreted a
 - every value has one device buffer of its own for the whole run (allocated the first time it is
   written, again only if its shape changes): the per-step inputs are copied into theirs, a segment
   writes its outputs into theirs, an alias points a name at another name's buffer (no copy);
-- each cache state has two buffers. A step reads the current one and its `.next` value lands in the
-  other: a segment that outputs `.next` writes it there directly; a `.next` that aliases another value
-  (the input a computing region keeps as its reference) is copied there, device to device, at the end
-  of the step; a `.next` that passes the state through (a skipped region) leaves it where it is. Which
-  buffer is current is kept per state, so a skipped region's state is neither copied nor swapped;
+- each cache state has two buffers. A step reads the current one, and the value it takes
+  (`runtimes.state.Commit`: only where its region computed) lands in the other: a segment that
+  outputs it writes it there directly; a value another state's buffer holds (a block's output is the
+  next block's input; the previous output is the output state's old value) is copied there, device
+  to device, at the end of the step. A state that keeps its value (its region skipped, or passed it
+  through) stays where it is: which buffer is current is kept per state;
 - a branch reads its condition back (one small device-to-host copy and a stream synchronisation, what
   TensorRT pays for an If) unless the policy forced the region (`runtimes.segments.forced_branch`);
 - with `cuda_graphs` (the default), each segment's `execute_async_v3` is captured into a CUDA graph
@@ -38,10 +39,11 @@ import numpy as np
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import load_model
 from fcpass.passes.segments import interface_model, read_manifest
-from fcpass.plan import CTL_INPUT, CachePlan
+from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, CachePlan
 from fcpass.roles import graph_inputs, graph_outputs
 from fcpass.trt_build import IOTensor, import_tensorrt, read_engines_index
 from runtimes.segments import compile_program, interpret, region_indices
+from runtimes.state import Commit
 from runtimes.trt_backend import Device, TorchCudaDevice, load_engine, numpy_dtype
 
 log = logging.getLogger(__name__)
@@ -200,6 +202,7 @@ class TrtSegmentsState:
                                self.device.empty(self.shapes[s.name], np.dtype(s.dtype))) for s in plan.states}
         self.of_next = {s.next: s.name for s in plan.states}
         self.current = {s.name: 0 for s in plan.states}
+        self.commit = Commit(plan)
 
     def reset(self) -> None:
         for name, (first, _) in self.slots.items():
@@ -219,17 +222,19 @@ class TrtSegmentsState:
         env = self.backend.upload(feeds)
         env.update({name: pair[self.current[name]] for name, pair in self.slots.items()})
         self.backend.execute(env, self._place, feeds.get(CTL_INPUT))
-        pending = {name: self.device.copy_out(env[name]) for name in fetch}
-        for s in self.plan.states:
-            value, cur = env[s.next], self.current[s.name]
-            pair = self.slots[s.name]
-            if value is pair[cur]:
-                continue  # passed through: the state stays where it is
-            if value is not pair[1 - cur]:
-                self.device.copy(pair[1 - cur], value)
-            self.current[s.name] = 1 - cur
+        wanted = list(dict.fromkeys([*fetch, SKIP_OUTPUT]))
+        pending = {name: self.device.copy_out(env[name]) for name in wanted}
         self.device.synchronize()
-        return {name: np.array(value) for name, value in pending.items()}
+        got = {name: np.array(value) for name, value in pending.items()}
+        held = {name: pair[self.current[name]] for name, pair in self.slots.items()}
+        for name, value in self.commit(held, env, got[SKIP_OUTPUT]).items():
+            cur, pair = self.current[name], self.slots[name]
+            if value is pair[cur]:
+                continue  # kept (its region did not compute), or passed through
+            if value is not pair[1 - cur]:
+                self.device.copy(pair[1 - cur], value)  # ordered on the stream before the next step's writes
+            self.current[name] = 1 - cur
+        return {name: got[name] for name in fetch}
 
     def state(self) -> dict[str, np.ndarray]:
         pending = {name: self.device.copy_out(pair[self.current[name]]) for name, pair in self.slots.items()}

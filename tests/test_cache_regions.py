@@ -15,6 +15,7 @@ from fcpass.passes.cache_regions import insert_cache_regions
 from fcpass.passes.inline_gates import inline_gates
 from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, read_plan, write_plan
 from fcpass.trt_check import check_graph
+from runtimes.state import Commit
 from tests.conftest import load, tiny_feeds
 
 ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
@@ -35,6 +36,7 @@ class Compiled:
         self.names = [o.name for o in self.sess.get_outputs()]
         r = len(self.plan.regions)
         self.state = {s.name: np.zeros(s.shape, np.float32) for s in self.plan.states}
+        self.commit = Commit(self.plan)
         self.ctl = np.zeros(r, np.int64)
         self.thr = np.zeros(r, np.float32)
         self.mix = np.zeros((r, MIX_WIDTH), np.float32)
@@ -46,7 +48,7 @@ class Compiled:
         out = dict(zip(self.names, self.sess.run(None, {**feeds, **self.state, "fc_ctl": self.ctl,
                                                           "fc_thr": self.thr, "fc_mix": self.mix})))
         if update:
-            self.state = {s.name: out[s.next] for s in self.plan.states}
+            self.state = self.commit(self.state, out, out["fc_skip"])
         return out
 
     def true_values(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -102,13 +104,18 @@ def test_all_compute_equals_original_and_states_are_true_block_io(compiled: Comp
     head = compiled.plan.block_regions()[0].inputs[0]
     kinds = {s.kind for s in compiled.plan.states}
     assert {"in", "out", "res", "mod"} <= kinds
+    state = compiled.state
     for s in compiled.plan.states:
         if s.kind in ("in", "out", "mod"):
-            np.testing.assert_allclose(out[s.next], truth[s.source], rtol=0, atol=1e-5, err_msg=s.name)
+            np.testing.assert_allclose(state[s.name], truth[s.source], rtol=0, atol=1e-5, err_msg=s.name)
         elif s.kind == "res":  # the first block's residual
-            np.testing.assert_allclose(out[s.next], truth[s.source] - truth[head], rtol=0, atol=1e-5, err_msg=s.name)
+            np.testing.assert_allclose(state[s.name], truth[s.source] - truth[head], rtol=0, atol=1e-5, err_msg=s.name)
         else:  # prev takes the old `out`, zero at the first step
-            assert not out[s.next].any()
+            assert not state[s.name].any()
+    # A block's output and the next block's input state share one graph output, written once.
+    b1_out = next(s for s in compiled.plan.states if s.name == "fc.block1.out0")
+    b2_in = next(s for s in compiled.plan.states if s.name == "fc.block2.in0")
+    assert b1_out.next == b2_in.next and compiled.names.count(b1_out.next) == 1
 
 
 def test_only_regions_the_graph_decides_are_measured_and_inlined_gates_measure_all(compiled: Compiled) -> None:
@@ -165,7 +172,7 @@ def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compil
     compiled.mix[k] = APPROX_MIX[approx] if approx != "taylor1" else (0.0, 0.0, 0.5, 0.0)
     out = compiled.run(f2)
     assert out["fc_skip"][k] == 1 and (np.delete(out["fc_skip"], k) == 0).all()
-    h = out["fc.block2.in0.next"]  # block2's input is block1's (approximated) output
+    h = compiled.state["fc.block2.in0"]  # block2's input is block1's (approximated) output
     # block1's input this step is block0's true output (block0 computed); the state keeps the old one.
     source = compiled.plan.region("block1").inputs[0]
     h1 = compiled.true_values(f2, [source])[source]
@@ -180,7 +187,7 @@ def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compil
     np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-5)
     # A skipped region keeps its references.
     for kind in ("in0", "out0", "prev0"):
-        np.testing.assert_array_equal(out[f"fc.block1.{kind}.next"], before[f"fc.block1.{kind}"])
+        np.testing.assert_array_equal(compiled.state[f"fc.block1.{kind}"], before[f"fc.block1.{kind}"])
 
 
 def _set_initializer(compiled: Compiled, name: str, value: np.ndarray) -> None:
@@ -202,7 +209,7 @@ def test_residual_skip_at_unchanged_input_reproduces_the_computed_output(compile
     np.testing.assert_allclose(second["noise_pred"], first["noise_pred"], atol=1e-5)
 
 
-def test_skipped_stack_passes_nested_state_through(compiled: Compiled) -> None:
+def test_skipped_stack_keeps_nested_state(compiled: Compiled) -> None:
     compiled.run(tiny_feeds(0))
     before = dict(compiled.state)
     compiled.ctl[compiled.idx("stack")] = 1
@@ -212,9 +219,9 @@ def test_skipped_stack_passes_nested_state_through(compiled: Compiled) -> None:
     assert np.isnan(out["fc_stat"]).all()  # the stack was forced, so not measured; the rest not reached
     for s in compiled.plan.states:
         if s.kind == "mod":  # the previous step's modulated input, updated every step
-            assert not np.array_equal(out[s.next], before[s.name])
+            assert not np.array_equal(compiled.state[s.name], before[s.name])
         else:
-            np.testing.assert_array_equal(out[s.next], before[s.name], err_msg=s.name)
+            np.testing.assert_array_equal(compiled.state[s.name], before[s.name], err_msg=s.name)
 
 
 def test_graph_decision_is_per_sample_and_needs_every_sample(compiled: Compiled) -> None:
@@ -247,7 +254,15 @@ def test_blocks_only_region_set(tiny_dit: Path) -> None:
     assert [r.name for r in c.plan.regions] == ["block0", "block1", "block2"]
     assert {s.kind for s in c.plan.states} == {"in", "out"}  # no `prev` state without taylor
     assert all(r.parent is None for r in c.plan.regions)
-    assert sum(n.op_type == "If" and n.name.endswith("/If") for n in c.model.graph.node) == 3
+    ifs = [n for n in c.model.graph.node if n.op_type == "If" and n.name.endswith("/If")]
+    # Each block's If outputs its output alone: the state reads the blocks' inputs and outputs
+    # off the graph (four values for three blocks), and no branch copies a state.
+    assert len(ifs) == 3 and all(len(n.output) == 1 for n in ifs)
+    assert len({s.next for s in c.plan.states}) == 4
+    states = {s.name for s in c.plan.states}
+    for n in ifs:
+        for branch in (a.g for a in n.attribute if a.g.node):
+            assert not any(x.op_type == "Identity" and x.input[0] in states for x in branch.node)
     feeds = tiny_feeds(3)
     (ref,) = c.ref_sess.run(None, feeds)
     assert np.abs(c.run(feeds)["noise_pred"] - ref).max() <= 1e-5

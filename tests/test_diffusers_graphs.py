@@ -8,8 +8,8 @@ opset 18, static batch 2, then:
 * `discover_blocks` finds exactly `num_layers` blocks, and every node it puts in a block depends on
   the latent (timestep embedding, adaLN modulation and caption projection stay outside);
 * `insert_cache_regions` gives a graph that passes `onnx.checker.check_model(full_check=True)`;
-* with every region computing, the outputs equal the original graph's and each state `.next`
-  output equals the true value of the stream tensor it tracks;
+* with every region computing, the outputs equal the original graph's and each state's next value
+  equals the true value of the stream tensor it tracks;
 * forcing one block region to skip (residual approximation) really switches the `If`, and with the
   state of a compute step at the same inputs it reproduces the computed output;
 * motion tokens (`--motion-ratio`): the stack specialised to k tokens equals diffusers' own blocks
@@ -49,6 +49,7 @@ from fcpass.graphinfo import GraphIndex
 from fcpass.passes.cache_regions import insert_cache_regions
 from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, MIX_WIDTH, MOTION_INPUT, CachePlan
 from fcpass.trt_check import check_graph
+from runtimes.state import Commit
 
 BATCH = 2
 LAYERS = 3
@@ -232,8 +233,8 @@ class Rewritten:
     def zero_state(self) -> dict[str, np.ndarray]:
         return {s.name: np.zeros(s.shape, np.dtype(s.dtype)) for s in self.plan.states}
 
-    def next_state(self, result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {s.name: result[s.next] for s in self.plan.states}
+    def next_state(self, state: dict[str, np.ndarray], result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return Commit(self.plan)(state, result, result["fc_skip"])
 
 
 def _feeds(model: onnx.ModelProto, names: tuple[str, ...], args: tuple) -> dict[str, np.ndarray]:
@@ -347,22 +348,24 @@ def test_state_next_is_the_true_stream_value(exported: Exported, rewritten: Rewr
     rng = np.random.default_rng(4)
     fed = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in rewritten.plan.states}
     result = rewritten.run(exported.feeds, fed)
+    state = rewritten.next_state(fed, result)
     for s in rewritten.plan.states:
         if s.kind == "prev":  # the output computed before this one: the fed `out` state
             expected = fed[s.name.replace(".prev", ".out")]
         elif s.kind == "res":  # the first block's residual: the range's input minus the first block's
             head = rewritten.plan.block_regions()[0].inputs
             expected = rewritten.reference[s.source] - next(
-                rewritten.reference[h] for h in head if rewritten.reference[h].shape == result[s.next].shape)
+                rewritten.reference[h] for h in head if rewritten.reference[h].shape == state[s.name].shape)
         else:
             expected = rewritten.reference[s.source]
-        diff = np.abs(result[s.next] - expected).max()
-        assert diff <= TOL, f"{s.next} ({s.kind} of {s.source}): max abs diff {diff}"
+        diff = np.abs(state[s.name] - expected).max()
+        assert diff <= TOL, f"{s.name} ({s.kind} of {s.source}): max abs diff {diff}"
 
 
 def test_forced_skip_switches_the_branch(exported: Exported, rewritten: Rewritten) -> None:
-    first = rewritten.run(exported.feeds, rewritten.zero_state())
-    state = rewritten.next_state(first)
+    zero = rewritten.zero_state()
+    first = rewritten.run(exported.feeds, zero)
+    state = rewritten.next_state(zero, first)
     computed_b = rewritten.run(exported.feeds_b, state)
     assert np.abs(computed_b["sample"] - rewritten.reference_b["sample"]).max() <= TOL
     for region in rewritten.plan.block_regions():
@@ -373,14 +376,16 @@ def test_forced_skip_switches_the_branch(exported: Exported, rewritten: Rewritte
         change = np.abs(skipped["sample"] - computed_b["sample"]).max()
         assert change > 1e-3, f"skipping {region.name} left the output unchanged ({change})"
         # A skipped region keeps its cache state.
+        kept = rewritten.next_state(state, skipped)
         for s in rewritten.plan.states:
             if s.region == region.name:
-                np.testing.assert_array_equal(skipped[s.next], state[s.name])
+                np.testing.assert_array_equal(kept[s.name], state[s.name])
 
 
 def test_residual_skip_at_same_inputs_reproduces_compute(exported: Exported, rewritten: Rewritten) -> None:
-    first = rewritten.run(exported.feeds, rewritten.zero_state())
-    state = rewritten.next_state(first)
+    zero = rewritten.zero_state()
+    first = rewritten.run(exported.feeds, zero)
+    state = rewritten.next_state(zero, first)
     for region in rewritten.plan.block_regions():
         skipped = rewritten.run(exported.feeds, state, skip=region.index, skip_ctl=CTL_DECIDE)
         assert skipped["fc_skip"][region.index] == 1

@@ -23,6 +23,7 @@ from models.digits import SCHEDULER_CONFIG
 from runtimes.policies import FastCache, FastCacheConfig
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
+from runtimes.state import Commit
 from tests.conftest import export_tiny_dit, load, tiny_dit_model, tiny_feeds
 
 torch = pytest.importorskip("torch")
@@ -109,13 +110,14 @@ def test_motion_step_equals_the_pytorch_blocks_on_the_selected_tokens(exported: 
     np.testing.assert_array_equal(o_next[:, rest], o_ref[:, rest])
     np.testing.assert_array_equal(prev_next[:, idx], o_ref[:, idx])
     np.testing.assert_array_equal(prev_next[:, rest], o_prev[:, rest])
-    # Regions nested in the stack are not reached: NaN statistics, -1 decisions, states passed through.
+    # Regions nested in the stack are not reached: NaN statistics, -1 decisions, states kept.
     blocks = [r.index for r in m.plan.block_regions()]
     assert np.isnan(got["fc_stat"][blocks]).all() and (got["fc_skip"][blocks] == -1).all()
     assert got["fc_skip"][m.stack.index] == 0
+    kept = Commit(m.plan)(state, got, got["fc_skip"])
     for s in m.plan.states:
         if s.region.startswith("block"):
-            np.testing.assert_array_equal(got[s.next], state[s.name])
+            np.testing.assert_array_equal(kept[s.name], state[s.name])
 
 
 def test_motion_off_is_the_original_graph_and_k_n_equals_it_too(exported: Path) -> None:

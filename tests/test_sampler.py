@@ -95,7 +95,7 @@ def test_peer_policies_run_end_to_end(tmp_path: Path, policy: str) -> None:
 
 
 def test_bound_device_state_equals_host_state(calibrated: tuple[Path, Path]) -> None:
-    """I/O binding (state in double-buffered OrtValues, swapped) gives the same trajectory as host arrays."""
+    """I/O binding (the state in pools of OrtValues, never copied) gives the same trajectory as host arrays."""
     from fcpass.plan import read_plan
     from fcpass.runner import roles_from_plan
     from runtimes.backend import OrtBackend

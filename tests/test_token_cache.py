@@ -25,6 +25,7 @@ from fcpass.trt_check import check_graph
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
+from runtimes.state import Commit
 from runtimes.token_policies import DuCa, DuCaConfig, ToCa, TokenControls
 from tests.conftest import load, tiny_feeds
 
@@ -64,7 +65,7 @@ class Tok:
         out = dict(zip(self.names, self.sess.run(None, {
             **feeds, **self.state, **extra, "fc_ctl": c, "fc_thr": np.zeros(self.r, np.float32), "fc_mix": mix,
             "fc_tok": np.broadcast_to(np.asarray(tok, np.int64), (self.blocks,)).copy()})))
-        self.state = {s.name: out[s.next] for s in self.plan.states}
+        self.state = Commit(self.plan)(self.state, out, out["fc_skip"])
         return out
 
     def truth(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -182,7 +183,7 @@ def test_gathered_branch_equals_full_branch_on_selected_tokens_and_scatter_keeps
     attn = tok.split[0].branches[0]
     t = tok.truth(b, [attn.stream_out, mlp.gate])
     expected = t[attn.stream_out] + t[mlp.gate] * new_cache
-    np.testing.assert_allclose(out["fc.block0.out0.next"], expected, atol=1e-5)
+    np.testing.assert_allclose(tok.state["fc.block0.out0"], expected, atol=1e-5)
 
 
 def test_counters_age_and_reset(tok: Tok) -> None:
@@ -212,9 +213,9 @@ def test_k_zero_is_pure_reuse_and_k_n_is_the_full_block(tiny_dit: Path, k: int) 
         np.testing.assert_array_equal(out[f"fc.tok{pos}.b1.out.next"], first[f"fc.tok{pos}.b1.out.next"])
         np.testing.assert_array_equal(out[f"fc.tok{pos}.b1.cnt.next"], np.ones((B, N), np.float32))
         gates = t.truth(b, [attn.gate, mlp.gate])
-        h = out[f"fc.block{pos}.in0.next"]
+        h = t.state[f"fc.block{pos}.in0"]
         expected = h + gates[attn.gate] * first[f"fc.tok{pos}.b0.out.next"] + gates[mlp.gate] * first[f"fc.tok{pos}.b1.out.next"]
-        np.testing.assert_allclose(out[f"fc.block{pos}.out0.next"], expected, atol=1e-5)
+        np.testing.assert_allclose(t.state[f"fc.block{pos}.out0"], expected, atol=1e-5)
 
 
 def test_a_skipped_stack_passes_the_token_state_through(tiny_dit: Path) -> None:

@@ -1,11 +1,11 @@
 """`runtimes.trt_backend` without a GPU: what can be checked honestly here is the host-side logic.
 
-(a) the buffer plan of a real compiled graph: which device buffer each engine I/O tensor is bound to
-    at each parity; (b) the whole TensorRT path through `CachedDenoiser` against a fake `tensorrt`
-    module (only the documented TensorRT 10.x names `runtimes.trt_backend` calls) whose
-    `execute_async_v3` runs the real compiled graph on ONNX Runtime CPU, reading its inputs from and
+(a) an engine without the cache plan's tensors is refused; (b) the whole TensorRT path through
+    `CachedDenoiser` against a fake `tensorrt` module (only the documented TensorRT 10.x names
+    `runtimes.trt_backend` calls) whose `execute_async_v3` runs the real compiled graph on ONNX Runtime CPU, reading its inputs from and
     writing its outputs to a numpy "device" by the addresses the backend set: sampling gives exactly
-    the ONNX Runtime path's samples and decisions, which proves the A/B swap and the binding order;
+    the ONNX Runtime path's samples and decisions, which proves the state's buffer moves and the
+    binding order;
     (c) a missing tensorrt, PyTorch or CUDA is one FcpassError line. What runs only on a GPU (real
     engines, torch CUDA buffers, the stream) is `tools/gpu_smoke.sh`.
 """
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import sys
 import types
 from pathlib import Path
@@ -33,7 +34,8 @@ from models.digits import SCHEDULER_CONFIG
 from runtimes import trt_backend
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
-from runtimes.trt_backend import Buffer, TrtBackend, TrtBoundState, buffer_plan, engine_mismatch, numpy_dtype
+from runtimes.state import Commit
+from runtimes.trt_backend import TrtBackend, TrtBoundState, check_state_io, engine_mismatch, numpy_dtype
 from tests.conftest import export_tiny_dit
 
 MAGIC = b"FAKE-TRT-PLAN\n"
@@ -55,43 +57,20 @@ def fake_engine_file(onnx_path: Path, where: Path) -> Path:
     return where
 
 
-# --- (a) the buffer plan ---------------------------------------------------------------------
+# --- (a) the state's buffers ---------------------------------------------------------------
 
-def test_buffer_plan_of_a_compiled_graph(graphs: tuple[Path, Path]) -> None:
+def test_engine_without_the_state_is_refused(graphs: tuple[Path, Path]) -> None:
     _, fc = graphs
     model = load_model(fc, load_weights=False)
     plan = read_plan(model)
     inputs = [s.name for s in graph_inputs(model)]
     outputs = [s.name for s in graph_outputs(model)]
-    assert len(plan.states) >= 2
-    for p in (0, 1):
-        bp = buffer_plan(inputs, outputs, plan.states, p)
-        assert set(bp) == set(inputs) | set(outputs)  # every engine I/O tensor has a buffer...
-        assert len(set(bp.values())) == len(bp)  # ...of its own: exactly one tensor per buffer
-        for s in plan.states:
-            assert bp[s.name] == Buffer("state", s.name, p)
-            assert bp[s.next] == Buffer("state", s.name, 1 - p)
-        read = {bp[n] for n in inputs}
-        written = {bp[n] for n in outputs}
-        assert not read & written  # no buffer is read and written in one step
-        for n in inputs + outputs:
-            if n not in {s.name for s in plan.states} | {s.next for s in plan.states}:
-                assert bp[n] == Buffer("io", n)  # per-step inputs and fetched outputs: persistent, parity-free
-    # Step p writes exactly the set step p+1 reads.
-    b0, b1 = (buffer_plan(inputs, outputs, plan.states, p) for p in (0, 1))
-    assert {b0[s.next] for s in plan.states} == {b1[s.name] for s in plan.states}
-
-
-def test_buffer_plan_refuses_an_engine_without_the_state(graphs: tuple[Path, Path]) -> None:
-    _, fc = graphs
-    model = load_model(fc, load_weights=False)
-    plan = read_plan(model)
-    inputs = [s.name for s in graph_inputs(model)]
-    outputs = [s.name for s in graph_outputs(model) if s.name != plan.states[1].next]
-    with pytest.raises(FcpassError, match=f"no I/O tensor {plan.states[1].next}.*rebuild"):
-        buffer_plan(inputs, outputs, plan.states, 0)
-    with pytest.raises(ValueError):
-        buffer_plan(inputs, outputs, plan.states, 2)
+    check_state_io(inputs, outputs, plan)
+    taken = next(s.next for s in plan.states if s.next in outputs)
+    with pytest.raises(FcpassError, match=f"no I/O tensor {re.escape(taken)} of the cache plan.*rebuild"):
+        check_state_io(inputs, [o for o in outputs if o != taken], plan)
+    with pytest.raises(FcpassError, match=f"no I/O tensor {plan.states[0].name} "):
+        check_state_io(inputs[:0], outputs, plan)
 
 
 def test_dtype_mapping_and_engine_mismatch(graphs: tuple[Path, Path]) -> None:
@@ -317,35 +296,41 @@ def test_tensorrt_path_samples_exactly_like_onnx_runtime(graphs: tuple[Path, Pat
     for name in ref_state:
         np.testing.assert_array_equal(got_state[name], ref_state[name])
 
-    # The binding: per step the state addresses alternate between sets A and B, everything else stays put.
+    # The binding: each step reads the buffers the states took after the last one (a written output,
+    # or the output state's old buffer for the previous output) and writes into buffers no state
+    # holds; everything else stays put.
     plan = trt_den.plan
     steps = fake.executed
     n, chunks = got.calls, got.calls // REQUEST["steps"]  # guidance: one sample per call, so two trajectories
     assert len(steps) == n and chunks == 2 and plan.states
+    commit = Commit(plan)
+    states = [s.name for s in plan.states]
+    moving = set(states) | {s.next for s in plan.states}
     for i, addr in enumerate(steps):
-        s0 = plan.states[0]
-        a, b = steps[i % 2][s0.name], steps[i % 2][s0.next]
-        assert (addr[s0.name], addr[s0.next]) == (a, b)
-        if i:
+        assert not {addr[s] for s in states} & {addr[s.next] for s in plan.states if s.next not in states}
+        if i % REQUEST["steps"]:
             prev = steps[i - 1]
-            for s in plan.states:
-                assert addr[s.name] == prev[s.next]  # this step reads what the last one wrote
-            assert {k: v for k, v in addr.items() if "fc." not in k} == {k: v for k, v in prev.items() if "fc." not in k}
+            expected = commit({s: prev[s] for s in states}, prev, np.array(got.records[i - 1]["skip"]))
+            assert {s: addr[s] for s in states} == expected
+            assert {k: v for k, v in addr.items() if k not in moving} == {k: v for k, v in prev.items() if k not in moving}
     # Per step: the six small inputs in, three outputs back, one synchronisation; nothing else crosses.
     counts = fake.device.counts
     assert counts["copy_in"] == 6 * n
     assert counts["copy_out"] == 3 * n + len(plan.states)  # + the one state() read above
     assert counts["synchronize"] == n + 1
-    assert counts["zero"] == chunks * len(plan.states)  # each reset zeroes set A only
-    assert counts["empty"] == 2 * len(plan.states) + 6 + 3  # two state sets, inputs, fetched outputs
-    # reset: parity 0 and set A zeroed (fresh device buffers hold garbage, NaN in NumpyDevice).
+    assert counts["zero"] == chunks * len(plan.states) and "copy" not in counts  # the state is never copied
+    pools = trt_den.binding.pools.pools
+    assert counts["empty"] == sum(map(len, pools.values())) + 6 + 3  # the state's pools, inputs, fetched outputs
+    assert sum(map(len, pools.values())) < 2 * len(plan.states)  # fewer than two buffers per state
+    # reset: every state on a zeroed buffer of its own (fresh device buffers hold garbage, NaN in NumpyDevice).
     trt_den.binding.reset()
-    assert trt_den.binding.parity == 0
+    held = trt_den.binding.pools.current
+    assert len({id(b) for b in held.values()}) == len(held)
     assert all(not v.any() for v in trt_den.state.values())
 
 
-def test_a_binding_that_never_swaps_is_caught(graphs: tuple[Path, Path], fake: Fake, tmp_path: Path) -> None:
-    """The comparison above can fail: with the parity stuck, FORA reuses a stale (zero) state."""
+def test_a_binding_that_never_advances_is_caught(graphs: tuple[Path, Path], fake: Fake, tmp_path: Path) -> None:
+    """The comparison above can fail: with the state never taking its new buffers, FORA reuses a stale (zero) state."""
     _, fc = graphs
     engine = fake_engine_file(fc, tmp_path / "tiny.fc.plan")
     ref = _sample(load_denoiser(fc, "fora", {"interval": 2}))
@@ -353,8 +338,9 @@ def test_a_binding_that_never_swaps_is_caught(graphs: tuple[Path, Path], fake: F
 
     class Stuck(TrtBoundState):
         def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
+            held = dict(self.pools.current)
             out = super().step(feeds, fetch)
-            self.parity = 0
+            self.pools.current = held
             return out
 
     den.binding = Stuck(den.backend, den.plan)

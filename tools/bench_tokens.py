@@ -51,9 +51,10 @@ import numpy as np
 
 from fcpass.export import ExportSpec, export
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, TOK_INPUT, TOK_RAND_INPUT, CachePlan
+from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, SKIP_OUTPUT, THR_INPUT, TOK_INPUT, TOK_RAND_INPUT, CachePlan
 from fcpass.roles import infer_roles
 from runtimes.backend import OrtBackend, open_session, session_setup
+from runtimes.state import Commit
 
 log = logging.getLogger("bench_tokens")
 
@@ -242,7 +243,7 @@ def main() -> None:
         reference = base.run(feeds)[plan.outputs[0]]
         first = comp.run({**feeds, **extra})  # a full step from zero state: its caches feed every timed call
         log.info("full step vs original graph: max abs diff %.3g", np.abs(first[plan.outputs[0]] - reference).max())
-        comp_feeds = {**feeds, **extra, **{s.name: first[s.next] for s in plan.states}}
+        comp_feeds = {**feeds, **Commit(plan)(extra, first, first[SKIP_OUTPUT])}
         calls: dict[str, tuple[Any, dict[str, np.ndarray]]] = {"original": (base, feeds)}
         for mode in modes:
             calls[mode] = (comp, {**comp_feeds, TOK_INPUT: np.full_like(extra[TOK_INPUT], MODES[mode])})

@@ -1,8 +1,10 @@
 """Wrap blocks and block ranges in cache branches: `region(H) -> If(skip, region(H), approx(H, state))`.
 
 Invariant: with every region forced to compute (`fc_ctl` all 0) the original outputs are produced by
-exactly the original nodes, so they equal the original model's; the state outputs are then the true
-inputs and outputs of every region.
+exactly the original nodes, so they equal the original model's; the values the state takes are then
+the true inputs and outputs of every region. A state takes its next value only where its region
+computed (`fc_skip` 0; `runtimes.state.Commit`), so a region's input and output are exported as they
+are (a block's output once, for it and the next block's input), not copied into the state by a branch.
 
 Cases:
 1. A region is every node on a path from its stream inputs to its stream outputs (see
@@ -10,9 +12,10 @@ Cases:
    say; shared conditioning stays outside). Its nodes move into the compute branch unchanged; names it exports are renamed
    inside the branch so the `If` can produce them under their original names, and nothing
    downstream changes.
-2. Regions nest (blocks inside the tail range inside the whole stack). A nested region's state,
-   statistic and decision leave through every enclosing `If`; when an enclosing region is skipped,
-   they pass through unchanged (state), NaN (statistic) and -1 (decision).
+2. Regions nest (blocks inside the tail range inside the whole stack). A nested region's state
+   values, statistic and decision leave through every enclosing `If`; when an enclosing region is
+   skipped, they are NaN (statistic), -1 (decision: the host keeps the state) and a state passed
+   through (any value of the right type would do).
 3. The statistic (per sample, relative change of the stream inputs against the last computed ones)
    and the decision are computed before the `If`, outside its branches, inside the region's gate
    (an `If` on ctl >= 2, so a forced region measures nothing; `fcpass.passes.inline_gates` removes
@@ -75,21 +78,23 @@ class _Region:
     probe_input: str | None = None  # modulated_input: the probed tensor
     states_tok: list[StateSpec] = field(default_factory=list)  # token caching (fcpass.passes.token_cache)
     states_kv: list[StateSpec] = field(default_factory=list)  # motion tokens' attention context (motion_tokens)
+    direct: set[str] = field(default_factory=set)  # names of the states read directly off the graph's values
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def own_states(self) -> list[StateSpec]:
-        """The states its `If` updates (the modulated-input state is updated every step, outside)."""
+        """Its states but the modulated input (that one is updated every step, outside its `If`)."""
         return [*self.states_in, *self.states_out, *self.states_prev, *self.states_res, *self.states_tok, *self.states_kv]
 
-    def aux_outputs(self) -> list[str]:
-        """Names this region's If exports besides the stream outputs: its own and its descendants'."""
-        names = [s.next for s in self.own_states()]
-        for child in self.children:
-            names += [f"fc.{child.name}.stat", f"fc.{child.name}.skip", *child.aux_outputs()]
-        return names
+    def if_states(self) -> list[StateSpec]:
+        """The states its `If` outputs: those whose next value only the compute branch defines."""
+        return [s for s in self.own_states() if s.name not in self.direct]
+
+    def direct_states(self) -> list[StateSpec]:
+        """The states whose next value is a value the graph computes anyway (see `_Builder.add_state`)."""
+        return [s for s in (*self.own_states(), *self.states_mod) if s.name in self.direct]
 
 
 def insert_cache_regions(
@@ -140,8 +145,8 @@ def insert_cache_regions(
     builder.add_constants()
     builder.add_control_inputs(flat)
     builder.add_unmeasured(regions[0].spec.inputs[0])
-    for r in flat:
-        builder.add_state(r, taylor)
+    for r in flat:  # the motion tokens' stack refreshes part of its state: all of it stays in its If
+        builder.add_state(r, taylor, direct=motion_ratio is None or r.name != "stack")
     if tokens is not None:  # each block's token If, built inside its innermost region's compute branch
         builder.tokens = TokenPass(builder, index, block_map, flat, tokens, opset)
         for r in flat:
@@ -162,6 +167,7 @@ def insert_cache_regions(
     del out.graph.node[:]
     out.graph.node.extend(_toposort(new_nodes))
     out.graph.value_info.extend(_cond_info(regions))
+    builder.export_direct(flat)
     builder.finish_value_info()
     plan = CachePlan(
         regions=[r.spec for r in flat],
@@ -401,25 +407,40 @@ class _Builder:
                              value=numpy_helper.from_array(np.array([np.nan], dtype=np.float32))),
         ]
 
-    def add_state(self, region: _Region, taylor: bool) -> None:
+    def add_state(self, region: _Region, taylor: bool, direct: bool) -> None:
+        """The region's state inputs, and where each one's next value comes from.
+
+        With `direct`, a state that tracks a value the graph computes anyway takes that value itself
+        as its next value: the last computed input is the region's input, the last computed output
+        its output (the `If`'s), the previous output the output state (the host moves it), the
+        modulated input the probed tensor. Such values are valid only where the region computed
+        (fc_skip 0); the host keeps the old state elsewhere, so no branch copies a state. Values
+        only a branch defines (and a graph input, which cannot also be a graph output) are `If`
+        outputs named `<state>.next`, which a skipped region passes through.
+        """
         n = region.name
         spec = region.spec
+        graph_inputs = {i.name for i in self.graph.input}
 
-        def state(kind: str, k: int, source: str) -> StateSpec:
+        def state(kind: str, k: int, source: str, value: str | None = None) -> StateSpec:
             elem, shape = self.tensor_type(source)
             name = f"fc.{n}.{kind}{k}"
             self.graph.input.append(helper.make_tensor_value_info(name, elem, shape))
-            self.graph.output.append(helper.make_tensor_value_info(name + ".next", elem, shape))
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
+            if direct and value is not None and value not in graph_inputs:
+                region.direct.add(name)
+                return StateSpec(name, value, n, kind, source, shape, dtype)
+            self.graph.output.append(helper.make_tensor_value_info(name + ".next", elem, shape))
             return StateSpec(name, name + ".next", n, kind, source, shape, dtype)
 
-        region.states_in = [state("in", j, t) for j, t in enumerate(spec.inputs)]
-        region.states_out = [state("out", k, t) for k, t in enumerate(spec.outputs)]
+        region.states_in = [state("in", j, t, t) for j, t in enumerate(spec.inputs)]
+        region.states_out = [state("out", k, t, t) for k, t in enumerate(spec.outputs)]
         if taylor:
-            region.states_prev = [state("prev", k, t) for k, t in enumerate(spec.outputs)]
+            region.states_prev = [state("prev", k, t, o.name if o.name in region.direct else None)
+                                  for k, (t, o) in enumerate(zip(spec.outputs, region.states_out))]
         region.states_res = [state("res", j, x) for j, (x, _) in enumerate(region.probe_pairs)]
         if region.probe_input is not None:
-            region.states_mod = [state("mod", 0, region.probe_input)]
+            region.states_mod = [state("mod", 0, region.probe_input, region.probe_input)]
         for k, (o, j) in enumerate(zip(spec.outputs, spec.pairs)):
             if j is None:
                 continue
@@ -436,19 +457,37 @@ class _Builder:
         owner = {i: r for r in regions for i in r.nodes}
         return replace_node_groups(self.index, nodes, owner, self.build)
 
+    def exports(self, region: _Region) -> list[str]:
+        """What the region's `If` outputs besides its stream outputs: its `If` states' next values,
+        then `child_exports`."""
+        return [s.next for s in region.if_states()] + self.child_exports(region)
+
+    def child_exports(self, region: _Region) -> list[str]:
+        """Per child its statistic, decision and exports; then the direct state values of the regions
+        inside that only this region's compute branch defines (a block's output inside the stack)."""
+        names: list[str] = []
+        for child in region.children:
+            names += [f"fc.{child.name}.stat", f"fc.{child.name}.skip", *self.exports(child)]
+        defined = {o for i in region.nodes for o in self.index.nodes[i].output}
+        for inner in _flatten(region.children):
+            for s in inner.direct_states():
+                if s.next in defined and s.next not in names and s.next not in region.spec.outputs:
+                    names.append(s.next)
+        return names
+
     def build(self, region: _Region) -> list[onnx.NodeProto]:
         n = region.name
         spec = region.spec
         pre = self.statistic_nodes(region)
-        if region.probe_input is not None:  # the previous step's modulated input, whatever the step does
-            mod = region.states_mod[0]
-            pre.append(helper.make_node("Identity", [region.probe_input], [mod.next], name=f"fc/{mod.next}"))
+        for mod in region.states_mod:  # the previous step's modulated input, whatever the step does
+            if mod.name not in region.direct:
+                pre.append(helper.make_node("Identity", [region.probe_input], [mod.next], name=f"fc/{mod.next}"))
         body_src = [self.index.nodes[i] for i in sorted(region.nodes)]
         body = self.replace_regions(body_src, region.children)
         if self.tokens is not None:
             body = self.tokens.rewrite(body, region)
         body = [_copy(x) for x in body]
-        exported = list(spec.outputs) + region.aux_outputs()
+        exported = list(spec.outputs) + self.exports(region)
         # A value the body computes leaves the compute branch under its branch-output name directly:
         # an Identity there would copy it once per enclosing If (a nested region's state crosses every
         # level). Only outer values and values exported twice need an Identity.
@@ -466,37 +505,34 @@ class _Builder:
                 target.append(helper.make_node("Identity", [src], [out_name], name=f"fc/{out_name}"))
             infos.append(self.value_info(out_name, like))
 
+        def own(states: list[StateSpec], run_src: list[str]) -> None:
+            for s, src in zip(states, run_src):
+                if s.name not in region.direct:
+                    emit(run_nodes, run_out, src, f"{s.next}@{n}.run", s.source)
+                    emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+
         for k, o in enumerate(spec.outputs):
             emit(run_nodes, run_out, rename[o], f"{o}@{n}.run", o)
             approx = self.approximation_nodes(region, k, approx_nodes)
             emit(approx_nodes, approx_out, approx, f"{o}@{n}.approx", o)
-        for j, s in enumerate(region.states_in):
-            emit(run_nodes, run_out, spec.inputs[j], f"{s.next}@{n}.run", s.source)
-            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
-        for k, s in enumerate(region.states_out):
-            emit(run_nodes, run_out, rename[spec.outputs[k]], f"{s.next}@{n}.run", s.source)
-            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
-        for k, s in enumerate(region.states_prev):
-            emit(run_nodes, run_out, region.states_out[k].name, f"{s.next}@{n}.run", s.source)
-            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        own(region.states_in, spec.inputs)
+        own(region.states_out, [rename[o] for o in spec.outputs])
+        own(region.states_prev, [s.name for s in region.states_out])
         for (x, h), s in zip(region.probe_pairs, region.states_res):
             run_nodes.append(helper.make_node("Sub", [x, h], [f"{s.next}@{n}.run"], name=f"fc/{s.next}@{n}.run"))
             run_out.append(self.value_info(f"{s.next}@{n}.run", s.source))
             emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
-        for s in region.states_tok:
-            emit(run_nodes, run_out, rename[s.next], f"{s.next}@{n}.run", s.source)
-            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
-        for s in region.states_kv:
-            emit(run_nodes, run_out, s.source, f"{s.next}@{n}.run", s.source)
-            emit(approx_nodes, approx_out, s.name, f"{s.next}@{n}.approx", s.source)
+        own(region.states_tok, [rename[s.next] for s in region.states_tok])
+        own(region.states_kv, [s.source for s in region.states_kv])
         batch = self.tensor_type(spec.inputs[0])[1][0]
-        for child in _flatten(region.children):
-            stat, skip = f"fc.{child.name}.stat", f"fc.{child.name}.skip"
-            assert rename[stat] == f"{stat}@{n}.run" and rename[skip] == f"{skip}@{n}.run"
-            run_out.append(helper.make_tensor_value_info(f"{stat}@{n}.run", TensorProto.FLOAT, [batch]))
-            run_out.append(helper.make_tensor_value_info(f"{skip}@{n}.run", TensorProto.FLOAT, []))
-            for s in child.own_states():
-                emit(run_nodes, run_out, rename[s.next], f"{s.next}@{n}.run", s.source)
+        like, summary = self._state_sources(region), _summaries(region)
+        for x in self.child_exports(region):
+            if x in summary:
+                assert rename[x] == f"{x}@{n}.run"
+                shape = [batch] if summary[x] == "stat" else []
+                run_out.append(helper.make_tensor_value_info(f"{x}@{n}.run", TensorProto.FLOAT, shape))
+            else:
+                emit(run_nodes, run_out, rename[x], f"{x}@{n}.run", like[x][0])
         self.unreached_children(region, f"{n}.approx", approx_nodes, approx_out)
         run_graph = helper.make_graph(_toposort(run_nodes), f"fc_{n}_compute", [], run_out)
         self._move_value_info(run_graph, body, rename)
@@ -509,20 +545,31 @@ class _Builder:
         )
         return [*pre, if_node]
 
+    @staticmethod
+    def _state_sources(region: _Region) -> dict[str, tuple[str, str]]:
+        """Next value -> (the tensor it has the type of, a state that takes it) for the regions inside."""
+        out: dict[str, tuple[str, str]] = {}
+        for inner in _flatten(region.children):
+            for s in (*inner.own_states(), *inner.states_mod):
+                out.setdefault(s.next, (s.source, s.name))
+        return out
+
     def unreached_children(self, region: _Region, tag: str, nodes: list[onnx.NodeProto],
                            infos: list[onnx.ValueInfoProto]) -> None:
-        """A branch that does not run `region`'s nested regions: per child (in the compute branch's
-        order) the statistic NaN, the decision -1, the states passed through."""
+        """A branch that does not run `region`'s nested regions: per child export (in the compute
+        branch's order) the statistic NaN, the decision -1, a state value passed through."""
         batch = self.tensor_type(region.spec.inputs[0])[1][0]
-        for child in _flatten(region.children):
-            stat, skip = f"fc.{child.name}.stat@{tag}", f"fc.{child.name}.skip@{tag}"
-            nodes.append(helper.make_node("Identity", ["fc.nan_b"], [stat]))
-            infos.append(helper.make_tensor_value_info(stat, TensorProto.FLOAT, [batch]))
-            nodes.append(helper.make_node("Identity", ["fc.minus_one"], [skip]))
-            infos.append(helper.make_tensor_value_info(skip, TensorProto.FLOAT, []))
-            for s in child.own_states():
-                nodes.append(helper.make_node("Identity", [s.name], [f"{s.next}@{tag}"], name=f"fc/{s.next}@{tag}"))
-                infos.append(self.value_info(f"{s.next}@{tag}", s.source))
+        like, summary = self._state_sources(region), _summaries(region)
+        for x in self.child_exports(region):
+            out = f"{x}@{tag}"
+            if x in summary:
+                stat = summary[x] == "stat"
+                nodes.append(helper.make_node("Identity", ["fc.nan_b" if stat else "fc.minus_one"], [out]))
+                infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch] if stat else []))
+            else:
+                source, state = like[x]
+                nodes.append(helper.make_node("Identity", [state], [out], name=f"fc/{out}"))
+                infos.append(self.value_info(out, source))
 
     def statistic_nodes(self, region: _Region) -> list[onnx.NodeProto]:
         """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step.
@@ -717,12 +764,27 @@ class _Builder:
                     vi.name = out
                     graph.value_info.append(vi)
 
+    def export_direct(self, flat: list[_Region]) -> None:
+        """Make each direct state's next value a graph output, once (states may share one: a block's
+        output is the next block's input)."""
+        have = {o.name for o in self.graph.output} | {s.name for r in flat for s in (*r.own_states(), *r.states_mod)}
+        for r in flat:
+            for s in r.direct_states():
+                if s.next not in have:
+                    self.graph.output.append(self.value_info(s.next, s.source))
+                    have.add(s.next)
+
     def finish_value_info(self) -> None:
         """Keep top-level value_info only for values the main graph itself defines."""
         defined = {o for n in self.graph.node for o in n.output}
         keep = [v for v in self.graph.value_info if v.name in defined]
         del self.graph.value_info[:]
         self.graph.value_info.extend(keep)
+
+
+def _summaries(region: _Region) -> dict[str, str]:
+    """The statistic and decision value of every region inside `region` -> "stat" or "skip"."""
+    return {f"fc.{c.name}.{kind}": kind for c in _flatten(region.children) for kind in ("stat", "skip")}
 
 
 def gate_name(region: str) -> str:

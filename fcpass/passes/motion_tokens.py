@@ -26,7 +26,7 @@ equal the full blocks' (attention is permutation-equivariant) up to rounding.
 State: the stack's cached input and output (and previous output, for taylor1) are refreshed at the k
 computed tokens only, so each token's reference is the step it was last computed at; the static
 tokens keep theirs, which their approximation reads. Regions nested in the stack are not reached on a
-motion step: their statistics are NaN, decisions -1, states passed through, as when the stack skips.
+motion step: their statistics are NaN, decisions -1 (their state is kept), as when the stack skips.
 Both halves of classifier-free guidance (an even batch, [cond; uncond]) share one selection.
 
 Declined (FcpassError): no stack region, a stack with more than one token stream (double-stream
