@@ -415,8 +415,8 @@ class _Builder:
         its output (the `If`'s), the previous output the output state (the host moves it), the
         modulated input the probed tensor. Such values are valid only where the region computed
         (fc_skip 0); the host keeps the old state elsewhere, so no branch copies a state. Values
-        only a branch defines (and a graph input, which cannot also be a graph output) are `If`
-        outputs named `<state>.next`, which a skipped region passes through.
+        only a branch defines, and graph inputs (which the segments lowering cannot export), are
+        `If` outputs named `<state>.next`, which a skipped region passes through.
         """
         n = region.name
         spec = region.spec
