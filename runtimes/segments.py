@@ -48,7 +48,7 @@ from fcpass.passes.segments import interface_model, read_manifest
 from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, CachePlan, has_plan, read_plan
 from fcpass.roles import graph_inputs, graph_outputs
 from runtimes.backend import open_session, session_setup
-from runtimes.state import Commit, HostState
+from runtimes.state import Commit, HostState, with_decisions
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +220,12 @@ class SegmentsBoundState:
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
         if fetch != self._host_for:
             # Conditions are read by the host, fetched values returned to it: bind those to host memory.
-            self._host = self._conds | set(fetch) | {SKIP_OUTPUT}
+            self._host = self._conds | set(with_decisions(fetch))
             self._host_for = list(fetch)
         env: dict[str, Any] = {name: self._upload(value) for name, value in feeds.items()}
         env.update(self.values)
         interpret(self.backend.program, env, feeds.get(CTL_INPUT), self._launch, lambda cond: bool(cond.numpy()))
-        got = {name: env[name].numpy() for name in dict.fromkeys([*fetch, SKIP_OUTPUT])}
+        got = {name: env[name].numpy() for name in with_decisions(fetch)}
         self.values = self.commit(self.values, env, got[SKIP_OUTPUT])
         return {name: got[name] for name in fetch}
 

@@ -53,6 +53,11 @@ class Commit:
         return new
 
 
+def with_decisions(fetch: list[str]) -> list[str]:
+    """`fetch` and fc_skip, which the host needs to know which states take their next value."""
+    return list(dict.fromkeys([*fetch, SKIP_OUTPUT]))
+
+
 def written_outputs(plan: CachePlan) -> list[str]:
     """The graph outputs the state takes its next values from (once each)."""
     names = {s.name for s in plan.states}
@@ -162,7 +167,7 @@ class BoundState:
                 b.bind_ortvalue_input(name, buf)
                 self._bound[name] = buf
         targets = self.pools.targets()
-        wanted = list(dict.fromkeys([*fetch, SKIP_OUTPUT]))
+        wanted = with_decisions(fetch)
         if wanted != self._fetch:
             b.clear_binding_outputs()
             for key in targets:

@@ -49,7 +49,7 @@ from fcpass.onnx_io import load_model
 from fcpass.plan import SKIP_OUTPUT, CachePlan
 from fcpass.roles import TensorSpec, graph_inputs, graph_outputs
 from fcpass.trt_build import IOTensor, import_tensorrt, io_tensor
-from runtimes.state import StatePools, written_outputs
+from runtimes.state import StatePools, with_decisions, written_outputs
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ class TrtBoundState:
         for name, buf in (*self.pools.current.items(), *targets.items()):
             self._point(name, buf)
         backend._execute()
-        wanted = list(dict.fromkeys([*fetch, SKIP_OUTPUT]))
+        wanted = with_decisions(fetch)
         pending = {name: self.device.copy_out(targets.get(name, backend._io.get(name))) for name in wanted}
         self.device.synchronize()
         got = {name: np.array(value) for name, value in pending.items()}

@@ -43,7 +43,7 @@ from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, CachePlan
 from fcpass.roles import graph_inputs, graph_outputs
 from fcpass.trt_build import IOTensor, import_tensorrt, read_engines_index
 from runtimes.segments import compile_program, interpret, region_indices
-from runtimes.state import Commit
+from runtimes.state import Commit, with_decisions
 from runtimes.trt_backend import Device, TorchCudaDevice, load_engine, numpy_dtype
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class TrtSegmentsState:
         env = self.backend.upload(feeds)
         env.update({name: pair[self.current[name]] for name, pair in self.slots.items()})
         self.backend.execute(env, self._place, feeds.get(CTL_INPUT))
-        wanted = list(dict.fromkeys([*fetch, SKIP_OUTPUT]))
+        wanted = with_decisions(fetch)
         pending = {name: self.device.copy_out(env[name]) for name in wanted}
         self.device.synchronize()
         got = {name: np.array(value) for name, value in pending.items()}
