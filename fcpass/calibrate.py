@@ -96,7 +96,7 @@ def _recording_session(model: onnx.ModelProto, plan: CachePlan) -> Iterator[Call
         roles = roles_from_plan(plan.roles, backend)
 
         def record(sink: Callable[..., None], setup: dict[str, Any], options: CalibrationOptions) -> None:
-            denoiser = _Recorder(backend, plan, NoCache(), roles, sink=sink)
+            denoiser = _Recorder(backend, plan, NoCache(), roles, keep_all=True, sink=sink)
             scheduler = scheduler_from_config(setup["scheduler_config"])
             sample(denoiser, scheduler, _calibration_request(setup["request"], options), progress=True)
 

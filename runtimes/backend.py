@@ -24,7 +24,9 @@ class Backend(Protocol):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """`outputs` (default all) of one call on host `feeds`."""
+        ...
 
     @property
     def provider(self) -> str: ...
@@ -85,17 +87,18 @@ class OrtBackend:
         self.inputs = graph_inputs(self.model)
         self.outputs = graph_outputs(self.model)
         self._output_names = [o.name for o in self.outputs]
-        # On CUDA, I/O binding keeps the cache state on the device; on the CPU, numpy feeds are
-        # already zero-copy and binding measured no faster, so host arrays are the default there.
-        self.iobinding = self.provider == "CUDAExecutionProvider" if iobinding is None else iobinding
+        # I/O binding keeps the cache state where the session runs and spares ONNX Runtime converting
+        # every state tensor in and out at each step (on the CPU too: 1-3% of a step on the bundled model).
+        self.iobinding = True if iobinding is None else iobinding
         log.info("ONNX Runtime session on %s", self.provider)
 
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = outputs or self._output_names
+        return dict(zip(names, self.session.run(names, feeds)))
 
     def state_binding(self, plan: Any) -> Any:
         """Cache state on the session's device with I/O binding, or as host arrays."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,9 @@ class CachedDenoiser:
     buffers bound by address and swapped between steps.
     """
 
-    def __init__(self, backend: Any, plan: CachePlan, policy: Policy, roles: InputRoles) -> None:
+    def __init__(self, backend: Any, plan: CachePlan, policy: Policy, roles: InputRoles, keep_all: bool = False) -> None:
         self.backend = backend
+        self.keep_all = keep_all  # keep every region's state (to read it), not only the policy's live regions
         self.binding = backend.state_binding(plan) if hasattr(backend, "state_binding") else HostState(backend, plan)
         self.plan = plan
         self.policy = policy
@@ -45,8 +47,9 @@ class CachedDenoiser:
         self.output = plan.outputs[0]
         self.uncached_macs = plan.uncached_macs
         self._record: dict[str, Any] = {}
+        self._fixed: list[int] = []  # regions the policy never lets skip (see reset)
         policy.reset(plan, 2)  # a policy this graph cannot run says so now, not once sampling has started
-        self._saved = np.array([r.macs - r.approx_macs for r in plan.regions], dtype=np.float64)
+        self._saved = [r.macs - r.approx_macs for r in plan.regions]
         # Token-level caching (graphs optimized with --tokens): a policy without token controls keeps
         # every block in full mode, where the graph equals the original.
         blocks = plan.tokens.get("blocks", []) if plan.tokens else []
@@ -67,11 +70,17 @@ class CachedDenoiser:
         return self.binding.state()
 
     def reset(self, num_steps: int) -> None:
-        self.binding.reset()
         self.policy.reset(self.plan, num_steps)
+        live = None if self.keep_all else self.policy.live
+        self.binding.reset(live)
+        self._fixed = [r.index for r in self.plan.regions if live is not None and r.index not in live]
 
     def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
         controls = self.policy.controls(step)
+        ctl = controls.ctl.tolist()
+        if any(ctl[k] for k in self._fixed):
+            raise FcpassError(f"policy {self.policy.name} controls a region outside its live regions "
+                              f"{sorted(self.policy.live or ())}; their cache state is not kept (a bug in the policy)")
         run_feeds = {**feeds, CTL_INPUT: controls.ctl, THR_INPUT: controls.thr, MIX_INPUT: controls.mix}
         tok = None
         if self._tok_zero is not None:
@@ -87,16 +96,19 @@ class CachedDenoiser:
         if self._motion is not None:
             run_feeds[MOTION_INPUT] = np.array(int(motion), np.int64)
         out = self.binding.step(run_feeds, [self.output, STAT_OUTPUT, SKIP_OUTPUT])
+        # Plain Python on the small outputs from here on: right after a graph call, each distinct numpy
+        # operation costs microseconds.
+        stat, skip = out[STAT_OUTPUT], out[SKIP_OUTPUT]
+        skips, rows = skip.tolist(), stat.tolist()
         # A forced region is not measured where the graph gates its statistic (ONNX Runtime) and is
         # where the gates are inlined (TensorRT, segments): report it as not measured on every backend.
-        stat = np.where((controls.ctl >= CTL_DECIDE)[:, None], out[STAT_OUTPUT], np.float32(np.nan))
-        skip = out[SKIP_OUTPUT]
+        forced = [k for k, c in enumerate(ctl) if c < CTL_DECIDE and not all(math.isnan(v) for v in rows[k])]
+        if forced:
+            stat[forced] = np.nan
         self.policy.observe(step, stat, skip)
-        skipped = skip == 1
-        with np.errstate(invalid="ignore"):
-            stat_max = np.where(np.isnan(stat).any(axis=1), np.nan, stat.max(axis=1))
-        macs = self.uncached_macs - self._saved[skipped].sum()
-        if motion and skip[self._motion.index] == 0:
+        saved = self._saved
+        macs = self.uncached_macs - sum(saved[k] for k, v in enumerate(skips) if v == 1)
+        if motion and skips[self._motion.index] == 0:
             macs -= self._motion_saved
         if tok is not None and tok.any():
             # A conservative block saves its MACs only where its region (the innermost) computed.
@@ -104,12 +116,13 @@ class CachedDenoiser:
             macs -= self._tok_saved[np.arange(len(tok)), np.clip(tok, 0, 2)][reached].sum()
         self._record = {
             "macs": int(macs),
-            "ctl": controls.ctl.tolist(),
+            "ctl": ctl,
             **({"tok": tok.tolist()} if tok is not None else {}),
             **({"motion": bool(motion)} if self._motion is not None else {}),
             "thr": controls.thr.tolist(),
-            "skip": skip.tolist(),
-            "stat": [None if not np.isfinite(v) else float(v) for v in stat_max],
+            "skip": skips,
+            # the largest over the batch; None where any sample's is not measured (NaN) or not finite
+            "stat": [None if k in forced or not all(map(math.isfinite, row)) else max(row) for k, row in enumerate(rows)],
         }
         return out[self.output]
 

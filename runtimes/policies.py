@@ -35,11 +35,15 @@ class Policy(ABC):
     def __init__(self) -> None:
         self.plan: CachePlan | None = None
         self.num_steps = 0
+        # The regions this policy may ever skip, leave to the graph or run on fewer tokens (None: any).
+        # The others always compute, so the host keeps no cache state for them; set by reset().
+        self.live: set[int] | None = None
 
     def reset(self, plan: CachePlan, num_steps: int) -> None:
-        """Start a new trajectory; subclasses clear their counters here."""
+        """Start a new trajectory; subclasses clear their counters here and narrow `live` where they can."""
         self.plan = plan
         self.num_steps = num_steps
+        self.live = None
 
     def base(self) -> StepControls:
         assert self.plan is not None, "reset() must be called before controls()"
@@ -80,12 +84,17 @@ class Scheduled(Policy):
         if level not in ("blocks", "stack"):
             raise FcpassError(f"{self.name} level {level!r} unknown; use blocks or stack")
         self.skipped = [plan.region("stack").index] if level == "stack" else _block_indices(plan)
+        self.live = set(self.skipped)
 
 
 class NoCache(Policy):
     """Every region computes: the compiled graph then equals the original model."""
 
     name = "none"
+
+    def reset(self, plan: CachePlan, num_steps: int) -> None:
+        super().reset(plan, num_steps)
+        self.live = set()
 
     def controls(self, step: int) -> StepControls:
         return self.base()
@@ -218,6 +227,7 @@ class FastCache(Policy):
             raise FcpassError(
                 "fastcache needs calibrated blocks and this graph has none; run fcpass optimize with --calibrate N"
             )
+        self.live = set(self.thresholds) | ({self.motion_region} if self.config.motion else set())
 
     def _dof(self, plan: CachePlan, region: str) -> int:
         state = next(s for s in plan.states if s.region == region and s.kind == "in")
@@ -381,6 +391,7 @@ class FBCache(Policy):
     def reset(self, plan: CachePlan, num_steps: int) -> None:
         super().reset(plan, num_steps)
         self.tail = _probed_region(plan, "tail", "head_residual", self.name).index
+        self.live = {self.tail}
 
     def controls(self, step: int) -> StepControls:
         out = self.base()
@@ -425,6 +436,7 @@ class TeaCache(Policy):
         super().reset(plan, num_steps)
         stack = _probed_region(plan, "stack", "modulated_input", self.name)
         self.stack = stack.index
+        self.live = {self.stack}
         coefficients = self.config.coefficients or stack.calibration.get("teacache", {}).get("coefficients")
         if not coefficients:
             raise FcpassError("teacache needs its rescaling polynomial; run: fcpass calibrate MODEL -o OUT --for teacache "
@@ -489,6 +501,7 @@ class MagCache(Policy):
         if not regions:
             raise FcpassError("magcache needs the 'stack' region; optimize with --regions including stack")
         self.stack = regions[0].index
+        self.live = {self.stack}
         ratios = regions[0].calibration.get("magcache", {}).get("ratios")
         if not ratios:
             raise FcpassError("magcache needs calibrated magnitude ratios; run: fcpass calibrate MODEL -o OUT --for magcache "

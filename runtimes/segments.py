@@ -36,7 +36,7 @@ segment's launch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,10 +159,10 @@ class SegmentsBackend:
     def provider(self) -> str:
         return next(iter(self.sessions.values())).get_providers()[0]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         env: dict[str, Any] = dict(feeds)
         interpret(self.program, env, feeds.get(CTL_INPUT), _run_numpy, bool)
-        return {name: env[name] for name in self._output_names}
+        return {name: env[name] for name in outputs or self._output_names}
 
     def state_binding(self, plan: CachePlan) -> Any:
         """Cache state as host arrays, or as OrtValues on the session's device with I/O binding."""
@@ -214,8 +214,9 @@ class SegmentsBoundState:
     def _upload(self, value: np.ndarray) -> Any:
         return self._ortvalue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
 
-    def reset(self) -> None:
+    def reset(self, live: Collection[int] | None = None) -> None:
         self.values = {s.name: self._upload(np.zeros([int(d) for d in s.shape], dtype=s.dtype)) for s in self.plan.states}
+        self.commit = Commit(self.plan, live)
 
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
         if fetch != self._host_for:

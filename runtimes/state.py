@@ -1,7 +1,9 @@
 """Where the cache state lives between steps, and how one step is run with it.
 
 A state takes its next value only where its region computed (fc_skip 0; the modulated-input probe
-at every step) and keeps its value elsewhere (`Commit`). Its `.next` names a graph output (a value
+at every step) and keeps its value elsewhere (`Commit`). Only the states of the regions a policy
+may skip are kept (its `live` regions, given to `reset`): the others always compute, nothing reads
+their state, and their buffers stay where they are. Its `.next` names a graph output (a value
 the graph computes anyway, such as a block's output, which the next block's input state shares),
 or another state (the previous output takes the output state's old value): nothing is copied to
 keep a state, and a value several states take is written once.
@@ -17,7 +19,7 @@ decisions) are fetched.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,7 +29,7 @@ from fcpass.plan import SKIP_OUTPUT, CachePlan, StateSpec
 
 
 class StateBinding(Protocol):
-    def reset(self) -> None: ...
+    def reset(self, live: Collection[int] | None = None) -> None: ...
 
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]: ...
 
@@ -40,15 +42,19 @@ class Commit:
     Works on any value type (numpy arrays, `OrtValue`s, device buffers): values move, never copy.
     """
 
-    def __init__(self, plan: CachePlan) -> None:
+    def __init__(self, plan: CachePlan, live: Collection[int] | None = None) -> None:
         index = {r.name: r.index for r in plan.regions}
         # (state, where its next value comes from, its region's index in fc_skip or -1 for every step)
-        self.rules = [(s.name, s.next, -1 if s.kind == "mod" else index[s.region]) for s in plan.states]
+        self.rules = [(s.name, s.next, -1 if s.kind == "mod" else index[s.region]) for s in plan.states
+                      if live is None or index[s.region] in live]
 
     def __call__(self, current: Mapping[str, Any], produced: Mapping[str, Any], skip: np.ndarray) -> dict[str, Any]:
         new = dict(current)
+        if not self.rules:
+            return new
+        computed = [v == 0 for v in skip.tolist()]  # plain bools: indexing numpy per rule costs more than the step's bindings
         for name, source, region in self.rules:
-            if region < 0 or skip[region] == 0:
+            if region < 0 or computed[region]:
                 new[name] = current[source] if source in current else produced[source]
         return new
 
@@ -58,10 +64,12 @@ def with_decisions(fetch: list[str]) -> list[str]:
     return list(dict.fromkeys([*fetch, SKIP_OUTPUT]))
 
 
-def written_outputs(plan: CachePlan) -> list[str]:
-    """The graph outputs the state takes its next values from (once each)."""
+def written_outputs(plan: CachePlan, live: Collection[int] | None = None) -> list[str]:
+    """The graph outputs the state (of the `live` regions; default all) takes its next values from, once each."""
     names = {s.name for s in plan.states}
-    return list(dict.fromkeys(s.next for s in plan.states if s.next not in names))
+    index = {r.name: r.index for r in plan.regions}
+    return list(dict.fromkeys(s.next for s in plan.states
+                              if s.next not in names and (live is None or index[s.region] in live)))
 
 
 class HostState:
@@ -71,13 +79,16 @@ class HostState:
         self.backend = backend
         self.plan = plan
         self.commit = Commit(plan)
+        self.written = written_outputs(plan)
         self.values: dict[str, np.ndarray] = {}
 
-    def reset(self) -> None:
+    def reset(self, live: Collection[int] | None = None) -> None:
         self.values = {s.name: np.zeros([int(d) for d in s.shape], dtype=s.dtype) for s in self.plan.states}
+        self.commit = Commit(self.plan, live)
+        self.written = written_outputs(self.plan, live)
 
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
-        out = self.backend.run({**feeds, **self.values})
+        out = self.backend.run({**feeds, **self.values}, list(dict.fromkeys([*with_decisions(fetch), *self.written])))
         self.values = self.commit(self.values, out, out[SKIP_OUTPUT])
         return {k: out[k] for k in fetch}
 
@@ -90,6 +101,8 @@ class StatePools:
     one of them plus one more, so a step always has a buffer no state holds to write that output into.
 
     `alloc(spec)` makes a buffer shaped like the state `spec`; buffers are told apart by identity.
+    Only the `moving` states (those of the live regions) change buffers; the outputs no moving state
+    takes are written into a `fixed` buffer each, so a binding sets those once per trajectory.
     """
 
     def __init__(self, plan: CachePlan, alloc: Callable[[StateSpec], Any]) -> None:
@@ -112,9 +125,15 @@ class StatePools:
         shaped = {self.pool_of[s.name]: s for s in reversed(plan.states)}
         self.pools = {key: [alloc(shaped[key]) for _ in range(n + 1)] for key, n in holders.items()}
         self.current: dict[str, Any] = {}
+        self.moving: list[str] = []
+        self.fixed: dict[str, Any] = {}
+        self._live_pools: list[tuple[str, list[Any]]] = []
+        self._still: set[int] = set()  # the buffers the states that never move hold
 
-    def reset(self, zero: Callable[[Any, StateSpec], None]) -> None:
-        """Every state on a buffer of its pool, no two on one, zeroed by `zero(buffer, state)`."""
+    def reset(self, zero: Callable[[Any, StateSpec], None], live: Collection[int] | None = None) -> None:
+        """Every state on a buffer of its pool, no two on one, zeroed by `zero(buffer, state)`; from now on
+        only the states of the `live` regions (default all) move."""
+        self.commit = Commit(self.plan, live)
         used: Counter[str] = Counter()
         self.current = {}
         for s in self.plan.states:
@@ -123,21 +142,36 @@ class StatePools:
             used[key] += 1
             zero(buf, s)
             self.current[s.name] = buf
+        self.moving = [name for name, _, _ in self.commit.rules]
+        live_keys = {self.pool_of[name] for name in self.moving}
+        self._live_pools = [(key, pool) for key, pool in self.pools.items() if key in live_keys]
+        moving = set(self.moving)
+        self._still = {id(buf) for name, buf in self.current.items() if name not in moving}
+        self.fixed = _free(((k, p) for k, p in self.pools.items() if k not in live_keys), self._still)
 
     def targets(self) -> dict[str, Any]:
-        """Per written output, a buffer of its pool that no state holds: where this step writes it."""
-        held = {id(b) for b in self.current.values()}
-        return {key: next(b for b in pool if id(b) not in held) for key, pool in self.pools.items()}
+        """Per output a moving state takes, a buffer of its pool that no state holds: where this step writes it."""
+        return _free(self._live_pools, self._still | {id(self.current[name]) for name in self.moving})
 
     def advance(self, written: Mapping[str, Any], skip: np.ndarray) -> None:
         self.current = self.commit(self.current, written, skip)
 
 
+def _free(pools: Iterable[tuple[str, list[Any]]], held: set[int]) -> dict[str, Any]:
+    """Per pool, its first buffer not in `held`."""
+    out = {}
+    for key, pool in pools:
+        out[key] = next(buf for buf in pool if id(buf) not in held)
+    return out
+
+
 class BoundState:
     """State in `StatePools` of `OrtValue`s on the session's device, bound by address, with one I/O binding.
 
-    A step binds the small per-step inputs, the state buffers that changed since the last step and the
-    buffers the written outputs go to; the state itself is never copied.
+    Nothing is rebound that did not change: the per-step inputs are copied into buffers bound once
+    (per shape), the fetched outputs land in host arrays bound once (per fetch list and input shapes),
+    and of the state only the buffers that moved since the last step are rebound. The state itself
+    is never copied.
     """
 
     def __init__(self, session: Any, plan: CachePlan, device: str = "cpu", device_id: int = 0) -> None:
@@ -145,44 +179,82 @@ class BoundState:
 
         self.session = session
         self.plan = plan
+        self.device, self.device_id = device, device_id
+        self._ort = ort.OrtValue
 
         def alloc(s: StateSpec) -> Any:
-            shape = [int(d) for d in s.shape]
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(s.dtype), device, device_id)
+            return self._ort.ortvalue_from_shape_and_type([int(d) for d in s.shape], np.dtype(s.dtype), device, device_id)
 
         self.pools = StatePools(plan, alloc)
         self.binding = session.io_binding()
-        self._bound: dict[str, Any] = {}  # name -> the OrtValue it is bound to
-        self._fetch: list[str] = []
+        self._bound: dict[str, Any] = {}  # state input or written output -> the OrtValue it is bound to
+        self._staged: dict[str, tuple[np.ndarray, Any]] = {}  # per-step input -> (host array, its bound buffer)
+        self._fetch_key: tuple[str, ...] | None = None  # the fetch the outputs are bound for (None: input shapes changed)
+        self._wanted: list[str] = []  # fetch and the decisions
+        self._fetched: dict[str, np.ndarray] = {}  # fetched output -> the host array it lands in
 
-    def reset(self) -> None:
-        self.pools.reset(lambda buf, s: buf.update_inplace(np.zeros([int(d) for d in s.shape], dtype=s.dtype)))
+    def reset(self, live: Collection[int] | None = None) -> None:
+        self.pools.reset(lambda buf, s: buf.update_inplace(np.zeros([int(d) for d in s.shape], dtype=s.dtype)), live)
+        self._rebind(self.pools.current, self.binding.bind_ortvalue_input)
+        self._rebind(self.pools.fixed, self.binding.bind_ortvalue_output)
+
+    def _rebind(self, values: Mapping[str, Any], bind: Callable[[str, Any], None]) -> None:
+        bound = self._bound
+        for name, buf in values.items():
+            if bound.get(name) is not buf:
+                bind(name, buf)
+                bound[name] = buf
+
+    def _host_value(self, array: np.ndarray) -> Any:
+        """An `OrtValue` on the host that shares `array`'s memory (ONNX Runtime copies only for devices)."""
+        return self._ort.ortvalue_from_numpy(array)
+
+    def _stage(self, name: str, value: np.ndarray) -> None:
+        held = self._staged.get(name)
+        if held is None or held[0].shape != value.shape or held[0].dtype != value.dtype:
+            host = np.empty(value.shape, value.dtype)
+            buf = (self._host_value(host) if self.device == "cpu" else
+                   self._ort.ortvalue_from_shape_and_type(list(value.shape), value.dtype, self.device, self.device_id))
+            self.binding.bind_ortvalue_input(name, buf)
+            held = self._staged[name] = (host, buf)
+            self._fetch_key = None  # new input shapes may mean new output shapes
+        np.copyto(held[0], value)
+        if self.device != "cpu":
+            held[1].update_inplace(held[0])
 
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
-        b = self.binding
+        b, pools = self.binding, self.pools
         for name, value in feeds.items():
-            b.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, buf in self.pools.current.items():
-            if self._bound.get(name) is not buf:
-                b.bind_ortvalue_input(name, buf)
-                self._bound[name] = buf
-        targets = self.pools.targets()
-        wanted = with_decisions(fetch)
-        if wanted != self._fetch:
+            self._stage(name, value)
+        current = pools.current
+        self._rebind({name: current[name] for name in pools.moving}, b.bind_ortvalue_input)
+        targets = pools.targets()
+        key = tuple(fetch)
+        if key != self._fetch_key:
+            # Output sizes follow the input shapes: let ONNX Runtime size them on this step, then keep arrays.
             b.clear_binding_outputs()
-            for key in targets:
-                self._bound.pop(key, None)
-            for name in wanted:
+            for name in pools.pools:
+                self._bound.pop(name, None)
+            self._wanted = [name for name in with_decisions(fetch) if name not in pools.pools]
+            for name in self._wanted:
                 b.bind_output(name, "cpu")
-            self._fetch = wanted
-        for key, buf in targets.items():
-            if self._bound.get(key) is not buf:
-                b.bind_ortvalue_output(key, buf)
-                self._bound[key] = buf
+            self._rebind(pools.fixed, b.bind_ortvalue_output)
+            self._fetch_key, self._fetched = key, {}
+        self._rebind(targets, b.bind_ortvalue_output)
         self.session.run_with_iobinding(b)
-        got = dict(zip(self._fetch, (v.numpy() for v in b.get_outputs()[:len(self._fetch)])))
-        self.pools.advance(targets, got[SKIP_OUTPUT])
+        if not self._fetched:
+            first = [v.numpy() for v in b.get_outputs()[:len(self._wanted)]]
+            self._fetched = {name: np.empty_like(v) for name, v in zip(self._wanted, first)}
+            for (name, host), v in zip(self._fetched.items(), first):
+                np.copyto(host, v)
+                b.bind_ortvalue_output(name, self._host_value(host))
+        # The arrays are rewritten by the next step: hand out copies.
+        got = {name: host.copy() for name, host in self._fetched.items()}
+        for name in fetch:
+            if name in pools.pools:  # a value the state takes: read it where it was written
+                got[name] = (targets[name] if name in targets else pools.fixed[name]).numpy().copy()
+        pools.advance(targets, got[SKIP_OUTPUT])
         return {name: got[name] for name in fetch}
 
     def state(self) -> dict[str, np.ndarray]:
-        return {name: value.numpy() for name, value in self.pools.current.items()}
+        return {name: value.numpy().copy() for name, value in self.pools.current.items()}

@@ -38,7 +38,7 @@ at every If.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -315,11 +315,11 @@ class TrtBackend:
         if not self.context.execute_async_v3(self.device.stream_handle):
             raise FcpassError(f"TensorRT failed to run {self.engine_path} (see its log above); rerun with -v")
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Host feeds in, every output back (plain engines, and `HostState`)."""
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Host feeds in, `outputs` (default all) back (plain engines, and `HostState`)."""
         self._prepare(feeds, owner=self)
         self._execute()
-        pending = {name: self.device.copy_out(self._io[name]) for name in self.output_names}
+        pending = {name: self.device.copy_out(self._io[name]) for name in outputs or self.output_names}
         self.device.synchronize()
         return {name: np.array(value) for name, value in pending.items()}
 
@@ -348,8 +348,8 @@ class TrtBoundState:
         self.exclude = frozenset(s.name for s in plan.states) | frozenset(self.pools.pools)
         self._addresses: dict[str, int] = {}
 
-    def reset(self) -> None:
-        self.pools.reset(lambda buf, _: self.device.zero(buf))
+    def reset(self, live: Collection[int] | None = None) -> None:
+        self.pools.reset(lambda buf, _: self.device.zero(buf), live)
 
     def _point(self, name: str, buf: Any) -> None:
         address = self.device.address(buf)
@@ -364,11 +364,12 @@ class TrtBoundState:
             self._addresses.clear()  # run() or another binding pointed the context elsewhere
         backend._prepare(feeds, owner=self, exclude=self.exclude)
         targets = self.pools.targets()
-        for name, buf in (*self.pools.current.items(), *targets.items()):
+        for name, buf in (*self.pools.current.items(), *targets.items(), *self.pools.fixed.items()):
             self._point(name, buf)
         backend._execute()
         wanted = with_decisions(fetch)
-        pending = {name: self.device.copy_out(targets.get(name, backend._io.get(name))) for name in wanted}
+        written = {**self.pools.fixed, **targets}
+        pending = {name: self.device.copy_out(written.get(name, backend._io.get(name))) for name in wanted}
         self.device.synchronize()
         got = {name: np.array(value) for name, value in pending.items()}
         self.pools.advance(targets, got[SKIP_OUTPUT])

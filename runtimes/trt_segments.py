@@ -29,7 +29,7 @@ one stream synchronisation at the end of the step.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,11 +178,11 @@ class TrtSegmentsBackend:
             seg.graphs[key] = self.device.capture(lambda: ctx.execute_async_v3(stream))
             self.captures += 1
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Host feeds in (the state too), every output back (plain use, and `HostState`)."""
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Host feeds in (the state too), `outputs` (default all) back (plain use, and `HostState`)."""
         env = self.upload(feeds)
         self.execute(env, self.own, feeds.get(CTL_INPUT))
-        pending = {o.name: self.device.copy_out(env[o.name]) for o in self.outputs}
+        pending = {name: self.device.copy_out(env[name]) for name in outputs or [o.name for o in self.outputs]}
         self.device.synchronize()
         return {name: np.array(value) for name, value in pending.items()}
 
@@ -204,7 +204,8 @@ class TrtSegmentsState:
         self.current = {s.name: 0 for s in plan.states}
         self.commit = Commit(plan)
 
-    def reset(self) -> None:
+    def reset(self, live: Collection[int] | None = None) -> None:
+        self.commit = Commit(self.plan, live)
         for name, (first, _) in self.slots.items():
             self.device.zero(first)
             self.current[name] = 0

@@ -94,6 +94,57 @@ def test_peer_policies_run_end_to_end(tmp_path: Path, policy: str) -> None:
     assert np.abs(result.images - full.images).max() > 0
 
 
+@pytest.mark.parametrize("policy, options", [("fora", {"interval": 2, "level": "stack", "warmup": 1}),
+                                             ("fastcache", {"levels": "stack", "sigma_scale": 50.0})])
+def test_state_kept_only_for_live_regions_changes_nothing(calibrated: tuple[Path, Path], policy: str,
+                                                          options: dict[str, object]) -> None:
+    """A stack-level policy keeps only the stack's state; samples and decisions equal keeping every region's."""
+    from fcpass.plan import read_plan
+    from fcpass.runner import roles_from_plan
+    from runtimes.backend import OrtBackend
+    from runtimes.cache import CachedDenoiser
+    from runtimes.policies import make_policy
+
+    _, fc = calibrated
+    sched = scheduler_from_config(SCHEDULER_CONFIG)
+    req = SampleRequest(classes=[1, 2], steps=10, guidance_scale=1.5, uncond_class=10)
+    runs = {}
+    for keep_all in (False, True):
+        backend = OrtBackend(fc)
+        plan = read_plan(backend.model)
+        den = CachedDenoiser(backend, plan, make_policy(policy, **options), roles_from_plan(plan.roles, backend),
+                             keep_all=keep_all)
+        runs[keep_all] = (sample(den, sched, req, progress=False), den.state)
+    stack = plan.region("stack")
+    assert den.policy.live == {stack.index} and len(plan.regions) > 1
+    (lean, lean_state), (full, full_state) = runs[False], runs[True]
+    assert any(1 in r["skip"] for r in lean.records)
+    np.testing.assert_array_equal(lean.images, full.images)
+    assert [r["skip"] for r in lean.records] == [r["skip"] for r in full.records]
+    assert [r["stat"] for r in lean.records] == [r["stat"] for r in full.records]
+    for s in plan.states:  # the stack's state is the same; the others' stayed at their reset (zero) value
+        if s.region == "stack":
+            np.testing.assert_array_equal(lean_state[s.name], full_state[s.name])
+        else:
+            assert not lean_state[s.name].any() and full_state[s.name].any(), s.name
+
+
+def test_a_policy_controlling_a_region_it_keeps_no_state_for_is_refused(calibrated: tuple[Path, Path]) -> None:
+    from runtimes.policies import Fora, ForaConfig
+
+    class Undeclared(Fora):
+        def reset(self, plan: object, num_steps: int) -> None:
+            super().reset(plan, num_steps)  # type: ignore[arg-type]
+            self.live = set()
+
+    _, fc = calibrated
+    den = load_denoiser(fc, "fora", {})
+    den.policy = Undeclared(ForaConfig(interval=2, warmup=1))
+    with pytest.raises(FcpassError, match="outside its live regions"):
+        sample(den, scheduler_from_config(SCHEDULER_CONFIG), SampleRequest(classes=[1], steps=6, uncond_class=10),
+               progress=False)
+
+
 def test_bound_device_state_equals_host_state(calibrated: tuple[Path, Path]) -> None:
     """I/O binding (the state in pools of OrtValues, never copied) gives the same trajectory as host arrays."""
     from fcpass.plan import read_plan
@@ -115,3 +166,29 @@ def test_bound_device_state_equals_host_state(calibrated: tuple[Path, Path]) -> 
         results[iobinding] = sample(den, sched, req, progress=False)
     np.testing.assert_array_equal(results[True].images, results[False].images)
     assert [r["skip"] for r in results[True].records] == [r["skip"] for r in results[False].records]
+
+
+def test_bound_state_fetches_what_it_is_asked_when_the_ask_changes(calibrated: tuple[Path, Path]) -> None:
+    """Fetched outputs are bound once per fetch list; a new list (here with a value the state takes) rebinds."""
+    from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, read_plan
+    from runtimes.backend import OrtBackend
+    from runtimes.state import BoundState, HostState, written_outputs
+    from tests.conftest import tiny_feeds
+
+    _, fc = calibrated
+    host_backend = OrtBackend(fc, iobinding=False)
+    plan = read_plan(host_backend.model)
+    host, bound = HostState(host_backend, plan), OrtBackend(fc).state_binding(plan)
+    assert isinstance(bound, BoundState)
+    r, value = len(plan.regions), written_outputs(plan)[1]
+    for b in (host, bound):
+        b.reset()
+    for step, fetch in enumerate([["noise_pred"], ["noise_pred", STAT_OUTPUT], [value, SKIP_OUTPUT], ["noise_pred"]]):
+        feeds = {**tiny_feeds(step), CTL_INPUT: np.full(r, 1 if step == 2 else 0, np.int64),
+                 THR_INPUT: np.zeros(r, np.float32), MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32)}
+        want, got = host.step(feeds, fetch), bound.step(feeds, fetch)
+        assert list(got) == fetch
+        for name in fetch:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"step {step}: {name}")
+    final = host.state()
+    assert {k: v.tolist() for k, v in bound.state().items()} == {k: v.tolist() for k, v in final.items()}

@@ -298,12 +298,14 @@ def test_tensorrt_path_samples_exactly_like_onnx_runtime(graphs: tuple[Path, Pat
 
     # The binding: each step reads the buffers the states took after the last one (a written output,
     # or the output state's old buffer for the previous output) and writes into buffers no state
-    # holds; everything else stays put.
+    # holds; everything else stays put, the state of the regions FORA never skips (tail, stack) too.
     plan = trt_den.plan
     steps = fake.executed
     n, chunks = got.calls, got.calls // REQUEST["steps"]  # guidance: one sample per call, so two trajectories
     assert len(steps) == n and chunks == 2 and plan.states
-    commit = Commit(plan)
+    live = trt_den.policy.live
+    assert live == {r.index for r in plan.block_regions()} and len(plan.regions) > len(live)
+    commit = Commit(plan, live)
     states = [s.name for s in plan.states]
     moving = set(states) | {s.next for s in plan.states}
     for i, addr in enumerate(steps):

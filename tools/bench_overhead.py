@@ -3,8 +3,10 @@
     python tools/bench_overhead.py --arch dit-s-2 --image-size 256 --iters 10
 
 Exports the architecture (random weights, legacy exporter), compiles it with every region set
-(blocks, tail, stack), and times one denoiser call of each on ONNX Runtime CPU, alternating the two
-so machine load hits both alike. Prints the per-call times and the ratio compiled / original.
+(blocks, tail, stack), and times one graph call of each on ONNX Runtime CPU, alternating the two
+so machine load hits both alike. Prints the per-call times and the ratio compiled / original, for
+the bare graph call (every output back to the host) and for a sampler step as `fcpass sample` runs
+it (policy `none`: the cache state bound where the session runs, the host's bookkeeping included).
 
 With --motion-ratio RHO (and --regions including stack) the graph also holds FastCache's motion
 tokens, and a third call is timed: a motion step (fc_motion = 1: the blocks on ceil(RHO N) tokens,
@@ -25,7 +27,7 @@ from fcpass.export import ExportSpec, export
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, MOTION_INPUT, THR_INPUT, read_plan
 from fcpass.roles import graph_inputs
-from runtimes.backend import OrtBackend
+from fcpass.runner import load_denoiser
 
 log = logging.getLogger("bench_overhead")
 
@@ -51,7 +53,11 @@ def main() -> None:
         options = OptimizeOptions(regions=tuple(args.regions.split(",")), motion_ratio=args.motion_ratio,
                                   motion_context=args.motion_context, probes=not args.motion_context)
         optimize(src, fc, options, None)  # localizes weights too
-        base, comp = OrtBackend(src, threads=args.threads or None), OrtBackend(fc, threads=args.threads or None)
+        # One session per graph for both the bare calls and the sampler steps: more sessions would
+        # evict each other's weights from the cache between calls.
+        steps = {key: load_denoiser(path, policy, {}, threads=args.threads or None)
+                 for key, path, policy in (("original step", src, None), ("compiled step", fc, "none"))}
+        base, comp = (den.backend for den in steps.values())
         rng = np.random.default_rng(0)
         feeds = {}
         for spec in graph_inputs(base.model):
@@ -63,18 +69,22 @@ def main() -> None:
         comp_feeds = {**feeds, CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
                       MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32)}
         comp_feeds.update({s.name: rng.standard_normal([int(d) for d in s.shape]).astype(s.dtype) for s in plan.states})
-        calls = [("original", base, feeds), ("compiled, all computing", comp, comp_feeds)]
+        calls = [("original", lambda: base.run(feeds)), ("compiled, all computing", lambda: comp.run(comp_feeds))]
         if plan.motion:
             comp_feeds[MOTION_INPUT] = np.array(0, np.int64)
-            calls.append(("compiled, motion step", comp, {**comp_feeds, MOTION_INPUT: np.array(1, np.int64)}))
-        times: dict[str, list[float]] = {name: [] for name, _, _ in calls}
+            motion_feeds = {**comp_feeds, MOTION_INPUT: np.array(1, np.int64)}
+            calls.append(("compiled, motion step", lambda: comp.run(motion_feeds)))
+        for den in steps.values():
+            den.reset(args.iters + 2)
+        calls += [(key, lambda den=den: den(feeds, 0)) for key, den in steps.items()]
+        times: dict[str, list[float]] = {name: [] for name, _ in calls}
         for _ in range(2):  # warm-up
-            for _, backend, f in calls:
-                backend.run(f)
+            for _, call in calls:
+                call()
         for _ in range(args.iters):
-            for name, backend, f in calls:
+            for name, call in calls:
                 t0 = time.perf_counter()
-                backend.run(f)
+                call()
                 times[name].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
     label = args.model.name if args.model else f"{args.arch} at {args.image_size}x{args.image_size}"
@@ -83,6 +93,7 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:<26} {v:9.2f} ms")
     print(f"  compiled / original        {med['compiled, all computing'] / med['original']:9.3f}")
+    print(f"  sampler step, policy none  {med['compiled step'] / med['original step']:9.3f}  (compiled / original)")
     if plan.motion:
         stack = plan.region(plan.motion["region"])
         ideal = plan.uncached_macs / (plan.uncached_macs - stack.macs + plan.motion["macs"])
