@@ -45,8 +45,7 @@ class Commit:
     def __init__(self, plan: CachePlan, live: Collection[int] | None = None) -> None:
         index = {r.name: r.index for r in plan.regions}
         # (state, where its next value comes from, its region's index in fc_skip or -1 for every step)
-        self.rules = [(s.name, s.next, -1 if s.kind == "mod" else index[s.region]) for s in plan.states
-                      if live is None or index[s.region] in live]
+        self.rules = [(s.name, s.next, -1 if s.kind == "mod" else index[s.region]) for s in live_states(plan, live)]
 
     def __call__(self, current: Mapping[str, Any], produced: Mapping[str, Any], skip: np.ndarray) -> dict[str, Any]:
         new = dict(current)
@@ -64,12 +63,16 @@ def with_decisions(fetch: list[str]) -> list[str]:
     return list(dict.fromkeys([*fetch, SKIP_OUTPUT]))
 
 
+def live_states(plan: CachePlan, live: Collection[int] | None = None) -> list[StateSpec]:
+    """The states of the `live` regions (default all)."""
+    index = {r.name: r.index for r in plan.regions}
+    return [s for s in plan.states if live is None or index[s.region] in live]
+
+
 def written_outputs(plan: CachePlan, live: Collection[int] | None = None) -> list[str]:
     """The graph outputs the state (of the `live` regions; default all) takes its next values from, once each."""
     names = {s.name for s in plan.states}
-    index = {r.name: r.index for r in plan.regions}
-    return list(dict.fromkeys(s.next for s in plan.states
-                              if s.next not in names and (live is None or index[s.region] in live)))
+    return list(dict.fromkeys(s.next for s in live_states(plan, live) if s.next not in names))
 
 
 class HostState:
