@@ -77,7 +77,7 @@ class OrtBackend:
         path: str | Path,
         providers: list[str] | None = None,
         threads: int | None = None,
-        iobinding: bool | None = None,
+        iobinding: bool = True,
     ) -> None:
         self.path = Path(path)
         self.model = load_model(self.path, load_weights=False)
@@ -88,8 +88,8 @@ class OrtBackend:
         self.outputs = graph_outputs(self.model)
         self._output_names = [o.name for o in self.outputs]
         # I/O binding keeps the cache state where the session runs and spares ONNX Runtime converting
-        # every state tensor in and out at each step (on the CPU too: 1-3% of a step on the bundled model).
-        self.iobinding = True if iobinding is None else iobinding
+        # every state tensor in and out at each step, on the CPU too.
+        self.iobinding = iobinding
         log.info("ONNX Runtime session on %s", self.provider)
 
     @property
