@@ -83,7 +83,7 @@ def graph_needs(policy: str, motion_ratio: float = 0.5) -> dict[str, Any]:
     motion = name == "fastcache" and bool(options.get("motion", False))
     return {
         "probes": name in ("fbcache", "teacache"),
-        "taylor": name == "taylorseer" or options.get("approx") == "taylor1",
+        "taylor": name == "taylorseer" or "taylor1" in (options.get("approx"), options.get("aggressive")),
         "tokens": name if name in ("duca", "toca") else None,
         "motion_ratio": motion_ratio if motion else None,
     }

@@ -100,11 +100,20 @@ class OrtBackend:
         names = outputs or self._output_names
         return dict(zip(names, self.session.run(names, feeds)))
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+
+    def bound_call(self) -> Any:
+        """`runtimes.state.BoundCall` on this session: calls as the cache state's binding makes them (or None)."""
+        from runtimes.state import BoundCall
+
+        return BoundCall(self.session, self.device) if self.iobinding else None
+
     def state_binding(self, plan: Any) -> Any:
         """Cache state on the session's device with I/O binding, or as host arrays."""
         from runtimes.state import BoundState, HostState
 
         if not self.iobinding:
             return HostState(self, plan)
-        device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        return BoundState(self.session, plan, device)
+        return BoundState(self.session, plan, self.device)

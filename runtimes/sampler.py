@@ -156,18 +156,22 @@ def _timestep_feed(t: float, batch: int, roles: InputRoles) -> np.ndarray:
 
 
 class PlainDenoiser:
-    """The uncached graph: one backend call per step."""
+    """The uncached graph: one backend call per step, bound like the cached graph's where the backend binds."""
 
     def __init__(self, backend: Any, roles: InputRoles, output: str, macs: int) -> None:
         self.backend = backend
         self.roles = roles
         self.output = output
         self.uncached_macs = macs
+        bound = getattr(backend, "bound_call", None)
+        self._bound = bound() if bound is not None else None
 
     def reset(self, num_steps: int) -> None:
         pass
 
     def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
+        if self._bound is not None:
+            return self._bound(feeds, [self.output])[self.output]
         return self.backend.run(feeds)[self.output]
 
     def last_record(self) -> dict[str, Any]:

@@ -168,33 +168,92 @@ def _free(pools: Iterable[tuple[str, list[Any]]], held: set[int]) -> dict[str, A
     return out
 
 
-class BoundState:
-    """State in `StatePools` of `OrtValue`s on the session's device, bound by address, with one I/O binding.
+class BoundCall:
+    """Calls of one session through ONNX Runtime's I/O binding, bound once and reused.
 
-    Nothing is rebound that did not change: the per-step inputs are copied into buffers bound once
-    (per shape), the fetched outputs land in host arrays bound once (per fetch list and input shapes),
-    and of the state only the buffers that moved since the last step are rebound. The state itself
-    is never copied.
+    The per-step inputs are copied into buffers bound once per shape, and the fetched outputs land in
+    host arrays bound once per fetch list and input shapes; the caller gets copies. This is how the
+    cached graph is called (`BoundState` extends it), and the uncached graph is called the same way
+    so that a speedup compares graphs, not two ways of calling ONNX Runtime (`run` converts every
+    input and output, a few percent of a small model's step).
     """
 
-    def __init__(self, session: Any, plan: CachePlan, device: str = "cpu", device_id: int = 0) -> None:
+    def __init__(self, session: Any, device: str = "cpu", device_id: int = 0) -> None:
         import onnxruntime as ort
 
         self.session = session
-        self.plan = plan
         self.device, self.device_id = device, device_id
         self._ort = ort.OrtValue
+        self.binding = session.io_binding()
+        self._staged: dict[str, tuple[np.ndarray, Any]] = {}  # per-step input -> (host array, its bound buffer)
+        self._fetch_key: tuple[str, ...] | None = None  # the fetch the outputs are bound for (None: input shapes changed)
+        self._wanted: list[str] = []  # the outputs ONNX Runtime sizes and the host reads back
+        self._fetched: dict[str, np.ndarray] = {}  # fetched output -> the host array it lands in
+
+    def _host_value(self, array: np.ndarray) -> Any:
+        """An `OrtValue` on the host that shares `array`'s memory (ONNX Runtime copies only for devices)."""
+        return self._ort.ortvalue_from_numpy(array)
+
+    def _stage(self, feeds: Mapping[str, np.ndarray]) -> None:
+        for name, value in feeds.items():
+            held = self._staged.get(name)
+            if held is None or held[0].shape != value.shape or held[0].dtype != value.dtype:
+                host = np.empty(value.shape, value.dtype)
+                buf = (self._host_value(host) if self.device == "cpu" else
+                       self._ort.ortvalue_from_shape_and_type(list(value.shape), value.dtype, self.device, self.device_id))
+                self.binding.bind_ortvalue_input(name, buf)
+                held = self._staged[name] = (host, buf)
+                self._fetch_key = None  # new input shapes may mean new output shapes
+            np.copyto(held[0], value)
+            if self.device != "cpu":
+                held[1].update_inplace(held[0])
+
+    def _bind_fetch(self, key: tuple[str, ...], wanted: list[str]) -> bool:
+        """Bind `wanted` for ONNX Runtime to size on the next call, if `key` changed; whether it did."""
+        if key == self._fetch_key:
+            return False
+        self.binding.clear_binding_outputs()
+        self._wanted = wanted
+        for name in wanted:
+            self.binding.bind_output(name, "cpu")
+        self._fetch_key, self._fetched = key, {}
+        return True
+
+    def _run(self) -> dict[str, np.ndarray]:
+        """One call; copies of the wanted outputs (their arrays are rewritten by the next call)."""
+        b = self.binding
+        self.session.run_with_iobinding(b)
+        if not self._fetched:
+            first = [v.numpy() for v in b.get_outputs()[:len(self._wanted)]]
+            self._fetched = {name: np.empty_like(v) for name, v in zip(self._wanted, first)}
+            for (name, host), v in zip(self._fetched.items(), first):
+                np.copyto(host, v)
+                b.bind_ortvalue_output(name, self._host_value(host))
+        return {name: host.copy() for name, host in self._fetched.items()}
+
+    def __call__(self, feeds: Mapping[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
+        self._stage(feeds)
+        self._bind_fetch(tuple(fetch), list(dict.fromkeys(fetch)))
+        return self._run()
+
+
+class BoundState(BoundCall):
+    """State in `StatePools` of `OrtValue`s on the session's device, bound by address, with one I/O binding.
+
+    Nothing is rebound that did not change (`BoundCall` for the per-step inputs and the fetched
+    outputs), and of the state only the buffers that moved since the last step are rebound. The
+    state itself is never copied.
+    """
+
+    def __init__(self, session: Any, plan: CachePlan, device: str = "cpu", device_id: int = 0) -> None:
+        super().__init__(session, device, device_id)
+        self.plan = plan
 
         def alloc(s: StateSpec) -> Any:
             return self._ort.ortvalue_from_shape_and_type([int(d) for d in s.shape], np.dtype(s.dtype), device, device_id)
 
         self.pools = StatePools(plan, alloc)
-        self.binding = session.io_binding()
         self._bound: dict[str, Any] = {}  # state input or written output -> the OrtValue it is bound to
-        self._staged: dict[str, tuple[np.ndarray, Any]] = {}  # per-step input -> (host array, its bound buffer)
-        self._fetch_key: tuple[str, ...] | None = None  # the fetch the outputs are bound for (None: input shapes changed)
-        self._wanted: list[str] = []  # fetch and the decisions
-        self._fetched: dict[str, np.ndarray] = {}  # fetched output -> the host array it lands in
 
     def reset(self, live: Collection[int] | None = None) -> None:
         self.pools.reset(lambda buf, s: buf.update_inplace(np.zeros([int(d) for d in s.shape], dtype=s.dtype)), live)
@@ -208,51 +267,19 @@ class BoundState:
                 bind(name, buf)
                 bound[name] = buf
 
-    def _host_value(self, array: np.ndarray) -> Any:
-        """An `OrtValue` on the host that shares `array`'s memory (ONNX Runtime copies only for devices)."""
-        return self._ort.ortvalue_from_numpy(array)
-
-    def _stage(self, name: str, value: np.ndarray) -> None:
-        held = self._staged.get(name)
-        if held is None or held[0].shape != value.shape or held[0].dtype != value.dtype:
-            host = np.empty(value.shape, value.dtype)
-            buf = (self._host_value(host) if self.device == "cpu" else
-                   self._ort.ortvalue_from_shape_and_type(list(value.shape), value.dtype, self.device, self.device_id))
-            self.binding.bind_ortvalue_input(name, buf)
-            held = self._staged[name] = (host, buf)
-            self._fetch_key = None  # new input shapes may mean new output shapes
-        np.copyto(held[0], value)
-        if self.device != "cpu":
-            held[1].update_inplace(held[0])
-
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
         b, pools = self.binding, self.pools
-        for name, value in feeds.items():
-            self._stage(name, value)
+        self._stage(feeds)
         current = pools.current
         self._rebind({name: current[name] for name in pools.moving}, b.bind_ortvalue_input)
         targets = pools.targets()
-        key = tuple(fetch)
-        if key != self._fetch_key:
-            # Output sizes follow the input shapes: let ONNX Runtime size them on this step, then keep arrays.
-            b.clear_binding_outputs()
+        # Output sizes follow the input shapes: ONNX Runtime sizes the fetched ones on the first call.
+        if self._bind_fetch(tuple(fetch), [name for name in with_decisions(fetch) if name not in pools.pools]):
             for name in pools.pools:
                 self._bound.pop(name, None)
-            self._wanted = [name for name in with_decisions(fetch) if name not in pools.pools]
-            for name in self._wanted:
-                b.bind_output(name, "cpu")
             self._rebind(pools.fixed, b.bind_ortvalue_output)
-            self._fetch_key, self._fetched = key, {}
         self._rebind(targets, b.bind_ortvalue_output)
-        self.session.run_with_iobinding(b)
-        if not self._fetched:
-            first = [v.numpy() for v in b.get_outputs()[:len(self._wanted)]]
-            self._fetched = {name: np.empty_like(v) for name, v in zip(self._wanted, first)}
-            for (name, host), v in zip(self._fetched.items(), first):
-                np.copyto(host, v)
-                b.bind_ortvalue_output(name, self._host_value(host))
-        # The arrays are rewritten by the next step: hand out copies.
-        got = {name: host.copy() for name, host in self._fetched.items()}
+        got = self._run()
         for name in fetch:
             if name in pools.pools:  # a value the state takes: read it where it was written
                 got[name] = (targets[name] if name in targets else pools.fixed[name]).numpy().copy()

@@ -41,6 +41,10 @@ class DuCaConfig:
     warmup: leading full steps (2 for DiT-like models, 3 for video). The last step is full too.
     attention: `reuse` (DuCa: a C step reuses self-attention) or `compute` (recompute it; only the
         token-local branches are partial: slower, closer).
+    aggressive: what an A step puts in place of the stack: `reuse` (DuCa: its output at the last
+        step that computed it) or `taylor1` (an fcpass extension, graphs optimized with --taylor:
+        first-order extrapolation from the stack's two last computed steps, F or C, as TaylorSeer
+        does; it holds quality over longer runs of A steps than reuse).
     seed: for `random` token scores (graphs optimized with --token-score random).
     Compiled by `fcpass optimize --tokens duca` (changing them here needs a re-optimize):
     ratio: R0, the base fraction of tokens a C step recomputes (0.05: about 1 token in 8 at the MLP).
@@ -56,6 +60,7 @@ class DuCaConfig:
     interval: int = 3
     warmup: int = 2
     attention: str = "reuse"
+    aggressive: str = "reuse"
     seed: int = 0
     ratio: float = 0.05
     layer_weight: float = -0.2
@@ -104,6 +109,8 @@ class DuCa(Policy):
             raise FcpassError(f"{self.name} interval {self.config.interval} must be >= 1")
         if self.config.attention not in ("reuse", "compute"):
             raise FcpassError(f"{self.name} attention {self.config.attention!r} unknown; use reuse or compute")
+        if self.config.aggressive not in ("reuse", "taylor1"):
+            raise FcpassError(f"{self.name} aggressive {self.config.aggressive!r} unknown; use reuse or taylor1")
         self.rng = np.random.default_rng(self.config.seed)
         self.stack: int | None = None
 
@@ -127,6 +134,11 @@ class DuCa(Policy):
             if "stack" not in names:
                 raise FcpassError(f"{self.name}'s aggressive steps skip the whole stack; optimize with --regions including stack")
             self.stack = plan.region("stack").index
+            if self.config.aggressive == "taylor1" and not any(st.kind == "prev" and st.region == "stack"
+                                                               for st in plan.states):
+                raise FcpassError(f"{self.name} aggressive=taylor1 needs the stack's previous output; "
+                                  f"optimize with --regions stack --taylor --tokens {self.name}")
+        self.computed: list[int] = []  # the steps that computed the stack (F or C)
         self.rng = np.random.default_rng(self.config.seed)
 
     def step_type(self, step: int) -> str:
@@ -148,10 +160,18 @@ class DuCa(Policy):
         if kind == "A":
             assert self.stack is not None
             out.ctl[self.stack] = CTL_SKIP
-            out.mix[self.stack] = APPROX_MIX["reuse"]
+            done = self.computed
+            if self.config.aggressive == "taylor1" and len(done) >= 2:
+                out.mix[self.stack] = (0.0, 0.0, (step - done[-1]) / (done[-1] - done[-2]), 0.0)
+            else:
+                out.mix[self.stack] = APPROX_MIX["reuse"]
         elif kind == "C":
             out.tok[:] = TOK_CONSERVATIVE if self.config.attention == "reuse" else TOK_LOCAL_ONLY
         return out
+
+    def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
+        if self.stack is not None and skip[self.stack] == 0:
+            self.computed.append(step)
 
 
 class ToCa(DuCa):

@@ -150,7 +150,8 @@ def test_ops_static_k_and_tensorrt_rules(exported: Path) -> None:
     motion_if = next(n for n in compute.node if n.op_type == "If")
     motion = next(a.g for a in motion_if.attribute if a.name == "then_branch")
     ops = Counter(n.op_type for n in motion.node)
-    assert ops["TopK"] == 1 and ops["GatherElements"] >= 2 and ops["ScatterElements"] == 4  # out, in, out, prev
+    assert ops["TopK"] == 1 and ops["GatherND"] >= 2 and ops["ScatterND"] == 4  # out, in, out, prev
+    assert ops["GatherElements"] == ops["ScatterElements"] == 0  # whole token rows only
     assert ops["If"] == 0  # the nested block regions are not reached on a motion step
     topk = next(n for n in motion.node if n.op_type == "TopK")
     k_init = next(t for t in m.model.graph.initializer if t.name == topk.input[1])

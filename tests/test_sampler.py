@@ -192,3 +192,45 @@ def test_bound_state_fetches_what_it_is_asked_when_the_ask_changes(calibrated: t
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"step {step}: {name}")
     final = host.state()
     assert {k: v.tolist() for k, v in bound.state().items()} == {k: v.tolist() for k, v in final.items()}
+
+
+def test_bound_call_equals_run_and_hands_out_copies(calibrated: tuple[Path, Path]) -> None:
+    """The uncached graph is called through I/O binding like the cached one: the same outputs as `run`."""
+    from runtimes.backend import OrtBackend
+    from runtimes.state import BoundCall
+    from tests.conftest import tiny_feeds
+
+    src, _ = calibrated
+    backend = OrtBackend(src)
+    call = backend.bound_call()
+    kept = []
+    for seed in range(3):
+        got = call(tiny_feeds(seed), ["noise_pred"])["noise_pred"]
+        np.testing.assert_array_equal(got, backend.run(tiny_feeds(seed))["noise_pred"])
+        kept.append((got, got.copy()))
+    for got, was in kept:  # later calls left earlier outputs alone
+        np.testing.assert_array_equal(got, was)
+    assert isinstance(load_denoiser(src, None, {})._bound, BoundCall)  # the uncached denoiser is bound too
+    assert OrtBackend(src, iobinding=False).bound_call() is None
+
+
+def test_bound_call_rebinds_when_the_batch_changes(tmp_path: Path) -> None:
+    """Inputs are restaged and outputs resized when a shape changes (2, 2, 5, 2), and only then."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtimes.backend import OrtBackend
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "double", [x], [y],
+                              [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "double.onnx")
+    call = OrtBackend(tmp_path / "double.onnx").bound_call()
+    rng = np.random.default_rng(0)
+    buffers = []
+    for batch in (2, 2, 5, 2):
+        x = rng.standard_normal((batch, 3)).astype(np.float32)
+        np.testing.assert_array_equal(call({"x": x}, ["y"])["y"], 2 * x)
+        buffers.append(call._staged["x"][1])
+    assert buffers[0] is buffers[1] and buffers[2] is not buffers[1] and buffers[3] is not buffers[2]

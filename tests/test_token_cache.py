@@ -116,22 +116,26 @@ def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
     mlp = tok.split[1].branches[1]
     mlp_ops = Counter(index.nodes[i].op_type for i in mlp.nodes)
     mechanism = Counter({
-        "If": 1,  # attention: reused (mode 1) or computed (mode 2)
-        "Mul": 2 + 1 + 1 + 1, "Add": 2 + 1 + 1 + 1 + 1,  # gates, residuals; counter+1, weight, score; CFG pair; bonus
+        "If": 1,  # attention, gated and added: reused (mode 1) or computed (mode 2)
+        "Mul": 1 + 1 + 1 + 1, "Add": 1 + 1 + 1 + 1 + 1,  # MLP gate, residual; counter+1, weight, score; CFG pair; bonus
         "Slice": 2, "Reshape": 4, "Transpose": 2, "ReduceMax": 1, "Equal": 1, "Cast": 1,  # CFG halves; 2x2 cells
-        "TopK": 1, "Concat": 1, "Unsqueeze": 1, "Expand": 1, "GatherElements": 1, "ScatterElements": 2,
-        "Identity": 5,  # the block output and 4 states (two branch caches, the counters, the scores)
+        "TopK": 1, "Concat": 1 + 1, "Unsqueeze": 1, "GatherND": 1, "ScatterND": 2,  # CFG pair; (sample, token) rows
+        "Identity": 1,  # of the 4 states only the scores, an outer value, need a copy: the rest are outputs as they are
     })
     assert Counter(n.op_type for n in cons.node) == mlp_ops + mechanism
     block_ops = Counter(index.nodes[i].op_type for i in discover_blocks(tok.original, "latent").blocks[1].nodes)
-    vnorm = Counter({"ReduceL2": 2, "Reshape": 1, "Sub": 1, "ReduceMean": 1, "Max": 1, "Div": 1, "Identity": 5})
+    vnorm = Counter({"ReduceL2": 2, "Reshape": 1, "Sub": 1, "ReduceMean": 1, "Max": 1, "Div": 1, "Identity": 1})  # the zero counters
     assert Counter(n.op_type for n in full.node) == block_ops + vnorm
     topk = next(n for n in cons.node if n.op_type == "TopK")
     k_init = next(t for t in tok.model.graph.initializer if t.name == topk.input[1])
     assert onnx.numpy_helper.to_array(k_init).tolist() == [5]
     (inner,) = [n for n in cons.node if n.op_type == "If"]
     reuse = next(a.g for a in inner.attribute if a.name == "then_branch")
-    assert [n.op_type for n in reuse.node] == ["Identity"]
+    # The cache is copied once (the state it stays) and read once (its gate).
+    assert [n.op_type for n in reuse.node] == ["Identity", "Mul", "Add"]
+    gather = next(n for n in cons.node if n.op_type == "GatherND")
+    assert [a.i for a in gather.attribute if a.name == "batch_dims"] == [1]
+    assert all(not n.attribute for n in cons.node if n.op_type == "ScatterND")  # no `reduction` (TensorRT)
     assert tok.plan.tokens["blocks"][1]["branches"][1]["k"] == 5
     assert [s.kind for s in tok.plan.states if s.region == "block1"][-4:] == ["tok_out", "tok_out", "tok_cnt", "tok_score"]
 
@@ -272,7 +276,7 @@ def test_attention_scores_are_the_column_means_of_the_softmax_output(tiny_dit: P
     (tif,) = [n for n in run.node if n.op_type == "If"]
     full = next(a.g for a in tif.attribute if a.name == "else_branch")
     block_ops = Counter(index.nodes[i].op_type for i in discover_blocks(t.original, "latent").blocks[1].nodes)
-    columns = Counter({"Reshape": 1, "ReduceMean": 1, "ReduceL2": 1, "Max": 1, "Div": 1, "Identity": 5})
+    columns = Counter({"Reshape": 1, "ReduceMean": 1, "ReduceL2": 1, "Max": 1, "Div": 1, "Identity": 1})  # the zero counters
     assert Counter(n.op_type for n in full.node) == block_ops + columns
     for seed in (0, 1):
         feeds = tiny_feeds(seed)
@@ -393,3 +397,29 @@ def test_sampling_with_duca_resets_the_state_between_runs(tiny_dit: Path, tmp_pa
     cells = np.asarray(fig.axes[0].get_images()[0].get_array())[0, :, :3]
     marked = np.abs(cells - np.asarray(to_rgb(TOKEN_COLORS[1]))).max(axis=-1) < 1e-6
     assert marked.tolist() == [s in (3, 6) for s in range(8)]
+
+
+def test_duca_aggressive_taylor1_extrapolates_the_stack_from_its_computed_steps(tiny_dit: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.tok.taylor.onnx"
+    request = SampleRequest(classes=[1], steps=10, guidance_scale=1.5, uncond_class=10)
+    setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    plan = optimize(tiny_dit, out, OptimizeOptions(regions=("stack",), taylor=True, tokens="duca"), setup)
+    duca = DuCa(DuCaConfig(aggressive="taylor1"))
+    duca.reset(plan, 10)
+    assert tuple(duca.controls(0).mix[0]) == APPROX_MIX["reuse"]
+    duca.computed = [2, 5]  # the stack computed at steps 2 and 5 (say a C step at 5)
+    a = duca.controls(7)
+    assert duca.step_type(7) == "A" and a.ctl.tolist() == [1] and a.mix[0].tolist() == pytest.approx([0.0, 0.0, 2 / 3, 0.0])
+    duca.computed = [5]  # one computed step: nothing to extrapolate from, reuse
+    assert tuple(duca.controls(7).mix[0]) == APPROX_MIX["reuse"]
+    with pytest.raises(FcpassError, match=r"aggressive=taylor1 needs the stack's previous output; optimize with "):
+        DuCa(DuCaConfig(aggressive="taylor1")).reset(Tok(tiny_dit, regions=("stack",)).plan, 10)
+    with pytest.raises(FcpassError, match="aggressive 'taylor2' unknown; use reuse or taylor1"):
+        DuCa(DuCaConfig(aggressive="taylor2"))
+    # End to end: the A steps extrapolate (F F F C A F C A F F), so the samples differ from reuse's.
+    runs = {}
+    for spec in ("duca", "duca:aggressive=taylor1"):
+        den = load_denoiser(out, spec, {})
+        runs[spec] = sample(den, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
+        assert den.policy.computed == [0, 1, 2, 3, 5, 6, 8, 9]  # F and C steps compute the stack
+    assert not np.array_equal(runs["duca"].images, runs["duca:aggressive=taylor1"].images)

@@ -4,10 +4,10 @@ With `--motion-ratio rho` the stack's compute branch becomes `If(fc_motion, moti
 - full: the original nodes (with their nested regions), exactly as without motion tokens;
 - motion: per token j the saliency s_j = ||X_j - X_j_ref||^2 of the stack input against its value
   when token j was last computed; the k = ceil(rho N) most salient tokens are gathered (TopK +
-  GatherElements) and run through every block specialised to k tokens (`fcpass.token_axis`, mixing
+  GatherND, `fcpass.token_rows`) and run through every block specialised to k tokens (`fcpass.token_axis`, mixing
   mode: attention runs among those k tokens, as FastCache's transformer does); every token takes the
   stack's approximation (the host's fc_mix row, e.g. the fitted `linear`) and the k computed outputs
-  are scattered over it (ScatterElements). Shapes are static throughout.
+  are scattered over it (ScatterND). Shapes are static throughout.
 
 With `context` (`--motion-context`, an fcpass extension) the motion tokens' attention also reads the
 other tokens: every block's keys and values are cache state (refreshed by a full step), and a motion
@@ -51,6 +51,7 @@ from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, node_inputs, node_macs, rename_values
 from fcpass.plan import MOTION_INPUT, StateSpec
 from fcpass.token_axis import Axes, clone_on_tokens
+from fcpass.token_rows import TokenRows
 
 if TYPE_CHECKING:
     from fcpass.discover import Block
@@ -193,16 +194,8 @@ class MotionPass:
         if self.merge is not None:
             return self._merge_graph(run_out, nodes, node, x, x_ref)
         idx = self._select(nodes, node, x, x_ref)
-        gathered: dict[str, str] = {}
-        for src in self.sources:
-            shape = list(self.index.shape(src))  # type: ignore[arg-type]
-            gshape = b.const(b.fresh("fc.motion.gshape"), np.array([self.batch, self.k, *shape[2:]], np.int64))
-            e = node("Unsqueeze", [idx, b.const(b.fresh("fc.motion.axes"), np.arange(2, len(shape), dtype=np.int64))],
-                     b.fresh("fc.motion.idx_u"))
-            e = node("Expand", [e, gshape], b.fresh("fc.motion.idx_e"))
-            gathered[src] = node("GatherElements", [src, e], b.fresh("fc.motion.xk"), axis=1)
-            if src == x:
-                idx_e = e
+        rows = TokenRows(node, b.const, idx, self.batch, self.k, "fc.motion")
+        gathered = {src: rows.gather(src, b.fresh("fc.motion.xk")) for src in self.sources}
         axes: dict[str, Axes | None] = {}
         names: dict[str, str] = {}
         clones, out_k = clone_on_tokens(self.index, sorted(region.nodes), gathered, spec.outputs[0], self.tokens, self.k,
@@ -218,17 +211,15 @@ class MotionPass:
         for nd in approx_nodes:
             rename_values(nd, mine)
         nodes.extend(approx_nodes)
-        out = node("ScatterElements", [mine.get(approx, approx), idx_e, out_k], "fc.motion.out", axis=1)
+        out = rows.scatter(mine.get(approx, approx), out_k, "fc.motion.out")
 
         values: list[str] = [out]
         for j, s in enumerate(region.states_in):
-            values.append(node("ScatterElements", [s.name, idx_e, gathered[x]], f"{s.next}@m", axis=1) if j == j_stream
-                          else spec.inputs[j])
+            values.append(rows.scatter(s.name, gathered[x], f"{s.next}@m") if j == j_stream else spec.inputs[j])
         o_ref = region.states_out[0].name
-        values.append(node("ScatterElements", [o_ref, idx_e, out_k], f"{region.states_out[0].next}@m", axis=1))
+        values.append(rows.scatter(o_ref, out_k, f"{region.states_out[0].next}@m"))
         for s in region.states_prev:
-            was = node("GatherElements", [o_ref, idx_e], f"{s.next}@m.k", axis=1)
-            values.append(node("ScatterElements", [s.name, idx_e, was], f"{s.next}@m", axis=1))
+            values.append(rows.scatter(s.name, rows.gather(o_ref, f"{s.next}@m.k"), f"{s.next}@m"))
         values += [s.name for s in region.states_res]
         return self._finish(run_out, nodes, values + context)
 

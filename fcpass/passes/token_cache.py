@@ -2,8 +2,8 @@
 
 DuCa's / ToCa's conservative step, compiled: the self-attention branch output (before its adaLN
 gate) is reused from the cache, and every token-local branch (MLP, cross-attention) runs only on
-the top-k tokens of its input, gathered with TopK + GatherElements, and is scattered
-(ScatterElements) into its cached output. k is static per (block, branch), so every shape is.
+the top-k tokens of its input, gathered with TopK + GatherND, and is scattered (ScatterND) into
+its cached output (`fcpass.token_rows`). k is static per (block, branch), so every shape is.
 
 Invariant: with `fc_tok` all 0 the block runs exactly its original nodes (the else-branch), so the
 outputs equal the original model's; the state outputs are then the true branch outputs, the
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,7 @@ from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, replace_node_groups
 from fcpass.plan import TOK_INPUT, TOK_RAND_INPUT, StateSpec
 from fcpass.token_axis import clone_node, clone_on_tokens
+from fcpass.token_rows import TokenRows
 
 if TYPE_CHECKING:
     from fcpass.passes.cache_regions import _Builder, _Region
@@ -315,7 +317,6 @@ class _BlockBuilder:
                 if x == o:
                     c.input[j] = f"{o}~{p}"
             nodes.append(c)
-        outs = [self._identity(nodes, f"{o}~{p}", f"{o}@{p}.full", o)]
         extra: list[onnx.NodeProto] = []
         values: dict[str, str] = {}
         for br in tb.split.branches:
@@ -327,20 +328,33 @@ class _BlockBuilder:
         if "score" in tb.states:
             values["score"] = self._attention_score(extra) if self.tp.options.score == "attention" else self._vnorm(extra)
         nodes.extend(extra)
-        for key, s in tb.states.items():
-            outs.append(self._identity(nodes, values[key], f"{s.next}@{p}.full", s.source))
+        outs = self._outputs(nodes, [(f"{o}~{p}", f"{o}@{p}.full", o),
+                                     *[(values[key], f"{s.next}@{p}.full", s.source) for key, s in tb.states.items()]])
         graph = helper.make_graph(nodes, f"fc_{p}_full", [], outs)
         inner = self.tp.builder._inner_value_info
+        named = {vi.name for vi in outs}
         for n in nodes:
             for x in n.output:
-                if x in inner:
+                if x in inner and x not in named:
                     graph.value_info.append(inner[x])
         return graph
 
-    def _identity(self, nodes: list[onnx.NodeProto], src: str, out: str, like: str) -> onnx.ValueInfoProto:
-        nodes.append(helper.make_node("Identity", [src], [out], name=f"fc/{out}"))
-        elem, shape = self.tp.builder.tensor_type(like)
-        return helper.make_tensor_value_info(out, elem, shape)
+    def _outputs(self, nodes: list[onnx.NodeProto], pairs: list[tuple[str, str, str]]) -> list[onnx.ValueInfoProto]:
+        """A branch's outputs from (value, name if copied, typed like) triples.
+
+        A value the branch computes is an output as it is, so that ONNX Runtime writes it straight
+        into the If's output buffer (an Identity there costs a copy of the tensor). A value from the
+        outer graph, or one already output, goes through an Identity named `name`, as ONNX requires.
+        """
+        made = {x for n in nodes for x in n.output}
+        outs: list[onnx.ValueInfoProto] = []
+        for src, name, like in pairs:
+            if src not in made or any(vi.name == src for vi in outs):
+                nodes.append(helper.make_node("Identity", [src], [name], name=f"fc/{name}"))
+                src = name
+            elem, shape = self.tp.builder.tensor_type(like)
+            outs.append(helper.make_tensor_value_info(src, elem, shape))
+        return outs
 
     def _vnorm(self, nodes: list[onnx.NodeProto]) -> str:
         """Mean over heads of 1 - ||v_hj||, L2-normalised over the tokens: (B, N) float32."""
@@ -392,38 +406,33 @@ class _BlockBuilder:
         for i in tb.nodes:
             if i in by_add:
                 br = by_add[i]
-                out_c = self._branch(br, ren, nexts)
-                if br.gate_node is not None:
-                    gate = self.index.nodes[br.gate_node]
-                    gated = self.node("Mul", [br.gate if x == br.gate else out_c for x in gate.input], f"{p}.b{br.position}.gated")
+                if br.kind == "mixing":
+                    ren[br.stream_out] = self._attention(br, ren, nexts)
                 else:
-                    gated = out_c
-                add = self.index.nodes[i]
-                stream = ren.get(br.stream_in, br.stream_in)
-                self.node("Add", [stream if x == br.stream_in else gated for x in add.input], f"{p}.b{br.position}.stream")
-                ren[br.stream_out] = f"{p}.b{br.position}.stream"
+                    out_c = self._branch(br, ren, nexts)
+                    ren[br.stream_out] = self._residual(br, out_c, ren, self.node, f"{p}.b{br.position}")
             elif i not in inner:  # a pass-through node between branches
                 self.cons_nodes.append(clone_node(self.index.nodes[i], ren, f"~{p}c"))
         o = split.stream_out
-        outs = [self._out(ren[o], f"{o}@{p}.cons", o)]
-        for key, s in tb.states.items():
-            outs.append(self._out(nexts.get(key, s.name), f"{s.next}@{p}.cons", s.source))
+        outs = self._outputs(self.cons_nodes, [(ren[o], f"{o}@{p}.cons", o),
+                                               *[(nexts.get(key, s.name), f"{s.next}@{p}.cons", s.source)
+                                                 for key, s in tb.states.items()]])
         return helper.make_graph(self.cons_nodes, f"fc_{p}_conservative", [], outs)
 
-    def _out(self, src: str, out: str, like: str) -> onnx.ValueInfoProto:
-        self.node("Identity", [src], out)
-        elem, shape = self.tp.builder.tensor_type(like)
-        return helper.make_tensor_value_info(out, elem, shape)
+    def _residual(self, br: Branch, out: str, ren: dict[str, str], emit: Any, q: str) -> str:
+        """`stream_in + gate * out` with the block's own gate Mul and residual Add; returns the stream."""
+        if br.gate_node is not None:
+            gate = self.index.nodes[br.gate_node]
+            out = emit("Mul", [br.gate if x == br.gate else out for x in gate.input], f"{q}.gated")
+        stream = ren.get(br.stream_in, br.stream_in)
+        return emit("Add", [stream if x == br.stream_in else out for x in self.index.nodes[br.add_node].input],
+                    f"{q}.stream")
 
     def _branch(self, br: Branch, ren: dict[str, str], nexts: dict[str, str]) -> str:
-        """Append the conservative branch's nodes; return its output (before the gate)."""
+        """Append a token-local branch's conservative nodes; return its output (before the gate)."""
         tb, p = self.tb, self.p
         q = f"{p}.b{br.position}"
         cache = tb.states[f"out{br.position}"].name
-        if br.kind == "mixing":
-            out = self._attention(br, ren, cache)
-            nexts[f"out{br.position}"] = out
-            return out
         cnt = tb.states[f"cnt{br.position}"].name
         cnt1 = self.node("Add", [cnt, "fc.tok.one"], f"{q}.cnt1")
         k = tb.ks[br.position]
@@ -431,35 +440,46 @@ class _BlockBuilder:
             nexts[f"cnt{br.position}"] = cnt1
             return cache
         x = ren.get(br.stream_in, br.stream_in)
-        idx = self._select(br, x, cnt1, k)
         c = self.tp.builder.const
-        c(f"{q}.gshape", np.array([tb.batch, k, tb.width], np.int64))
-        idx3 = self.node("Unsqueeze", [idx, "fc.tok.axlast"], f"{q}.idx3")
-        idx_e = self.node("Expand", [idx3, f"{q}.gshape"], f"{q}.idxe")
-        xk = self.node("GatherElements", [x, idx_e], f"{q}.xk", axis=1)
+        rows = TokenRows(self.node, c, self._select(br, x, cnt1, k), tb.batch, k, q)
+        xk = rows.gather(x, f"{q}.xk")
         clones, out_k = clone_on_tokens(self.index, br.nodes, {br.stream_in: xk}, br.output, tb.tokens, k,
                                         f"~{p}k{br.position}", c, ren)
         self.cons_nodes.extend(clones)
-        out = self.node("ScatterElements", [cache, idx_e, out_k], f"{q}.scattered", axis=1)
+        out = rows.scatter(cache, out_k, f"{q}.scattered")
         c(f"{q}.zeros_bk", np.zeros((tb.batch, k), np.float32))
-        nexts[f"cnt{br.position}"] = self.node("ScatterElements", [cnt1, idx, f"{q}.zeros_bk"], f"{q}.cnt_next", axis=1)
+        nexts[f"cnt{br.position}"] = rows.scatter(cnt1, f"{q}.zeros_bk", f"{q}.cnt_next")
         nexts[f"out{br.position}"] = out
         return out
 
-    def _attention(self, br: Branch, ren: dict[str, str], cache: str) -> str:
-        """Mode 1 reuses the cached output, mode 2 recomputes the branch (a nested If)."""
+    def _attention(self, br: Branch, ren: dict[str, str], nexts: dict[str, str]) -> str:
+        """The stream after self-attention, from a nested If: mode 1 the cached output, mode 2 recomputed.
+
+        The gate and the residual Add sit inside both branches, so that a reused step reads the cache
+        once (its gate Mul) and copies it once (the state it keeps), not a third time as an If output.
+        """
         p = self.p
         q = f"{p}.b{br.position}"
-        reuse = helper.make_graph([helper.make_node("Identity", [cache], [f"{q}.reused"])], f"fc_{q}_reuse", [],
-                                  [self._vi(f"{q}.reused", br.output)])
-        body = [i for i in br.nodes if i in set(self.tb.nodes)]
-        local = dict(ren)
-        nodes = [clone_node(self.index.nodes[i], local, f"~{p}a") for i in body]
-        nodes.append(helper.make_node("Identity", [local.get(br.output, br.output)], [f"{q}.computed"]))
-        compute = helper.make_graph(nodes, f"fc_{q}_compute", [], [self._vi(f"{q}.computed", br.output)])
-        self.cons_nodes.append(helper.make_node("If", [f"{p}.reuse"], [f"{q}.attn"], name=f"fc/{q}/If",
-                                                then_branch=reuse, else_branch=compute))
-        return f"{q}.attn"
+        cache = self.tb.states[f"out{br.position}"].name
+        branches = []
+        for tag, then in (("reuse", True), ("compute", False)):
+            nodes: list[onnx.NodeProto] = []
+            emit = _appender(nodes)
+            if then:
+                out = cache
+                state = emit("Identity", [cache], f"{q}.attn~{tag}")
+            else:
+                local = dict(ren)
+                nodes += [clone_node(self.index.nodes[i], local, f"~{p}a") for i in br.nodes if i in set(self.tb.nodes)]
+                out = state = local.get(br.output, br.output)
+            stream = self._residual(br, out, ren, emit, f"{q}~{tag}")
+            branches.append(helper.make_graph(nodes, f"fc_{q}_{tag}", [], [self._vi(stream, br.stream_out),
+                                                                            self._vi(state, br.output)]))
+        outs = [f"{q}.stream", f"{q}.attn"]
+        self.cons_nodes.append(helper.make_node("If", [f"{p}.reuse"], outs, name=f"fc/{q}/If",
+                                                then_branch=branches[0], else_branch=branches[1]))
+        nexts[f"out{br.position}"] = outs[1]
+        return outs[0]
 
     def _vi(self, name: str, like: str) -> onnx.ValueInfoProto:
         elem, shape = self.tp.builder.tensor_type(like)
@@ -531,6 +551,16 @@ class _BlockBuilder:
         bonus = self.node("Reshape", [bonus, f"{q}.flat"], f"{q}.gbflat")
         bonus = self.node("Mul", [bonus, "fc.tok.bonus"], f"{q}.gbonus")
         return self.node("Add", [s, bonus], f"{q}.sb")
+
+
+def _appender(nodes: list[onnx.NodeProto]) -> Callable[..., str]:
+    """emit(op, inputs, output, **attributes): append that node to `nodes`, return its output."""
+
+    def emit(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=f"fc/{output}", **attrs))
+        return output
+
+    return emit
 
 
 def _has_unfused_v(split: BlockBranches) -> bool:

@@ -1,0 +1,45 @@
+"""Whole-row gather and scatter along the token axis: `x[b, idx[b, j], ...]` as GatherND / ScatterND.
+
+A selection of k tokens per sample, `idx` (B, k) int64, reads and writes whole token rows of any
+tensor shaped (B, N, ...). GatherND with batch_dims = 1 and ScatterND copy a row per index, where
+GatherElements / ScatterElements need the index expanded to every element and address each element
+on its own: on ONNX Runtime's CPU kernels the row form is about five times faster at DiT-S/2's
+(2, 256, 384) with k = 32, and TensorRT runs both ops natively (ScatterND with no `reduction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+# emit(op, inputs, output, **attributes) -> output; const(name, array) -> name
+Emit = Callable[..., str]
+Const = Callable[[str, np.ndarray], str]
+
+
+class TokenRows:
+    """The index tensors of one selection, built once, shared by every gather and scatter of it."""
+
+    def __init__(self, emit: Emit, const: Const, idx: str, batch: int, k: int, prefix: str) -> None:
+        self.emit = emit
+        self.prefix = prefix
+        last = const(f"{prefix}.rows_ax", np.array([-1], np.int64))
+        # (B, k, 1): the token of each row, for GatherND over the batch.
+        self.gather_idx = emit("Unsqueeze", [idx, last], f"{prefix}.rows_g")
+        # (B, k, 2): (sample, token) of each row, for ScatterND.
+        sample = const(f"{prefix}.rows_b", np.repeat(np.arange(batch, dtype=np.int64), k).reshape(batch, k, 1))
+        self.scatter_idx = emit("Concat", [sample, self.gather_idx], f"{prefix}.rows_s", axis=-1)
+        self._n = 0
+
+    def _name(self, what: str) -> str:
+        self._n += 1
+        return f"{self.prefix}.{what}{self._n}"
+
+    def gather(self, x: str, out: str | None = None) -> str:
+        """(B, N, ...) -> (B, k, ...): the selected rows."""
+        return self.emit("GatherND", [x, self.gather_idx], out or self._name("rows"), batch_dims=1)
+
+    def scatter(self, data: str, updates: str, out: str | None = None) -> str:
+        """`data` (B, N, ...) with its selected rows replaced by `updates` (B, k, ...)."""
+        return self.emit("ScatterND", [data, self.scatter_idx, updates], out or self._name("scattered"))
