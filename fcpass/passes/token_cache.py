@@ -461,16 +461,17 @@ class _BlockBuilder:
         p = self.p
         q = f"{p}.b{br.position}"
         cache = self.tb.states[f"out{br.position}"].name
+        mine = set(self.tb.nodes)
         branches = []
-        for tag, then in (("reuse", True), ("compute", False)):
+        for tag in ("reuse", "compute"):
             nodes: list[onnx.NodeProto] = []
             emit = _appender(nodes)
-            if then:
+            if tag == "reuse":
                 out = cache
                 state = emit("Identity", [cache], f"{q}.attn~{tag}")
             else:
                 local = dict(ren)
-                nodes += [clone_node(self.index.nodes[i], local, f"~{p}a") for i in br.nodes if i in set(self.tb.nodes)]
+                nodes += [clone_node(self.index.nodes[i], local, f"~{p}a") for i in br.nodes if i in mine]
                 out = state = local.get(br.output, br.output)
             stream = self._residual(br, out, ren, emit, f"{q}~{tag}")
             branches.append(helper.make_graph(nodes, f"fc_{q}_{tag}", [], [self._vi(stream, br.stream_out),
