@@ -29,6 +29,15 @@ class StepControls:
     motion: bool = False  # a computing stack runs on its motion tokens (graphs optimized with --motion-ratio)
 
 
+def taylor1_mix(step: int, computed: list[int]) -> tuple[float, ...]:
+    """`taylor1`'s mix row at `step`: slope (step - a) / (a - b) from the two last computed steps a > b;
+    `reuse` (slope 0) until two steps have been computed."""
+    if len(computed) < 2:
+        return APPROX_MIX["reuse"]
+    a, b = computed[-1], computed[-2]
+    return (0.0, 0.0, (step - a) / (a - b), 0.0)
+
+
 class Policy(ABC):
     name: str = "policy"
 
@@ -254,11 +263,7 @@ class FastCache(Policy):
     def _mix(self, k: int, step: int) -> tuple[float, ...]:
         if self.config.approx != "taylor1":
             return APPROX_MIX[self.config.approx]
-        done = self.computed[k]
-        if len(done) < 2:
-            return APPROX_MIX["reuse"]
-        a, b = done[-1], done[-2]
-        return (0.0, 0.0, (step - a) / (a - b), 0.0)
+        return taylor1_mix(step, self.computed[k])
 
     def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
         if self.motion_region >= 0 and skip[self.motion_region] == 0:
@@ -305,11 +310,10 @@ class TaylorSeer(Scheduled):
         if self.full_step(step):
             self.full.append(step)
             return out
-        a = self.full[-1]
-        slope = (step - a) / (a - self.full[-2]) if len(self.full) > 1 else 0.0
+        mix = taylor1_mix(step, self.full)
         for k in self.skipped:
             out.ctl[k] = CTL_SKIP
-            out.mix[k] = (0.0, 0.0, slope, 0.0)
+            out.mix[k] = mix
         return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from fcpass.errors import FcpassError
 from fcpass.passes.token_cache import TOK_CONSERVATIVE, TOK_LOCAL_ONLY, TokenOptions
 from fcpass.plan import APPROX_MIX, CTL_SKIP, CachePlan
-from runtimes.policies import CONFIGS, POLICIES, Policy, StepControls
+from runtimes.policies import CONFIGS, POLICIES, Policy, StepControls, taylor1_mix
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,8 @@ class DuCa(Policy):
         if kind == "A":
             assert self.stack is not None
             out.ctl[self.stack] = CTL_SKIP
-            done = self.computed
-            if self.config.aggressive == "taylor1" and len(done) >= 2:
-                out.mix[self.stack] = (0.0, 0.0, (step - done[-1]) / (done[-1] - done[-2]), 0.0)
-            else:
-                out.mix[self.stack] = APPROX_MIX["reuse"]
+            out.mix[self.stack] = (taylor1_mix(step, self.computed) if self.config.aggressive == "taylor1"
+                                   else APPROX_MIX["reuse"])
         elif kind == "C":
             out.tok[:] = TOK_CONSERVATIVE if self.config.attention == "reuse" else TOK_LOCAL_ONLY
         return out

@@ -144,10 +144,14 @@ def run(
     last: dict[str, Any] = {}
     for rep in range(args.repeats):
         for key, den in denoisers.items():
-            later = rep % 2 == 1 and key != "uncached"
-            result = _time(den, request) if later else None
-            base_run = _time(base, request) if key != "uncached" else None
-            result = result or _time(den, request)
+            if key == "uncached":
+                base_run, result = None, _time(den, request)
+            elif rep % 2:
+                result = _time(den, request)
+                base_run = _time(base, request)
+            else:
+                base_run = _time(base, request)
+                result = _time(den, request)
             last[key] = result
             walls[key].append(result.wall_seconds)
             ratios[key].append((base_run or result).wall_seconds / result.wall_seconds)
