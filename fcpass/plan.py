@@ -1,7 +1,7 @@
 """The cache plan: what the compiled graph contains, stored as JSON in the model's metadata.
 
-One file is the whole artefact: regions, the state tensors (names, shapes, dtypes), calibration
-numbers, policy defaults and the fcpass version travel inside `model.metadata_props["fcpass.plan"]`.
+The plan travels inside the model: regions, the state tensors (names, shapes, dtypes), calibration
+numbers, policy defaults and the fcpass version are `model.metadata_props["fcpass.plan"]`.
 The fitted weights of the linear approximations are graph initializers, not metadata.
 """
 
@@ -26,6 +26,7 @@ SKIP_OUTPUT = "fc_skip"  # float32 (R,): 1 skipped, 0 computed, -1 not reached (
 # block: 0 full (the original nodes; token caches, V-norm scores and counters refreshed), 1 conservative
 # (self-attention reused, token-local branches on their top-k tokens), 2 conservative with attention computed.
 TOK_INPUT = "fc_tok"  # int64 (blocks,)
+TOK_FULL, TOK_CONSERVATIVE, TOK_LOCAL_ONLY = 0, 1, 2
 # FastCache's motion tokens (`fcpass.passes.motion_tokens`; only in graphs optimized with --motion-ratio):
 # 1 runs a computing stack on its k most salient tokens, the others approximated; 0 runs it whole.
 MOTION_INPUT = "fc_motion"  # int64 scalar
@@ -60,7 +61,11 @@ APPROX_MIX: dict[str, tuple[float, float, float, float]] = {
 class StateSpec:
     """One cache-state tensor, fed as `name`. Where its region computed (`fc_skip` 0; the "mod" probe at
     every step) it takes the value `next`: a graph output, or another state's value before the step
-    (the previous output takes the output state's); elsewhere it keeps its value (`runtimes.state.Commit`)."""
+    (the previous output takes the output state's); elsewhere it keeps its value (`runtimes.state.Commit`).
+
+    A token cache that a conservative step reuses names its block's index in fc_tok (`token_block`): it
+    also keeps its value where fc_tok[token_block] is TOK_CONSERVATIVE, and the graph's `next` output is
+    then not a cache value, which spares the graph a copy of the cache into its output."""
 
     name: str
     next: str
@@ -71,6 +76,7 @@ class StateSpec:
     source: str  # the original graph tensor it tracks
     shape: list[int | str | None]
     dtype: str
+    token_block: int | None = None
 
 
 @dataclass

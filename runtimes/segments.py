@@ -45,7 +45,7 @@ import numpy as np
 
 from fcpass.errors import FcpassError
 from fcpass.passes.segments import interface_model, read_manifest
-from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, CachePlan, has_plan, read_plan
+from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan, has_plan, read_plan
 from fcpass.roles import graph_inputs, graph_outputs
 from runtimes.backend import open_session, session_setup
 from runtimes.state import Commit, HostState, with_decisions
@@ -227,7 +227,7 @@ class SegmentsBoundState:
         env.update(self.values)
         interpret(self.backend.program, env, feeds.get(CTL_INPUT), self._launch, lambda cond: bool(cond.numpy()))
         got = {name: env[name].numpy() for name in with_decisions(fetch)}
-        self.values = self.commit(self.values, env, got[SKIP_OUTPUT])
+        self.values = self.commit(self.values, env, got[SKIP_OUTPUT], feeds.get(TOK_INPUT))
         return {name: got[name] for name in fetch}
 
     def _launch(self, op: _Run, env: dict[str, Any]) -> None:

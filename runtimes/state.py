@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fcpass.errors import FcpassError
-from fcpass.plan import SKIP_OUTPUT, CachePlan, StateSpec
+from fcpass.plan import SKIP_OUTPUT, TOK_CONSERVATIVE, TOK_INPUT, CachePlan, StateSpec
 
 
 class StateBinding(Protocol):
@@ -39,21 +39,31 @@ class StateBinding(Protocol):
 class Commit:
     """The state after a step: each state whose region computed takes its next value, the others keep theirs.
 
+    A self-attention token cache also keeps its value where its block's fc_tok reused it
+    (`StateSpec.token_block`), so the caller passes the step's fc_tok for token graphs.
     Works on any value type (numpy arrays, `OrtValue`s, device buffers): values move, never copy.
     """
 
     def __init__(self, plan: CachePlan, live: Collection[int] | None = None) -> None:
         index = {r.name: r.index for r in plan.regions}
-        # (state, where its next value comes from, its region's index in fc_skip or -1 for every step)
-        self.rules = [(s.name, s.next, -1 if s.kind == "mod" else index[s.region]) for s in live_states(plan, live)]
+        # (state, where its next value comes from, its region's index in fc_skip or -1 for every step,
+        #  its block's index in fc_tok if a conservative step reuses it, else -1)
+        self.rules = [(s.name, s.next, -1 if s.kind == "mod" else index[s.region],
+                       -1 if s.token_block is None else s.token_block) for s in live_states(plan, live)]
+        self.needs_tok = any(block >= 0 for *_, block in self.rules)
 
-    def __call__(self, current: Mapping[str, Any], produced: Mapping[str, Any], skip: np.ndarray) -> dict[str, Any]:
+    def __call__(self, current: Mapping[str, Any], produced: Mapping[str, Any], skip: np.ndarray,
+                 tok: np.ndarray | None = None) -> dict[str, Any]:
         new = dict(current)
         if not self.rules:
             return new
         computed = [v == 0 for v in skip.tolist()]  # plain bools: indexing numpy per rule costs more than the step's bindings
-        for name, source, region in self.rules:
-            if region < 0 or computed[region]:
+        if self.needs_tok and tok is None:
+            raise FcpassError(f"this graph caches tokens: each step must feed {TOK_INPUT}, and the state needs it "
+                              "to know which caches the step reused")
+        reused = [v == TOK_CONSERVATIVE for v in tok.tolist()] if self.needs_tok else []
+        for name, source, region, block in self.rules:
+            if (region < 0 or computed[region]) and (block < 0 or not reused[block]):
                 new[name] = current[source] if source in current else produced[source]
         return new
 
@@ -92,7 +102,7 @@ class HostState:
 
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
         out = self.backend.run({**feeds, **self.values}, list(dict.fromkeys([*with_decisions(fetch), *self.written])))
-        self.values = self.commit(self.values, out, out[SKIP_OUTPUT])
+        self.values = self.commit(self.values, out, out[SKIP_OUTPUT], feeds.get(TOK_INPUT))
         return {k: out[k] for k in fetch}
 
     def state(self) -> dict[str, np.ndarray]:
@@ -145,7 +155,7 @@ class StatePools:
             used[key] += 1
             zero(buf, s)
             self.current[s.name] = buf
-        self.moving = [name for name, _, _ in self.commit.rules]
+        self.moving = [name for name, *_ in self.commit.rules]
         live_keys = {self.pool_of[name] for name in self.moving}
         self._live_pools = [(key, pool) for key, pool in self.pools.items() if key in live_keys]
         moving = set(self.moving)
@@ -156,8 +166,8 @@ class StatePools:
         """Per output a moving state takes, a buffer of its pool that no state holds: where this step writes it."""
         return _free(self._live_pools, self._still | {id(self.current[name]) for name in self.moving})
 
-    def advance(self, written: Mapping[str, Any], skip: np.ndarray) -> None:
-        self.current = self.commit(self.current, written, skip)
+    def advance(self, written: Mapping[str, Any], skip: np.ndarray, tok: np.ndarray | None = None) -> None:
+        self.current = self.commit(self.current, written, skip, tok)
 
 
 def _free(pools: Iterable[tuple[str, list[Any]]], held: set[int]) -> dict[str, Any]:
@@ -283,7 +293,7 @@ class BoundState(BoundCall):
         for name in fetch:
             if name in pools.pools:  # a value the state takes: read it where it was written
                 got[name] = (targets[name] if name in targets else pools.fixed[name]).numpy().copy()
-        pools.advance(targets, got[SKIP_OUTPUT])
+        pools.advance(targets, got[SKIP_OUTPUT], feeds.get(TOK_INPUT))
         return {name: got[name] for name in fetch}
 
     def state(self) -> dict[str, np.ndarray]:

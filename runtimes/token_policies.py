@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fcpass.errors import FcpassError
-from fcpass.passes.token_cache import TOK_CONSERVATIVE, TOK_LOCAL_ONLY, TokenOptions
-from fcpass.plan import APPROX_MIX, CTL_SKIP, CachePlan
+from fcpass.passes.token_cache import TokenOptions
+from fcpass.plan import APPROX_MIX, CTL_SKIP, TOK_CONSERVATIVE, TOK_LOCAL_ONLY, CachePlan
 from runtimes.policies import CONFIGS, POLICIES, Policy, StepControls, taylor1_mix
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ import numpy as np
 
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import load_model
-from fcpass.plan import SKIP_OUTPUT, CachePlan
+from fcpass.plan import SKIP_OUTPUT, TOK_INPUT, CachePlan
 from fcpass.roles import TensorSpec, graph_inputs, graph_outputs
 from fcpass.trt_build import IOTensor, import_tensorrt, io_tensor
 from runtimes.state import StatePools, with_decisions, written_outputs
@@ -372,7 +372,7 @@ class TrtBoundState:
         pending = {name: self.device.copy_out(written.get(name, backend._io.get(name))) for name in wanted}
         self.device.synchronize()
         got = {name: np.array(value) for name, value in pending.items()}
-        self.pools.advance(targets, got[SKIP_OUTPUT])
+        self.pools.advance(targets, got[SKIP_OUTPUT], feeds.get(TOK_INPUT))
         return {name: got[name] for name in fetch}
 
     def state(self) -> dict[str, np.ndarray]:

@@ -39,7 +39,7 @@ import numpy as np
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import load_model
 from fcpass.passes.segments import interface_model, read_manifest
-from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, CachePlan
+from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan
 from fcpass.roles import graph_inputs, graph_outputs
 from fcpass.trt_build import IOTensor, import_tensorrt, read_engines_index
 from runtimes.segments import compile_program, interpret, region_indices
@@ -228,7 +228,7 @@ class TrtSegmentsState:
         self.device.synchronize()
         got = {name: np.array(value) for name, value in pending.items()}
         held = {name: pair[self.current[name]] for name, pair in self.slots.items()}
-        for name, value in self.commit(held, env, got[SKIP_OUTPUT]).items():
+        for name, value in self.commit(held, env, got[SKIP_OUTPUT], feeds.get(TOK_INPUT)).items():
             cur, pair = self.current[name], self.slots[name]
             if value is pair[cur]:
                 continue  # kept (its region did not compute), or passed through

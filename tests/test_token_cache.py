@@ -62,10 +62,11 @@ class Tok:
             c[self.plan.region(name).index] = v
             mix[self.plan.region(name).index] = APPROX_MIX["reuse"]
         extra = {"fc_tok_rand": rand} if rand is not None else {}
+        modes = np.broadcast_to(np.asarray(tok, np.int64), (self.blocks,)).copy()
         out = dict(zip(self.names, self.sess.run(None, {
             **feeds, **self.state, **extra, "fc_ctl": c, "fc_thr": np.zeros(self.r, np.float32), "fc_mix": mix,
-            "fc_tok": np.broadcast_to(np.asarray(tok, np.int64), (self.blocks,)).copy()})))
-        self.state = Commit(self.plan)(self.state, out, out["fc_skip"])
+            "fc_tok": modes})))
+        self.state = Commit(self.plan)(self.state, out, out["fc_skip"], modes)
         return out
 
     def truth(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -131,8 +132,12 @@ def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
     assert onnx.numpy_helper.to_array(k_init).tolist() == [5]
     (inner,) = [n for n in cons.node if n.op_type == "If"]
     reuse = next(a.g for a in inner.attribute if a.name == "then_branch")
-    # The cache is copied once (the state it stays) and read once (its gate).
-    assert [n.op_type for n in reuse.node] == ["Identity", "Mul", "Add"]
+    # The cache is read once (its gate) and copied nowhere: the state keeps it, the gated cache stands in.
+    assert [n.op_type for n in reuse.node] == ["Mul", "Add"]
+    assert reuse.output[1].name == reuse.node[0].output[0]
+    attn_state = next(s for s in tok.plan.states if s.name == "fc.tok1.b0.out")
+    assert attn_state.token_block == 1
+    assert [s.name for s in tok.plan.states if s.token_block is not None] == [f"fc.tok{i}.b0.out" for i in range(tok.blocks)]
     gather = next(n for n in cons.node if n.op_type == "GatherND")
     assert [a.i for a in gather.attribute if a.name == "batch_dims"] == [1]
     assert all(not n.attribute for n in cons.node if n.op_type == "ScatterND")  # no `reduction` (TensorRT)
@@ -162,6 +167,52 @@ def test_conservative_step_at_the_same_input_reproduces_the_full_step(tok: Tok) 
     cons = tok.run(feeds, tok=1)
     np.testing.assert_allclose(cons["noise_pred"], full["noise_pred"], atol=1e-5)
     assert (cons["fc_skip"] == 0).all()
+
+
+def test_a_reused_attention_cache_keeps_its_value(tok: Tok) -> None:
+    """At mode 1 the attention cache's graph output is the gated cache, not the cache: the state keeps
+    its value (Commit reads fc_tok), and takes its next value at modes 0 and 2."""
+    full = tok.run(tiny_feeds(0), tok=0)
+    cache = full["fc.tok1.b0.out.next"]
+    cons = tok.run(tiny_feeds(1), tok=1)
+    assert not np.allclose(cons["fc.tok1.b0.out.next"], cache)
+    np.testing.assert_array_equal(tok.state["fc.tok1.b0.out"], cache)
+    np.testing.assert_array_equal(tok.state["fc.tok1.b1.out"], cons["fc.tok1.b1.out.next"])  # the MLP's scattered cache
+    local = tok.run(tiny_feeds(2), tok=[1, 2, 0])
+    np.testing.assert_array_equal(tok.state["fc.tok0.b0.out"], full["fc.tok0.b0.out.next"])
+    for pos in (1, 2):
+        np.testing.assert_array_equal(tok.state[f"fc.tok{pos}.b0.out"], local[f"fc.tok{pos}.b0.out.next"])
+    with pytest.raises(FcpassError, match="must feed fc_tok"):
+        Commit(tok.plan)(tok.state, local, local["fc_skip"])
+
+
+@pytest.mark.parametrize("lowering", ["if", "segments"])
+def test_every_state_binding_samples_toca_alike(tiny_dit: Path, tmp_path: Path, lowering: str) -> None:
+    """Runs of conservative steps read the attention caches the last full step left: host arrays,
+    ONNX Runtime's I/O binding and both lowerings keep them alike."""
+    from runtimes.backend import OrtBackend
+    from runtimes.segments import SegmentsBoundState
+    from runtimes.state import BoundState, HostState
+
+    out = tmp_path / ("tiny.tok.onnx" if lowering == "if" else "tiny.tok")
+    request = SampleRequest(classes=[1], steps=10, guidance_scale=1.5, uncond_class=10)
+    optimize(tiny_dit, out, OptimizeOptions(regions=("stack",), tokens="toca", lowering=lowering),
+             {"scheduler_config": SCHEDULER_CONFIG, "request": request})
+    runs = {}
+    for bound in (False, True):
+        den = load_denoiser(out, "toca", {})
+        if lowering == "if":
+            den.binding = (BoundState(den.backend.session, den.plan) if bound else HostState(OrtBackend(out, iobinding=False), den.plan))
+        else:
+            den.binding = SegmentsBoundState(den.backend, den.plan, device="cpu") if bound else HostState(den.backend, den.plan)
+        runs[bound] = (sample(den, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False), den.state)
+    assert "CC" in "".join("C" if any(r["tok"]) else "F" for r in runs[False][0].records)
+    np.testing.assert_array_equal(runs[True][0].images, runs[False][0].images)
+    for name, value in runs[False][1].items():
+        np.testing.assert_array_equal(runs[True][1][name], value, err_msg=name)
+    if lowering == "if":
+        none = sample(load_denoiser(out, "none", {}), scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
+        assert not np.array_equal(none.images, runs[True][0].images)
 
 
 # --- gather, branch on k tokens, scatter -----------------------------------------------------------

@@ -53,7 +53,7 @@ from fcpass.branches import BlockBranches, Branch, find_branches
 from fcpass.discover import BlockMap
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, replace_node_groups
-from fcpass.plan import TOK_INPUT, TOK_RAND_INPUT, StateSpec
+from fcpass.plan import TOK_CONSERVATIVE, TOK_FULL, TOK_INPUT, TOK_LOCAL_ONLY, TOK_RAND_INPUT, StateSpec
 from fcpass.token_axis import clone_node, clone_on_tokens
 from fcpass.token_rows import TokenRows
 
@@ -66,7 +66,6 @@ SCORES = ("vnorm", "attention", "saliency", "random")
 # Scores computed at full steps and kept in the `score` state until the next one.
 STORED_SCORES = ("vnorm", "attention")
 TOPK_MAX = 3840  # TensorRT's TopK limit
-TOK_FULL, TOK_CONSERVATIVE, TOK_LOCAL_ONLY = 0, 1, 2
 
 
 @dataclass
@@ -214,7 +213,8 @@ class TokenPass:
             b, n = tb.batch, tb.tokens
             for br in tb.split.branches:
                 elem, shape = self.builder.tensor_type(br.output)
-                tb.states[f"out{br.position}"] = self._state(region, tb, f"b{br.position}.out", "tok_out", br.output, elem, shape)
+                tb.states[f"out{br.position}"] = self._state(region, tb, f"b{br.position}.out", "tok_out", br.output, elem, shape,
+                                                             reused=br.kind == "mixing")
                 if br.kind == "local":
                     tb.states[f"cnt{br.position}"] = self._state(region, tb, f"b{br.position}.cnt", "tok_cnt", None,
                                                                  TensorProto.FLOAT, [b, n])
@@ -230,7 +230,8 @@ class TokenPass:
         return out
 
     def _state(self, region: _Region, tb: _TokBlock, what: str, kind: str, source: str | None, elem: int,
-               shape: list[Any]) -> StateSpec:
+               shape: list[Any], reused: bool = False) -> StateSpec:
+        """A token state; `reused`: the self-attention cache, which a conservative step leaves as it is."""
         name = f"fc.tok{tb.pos}.{what}"
         g = self.builder.graph
         g.input.append(helper.make_tensor_value_info(name, elem, shape))
@@ -241,7 +242,8 @@ class TokenPass:
             source = name
             self.index.value_types[name] = (elem, tuple(shape))
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
-        return StateSpec(name, name + ".next", region.name, kind, source, list(shape), dtype)
+        return StateSpec(name, name + ".next", region.name, kind, source, list(shape), dtype,
+                         token_block=tb.pos if reused else None)
 
     # --- the rewrite ------------------------------------------------------------------------
     def rewrite(self, body: list[onnx.NodeProto], region: _Region) -> list[onnx.NodeProto]:
@@ -456,7 +458,9 @@ class _BlockBuilder:
         """The stream after self-attention, from a nested If: mode 1 the cached output, mode 2 recomputed.
 
         The gate and the residual Add sit inside both branches, so that a reused step reads the cache
-        once (its gate Mul) and copies it once (the state it keeps), not a third time as an If output.
+        once, in its gate Mul, and copies it nowhere: the cache state keeps its value at mode 1
+        (`StateSpec.token_block`), so the reuse branch's state output is any value of the cache's shape
+        it computes anyway, the gated cache (a copy of the cache only where there is no gate).
         """
         p = self.p
         q = f"{p}.b{br.position}"
@@ -467,13 +471,14 @@ class _BlockBuilder:
             nodes: list[onnx.NodeProto] = []
             emit = _appender(nodes)
             if tag == "reuse":
-                out = cache
-                state = emit("Identity", [cache], f"{q}.attn~{tag}")
+                stream = self._residual(br, cache, ren, emit, f"{q}~{tag}")
+                gated = f"{q}~{tag}.gated"
+                state = gated if br.gate_node is not None else emit("Identity", [cache], f"{q}.attn~{tag}")
             else:
                 local = dict(ren)
                 nodes += [clone_node(self.index.nodes[i], local, f"~{p}a") for i in br.nodes if i in mine]
-                out = state = local.get(br.output, br.output)
-            stream = self._residual(br, out, ren, emit, f"{q}~{tag}")
+                state = local.get(br.output, br.output)
+                stream = self._residual(br, state, ren, emit, f"{q}~{tag}")
             branches.append(helper.make_graph(nodes, f"fc_{q}_{tag}", [], [self._vi(stream, br.stream_out),
                                                                             self._vi(state, br.output)]))
         outs = [f"{q}.stream", f"{q}.attn"]
