@@ -336,6 +336,7 @@ def _roles_json(roles: Any) -> dict[str, str | None]:
 # --- optimize -------------------------------------------------------------------------------
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from fcpass.onnx_io import data_file
     from fcpass.optimize import OptimizeOptions, optimize
     from fcpass.passes.motion_tokens import MergeOptions
 
@@ -364,6 +365,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         from fcpass.passes.segments import read_manifest
 
         lowered = f", lowered to {read_manifest(args.output)['segments']} If-free segments"
+    elif (data := data_file(args.output)) is not None:
+        lowered = f", its weights in {data} (keep the two files together)"
     print(f"wrote {args.output}: {len(plan.regions)} regions over {blocks} blocks"
           f"{', calibrated' if args.calibrate else ''}{lowered}")
     return 0
@@ -371,7 +374,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from fcpass.calibrate import CalibrationOptions, calibrate_peers
-    from fcpass.onnx_io import check_distinct, load_model, save_model
+    from fcpass.onnx_io import check_distinct, load_model
+    from fcpass.optimize import save_compiled
     from fcpass.plan import read_plan, write_plan
 
     check_distinct(args.model, args.output)
@@ -381,7 +385,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     options = CalibrationOptions(trajectories=args.calibrate, steps=args.calib_steps)
     result = calibrate_peers(model, plan, setup, args.peer, options)
     write_plan(model, plan)
-    save_model(model, args.output)
+    save_compiled(model, args.output)
     if args.peer == "teacache":
         print(f"wrote {args.output}: teacache polynomial {', '.join(f'{c:.4g}' for c in result['coefficients'])} "
               f"(relative fit residual {result['rel_residual']:.3f} over {result['points']} points)")

@@ -1,7 +1,7 @@
 """Loading and saving ONNX models with clear errors and atomic writes.
 
 Saving never leaves a half-written artefact: the model (and its external data, for models over
-2 GB) is written to a temporary name in the destination folder and renamed into place.
+2 GB or when asked) is written to a temporary name in the destination folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -127,10 +127,11 @@ def atomic_dir(path: str | Path, ours: Callable[[Path], bool], what: str) -> Ite
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write `model` atomically; models over 2 GB keep their weights in `<name>.data` beside it."""
+def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False) -> Path:
+    """Write `model` atomically; with `external`, and for models over 2 GB, its weights go to
+    `<name>.data` beside it."""
     dst = Path(path)
-    if model.ByteSize() < _PROTO_LIMIT:
+    if not external and model.ByteSize() < _PROTO_LIMIT:
         with atomic_path(dst) as tmp:
             onnx.save_model(model, str(tmp))
         return dst
@@ -148,6 +149,15 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
         onnx.save_model(model, str(tmp))
     log.info("wrote %s with external data %s", dst, data_name)
     return dst
+
+
+def data_file(path: str | Path) -> Path | None:
+    """The external data file the model at `path` keeps its weights in, if any."""
+    for tensor in _external_tensors(load_model(path, load_weights=False)):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                return Path(path).parent / entry.value
+    return None
 
 
 def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

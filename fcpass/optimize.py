@@ -1,6 +1,7 @@
 """`fcpass optimize`: discover blocks, insert cache regions, calibrate, and write one artefact.
 
-The artefact is one `.fc.onnx` file with `lowering="if"` (every region an ONNX If), or a folder of
+The artefact is one `.fc.onnx` file with `lowering="if"` (every region an ONNX If; its weights in
+`<name>.data` beside it once they pass `EXTERNAL_DATA_MIN_BYTES`), or a folder of
 If-free segments with `lowering="segments"` (`fcpass.passes.segments`: the same calibrated graph, cut
 at its Ifs, for runtimes that must not see an If). An input that is already cache-aware can only be
 lowered to segments, as it is (its regions, calibration and fitted weights are kept).
@@ -18,7 +19,7 @@ from fcpass.discover import discover_blocks
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import check_distinct, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
-from fcpass.passes.localize_weights import localize_weights
+from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
 from fcpass.passes.motion_tokens import MergeOptions
 from fcpass.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
 from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
@@ -79,8 +80,14 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         write_segments(lower_to_segments(out), output)
     else:
         localize_weights(out)
-        save_model(out, output)
+        save_compiled(out, output)
     return plan
+
+
+def save_compiled(model: Any, output: str | Path) -> Path:
+    """Write a compiled If graph atomically, its weights external once those in branches pass
+    `EXTERNAL_DATA_MIN_BYTES`."""
+    return save_model(model, output, external=branch_weight_bytes(model) >= EXTERNAL_DATA_MIN_BYTES)
 
 
 def _lower_compiled(model: Any, model_path: str | Path, output: str | Path, options: OptimizeOptions) -> CachePlan:
