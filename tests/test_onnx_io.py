@@ -11,6 +11,7 @@ import pytest
 
 from fcpass import onnx_io
 from fcpass.errors import FcpassError
+from models.digits import SCHEDULER_CONFIG
 from tests.conftest import tiny_feeds
 
 
@@ -55,43 +56,28 @@ def test_replace_marked_block_keeps_the_rest_and_refuses_a_file_without_markers(
     assert doc.read_text() == "head\n<!-- a -->\nnew\n<!-- b -->\ntail\n"
 
 
-_RSS = """
-import sys, onnxruntime as ort
-def rss():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
-before = rss()
-session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-print(rss() - before)
-"""
-
-
-def _session_kib(path: Path) -> int:
-    """Resident memory a fresh process adds by opening an ONNX Runtime session of `path`."""
-    import subprocess
-    import sys
-
-    return int(subprocess.run([sys.executable, "-c", _RSS, str(path)], check=True, capture_output=True, text=True).stdout)
-
-
-def test_compiled_graphs_keep_large_weights_in_external_data(calibrated: tuple[Path, Path], tmp_path: Path) -> None:
+def test_compiled_graphs_keep_large_weights_in_external_data(calibrated: tuple[Path, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """ONNX Runtime holds weights stored inline in nested If branches several times over. A compiled
     graph with more than EXTERNAL_DATA_MIN_BYTES of them keeps them in `<name>.data`: its session holds
     less than half the memory of the same graph stored inline, and computes the same. Small graphs
     stay one file."""
+    from fcpass.cli import main
     from fcpass.export import ExportSpec, export
-    from fcpass.optimize import OptimizeOptions, optimize
     from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes
+    from tools.bench_memory import session_mib
 
     src, out, inline = tmp_path / "s2.onnx", tmp_path / "s2.fc.onnx", tmp_path / "inline.fc.onnx"
     export(ExportSpec("dit-s-2", 32, exporter="legacy"), src)  # DiT-S/2's 88 MiB of weights on 4 tokens
-    optimize(src, out, OptimizeOptions(), None)
+    assert main(["optimize", str(src), "-o", str(out), "--scheduler-config", str(SCHEDULER_CONFIG)]) == 0
+    assert f"its weights in {tmp_path / 's2.fc.onnx.data'} (keep the two files together)" in capsys.readouterr().out
     model = onnx.load(str(out))
     assert branch_weight_bytes(model) >= EXTERNAL_DATA_MIN_BYTES
     assert (tmp_path / "s2.fc.onnx.data").stat().st_size > EXTERNAL_DATA_MIN_BYTES > out.stat().st_size
     assert onnx_io.data_file(out) == tmp_path / "s2.fc.onnx.data"
     onnx_io.save_model(model, inline)
     assert onnx_io.data_file(inline) is None
-    assert _session_kib(out) < 0.5 * _session_kib(inline)
+    assert session_mib(out) < 0.5 * session_mib(inline)
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (out, inline)]
     rng = np.random.default_rng(0)
     feeds = {}

@@ -322,7 +322,7 @@ def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarra
             full = next((x.peak_mb for x in mem if x.mode == "full" and x.arena == m.arena), float("nan"))
             print(f"| {m.mode} | {'on' if m.arena else 'off'} | {m.loaded_mb:.1f} | {m.peak_mb:.1f} | "
                   f"{m.retained_mb:.1f} | {m.peak_mb / full:.2f} |")
-    print(f"\nCommand: `python tools/bench_tokens.py {' '.join(sys.argv[1:])}`".rstrip())
+    print(f"\nCommand: `{' '.join(['python tools/bench_tokens.py', *sys.argv[1:]])}`")
 
 
 if __name__ == "__main__":
