@@ -196,12 +196,14 @@ class TokenPass:
         c("fc.tok.zero_i", np.array(TOK_FULL, np.int64))
         c("fc.tok.one_i", np.array(TOK_CONSERVATIVE, np.int64))
         c("fc.tok.one", np.array(1.0, np.float32))
-        c("fc.tok.half", np.array(0.5, np.float32))
+        c("fc.tok.zero", np.array(0.0, np.float32))
         c("fc.tok.eps", np.array(1e-12, np.float32))
         c("fc.tok.cw", np.array(self.options.counter_weight, np.float32))
         c("fc.tok.bonus", np.array(self.options.spatial_bonus, np.float32))
+        c("fc.tok.ax0", np.array([0], np.int64))
         c("fc.tok.ax1", np.array([1], np.int64))
         c("fc.tok.ax2", np.array([2], np.int64))
+        c("fc.tok.ax24", np.array([2, 4], np.int64))
         c("fc.tok.axlast", np.array([-1], np.int64))
 
     def add_state(self, region: _Region) -> list[StateSpec]:
@@ -515,13 +517,10 @@ class _BlockBuilder:
         b, n = tb.batch, tb.tokens
         pair = b % 2 == 0 and b >= 2
         rows = b // 2 if pair else b
-        if pair:
-            c(f"{q}.h0", np.array([0], np.int64))
-            c(f"{q}.h1", np.array([b // 2], np.int64))
-            c(f"{q}.h2", np.array([b], np.int64))
-            c0 = self.node("Slice", [s, f"{q}.h0", f"{q}.h1", f"{q}.h0"], f"{q}.cond")
-            c1 = self.node("Slice", [s, f"{q}.h1", f"{q}.h2", f"{q}.h0"], f"{q}.uncond")
-            s = self.node("Mul", [self.node("Add", [c0, c1], f"{q}.pairsum"), "fc.tok.half"], f"{q}.pair")
+        if pair:  # the mean of the two halves [cond; uncond], row i with row i + B/2
+            c(f"{q}.halves", np.array([2, rows, n], np.int64))
+            s = self.node("ReduceMean", [self.node("Reshape", [s, f"{q}.halves"], f"{q}.halves_s"), "fc.tok.ax0"],
+                          f"{q}.pair", keepdims=0)
         s = self._bonus(s, q, rows, n)
         c(f"{q}.k", np.array([k], np.int64))
         self.cons_nodes.append(helper.make_node("TopK", [s, f"{q}.k"], [f"{q}.topv", f"{q}.top"], name=f"fc/{q}/TopK",
@@ -542,21 +541,13 @@ class _BlockBuilder:
             return s
         c = self.tp.builder.const
         h = side // g
+        # (rows, h, g, h, g): a cell is a g x g patch; its maximum reduces the two g axes in place.
         c(f"{q}.cells5", np.array([rows, h, g, h, g], np.int64))
-        c(f"{q}.cells3", np.array([rows, h * h, g * g], np.int64))
-        c(f"{q}.cellsb", np.array([rows, h, h, g, g], np.int64))
         c(f"{q}.flat", np.array([rows, n], np.int64))
         t = self.node("Reshape", [s, f"{q}.cells5"], f"{q}.g5")
-        t = self.node("Transpose", [t], f"{q}.g5t", perm=[0, 1, 3, 2, 4])
-        t = self.node("Reshape", [t, f"{q}.cells3"], f"{q}.g3")
-        m = self.node("ReduceMax", [t, "fc.tok.ax2"], f"{q}.gmax", keepdims=1)
-        best = self.node("Equal", [t, m], f"{q}.gbest")
-        bonus = self.node("Cast", [best], f"{q}.gbestf", to=TensorProto.FLOAT)
-        bonus = self.node("Reshape", [bonus, f"{q}.cellsb"], f"{q}.gb5")
-        bonus = self.node("Transpose", [bonus], f"{q}.gb5t", perm=[0, 1, 3, 2, 4])
-        bonus = self.node("Reshape", [bonus, f"{q}.flat"], f"{q}.gbflat")
-        bonus = self.node("Mul", [bonus, "fc.tok.bonus"], f"{q}.gbonus")
-        return self.node("Add", [s, bonus], f"{q}.sb")
+        m = self.node("ReduceMax", [t, "fc.tok.ax24"], f"{q}.gmax", keepdims=1)
+        bonus = self.node("Where", [self.node("Equal", [t, m], f"{q}.gbest"), "fc.tok.bonus", "fc.tok.zero"], f"{q}.gbonus")
+        return self.node("Reshape", [self.node("Add", [t, bonus], f"{q}.sb5"), f"{q}.flat"], f"{q}.sb")
 
 
 def _appender(nodes: list[onnx.NodeProto]) -> Callable[..., str]:
