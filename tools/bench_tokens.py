@@ -4,8 +4,9 @@
 
 Exports the architecture (random weights, legacy exporter, batch 2), compiles it with token-level
 caching (`--tokens duca`: DuCa's k schedule, V-norm scores; `--regions stack` by default, the fewest
-regions a token graph can have) and times one denoiser call of each, alternated so machine load hits
-all alike (median of --iters calls each):
+regions a token graph can have) and times one denoiser call of each, alternated in --iters rounds
+(times: the median per call; speedups: the median of the per-round ratios, which cancels the
+machine's drift in speed):
   original       the exported graph;
   full           the compiled graph, fc_tok all 0 (every block runs its original nodes);
   conservative   fc_tok all 1 (attention reused, the MLP on the top-k tokens, scattered into its cache);
