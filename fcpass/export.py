@@ -133,6 +133,23 @@ def load_weights(model: Any, config: dict[str, Any], weights: str | Path) -> Non
         )
 
 
+def _unzero_linears(model: Any) -> None:
+    """Give the Linear layers the official initialisation zeroes (adaLN, the output layer) small random
+    weights, from a fixed seed.
+
+    Zeroed, every block is the identity: a cache then looks lossless, and ONNX Runtime, finding the
+    blocks' zero adaLN weights equal, merges their Gemms into one, which a compiled graph (each block
+    in its own branch) cannot do, so timings would compare unlike graphs.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
+
+
 def export(spec: ExportSpec, output: str | Path, weights: str | Path | None = None, verify: bool = True) -> Path:
     """Export `spec.arch` to `output` (atomically) and check ONNX Runtime against PyTorch."""
     try:
@@ -152,6 +169,7 @@ def export(spec: ExportSpec, output: str | Path, weights: str | Path | None = No
         load_weights(model, config, weights)
     else:
         log.warning("no --weights given: exporting %s with its initial (random) weights", spec.arch)
+        _unzero_linears(model)
     model.eval()
     inputs = example_inputs(config, spec.batch)
     names = list(inputs)

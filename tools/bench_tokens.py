@@ -220,6 +220,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="dit-s-2")
     ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--model", type=Path, help="an exported graph instead of --arch (random weights can flatter the "
+                    "original: DiT's zero-initialised adaLN layers let ONNX Runtime fold them away)")
     ap.add_argument("--regions", default="stack", help="region sets to compile around the token Ifs")
     ap.add_argument("--tokens", default="duca", choices=["duca", "toca"], help="k schedule")
     ap.add_argument("--modes", default="full,conservative,local_only", help="token modes to time")
@@ -241,7 +243,10 @@ def main() -> None:
     modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         src, fc = Path(tmp) / "model.onnx", Path(tmp) / "model.fc.onnx"
-        export(ExportSpec(args.arch, args.image_size, exporter="legacy"), src)
+        if args.model is None:
+            export(ExportSpec(args.arch, args.image_size, exporter="legacy"), src)
+        else:
+            src = args.model
         plan = optimize(src, fc, OptimizeOptions(regions=tuple(args.regions.split(",")), tokens=args.tokens), None)
         base, comp = OrtBackend(src, threads=args.threads or None), OrtBackend(fc, threads=args.threads or None)
         feeds, extra = build_feeds(base, plan, seed=0)
@@ -296,7 +301,8 @@ def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarra
     n = plan.tokens["blocks"][0]["tokens"]
     batch = next(iter(feeds.values())).shape[0]
     threads = f"{args.threads} thread(s)" if args.threads else "intra-op threads = all cores"
-    print(f"\n{args.arch} at {args.image_size}x{args.image_size} (random weights), batch {batch}, regions "
+    label = args.model.name if args.model else f"{args.arch} at {args.image_size}x{args.image_size} (random weights)"
+    print(f"\n{label}, batch {batch}, regions "
           f"{args.regions}, --tokens {args.tokens} (MLP k = {min(ks)}..{max(ks)} of {n} tokens), ONNX Runtime CPU, "
           f"{threads}; ms: median of {args.iters} rounds of alternated calls; speedups: median of the "
           "per-round ratios. MAC-ideal = uncached MACs / MACs run.\n")
