@@ -139,6 +139,9 @@ def save_model(model: onnx.ModelProto, path: str | Path, external: bool = False)
     with atomic_path(dst.parent / data_name) as tmp_data, atomic_path(dst) as tmp:
         # The model refers to its data file by name, so write the data under the temporary name
         # and then point the references at the final one before the model itself is written.
+        # onnx refuses a data file name that exists relative to the working directory (it checks
+        # there, not beside the model), so the reserved name is freed first.
+        tmp_data.unlink()
         onnx.save_model(
             model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data.name
         )

@@ -24,7 +24,7 @@ from fcpass.graphinfo import subgraphs
 
 # Above this many bytes of weights inside If branches a compiled graph is saved with its weights in
 # external data: ONNX Runtime holds a weight stored inline in a branch several times over (DiT-S/2,
-# 88 MiB of weights, every region set: 815 MiB resident after loading against 265 MiB with external
+# 125 MiB of weights, every region set: 815 MiB resident after loading against 265 MiB with external
 # data; `tools/bench_memory.py`). Below it a single file is simpler to move and the copies cost little.
 EXTERNAL_DATA_MIN_BYTES = 16 * 2**20
 
