@@ -357,7 +357,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         token_merge=MergeOptions(args.merge_neighbours, args.merge_weight) if args.token_merge else None,
         lowering=args.lowering,
     )
-    setup = _sampling_setup(args, model_path)
+    # Only calibration samples; without it a model needs no scheduler config to be optimized.
+    setup = _sampling_setup(args, model_path) if args.calibrate else None
     plan = optimize(model_path, args.output, options, setup)
     blocks = len({b for r in plan.regions for b in r.blocks})
     lowered = ""

@@ -105,6 +105,13 @@ def test_graph_without_a_latent_input(capsys, rank2: Path, out: Path, command: s
     assert leftovers(out) == []
 
 
+def test_calibrating_a_model_without_its_scheduler_config(capsys, tiny_dit: Path, out: Path) -> None:
+    """Calibration samples, so it needs the scheduler; optimizing alone does not."""
+    user_error(capsys, ["optimize", tiny_dit, "-o", out / "x.onnx", "--calibrate", "1"],
+               "is not the bundled model", "--scheduler-config")
+    assert leftovers(out) == []
+
+
 # --- export ---------------------------------------------------------------------------------
 
 
