@@ -520,8 +520,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         base_result, _ = run_sampling(base, setup, model_path, "none")
         # Timed cached, uncached, uncached, cached: a drift in the machine's speed during the four
         # runs weighs on both sides alike, where one run of each would put it all on one side.
-        base_again, _ = run_sampling(base, setup, model_path, "none", progress=False)
-        cached_again, _ = run_sampling(denoiser, setup, model_path, args.policy, progress=False)
+        # Only the wall times of the repeats count: no report, no classifier.
+        from runtimes.sampler import sample
+        from runtimes.schedulers import scheduler_from_config
+
+        scheduler = scheduler_from_config(setup["scheduler_config"])
+        base_again = sample(base, scheduler, setup["request"], progress=False)
+        cached_again = sample(denoiser, scheduler, setup["request"], progress=False)
         from fcpass.quality import compare_batches
 
         q = compare_batches(base_result.images, result.images)

@@ -287,10 +287,7 @@ class _BlockBuilder:
         self.index = tp.index
         self.p = f"fc.tok{tb.pos}"
         self.cons_nodes: list[onnx.NodeProto] = []
-
-    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
-        self.cons_nodes.append(helper.make_node(op, inputs, [output], name=f"fc/{output}", **attrs))
-        return output
+        self.node = _appender(self.cons_nodes)  # node(op, inputs, output, **attrs): a conservative-branch node
 
     def build(self) -> list[onnx.NodeProto]:
         tb, p = self.tb, self.p
@@ -414,7 +411,7 @@ class _BlockBuilder:
                     ren[br.stream_out] = self._attention(br, ren, nexts)
                 else:
                     out_c = self._branch(br, ren, nexts)
-                    ren[br.stream_out] = self._residual(br, out_c, ren, self.node, f"{p}.b{br.position}")
+                    ren[br.stream_out] = self._residual(br, out_c, ren, self.node, f"{p}.b{br.position}")[1]
             elif i not in inner:  # a pass-through node between branches
                 self.cons_nodes.append(clone_node(self.index.nodes[i], ren, f"~{p}c"))
         o = split.stream_out
@@ -423,14 +420,15 @@ class _BlockBuilder:
                                                  for key, s in tb.states.items()]])
         return helper.make_graph(self.cons_nodes, f"fc_{p}_conservative", [], outs)
 
-    def _residual(self, br: Branch, out: str, ren: dict[str, str], emit: Any, q: str) -> str:
-        """`stream_in + gate * out` with the block's own gate Mul and residual Add; returns the stream."""
+    def _residual(self, br: Branch, out: str, ren: dict[str, str], emit: Any, q: str) -> tuple[str, str]:
+        """`stream_in + gate * out` with the block's own gate Mul and residual Add; returns
+        (gate * out, or `out` where the block has no gate; the stream)."""
         if br.gate_node is not None:
             gate = self.index.nodes[br.gate_node]
             out = emit("Mul", [br.gate if x == br.gate else out for x in gate.input], f"{q}.gated")
         stream = ren.get(br.stream_in, br.stream_in)
-        return emit("Add", [stream if x == br.stream_in else out for x in self.index.nodes[br.add_node].input],
-                    f"{q}.stream")
+        return out, emit("Add", [stream if x == br.stream_in else out for x in self.index.nodes[br.add_node].input],
+                         f"{q}.stream")
 
     def _branch(self, br: Branch, ren: dict[str, str], nexts: dict[str, str]) -> str:
         """Append a token-local branch's conservative nodes; return its output (before the gate)."""
@@ -473,14 +471,13 @@ class _BlockBuilder:
             nodes: list[onnx.NodeProto] = []
             emit = _appender(nodes)
             if tag == "reuse":
-                stream = self._residual(br, cache, ren, emit, f"{q}~{tag}")
-                gated = f"{q}~{tag}.gated"
-                state = gated if br.gate_node is not None else emit("Identity", [cache], f"{q}.attn~{tag}")
+                gated, stream = self._residual(br, cache, ren, emit, f"{q}~{tag}")
+                state = gated if gated != cache else emit("Identity", [cache], f"{q}.attn~{tag}")
             else:
                 local = dict(ren)
                 nodes += [clone_node(self.index.nodes[i], local, f"~{p}a") for i in br.nodes if i in mine]
                 state = local.get(br.output, br.output)
-                stream = self._residual(br, state, ren, emit, f"{q}~{tag}")
+                stream = self._residual(br, state, ren, emit, f"{q}~{tag}")[1]
             branches.append(helper.make_graph(nodes, f"fc_{q}_{tag}", [], [self._vi(stream, br.stream_out),
                                                                             self._vi(state, br.output)]))
         outs = [f"{q}.stream", f"{q}.attn"]
