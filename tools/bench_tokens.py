@@ -20,6 +20,14 @@ MAC-ideal speedup of a mode: the plan's uncached MACs over the MACs the mode sti
 each block's saving recorded in `plan.tokens`, as `runtimes.cache.CachedDenoiser` counts them); TopK,
 gathers and scatters count no MACs. realised/ideal divides the measured speedup by it.
 
+What the kernels give at k rows ("token-local branches alone"): every block's token-local branches (the
+MLP: its LayerNorm, modulation, fc1, activation, fc2) are cut out of the exported graph into one graph,
+each branch fed its own random input, and timed on the k tokens a conservative step recomputes against
+all N tokens, alternated, in a session with the same settings. Its realised/ideal is how far ONNX
+Runtime's kernels fall short of their MAC ratio at k rows on this machine, before any gather, scatter,
+selection, gate or residual: a ceiling for the conservative step's realised/ideal, since those branches
+are most of its MACs.
+
 Peak activation memory ("peak added"): each of original / full / conservative runs in a fresh
 subprocess (`--child`, glibc's mmap threshold fixed at 64 KiB so that every tensor-sized allocation is
 its own mapping and leaves the resident set when freed). It loads the session and the feeds, calls
@@ -53,8 +61,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
+from fcpass.branches import branches_of
+from fcpass.discover import discover_blocks
+from fcpass.errors import FcpassError
 from fcpass.export import ExportSpec, export
+from fcpass.graphinfo import GraphIndex
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, SKIP_OUTPUT, THR_INPUT, TOK_INPUT, TOK_RAND_INPUT, CachePlan
 from fcpass.roles import infer_roles
@@ -143,10 +156,12 @@ def measure_memory(mode: str, graph: Path, feeds: Path, arena: bool, args: argpa
 
 
 RUN = "(session run, wall)"
+NODES = "(nodes run, If included)"
+SUMMARY = (RUN, NODES)
 
 
 def op_times(profile_json: str, calls: int) -> dict[str, float]:
-    """ms per call by op type from an ORT profile, and the whole run under RUN.
+    """ms per call by op type from an ORT profile, the whole run under RUN and the nodes run per call under NODES.
 
     If is left out: its kernel time includes the kernels of its branches, which are listed themselves.
     """
@@ -156,6 +171,7 @@ def op_times(profile_json: str, calls: int) -> dict[str, float]:
             total[RUN] += ev["dur"] / 1000 / calls
         elif ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
             op = ev.get("args", {}).get("op_name", "?")
+            total[NODES] += 1 / calls
             if op != "If":
                 total[op] += ev["dur"] / 1000 / calls
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
@@ -181,15 +197,115 @@ def profile_modes(src: Path, fc: Path, feeds: dict[str, np.ndarray], modes: list
 
 def print_profile(per_mode: dict[str, dict[str, float]], top: int) -> None:
     modes = list(per_mode)
-    ops = sorted({op for t in per_mode.values() for op in t if op != RUN},
+    ops = sorted({op for t in per_mode.values() for op in t if op not in SUMMARY},
                  key=lambda op: -max(t.get(op, 0) for t in per_mode.values()))
     print("\nONNX Runtime profiler, kernel ms per call by op type (If left out: it includes its branches' kernels):\n")
     print("| op | " + " | ".join(modes) + " |\n|---|" + "---:|" * len(modes))
     for op in ops[:top]:
         print(f"| {op} | " + " | ".join(f"{per_mode[m].get(op, 0):.2f}" for m in modes) + " |")
-    kernels = {m: sum(v for op, v in t.items() if op != RUN) for m, t in per_mode.items()}
+    kernels = {m: sum(v for op, v in t.items() if op not in SUMMARY) for m, t in per_mode.items()}
     print("| **all kernels** | " + " | ".join(f"{kernels[m]:.2f}" for m in modes) + " |")
     print(f"| {RUN} | " + " | ".join(f"{per_mode[m].get(RUN, 0):.2f}" for m in modes) + " |")
+    print(f"| {NODES} | " + " | ".join(f"{per_mode[m].get(NODES, 0):.0f}" for m in modes) + " |")
+
+
+@dataclass
+class LocalBranches:
+    """The token-local branches alone, on all N tokens and on the k tokens a conservative step recomputes."""
+
+    full_ms: float
+    k_ms: float
+    speedup: float  # median of per-round ratios, all N / k rows
+    mac_ratio: float  # sum over branches of N / sum of k: their MACs scale with the rows they run on
+
+
+def _from_constants(index: GraphIndex, name: str) -> list[int] | None:
+    """The nodes (Constant, Identity) that compute `name` from initializers alone, or None if it is not constant."""
+    chain: list[int] = []
+    while name not in index.initializers:
+        p = index.producer.get(name)
+        if p is None or index.nodes[p].op_type not in ("Constant", "Identity"):
+            return None
+        chain.append(p)
+        if index.nodes[p].op_type == "Constant":
+            break
+        name = index.nodes[p].input[0]
+    return chain
+
+
+def local_branches(src: Path, plan: CachePlan, feeds: dict[str, np.ndarray]) -> tuple[
+        onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every block's token-local branches (those the plan gives a k) cut out of the exported graph `src`.
+
+    Returns the cut graph, its inputs as `feeds` make them in `src` (each branch's stream input, and the
+    values it reads from the rest of the graph, such as its modulation), and the same inputs with each
+    stream cut to the first k tokens of its branch. The cut graph's token axis is free, and its
+    outputs are the branches' outputs (before their gates), in block order.
+    """
+    model = onnx.load(str(src))
+    roles = infer_roles(model)
+    bmap = discover_blocks(model, roles.latent.name)
+    ks = {(b["block"], br["output"]): br["k"] for b in plan.tokens["blocks"] for br in b["branches"]}
+    index = GraphIndex(model)
+    keep: set[int] = set()
+    inputs: list[str] = []
+    stream_k: dict[str, int] = {}
+    outputs: list[str] = []
+    for split in branches_of(index, bmap.blocks, roles.latent.name):
+        if isinstance(split, str):
+            raise FcpassError(split)
+        for br in split.local():
+            if (k := ks.get((split.block, br.output))) is None:
+                continue
+            keep.update(br.nodes)
+            produced = {o for i in br.nodes for o in index.nodes[i].output}
+            for name in sorted({x for i in br.nodes for x in index.nodes[i].input} - produced - index.initializers - {""}):
+                chain = _from_constants(index, name)
+                if chain is not None:
+                    keep.update(chain)
+                elif name not in inputs:
+                    inputs.append(name)
+            stream_k[br.stream_in] = int(k)
+            outputs.append(br.output)
+    if not outputs:
+        raise FcpassError("no token-local branch with a k in the plan")
+    ort, opts, providers = session_setup(["cpu"], None)
+    opts.log_severity_level = 3
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in inputs)
+    full = dict(zip(inputs, ort.InferenceSession(probe.SerializeToString(), opts, providers=providers).run(inputs, feeds)))
+    few = {name: x[:, :stream_k[name]].copy() if name in stream_k else x for name, x in full.items()}
+    nodes = [index.nodes[i] for i in sorted(keep)]
+    read = {x for n in nodes for x in n.input}
+    typed = [onnx.helper.make_tensor_value_info(
+        name, onnx.helper.np_dtype_to_tensor_dtype(x.dtype),
+        ["tokens" if name in stream_k and j == 1 else d for j, d in enumerate(x.shape)]) for name, x in full.items()]
+    graph = onnx.helper.make_graph(nodes, "token_local_branches", typed,
+                                   [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
+                                   [t for t in model.graph.initializer if t.name in read])
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version), full, few
+
+
+def time_local_branches(src: Path, plan: CachePlan, feeds: dict[str, np.ndarray], args: argparse.Namespace) -> LocalBranches:
+    """Time the token-local branches alone on all N tokens and on k, alternated, fed the activations `feeds` produce."""
+    cut, full, few = local_branches(src, plan, feeds)
+    ort, opts, providers = session_setup(["cpu"], args.threads or None)
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(cut.SerializeToString(), opts, providers=providers)
+    times: dict[str, list[float]] = {"full": [], "k": []}
+    for _ in range(2):
+        sess.run(None, full), sess.run(None, few)
+    for _ in range(args.iters):
+        for key, f in (("full", full), ("k", few)):
+            t0 = time.perf_counter()
+            sess.run(None, f)
+            times[key].append(time.perf_counter() - t0)
+    streams = [v.name for v in cut.graph.input if v.type.tensor_type.shape.dim[1].dim_param == "tokens"]
+    rows = [(full[name].shape[1], few[name].shape[1]) for name in streams]
+    return LocalBranches(float(np.median(times["full"])) * 1000, float(np.median(times["k"])) * 1000,
+                         float(np.median(np.asarray(times["full"]) / np.asarray(times["k"]))),
+                         sum(n for n, _ in rows) / sum(k for _, k in rows))
 
 
 def build_feeds(base: OrtBackend, plan: CachePlan, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -229,7 +345,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     ap.add_argument("--mem-iters", type=int, default=3, help="calls per memory subprocess")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
-    ap.add_argument("--profile", action="store_true", help="also print ORT kernel time by op type per mode")
+    ap.add_argument("--profile", action="store_true", help="also print ORT kernel time by op type, and the nodes run, per mode")
     ap.add_argument("--profile-top", type=int, default=14)
     ap.add_argument("--child", choices=["original", *MODES], help=argparse.SUPPRESS)
     ap.add_argument("--graph", type=Path, help=argparse.SUPPRESS)
@@ -275,6 +391,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 call()
                 times[name].append(time.perf_counter() - t0)
+        try:
+            local: LocalBranches | None = time_local_branches(src, plan, feeds, args)
+        except FcpassError as exc:
+            log.warning("token-local branches not timed alone: %s", exc)
+            local = None
         profile = profile_modes(src, fc, comp_feeds, modes, args, tmp) if args.profile else {}
         mem: list[MemResult] = []
         if args.memory:
@@ -284,13 +405,13 @@ def main() -> None:
                 for mode in ("original", *[m for m in ("full", "conservative") if m in modes]):
                     mem.append(measure_memory(mode, src if mode == "original" else fc, feeds_path, arena, args))
                     log.info("memory %s", mem[-1])
-    report(args, plan, feeds, times, mem)
+    report(args, plan, feeds, times, mem, local)
     if profile:
         print_profile(profile, args.profile_top)
 
 
 def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarray], times: dict[str, list[float]],
-           mem: list[MemResult]) -> None:
+           mem: list[MemResult], local: LocalBranches | None) -> None:
     med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
 
     def paired(base: str, name: str) -> float:
@@ -317,6 +438,12 @@ def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarra
         vs_orig, vs_full = paired("original", name), paired("full", name) if "full" in times else float("nan")
         print(f"| `fc_tok={MODES[name]}` ({name}) | {t:.2f} | {vs_orig:.2f}x | {vs_full:.2f}x | {ideal:.2f}x | "
               f"{vs_orig / ideal:.2f} | {vs_full / ideal:.2f} |")
+    if local:
+        print(f"\nToken-local branches alone (every block's, cut out of the exported graph, fed its activations): "
+              f"{local.full_ms:.2f} ms on all {n} tokens, {local.k_ms:.2f} ms on the k a conservative step runs: "
+              f"{local.speedup:.2f}x against a {local.mac_ratio:.2f}x MAC ratio, realised/ideal "
+              f"{local.speedup / local.mac_ratio:.2f}. That is the kernels' own shortfall at k rows, before any "
+              "gather, scatter, selection, gate or residual.")
     if mem:
         state_mb = sum(np.prod([int(d) for d in s.shape]) * np.dtype(s.dtype).itemsize for s in plan.states) / 2**20
         print(f"\nPeak activation memory: resident high-water mark during {args.mem_iters} calls of one mode in a "
