@@ -22,11 +22,11 @@ gathers and scatters count no MACs. realised/ideal divides the measured speedup 
 
 What the kernels give at k rows ("token-local branches alone"): every block's token-local branches (the
 MLP: its LayerNorm, modulation, fc1, activation, fc2) are cut out of the exported graph into one graph,
-each branch fed its own random input, and timed on the k tokens a conservative step recomputes against
-all N tokens, alternated, in a session with the same settings. Its realised/ideal is how far ONNX
-Runtime's kernels fall short of their MAC ratio at k rows on this machine, before any gather, scatter,
-selection, gate or residual: a ceiling for the conservative step's realised/ideal, since those branches
-are most of its MACs.
+fed the activations the exported graph computes for them, and timed on the first k tokens (the k a
+conservative step recomputes) against all N, alternated, in a session with the same settings. Its
+realised/ideal is how far ONNX Runtime's kernels fall short of their MAC ratio at k rows on this
+machine, before any gather, scatter, selection, gate or residual: roughly the best the conservative
+step's realised/ideal can be, since those branches are most of its MACs.
 
 Peak activation memory ("peak added"): each of original / full / conservative runs in a fresh
 subprocess (`--child`, glibc's mmap threshold fixed at 64 KiB so that every tensor-sized allocation is
