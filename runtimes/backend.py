@@ -58,6 +58,11 @@ def session_setup(providers: list[str] | None, threads: int | None) -> tuple[Any
     return ort, opts, wanted
 
 
+def device_of(provider: str) -> str:
+    """The device ("cuda" or "cpu") that state buffers live on for an execution provider."""
+    return "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+
+
 def open_session(ort: Any, path: Path, opts: Any, providers: list[str], fix: str) -> Any:
     """An InferenceSession of `path`; ORT's load errors become one line ending in `fix`."""
     try:
@@ -102,7 +107,7 @@ class OrtBackend:
 
     @property
     def device(self) -> str:
-        return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        return device_of(self.provider)
 
     def bound_call(self) -> Any:
         """`runtimes.state.BoundCall` on this session: calls as the cache state's binding makes them (or None)."""

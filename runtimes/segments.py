@@ -47,7 +47,7 @@ from fcpass.errors import FcpassError
 from fcpass.passes.segments import interface_model, read_manifest
 from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan, has_plan, read_plan
 from fcpass.roles import graph_inputs, graph_outputs
-from runtimes.backend import open_session, session_setup
+from runtimes.backend import device_of, open_session, session_setup
 from runtimes.state import Commit, HostState, with_decisions
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ class SegmentsBackend:
         """Cache state as host arrays, or as OrtValues on the session's device with I/O binding."""
         if not self.iobinding:
             return HostState(self, plan)
-        device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        return SegmentsBoundState(self, plan, device, self.device_id)
+        return SegmentsBoundState(self, plan, device_of(self.provider), self.device_id)
 
 
 def interpret(program: list[Any], env: dict[str, Any], ctl: np.ndarray | None,

@@ -110,14 +110,17 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def session(path: Path, threads: int, arena: bool = True, profile: str | None = None) -> Any:
+def session(graph: Path | onnx.ModelProto, threads: int, arena: bool = True, profile: str | None = None) -> Any:
+    """A CPU session of a graph file or an in-memory model, warnings off."""
     ort, opts, providers = session_setup(["cpu"], threads or None)
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = arena
     if profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
-    return open_session(ort, path, opts, providers, "re-export the model")
+    if isinstance(graph, onnx.ModelProto):
+        return ort.InferenceSession(graph.SerializeToString(), opts, providers=providers)
+    return open_session(ort, graph, opts, providers, "re-export the model")
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -269,12 +272,10 @@ def local_branches(src: Path, plan: CachePlan, feeds: dict[str, np.ndarray]) -> 
             outputs.append(br.output)
     if not outputs:
         raise FcpassError("no token-local branch with a k in the plan")
-    ort, opts, providers = session_setup(["cpu"], None)
-    opts.log_severity_level = 3
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in inputs)
-    full = dict(zip(inputs, ort.InferenceSession(probe.SerializeToString(), opts, providers=providers).run(inputs, feeds)))
+    full = dict(zip(inputs, session(probe, 0).run(inputs, feeds)))
     few = {name: x[:, :stream_k[name]].copy() if name in stream_k else x for name, x in full.items()}
     nodes = [index.nodes[i] for i in sorted(keep)]
     read = {x for n in nodes for x in n.input}
@@ -290,9 +291,7 @@ def local_branches(src: Path, plan: CachePlan, feeds: dict[str, np.ndarray]) -> 
 def time_local_branches(src: Path, plan: CachePlan, feeds: dict[str, np.ndarray], args: argparse.Namespace) -> LocalBranches:
     """Time the token-local branches alone on all N tokens and on k, alternated, fed the activations `feeds` produce."""
     cut, full, few = local_branches(src, plan, feeds)
-    ort, opts, providers = session_setup(["cpu"], args.threads or None)
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(cut.SerializeToString(), opts, providers=providers)
+    sess = session(cut, args.threads)
     times: dict[str, list[float]] = {"full": [], "k": []}
     for _ in range(2):
         sess.run(None, full), sess.run(None, few)
