@@ -21,16 +21,18 @@ Const = Callable[[str, np.ndarray], str]
 class TokenRows:
     """The index tensors of one selection, built once, shared by every gather and scatter of it."""
 
-    def __init__(self, emit: Emit, const: Const, idx: str, batch: int, k: int, prefix: str) -> None:
+    def __init__(self, emit: Emit, gather_idx: str, scatter_idx: str, prefix: str) -> None:
         self.emit = emit
         self.prefix = prefix
-        last = const(f"{prefix}.rows_ax", np.array([-1], np.int64))
-        # (B, k, 1): the token of each row, for GatherND over the batch.
-        self.gather_idx = emit("Unsqueeze", [idx, last], f"{prefix}.rows_g")
-        # (B, k, 2): (sample, token) of each row, for ScatterND.
-        sample = const(f"{prefix}.rows_b", np.repeat(np.arange(batch, dtype=np.int64), k).reshape(batch, k, 1))
-        self.scatter_idx = emit("Concat", [sample, self.gather_idx], f"{prefix}.rows_s", axis=-1)
+        self.gather_idx = gather_idx  # (B, k, 1): the token of each row, for GatherND over the batch
+        self.scatter_idx = scatter_idx  # (B, k, 2): (sample, token) of each row, for ScatterND
         self._n = 0
+
+    @classmethod
+    def of(cls, emit: Emit, const: Const, idx: str, batch: int, k: int, prefix: str) -> TokenRows:
+        """The rows of `idx` (B, k), the tokens each sample selected."""
+        gather_idx = emit("Unsqueeze", [idx, const(f"{prefix}.rows_ax", np.array([-1], np.int64))], f"{prefix}.rows_g")
+        return cls(emit, gather_idx, with_samples(emit, const, gather_idx, (batch, k), prefix), prefix)
 
     def _name(self, what: str) -> str:
         self._n += 1
@@ -43,3 +45,10 @@ class TokenRows:
     def scatter(self, data: str, updates: str, out: str | None = None) -> str:
         """`data` (B, N, ...) with its selected rows replaced by `updates` (B, k, ...)."""
         return self.emit("ScatterND", [data, self.scatter_idx, updates], out or self._name("scattered"))
+
+
+def with_samples(emit: Emit, const: Const, tokens: str, lead: tuple[int, ...], prefix: str) -> str:
+    """ScatterND rows (*lead, 2) from `tokens` (*lead, 1), lead = (..., B, k): each row's sample next to its token."""
+    *outer, batch, k = lead
+    sample = np.broadcast_to(np.arange(batch, dtype=np.int64).reshape(batch, 1, 1), (*outer, batch, k, 1))
+    return emit("Concat", [const(f"{prefix}.rows_b", np.ascontiguousarray(sample)), tokens], f"{prefix}.rows_s", axis=-1)

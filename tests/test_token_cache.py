@@ -37,13 +37,14 @@ CW, BONUS = 0.25 / 3, 0.8
 class Tok:
     """A tiny DiT compiled with token caching; run steps under chosen region and token controls."""
 
-    def __init__(self, path: Path, k: int | None = 5, regions: tuple[str, ...] = ("blocks",), score: str = "vnorm") -> None:
+    def __init__(self, path: Path, k: int | None = 5, regions: tuple[str, ...] = ("blocks",), score: str = "vnorm",
+                 **options: float) -> None:
         self.original = load(path)
         bmap = discover_blocks(self.original, "latent")
         index = GraphIndex(self.original)
         self.split = [find_branches(index, b) for b in bmap.blocks]
         self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions,
-                                                     tokens=TokenOptions(k=k, score=score))
+                                                     tokens=TokenOptions(k=k, score=score, **options))
         write_plan(self.model, self.plan)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -118,16 +119,25 @@ def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
     mlp_ops = Counter(index.nodes[i].op_type for i in mlp.nodes)
     mechanism = Counter({
         "If": 1,  # attention, gated and added: reused (mode 1) or computed (mode 2)
-        "Mul": 1 + 1, "Add": 1 + 1 + 1 + 1,  # MLP gate, residual; counter+1, weight, score; bonus
-        "ReduceMean": 1, "Reshape": 1 + 2, "ReduceMax": 1, "Equal": 1, "Where": 1,  # CFG halves' mean; 2x2 cells
-        "TopK": 1, "Concat": 1 + 1, "Unsqueeze": 1, "GatherND": 1, "ScatterND": 2,  # CFG pair; (sample, token) rows
+        "Mul": 1, "Add": 1 + 1,  # MLP gate, residual; counter + 1
+        "Gather": 2, "GatherND": 1, "ScatterND": 2,  # its slot of the selection's rows, their tokens
         "Identity": 1,  # of the 4 states only the scores, an outer value, need a copy: the rest are outputs as they are
     })
     assert Counter(n.op_type for n in cons.node) == mlp_ops + mechanism
     block_ops = Counter(index.nodes[i].op_type for i in discover_blocks(tok.original, "latent").blocks[1].nodes)
     vnorm = Counter({"ReduceL2": 2, "Reshape": 1, "Sub": 1, "ReduceMean": 1, "Max": 1, "Div": 1, "Identity": 1})  # the zero counters
     assert Counter(n.op_type for n in full.node) == block_ops + vnorm
-    topk = next(n for n in cons.node if n.op_type == "TopK")
+    # Every block's tokens are picked at once, before the blocks run, and only when one is conservative.
+    (select,) = [n for n in tok.model.graph.node if n.name == "fc/fc.tok.sel"]
+    picks = next(a.g for a in select.attribute if a.name == "then_branch")
+    assert Counter(n.op_type for n in picks.node) == Counter({
+        "Concat": 2 + 1 + 1, "Reshape": 2 + 1 + 2 + 1,  # stacked counters and scores, CFG pair, rows; 2x2 cells
+        "Add": 1 + 1 + 1, "Mul": 1,  # counter + 1, weight, score; bonus
+        "ReduceMean": 1, "ReduceMax": 1, "Equal": 1, "Where": 1, "TopK": 1,  # CFG halves' mean; 2x2 cells
+    })
+    nothing = next(a.g for a in select.attribute if a.name == "else_branch")
+    assert [n.op_type for n in nothing.node] == ["Identity"]
+    topk = next(n for n in picks.node if n.op_type == "TopK")
     k_init = next(t for t in tok.model.graph.initializer if t.name == topk.input[1])
     assert onnx.numpy_helper.to_array(k_init).tolist() == [5]
     (inner,) = [n for n in cons.node if n.op_type == "If"]
@@ -301,6 +311,32 @@ def test_saliency_and_random_scores_select_what_numpy_selects(tiny_dit: Path) ->
     out = rnd.run(b, tok=1, rand=r)
     expected = _expected_selection(np.broadcast_to(r[1], (B, N)), np.zeros((B, N)), 5)
     assert set(np.flatnonzero(out["fc.tok1.b1.cnt.next"][0] == 0).tolist()) == expected
+
+
+@pytest.mark.parametrize("score", ["vnorm", "saliency"])
+def test_blocks_of_unequal_k_each_select_their_own_top_k(tiny_dit: Path, score: str) -> None:
+    """k from the ratio schedule differs by block. V-norm scores are state: every block takes the
+    first k of one batched TopK. Saliency reads the step's input: each branch runs its own TopK."""
+    t = Tok(tiny_dit, k=None, score=score, ratio=0.25, layer_weight=-0.5)
+    ks = [b["branches"][1]["k"] for b in t.plan.tokens["blocks"]]
+    assert ks == [5, 10, 15]
+    topk = [n for n in t.model.graph.node if n.name == "fc/fc.tok.sel"]
+    assert len(topk) == (score == "vnorm")
+    a, b = tiny_feeds(0), tiny_feeds(1)
+    first = t.run(a, tok=0)
+    if score == "vnorm":
+        out = t.run(b, tok=[0, 1, 1])  # blocks 1 and 2 conservative: slots 1 and 2 of the selection
+        bases = [first[f"fc.tok{pos}.score.next"] for pos in range(3)]
+        checked = (1, 2)
+    else:
+        out = t.run(b, tok=[0, 0, 2])  # blocks 0, 1 full: block 2's MLP input is the true one
+        x = t.split[2].branches[1].stream_in
+        ss = ((t.truth(b, [x])[x].astype(np.float64) - first["fc.tok2.b1.ref.next"]) ** 2).sum(axis=2)
+        bases = [None, None, ss / np.linalg.norm(ss, axis=1, keepdims=True)]
+        checked = (2,)
+    for pos in checked:
+        selected = set(np.flatnonzero(out[f"fc.tok{pos}.b1.cnt.next"][0] == 0).tolist())
+        assert selected == _expected_selection(bases[pos], np.zeros((B, N)), ks[pos]), pos
 
 
 def test_declines_with_an_explanation(tiny_dit: Path) -> None:

@@ -151,6 +151,7 @@ def insert_cache_regions(
         builder.tokens = TokenPass(builder, index, block_map, flat, tokens, opset)
         for r in flat:
             r.states_tok = builder.tokens.add_state(r)
+        builder.control_nodes += builder.tokens.select_all()
     if (merge is not None or motion_context) and motion_ratio is None:
         raise FcpassError(f"{'token merging' if merge else '--motion-context'} needs --motion-ratio (the fraction of tokens kept)")
     if motion_ratio is not None:

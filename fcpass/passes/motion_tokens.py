@@ -194,7 +194,7 @@ class MotionPass:
         if self.merge is not None:
             return self._merge_graph(run_out, nodes, node, x, x_ref)
         idx = self._select(nodes, node, x, x_ref)
-        rows = TokenRows(node, b.const, idx, self.batch, self.k, "fc.motion")
+        rows = TokenRows.of(node, b.const, idx, self.batch, self.k, "fc.motion")
         gathered = {src: rows.gather(src, b.fresh("fc.motion.xk")) for src in self.sources}
         axes: dict[str, Axes | None] = {}
         names: dict[str, str] = {}

@@ -30,6 +30,9 @@ Cases:
    spatial bonus to the best token of every grid x grid cell of the token grid.
 4. Classifier-free guidance: with an even batch the two halves' scores are averaged and both halves
    take the same selection (the batch is [cond; uncond], as the sampler feeds it).
+   Stored and random scores are known before the step runs, so every branch's tokens are picked
+   in one batched TopK in the main graph (`TokenPass.select_all`), inside an If that runs only when
+   some block is conservative; a branch takes the first k of its row. Saliency selects in the branch.
 5. Skipped enclosing regions pass the token state through unchanged (a skipped step recomputes no
    token; counters then count conservative steps, which only shifts every token's score alike).
 6. Shape constants that carry N in a token-local branch (a Reshape to (B, N, H, d)) are rewritten to k,
@@ -55,7 +58,7 @@ from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, replace_node_groups
 from fcpass.plan import TOK_CONSERVATIVE, TOK_FULL, TOK_INPUT, TOK_LOCAL_ONLY, TOK_RAND_INPUT, StateSpec
 from fcpass.token_axis import clone_node, clone_on_tokens
-from fcpass.token_rows import TokenRows
+from fcpass.token_rows import TokenRows, with_samples
 
 if TYPE_CHECKING:
     from fcpass.passes.cache_regions import _Builder, _Region
@@ -129,6 +132,10 @@ class TokenPass:
         self.options = options
         dependent = index.descendants({block_map.latent})
         self.blocks: list[_TokBlock] = []
+        # The batched selection (`select_all`): its rows tensor, and each (block, branch)'s slot in it.
+        self.rows: str | None = None
+        self.slots: dict[tuple[int, int], int] = {}
+        self.kmax = 0
         layers = len(block_map.blocks)
         for pos, b in enumerate(block_map.blocks):
             split = find_branches(index, b, dependent)
@@ -246,6 +253,61 @@ class TokenPass:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
         return StateSpec(name, name + ".next", region.name, kind, source, list(shape), dtype,
                          token_block=tb.pos if reused else None)
+
+    def select_all(self) -> list[onnx.NodeProto]:
+        """Main-graph nodes that pick every token-local branch's rows of a conservative step at once.
+
+        A stored or host-fed score and the counters are state, known before the step runs, so all
+        branches select in one batched TopK (k = the largest k, sorted: a branch keeps the first k of
+        its row, the same tokens its own TopK would pick) instead of a dozen small ops each, inside an
+        If that runs only when some block is conservative. Saliency reads each branch's input at the
+        step and selects in the branch (returns no nodes), as do blocks of unequal batch or tokens.
+        Output `fc.tok.sel.rows` (S, B, kmax, 2): every branch's (sample, token) rows, in slot order.
+        """
+        sel = [(tb, br.position, tb.ks[br.position]) for tb in self.blocks for br in tb.split.local()
+               if tb.ks[br.position] > 0]
+        if self.options.score == "saliency" or not sel or len({(tb.batch, tb.tokens) for tb, *_ in sel}) > 1:
+            return []
+        q = "fc.tok.sel"
+        self.kmax = max(k for *_, k in sel)
+        self.slots = {(tb.pos, position): j for j, (tb, position, _) in enumerate(sel)}
+        self.rows = f"{q}.rows"
+        shape = [len(sel), sel[0][0].batch, self.kmax, 2]
+        nodes: list[onnx.NodeProto] = []
+        picked = self._pick(sel, nodes, q)
+        then = helper.make_graph(nodes, "fc_tok_select", [], [helper.make_tensor_value_info(picked, TensorProto.INT64, shape)])
+        none = helper.make_graph([helper.make_node("Identity", [f"{q}.none"], [f"{q}.none_rows"], name=f"fc/{q}/none")],
+                                 "fc_tok_select_none", [], [helper.make_tensor_value_info(f"{q}.none_rows", TensorProto.INT64, shape)],
+                                 [onnx.numpy_helper.from_array(np.zeros(shape, np.int64), f"{q}.none")])
+        c = self.builder.const
+        c(f"{q}.start", np.array([0], np.int64))  # a branch's rows: [0, k) of its slot, the token column
+        c(f"{q}.token_col", np.array([1], np.int64))
+        return [
+            helper.make_node("Cast", [TOK_INPUT], [f"{q}.modes"], name=f"fc/{q}/modes", to=TensorProto.FLOAT),
+            helper.make_node("ReduceMax", [f"{q}.modes"], [f"{q}.most"], name=f"fc/{q}/most", keepdims=0),
+            helper.make_node("Greater", [f"{q}.most", "fc.tok.zero"], [f"{q}.any"], name=f"fc/{q}/any"),
+            helper.make_node("If", [f"{q}.any"], [self.rows], name=f"fc/{q}", then_branch=then, else_branch=none),
+        ]
+
+    def _pick(self, sel: list[tuple[_TokBlock, int, int]], nodes: list[onnx.NodeProto], q: str) -> str:
+        """Append the batched selection (`_BlockBuilder._select`'s ops on the stacked states); returns its rows."""
+        c = self.builder.const
+        emit = _appender(nodes)
+        count, b, n = len(sel), sel[0][0].batch, sel[0][0].tokens
+        c(f"{q}.sbn", np.array([count, b, n], np.int64))
+        cnt = emit("Concat", [tb.states[f"cnt{position}"].name for tb, position, _ in sel], f"{q}.cnt", axis=0)
+        weighted = emit("Reshape", [emit("Mul", [emit("Add", [cnt, "fc.tok.one"], f"{q}.cnt1"), "fc.tok.cw"], f"{q}.cw"),
+                                    f"{q}.sbn"], f"{q}.cw3")
+        if self.options.score in STORED_SCORES:
+            scores = emit("Concat", [tb.states["score"].name for tb, *_ in sel], f"{q}.scores", axis=0)
+            base = emit("Reshape", [scores, f"{q}.sbn"], f"{q}.base")
+        else:
+            c(f"{q}.blocks", np.array([tb.pos for tb, *_ in sel], np.int64))
+            base = emit("Unsqueeze", [emit("Gather", [TOK_RAND_INPUT, f"{q}.blocks"], f"{q}.rand"), "fc.tok.ax1"],
+                        f"{q}.base")
+        s = emit("Add", [base, weighted], f"{q}.s")
+        idx = _top_tokens(nodes, c, s, q, (count,), b, n, self.kmax, self.options, "every block")
+        return with_samples(emit, c, idx, (count, b, self.kmax), q)
 
     # --- the rewrite ------------------------------------------------------------------------
     def rewrite(self, body: list[onnx.NodeProto], region: _Region) -> list[onnx.NodeProto]:
@@ -443,7 +505,7 @@ class _BlockBuilder:
             return cache
         x = ren.get(br.stream_in, br.stream_in)
         c = self.tp.builder.const
-        rows = TokenRows(self.node, c, self._select(br, x, cnt1, k), tb.batch, k, q)
+        rows = self._rows(br, x, cnt1, k)
         xk = rows.gather(x, f"{q}.xk")
         clones, out_k = clone_on_tokens(self.index, br.nodes, {br.stream_in: xk}, br.output, tb.tokens, k,
                                         f"~{p}k{br.position}", c, ren)
@@ -490,11 +552,24 @@ class _BlockBuilder:
         elem, shape = self.tp.builder.tensor_type(like)
         return helper.make_tensor_value_info(name, elem, shape)
 
+    def _rows(self, br: Branch, x: str, cnt1: str, k: int) -> TokenRows:
+        """The branch's rows: its slot of the batched selection (`TokenPass.select_all`), else its own."""
+        q = f"{self.p}.b{br.position}"
+        slot = self.tp.slots.get((self.tb.pos, br.position))
+        c = self.tp.builder.const
+        if self.tp.rows is None or slot is None:
+            tokens = self._select(br, x, cnt1, k)
+            return TokenRows(self.node, tokens, with_samples(self.node, c, tokens, (self.tb.batch, k), q), q)
+        rows = self.node("Gather", [self.tp.rows, c(f"{q}.slot", np.array(slot, np.int64))], f"{q}.rows_s", axis=0)
+        if k < self.tp.kmax:  # the first k of the sorted kmax: the top k
+            rows = self.node("Slice", [rows, "fc.tok.sel.start", c(f"{q}.k", np.array([k], np.int64)), "fc.tok.ax1"],
+                             f"{q}.rows_sk")
+        return TokenRows(self.node, self.node("Gather", [rows, "fc.tok.sel.token_col"], f"{q}.rows_g", axis=2), rows, q)
+
     def _select(self, br: Branch, x: str, cnt1: str, k: int) -> str:
-        """TopK indices (B, k) of the branch's token scores; both CFG halves select alike."""
+        """The branch's own selection: the tokens (B, k, 1) of its top-k scores; both CFG halves select alike."""
         tb, p = self.tb, self.p
         q = f"{p}.b{br.position}"
-        c = self.tp.builder.const
         opts = self.tp.options
         if opts.score in STORED_SCORES:
             base = tb.states["score"].name
@@ -509,42 +584,51 @@ class _BlockBuilder:
             base = self.node("Div", [ss, nrm], f"{q}.salnorm")
         else:
             base = self.node("Gather", [TOK_RAND_INPUT, f"{p}.idx"], f"{q}.rand")
-        weighted = self.node("Mul", [cnt1, "fc.tok.cw"], f"{q}.cw")
-        s = self.node("Add", [base, weighted], f"{q}.s")
-        b, n = tb.batch, tb.tokens
-        pair = b % 2 == 0 and b >= 2
-        rows = b // 2 if pair else b
-        if pair:  # the mean of the two halves [cond; uncond], row i with row i + B/2
-            c(f"{q}.halves", np.array([2, rows, n], np.int64))
-            s = self.node("ReduceMean", [self.node("Reshape", [s, f"{q}.halves"], f"{q}.halves_s"), "fc.tok.ax0"],
-                          f"{q}.pair", keepdims=0)
-        s = self._bonus(s, q, rows, n)
-        c(f"{q}.k", np.array([k], np.int64))
-        self.cons_nodes.append(helper.make_node("TopK", [s, f"{q}.k"], [f"{q}.topv", f"{q}.top"], name=f"fc/{q}/TopK",
-                                                axis=1, largest=1, sorted=1))
-        idx = f"{q}.top"
-        if pair:
-            idx = self.node("Concat", [idx, idx], f"{q}.idx", axis=0)
-        return idx
+        s = self.node("Add", [base, self.node("Mul", [cnt1, "fc.tok.cw"], f"{q}.cw")], f"{q}.s")
+        return _top_tokens(self.cons_nodes, self.tp.builder.const, s, q, (), tb.batch, tb.tokens, k, opts, tb.scope)
 
-    def _bonus(self, s: str, q: str, rows: int, n: int) -> str:
-        """+ spatial_bonus to the best token of every grid x grid cell of the square token grid."""
-        opts = self.tp.options
-        side = math.isqrt(n)
-        g = opts.grid
-        if not opts.spatial_bonus or g < 1 or side * side != n or side % g:
-            if opts.spatial_bonus:
-                log.info("block %s: %d tokens are not a square grid divisible by %d; no spatial bonus", self.tb.scope, n, g)
-            return s
-        c = self.tp.builder.const
-        h = side // g
-        # (rows, h, g, h, g): a cell is a g x g patch; its maximum reduces the two g axes in place.
-        c(f"{q}.cells5", np.array([rows, h, g, h, g], np.int64))
-        c(f"{q}.flat", np.array([rows, n], np.int64))
-        t = self.node("Reshape", [s, f"{q}.cells5"], f"{q}.g5")
-        m = self.node("ReduceMax", [t, "fc.tok.ax24"], f"{q}.gmax", keepdims=1)
-        bonus = self.node("Where", [self.node("Equal", [t, m], f"{q}.gbest"), "fc.tok.bonus", "fc.tok.zero"], f"{q}.gbonus")
-        return self.node("Reshape", [self.node("Add", [t, bonus], f"{q}.sb5"), f"{q}.flat"], f"{q}.sb")
+
+def _top_tokens(nodes: list[onnx.NodeProto], const: Callable[[str, np.ndarray], str], s: str, q: str,
+                lead: tuple[int, ...], batch: int, n: int, k: int, opts: TokenOptions, where: str) -> str:
+    """The tokens (*lead, B, k, 1) of the top k of scores `s` (*lead, B, N), each of `lead` ranked on its own.
+
+    With an even batch ([cond; uncond], as the sampler feeds it) the two halves' scores are averaged
+    and both take the same tokens; then the spatial bonus, then TopK (sorted: its first j are the top j).
+    """
+    emit = _appender(nodes)
+    pair = batch % 2 == 0 and batch >= 2
+    rows = batch // 2 if pair else batch
+    if pair:  # the mean of the two halves, row i with row i + B/2
+        const(f"{q}.halves", np.array([*lead, 2, rows, n], np.int64))
+        s = emit("ReduceMean", [emit("Reshape", [s, f"{q}.halves"], f"{q}.halves_s"), f"fc.tok.ax{len(lead)}"],
+                 f"{q}.pair", keepdims=0)
+    s = _spatial_bonus(emit, const, s, q, math.prod(lead) * rows, n, opts, where)
+    const(f"{q}.k", np.array([k], np.int64))
+    nodes.append(helper.make_node("TopK", [s, f"{q}.k"], [f"{q}.topv", f"{q}.top"], name=f"fc/{q}/TopK",
+                                  axis=-1, largest=1, sorted=1))
+    const(f"{q}.rows_k", np.array([*lead, rows, k, 1], np.int64))
+    tokens = emit("Reshape", [f"{q}.top", f"{q}.rows_k"], f"{q}.rows_g")
+    return emit("Concat", [tokens, tokens], f"{q}.rows_g2", axis=len(lead)) if pair else tokens
+
+
+def _spatial_bonus(emit: Callable[..., str], const: Callable[[str, np.ndarray], str], s: str, q: str, rows: int, n: int,
+                   opts: TokenOptions, where: str) -> str:
+    """+ spatial_bonus to the best token of every grid x grid cell of the square token grid: `s` holds
+    `rows` rows of n scores; the result is (rows, n), or `s` as it is where there is no bonus."""
+    side = math.isqrt(n)
+    g = opts.grid
+    if not opts.spatial_bonus or g < 1 or side * side != n or side % g:
+        if opts.spatial_bonus:
+            log.info("%s: %d tokens are not a square grid divisible by %d; no spatial bonus", where, n, g)
+        return s
+    h = side // g
+    # (rows, h, g, h, g): a cell is a g x g patch; its maximum reduces the two g axes in place.
+    const(f"{q}.cells5", np.array([rows, h, g, h, g], np.int64))
+    const(f"{q}.flat", np.array([rows, n], np.int64))
+    t = emit("Reshape", [s, f"{q}.cells5"], f"{q}.g5")
+    m = emit("ReduceMax", [t, "fc.tok.ax24"], f"{q}.gmax", keepdims=1)
+    bonus = emit("Where", [emit("Equal", [t, m], f"{q}.gbest"), "fc.tok.bonus", "fc.tok.zero"], f"{q}.gbonus")
+    return emit("Reshape", [emit("Add", [t, bonus], f"{q}.sb5"), f"{q}.flat"], f"{q}.sb")
 
 
 def _appender(nodes: list[onnx.NodeProto]) -> Callable[..., str]:
