@@ -434,9 +434,13 @@ def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarra
             print(f"| original graph | {t:.2f} | 1.00x | | 1.00x | 1.00 | |")
             continue
         ideal = mac_ideal(plan, MODES[name])
-        vs_orig, vs_full = paired("original", name), paired("full", name) if "full" in times else float("nan")
-        print(f"| `fc_tok={MODES[name]}` ({name}) | {t:.2f} | {vs_orig:.2f}x | {vs_full:.2f}x | {ideal:.2f}x | "
-              f"{vs_orig / ideal:.2f} | {vs_full / ideal:.2f} |")
+        vs_orig = paired("original", name)
+        vs_full, of_full = "", ""  # empty where --modes left the full step out
+        if "full" in times:
+            ratio = paired("full", name)
+            vs_full, of_full = f"{ratio:.2f}x", f"{ratio / ideal:.2f}"
+        print(f"| `fc_tok={MODES[name]}` ({name}) | {t:.2f} | {vs_orig:.2f}x | {vs_full} | {ideal:.2f}x | "
+              f"{vs_orig / ideal:.2f} | {of_full} |")
     if local:
         print(f"\nToken-local branches alone (every block's, cut out of the exported graph, fed its activations): "
               f"{local.full_ms:.2f} ms on all {n} tokens, {local.k_ms:.2f} ms on the k a conservative step runs: "
