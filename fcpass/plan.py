@@ -8,9 +8,11 @@ The fitted weights of the linear approximations are graph initializers, not meta
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 
 from fcpass import __version__
@@ -27,12 +29,28 @@ SKIP_OUTPUT = "fc_skip"  # float32 (R,): 1 skipped, 0 computed, -1 not reached (
 # (self-attention reused, token-local branches on their top-k tokens), 2 conservative with attention computed.
 TOK_INPUT = "fc_tok"  # int64 (blocks,)
 TOK_FULL, TOK_CONSERVATIVE, TOK_LOCAL_ONLY = 0, 1, 2
+TOK_ANY = "fc.tok.sel.any"  # the condition of the If that selects every block's tokens: some block is not full
 # FastCache's motion tokens (`fcpass.passes.motion_tokens`; only in graphs optimized with --motion-ratio):
 # 1 runs a computing stack on its k most salient tokens, the others approximated; 0 runs it whole.
 MOTION_INPUT = "fc_motion"  # int64 scalar
 TOK_RAND_INPUT = "fc_tok_rand"  # float32 (blocks, N): the host's seeded token scores, with --token-score random
 
 CTL_COMPUTE, CTL_SKIP, CTL_DECIDE, CTL_PROBE = 0, 1, 2, 3
+
+
+def tok_condition(pos: int, what: str) -> str:
+    """The condition of block `pos`'s token If (`cond`: not full) or of its attention If (`reuse`: conservative)."""
+    return f"fc.tok{pos}.{what}"
+
+
+def token_conditions(blocks: int) -> dict[str, Callable[[np.ndarray], bool]]:
+    """Every token If's condition as the function of fc_tok the graph computes it by: the host, which
+    feeds fc_tok, knows each branch without reading a condition back from the device."""
+    out: dict[str, Callable[[np.ndarray], bool]] = {TOK_ANY: lambda tok: bool((tok > TOK_FULL).any())}
+    for pos in range(blocks):
+        out[tok_condition(pos, "cond")] = lambda tok, pos=pos: bool(tok[pos] > TOK_FULL)
+        out[tok_condition(pos, "reuse")] = lambda tok, pos=pos: bool(tok[pos] == TOK_CONSERVATIVE)
+    return out
 
 # A region's second statistic, tested under ctl 3 (both are rel_L1 = sum|a - b| / sum|b| per sample):
 PROBES = {

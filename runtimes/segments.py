@@ -10,7 +10,8 @@ Runtime session each) and interprets the program over an environment of named va
 - a branch step reads its condition (the 0-d bool the segment before it computed: forced, or every
   sample's statistic <= threshold) on the host and runs the approximation's steps if it is true,
   the compute branch's steps if not. A region the policy forced (fc_ctl 0 or 1) needs no read: its
-  condition is known from fc_ctl (`forced_branch`), which saves a device-to-host sync per region.
+  condition is known from fc_ctl (`forced_branch`), which saves a device-to-host sync per region;
+  nor does a token If, whose condition is a function of fc_tok (`fcpass.plan.token_conditions`).
 
 Outputs, including `fc_stat`, `fc_skip` and the values the state takes, are therefore the If graph's
 (NaN statistic and -1 decision inside a skipped region). The backend offers
@@ -45,7 +46,7 @@ import numpy as np
 
 from fcpass.errors import FcpassError
 from fcpass.passes.segments import interface_model, read_manifest
-from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan, has_plan, read_plan
+from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan, has_plan, read_plan, token_conditions
 from fcpass.roles import graph_inputs, graph_outputs
 from runtimes.backend import device_of, open_session, session_setup
 from runtimes.state import Commit, HostState, with_decisions
@@ -72,11 +73,15 @@ class _Choose:
     then: list[Any]
     orelse: list[Any]
     region: int | None = None  # the cache region's index in fc_ctl, when the branch is a region's If
+    modes: Callable[[np.ndarray], bool] | None = None  # a token If's condition, from fc_tok
 
 
-def compile_program(steps: list[dict[str, Any]], segment: Any, regions: dict[str, int], where: Path) -> list[Any]:
+def compile_program(steps: list[dict[str, Any]], segment: Any, regions: dict[str, int], where: Path,
+                    tokens: dict[str, Callable[[np.ndarray], bool]] | None = None) -> list[Any]:
     """The manifest's step program as `_Run` / `_Alias` / `_Choose` ops; `segment(file)` makes a step's runner
-    (`_Run(runner, inputs, outputs)`), `regions` maps a region name to its index in fc_ctl."""
+    (`_Run(runner, inputs, outputs)`), `regions` maps a region name to its index in fc_ctl, `tokens` a token
+    If's condition to its function of fc_tok."""
+    tokens = tokens or {}
     program: list[Any] = []
     for s in steps:
         kind = s["kind"]
@@ -87,19 +92,23 @@ def compile_program(steps: list[dict[str, Any]], segment: Any, regions: dict[str
         elif kind == "branch":
             region = s.get("region")
             index = regions.get(region) if region and s["cond"] == f"fc.{region}.cond" else None
-            program.append(_Choose(s["cond"], compile_program(s["then"]["steps"], segment, regions, where),
-                                   compile_program(s["else"]["steps"], segment, regions, where), index))
+            program.append(_Choose(s["cond"], compile_program(s["then"]["steps"], segment, regions, where, tokens),
+                                   compile_program(s["else"]["steps"], segment, regions, where, tokens), index,
+                                   tokens.get(s["cond"])))
         else:
             raise FcpassError(f"{where}: unknown step kind {kind!r}; re-run fcpass optimize --lowering segments")
     return program
 
 
-def forced_branch(op: _Choose, ctl: np.ndarray | None) -> bool | None:
-    """The condition of a region the policy forced (fc_ctl 1: skip, the approximation; 0: compute), which
-    the host knows without reading it back from the device; None where the graph decides (fc_ctl 2, 3).
+def forced_branch(op: _Choose, ctl: np.ndarray | None, tok: np.ndarray | None = None) -> bool | None:
+    """The condition of a region the policy forced (fc_ctl 1: skip, the approximation; 0: compute), or of a
+    token If (from fc_tok), which the host knows without reading it back from the device; None where the
+    graph decides (fc_ctl 2, 3).
 
     The graph computes the same: cond = (ctl == 1) or (ctl >= 2 and every sample passes its threshold).
     """
+    if op.modes is not None and tok is not None:
+        return op.modes(tok)
     if op.region is None or ctl is None:
         return None
     c = int(ctl[op.region])
@@ -108,6 +117,12 @@ def forced_branch(op: _Choose, ctl: np.ndarray | None) -> bool | None:
 
 def region_indices(model: Any) -> dict[str, int]:
     return {r.name: r.index for r in read_plan(model).regions} if has_plan(model) else {}
+
+
+def host_conditions(model: Any) -> dict[str, Callable[[np.ndarray], bool]]:
+    """The token Ifs' conditions of a graph with token caching, as functions of fc_tok."""
+    tokens = read_plan(model).tokens if has_plan(model) else None
+    return token_conditions(len(tokens["blocks"])) if tokens else {}
 
 
 class SegmentsBackend:
@@ -139,7 +154,8 @@ class SegmentsBackend:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort, self._opts, self._providers = ort, opts, wanted
         self.sessions: dict[str, Any] = {}
-        self.program = compile_program(self.manifest["steps"], self._session, region_indices(self.model), self.path)
+        self.program = compile_program(self.manifest["steps"], self._session, region_indices(self.model), self.path,
+                                       host_conditions(self.model))
         if not self.sessions:
             raise FcpassError(f"{self.path} holds no segments; re-run fcpass optimize --lowering segments")
         self.device_id = device_id
@@ -161,7 +177,7 @@ class SegmentsBackend:
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         env: dict[str, Any] = dict(feeds)
-        interpret(self.program, env, feeds.get(CTL_INPUT), _run_numpy, bool)
+        interpret(self.program, env, feeds.get(CTL_INPUT), feeds.get(TOK_INPUT), _run_numpy, bool)
         return {name: env[name] for name in outputs or self._output_names}
 
     def state_binding(self, plan: CachePlan) -> Any:
@@ -171,10 +187,11 @@ class SegmentsBackend:
         return SegmentsBoundState(self, plan, device_of(self.provider), self.device_id)
 
 
-def interpret(program: list[Any], env: dict[str, Any], ctl: np.ndarray | None,
+def interpret(program: list[Any], env: dict[str, Any], ctl: np.ndarray | None, tok: np.ndarray | None,
               launch: Callable[[_Run, dict[str, Any]], None], read: Callable[[Any], bool]) -> None:
     """Run the step program over `env`: `launch` runs a segment, an alias binds a name to a value, and a
-    branch takes its region's forced decision or else `read`s its condition (a device-to-host sync)."""
+    branch takes the decision the host knows (`forced_branch`) or else `read`s its condition (a
+    device-to-host sync)."""
     for op in program:
         if isinstance(op, _Run):
             launch(op, env)
@@ -182,10 +199,10 @@ def interpret(program: list[Any], env: dict[str, Any], ctl: np.ndarray | None,
             for dst, src in op.pairs:
                 env[dst] = env[src]
         else:
-            cond = forced_branch(op, ctl)
+            cond = forced_branch(op, ctl, tok)
             if cond is None:
                 cond = read(env[op.cond])
-            interpret(op.then if cond else op.orelse, env, ctl, launch, read)
+            interpret(op.then if cond else op.orelse, env, ctl, tok, launch, read)
 
 
 def _run_numpy(op: _Run, env: dict[str, Any]) -> None:
@@ -224,7 +241,8 @@ class SegmentsBoundState:
             self._host_for = list(fetch)
         env: dict[str, Any] = {name: self._upload(value) for name, value in feeds.items()}
         env.update(self.values)
-        interpret(self.backend.program, env, feeds.get(CTL_INPUT), self._launch, lambda cond: bool(cond.numpy()))
+        interpret(self.backend.program, env, feeds.get(CTL_INPUT), feeds.get(TOK_INPUT), self._launch,
+                  lambda cond: bool(cond.numpy()))
         got = {name: env[name].numpy() for name in with_decisions(fetch)}
         self.values = self.commit(self.values, env, got[SKIP_OUTPUT], feeds.get(TOK_INPUT))
         return {name: got[name] for name in fetch}

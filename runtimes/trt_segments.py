@@ -15,7 +15,8 @@ MODEL.engines` runs them here. The step program is the manifest's, interpreted a
   to device, at the end of the step. A state that keeps its value (its region skipped, or passed it
   through) stays where it is: which buffer is current is kept per state;
 - a branch reads its condition back (one small device-to-host copy and a stream synchronisation, what
-  TensorRT pays for an If) unless the policy forced the region (`runtimes.segments.forced_branch`);
+  TensorRT pays for an If) unless the host knows it: a region the policy forced, or a token If
+  (`runtimes.segments.forced_branch`);
 - with `cuda_graphs` (the default), each segment's `execute_async_v3` is captured into a CUDA graph
   the first time it runs with a given set of buffer addresses and replayed after that. Fixed buffers
   keep the number of address sets small: one per combination of current buffers of the states the
@@ -42,7 +43,7 @@ from fcpass.passes.segments import interface_model, read_manifest
 from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan
 from fcpass.roles import graph_inputs, graph_outputs
 from fcpass.trt_build import IOTensor, import_tensorrt, read_engines_index
-from runtimes.segments import compile_program, interpret, region_indices
+from runtimes.segments import compile_program, host_conditions, interpret, region_indices
 from runtimes.state import Commit, with_decisions
 from runtimes.trt_backend import Device, TorchCudaDevice, load_engine, numpy_dtype
 
@@ -86,7 +87,8 @@ class TrtSegmentsBackend:
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.cuda_graphs = cuda_graphs
         self.segments: dict[str, TrtSegment] = {}
-        self.program = compile_program(self.manifest["steps"], self._segment, region_indices(self.model), self.path)
+        self.program = compile_program(self.manifest["steps"], self._segment, region_indices(self.model), self.path,
+                                       host_conditions(self.model))
         self.buffers: dict[str, Any] = {}  # every value's own buffer
         self._dtypes: dict[str, np.dtype] = {}
         self.captures = 0
@@ -136,9 +138,9 @@ class TrtSegmentsBackend:
 
     # one step
 
-    def execute(self, env: dict[str, Any], place: Place, ctl: np.ndarray | None) -> None:
+    def execute(self, env: dict[str, Any], place: Place, ctl: np.ndarray | None, tok: np.ndarray | None) -> None:
         """One step of the program over `env`; `place` gives each segment output its buffer."""
-        interpret(self.program, env, ctl, lambda op, e: self._launch(op.runner, e, place), self._read)
+        interpret(self.program, env, ctl, tok, lambda op, e: self._launch(op.runner, e, place), self._read)
 
     def _read(self, cond: Any) -> bool:
         host = self.device.copy_out(cond)
@@ -181,7 +183,7 @@ class TrtSegmentsBackend:
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Host feeds in (the state too), `outputs` (default all) back (plain use, and `HostState`)."""
         env = self.upload(feeds)
-        self.execute(env, self.own, feeds.get(CTL_INPUT))
+        self.execute(env, self.own, feeds.get(CTL_INPUT), feeds.get(TOK_INPUT))
         pending = {name: self.device.copy_out(env[name]) for name in outputs or [o.name for o in self.outputs]}
         self.device.synchronize()
         return {name: np.array(value) for name, value in pending.items()}
@@ -222,7 +224,7 @@ class TrtSegmentsState:
     def step(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
         env = self.backend.upload(feeds)
         env.update({name: pair[self.current[name]] for name, pair in self.slots.items()})
-        self.backend.execute(env, self._place, feeds.get(CTL_INPUT))
+        self.backend.execute(env, self._place, feeds.get(CTL_INPUT), feeds.get(TOK_INPUT))
         wanted = with_decisions(fetch)
         pending = {name: self.device.copy_out(env[name]) for name in wanted}
         self.device.synchronize()

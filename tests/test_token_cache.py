@@ -225,6 +225,31 @@ def test_every_state_binding_samples_toca_alike(tiny_dit: Path, tmp_path: Path, 
         assert not np.array_equal(none.images, runs[True][0].images)
 
 
+def test_segments_take_every_token_branch_from_fc_tok(tiny_dit: Path, tmp_path: Path) -> None:
+    """Lowered to segments, a token graph reads no condition back (its host knows every token If's
+    branch from fc_tok, as every forced region's from fc_ctl) and computes what the If graph computes
+    in full, conservative and mixed steps."""
+    from runtimes.segments import SegmentsBackend, _run_numpy, interpret
+
+    t = Tok(tiny_dit)
+    graph, seg = tmp_path / "tiny.tok.onnx", tmp_path / "tiny.tok"
+    onnx.save(t.model, graph)
+    optimize(graph, seg, OptimizeOptions(lowering="segments"), None)
+    program = SegmentsBackend(seg).program
+    for step, modes in enumerate(([0, 0, 0], [1, 1, 1], [2, 0, 1], [0, 1, 2])):
+        tok = np.array(modes, np.int64)
+        ctl = np.zeros(t.r, np.int64)
+        env = {**tiny_feeds(step), **t.state, "fc_ctl": ctl, "fc_thr": np.zeros(t.r, np.float32),
+               "fc_mix": np.zeros((t.r, len(APPROX_MIX["reuse"])), np.float32), "fc_tok": tok}
+        reads: list[bool] = []
+        interpret(program, env, ctl, tok, _run_numpy, lambda cond: reads.append(bool(cond)) or bool(cond))
+        assert reads == [], modes
+        expected = t.run(tiny_feeds(step), tok=modes)
+        for name, value in expected.items():
+            if name != "fc_stat":  # the If graph leaves forced regions unmeasured (NaN), the segments measure them
+                np.testing.assert_allclose(env[name], value, atol=1e-5, err_msg=f"{modes} {name}")
+
+
 # --- gather, branch on k tokens, scatter -----------------------------------------------------------
 
 def test_gathered_branch_equals_full_branch_on_selected_tokens_and_scatter_keeps_the_rest(tok: Tok) -> None:

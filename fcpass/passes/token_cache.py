@@ -56,7 +56,16 @@ from fcpass.branches import BlockBranches, Branch, find_branches
 from fcpass.discover import BlockMap
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, replace_node_groups
-from fcpass.plan import TOK_CONSERVATIVE, TOK_FULL, TOK_INPUT, TOK_LOCAL_ONLY, TOK_RAND_INPUT, StateSpec
+from fcpass.plan import (
+    TOK_ANY,
+    TOK_CONSERVATIVE,
+    TOK_FULL,
+    TOK_INPUT,
+    TOK_LOCAL_ONLY,
+    TOK_RAND_INPUT,
+    StateSpec,
+    tok_condition,
+)
 from fcpass.token_axis import clone_node, clone_on_tokens
 from fcpass.token_rows import TokenRows, with_samples
 
@@ -285,8 +294,8 @@ class TokenPass:
         return [
             helper.make_node("Cast", [TOK_INPUT], [f"{q}.modes"], name=f"fc/{q}/modes", to=TensorProto.FLOAT),
             helper.make_node("ReduceMax", [f"{q}.modes"], [f"{q}.most"], name=f"fc/{q}/most", keepdims=0),
-            helper.make_node("Greater", [f"{q}.most", "fc.tok.zero"], [f"{q}.any"], name=f"fc/{q}/any"),
-            helper.make_node("If", [f"{q}.any"], [self.rows], name=f"fc/{q}", then_branch=then, else_branch=none),
+            helper.make_node("Greater", [f"{q}.most", "fc.tok.zero"], [TOK_ANY], name=f"fc/{q}/any"),
+            helper.make_node("If", [TOK_ANY], [self.rows], name=f"fc/{q}", then_branch=then, else_branch=none),
         ]
 
     def _pick(self, sel: list[tuple[_TokBlock, int, int]], nodes: list[onnx.NodeProto], q: str) -> str:
@@ -359,10 +368,12 @@ class _BlockBuilder:
         cons = self.conservative_branch()
         ctl = [
             helper.make_node("Gather", [TOK_INPUT, f"{p}.idx"], [f"{p}.mode"], name=f"fc/{p}/mode"),
-            helper.make_node("Greater", [f"{p}.mode", "fc.tok.zero_i"], [f"{p}.cond"], name=f"fc/{p}/cond"),
-            helper.make_node("Equal", [f"{p}.mode", "fc.tok.one_i"], [f"{p}.reuse"], name=f"fc/{p}/reuse"),
+            # The host knows both conditions from fc_tok (`fcpass.plan.token_conditions`): keep them in step.
+            helper.make_node("Greater", [f"{p}.mode", "fc.tok.zero_i"], [tok_condition(tb.pos, "cond")], name=f"fc/{p}/cond"),
+            helper.make_node("Equal", [f"{p}.mode", "fc.tok.one_i"], [tok_condition(tb.pos, "reuse")], name=f"fc/{p}/reuse"),
         ]
-        if_node = helper.make_node("If", [f"{p}.cond"], outputs, name=f"fc/{p}/If", then_branch=cons, else_branch=full)
+        if_node = helper.make_node("If", [tok_condition(tb.pos, "cond")], outputs, name=f"fc/{p}/If", then_branch=cons,
+                                   else_branch=full)
         return [*ctl, if_node]
 
     # The full step: the original nodes; states refreshed from their values.
@@ -543,7 +554,7 @@ class _BlockBuilder:
             branches.append(helper.make_graph(nodes, f"fc_{q}_{tag}", [], [self._vi(stream, br.stream_out),
                                                                             self._vi(state, br.output)]))
         outs = [f"{q}.stream", f"{q}.attn"]
-        self.cons_nodes.append(helper.make_node("If", [f"{p}.reuse"], outs, name=f"fc/{q}/If",
+        self.cons_nodes.append(helper.make_node("If", [tok_condition(self.tb.pos, "reuse")], outs, name=f"fc/{q}/If",
                                                 then_branch=branches[0], else_branch=branches[1]))
         nexts[f"out{br.position}"] = outs[1]
         return outs[0]
