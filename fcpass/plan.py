@@ -52,6 +52,7 @@ def token_conditions(blocks: int) -> dict[str, Callable[[np.ndarray], bool]]:
         out[tok_condition(pos, "reuse")] = lambda tok, pos=pos: bool(tok[pos] == TOK_CONSERVATIVE)
     return out
 
+
 # A region's second statistic, tested under ctl 3 (both are rel_L1 = sum|a - b| / sum|b| per sample):
 PROBES = {
     # The range after the first block (FBCache): the first block's residual O_0 - H_0 against the

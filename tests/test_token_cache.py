@@ -236,13 +236,18 @@ def test_segments_take_every_token_branch_from_fc_tok(tiny_dit: Path, tmp_path: 
     onnx.save(t.model, graph)
     optimize(graph, seg, OptimizeOptions(lowering="segments"), None)
     program = SegmentsBackend(seg).program
+    reads: list[bool] = []
+
+    def read(cond: np.ndarray) -> bool:
+        reads.append(bool(cond))
+        return bool(cond)
+
     for step, modes in enumerate(([0, 0, 0], [1, 1, 1], [2, 0, 1], [0, 1, 2])):
         tok = np.array(modes, np.int64)
         ctl = np.zeros(t.r, np.int64)
         env = {**tiny_feeds(step), **t.state, "fc_ctl": ctl, "fc_thr": np.zeros(t.r, np.float32),
                "fc_mix": np.zeros((t.r, len(APPROX_MIX["reuse"])), np.float32), "fc_tok": tok}
-        reads: list[bool] = []
-        interpret(program, env, ctl, tok, _run_numpy, lambda cond: reads.append(bool(cond)) or bool(cond))
+        interpret(program, env, ctl, tok, _run_numpy, read)
         assert reads == [], modes
         expected = t.run(tiny_feeds(step), tok=modes)
         for name, value in expected.items():
@@ -345,8 +350,8 @@ def test_blocks_of_unequal_k_each_select_their_own_top_k(tiny_dit: Path, score: 
     t = Tok(tiny_dit, k=None, score=score, ratio=0.25, layer_weight=-0.5)
     ks = [b["branches"][1]["k"] for b in t.plan.tokens["blocks"]]
     assert ks == [5, 10, 15]
-    topk = [n for n in t.model.graph.node if n.name == "fc/fc.tok.sel"]
-    assert len(topk) == (score == "vnorm")
+    batched = [n for n in t.model.graph.node if n.name == "fc/fc.tok.sel"]
+    assert len(batched) == (score == "vnorm")
     a, b = tiny_feeds(0), tiny_feeds(1)
     first = t.run(a, tok=0)
     if score == "vnorm":

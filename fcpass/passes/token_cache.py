@@ -272,6 +272,7 @@ class TokenPass:
         If that runs only when some block is conservative. Saliency reads each branch's input at the
         step and selects in the branch (returns no nodes), as do blocks of unequal batch or tokens.
         Output `fc.tok.sel.rows` (S, B, kmax, 2): every branch's (sample, token) rows, in slot order.
+        The If's condition, like the blocks' token Ifs', is a function of fc_tok (`fcpass.plan.token_conditions`).
         """
         sel = [(tb, br.position, tb.ks[br.position]) for tb in self.blocks for br in tb.split.local()
                if tb.ks[br.position] > 0]
