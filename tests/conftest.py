@@ -94,3 +94,18 @@ def all_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
     walk(model.graph)
     return out
+
+
+def unread_nodes(graph: onnx.GraphProto, where: str = "main") -> list[str]:
+    """Nodes, in `graph` and every branch of it, whose outputs neither a graph output nor any node reads.
+
+    ONNX Runtime drops such nodes from the main graph but runs them inside an If branch, at every
+    step that takes it."""
+    from fcpass.graphinfo import node_inputs, subgraphs
+
+    read = {x for n in graph.node for x in node_inputs(n)} | {o.name for o in graph.output}
+    out = [f"{where}: {n.op_type} {n.name or n.output[0]}" for n in graph.node if not any(o in read for o in n.output if o)]
+    for n in graph.node:
+        for g in subgraphs(n):
+            out += unread_nodes(g, f"{where} > {n.name}")
+    return out

@@ -16,7 +16,7 @@ from fcpass.passes.inline_gates import inline_gates
 from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, read_plan, write_plan
 from fcpass.trt_check import check_graph
 from runtimes.state import Commit
-from tests.conftest import load, tiny_feeds
+from tests.conftest import load, tiny_feeds, unread_nodes
 
 ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
 
@@ -91,6 +91,13 @@ def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Comp
     # The original graph still holds no If, and its outputs are the compiled graph's first outputs.
     assert not any(n.op_type == "If" for n in compiled.original.graph.node)
     assert compiled.names[0] == "noise_pred"
+
+
+@pytest.mark.parametrize("taylor", [False, True])
+def test_no_branch_holds_a_node_nothing_reads(tiny_dit: Path, taylor: bool) -> None:
+    """Every coefficient an approximation branch gathers is used (without --taylor there is no trend to
+    scale): a node nothing reads would run at every skipped step."""
+    assert unread_nodes(Compiled(tiny_dit, taylor=taylor).model.graph) == []
 
 
 def test_all_compute_equals_original_and_states_are_true_block_io(compiled: Compiled) -> None:

@@ -27,7 +27,7 @@ from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from runtimes.state import Commit
 from runtimes.token_policies import DuCa, DuCaConfig, ToCa, TokenControls
-from tests.conftest import load, tiny_feeds
+from tests.conftest import load, tiny_feeds, unread_nodes
 
 ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
 N, D, B = 16, 32, 2  # the tiny DiT: 16 tokens of width 32, batch 2 (one CFG pair)
@@ -109,6 +109,7 @@ def _expected_selection(base: np.ndarray, cnt: np.ndarray, k: int) -> set[int]:
 def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
     onnx.checker.check_model(tok.model, full_check=True)
     assert check_graph(tok.model) == []
+    assert unread_nodes(tok.model.graph) == []
     index = GraphIndex(tok.original)
     region = next(n for n in tok.model.graph.node if n.op_type == "If" and n.name == "fc/block1/If")
     run = next(a.g for a in region.attribute if a.name == "else_branch")

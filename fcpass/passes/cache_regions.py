@@ -676,25 +676,39 @@ class _Builder:
     def approximation_nodes(self, region: _Region, k: int, nodes: list[onnx.NodeProto]) -> str:
         """Append the approximation branch's nodes for output k; return the approximation's name.
 
-        The mix coefficients are gathered here, inside the branch, so a computing step pays nothing.
+        The mix coefficients are gathered here, inside the branch, so a computing step pays nothing,
+        and each at its first use, so the branch holds no node whose value nothing reads (ONNX Runtime
+        prunes none inside an If branch: one would run at every skipped step).
         """
         n = region.name
         spec = region.spec
         o_ref = region.states_out[k].name
         elem = self.tensor_type(spec.outputs[k])[0]
         p = f"fc.{n}.a{k}"
-        if not any(x.output[0] == f"fc.{n}.mix" for x in nodes):
-            idx = f"fc.{n}.idx"
-            nodes.append(helper.make_node("Gather", [MIX_INPUT, idx], [f"fc.{n}.mix"]))
-            for j, c in enumerate(("mres", "mlin", "mtay", "maff")):
-                nodes.append(helper.make_node("Gather", [f"fc.{n}.mix", f"fc.c{j}"], [f"fc.{n}.{c}"]))
-            nodes.append(helper.make_node("Sub", ["fc.one_f", f"fc.{n}.maff"], [f"fc.{n}.mkeep"]))
-            if elem != TensorProto.FLOAT:
-                for c in ("mres", "mlin", "mtay", "maff", "mkeep"):
-                    nodes.append(helper.make_node("Cast", [f"fc.{n}.{c}"], [f"fc.{n}.{c}.t"], to=elem))
+
+        def made(name: str) -> bool:
+            return any(name in x.output for x in nodes)
+
+        def gathered(c: str) -> str:
+            name = f"fc.{n}.{c}"
+            if made(name):
+                return name
+            if c == "mkeep":
+                nodes.append(helper.make_node("Sub", ["fc.one_f", gathered("maff")], [name]))
+                return name
+            if not made(f"fc.{n}.mix"):
+                nodes.append(helper.make_node("Gather", [MIX_INPUT, f"fc.{n}.idx"], [f"fc.{n}.mix"]))
+            j = ("mres", "mlin", "mtay", "maff").index(c)  # the columns of fc_mix (plan.APPROX_MIX)
+            nodes.append(helper.make_node("Gather", [f"fc.{n}.mix", f"fc.c{j}"], [name]))
+            return name
 
         def coef(c: str) -> str:
-            return f"fc.{n}.{c}" if elem == TensorProto.FLOAT else f"fc.{n}.{c}.t"
+            if elem == TensorProto.FLOAT:
+                return gathered(c)
+            name = f"fc.{n}.{c}.t"
+            if not made(name):
+                nodes.append(helper.make_node("Cast", [gathered(c)], [name], to=elem))
+            return name
 
         base = o_ref
         if region.states_prev:
