@@ -28,11 +28,11 @@ Cases:
    the host as `fc_tok_rand`, (blocks, N), from a seeded generator). To each: counter_weight *
    (c_j + 1), c_j the conservative steps since token j was last recomputed in that branch, then the
    spatial bonus to the best token of every grid x grid cell of the token grid.
-4. Classifier-free guidance: with an even batch the two halves' scores are averaged and both halves
-   take the same selection (the batch is [cond; uncond], as the sampler feeds it).
    Stored and random scores are known before the step runs, so every branch's tokens are picked
    in one batched TopK in the main graph (`TokenPass.select_all`), inside an If that runs only when
    some block is conservative; a branch takes the first k of its row. Saliency selects in the branch.
+4. Classifier-free guidance: with an even batch the two halves' scores are averaged and both halves
+   take the same selection (the batch is [cond; uncond], as the sampler feeds it).
 5. Skipped enclosing regions pass the token state through unchanged (a skipped step recomputes no
    token; counters then count conservative steps, which only shifts every token's score alike).
 6. Shape constants that carry N in a token-local branch (a Reshape to (B, N, H, d)) are rewritten to k,
