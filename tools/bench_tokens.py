@@ -212,6 +212,12 @@ def print_profile(per_mode: dict[str, dict[str, float]], top: int) -> None:
     print(f"| {NODES} | " + " | ".join(f"{per_mode[m].get(NODES, 0):.0f}" for m in modes) + " |")
 
 
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """The median of per-round ratios num[i] / den[i]: the calls of one round are adjacent in time, so
+    the machine's drift in speed (tens of percent over a minute on a shared host) cancels in each ratio."""
+    return float(np.median(np.asarray(num) / np.asarray(den)))
+
+
 @dataclass
 class LocalBranches:
     """The token-local branches alone, on all N tokens and on the k tokens a conservative step recomputes."""
@@ -303,7 +309,7 @@ def time_local_branches(src: Path, plan: CachePlan, feeds: dict[str, np.ndarray]
     streams = [v.name for v in cut.graph.input if v.type.tensor_type.shape.dim[1].dim_param == "tokens"]
     rows = [(full[name].shape[1], few[name].shape[1]) for name in streams]
     return LocalBranches(float(np.median(times["full"])) * 1000, float(np.median(times["k"])) * 1000,
-                         float(np.median(np.asarray(times["full"]) / np.asarray(times["k"]))),
+                         median_ratio(times["full"], times["k"]),
                          sum(n for n, _ in rows) / sum(k for _, k in rows))
 
 
@@ -414,9 +420,7 @@ def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarra
     med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
 
     def paired(base: str, name: str) -> float:
-        # The median of per-round ratios: the calls of one round are adjacent in time, so the machine's
-        # drift in speed (tens of percent over a minute on a shared host) cancels in each ratio.
-        return float(np.median(np.asarray(times[base]) / np.asarray(times[name])))
+        return median_ratio(times[base], times[name])
     ks = [br["k"] for b in plan.tokens["blocks"] for br in b["branches"] if br["k"] is not None]
     n = plan.tokens["blocks"][0]["tokens"]
     batch = next(iter(feeds.values())).shape[0]

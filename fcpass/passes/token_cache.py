@@ -78,6 +78,7 @@ SCORES = ("vnorm", "attention", "saliency", "random")
 # Scores computed at full steps and kept in the `score` state until the next one.
 STORED_SCORES = ("vnorm", "attention")
 TOPK_MAX = 3840  # TensorRT's TopK limit
+SELECTED_ROWS = "fc.tok.sel.rows"  # the batched selection's (S, B, kmax, 2) rows (`TokenPass.select_all`)
 
 
 @dataclass
@@ -141,8 +142,7 @@ class TokenPass:
         self.options = options
         dependent = index.descendants({block_map.latent})
         self.blocks: list[_TokBlock] = []
-        # The batched selection (`select_all`): its rows tensor, and each (block, branch)'s slot in it.
-        self.rows: str | None = None
+        # The batched selection (`select_all`): each (block, branch)'s slot in its rows, their largest k.
         self.slots: dict[tuple[int, int], int] = {}
         self.kmax = 0
         layers = len(block_map.blocks)
@@ -271,7 +271,7 @@ class TokenPass:
         its row, the same tokens its own TopK would pick) instead of a dozen small ops each, inside an
         If that runs only when some block is conservative. Saliency reads each branch's input at the
         step and selects in the branch (returns no nodes), as do blocks of unequal batch or tokens.
-        Output `fc.tok.sel.rows` (S, B, kmax, 2): every branch's (sample, token) rows, in slot order.
+        Output SELECTED_ROWS (S, B, kmax, 2): every branch's (sample, token) rows, in slot order.
         The If's condition, like the blocks' token Ifs', is a function of fc_tok (`fcpass.plan.token_conditions`).
         """
         sel = [(tb, br.position, tb.ks[br.position]) for tb in self.blocks for br in tb.split.local()
@@ -281,7 +281,6 @@ class TokenPass:
         q = "fc.tok.sel"
         self.kmax = max(k for *_, k in sel)
         self.slots = {(tb.pos, position): j for j, (tb, position, _) in enumerate(sel)}
-        self.rows = f"{q}.rows"
         shape = [len(sel), sel[0][0].batch, self.kmax, 2]
         nodes: list[onnx.NodeProto] = []
         picked = self._pick(sel, nodes, q)
@@ -296,7 +295,7 @@ class TokenPass:
             helper.make_node("Cast", [TOK_INPUT], [f"{q}.modes"], name=f"fc/{q}/modes", to=TensorProto.FLOAT),
             helper.make_node("ReduceMax", [f"{q}.modes"], [f"{q}.most"], name=f"fc/{q}/most", keepdims=0),
             helper.make_node("Greater", [f"{q}.most", "fc.tok.zero"], [TOK_ANY], name=f"fc/{q}/any"),
-            helper.make_node("If", [TOK_ANY], [self.rows], name=f"fc/{q}", then_branch=then, else_branch=none),
+            helper.make_node("If", [TOK_ANY], [SELECTED_ROWS], name=f"fc/{q}", then_branch=then, else_branch=none),
         ]
 
     def _pick(self, sel: list[tuple[_TokBlock, int, int]], nodes: list[onnx.NodeProto], q: str) -> str:
@@ -569,10 +568,10 @@ class _BlockBuilder:
         q = f"{self.p}.b{br.position}"
         slot = self.tp.slots.get((self.tb.pos, br.position))
         c = self.tp.builder.const
-        if self.tp.rows is None or slot is None:
+        if slot is None:  # no batched selection (`select_all` gives slots only with its rows)
             tokens = self._select(br, x, cnt1, k)
             return TokenRows(self.node, tokens, with_samples(self.node, c, tokens, (self.tb.batch, k), q), q)
-        rows = self.node("Gather", [self.tp.rows, c(f"{q}.slot", np.array(slot, np.int64))], f"{q}.rows_s", axis=0)
+        rows = self.node("Gather", [SELECTED_ROWS, c(f"{q}.slot", np.array(slot, np.int64))], f"{q}.rows_s", axis=0)
         if k < self.tp.kmax:  # the first k of the sorted kmax: the top k
             rows = self.node("Slice", [rows, "fc.tok.sel.start", c(f"{q}.k", np.array([k], np.int64)), "fc.tok.ax1"],
                              f"{q}.rows_sk")
