@@ -19,7 +19,7 @@ from fcpass.graphinfo import GraphIndex
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.cache_regions import insert_cache_regions
 from fcpass.passes.token_cache import TokenOptions
-from fcpass.plan import APPROX_MIX, CachePlan, write_plan
+from fcpass.plan import APPROX_MIX, TOK_INPUT, CachePlan, write_plan
 from fcpass.runner import load_denoiser
 from fcpass.trt_check import check_graph
 from models.digits import SCHEDULER_CONFIG
@@ -125,6 +125,9 @@ def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
         "Identity": 1,  # of the 4 states only the scores, an outer value, need a copy: the rest are outputs as they are
     })
     assert Counter(n.op_type for n in cons.node) == mlp_ops + mechanism
+    # Every block's token conditions come from one compare and one Split each, for all blocks at once.
+    assert sorted(n.op_type for n in tok.model.graph.node if TOK_INPUT in n.input) == ["Cast", "Equal", "Greater"]
+    assert not any(TOK_INPUT in n.input for n in run.node)
     block_ops = Counter(index.nodes[i].op_type for i in discover_blocks(tok.original, "latent").blocks[1].nodes)
     vnorm = Counter({"ReduceL2": 2, "Reshape": 1, "Sub": 1, "ReduceMean": 1, "Max": 1, "Div": 1, "Identity": 1})  # the zero counters
     assert Counter(n.op_type for n in full.node) == block_ops + vnorm

@@ -151,7 +151,7 @@ def insert_cache_regions(
         builder.tokens = TokenPass(builder, index, block_map, flat, tokens, opset)
         for r in flat:
             r.states_tok = builder.tokens.add_state(r)
-        builder.control_nodes += builder.tokens.select_all()
+        builder.control_nodes += builder.tokens.conditions() + builder.tokens.select_all()
     if (merge is not None or motion_context) and motion_ratio is None:
         raise FcpassError(f"{'token merging' if merge else '--motion-context'} needs --motion-ratio (the fraction of tokens kept)")
     if motion_ratio is not None:
@@ -391,11 +391,21 @@ class _Builder:
         ]
         if any(region.spec.probe for region in flat):
             self.control_nodes.append(helper.make_node("Equal", [CTL_INPUT, three], ["fc.use_probe"], name="fc/use_probe"))
-        for region in flat:  # the rest of a region's controls are gathered inside its gate's branches
-            n = region.name
-            idx = self.const(f"fc.{n}.idx", np.array(region.spec.index, dtype=np.int64))
-            self.control_nodes.append(
-                helper.make_node("Gather", ["fc.decide", idx], [f"fc.{n}.decide"], name=f"fc/{n}/decide"))
+        # One Split hands every gate its condition (a one-element tensor, which an If accepts): a
+        # Gather per region cost ONNX Runtime about 0.1% of the bundled model's step each. The rest
+        # of a region's controls are gathered inside its gate's branches.
+        by_index = sorted(flat, key=lambda region: region.spec.index)
+        for region in by_index:
+            n, i = region.name, region.spec.index
+            self.const(f"fc.{n}.idx", np.array(i, dtype=np.int64))
+            self.const(f"fc.{n}.idx1", np.array([i], dtype=np.int64))
+        self.control_nodes += [
+            helper.make_node("Split", ["fc.decide", self.const("fc.decide.split", np.ones(r, dtype=np.int64))],
+                             [f"fc.{region.name}.decide" for region in by_index], name="fc/decide/split", axis=0),
+            # a Where, not a Cast: ONNX Runtime's optimizer tries to drop that Cast and warns where it cannot
+            helper.make_node("Where", ["fc.force", "fc.one_f", self.const("fc.zero_f", np.array(0.0, dtype=np.float32))],
+                             ["fc.forcef"], name="fc/forcef"),
+        ]
 
     def add_unmeasured(self, like: str) -> None:
         """fc.nan_b (B,), B the batch of `like`: the statistic of a region not measured this step."""
@@ -530,7 +540,7 @@ class _Builder:
         for x in self.child_exports(region):
             if x in summary:
                 assert rename[x] == f"{x}@{n}.run"
-                shape = [batch] if summary[x] == "stat" else []
+                shape = [batch] if summary[x] == "stat" else [1]
                 run_out.append(helper.make_tensor_value_info(f"{x}@{n}.run", TensorProto.FLOAT, shape))
             else:
                 emit(run_nodes, run_out, rename[x], f"{x}@{n}.run", like[x][0])
@@ -566,14 +576,16 @@ class _Builder:
             if x in summary:
                 stat = summary[x] == "stat"
                 nodes.append(helper.make_node("Identity", ["fc.nan_b" if stat else "fc.minus_one"], [out]))
-                infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch] if stat else []))
+                infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch] if stat else [1]))
             else:
                 source, state = like[x]
                 nodes.append(helper.make_node("Identity", [state], [out], name=f"fc/{out}"))
                 infos.append(self.value_info(out, source))
 
     def statistic_nodes(self, region: _Region) -> list[onnx.NodeProto]:
-        """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step.
+        """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step; skip
+        (1,) = cond as a float, the region's entry of fc_skip (made here, so a forced region runs no node
+        for it outside its gate).
 
         Skip iff forced, or iff every sample's stat <= thr_eff (see add_control_inputs). The statistic
         is measured inside the region's gate, an `If` on ctl >= 2: a region the host forced pays that
@@ -607,9 +619,14 @@ class _Builder:
             # back ends that measure at every step (`fcpass.passes.inline_gates`).
             helper.make_node("Or", [f"fc.{n}.force", f"fc.{n}.pass"], [f"fc.{n}.cond@gate"]),
         ]
+        measure += [
+            helper.make_node("Cast", [f"fc.{n}.cond@gate"], [f"fc.{n}.skip0"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", [f"fc.{n}.skip0", "fc.axis0"], [f"fc.{n}.skip@gate"]),
+        ]
         forced = [
             helper.make_node("Identity", ["fc.nan_b"], [f"fc.{n}.stat@forced"]),
             helper.make_node("Gather", ["fc.force", idx], [f"fc.{n}.cond@forced"]),
+            helper.make_node("Gather", ["fc.forcef", f"{idx}1"], [f"fc.{n}.skip@forced"]),
         ]
         for node in measure + forced:
             node.name = f"fc/{n}/{node.output[0]}"
@@ -619,12 +636,12 @@ class _Builder:
             return helper.make_graph(nodes, f"fc_{n}_{tag}", [], [
                 helper.make_tensor_value_info(f"fc.{n}.stat@{tag}", TensorProto.FLOAT, [batch]),
                 helper.make_tensor_value_info(f"fc.{n}.cond@{tag}", TensorProto.BOOL, []),
+                helper.make_tensor_value_info(f"fc.{n}.skip@{tag}", TensorProto.FLOAT, [1]),
             ])
 
-        gate = helper.make_node("If", [f"fc.{n}.decide"], [f"fc.{n}.stat", f"fc.{n}.cond"], name=gate_name(n),
-                                then_branch=branch(measure, "gate"), else_branch=branch(forced, "forced"))
-        skip = helper.make_node("Cast", [f"fc.{n}.cond"], [f"fc.{n}.skip"], name=f"fc/{n}/fc.{n}.skip", to=TensorProto.FLOAT)
-        return [gate, skip]
+        gate = helper.make_node("If", [f"fc.{n}.decide"], [f"fc.{n}.stat", f"fc.{n}.cond", f"fc.{n}.skip"],
+                                name=gate_name(n), then_branch=branch(measure, "gate"), else_branch=branch(forced, "forced"))
+        return [gate]
 
     def probe_nodes(self, region: _Region) -> list[onnx.NodeProto]:
         """probe (B,) = sum |a - a_ref| / sum |a_ref| over the probed tensors (rel_L1 per sample).
@@ -747,12 +764,10 @@ class _Builder:
         """fc_stat (R, B) and fc_skip (R,) from every region's statistic and decision."""
         batch = self.tensor_type(flat[0].spec.inputs[0])[1][0]
         self.const("fc.stat_shape", np.array([len(flat), -1], dtype=np.int64))
-        self.const("fc.axis0", np.array([0], dtype=np.int64))
-        nodes = [helper.make_node("Unsqueeze", [f"fc.{r.name}.skip", "fc.axis0"], [f"fc.{r.name}.skip1"]) for r in flat]
-        nodes += [
+        nodes = [
             helper.make_node("Concat", [f"fc.{r.name}.stat" for r in flat], ["fc.stats_flat"], axis=0),
             helper.make_node("Reshape", ["fc.stats_flat", "fc.stat_shape"], [STAT_OUTPUT]),
-            helper.make_node("Concat", [f"fc.{r.name}.skip1" for r in flat], [SKIP_OUTPUT], axis=0),
+            helper.make_node("Concat", [f"fc.{r.name}.skip" for r in flat], [SKIP_OUTPUT], axis=0),
         ]
         self.graph.output.extend([
             helper.make_tensor_value_info(STAT_OUTPUT, TensorProto.FLOAT, [len(flat), batch]),
@@ -761,8 +776,9 @@ class _Builder:
         return nodes
 
     def add_constants(self) -> None:
-        for name, value in (("fc.minus_one", -1.0), ("fc.half", 0.5)):
-            self.const(name, np.array(value, dtype=np.float32))
+        self.const("fc.half", np.array(0.5, dtype=np.float32))
+        self.const("fc.minus_one", np.array([-1.0], dtype=np.float32))  # a decision: (1,), as fc_skip concatenates them
+        self.const("fc.axis0", np.array([0], dtype=np.int64))
         for j in range(MIX_WIDTH):
             self.const(f"fc.c{j}", np.array(j, dtype=np.int64))
         self.const("fc.one_f", np.array(1.0, dtype=np.float32))

@@ -263,6 +263,24 @@ class TokenPass:
         return StateSpec(name, name + ".next", region.name, kind, source, list(shape), dtype,
                          token_block=tb.pos if reused else None)
 
+    def conditions(self) -> list[onnx.NodeProto]:
+        """Main-graph nodes that give every block its token If's condition (not full) and its attention
+        If's (conservative), one-element tensors: one compare and one Split each for all blocks, as
+        ONNX Runtime pays microseconds for every node a step runs. The host knows both from fc_tok
+        (`fcpass.plan.token_conditions`): keep them in step."""
+        if not self.blocks:
+            return []
+        ones = self.builder.const("fc.tok.split", np.ones(len(self.blocks), np.int64))
+        nodes = []
+        for what, op, than in (("cond", "Greater", "fc.tok.zero_i"), ("reuse", "Equal", "fc.tok.one_i")):
+            every = f"fc.tok.{what}"
+            nodes += [
+                helper.make_node(op, [TOK_INPUT, than], [every], name=f"fc/tok/{what}"),
+                helper.make_node("Split", [every, ones], [tok_condition(tb.pos, what) for tb in self.blocks],
+                                 name=f"fc/tok/{what}/split", axis=0),
+            ]
+        return nodes
+
     def select_all(self) -> list[onnx.NodeProto]:
         """Main-graph nodes that pick every token-local branch's rows of a conservative step at once.
 
@@ -366,15 +384,9 @@ class _BlockBuilder:
         outputs = [o, *[s.next for s in tb.states.values()]]
         full = self.full_branch()
         cons = self.conservative_branch()
-        ctl = [
-            helper.make_node("Gather", [TOK_INPUT, f"{p}.idx"], [f"{p}.mode"], name=f"fc/{p}/mode"),
-            # The host knows both conditions from fc_tok (`fcpass.plan.token_conditions`): keep them in step.
-            helper.make_node("Greater", [f"{p}.mode", "fc.tok.zero_i"], [tok_condition(tb.pos, "cond")], name=f"fc/{p}/cond"),
-            helper.make_node("Equal", [f"{p}.mode", "fc.tok.one_i"], [tok_condition(tb.pos, "reuse")], name=f"fc/{p}/reuse"),
-        ]
         if_node = helper.make_node("If", [tok_condition(tb.pos, "cond")], outputs, name=f"fc/{p}/If", then_branch=cons,
                                    else_branch=full)
-        return [*ctl, if_node]
+        return [if_node]
 
     # The full step: the original nodes; states refreshed from their values.
     def full_branch(self) -> onnx.GraphProto:
