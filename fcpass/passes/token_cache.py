@@ -78,7 +78,7 @@ SCORES = ("vnorm", "attention", "saliency", "random")
 # Scores computed at full steps and kept in the `score` state until the next one.
 STORED_SCORES = ("vnorm", "attention")
 TOPK_MAX = 3840  # TensorRT's TopK limit
-SELECTED_ROWS = "fc.tok.sel.rows"  # the batched selection's (S, B, kmax, 2) rows (`TokenPass.select_all`)
+SELECTED_ROWS = "fc.tok.sel.rows"  # the batched selection's (B, S * kmax, 2) rows (`TokenPass.select_all`)
 
 
 @dataclass
@@ -289,7 +289,8 @@ class TokenPass:
         its row, the same tokens its own TopK would pick) instead of a dozen small ops each, inside an
         If that runs only when some block is conservative. Saliency reads each branch's input at the
         step and selects in the branch (returns no nodes), as do blocks of unequal batch or tokens.
-        Output SELECTED_ROWS (S, B, kmax, 2): every branch's (sample, token) rows, in slot order.
+        Output SELECTED_ROWS (B, S * kmax, 2): every branch's (sample, token) rows, slot j's kmax at
+        [j kmax, (j + 1) kmax), so that a branch's rows are one Slice.
         The If's condition, like the blocks' token Ifs', is a function of fc_tok (`fcpass.plan.token_conditions`).
         """
         sel = [(tb, br.position, tb.ks[br.position]) for tb in self.blocks for br in tb.split.local()
@@ -299,16 +300,13 @@ class TokenPass:
         q = "fc.tok.sel"
         self.kmax = max(k for *_, k in sel)
         self.slots = {(tb.pos, position): j for j, (tb, position, _) in enumerate(sel)}
-        shape = [len(sel), sel[0][0].batch, self.kmax, 2]
+        shape = [sel[0][0].batch, len(sel) * self.kmax, 2]
         nodes: list[onnx.NodeProto] = []
         picked = self._pick(sel, nodes, q)
         then = helper.make_graph(nodes, "fc_tok_select", [], [helper.make_tensor_value_info(picked, TensorProto.INT64, shape)])
         none = helper.make_graph([helper.make_node("Identity", [f"{q}.none"], [f"{q}.none_rows"], name=f"fc/{q}/none")],
                                  "fc_tok_select_none", [], [helper.make_tensor_value_info(f"{q}.none_rows", TensorProto.INT64, shape)],
                                  [onnx.numpy_helper.from_array(np.zeros(shape, np.int64), f"{q}.none")])
-        c = self.builder.const
-        c(f"{q}.start", np.array([0], np.int64))  # a branch's rows: [0, k) of its slot, the token column
-        c(f"{q}.token_col", np.array([1], np.int64))
         return [
             helper.make_node("Cast", [TOK_INPUT], [f"{q}.modes"], name=f"fc/{q}/modes", to=TensorProto.FLOAT),
             helper.make_node("ReduceMax", [f"{q}.modes"], [f"{q}.most"], name=f"fc/{q}/most", keepdims=0),
@@ -321,20 +319,20 @@ class TokenPass:
         c = self.builder.const
         emit = _appender(nodes)
         count, b, n = len(sel), sel[0][0].batch, sel[0][0].tokens
-        c(f"{q}.sbn", np.array([count, b, n], np.int64))
-        cnt = emit("Concat", [tb.states[f"cnt{position}"].name for tb, position, _ in sel], f"{q}.cnt", axis=0)
+        c(f"{q}.bsn", np.array([b, count, n], np.int64))  # sample-major: see SELECTED_ROWS
+        cnt = emit("Concat", [tb.states[f"cnt{position}"].name for tb, position, _ in sel], f"{q}.cnt", axis=1)
         weighted = emit("Reshape", [emit("Mul", [emit("Add", [cnt, "fc.tok.one"], f"{q}.cnt1"), "fc.tok.cw"], f"{q}.cw"),
-                                    f"{q}.sbn"], f"{q}.cw3")
+                                    f"{q}.bsn"], f"{q}.cw3")
         if self.options.score in STORED_SCORES:
-            scores = emit("Concat", [tb.states["score"].name for tb, *_ in sel], f"{q}.scores", axis=0)
-            base = emit("Reshape", [scores, f"{q}.sbn"], f"{q}.base")
+            scores = emit("Concat", [tb.states["score"].name for tb, *_ in sel], f"{q}.scores", axis=1)
+            base = emit("Reshape", [scores, f"{q}.bsn"], f"{q}.base")
         else:
             c(f"{q}.blocks", np.array([tb.pos for tb, *_ in sel], np.int64))
-            base = emit("Unsqueeze", [emit("Gather", [TOK_RAND_INPUT, f"{q}.blocks"], f"{q}.rand"), "fc.tok.ax1"],
+            base = emit("Unsqueeze", [emit("Gather", [TOK_RAND_INPUT, f"{q}.blocks"], f"{q}.rand"), "fc.tok.ax0"],
                         f"{q}.base")
         s = emit("Add", [base, weighted], f"{q}.s")
-        idx = _top_tokens(nodes, c, s, q, (count,), b, n, self.kmax, self.options, "every block")
-        return with_samples(emit, c, idx, (count, b, self.kmax), q)
+        idx = _top_tokens(nodes, c, s, q, b, (count,), n, self.kmax, self.options, "every block")
+        return with_samples(emit, c, idx, (b, count * self.kmax), q)
 
     # --- the rewrite ------------------------------------------------------------------------
     def rewrite(self, body: list[onnx.NodeProto], region: _Region) -> list[onnx.NodeProto]:
@@ -582,12 +580,11 @@ class _BlockBuilder:
         c = self.tp.builder.const
         if slot is None:  # no batched selection (`select_all` gives slots only with its rows)
             tokens = self._select(br, x, cnt1, k)
-            return TokenRows(self.node, tokens, with_samples(self.node, c, tokens, (self.tb.batch, k), q), q)
-        rows = self.node("Gather", [SELECTED_ROWS, c(f"{q}.slot", np.array(slot, np.int64))], f"{q}.rows_s", axis=0)
-        if k < self.tp.kmax:  # the first k of the sorted kmax: the top k
-            rows = self.node("Slice", [rows, "fc.tok.sel.start", c(f"{q}.k", np.array([k], np.int64)), "fc.tok.ax1"],
-                             f"{q}.rows_sk")
-        return TokenRows(self.node, self.node("Gather", [rows, "fc.tok.sel.token_col"], f"{q}.rows_g", axis=2), rows, q)
+            return TokenRows(self.node, with_samples(self.node, c, tokens, (self.tb.batch, k), q), q)
+        lo = slot * self.tp.kmax  # the first k of its slot's sorted kmax: the top k
+        rows = self.node("Slice", [SELECTED_ROWS, c(f"{q}.lo", np.array([lo], np.int64)),
+                                   c(f"{q}.hi", np.array([lo + k], np.int64)), "fc.tok.ax1"], f"{q}.rows")
+        return TokenRows(self.node, rows, q)
 
     def _select(self, br: Branch, x: str, cnt1: str, k: int) -> str:
         """The branch's own selection: the tokens (B, k, 1) of its top-k scores; both CFG halves select alike."""
@@ -608,12 +605,13 @@ class _BlockBuilder:
         else:
             base = self.node("Gather", [TOK_RAND_INPUT, f"{p}.idx"], f"{q}.rand")
         s = self.node("Add", [base, self.node("Mul", [cnt1, "fc.tok.cw"], f"{q}.cw")], f"{q}.s")
-        return _top_tokens(self.cons_nodes, self.tp.builder.const, s, q, (), tb.batch, tb.tokens, k, opts, tb.scope)
+        return _top_tokens(self.cons_nodes, self.tp.builder.const, s, q, tb.batch, (), tb.tokens, k, opts, tb.scope)
 
 
-def _top_tokens(nodes: list[onnx.NodeProto], const: Callable[[str, np.ndarray], str], s: str, q: str,
-                lead: tuple[int, ...], batch: int, n: int, k: int, opts: TokenOptions, where: str) -> str:
-    """The tokens (*lead, B, k, 1) of the top k of scores `s` (*lead, B, N), each of `lead` ranked on its own.
+def _top_tokens(nodes: list[onnx.NodeProto], const: Callable[[str, np.ndarray], str], s: str, q: str, batch: int,
+                inner: tuple[int, ...], n: int, k: int, opts: TokenOptions, where: str) -> str:
+    """The tokens (B, prod(inner) k, 1) of the top k of scores `s` (B, *inner, N), each row of `inner`
+    ranked on its own: row j's k tokens, best first, at [j k, (j + 1) k).
 
     With an even batch ([cond; uncond], as the sampler feeds it) the two halves' scores are averaged
     and both take the same tokens; then the spatial bonus, then TopK (sorted: its first j are the top j).
@@ -622,16 +620,16 @@ def _top_tokens(nodes: list[onnx.NodeProto], const: Callable[[str, np.ndarray], 
     pair = batch % 2 == 0 and batch >= 2
     rows = batch // 2 if pair else batch
     if pair:  # the mean of the two halves, row i with row i + B/2
-        const(f"{q}.halves", np.array([*lead, 2, rows, n], np.int64))
-        s = emit("ReduceMean", [emit("Reshape", [s, f"{q}.halves"], f"{q}.halves_s"), f"fc.tok.ax{len(lead)}"],
-                 f"{q}.pair", keepdims=0)
-    s = _spatial_bonus(emit, const, s, q, math.prod(lead) * rows, n, opts, where)
+        const(f"{q}.halves", np.array([2, rows, *inner, n], np.int64))
+        s = emit("ReduceMean", [emit("Reshape", [s, f"{q}.halves"], f"{q}.halves_s"), "fc.tok.ax0"], f"{q}.pair",
+                 keepdims=0)
+    s = _spatial_bonus(emit, const, s, q, rows * math.prod(inner), n, opts, where)
     const(f"{q}.k", np.array([k], np.int64))
     nodes.append(helper.make_node("TopK", [s, f"{q}.k"], [f"{q}.topv", f"{q}.top"], name=f"fc/{q}/TopK",
                                   axis=-1, largest=1, sorted=1))
-    const(f"{q}.rows_k", np.array([*lead, rows, k, 1], np.int64))
+    const(f"{q}.rows_k", np.array([rows, math.prod(inner) * k, 1], np.int64))
     tokens = emit("Reshape", [f"{q}.top", f"{q}.rows_k"], f"{q}.rows_g")
-    return emit("Concat", [tokens, tokens], f"{q}.rows_g2", axis=len(lead)) if pair else tokens
+    return emit("Concat", [tokens, tokens], f"{q}.rows_g2", axis=0) if pair else tokens
 
 
 def _spatial_bonus(emit: Callable[..., str], const: Callable[[str, np.ndarray], str], s: str, q: str, rows: int, n: int,
