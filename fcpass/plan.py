@@ -82,9 +82,11 @@ class StateSpec:
     every step) it takes the value `next`: a graph output, or another state's value before the step
     (the previous output takes the output state's); elsewhere it keeps its value (`runtimes.state.Commit`).
 
-    A token cache that a conservative step reuses names its block's index in fc_tok (`token_block`): it
-    also keeps its value where fc_tok[token_block] is TOK_CONSERVATIVE, and the graph's `next` output is
-    then not a cache value, which spares the graph a copy of the cache into its output."""
+    A token state that some token modes leave as it is names its block's index in fc_tok (`token_block`)
+    and those modes (`token_keep`): it also keeps its value where fc_tok[token_block] is one of them, and
+    the graph's `next` output there is any value of its type, which spares the graph a copy into its
+    output. The self-attention cache is kept at TOK_CONSERVATIVE (reused), the scores stored at full
+    steps at every mode but TOK_FULL."""
 
     name: str
     next: str
@@ -96,6 +98,7 @@ class StateSpec:
     shape: list[int | str | None]
     dtype: str
     token_block: int | None = None
+    token_keep: list[int] = field(default_factory=lambda: [TOK_CONSERVATIVE])
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fcpass.errors import FcpassError
-from fcpass.plan import SKIP_OUTPUT, TOK_CONSERVATIVE, TOK_INPUT, CachePlan, StateSpec
+from fcpass.plan import SKIP_OUTPUT, TOK_INPUT, CachePlan, StateSpec
 
 
 class StateBinding(Protocol):
@@ -39,18 +39,19 @@ class StateBinding(Protocol):
 class Commit:
     """The state after a step: each state whose region computed takes its next value, the others keep theirs.
 
-    A self-attention token cache also keeps its value where its block's fc_tok reused it
-    (`StateSpec.token_block`), so the caller passes the step's fc_tok for token graphs.
+    A token state also keeps its value where its block's fc_tok mode leaves it as it is
+    (`StateSpec.token_block`, `token_keep`), so the caller passes the step's fc_tok for token graphs.
     Works on any value type (numpy arrays, `OrtValue`s, device buffers): values move, never copy.
     """
 
     def __init__(self, plan: CachePlan, live: Collection[int] | None = None) -> None:
         index = {r.name: r.index for r in plan.regions}
         # (state, where its next value comes from, its region's index in fc_skip or -1 for every step,
-        #  its block's index in fc_tok if a conservative step reuses it, else -1)
+        #  its block's index in fc_tok if some token modes keep it, else -1, those modes)
         self.rules = [(s.name, s.next, -1 if s.kind == "mod" else index[s.region],
-                       -1 if s.token_block is None else s.token_block) for s in live_states(plan, live)]
-        self.needs_tok = any(block >= 0 for *_, block in self.rules)
+                       -1 if s.token_block is None else s.token_block, frozenset(s.token_keep))
+                      for s in live_states(plan, live)]
+        self.needs_tok = any(block >= 0 for _, _, _, block, _ in self.rules)
 
     def __call__(self, current: Mapping[str, Any], produced: Mapping[str, Any], skip: np.ndarray,
                  tok: np.ndarray | None = None) -> dict[str, Any]:
@@ -61,9 +62,9 @@ class Commit:
         if self.needs_tok and tok is None:
             raise FcpassError(f"this graph caches tokens: each step must feed {TOK_INPUT}, and the state needs it "
                               "to know which caches the step reused")
-        reused = [v == TOK_CONSERVATIVE for v in tok.tolist()] if self.needs_tok else []
-        for name, source, region, block in self.rules:
-            if (region < 0 or computed[region]) and (block < 0 or not reused[block]):
+        modes = tok.tolist() if self.needs_tok else []
+        for name, source, region, block, keep in self.rules:
+            if (region < 0 or computed[region]) and (block < 0 or modes[block] not in keep):
                 new[name] = current[source] if source in current else produced[source]
         return new
 

@@ -232,7 +232,7 @@ class TokenPass:
             for br in tb.split.branches:
                 elem, shape = self.builder.tensor_type(br.output)
                 tb.states[f"out{br.position}"] = self._state(region, tb, f"b{br.position}.out", "tok_out", br.output, elem, shape,
-                                                             reused=br.kind == "mixing")
+                                                             keep=[TOK_CONSERVATIVE] if br.kind == "mixing" else None)
                 if br.kind == "local":
                     tb.states[f"cnt{br.position}"] = self._state(region, tb, f"b{br.position}.cnt", "tok_cnt", None,
                                                                  TensorProto.FLOAT, [b, n])
@@ -241,15 +241,16 @@ class TokenPass:
                         tb.states[f"ref{br.position}"] = self._state(region, tb, f"b{br.position}.ref", "tok_ref",
                                                                      br.stream_in, elem_s, shape_s)
             if self.options.score in STORED_SCORES:
-                tb.states["score"] = self._state(region, tb, "score", "tok_score", None, TensorProto.FLOAT, [b, n])
+                tb.states["score"] = self._state(region, tb, "score", "tok_score", None, TensorProto.FLOAT, [b, n],
+                                                 keep=[TOK_CONSERVATIVE, TOK_LOCAL_ONLY])
             self.builder.const(f"fc.tok{tb.pos}.idx", np.array(tb.pos, np.int64))
             self.builder.const(f"fc.tok{tb.pos}.zeros_bn", np.zeros((b, n), np.float32))
             out.extend(tb.states.values())
         return out
 
     def _state(self, region: _Region, tb: _TokBlock, what: str, kind: str, source: str | None, elem: int,
-               shape: list[Any], reused: bool = False) -> StateSpec:
-        """A token state; `reused`: the self-attention cache, which a conservative step leaves as it is."""
+               shape: list[Any], keep: list[int] | None = None) -> StateSpec:
+        """A token state; `keep`: the block's token modes that leave it as it is (`StateSpec.token_keep`)."""
         name = f"fc.tok{tb.pos}.{what}"
         g = self.builder.graph
         g.input.append(helper.make_tensor_value_info(name, elem, shape))
@@ -260,8 +261,10 @@ class TokenPass:
             source = name
             self.index.value_types[name] = (elem, tuple(shape))
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
-        return StateSpec(name, name + ".next", region.name, kind, source, list(shape), dtype,
-                         token_block=tb.pos if reused else None)
+        if not keep:
+            return StateSpec(name, name + ".next", region.name, kind, source, list(shape), dtype)
+        return StateSpec(name, name + ".next", region.name, kind, source, list(shape), dtype, token_block=tb.pos,
+                         token_keep=keep)
 
     def conditions(self) -> list[onnx.NodeProto]:
         """Main-graph nodes that give every block its token If's condition (not full) and its attention
@@ -520,6 +523,8 @@ class _BlockBuilder:
         cache = tb.states[f"out{br.position}"].name
         cnt = tb.states[f"cnt{br.position}"].name
         cnt1 = self.node("Add", [cnt, "fc.tok.one"], f"{q}.cnt1")
+        if "score" in tb.states:  # kept by the host at this step: any value of its type will do, no copy
+            nexts.setdefault("score", cnt1)
         k = tb.ks[br.position]
         if k == 0:  # nothing to recompute: the cached output, every counter one step older
             nexts[f"cnt{br.position}"] = cnt1
