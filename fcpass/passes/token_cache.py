@@ -55,7 +55,7 @@ from onnx import TensorProto, helper
 from fcpass.branches import BlockBranches, Branch, find_branches
 from fcpass.discover import BlockMap
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs, replace_node_groups
+from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, replace_node_groups
 from fcpass.plan import (
     TOK_ANY,
     TOK_CONSERVATIVE,
@@ -174,6 +174,11 @@ class TokenPass:
                 raise FcpassError(f"block {b.scope!r} exposes no unfused V for V-norm scores; use --token-score saliency or random")
             if options.score == "attention":
                 self._check_attention_map(b.scope, split, tokens)
+            outside = region.nodes - set(b.nodes)
+            for br in split.mixing():  # what only attention reads runs in its branch: a reuse skips it too
+                own = _exclusive_feeders(index, set(br.nodes) & region.nodes, outside)
+                br.nodes = sorted({*br.nodes, *own})
+                nodes = sorted({*nodes, *own})
             self.blocks.append(_TokBlock(pos, b.index, b.scope, split, nodes, region, tokens, batch, width, ks))
         if self.blocks:
             self._add_inputs()
@@ -665,6 +670,24 @@ def _appender(nodes: list[onnx.NodeProto]) -> Callable[..., str]:
         return output
 
     return emit
+
+
+def _exclusive_feeders(index: GraphIndex, branch: set[int], candidates: set[int]) -> set[int]:
+    """The nodes of `candidates` whose outputs only `branch`, or other such nodes, read: work that the
+    branch alone needs, such as self-attention's adaLN shift and scale, which a step that reuses the
+    branch's output can then skip with it."""
+    taken: set[int] = set()
+    todo = [index.producer[x] for i in branch for x in node_inputs(index.nodes[i]) if x in index.producer]
+    while todo:
+        j = todo.pop()
+        if j in taken or j not in candidates:
+            continue
+        outs = [o for o in index.nodes[j].output if o]
+        readers = [r for o in outs for r in index.consumers.get(o, [])]
+        if readers and not any(o in index.graph_outputs for o in outs) and all(r in branch or r in taken for r in readers):
+            taken.add(j)
+            todo += [index.producer[x] for x in node_inputs(index.nodes[j]) if x in index.producer]
+    return taken
 
 
 def _has_unfused_v(split: BlockBranches) -> bool:
