@@ -83,15 +83,28 @@ def tok(tiny_dit: Path) -> Tok:
     return Tok(tiny_dit)
 
 
-def _vnorm(v: np.ndarray) -> np.ndarray:
-    u = (1.0 - np.linalg.norm(v.astype(np.float64), axis=-1)).reshape(B, -1, N).mean(axis=1)
+def _vnorm_means(v: np.ndarray) -> np.ndarray:
+    """What a full step stores for V-norm scores: per token the mean over heads of ||v_hj||."""
+    return np.linalg.norm(v.astype(np.float64), axis=-1).reshape(B, -1, N).mean(axis=1)
+
+
+def _attention_means(probs: np.ndarray) -> np.ndarray:
+    """What a full step stores for attention scores: per key token j the mean over heads and queries of P[b, h, i, j]."""
+    return probs.astype(np.float64).reshape(B, -1, N).mean(axis=1)
+
+
+def _score(stored: np.ndarray, score: str = "vnorm") -> np.ndarray:
+    """The score of the stored means: DuCa's 1 - mean ||v_hj|| or ToCa's column means, L2-normalised."""
+    u = 1.0 - stored if score == "vnorm" else stored
     return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+
+def _vnorm(v: np.ndarray) -> np.ndarray:
+    return _score(_vnorm_means(v))
 
 
 def _attention_columns(probs: np.ndarray) -> np.ndarray:
-    """ToCa's score: per key token j the mean over heads and queries of P[b, h, i, j], L2-normalised."""
-    u = probs.astype(np.float64).reshape(B, -1, N).mean(axis=1)
-    return u / np.linalg.norm(u, axis=1, keepdims=True)
+    return _score(_attention_means(probs), "attention")
 
 
 def _expected_selection(base: np.ndarray, cnt: np.ndarray, k: int) -> set[int]:
@@ -141,7 +154,8 @@ def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
     assert sorted(n.op_type for n in tok.model.graph.node if TOK_INPUT in n.input) == ["Cast", "Equal", "Greater"]
     assert not any(TOK_INPUT in n.input for n in run.node)
     block_ops = Counter(index.nodes[i].op_type for i in discover_blocks(tok.original, "latent").blocks[1].nodes)
-    vnorm = Counter({"ReduceL2": 2, "Reshape": 1, "Sub": 1, "ReduceMean": 1, "Max": 1, "Div": 1, "Identity": 1})  # the zero counters
+    # the mean over heads of ||v||, stored as it is (the selection normalises it); the zero counters
+    vnorm = Counter({"ReduceL2": 1, "Reshape": 1, "ReduceMean": 1, "Identity": 1})
     # What only self-attention reads (its adaLN shift and scale) moved into the token If, and into
     # attention's own branch, so that a step reusing attention skips it.
     (attention,) = [n for n in cons.node if n.op_type == "If"]
@@ -160,6 +174,7 @@ def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
     assert Counter(n.op_type for n in picks.node) == Counter({
         "Concat": 2 + 1 + 1, "Reshape": 2 + 1 + 2 + 1,  # stacked counters and scores, CFG pair, rows; 2x2 cells
         "Add": 1 + 1 + 1, "Mul": 1,  # counter + 1, weight, score; bonus
+        "Sub": 1, "ReduceL2": 1, "Max": 1, "Div": 1,  # the scores of the stored V norms: 1 - mean, normalised
         "ReduceMean": 1, "ReduceMax": 1, "Equal": 1, "Where": 1, "TopK": 1,  # CFG halves' mean; 2x2 cells
     })
     nothing = next(a.g for a in select.attribute if a.name == "else_branch")
@@ -191,7 +206,7 @@ def test_all_full_equals_original_and_states_are_true(tok: Tok) -> None:
     for pos, s in enumerate(tok.split):
         for br in s.branches:
             np.testing.assert_allclose(out[f"fc.tok{pos}.b{br.position}.out.next"], truth[br.output], atol=1e-5)
-        np.testing.assert_allclose(out[f"fc.tok{pos}.score.next"], _vnorm(truth[s.branches[0].value]), atol=1e-5)
+        np.testing.assert_allclose(out[f"fc.tok{pos}.score.next"], _vnorm_means(truth[s.branches[0].value]), atol=1e-5)
         assert not out[f"fc.tok{pos}.b1.cnt.next"].any()
 
 
@@ -287,7 +302,7 @@ def test_gathered_branch_equals_full_branch_on_selected_tokens_and_scatter_keeps
     a, b = tiny_feeds(0), tiny_feeds(1)
     first = tok.run(a, tok=0)
     old_cache = first["fc.tok0.b1.out.next"]
-    score = first["fc.tok0.score.next"]
+    score = _score(first["fc.tok0.score.next"])
     out = tok.run(b, tok=[2, 0, 0])  # block 0 conservative with attention computed: its MLP input is true
     mlp = tok.split[0].branches[1]
     truth = tok.truth(b, [mlp.output])[mlp.output]
@@ -382,7 +397,7 @@ def test_blocks_of_unequal_k_each_select_their_own_top_k(tiny_dit: Path, score: 
     first = t.run(a, tok=0)
     if score == "vnorm":
         out = t.run(b, tok=[0, 1, 1])  # blocks 1 and 2 conservative: slots 1 and 2 of the selection
-        bases = [first[f"fc.tok{pos}.score.next"] for pos in range(3)]
+        bases = [_score(first[f"fc.tok{pos}.score.next"]) for pos in range(3)]
         checked = (1, 2)
     else:
         out = t.run(b, tok=[0, 0, 2])  # blocks 0, 1 full: block 2's MLP input is the true one
@@ -419,7 +434,7 @@ def test_attention_scores_are_the_column_means_of_the_softmax_output(tiny_dit: P
     (tif,) = [n for n in run.node if n.op_type == "If"]
     full = next(a.g for a in tif.attribute if a.name == "else_branch")
     block_ops = Counter(index.nodes[i].op_type for i in discover_blocks(t.original, "latent").blocks[1].nodes)
-    columns = Counter({"Reshape": 1, "ReduceMean": 1, "ReduceL2": 1, "Max": 1, "Div": 1, "Identity": 1})  # the zero counters
+    columns = Counter({"Reshape": 1, "ReduceMean": 1, "Identity": 1})  # the column means, stored as they are; the zero counters
     assert Counter(n.op_type for n in full.node) == block_ops + columns + _moved_into_attention(t, tif, index)
     for seed in (0, 1):
         feeds = tiny_feeds(seed)
@@ -431,7 +446,7 @@ def test_attention_scores_are_the_column_means_of_the_softmax_output(tiny_dit: P
             expected = _attention_columns(p)
             # A row mean would be the constant 1/N: the columns must carry information.
             assert np.ptp(expected, axis=1).min() > 1e-3
-            np.testing.assert_allclose(out[f"fc.tok{pos}.score.next"], expected, atol=1e-5)
+            np.testing.assert_allclose(out[f"fc.tok{pos}.score.next"], _attention_means(p), atol=1e-5)
             assert not out[f"fc.tok{pos}.b1.cnt.next"].any()
 
 

@@ -7,7 +7,7 @@ its cached output (`fcpass.token_rows`). k is static per (block, branch), so eve
 
 Invariant: with `fc_tok` all 0 the block runs exactly its original nodes (the else-branch), so the
 outputs equal the original model's; the state outputs are then the true branch outputs, the
-V-norm (or attention-column) scores of that step and zero counters. With k = N a conservative
+V-norm (or attention-column) statistics of that step and zero counters. With k = N a conservative
 step's token-local branch equals the full branch at the same input (TopK only permutes the
 tokens); with k = 0 it is the cached branch output.
 
@@ -19,11 +19,13 @@ Cases:
    caches, scores and counters are refreshed), 1 conservative (attention reused, token-local
    branches on the top-k tokens), 2 the same but with attention computed (tests; ToCa-like).
    Mode 2's attention is a nested `If` inside the conservative branch, so a full step pays nothing.
-3. Scores (compile-time `score`): `vnorm` (DuCa: at full steps, per token the mean over heads of
-   1 - ||v_hj||, L2-normalised over the tokens, stored in the state), `attention` (ToCa: at full
-   steps, per token j the attention it receives, the mean over heads and query tokens i of the
-   self-attention Softmax output P[b, h, i, j], L2-normalised over the tokens, stored in the same
-   state; needs an unfused Softmax, a fused attention op declines), `saliency` (||X_j - X_j_ref||^2
+3. Scores (compile-time `score`): `vnorm` (DuCa: per token the mean over heads of 1 - ||v_hj|| at
+   the last full step, L2-normalised over the tokens), `attention` (ToCa: per token j the attention
+   it received at the last full step, the mean over heads and query tokens i of the self-attention
+   Softmax output P[b, h, i, j], L2-normalised over the tokens; needs an unfused Softmax, a fused
+   attention op declines). A full step stores the means (mean_h ||v_hj||, or the column means) and
+   a conservative step normalises them where it selects, once for all blocks: the full steps, which
+   every block runs, pay the fewest nodes. `saliency` (||X_j - X_j_ref||^2
    of the branch input against its value at the last full step, L2-normalised) or `random` (fed by
    the host as `fc_tok_rand`, (blocks, N), from a seeded generator). To each: counter_weight *
    (c_j + 1), c_j the conservative steps since token j was last recomputed in that branch, then the
@@ -333,7 +335,7 @@ class TokenPass:
                                     f"{q}.bsn"], f"{q}.cw3")
         if self.options.score in STORED_SCORES:
             scores = emit("Concat", [tb.states["score"].name for tb, *_ in sel], f"{q}.scores", axis=1)
-            base = emit("Reshape", [scores, f"{q}.bsn"], f"{q}.base")
+            base = _normalised(emit, emit("Reshape", [scores, f"{q}.bsn"], f"{q}.stored"), self.options.score, q)
         else:
             c(f"{q}.blocks", np.array([tb.pos for tb, *_ in sel], np.int64))
             base = emit("Unsqueeze", [emit("Gather", [TOK_RAND_INPUT, f"{q}.blocks"], f"{q}.rand"), "fc.tok.ax0"],
@@ -449,7 +451,7 @@ class _BlockBuilder:
         return outs
 
     def _vnorm(self, nodes: list[onnx.NodeProto]) -> str:
-        """Mean over heads of 1 - ||v_hj||, L2-normalised over the tokens: (B, N) float32."""
+        """Mean over heads of ||v_hj||: (B, N) float32 (`_normalised` makes it the score)."""
         tb, p = self.tb, self.p
         br = next(b for b in tb.split.mixing() if b.value and not b.value_fused)
         v = br.value
@@ -460,16 +462,13 @@ class _BlockBuilder:
         nodes += [
             helper.make_node("ReduceL2", [v, "fc.tok.axlast"], [f"{p}.vn"], keepdims=0),
             helper.make_node("Reshape", [f"{p}.vn", f"{p}.vshape"], [f"{p}.vnh"]),
-            helper.make_node("Sub", ["fc.tok.one", f"{p}.vnh"], [f"{p}.vu"]),
-            helper.make_node("ReduceMean", [f"{p}.vu", "fc.tok.ax1"], [f"{p}.vm"], keepdims=0),
-            helper.make_node("ReduceL2", [f"{p}.vm", "fc.tok.axlast"], [f"{p}.vl2"], keepdims=1),
-            helper.make_node("Max", [f"{p}.vl2", "fc.tok.eps"], [f"{p}.vl2e"]),
-            helper.make_node("Div", [f"{p}.vm", f"{p}.vl2e"], [f"{p}.vscore"]),
+            helper.make_node("ReduceMean", [f"{p}.vnh", "fc.tok.ax1"], [f"{p}.vm"], keepdims=0),
         ]
-        return f"{p}.vscore"
+        return f"{p}.vm"
 
     def _attention_score(self, nodes: list[onnx.NodeProto]) -> str:
-        """Per token j the mean over heads and queries of P[b, h, i, j], L2-normalised: (B, N) float32."""
+        """Per token j the mean over heads and queries of P[b, h, i, j]: (B, N) float32 (`_normalised`
+        makes it the score)."""
         tb, p = self.tb, self.p
         probs = next(b.probs for b in tb.split.mixing() if b.probs is not None)
         if self.index.dtype(probs) != np.float32:
@@ -481,11 +480,8 @@ class _BlockBuilder:
         nodes += [
             helper.make_node("Reshape", [probs, f"{p}.pshape"], [f"{p}.pq"]),
             helper.make_node("ReduceMean", [f"{p}.pq", "fc.tok.ax1"], [f"{p}.pm"], keepdims=0),
-            helper.make_node("ReduceL2", [f"{p}.pm", "fc.tok.axlast"], [f"{p}.pl2"], keepdims=1),
-            helper.make_node("Max", [f"{p}.pl2", "fc.tok.eps"], [f"{p}.pl2e"]),
-            helper.make_node("Div", [f"{p}.pm", f"{p}.pl2e"], [f"{p}.pscore"]),
         ]
-        return f"{p}.pscore"
+        return f"{p}.pm"
 
     # The conservative step.
     def conservative_branch(self) -> onnx.GraphProto:
@@ -602,7 +598,7 @@ class _BlockBuilder:
         q = f"{p}.b{br.position}"
         opts = self.tp.options
         if opts.score in STORED_SCORES:
-            base = tb.states["score"].name
+            base = _normalised(self.node, tb.states["score"].name, opts.score, q)
         elif opts.score == "saliency":
             ref = tb.states[f"ref{br.position}"].name
             d = self.node("Sub", [x, ref], f"{q}.d")
@@ -616,6 +612,14 @@ class _BlockBuilder:
             base = self.node("Gather", [TOK_RAND_INPUT, f"{p}.idx"], f"{q}.rand")
         s = self.node("Add", [base, self.node("Mul", [cnt1, "fc.tok.cw"], f"{q}.cw")], f"{q}.s")
         return _top_tokens(self.cons_nodes, self.tp.builder.const, s, q, tb.batch, (), tb.tokens, k, opts, tb.scope)
+
+
+def _normalised(emit: Callable[..., str], stored: str, score: str, q: str) -> str:
+    """The score of stored full-step means (..., N): for `vnorm` 1 - mean_h ||v_hj||, for `attention`
+    the column means as they are, each L2-normalised over its N tokens."""
+    u = emit("Sub", ["fc.tok.one", stored], f"{q}.vu") if score == "vnorm" else stored
+    l2 = emit("Max", [emit("ReduceL2", [u, "fc.tok.axlast"], f"{q}.l2", keepdims=1), "fc.tok.eps"], f"{q}.l2e")
+    return emit("Div", [u, l2], f"{q}.score")
 
 
 def _top_tokens(nodes: list[onnx.NodeProto], const: Callable[[str, np.ndarray], str], s: str, q: str, batch: int,
