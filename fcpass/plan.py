@@ -98,6 +98,7 @@ class StateSpec:
     shape: list[int | str | None]
     dtype: str
     token_block: int | None = None
+    # the modes that keep it, where token_block is set; the default, the self-attention cache's, reads older plans
     token_keep: list[int] = field(default_factory=lambda: [TOK_CONSERVATIVE])
 
 

@@ -170,6 +170,7 @@ def insert_cache_regions(
     out.graph.value_info.extend(_cond_info(regions))
     builder.export_direct(flat)
     builder.finish_value_info()
+    builder.drop_unread_consts()
     plan = CachePlan(
         regions=[r.spec for r in flat],
         states=[s for r in flat for s in (*r.own_states(), *r.states_mod)],
@@ -310,6 +311,7 @@ class _Builder:
         self.index = index
         self.graph = model.graph
         self.control_nodes: list[onnx.NodeProto] = []
+        self.consts: set[str] = set()
         self._counter = 0
         self._inner_value_info: dict[str, onnx.ValueInfoProto] = {v.name: v for v in self.graph.value_info}
         self.tokens: TokenPass | None = None
@@ -335,7 +337,17 @@ class _Builder:
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.graph.initializer.append(numpy_helper.from_array(array, name))
+        self.consts.add(name)
         return name
+
+    def drop_unread_consts(self) -> None:
+        """Remove the constants of the rewrite that no node reads (a region set or option that does not
+        use them): ONNX Runtime warns about each when it loads the graph."""
+        read = {o.name for o in self.graph.output} | {x for n in self.graph.node for x in node_inputs(n)}
+        unread = self.consts - read
+        keep = [t for t in self.graph.initializer if t.name not in unread]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
 
     # --- regions ----------------------------------------------------------------------------
     def region_for(self, name: str, blocks: list[Block], latent: str) -> _Region:
