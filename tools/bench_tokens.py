@@ -69,7 +69,17 @@ from fcpass.errors import FcpassError
 from fcpass.export import ExportSpec, export
 from fcpass.graphinfo import GraphIndex
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, SKIP_OUTPUT, THR_INPUT, TOK_INPUT, TOK_RAND_INPUT, CachePlan
+from fcpass.plan import (
+    CTL_INPUT,
+    MIX_INPUT,
+    MIX_WIDTH,
+    SKIP_OUTPUT,
+    THR_INPUT,
+    TOK_INPUT,
+    TOK_RAND_INPUT,
+    CachePlan,
+    read_plan,
+)
 from fcpass.roles import infer_roles
 from runtimes.backend import OrtBackend, open_session, session_setup
 from runtimes.state import Commit
@@ -350,6 +360,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     ap.add_argument("--mem-iters", type=int, default=3, help="calls per memory subprocess")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
+    ap.add_argument("--also", type=Path, metavar="GRAPH.fc.onnx",
+                    help="also time the token modes of this graph (the same model compiled with --tokens by another "
+                    "fcpass version or with other options), alternated with the rest: a comparison the machine's "
+                    "drift in speed does not blur")
     ap.add_argument("--profile", action="store_true", help="also print ORT kernel time by op type, and the nodes run, per mode")
     ap.add_argument("--profile-top", type=int, default=14)
     ap.add_argument("--child", choices=["original", *MODES], help=argparse.SUPPRESS)
@@ -379,14 +393,23 @@ def main() -> None:
         # Timed as the sampler calls: I/O binding, the state bound where it lives and never fed or fetched.
         calls: dict[str, Callable[[], dict[str, np.ndarray]]] = {"original": partial(base.bound_call(), feeds, [output])}
         controls = {k: v for k, v in extra.items() if k.startswith("fc_")}
-        for mode in modes:
-            state = comp.state_binding(plan)
-            state.reset()
-            state.step({**feeds, **controls}, [output])  # a full step fills the caches
-            calls[mode] = partial(state.step, {**feeds, **controls, TOK_INPUT: np.full_like(extra[TOK_INPUT], MODES[mode])},
-                                  [output])
-            diff = np.abs(calls[mode]()[output] - reference).max()
-            log.info("%s step on those caches vs original graph: max abs diff %.3g", mode, diff)
+        graphs = [("", comp, plan, controls)]
+        if args.also:
+            other = OrtBackend(args.also, threads=args.threads or None)
+            other_plan = read_plan(other.model, str(args.also))
+            if not other_plan.tokens:
+                raise SystemExit(f"error: {args.also} has no token caching; compile it with --tokens")
+            graphs.append((f"@{args.also.name}", other, other_plan,
+                           {k: v for k, v in build_feeds(base, other_plan, seed=0)[1].items() if k.startswith("fc_")}))
+        for tag, backend, graph_plan, ctl in graphs:
+            for mode in modes:
+                state = backend.state_binding(graph_plan)
+                state.reset()
+                state.step({**feeds, **ctl}, [output])  # a full step fills the caches
+                calls[mode + tag] = partial(state.step, {**feeds, **ctl, TOK_INPUT: np.full_like(ctl[TOK_INPUT], MODES[mode])},
+                                            [output])
+                diff = np.abs(calls[mode + tag]()[output] - reference).max()
+                log.info("%s%s step on those caches vs original graph: max abs diff %.3g", mode, tag, diff)
         times: dict[str, list[float]] = {k: [] for k in calls}
         for _ in range(2):  # warm-up
             for call in calls.values():
@@ -410,13 +433,15 @@ def main() -> None:
                 for mode in ("original", *[m for m in ("full", "conservative") if m in modes]):
                     mem.append(measure_memory(mode, src if mode == "original" else fc, feeds_path, arena, args))
                     log.info("memory %s", mem[-1])
-    report(args, plan, feeds, times, mem, local)
+    report(args, {"": plan, **{tag[1:]: p for tag, _, p, _ in graphs[1:]}}, feeds, times, mem, local)
     if profile:
         print_profile(profile, args.profile_top)
 
 
-def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarray], times: dict[str, list[float]],
-           mem: list[MemResult], local: LocalBranches | None) -> None:
+def report(args: argparse.Namespace, plans: dict[str, CachePlan], feeds: dict[str, np.ndarray],
+           times: dict[str, list[float]], mem: list[MemResult], local: LocalBranches | None) -> None:
+    """Print the tables; `plans`: this run's graph's plan under "", --also's under its file name."""
+    plan = plans[""]
     med = {k: float(np.median(v)) * 1000 for k, v in times.items()}
 
     def paired(base: str, name: str) -> float:
@@ -437,13 +462,16 @@ def report(args: argparse.Namespace, plan: CachePlan, feeds: dict[str, np.ndarra
         if name == "original":
             print(f"| original graph | {t:.2f} | 1.00x | | 1.00x | 1.00 | |")
             continue
-        ideal = mac_ideal(plan, MODES[name])
+        mode, _, graph = name.partition("@")  # "mode@graph": a mode of --also's graph, against its own full step
+        ideal = mac_ideal(plans[graph], MODES[mode])
         vs_orig = paired("original", name)
         vs_full, of_full = "", ""  # empty where --modes left the full step out
-        if "full" in times:
-            ratio = paired("full", name)
+        full = "full" + (f"@{graph}" if graph else "")
+        if full in times:
+            ratio = paired(full, name)
             vs_full, of_full = f"{ratio:.2f}x", f"{ratio / ideal:.2f}"
-        print(f"| `fc_tok={MODES[name]}` ({name}) | {t:.2f} | {vs_orig:.2f}x | {vs_full} | {ideal:.2f}x | "
+        label = f"{mode}, {graph}" if graph else mode
+        print(f"| `fc_tok={MODES[mode]}` ({label}) | {t:.2f} | {vs_orig:.2f}x | {vs_full} | {ideal:.2f}x | "
               f"{vs_orig / ideal:.2f} | {of_full} |")
     if local:
         print(f"\nToken-local branches alone (every block's, cut out of the exported graph, fed its activations): "
