@@ -403,9 +403,9 @@ class _Builder:
         ]
         if any(region.spec.probe for region in flat):
             self.control_nodes.append(helper.make_node("Equal", [CTL_INPUT, three], ["fc.use_probe"], name="fc/use_probe"))
-        # One Split hands every gate its condition (a one-element tensor, which an If accepts): a
-        # Gather per region cost ONNX Runtime about 0.1% of the bundled model's step each. The rest
-        # of a region's controls are gathered inside its gate's branches.
+        # One Split hands every gate its condition (a one-element tensor, which an If accepts), where a
+        # Gather per region would cost ONNX Runtime a node's overhead each at every step. The rest of a
+        # region's controls are gathered inside its gate's branches.
         by_index = sorted(flat, key=lambda region: region.spec.index)
         for region in by_index:
             n, i = region.name, region.spec.index
