@@ -392,16 +392,16 @@ def main() -> None:
         output = plan.outputs[0]
         # Timed as the sampler calls: I/O binding, the state bound where it lives and never fed or fetched.
         calls: dict[str, Callable[[], dict[str, np.ndarray]]] = {"original": partial(base.bound_call(), feeds, [output])}
-        controls = {k: v for k, v in extra.items() if k.startswith("fc_")}
-        graphs = [("", comp, plan, controls)]
+        graphs = [("", comp, plan)]  # (name in the table, backend, plan): this run's graph, then --also's
         if args.also:
             other = OrtBackend(args.also, threads=args.threads or None)
             other_plan = read_plan(other.model, str(args.also))
             if not other_plan.tokens:
                 raise SystemExit(f"error: {args.also} has no token caching; compile it with --tokens")
-            graphs.append((f"@{args.also.name}", other, other_plan,
-                           {k: v for k, v in build_feeds(base, other_plan, seed=0)[1].items() if k.startswith("fc_")}))
-        for tag, backend, graph_plan, ctl in graphs:
+            graphs.append((args.also.name, other, other_plan))
+        for name, backend, graph_plan in graphs:
+            tag = f"@{name}" if name else ""
+            ctl = {k: v for k, v in build_feeds(base, graph_plan, seed=0)[1].items() if k.startswith("fc_")}
             for mode in modes:
                 state = backend.state_binding(graph_plan)
                 state.reset()
@@ -433,7 +433,7 @@ def main() -> None:
                 for mode in ("original", *[m for m in ("full", "conservative") if m in modes]):
                     mem.append(measure_memory(mode, src if mode == "original" else fc, feeds_path, arena, args))
                     log.info("memory %s", mem[-1])
-    report(args, {"": plan, **{tag[1:]: p for tag, _, p, _ in graphs[1:]}}, feeds, times, mem, local)
+    report(args, {name: graph_plan for name, _, graph_plan in graphs}, feeds, times, mem, local)
     if profile:
         print_profile(profile, args.profile_top)
 

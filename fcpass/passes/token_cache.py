@@ -250,7 +250,6 @@ class TokenPass:
             if self.options.score in STORED_SCORES:
                 tb.states["score"] = self._state(region, tb, "score", "tok_score", None, TensorProto.FLOAT, [b, n],
                                                  keep=[TOK_CONSERVATIVE, TOK_LOCAL_ONLY])
-            self.builder.const(f"fc.tok{tb.pos}.idx", np.array(tb.pos, np.int64))
             self.builder.const(f"fc.tok{tb.pos}.zeros_bn", np.zeros((b, n), np.float32))
             out.extend(tb.states.values())
         return out
@@ -609,7 +608,8 @@ class _BlockBuilder:
             nrm = self.node("Max", [nrm, "fc.tok.eps"], f"{q}.salne")
             base = self.node("Div", [ss, nrm], f"{q}.salnorm")
         else:
-            base = self.node("Gather", [TOK_RAND_INPUT, f"{p}.idx"], f"{q}.rand")
+            idx = self.tp.builder.const(f"{q}.block", np.array(tb.pos, np.int64))
+            base = self.node("Gather", [TOK_RAND_INPUT, idx], f"{q}.rand")
         s = self.node("Add", [base, self.node("Mul", [cnt1, "fc.tok.cw"], f"{q}.cw")], f"{q}.s")
         return _top_tokens(self.cons_nodes, self.tp.builder.const, s, q, tb.batch, (), tb.tokens, k, opts, tb.scope)
 
