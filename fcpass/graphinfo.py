@@ -114,6 +114,11 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def node_outputs(node: onnx.NodeProto) -> list[str]:
+    """A node's outputs, with those of the nodes its subgraphs (If, Loop, Scan) hold, at any depth."""
+    return [o for o in node.output if o] + [o for g in subgraphs(node) for inner in g.node for o in node_outputs(inner)]
+
+
 def _outer_names(graph: onnx.GraphProto) -> list[str]:
     local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     local |= {o for n in graph.node for o in n.output}

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from fcpass.discover import discover_blocks
-from fcpass.graphinfo import node_inputs
+from fcpass.graphinfo import node_inputs, subgraphs
 from fcpass.passes.cache_regions import insert_cache_regions
 from fcpass.passes.inline_gates import inline_gates
 from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, read_plan, write_plan
@@ -79,9 +79,28 @@ def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Comp
     gates = [n.name for n in compiled.model.graph.node if n.op_type == "If" and n not in top_ifs]
     assert gates == ["fc/stack/gate"]
     then_branch = next(a.g for a in top_ifs[0].attribute if a.name == "then_branch")
+    # The approximation: the taylor trend at its top level; what reads the stack's input behind a gate
+    # on the mix row, in three forms: the general one (its then-branch), linear and residual.
     approx_ops = Counter(n.op_type for n in then_branch.node)
-    # One MatMul for the fitted forms; Subs: taylor trend, delta, 1 - m_aff; Identities for outputs+states.
-    assert approx_ops["MatMul"] == 1 and approx_ops["Sub"] == 3 and approx_ops["Mul"] >= 3
+    assert approx_ops["Sub"] == 1 and approx_ops["MatMul"] == 0
+
+    def branches(node: onnx.NodeProto) -> tuple[onnx.GraphProto, onnx.GraphProto]:
+        return next(a.g for a in node.attribute if a.name == "then_branch"), next(a.g for a in node.attribute if a.name == "else_branch")
+
+    (reads,) = [n for n in then_branch.node if n.op_type == "If"]
+    assert reads.name == "fc/stack/a0/gate"
+    read, plain = branches(reads)
+    assert [n.op_type for n in plain.node] == ["Add"]  # the extrapolation, made where it is returned
+    assert [n.op_type for n in read.node] == ["Add", "Sub", "Gather", "Cast", "If"]
+    assert read.node[-1].name == "fc/stack/a0/fitted/gate"
+    general, unfitted = branches(read.node[-1])
+    general_ops = Counter(n.op_type for n in general.node)
+    assert general_ops["MatMul"] == 1 and general_ops["Sub"] == 1  # one MatMul for both fitted forms; 1 - m_aff
+    assert [n.op_type for n in unfitted.node] == ["Gather", "Cast", "Gather", "If"]
+    linear, residual = branches(unfitted.node[-1])
+    matmul = next(n for n in linear.node if n.op_type == "MatMul")
+    assert matmul.input[1] == "fc.stack.V0"  # the fitted weight itself: ONNX Runtime prepacks a constant
+    assert [n.op_type for n in residual.node] == ["Mul", "Add"]
     else_branch = next(a.g for a in top_ifs[0].attribute if a.name == "else_branch")
     inner_ifs = [n.name for n in else_branch.node if n.op_type == "If"]
     assert sorted(inner_ifs) == ["fc/block0/If", "fc/block0/gate", "fc/tail/If", "fc/tail/gate"]
@@ -134,7 +153,11 @@ def test_only_regions_the_graph_decides_are_measured_and_inlined_gates_measure_a
     """A forced region's gate skips its statistic (NaN); with the gates inlined (what TensorRT and the
     segments lowering get) every region is measured and everything else is unchanged."""
     inlined = inline_gates(compiled.model)
-    assert not any(n.op_type == "If" and n.name.endswith("/gate") for n in inlined.graph.node)
+    def ifs(graph: onnx.GraphProto) -> list[str]:
+        return [x for n in graph.node for x in ([n.name] if n.op_type == "If" else []) + [y for g in subgraphs(n) for y in ifs(g)]]
+    assert [n for n in ifs(compiled.model.graph) if n.endswith("/a0/linear/gate")]  # the approximations' gates nest
+    assert not [n for n in ifs(inlined.graph) if n.endswith("/gate")]
+    assert unread_nodes(inlined.graph) == []  # nor does what computed their conditions stay behind
     sess = ort.InferenceSession(inlined.SerializeToString(), providers=["CPUExecutionProvider"])
     compiled.run(tiny_feeds(0))
     state = dict(compiled.state)

@@ -152,7 +152,9 @@ def test_ops_static_k_and_tensorrt_rules(exported: Path) -> None:
     ops = Counter(n.op_type for n in motion.node)
     assert ops["TopK"] == 1 and ops["GatherND"] >= 2 and ops["ScatterND"] == 4  # out, in, out, prev
     assert ops["GatherElements"] == ops["ScatterElements"] == 0  # whole token rows only
-    assert ops["If"] == 0  # the nested block regions are not reached on a motion step
+    # The nested block regions are not reached on a motion step; the static tokens' approximation
+    # reads their input only where the mix row asks for it.
+    assert [n.name for n in motion.node if n.op_type == "If"] == ["fc/stack/a0/gate"]
     topk = next(n for n in motion.node if n.op_type == "TopK")
     k_init = next(t for t in m.model.graph.initializer if t.name == topk.input[1])
     assert onnx.numpy_helper.to_array(k_init).tolist() == [m.k]

@@ -16,6 +16,11 @@ and prints the median ratio of the pairs with its quartiles: what a user of `fcp
 `--no-exports` also times the compiled graph with its state outputs dropped (every `If` and gate
 still in it): the part of the overhead that is the cache state's export.
 
+With the stack among the regions, a skipped step is timed too: the stack skipped under each
+approximation the graph holds (`--taylor` adds taylor1), against the original graph's call. What a
+skipped step costs caps a stack-level policy's speedup: with a share s of steps skipped at cost c
+of a full step, the speedup is 1 / (1 - s + s c).
+
 With --motion-ratio RHO (and --regions including stack) the graph also holds FastCache's motion
 tokens, and a third call is timed: a motion step (fc_motion = 1: the blocks on ceil(RHO N) tokens,
 the rest approximated), with its MAC-ideal speedup over the original (`plan.motion`).
@@ -35,7 +40,18 @@ import onnx
 
 from fcpass.export import ExportSpec, export
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, MOTION_INPUT, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, read_plan
+from fcpass.plan import (
+    APPROX_MIX,
+    CTL_INPUT,
+    CTL_SKIP,
+    MIX_INPUT,
+    MIX_WIDTH,
+    MOTION_INPUT,
+    SKIP_OUTPUT,
+    STAT_OUTPUT,
+    THR_INPUT,
+    read_plan,
+)
 from fcpass.roles import graph_inputs
 from fcpass.runner import load_denoiser
 from models.digits import SCHEDULER_CONFIG
@@ -54,6 +70,7 @@ def main() -> None:
     ap.add_argument("--regions", default="blocks,tail,stack")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    ap.add_argument("--taylor", action="store_true", help="compile with --taylor (and time a taylor1 skip)")
     ap.add_argument("--motion-ratio", type=float, help="also time a motion step with this token ratio")
     ap.add_argument("--motion-context", action="store_true", help="the motion tokens attend to cached keys and values")
     ap.add_argument("--runs", type=int, default=0, help="also time this many pairs of whole sampling runs")
@@ -69,7 +86,7 @@ def main() -> None:
             src = Path(tmp) / "model.onnx"
             export(ExportSpec(args.arch, args.image_size, exporter="legacy"), src)
         fc = Path(tmp) / "model.fc.onnx"
-        options = OptimizeOptions(regions=tuple(args.regions.split(",")), motion_ratio=args.motion_ratio,
+        options = OptimizeOptions(regions=tuple(args.regions.split(",")), taylor=args.taylor, motion_ratio=args.motion_ratio,
                                   motion_context=args.motion_context, probes=not args.motion_context)
         optimize(src, fc, options, None)  # localizes weights too
         # One session per graph for both the bare calls and the sampler steps: more sessions would
@@ -93,6 +110,8 @@ def main() -> None:
             bare = _without_state_outputs(fc, plan, Path(tmp) / "model.bare.onnx")
             bare_backend = OrtBackend(bare, threads=args.threads or None)
             calls.append(("compiled, no state export", lambda: bare_backend.run(comp_feeds)))
+        skips = _skip_feeds(plan, comp_feeds)
+        calls += [(f"skipped stack, {approx}", lambda f=f: comp.run(f)) for approx, f in skips.items()]
         if plan.motion:
             comp_feeds[MOTION_INPUT] = np.array(0, np.int64)
             motion_feeds = {**comp_feeds, MOTION_INPUT: np.array(1, np.int64)}
@@ -104,8 +123,12 @@ def main() -> None:
         for _ in range(2):  # warm-up
             for _, call in calls:
                 call()
-        for _ in range(args.iters):
-            for name, call in calls:
+        full = [c for c in calls if not c[0].startswith("skipped")]
+        skipped = [c for c in calls if c[0].startswith("skipped")]
+        for i in range(args.iters):
+            # The skipped calls take turns to follow the full ones, whose data the first finds in the caches.
+            j = i % max(len(skipped), 1)
+            for name, call in full + skipped[j:] + skipped[:j]:
                 t0 = time.perf_counter()
                 call()
                 times[name].append(time.perf_counter() - t0)
@@ -130,6 +153,9 @@ def main() -> None:
         q1, q2, q3 = np.percentile(runs, [25, 50, 75])
         print(f"  sampling runs, policy none {q2:9.3f}  (compiled / original wall time, median of {len(runs)} pairs of "
               f"{args.samples} samples x {args.steps} steps; quartiles {q1:.3f}-{q3:.3f})")
+    for approx in skips:
+        print(f"  skipped stack, {approx:<9}  {1 / ratio('original', f'skipped stack, {approx}'):9.3f}  "
+              "(of the original call: what a stack-level policy's skipped step costs)")
     if plan.motion:
         stack = plan.region(plan.motion["region"])
         ideal = plan.uncached_macs / (plan.uncached_macs - stack.macs + plan.motion["macs"])
@@ -137,6 +163,23 @@ def main() -> None:
         print(f"  motion step (k = {plan.motion['k']} of {plan.motion['tokens']}"
               f"{', cached keys and values' if plan.motion.get('context') else ''}): speedup {speedup:.2f}x, "
               f"MAC-ideal {ideal:.2f}x, realised/ideal {speedup / ideal:.2f}")
+
+
+def _skip_feeds(plan: Any, feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Per approximation the graph holds, feeds that skip the stack with it (none without a stack)."""
+    if not any(r.name == "stack" for r in plan.regions):
+        return {}
+    k = plan.region("stack").index
+    taylor = any(s.kind == "prev" for s in plan.states)
+    out = {}
+    for approx, row in APPROX_MIX.items():
+        if approx == "taylor1" and not taylor:
+            continue
+        ctl, mix = feeds[CTL_INPUT].copy(), feeds[MIX_INPUT].copy()
+        ctl[k] = CTL_SKIP
+        mix[k] = (0.0, 0.0, 1.0, 0.0) if approx == "taylor1" else row  # taylor1's slope 1: one interval ahead
+        out[approx] = {**feeds, CTL_INPUT: ctl, MIX_INPUT: mix}
+    return out
 
 
 def _without_state_outputs(path: Path, plan: Any, out: Path) -> Path:

@@ -26,8 +26,7 @@ Cases:
    (TeaCache), whose nodes then run before the stack's `If` rather than inside it (the stack is
    still one region; a skipped stack computes that one LayerNorm and modulation). Without a
    LayerNormalization reading the stream in block 0, the stack has no probe.
-4. The else-branch is the approximation of `fcpass.plan.APPROX_MIX`; an output with no input of the
-   same shape (a double-stream block's second stream, for one) can only be reused or extrapolated.
+4. The else-branch is the approximation of `fcpass.plan.APPROX_MIX` (`fcpass.passes.approximation`).
 5. Declined: a region output that shape inference cannot type, and opsets below 13 (Unsqueeze and
    Slice take attributes there); both raise FcpassError naming the tensor or the opset.
 """
@@ -45,6 +44,8 @@ from onnx import TensorProto, helper, numpy_helper
 from fcpass.discover import Block, BlockMap, boundary_of
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values, replace_node_groups
+from fcpass.passes.approximation import approximation_nodes
+from fcpass.passes.inline_gates import gate_name
 from fcpass.passes.motion_tokens import MergeOptions, MotionPass
 from fcpass.passes.token_cache import TokenOptions, TokenPass
 from fcpass.plan import (
@@ -536,7 +537,7 @@ class _Builder:
 
         for k, o in enumerate(spec.outputs):
             emit(run_nodes, run_out, rename[o], f"{o}@{n}.run", o)
-            approx = self.approximation_nodes(region, k, approx_nodes)
+            approx = approximation_nodes(self, region, k, approx_nodes, f"{o}@{n}.approx")
             emit(approx_nodes, approx_out, approx, f"{o}@{n}.approx", o)
         own(region.states_in, spec.inputs)
         own(region.states_out, [rename[o] for o in spec.outputs])
@@ -702,76 +703,6 @@ class _Builder:
         nodes.append(helper.make_node("Sum", den, [f"{tag}.den"]))
         return nodes, f"{tag}.num", f"{tag}.den"
 
-    def approximation_nodes(self, region: _Region, k: int, nodes: list[onnx.NodeProto]) -> str:
-        """Append the approximation branch's nodes for output k; return the approximation's name.
-
-        The mix coefficients are gathered here, inside the branch, so a computing step pays nothing,
-        and each at its first use, so the branch holds no node whose value nothing reads (ONNX Runtime
-        prunes none inside an If branch: one would run at every skipped step).
-        """
-        n = region.name
-        spec = region.spec
-        o_ref = region.states_out[k].name
-        elem = self.tensor_type(spec.outputs[k])[0]
-        p = f"fc.{n}.a{k}"
-
-        def made(name: str) -> bool:
-            return any(name in x.output for x in nodes)
-
-        def gathered(c: str) -> str:
-            name = f"fc.{n}.{c}"
-            if made(name):
-                return name
-            if c == "mkeep":
-                nodes.append(helper.make_node("Sub", ["fc.one_f", gathered("maff")], [name]))
-                return name
-            if not made(f"fc.{n}.mix"):
-                nodes.append(helper.make_node("Gather", [MIX_INPUT, f"fc.{n}.idx"], [f"fc.{n}.mix"]))
-            j = ("mres", "mlin", "mtay", "maff").index(c)  # the columns of fc_mix (plan.APPROX_MIX)
-            nodes.append(helper.make_node("Gather", [f"fc.{n}.mix", f"fc.c{j}"], [name]))
-            return name
-
-        def coef(c: str) -> str:
-            if elem == TensorProto.FLOAT:
-                return gathered(c)
-            name = f"fc.{n}.{c}.t"
-            if not made(name):
-                nodes.append(helper.make_node("Cast", [gathered(c)], [name], to=elem))
-            return name
-
-        base = o_ref
-        if region.states_prev:
-            o_prev = region.states_prev[k].name
-            nodes.append(helper.make_node("Sub", [o_ref, o_prev], [f"{p}.trend"]))
-            nodes.append(helper.make_node("Mul", [coef("mtay"), f"{p}.trend"], [f"{p}.tay"]))
-            nodes.append(helper.make_node("Add", [o_ref, f"{p}.tay"], [f"{p}.base"]))
-            base = f"{p}.base"
-        j = spec.pairs[k]
-        if j is None:
-            return base
-        h, h_ref = spec.inputs[j], region.states_in[j].name
-        # One MatMul serves both fitted forms: (m_lin d + m_aff H)(m_lin V + m_aff A); the weights
-        # are mixed (D x D), not the activations, so the branch costs what `linear` alone did.
-        nodes += [
-            helper.make_node("Sub", [h, h_ref], [f"{p}.delta"]),
-            helper.make_node("Mul", [coef("mlin"), f"{p}.delta"], [f"{p}.xl"]),
-            helper.make_node("Mul", [coef("maff"), h], [f"{p}.xa"]),
-            helper.make_node("Add", [f"{p}.xl", f"{p}.xa"], [f"{p}.x"]),
-            helper.make_node("Mul", [coef("mlin"), f"fc.{n}.V{k}"], [f"{p}.Wl"]),
-            helper.make_node("Mul", [coef("maff"), f"fc.{n}.A{k}"], [f"{p}.Wa"]),
-            helper.make_node("Add", [f"{p}.Wl", f"{p}.Wa"], [f"{p}.W"]),
-            helper.make_node("Mul", [coef("mlin"), f"fc.{n}.b{k}"], [f"{p}.bl"]),
-            helper.make_node("Mul", [coef("maff"), f"fc.{n}.c{k}"], [f"{p}.ba"]),
-            helper.make_node("Add", [f"{p}.bl", f"{p}.ba"], [f"{p}.bias"]),
-            helper.make_node("MatMul", [f"{p}.x", f"{p}.W"], [f"{p}.xw"]),
-            helper.make_node("Add", [f"{p}.xw", f"{p}.bias"], [f"{p}.fit"]),
-            helper.make_node("Mul", [coef("mkeep"), base], [f"{p}.kept"]),
-            helper.make_node("Mul", [coef("mres"), f"{p}.delta"], [f"{p}.res"]),
-            helper.make_node("Add", [f"{p}.kept", f"{p}.res"], [f"{p}.s1"]),
-            helper.make_node("Add", [f"{p}.s1", f"{p}.fit"], [f"{p}.out"]),
-        ]
-        return f"{p}.out"
-
     def summary_nodes(self, flat: list[_Region]) -> list[onnx.NodeProto]:
         """fc_stat (R, B) and fc_skip (R,) from every region's statistic and decision."""
         batch = self.tensor_type(flat[0].spec.inputs[0])[1][0]
@@ -794,6 +725,7 @@ class _Builder:
         for j in range(MIX_WIDTH):
             self.const(f"fc.c{j}", np.array(j, dtype=np.int64))
         self.const("fc.one_f", np.array(1.0, dtype=np.float32))
+        self.const("fc.cols_input", np.array([0, 1, 3], dtype=np.int64))  # the mix terms that read H (approximation)
 
     def _move_value_info(self, graph: onnx.GraphProto, body: list[onnx.NodeProto], rename: dict[str, str]) -> None:
         """Carry the shapes of values now defined inside a branch with them (TensorRT and ORT use them)."""
@@ -828,11 +760,6 @@ class _Builder:
 def _summaries(region: _Region) -> dict[str, str]:
     """The statistic and decision value of every region inside `region` -> "stat" or "skip"."""
     return {f"fc.{c.name}.{kind}": kind for c in _flatten(region.children) for kind in ("stat", "skip")}
-
-
-def gate_name(region: str) -> str:
-    """The name of the `If` that measures `region`'s statistic only when the graph decides it."""
-    return f"fc/{region}/gate"
 
 
 def _cond_info(regions: list[_Region]) -> list[onnx.ValueInfoProto]:

@@ -1,12 +1,16 @@
-"""Measure every region's statistic at every step: each gate `If` becomes its measuring branch.
+"""Replace every gate `If` by its then-branch: a region's statistic is measured at every step, and a
+skipped region's approximation computes every term of the mix row.
 
 Invariant: every output keeps its value for a region the graph decides (ctl >= 2); for a forced
-region (ctl 0 or 1) the decision is unchanged and the statistic is measured instead of NaN.
+region (ctl 0 or 1) the decision is unchanged and the statistic is measured instead of NaN. An
+approximation's gate leaves every value as it is: its then-branch is right for every mix row, its
+else-branch for the rows its condition leaves to it.
 
-A gate (`fcpass.passes.cache_regions.gate_name`) spares a forced region the passes over its inputs
-on ONNX Runtime, where an `If` costs about a microsecond. TensorRT reads every `If` condition on the
-host (a sync each), and the segments lowering would make each gate a host branch, so both take the
-graph without gates: there the statistic's few kernels cost less than the `If`.
+A gate (`gate_name`) spares ONNX Runtime work a step does not need, where
+an `If` costs a few microseconds: a forced region's passes over its inputs, and an approximation's
+terms that its mix row leaves at zero. TensorRT reads every `If` condition on the host (a sync each),
+and the segments lowering would make each gate a host branch, so both take the graph without gates:
+there those few kernels cost less than the `If`.
 """
 
 from __future__ import annotations
@@ -15,38 +19,64 @@ import re
 
 import onnx
 
-from fcpass.graphinfo import rename_values, subgraphs
+from fcpass.graphinfo import node_inputs, rename_values, subgraphs
 
 _GATE = re.compile(r"^fc/(.+)/gate$")
 
 
+def gate_name(scope: str) -> str:
+    """The name of a gate: an `If` whose then-branch is right at every step. A region's gate (scope: the
+    region) measures its statistic only when the graph decides it; an approximation's (scopes
+    `<region>/a<k>`, `.../fitted`, `.../linear`) runs only the terms of the mix row that are set."""
+    return f"fc/{scope}/gate"
+
+
 def inline_gates(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose gates, at any depth, are replaced by their measuring (then) branches."""
+    """A copy of `model` whose gates, at any depth, are replaced by their then-branches (a region's
+    measuring one, an approximation's general form), less what only their conditions and their other
+    branches read."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _inline(out.graph)
     return out
 
 
-def _inline(graph: onnx.GraphProto) -> None:
+def _inline(graph: onnx.GraphProto, prune: bool = True) -> None:
     nodes: list[onnx.NodeProto] = []
+    inlined = False
     for node in graph.node:
         if _is_gate(node):
             then = next(a.g for a in node.attribute if a.name == "then_branch")
             rename = {o.name: target for o, target in zip(then.output, node.output)}
+            body = onnx.GraphProto()
             for inner in then.node:
-                copy = onnx.NodeProto()
+                copy = body.node.add()
                 copy.CopyFrom(inner)
                 rename_values(copy, rename)
-                nodes.append(copy)
-            graph.initializer.extend(then.initializer)  # constants localized into the branch
-            graph.value_info.extend(then.value_info)
+            body.initializer.extend(then.initializer)  # constants localized into the branch
+            body.value_info.extend(then.value_info)
+            _inline(body, prune=False)  # a gate inside a gate's then-branch (an approximation's fitted map)
+            nodes.extend(body.node)
+            graph.initializer.extend(body.initializer)
+            graph.value_info.extend(body.value_info)
+            inlined = True
         else:
             for g in subgraphs(node):
                 _inline(g)
             nodes.append(node)
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(_without_unread(nodes, {o.name for o in graph.output}) if inlined and prune else nodes)
+
+
+def _without_unread(nodes: list[onnx.NodeProto], kept: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` less those whose values nothing reads any more: what computed the gates' conditions,
+    and what only their other branches read."""
+    while True:
+        read = {x for n in nodes for x in node_inputs(n)} | kept
+        live = [n for n in nodes if any(o in read for o in n.output if o)]
+        if len(live) == len(nodes):
+            return nodes
+        nodes = live
 
 
 def _is_gate(node: onnx.NodeProto) -> bool:

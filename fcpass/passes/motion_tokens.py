@@ -48,7 +48,8 @@ from onnx import TensorProto, helper
 
 from fcpass.branches import find_branches
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, node_inputs, node_macs, rename_values
+from fcpass.graphinfo import GraphIndex, node_inputs, node_macs, node_outputs, rename_values
+from fcpass.passes.approximation import approximation_nodes
 from fcpass.plan import MOTION_INPUT, StateSpec
 from fcpass.token_axis import Axes, clone_on_tokens
 from fcpass.token_rows import TokenRows
@@ -205,9 +206,9 @@ class MotionPass:
         self.macs = self._macs(sorted(region.nodes), axes) + spec.approx_macs
 
         approx_nodes: list[onnx.NodeProto] = []
-        approx = b.approximation_nodes(region, 0, approx_nodes)
+        approx = approximation_nodes(b, region, 0, approx_nodes)
         # The same builder names the skip branch's nodes: suffix them, a name is defined once per model.
-        mine = {o: f"{o}~motion" for nd in approx_nodes for o in nd.output}
+        mine = {o: f"{o}~motion" for nd in approx_nodes for o in node_outputs(nd)}
         for nd in approx_nodes:
             rename_values(nd, mine)
         nodes.extend(approx_nodes)
