@@ -55,7 +55,7 @@ def _inline(graph: onnx.GraphProto, prune: bool = True) -> None:
                 rename_values(copy, rename)
             body.initializer.extend(then.initializer)  # constants localized into the branch
             body.value_info.extend(then.value_info)
-            _inline(body, prune=False)  # a gate inside a gate's then-branch (an approximation's fitted map)
+            _inline(body, prune=False)  # gates inside a gate's then-branch (an approximation's forms)
             nodes.extend(body.node)
             graph.initializer.extend(body.initializer)
             graph.value_info.extend(body.value_info)
