@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--level", choices=["blocks", "stack"], help="fora, taylorseer: per block or the whole stack")
     s.add_argument("--threshold", type=float, help="fbcache, teacache, magcache: their skip threshold")
     s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's, one per core)")
     s.add_argument("--engine", type=Path, metavar="PATH",
                    help="run this TensorRT engine (fcpass build of MODEL) instead of ONNX Runtime; for a segments "
                         "folder, the folder of engines built from it")
@@ -507,16 +508,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fcpass.runner import load_denoiser, run_sampling
 
     model_path = args.model or _bundled_onnx()
+    if args.threads is not None and args.threads < 1:
+        raise FcpassError(f"--threads {args.threads} must be at least 1 (leave it out for ONNX Runtime's default)")
     setup = _sampling_setup(args, model_path)
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
                                              "sigma_scale", "levels", "level", "threshold")}
     denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"],
-                             engine=args.engine, cuda_graphs=args.cuda_graphs)
+                             engine=args.engine, cuda_graphs=args.cuda_graphs, threads=args.threads)
     result, report = run_sampling(denoiser, setup, model_path, args.policy)
     if args.baseline:
         if args.policy in (None, "none"):
             raise FcpassError("--baseline compares a cache policy with the uncached graph; add --policy fastcache")
-        base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup["inputs"], engine=args.engine, cuda_graphs=args.cuda_graphs)
+        base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup["inputs"], engine=args.engine,
+                             cuda_graphs=args.cuda_graphs, threads=args.threads)
         base_result, _ = run_sampling(base, setup, model_path, "none")
         # Timed cached, uncached, uncached, cached: a drift in the machine's speed during the four
         # runs weighs on both sides alike, where one run of each would put it all on one side.

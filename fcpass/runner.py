@@ -83,6 +83,7 @@ def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, p
         "model": str(model_path),
         "policy": denoiser.policy.describe() if hasattr(denoiser, "policy") else {"name": policy or "none"},
         "provider": denoiser.backend.provider,
+        "threads": getattr(denoiser.backend, "threads", None),
         "steps": request.steps,
         "samples": request.count,
         "guidance_scale": request.guidance_scale,

@@ -86,6 +86,7 @@ class OrtBackend:
     ) -> None:
         self.path = Path(path)
         self.model = load_model(self.path, load_weights=False)
+        self.threads = threads  # intra-op threads; None: ONNX Runtime's default, one per core
         ort, opts, wanted = session_setup(providers, threads)
         opts.log_severity_level = 3  # ORT warns about harmless initializer dedup inside If branches
         self.session = open_session(ort, self.path, opts, wanted, "re-export the model")

@@ -144,6 +144,7 @@ class SegmentsBackend:
         self.inputs = graph_inputs(self.model)
         self.outputs = graph_outputs(self.model)
         self._output_names = [o.name for o in self.outputs]
+        self.threads = threads  # intra-op threads of every segment's session; None: ONNX Runtime's default
         ort, opts, wanted = session_setup(providers, threads)
         opts.log_severity_level = 3
         if threads != 1:

@@ -39,10 +39,11 @@ def test_sample_optimize_sample_cached_report_compare(tmp_path: Path, capsys: py
 
     cached, report2 = tmp_path / "b.npy", tmp_path / "r2.json"
     assert main(["sample", str(fc), "--policy", "fora", "--interval", "2", "--steps", "8", "--class", "3", "7",
-                 "--out-npy", str(cached), "--report", str(report2), "--baseline"]) == 0
+                 "--out-npy", str(cached), "--report", str(report2), "--baseline", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "two runs of each, ABBA" in out and "PSNR" in out
     r2 = json.loads(report2.read_text())
+    assert r["threads"] is None and r2["threads"] == 1  # ONNX Runtime's default, then --threads
     assert r2["macs"] < r2["macs_uncached"] and r2["mac_ideal_speedup"] > 1
     assert any(1 in rec["skip"] for rec in r2["records"])
 

@@ -231,6 +231,10 @@ def test_cache_policy_on_a_plain_graph(capsys, plain: Path) -> None:
     )
 
 
+def test_threads_below_one(capsys, plain: Path) -> None:
+    user_error(capsys, ["sample", plain, "--threads", "0", "--steps", "2"], "--threads 0 must be at least 1")
+
+
 @pytest.mark.parametrize("graph", ["plain", "cached"])
 def test_unknown_policy(capsys, request: pytest.FixtureRequest, graph: str) -> None:
     path = request.getfixturevalue(graph)
