@@ -508,8 +508,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fcpass.runner import load_denoiser, run_sampling
 
     model_path = args.model or _bundled_onnx()
-    if args.threads is not None and args.threads < 1:
-        raise FcpassError(f"--threads {args.threads} must be at least 1 (leave it out for ONNX Runtime's default)")
     setup = _sampling_setup(args, model_path)
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
                                              "sigma_scale", "levels", "level", "threshold")}

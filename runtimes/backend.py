@@ -52,6 +52,8 @@ def session_setup(providers: list[str] | None, threads: int | None) -> tuple[Any
             f"ONNX Runtime provider {missing[0]} is not available here (available: {', '.join(available)}); "
             "install onnxruntime-gpu for CUDA (pip install 'fcpass[gpu]') or use --provider cpu"
         )
+    if threads is not None and threads < 1:
+        raise FcpassError(f"--threads {threads} must be at least 1 (leave it out for ONNX Runtime's default)")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads

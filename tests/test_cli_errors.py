@@ -231,8 +231,9 @@ def test_cache_policy_on_a_plain_graph(capsys, plain: Path) -> None:
     )
 
 
-def test_threads_below_one(capsys, plain: Path) -> None:
-    user_error(capsys, ["sample", plain, "--threads", "0", "--steps", "2"], "--threads 0 must be at least 1")
+@pytest.mark.parametrize("command", ["sample", "tune"])
+def test_threads_below_one(capsys, cached: Path, command: str) -> None:
+    user_error(capsys, [command, cached, "--threads", "0", "--steps", "2"], "--threads 0 must be at least 1")
 
 
 @pytest.mark.parametrize("graph", ["plain", "cached"])
