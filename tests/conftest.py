@@ -48,17 +48,36 @@ def export_tiny_dit(path: Path, exporter: str, seed: int = 0, **overrides: objec
     return path
 
 
+def to_fp16(src: Path, dst: Path) -> Path:
+    """`src` in fp16, inputs and outputs too, as onnxconverter-common converts a graph for an fp16 engine."""
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    # The converter types a Cast's output fp16 but leaves its `to` at float, which ONNX Runtime refuses
+    # to load; a blocked Cast stays fp32, with Casts around it.
+    casts = [n.name for n in model.graph.node if n.op_type == "Cast"]
+    onnx.save(float16.convert_float_to_float16(model, keep_io_types=False, node_block_list=casts), str(dst))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The legacy export of the tiny DiT, converted to fp16."""
+    d = tmp_path_factory.mktemp("fp16")
+    return to_fp16(export_tiny_dit(d / "tiny.onnx", "legacy"), d / "tiny16.onnx")
+
+
 @pytest.fixture(scope="session", params=["legacy", "dynamo"])
 def tiny_dit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-block DiT (8x8x4 latent, width 32) exported with each exporter."""
     return export_tiny_dit(tmp_path_factory.mktemp(request.param) / "tiny.onnx", request.param)
 
 
-def tiny_feeds(seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
+def tiny_feeds(seed: int = 0, batch: int = 2, dtype: type = np.float32) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        "latent": rng.standard_normal((batch, 4, 8, 8)).astype(np.float32),
-        "timestep": np.full((batch,), 400.0 + seed, dtype=np.float32),
+        "latent": rng.standard_normal((batch, 4, 8, 8)).astype(dtype),
+        "timestep": np.full((batch,), 400.0 + seed, dtype=dtype),
         "class_labels": np.array([3, 10][:batch], dtype=np.int64),
     }
 

@@ -36,7 +36,8 @@ class Compiled:
         self.ref_sess = ort.InferenceSession(self.original.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.sess.get_outputs()]
         r = len(self.plan.regions)
-        self.state = {s.name: np.zeros(s.shape, np.float32) for s in self.plan.states}
+        self.state = {s.name: np.zeros(s.shape, s.dtype) for s in self.plan.states}
+        self.dtype = np.dtype(self.plan.states[0].dtype)  # the model's float type
         self.commit = Commit(self.plan)
         self.ctl = np.zeros(r, np.int64)
         self.thr = np.zeros(r, np.float32)
@@ -65,6 +66,12 @@ class Compiled:
 @pytest.fixture()
 def compiled(tiny_dit: Path) -> Compiled:
     return Compiled(tiny_dit)
+
+
+def _ulps(c: Compiled, scale: np.ndarray, n: float) -> float:
+    """n units in the last place at the magnitude of `scale`, in the model's float type (0 for fp32:
+    the fp32 tests keep their own 1e-5)."""
+    return 0.0 if c.dtype == np.float32 else n * float(np.finfo(c.dtype).eps) * float(np.abs(scale).max())
 
 
 def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Compiled) -> None:
@@ -149,6 +156,46 @@ def test_all_compute_equals_original_and_states_are_true_block_io(compiled: Comp
     assert b1_out.next == b2_in.next and compiled.names.count(b1_out.next) == 1
 
 
+def test_an_fp16_graph_keeps_its_types_and_forced_compute_equals_the_original(tiny_dit_fp16: Path) -> None:
+    c = Compiled(tiny_dit_fp16)
+    assert {s.dtype for s in c.plan.states} == {"float16"}
+    feeds = tiny_feeds(0, dtype=np.float16)
+    out = c.run(feeds)
+    (ref,) = c.ref_sess.run(None, feeds)
+    assert out["noise_pred"].dtype == np.float16 and out["fc_stat"].dtype == np.float32
+    # The same nodes; ONNX Runtime fuses a few differently across the If boundaries, a unit or two in
+    # the last place of fp16.
+    np.testing.assert_allclose(out["noise_pred"], ref, rtol=0, atol=_ulps(c, ref, 2))
+    np.testing.assert_allclose(c.state["fc.block1.in0"], c.true_values(feeds, [c.plan.region("block1").inputs[0]])[
+        c.plan.region("block1").inputs[0]], rtol=0, atol=_ulps(c, c.state["fc.block1.in0"], 2))
+
+
+def test_an_fp16_statistic_is_summed_in_fp32(tiny_dit_fp16: Path) -> None:
+    """Every sum in a statistic reads fp32: one sample's sum of squares passes fp16's 65504 as soon as
+    its values pass about 6 (2048 values here). ONNX Runtime's CPU kernels compute fp16 ops in fp32
+    anyway, so the graph's types show it, and the value at such a reference (100 everywhere) checks it."""
+    c = Compiled(tiny_dit_fp16)
+
+    def reduced(graph: onnx.GraphProto) -> list[tuple[str, int]]:
+        types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+        return [(n.output[0], types[n.input[0]]) for n in graph.node if n.op_type == "ReduceSum"] + [
+            x for n in graph.node for g in subgraphs(n) for x in reduced(g)]
+    sums = reduced(onnx.shape_inference.infer_shapes(c.model).graph)
+    assert len(sums) == 2 * (len(c.plan.regions) + 2)  # num and den per region and per probe
+    assert {elem for _, elem in sums} == {onnx.TensorProto.FLOAT}, sums
+    feeds = tiny_feeds(0, dtype=np.float16)
+    c.run(feeds)
+    k = c.idx("block1")
+    c.state["fc.block1.in0"] = np.full_like(c.state["fc.block1.in0"], 100)
+    c.ctl[k] = 2
+    out = c.run(feeds, update=False)
+    source = c.plan.region("block1").inputs[0]
+    x = c.true_values(feeds, [source])[source].astype(np.float64)
+    axes = tuple(range(1, x.ndim))
+    expected = np.sqrt(((x - 100) ** 2).sum(axis=axes) / (100.0 ** 2 * x[0].size))
+    np.testing.assert_allclose(out["fc_stat"][k], expected, rtol=1e-3)
+
+
 def test_only_regions_the_graph_decides_are_measured_and_inlined_gates_measure_all(compiled: Compiled) -> None:
     """A forced region's gate skips its statistic (NaN); with the gates inlined (what TensorRT and the
     segments lowering get) every region is measured and everything else is unchanged."""
@@ -189,18 +236,28 @@ def test_zero_state_never_skips_even_when_the_graph_decides(compiled: Compiled) 
 
 @pytest.mark.parametrize("approx", ["reuse", "residual", "linear", "affine", "taylor1"])
 def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compiled, approx: str) -> None:
-    f1, f2 = tiny_feeds(0), tiny_feeds(1)
-    compiled.run(tiny_feeds(2))  # so that `prev` differs from `out` for taylor1
+    _check_forced_skip_of_block1(compiled, approx)
+
+
+@pytest.mark.parametrize("approx", ["reuse", "residual", "linear", "affine", "taylor1"])
+def test_forced_skip_of_one_block_in_fp16_gives_the_approximation(tiny_dit_fp16: Path, approx: str) -> None:
+    _check_forced_skip_of_block1(Compiled(tiny_dit_fp16), approx)
+
+
+def _check_forced_skip_of_block1(compiled: Compiled, approx: str) -> None:
+    f1, f2 = (tiny_feeds(i, dtype=compiled.dtype) for i in (0, 1))
+    compiled.run(tiny_feeds(2, dtype=compiled.dtype))  # so that `prev` differs from `out` for taylor1
     compiled.run(f1)
     before = dict(compiled.state)
     k = compiled.idx("block1")
-    # A known fitted map for `linear`: V = 0.1 * J (shifted identity), b = 0.01.
+    # A known fitted map for `linear`: V = 0.1 * J (shifted identity), b = 0.1.
     d = before["fc.block1.in0"].shape[-1]
-    v = 0.1 * np.eye(d, k=1, dtype=np.float32)
-    b = np.full(d, 0.01, np.float32)
+    v = 0.1 * np.eye(d, k=1, dtype=compiled.dtype)
+    b = np.full(d, 0.1, compiled.dtype)
     _set_initializer(compiled, "fc.block1.V0", v)
     _set_initializer(compiled, "fc.block1.b0", b)
-    a, c = np.eye(d, dtype=np.float32) + 0.05 * np.eye(d, k=-1, dtype=np.float32), np.full(d, -0.02, np.float32)
+    a = np.eye(d, dtype=compiled.dtype) + 0.05 * np.eye(d, k=-1, dtype=compiled.dtype)
+    c = np.full(d, -0.2, compiled.dtype)
     _set_initializer(compiled, "fc.block1.A0", a)
     _set_initializer(compiled, "fc.block1.c0", c)
     compiled.ctl[k] = 1
@@ -208,10 +265,12 @@ def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compil
     out = compiled.run(f2)
     assert out["fc_skip"][k] == 1 and (np.delete(out["fc_skip"], k) == 0).all()
     h = compiled.state["fc.block2.in0"]  # block2's input is block1's (approximated) output
+    assert h.dtype == compiled.dtype
     # block1's input this step is block0's true output (block0 computed); the state keeps the old one.
     source = compiled.plan.region("block1").inputs[0]
-    h1 = compiled.true_values(f2, [source])[source]
-    h_ref, o_ref, o_prev = before["fc.block1.in0"], before["fc.block1.out0"], before["fc.block1.prev0"]
+    h1 = compiled.true_values(f2, [source])[source].astype(np.float32)
+    h_ref, o_ref, o_prev = (before[f"fc.block1.{s}0"].astype(np.float32) for s in ("in", "out", "prev"))
+    v, b, a, c = (x.astype(np.float32) for x in (v, b, a, c))
     expected = {
         "reuse": o_ref,
         "residual": o_ref + (h1 - h_ref),
@@ -219,7 +278,8 @@ def test_forced_skip_of_one_block_gives_the_exact_approximation(compiled: Compil
         "affine": h1 @ a + c,
         "taylor1": o_ref + 0.5 * (o_ref - o_prev),
     }[approx]
-    np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-5)
+    # fp16 rounds each of the form's few operations once: a few units in the last place.
+    np.testing.assert_allclose(h, expected, rtol=1e-5, atol=max(1e-5, _ulps(compiled, expected, 4)))
     # A skipped region keeps its references.
     for kind in ("in0", "out0", "prev0"):
         np.testing.assert_array_equal(compiled.state[f"fc.block1.{kind}"], before[f"fc.block1.{kind}"])
