@@ -17,6 +17,7 @@ from typing import Any
 from fcpass.calibrate import CalibrationOptions, calibrate
 from fcpass.discover import discover_blocks
 from fcpass.errors import FcpassError
+from fcpass.graphinfo import check_types
 from fcpass.onnx_io import check_distinct, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
@@ -55,6 +56,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     if options.lowering == "segments":
         check_segments_output(output)  # before the (possibly long) calibration
     model = load_model(model_path)
+    check_types(model, str(model_path))
     if options.lowering == "segments" and has_plan(model):
         return _lower_compiled(model, model_path, output, options)
     roles = infer_roles(model, parse_role_overrides(options.inputs))

@@ -105,6 +105,21 @@ def test_graph_without_a_latent_input(capsys, rank2: Path, out: Path, command: s
     assert leftovers(out) == []
 
 
+def test_optimize_refuses_a_graph_that_contradicts_its_types(capsys, out: Path) -> None:
+    """onnxconverter-common's plain fp16 conversion of the tiny DiT's legacy export types its timestep
+    Cast's output fp16 and leaves the Cast at float: no runtime loads that graph, so nor could its rewrite."""
+    from onnxconverter_common import float16
+
+    from tests.conftest import export_tiny_dit
+
+    broken = out.parent / "broken16.onnx"
+    fp32 = onnx.load(str(export_tiny_dit(out.parent / "tiny.onnx", "legacy")))
+    onnx.save(float16.convert_float_to_float16(fp32, keep_io_types=False), str(broken))
+    user_error(capsys, ["optimize", broken, "-o", out / "x.onnx"],
+               "broken16.onnx does not load", "computes FLOAT where the graph stores FLOAT16", "node_block_list")
+    assert leftovers(out) == []
+
+
 def test_calibrating_a_model_without_its_scheduler_config(capsys, tiny_dit: Path, out: Path) -> None:
     """Calibration samples, so it needs the scheduler; optimizing alone does not."""
     user_error(capsys, ["optimize", tiny_dit, "-o", out / "x.onnx", "--calibrate", "1"],
