@@ -68,10 +68,9 @@ def compiled(tiny_dit: Path) -> Compiled:
     return Compiled(tiny_dit)
 
 
-def _ulps(c: Compiled, scale: np.ndarray, n: float) -> float:
-    """n units in the last place at the magnitude of `scale`, in the model's float type (0 for fp32:
-    the fp32 tests keep their own 1e-5)."""
-    return 0.0 if c.dtype == np.float32 else n * float(np.finfo(c.dtype).eps) * float(np.abs(scale).max())
+def _fp16_ulps(scale: np.ndarray, n: float) -> float:
+    """n units in fp16's last place at the largest magnitude in `scale`."""
+    return n * float(np.finfo(np.float16).eps) * float(np.abs(scale).max())
 
 
 def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Compiled) -> None:
@@ -165,9 +164,10 @@ def test_an_fp16_graph_keeps_its_types_and_forced_compute_equals_the_original(ti
     assert out["noise_pred"].dtype == np.float16 and out["fc_stat"].dtype == np.float32
     # The same nodes; ONNX Runtime fuses a few differently across the If boundaries, a unit or two in
     # the last place of fp16.
-    np.testing.assert_allclose(out["noise_pred"], ref, rtol=0, atol=_ulps(c, ref, 2))
-    np.testing.assert_allclose(c.state["fc.block1.in0"], c.true_values(feeds, [c.plan.region("block1").inputs[0]])[
-        c.plan.region("block1").inputs[0]], rtol=0, atol=_ulps(c, c.state["fc.block1.in0"], 2))
+    np.testing.assert_allclose(out["noise_pred"], ref, rtol=0, atol=_fp16_ulps(ref, 2))
+    source = c.plan.region("block1").inputs[0]
+    truth = c.true_values(feeds, [source])[source]
+    np.testing.assert_allclose(c.state["fc.block1.in0"], truth, rtol=0, atol=_fp16_ulps(truth, 2))
 
 
 def test_an_fp16_statistic_is_summed_in_fp32(tiny_dit_fp16: Path) -> None:
@@ -279,7 +279,8 @@ def _check_forced_skip_of_block1(compiled: Compiled, approx: str) -> None:
         "taylor1": o_ref + 0.5 * (o_ref - o_prev),
     }[approx]
     # fp16 rounds each of the form's few operations once: a few units in the last place.
-    np.testing.assert_allclose(h, expected, rtol=1e-5, atol=max(1e-5, _ulps(compiled, expected, 4)))
+    atol = 1e-5 if compiled.dtype == np.float32 else _fp16_ulps(expected, 4)
+    np.testing.assert_allclose(h, expected, rtol=1e-5, atol=atol)
     # A skipped region keeps its references.
     for kind in ("in0", "out0", "prev0"):
         np.testing.assert_array_equal(compiled.state[f"fc.block1.{kind}"], before[f"fc.block1.{kind}"])
