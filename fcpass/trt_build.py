@@ -10,7 +10,7 @@ Written against TensorRT's documented Python API (TensorRT 10.x; 11.x difference
    each), and `trt.OnnxParser.parse(model, path)` parses it with the file's path, so external
    weights next to the file resolve; parser errors become one FcpassError (the first error and the count);
 4. the builder config gets the workspace pool limit, the fp16/bf16 flag (removed in TensorRT 11,
-   where networks are always strongly typed: convert the model's precision before building), the
+   where networks are always strongly typed: convert the export's precision before optimizing), the
    timing cache (loaded if the file exists, saved atomically after the build) and, if an input's
    axis 0 is dynamic, one optimization profile for batch 1..N (opt = max = N);
 5. `builder.build_serialized_network` builds the plan, which is deserialized once (`trt.Runtime`)
@@ -111,8 +111,9 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
             if not hasattr(trt.BuilderFlag, flag):  # TensorRT 11 removed the weak-typing precision flags
                 raise FcpassError(
                     f"--{flag.lower()} needs TensorRT 10.x: TensorRT {getattr(trt, '__version__', '11')} removed "
-                    f"BuilderFlag.{flag}; convert the model to {flag.lower()} first (NVIDIA ModelOpt AutoCast) and "
-                    f"build without --{flag.lower()}"
+                    f"BuilderFlag.{flag}; convert the exported model to {flag.lower()} (NVIDIA ModelOpt AutoCast"
+                    f"{', onnxconverter-common' if flag == 'FP16' else ''}) before fcpass optimize, which keeps the "
+                    f"statistics' sums in fp32, and build that graph without --{flag.lower()}"
                 )
             config.set_flag(getattr(trt.BuilderFlag, flag))
     load_timing_cache(config, options.timing_cache)
