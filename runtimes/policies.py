@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -594,7 +595,35 @@ def make_policy(name: str, **options: object) -> Policy:
         raise FcpassError(f"{name} has no option {', '.join(unknown)}; its options are: {', '.join(fields) or 'none'}")
     if config_cls is None:
         return cls()
-    return cls(config_cls(**given))  # type: ignore[call-arg]
+    hints = typing.get_type_hints(config_cls)
+    typed = {key: _as_field_type(name, key, value, hints[key], fields[key].default) for key, value in given.items()}
+    return cls(config_cls(**typed))  # type: ignore[call-arg]
+
+
+_WHAT = {bool: ("0 or 1", 1), int: ("a whole number", 3), float: ("a number", 0.1), str: ("a word", "name")}
+
+
+def _as_field_type(policy: str, key: str, value: Any, hint: Any, default: Any) -> Any:
+    """A policy option as its config field's type (a spec's values are JSON or bare words), or one
+    line naming the option, what it must be and an example."""
+    kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))  # `int | None` -> int
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return tuple(float(v) for v in value)
+        what, example = "a list of numbers", "[1.0,0.0]"
+    else:
+        if kind is bool and (isinstance(value, bool) or value in (0, 1)):
+            return bool(value)
+        if kind is int and (isinstance(value, int) and not isinstance(value, bool) or number and float(value).is_integer()):
+            return int(value)
+        if kind is float and number:
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+        what, example = _WHAT[kind]
+    example = default if isinstance(default, (int, float, str)) and not isinstance(default, bool) else example
+    raise FcpassError(f"{policy} option {key}={value!r} is not {what}; pass e.g. {key}={example}")
 
 
 # DuCa and ToCa (token-level caching) register themselves into POLICIES and CONFIGS.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -87,6 +88,26 @@ def test_make_policy_validates_names_and_options() -> None:
         make_policy("teacup")
     with pytest.raises(FcpassError, match="alpha"):
         make_policy("fastcache", alpha=1.5)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fastcache:alpha=abc", "fastcache option alpha='abc' is not a number; pass e.g. alpha=0.05"),
+    ("fastcache:max_skips=2.5", "max_skips=2.5 is not a whole number; pass e.g. max_skips=3"),
+    ("fastcache:motion=2", "motion=2 is not 0 or 1; pass e.g. motion=1"),
+    ("fastcache:levels=3", "levels=3 is not a word"),
+    ("teacache:coefficients=abc", "coefficients='abc' is not a list of numbers"),
+    ("delta-dit:blocks=x", "blocks='x' is not a whole number"),
+])
+def test_a_spec_value_of_the_wrong_type_is_refused_in_one_line(spec: str, message: str) -> None:
+    with pytest.raises(FcpassError, match=re.escape(message)):
+        make_policy(spec)
+
+
+def test_spec_values_take_their_option_types() -> None:
+    """JSON gives 4 for `interval=4.0` and 1 for `sigma_scale=1`: each becomes its field's type."""
+    fc = make_policy("fastcache:sigma_scale=1,max_skips=4.0,motion=1").config
+    assert (type(fc.sigma_scale), type(fc.max_skips), fc.motion) == (float, int, True)
+    assert make_policy("teacache:coefficients=[1,0.5]").config.coefficients == (1.0, 0.5)
 
 
 def test_fastcache_levels_test_the_stack_first_and_count_unreached_blocks_as_skipped() -> None:
