@@ -478,7 +478,7 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
     if args.prompt_embeds is not None:
         from fcpass.quality import load_npy
 
-        prompt = load_npy(args.prompt_embeds).astype(np.float32)
+        prompt = load_npy(args.prompt_embeds, "prompt embeddings", "save them with numpy.save").astype(np.float32)
         if prompt.ndim == 2:
             prompt = prompt[None]
     classes = args.classes

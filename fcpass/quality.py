@@ -132,11 +132,12 @@ def compare_batches(reference: Any, test: Any, data_range: float = 2.0) -> dict[
     }
 
 
-def load_npy(path: str | Path) -> np.ndarray:
-    """Load one array from a ``.npy`` file, with a clear error for a missing or unreadable file."""
+def load_npy(path: str | Path, what: str = "image", source: str = "generate the images first") -> np.ndarray:
+    """Load one array from a ``.npy`` file, with a clear error for a missing or unreadable file (`what`
+    it holds, and where such a file comes from)."""
     p = Path(path)
     if not p.is_file():
-        raise FcpassError(f"image file not found: {p}; check the path, or generate the images first")
+        raise FcpassError(f"{what} file not found: {p}; check the path, or {source}")
     try:
         # No pickles: an image file must never be able to run code when loaded.
         data = np.load(p, allow_pickle=False)

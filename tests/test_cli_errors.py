@@ -272,6 +272,11 @@ def test_compare_shapes_that_differ(capsys, tmp_path: Path) -> None:
     user_error(capsys, ["compare", a, b], "(2, 1, 16, 16)", "(2, 1, 8, 8)")
 
 
+def test_prompt_embeddings_file_missing(capsys, plain: Path, tmp_path: Path) -> None:
+    user_error(capsys, ["sample", plain, "--prompt-embeds", tmp_path / "none.npy"],
+               "prompt embeddings file not found", "none.npy", "numpy.save")
+
+
 def test_compare_missing_file(capsys, tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.zeros((1, 1, 8, 8), np.float32))
     user_error(capsys, ["compare", tmp_path / "a.npy", tmp_path / "b.npy"], "not found")
