@@ -195,10 +195,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fcpass.export import ExportSpec, export
-    from fcpass.onnx_io import check_distinct
+    from fcpass.onnx_io import check_distinct, check_file_output
 
     if args.weights is not None:
         check_distinct(args.weights, args.output)
+    check_file_output(args.output)
     spec = ExportSpec(args.arch, args.image_size, args.batch, args.exporter, args.opset)
     path = export(spec, args.output, weights=args.weights, verify=not args.no_verify)
     print(f"wrote {path}")
@@ -377,11 +378,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from fcpass.calibrate import CalibrationOptions, calibrate_peers
-    from fcpass.onnx_io import check_distinct, load_model
+    from fcpass.onnx_io import check_distinct, check_file_output, load_model
     from fcpass.optimize import save_compiled
     from fcpass.plan import read_plan, write_plan
 
     check_distinct(args.model, args.output)
+    check_file_output(args.output)
     model = load_model(args.model)
     plan = read_plan(model, str(args.model))
     setup = _sampling_setup(args, args.model)
@@ -401,11 +403,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from fcpass import tune
-    from fcpass.onnx_io import atomic_path
+    from fcpass.onnx_io import atomic_path, check_file_output
     from fcpass.runner import load_denoiser
 
     if args.samples < 1:
         raise FcpassError(f"--samples {args.samples} must be at least 1")
+    for path in (args.plot, args.json):
+        if path:
+            check_file_output(path)
     if args.threads is not None:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     setup = _sampling_setup(args, args.model)
@@ -505,8 +510,12 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from fcpass.onnx_io import check_file_output
     from fcpass.runner import load_denoiser, run_sampling
 
+    for path in (args.out, args.out_npy, args.report):  # before sampling, not after
+        if path:
+            check_file_output(path)
     model_path = args.model or _bundled_onnx()
     setup = _sampling_setup(args, model_path)
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",

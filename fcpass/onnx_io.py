@@ -52,12 +52,26 @@ def check_distinct(input_path: str | Path, output_path: str | Path) -> None:
         raise FcpassError(f"output {output_path} is the input model; choose another -o path (e.g. model.fc.onnx)")
 
 
+def check_file_output(path: str | Path) -> None:
+    """Refuse, before any work, a file output that could not be written: a folder, a path through a
+    file, or a folder this process may not write in (`atomic_path` checks again when it writes)."""
+    dst = Path(path)
+    if dst.is_dir():
+        raise FcpassError(f"output {dst} is a directory; pass the path of a file to write (inside it or elsewhere)")
+    folder = dst.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise FcpassError(f"cannot write {dst}: part of the path is a file, not a folder; choose an output path in a writable folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FcpassError(f"cannot write {dst}: {folder} is not writable; choose an output path in a writable folder")
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
     dst = Path(path)
-    if dst.is_dir():
-        raise FcpassError(f"output {dst} is a directory; pass the path of a file to write (inside it or elsewhere)")
+    check_file_output(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix + ".tmp", dir=dst.parent)

@@ -18,7 +18,7 @@ from fcpass.calibrate import CalibrationOptions, calibrate
 from fcpass.discover import discover_blocks
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import check_types
-from fcpass.onnx_io import check_distinct, load_model, save_model
+from fcpass.onnx_io import check_distinct, check_file_output, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
 from fcpass.passes.motion_tokens import MergeOptions
@@ -53,8 +53,10 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     """Write the cache-aware graph of `model_path` to `output`; nothing is written on failure."""
     check_lowering(options.lowering)
     check_distinct(model_path, output)
-    if options.lowering == "segments":
-        check_segments_output(output)  # before the (possibly long) calibration
+    if options.lowering == "segments":  # before the (possibly long) calibration
+        check_segments_output(output)
+    else:
+        check_file_output(output)
     model = load_model(model_path)
     check_types(model, str(model_path))
     if options.lowering == "segments" and has_plan(model):

@@ -37,7 +37,7 @@ import onnx
 
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import subgraphs
-from fcpass.onnx_io import atomic_dir, atomic_path, check_distinct, load_model
+from fcpass.onnx_io import atomic_dir, atomic_path, check_distinct, check_file_output, load_model
 from fcpass.passes.inline_gates import inline_gates
 from fcpass.passes.segments import MANIFEST, read_manifest, segment_files
 from fcpass.trt_check import check_graph
@@ -83,6 +83,7 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
     """Build a TensorRT engine for `model_path` and write it to `output`; nothing is written on failure."""
     model_path, output = Path(model_path), Path(output)
     check_distinct(model_path, output)
+    check_file_output(output)
     if options.timing_cache is not None and options.timing_cache.resolve() in (model_path.resolve(), output.resolve()):
         raise FcpassError(
             f"--timing-cache {options.timing_cache} is the model or the engine path; choose another file "

@@ -246,6 +246,28 @@ def test_cache_policy_on_a_plain_graph(capsys, plain: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(("command", "flag"), [("sample", "--report"), ("sample", "--out"), ("sample", "--out-npy"),
+                                             ("tune", "--plot"), ("tune", "--json"), ("optimize", "-o")])
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_an_unwritable_output_is_refused_before_the_work(capsys, monkeypatch, cached: Path, plain: Path, out: Path,
+                                                          command: str, flag: str, where: str) -> None:
+    """Not after sampling, tuning or calibrating, when the work would be lost."""
+    import fcpass.optimize
+    import fcpass.runner
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the work started before the output was checked")
+    monkeypatch.setattr(fcpass.runner, "load_denoiser", no_work)
+    monkeypatch.setattr(fcpass.optimize, "calibrate", no_work)
+    (out / "file").write_text("x")
+    target = out if where == "a folder" else out / "file" / "x.out"
+    argv = [command, plain if command == "optimize" else cached, flag, target]
+    if command == "optimize":
+        argv += ["--calibrate", "1", "--scheduler-config", SCHEDULER_CONFIG]
+    user_error(capsys, argv, "is a directory" if where == "a folder" else "part of the path is a file")
+    assert leftovers(out) == ["file"]
+
+
 @pytest.mark.parametrize("command", ["sample", "tune"])
 def test_threads_below_one(capsys, cached: Path, command: str) -> None:
     user_error(capsys, [command, cached, "--threads", "0", "--steps", "2"], "--threads 0 must be at least 1")
