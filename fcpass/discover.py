@@ -105,13 +105,21 @@ def discover_blocks(model: onnx.ModelProto, latent: str, block_pattern: str | No
     groups: dict[tuple[str, int], list[int]] = {}
     scope_names: dict[tuple[str, int], str] = {}
     scoped_any = 0
+    numbered: Counter[str] = Counter()  # outermost numbered scope component -> nodes in it
     for i, node in enumerate(index.nodes):
         scopes = node_scopes(node)
         scoped_any += bool(scopes)
+        numbered.update(next(([c] for c in scopes if re.search(r"\.\d+$", c)), []))
         key = _scope_key(scopes, pattern)
         if key is not None:
             groups.setdefault(key[:2], []).append(i)
             scope_names[key[:2]] = key[2]
+    if block_pattern and not groups:  # the user named the blocks: no silent fallback to the structural search
+        # The numbered module holding the most nodes is most likely a block: what the pattern must match.
+        example = f", e.g. {numbered.most_common(1)[0][0]!r}" if numbered else ""
+        seen = f"none of {scoped_any} scoped nodes{example}" if scoped_any else "no node carries a module scope"
+        raise FcpassError(f"--block-pattern {block_pattern!r} matches no module scope ({seen}); pass a pattern that "
+                          "matches one scope component per block and captures its number, or leave it out")
     if groups:
         uses_metadata = any(p.key == DYNAMO_SCOPES_KEY for n in index.nodes for p in n.metadata_props)
         method = "scopes (dynamo metadata)" if uses_metadata else "scopes (node names)"

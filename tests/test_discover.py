@@ -49,6 +49,10 @@ def test_block_pattern_overrides_the_default(tiny_dit: Path) -> None:
         discover_blocks(model, "latent", block_pattern=r"^blocks\.\d+$")
     with pytest.raises(FcpassError, match="not a valid regular expression"):
         discover_blocks(model, "latent", block_pattern="(")
+    # A pattern the user gave that matches nothing is an error, not a silent structural search.
+    with pytest.raises(FcpassError, match="matches no module scope") as err:
+        discover_blocks(model, "latent", block_pattern=r"layer\.(\d+)")
+    assert "--block-pattern 'layer\\\\.(\\\\d+)'" in str(err.value) and "e.g. 'blocks.0" in str(err.value)
 
 
 def test_nothing_found_says_what_was_tried(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
