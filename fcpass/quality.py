@@ -138,6 +138,10 @@ def load_npy(path: str | Path, what: str = "image", source: str = "generate the 
     p = Path(path)
     if not p.is_file():
         raise FcpassError(f"{what} file not found: {p}; check the path, or {source}")
+    with open(p, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY" and magic[:2] != b"PK":
+        raise FcpassError(f"{p} is not a .npy file (no numpy header); save the array with numpy.save")
     try:
         # No pickles: an image file must never be able to run code when loaded.
         data = np.load(p, allow_pickle=False)

@@ -80,6 +80,8 @@ def sample(
         raise FcpassError("nothing to sample: give --class C (one or more) or --prompt-embeds FILE.npy")
     if request.steps < 1:
         raise FcpassError(f"--steps {request.steps} must be at least 1")
+    if request.seed < 0:
+        raise FcpassError(f"--seed {request.seed} must be 0 or more")
     cfg = request.guidance_scale != 1.0
     cond_input = roles.prompt_embeds if request.prompt_embeds is not None else roles.class_labels
     if cond_input is None:

@@ -294,6 +294,10 @@ def test_compare_shapes_that_differ(capsys, tmp_path: Path) -> None:
     user_error(capsys, ["compare", a, b], "(2, 1, 16, 16)", "(2, 1, 8, 8)")
 
 
+def test_negative_seed(capsys, cached: Path) -> None:
+    user_error(capsys, ["sample", cached, "--seed", "-1", "--steps", "2"], "--seed -1 must be 0 or more")
+
+
 def test_prompt_embeddings_file_missing(capsys, plain: Path, tmp_path: Path) -> None:
     user_error(capsys, ["sample", plain, "--prompt-embeds", tmp_path / "none.npy"],
                "prompt embeddings file not found", "none.npy", "numpy.save")

@@ -147,8 +147,12 @@ def test_load_npy_missing(tmp_path: Path) -> None:
 
 def test_load_npy_invalid(tmp_path: Path) -> None:
     (tmp_path / "junk.npy").write_text("not an array")
-    with pytest.raises(FcpassError, match="junk.npy"):
+    with pytest.raises(FcpassError, match="junk.npy is not a .npy file"):
         load_npy(tmp_path / "junk.npy")
+    np.save(tmp_path / "cut.npy", np.zeros(1000))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:200])  # a header, then too few bytes
+    with pytest.raises(FcpassError, match="could not read .*cut.npy as a .npy array"):
+        load_npy(tmp_path / "cut.npy")
     np.savez(tmp_path / "two.npz", a=np.zeros(2), b=np.ones(2))
     with pytest.raises(FcpassError, match="npz"):
         load_npy(tmp_path / "two.npz")
