@@ -53,6 +53,12 @@ class CalibrationOptions:
     ridge: float = 1e-2  # used when there is no held-out trajectory to choose it (fewer than 4)
     seed: int = 1000
 
+    def __post_init__(self) -> None:
+        if self.trajectories < 1:
+            raise FcpassError(f"--calibrate {self.trajectories} must be at least 1 trajectory")
+        if self.steps < 1:
+            raise FcpassError(f"--calib-steps {self.steps} must be at least 1")
+
 
 class _Recorder(CachedDenoiser):
     """Calls `sink(step, state, output)` after every step with the new (true, all-compute) state."""
@@ -108,8 +114,6 @@ def calibrate_peers(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, An
     """Fit `which` (teacache, magcache) on fresh trajectories and store it in `plan`; see peer_calibration."""
     if which not in PEERS:
         raise FcpassError(f"--for {which!r} unknown; use one of {', '.join(PEERS)}")
-    if options.trajectories < 1:
-        raise FcpassError(f"--calibrate {options.trajectories} must be at least 1 trajectory")
     peers = PeerStats(plan, (which,))
     if not peers.which:
         raise FcpassError(f"{which} calibration needs the stack region"
@@ -147,8 +151,6 @@ def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], options: CalibrationOptions) -> None:
     """Fit V, b of every region (initializers of `model`) and store per-region numbers in `plan`."""
-    if options.trajectories < 1:
-        raise FcpassError(f"--calibrate {options.trajectories} must be at least 1 trajectory")
     request: SampleRequest = setup["request"]
     n = options.trajectories
     fits = {r.name: _Fit(r, plan, options) for r in plan.regions}

@@ -57,6 +57,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         check_segments_output(output)
     else:
         check_file_output(output)
+    calibration = CalibrationOptions(options.calibrate, options.calib_steps, options.calib_eps) if options.calibrate else None
     model = load_model(model_path)
     check_types(model, str(model_path))
     if options.lowering == "segments" and has_plan(model):
@@ -74,10 +75,10 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
                                      probes=options.probes, motion_ratio=options.motion_ratio,
                                      merge=options.token_merge, motion_context=options.motion_context)
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
-    if options.calibrate:
+    if calibration is not None:
         if setup is None:
             raise ValueError("calibration needs a sampling setup")
-        calibrate(out, plan, setup, CalibrationOptions(options.calibrate, options.calib_steps, options.calib_eps))
+        calibrate(out, plan, setup, calibration)
     plan.policy_defaults = policy_defaults()
     write_plan(out, plan)
     if options.lowering == "segments":

@@ -199,6 +199,8 @@ class FastCache(Policy):
         c = self.config
         if not 0 < c.alpha < 1:
             raise FcpassError(f"--alpha {c.alpha} must be in (0, 1)")
+        if not c.sigma_scale > 0:
+            raise FcpassError(f"fastcache sigma_scale {c.sigma_scale} must be > 0 (it scales the calibrated variances)")
         if c.dof not in ("elements", "tokens"):
             raise FcpassError(f"--dof {c.dof!r} unknown; use elements or tokens")
         if c.approx not in APPROX_MIX:
@@ -600,7 +602,7 @@ def make_policy(name: str, **options: object) -> Policy:
     return cls(config_cls(**typed))  # type: ignore[call-arg]
 
 
-_WHAT = {bool: ("0 or 1", 1), int: ("a whole number", 3), float: ("a number", 0.1), str: ("a word", "name")}
+_WHAT = {bool: ("0 or 1", 1), int: ("a whole number >= 0", 3), float: ("a finite number", 0.1), str: ("a word", "name")}
 
 
 def _as_field_type(policy: str, key: str, value: Any, hint: Any, default: Any) -> Any:
@@ -615,9 +617,10 @@ def _as_field_type(policy: str, key: str, value: Any, hint: Any, default: Any) -
     else:
         if kind is bool and (isinstance(value, bool) or value in (0, 1)):
             return bool(value)
-        if kind is int and (isinstance(value, int) and not isinstance(value, bool) or number and float(value).is_integer()):
+        # Every whole-number option counts something (steps, blocks, a seed): none is negative.
+        if kind is int and number and math.isfinite(value) and float(value).is_integer() and value >= 0:
             return int(value)
-        if kind is float and number:
+        if kind is float and number and math.isfinite(value):
             return float(value)
         if kind is str and isinstance(value, str):
             return value

@@ -120,6 +120,13 @@ def test_optimize_refuses_a_graph_that_contradicts_its_types(capsys, out: Path) 
     assert leftovers(out) == []
 
 
+@pytest.mark.parametrize(("flags", "message"), [(["--calibrate", "-1"], "--calibrate -1 must be at least 1 trajectory"),
+                                                (["--calibrate", "1", "--calib-steps", "0"], "--calib-steps 0 must be at least 1")])
+def test_calibration_settings_are_checked_first(capsys, plain: Path, out: Path, flags: list[str], message: str) -> None:
+    user_error(capsys, ["optimize", plain, "-o", out / "x.onnx", "--scheduler-config", SCHEDULER_CONFIG, *flags], message)
+    assert leftovers(out) == []
+
+
 def test_calibrating_a_model_without_its_scheduler_config(capsys, tiny_dit: Path, out: Path) -> None:
     """Calibration samples, so it needs the scheduler; optimizing alone does not."""
     user_error(capsys, ["optimize", tiny_dit, "-o", out / "x.onnx", "--calibrate", "1"],

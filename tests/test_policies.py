@@ -91,8 +91,11 @@ def test_make_policy_validates_names_and_options() -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("fastcache:alpha=abc", "fastcache option alpha='abc' is not a number; pass e.g. alpha=0.05"),
-    ("fastcache:max_skips=2.5", "max_skips=2.5 is not a whole number; pass e.g. max_skips=3"),
+    ("fastcache:alpha=abc", "fastcache option alpha='abc' is not a finite number; pass e.g. alpha=0.05"),
+    ("fastcache:max_skips=2.5", "max_skips=2.5 is not a whole number >= 0; pass e.g. max_skips=3"),
+    ("fastcache:warmup=-1", "warmup=-1 is not a whole number >= 0"),
+    ("fastcache:alpha=NaN", "alpha=nan is not a finite number"),
+    ("fastcache:sigma_scale=-1", "sigma_scale -1.0 must be > 0"),
     ("fastcache:motion=2", "motion=2 is not 0 or 1; pass e.g. motion=1"),
     ("fastcache:levels=3", "levels=3 is not a word"),
     ("teacache:coefficients=abc", "coefficients='abc' is not a list of numbers"),
