@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--motion-ratio", type=float, help="also time a motion step with this token ratio")
     ap.add_argument("--motion-context", action="store_true", help="the motion tokens attend to cached keys and values")
     ap.add_argument("--runs", type=int, default=0, help="also time this many pairs of whole sampling runs")
+    ap.add_argument("--no-probes", dest="probes", action="store_false",
+                    help="compile without FBCache's and TeaCache's statistics, as fcpass optimize --no-probes")
     ap.add_argument("--no-exports", action="store_true",
                     help="also time the compiled graph without the state it exports (what those exports cost)")
     ap.add_argument("--samples", type=int, default=2, help="samples per sampling run (--runs)")
@@ -88,7 +90,7 @@ def main() -> None:
             export(ExportSpec(args.arch, args.image_size, exporter="legacy"), src)
         fc = Path(tmp) / "model.fc.onnx"
         options = OptimizeOptions(regions=tuple(args.regions.split(",")), taylor=args.taylor, motion_ratio=args.motion_ratio,
-                                  motion_context=args.motion_context, probes=not args.motion_context)
+                                  motion_context=args.motion_context, probes=args.probes and not args.motion_context)
         optimize(src, fc, options, None)  # localizes weights too
         # One session per graph for both the bare calls and the sampler steps: more sessions would
         # evict each other's weights from the cache between calls.
