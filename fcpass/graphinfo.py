@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -12,8 +11,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, shape_inference
-
-from fcpass.errors import FcpassError
 
 log = logging.getLogger(__name__)
 
@@ -134,31 +131,6 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # noqa: BLE001  (a partly unsupported graph still has useful exported value_info)
         log.warning("shape inference failed (%s); using the shapes stored in the model", exc)
         return model
-
-
-_TYPE_CONFLICT = re.compile(r"node name: ([^)]*)\): \[TypeInferenceError\] Inferred elem type differs from existing "
-                            r"elem type: \((\d+)\) vs \((\d+)\)")
-
-
-def check_types(model: onnx.ModelProto, path: str) -> None:
-    """Refuse a graph whose stored element types contradict what its nodes compute: neither ONNX
-    Runtime nor TensorRT loads it, and its rewrite would load no better. Nothing else is refused here:
-    a graph that shape inference cannot fully follow (custom ops, say) passes, as `infer_shapes` takes it."""
-    try:
-        shape_inference.infer_shapes(model, strict_mode=True)
-    except shape_inference.InferenceError as exc:
-        found = _TYPE_CONFLICT.search(str(exc))
-        if found is None:
-            return
-        node, computed, stored = found.group(1), *(onnx.TensorProto.DataType.Name(int(t)) for t in found.groups()[1:])
-        op = next((n.op_type for n in model.graph.node if n.name == node), "node")
-        # onnxconverter-common's float16 conversion retypes a Cast's output but leaves its `to` attribute.
-        fix = ("convert it to fp16 again with onnxconverter-common's node_block_list naming the Cast nodes"
-               if op == "Cast" and "FLOAT16" in (computed, stored) else "re-export the model")
-        raise FcpassError(f"{path} does not load: its {op} {node} computes {computed} where the graph stores {stored}; "
-                          f"{fix}") from None
-    except ValueError:  # a model over protobuf's 2 GB with its weights loaded: nothing to check it with
-        log.debug("type check of %s skipped: over 2 GB", path)
 
 
 def _numel(shape: tuple | None) -> int | None:

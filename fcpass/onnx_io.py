@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
+from onnx import shape_inference
 
 from fcpass.errors import FcpassError
 
@@ -43,6 +45,31 @@ def load_model(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
     if not model.graph.node:
         raise FcpassError(f"{p} holds no graph nodes; it is not an exported model (re-export it with fcpass export)")
     return model
+
+
+_TYPE_CONFLICT = re.compile(r"node name: ([^)]*)\): \[TypeInferenceError\] Inferred elem type differs from existing "
+                            r"elem type: \((\d+)\) vs \((\d+)\)")
+
+
+def check_types(model: onnx.ModelProto, path: str) -> None:
+    """Refuse a graph whose stored element types contradict what its nodes compute: neither ONNX
+    Runtime nor TensorRT loads it, and its rewrite would load no better. Nothing else is refused here:
+    a graph that shape inference cannot fully follow (custom ops, say) passes, as `infer_shapes` takes it."""
+    try:
+        shape_inference.infer_shapes(model, strict_mode=True)
+    except shape_inference.InferenceError as exc:
+        found = _TYPE_CONFLICT.search(str(exc))
+        if found is None:
+            return
+        node, computed, stored = found.group(1), *(onnx.TensorProto.DataType.Name(int(t)) for t in found.groups()[1:])
+        op = next((n.op_type for n in model.graph.node if n.name == node), "node")
+        # onnxconverter-common's float16 conversion retypes a Cast's output but leaves its `to` attribute.
+        fix = ("convert it to fp16 again with onnxconverter-common's node_block_list naming the Cast nodes"
+               if op == "Cast" and "FLOAT16" in (computed, stored) else "re-export the model")
+        raise FcpassError(f"{path} does not load: its {op} {node} computes {computed} where the graph stores {stored}; "
+                          f"{fix}") from None
+    except ValueError:  # a model over protobuf's 2 GB with its weights loaded: nothing to check it with
+        log.debug("type check of %s skipped: over 2 GB", path)
 
 
 def check_distinct(input_path: str | Path, output_path: str | Path) -> None:

@@ -17,8 +17,7 @@ from typing import Any
 from fcpass.calibrate import CalibrationOptions, calibrate
 from fcpass.discover import discover_blocks
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import check_types
-from fcpass.onnx_io import check_distinct, check_file_output, load_model, save_model
+from fcpass.onnx_io import check_distinct, check_file_output, check_types, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
 from fcpass.passes.motion_tokens import MergeOptions
