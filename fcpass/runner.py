@@ -67,6 +67,12 @@ def load_denoiser(
         backend = OrtBackend(path, [provider], threads=threads)
     if has_plan(backend.model):
         plan = read_plan(backend.model, str(path))
+        fixed = {role: name for role, name in parse_role_overrides(inputs).items() if plan.roles.get(role) != name}
+        if fixed:  # a cache-aware graph's roles were fixed when it was optimized
+            given = ",".join(f"{role}={name}" for role, name in fixed.items())
+            planned = ",".join(f"{role}={plan.roles.get(role)}" for role in fixed)
+            raise FcpassError(f"--inputs {given}: {path} was optimized with {planned}; drop --inputs, or optimize "
+                              f"the original export again with --inputs {given}")
         return CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
     if name not in (None, "none"):
         raise FcpassError(f"--policy {policy} needs a cache-aware graph; run: fcpass optimize {path} -o model.fc.onnx --calibrate 8")

@@ -301,6 +301,13 @@ def test_compare_shapes_that_differ(capsys, tmp_path: Path) -> None:
     user_error(capsys, ["compare", a, b], "(2, 1, 16, 16)", "(2, 1, 8, 8)")
 
 
+def test_inputs_that_contradict_a_compiled_graphs_roles(capsys, cached: Path) -> None:
+    """The roles were fixed when the graph was optimized; --inputs naming the same ones is fine."""
+    user_error(capsys, ["sample", cached, "--inputs", "latent=x", "--steps", "2"],
+               "--inputs latent=x:", "was optimized with latent=", "optimize the original export again")
+    assert main(["sample", str(cached), "--inputs", "latent=latent", "--steps", "1", "--class", "1"]) == 0
+
+
 def test_negative_seed(capsys, cached: Path) -> None:
     user_error(capsys, ["sample", cached, "--seed", "-1", "--steps", "2"], "--seed -1 must be 0 or more")
 
