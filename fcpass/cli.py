@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("optimize", help="rewrite a DiT graph into a cache-aware graph")
     o.add_argument("model", type=Path, nargs="?", help="exported DiT (default: the bundled digits model)")
     o.add_argument("-o", "--output", type=Path, required=True)
+    o.add_argument("--for", dest="for_policies", nargs="+", metavar="POLICY",
+                   help="compile what these policies need and nothing more (their region sets, probes, previous "
+                        "outputs, token caching), in place of --regions, --taylor, --no-probes and --tokens; "
+                        "e.g. --for fastcache:levels=stack,approx=taylor1")
     o.add_argument("--regions", default="blocks,tail,stack", help="region sets: blocks, tail (1..L-1), stack")
     o.add_argument("--taylor", action="store_true", help="keep each region's previous output (for taylor1)")
     o.add_argument("--no-probes", dest="probes", action="store_false",
@@ -345,21 +349,27 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from fcpass.passes.motion_tokens import MergeOptions
 
     model_path = args.model or _bundled_onnx()
+    graph = {"regions": tuple(x.strip() for x in args.regions.split(",") if x.strip()), "taylor": args.taylor,
+             "probes": args.probes, "tokens": args.tokens, "motion_ratio": args.motion_ratio}
+    if args.for_policies:
+        from fcpass.policy_graph import graph_for
+
+        flags = [flag for flag, given in (("--regions", args.regions != "blocks,tail,stack"), ("--taylor", args.taylor),
+                                          ("--no-probes", not args.probes), ("--tokens", args.tokens)) if given]
+        if flags:
+            raise FcpassError(f"--for decides {', '.join(flags)}; drop {'them' if len(flags) > 1 else 'it'} or --for")
+        graph = graph_for(args.for_policies, args.motion_ratio)
     options = OptimizeOptions(
-        regions=tuple(x.strip() for x in args.regions.split(",") if x.strip()),
         calibrate=args.calibrate,
         calib_steps=args.calib_steps,
         calib_eps=args.calib_eps,
         block_pattern=args.block_pattern,
         inputs=args.inputs,
-        taylor=args.taylor,
-        probes=args.probes,
-        tokens=args.tokens,
         token_score=args.token_score,
-        motion_ratio=args.motion_ratio,
         motion_context=args.motion_context,
         token_merge=MergeOptions(args.merge_neighbours, args.merge_weight) if args.token_merge else None,
         lowering=args.lowering,
+        **graph,
     )
     # Only calibration samples; without it a model needs no scheduler config to be optimized.
     setup = _sampling_setup(args, model_path) if args.calibrate else None

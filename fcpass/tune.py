@@ -75,20 +75,6 @@ class TuneResult:
         return out
 
 
-def graph_needs(policy: str, motion_ratio: float = 0.5) -> dict[str, Any]:
-    """What a policy needs compiled into its graph, as OptimizeOptions fields: the probes (fbcache,
-    teacache), the previous outputs (taylor1 extrapolation), the token mechanism (duca, toca), the
-    motion tokens (fastcache with motion=1, at `motion_ratio`)."""
-    name, options = parse_policy_spec(policy)
-    motion = name == "fastcache" and bool(options.get("motion", False))
-    return {
-        "probes": name in ("fbcache", "teacache"),
-        "taylor": name == "taylorseer" or "taylor1" in (options.get("approx"), options.get("aggressive")),
-        "tokens": name if name in ("duca", "toca") else None,
-        "motion_ratio": motion_ratio if motion else None,
-    }
-
-
 def settings(spec: str) -> list[str]:
     """The specs to try for `spec`: its knob swept, unless the spec fixes the knob itself."""
     name, options = parse_policy_spec(spec)

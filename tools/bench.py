@@ -5,7 +5,7 @@
 
 A policy runs on a graph optimized with --regions blocks,stack, or with the region sets named after
 `@` (e.g. `@stack`: one region, the cheapest graph for stack-level policies), compiled with what the
-policy needs and nothing more (`fcpass.tune.graph_needs`: probes, previous outputs, token caching,
+policy needs and nothing more (`fcpass.policy_graph.graph_needs`: probes, previous outputs, token caching,
 motion tokens at --motion-ratio).
 Every graph is calibrated on the same trajectories.
 
@@ -31,9 +31,9 @@ import numpy as np
 from fcpass.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.motion_tokens import MergeOptions
+from fcpass.policy_graph import graph_needs
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
-from fcpass.tune import graph_needs
 from models.digits import ONNX, SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
@@ -114,7 +114,7 @@ def _time(denoiser: Any, request: SampleRequest) -> Any:
 
 
 def _graph_of(spec: str, args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
-    """The graph a policy runs on: its region sets and what it needs compiled (`fcpass.tune.graph_needs`)."""
+    """The graph a policy runs on: its region sets and what it needs compiled (`fcpass.policy_graph.graph_needs`)."""
     regions = tuple(_regions_of(spec, args.regions).split(","))
     needs = graph_needs(spec.split("@")[0], args.motion_ratio)
     if needs["motion_ratio"] is not None:

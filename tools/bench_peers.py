@@ -27,9 +27,10 @@ from typing import Any
 
 from fcpass.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.policy_graph import graph_needs
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
-from fcpass.tune import graph_needs, plot, settings
+from fcpass.tune import plot, settings
 from models.digits import ONNX, SCHEDULER_CONFIG
 from runtimes.policies import make_policy
 from runtimes.sampler import SampleRequest, SampleResult, sample

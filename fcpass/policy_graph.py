@@ -1,0 +1,68 @@
+"""What a policy needs compiled into its graph, and nothing more (`fcpass optimize --for`).
+
+A graph compiled with every region set and every probe serves every policy, but a policy pays at each
+skipped step for what it does not use: nested regions pass their states out of a skipped stack, and
+TeaCache's probe runs block 0's normalisation and modulation at every step. `graph_for` maps policy
+specs to the OptimizeOptions fields that serve exactly them: the region sets their levels name, the
+probes (FBCache, TeaCache), the previous outputs (taylor1 extrapolation), the token mechanism (DuCa,
+ToCa) and the motion tokens (FastCache with motion=1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fcpass.errors import FcpassError
+from runtimes.policies import make_policy, parse_policy_spec
+
+
+def graph_needs(policy: str, motion_ratio: float = 0.5) -> dict[str, Any]:
+    """What a policy needs compiled into its graph, as OptimizeOptions fields: the probes (fbcache,
+    teacache), the previous outputs (taylor1 extrapolation), the token mechanism (duca, toca), the
+    motion tokens (fastcache with motion=1, at `motion_ratio`)."""
+    name, options = parse_policy_spec(policy)
+    motion = name == "fastcache" and bool(options.get("motion", False))
+    return {
+        "probes": name in ("fbcache", "teacache"),
+        "taylor": name == "taylorseer" or "taylor1" in (options.get("approx"), options.get("aggressive")),
+        "tokens": name if name in ("duca", "toca") else None,
+        "motion_ratio": motion_ratio if motion else None,
+    }
+
+
+def regions_needed(policy: str) -> tuple[str, ...]:
+    """The region sets a policy controls, from its settings (their defaults included)."""
+    name = parse_policy_spec(policy)[0]
+    config = getattr(make_policy(policy), "config", None)  # checks the spec's options too
+    if name in ("fora", "taylorseer"):
+        return (config.level,)
+    if name == "fastcache":
+        return tuple(x.strip() for x in config.levels.split(",") if x.strip())
+    if name == "delta-dit":
+        return ("blocks",)
+    if name == "fbcache":
+        return ("tail",)
+    # TeaCache and MagCache decide for the whole stack, DuCa and ToCa cache tokens inside it, and a
+    # graph without a policy needs one region: the stack's is the cheapest.
+    return ("stack",)
+
+
+def graph_for(policies: list[str], motion_ratio: float | None) -> dict[str, Any]:
+    """OptimizeOptions fields for one graph that serves every policy of `policies` and no more."""
+    regions: list[str] = []
+    fields: dict[str, Any] = {"probes": False, "taylor": False, "tokens": None, "motion_ratio": None}
+    for policy in policies:
+        regions += [r for r in regions_needed(policy) if r not in regions]
+        needs = graph_needs(policy, motion_ratio or 0.0)
+        if needs["motion_ratio"] is not None and motion_ratio is None:
+            raise FcpassError(f"--for {policy} runs FastCache's motion tokens; add --motion-ratio RHO (e.g. 0.5)")
+        if needs["tokens"] and fields["tokens"] not in (None, needs["tokens"]):
+            raise FcpassError(f"--for names {fields['tokens']} and {needs['tokens']}: a graph holds one token schedule; "
+                              "optimize one graph for each")
+        fields = {"probes": fields["probes"] or needs["probes"], "taylor": fields["taylor"] or needs["taylor"],
+                  "tokens": fields["tokens"] or needs["tokens"], "motion_ratio": fields["motion_ratio"] or needs["motion_ratio"]}
+    if fields["motion_ratio"] is None and motion_ratio is not None:
+        fields["motion_ratio"] = motion_ratio  # asked for explicitly: compiled, as without --for
+    if fields["motion_ratio"] is not None and "stack" not in regions:
+        regions.append("stack")  # the motion tokens run in the stack region
+    return {"regions": tuple(r for r in ("blocks", "tail", "stack") if r in regions), **fields}

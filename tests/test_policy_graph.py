@@ -1,0 +1,80 @@
+"""`fcpass optimize --for POLICY`: a graph with what the policy needs, on which it runs, and no more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcpass.cli import main
+from fcpass.errors import FcpassError
+from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.policy_graph import graph_for
+from fcpass.runner import load_denoiser
+from models.digits import SCHEDULER_CONFIG
+from runtimes.sampler import SampleRequest, sample
+from runtimes.schedulers import scheduler_from_config
+from tests.conftest import calibration_setup, export_tiny_dit
+
+# policy -> (region names, probes, state kinds) of the graph --for compiles for it
+EXPECTED = {
+    "none": (["stack"], [None], {"in", "out"}),
+    "fora": (["block0", "block1", "block2"], [None] * 3, {"in", "out"}),
+    "fora:level=stack": (["stack"], [None], {"in", "out"}),
+    "fastcache": (["block0", "block1", "block2"], [None] * 3, {"in", "out"}),
+    "fastcache:levels=stack,approx=taylor1": (["stack"], [None], {"in", "out", "prev"}),
+    "taylorseer:level=stack": (["stack"], [None], {"in", "out", "prev"}),
+    "delta-dit": (["block0", "block1", "block2"], [None] * 3, {"in", "out"}),
+    "fbcache": (["tail"], ["head_residual"], {"in", "out", "res"}),
+    "teacache": (["stack"], ["modulated_input"], {"in", "out", "mod"}),
+    "magcache": (["stack"], [None], {"in", "out"}),
+    "duca:aggressive=taylor1": (["stack"], [None], {"in", "out", "prev", "tok_cnt", "tok_out", "tok_score"}),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_tiny_dit(tmp_path_factory.mktemp("for") / "tiny.onnx", "legacy", seed=5)
+
+
+@pytest.mark.parametrize("policy", list(EXPECTED))
+def test_the_graph_for_a_policy_holds_what_it_needs_and_the_policy_runs_on_it(tiny: Path, tmp_path: Path,
+                                                                               policy: str) -> None:
+    fc = tmp_path / "m.fc.onnx"
+    plan = optimize(tiny, fc, OptimizeOptions(calibrate=1, calib_steps=6, calib_eps=0.5, **graph_for([policy], None)),
+                    calibration_setup([1]))
+    regions, probes, kinds = EXPECTED[policy]
+    assert [r.name for r in plan.regions] == regions
+    assert [r.probe for r in plan.regions] == probes
+    assert {s.kind for s in plan.states} == kinds
+    request = SampleRequest(classes=[1], steps=6, guidance_scale=1.5, uncond_class=10)
+    result = sample(load_denoiser(fc, policy, {}), scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
+    assert np.isfinite(result.images).all()
+
+
+def test_one_graph_for_several_policies_is_their_union() -> None:
+    graph = graph_for(["fora", "taylorseer:level=stack", "fbcache"], None)
+    assert graph == {"regions": ("blocks", "tail", "stack"), "probes": True, "taylor": True, "tokens": None,
+                     "motion_ratio": None}
+    assert graph_for(["fastcache:levels=blocks,motion=1"], 0.5)["regions"] == ("blocks", "stack")  # motion runs in the stack
+
+
+@pytest.mark.parametrize(("policies", "motion", "message"), [
+    (["fastcache:motion=1"], None, "add --motion-ratio RHO"),
+    (["duca", "toca"], None, "a graph holds one token schedule"),
+    (["teacup"], None, "unknown policy 'teacup'"),
+    (["fastcache:alpha=abc"], None, "alpha='abc' is not a finite number"),
+])
+def test_policies_no_graph_can_serve_are_refused(policies: list[str], motion: float | None, message: str) -> None:
+    with pytest.raises(FcpassError, match=message):
+        graph_for(policies, motion)
+
+
+def test_for_replaces_the_graph_flags_it_decides(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.fc.onnx"
+    assert main(["optimize", str(tiny), "-o", str(out), "--for", "fastcache", "--taylor"]) == 2
+    assert "--for decides --taylor; drop it or --for" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["optimize", str(tiny), "-o", str(out), "--for", "taylorseer:level=stack"]) == 0
+    assert "wrote" in capsys.readouterr().out and out.exists()
