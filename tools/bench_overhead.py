@@ -14,7 +14,9 @@ which overstates small host work. `--runs P` therefore also times P pairs of who
 (`--samples` classes x `--steps` DDIM steps, guidance 1.5, the order alternated from pair to pair)
 and prints the median ratio of the pairs with its quartiles: what a user of `fcpass sample` sees.
 `--no-exports` also times the compiled graph with its state outputs dropped (every `If` and gate
-still in it): the part of the overhead that is the cache state's export.
+still in it): the part of the overhead that is the cache state's export. `--no-gates` also times it
+with each region's gate replaced by the gate's forced branch (right only for forced regions, which
+is what these calls run): the part that is the gates' `If`s.
 
 With the stack among the regions, a skipped step is timed too: the stack skipped under each
 approximation the graph holds (`--taylor` adds taylor1), against the original graph's call. What a
@@ -39,6 +41,7 @@ import numpy as np
 import onnx
 
 from fcpass.export import ExportSpec, export
+from fcpass.graphinfo import rename_values, subgraphs
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.plan import (
     APPROX_MIX,
@@ -79,6 +82,8 @@ def main() -> None:
                     help="compile without FBCache's and TeaCache's statistics, as fcpass optimize --no-probes")
     ap.add_argument("--no-exports", action="store_true",
                     help="also time the compiled graph without the state it exports (what those exports cost)")
+    ap.add_argument("--no-gates", action="store_true",
+                    help="also time the compiled graph with each region's gate replaced by its forced branch")
     ap.add_argument("--samples", type=int, default=2, help="samples per sampling run (--runs)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps per sampling run (--runs)")
     args = ap.parse_args()
@@ -113,6 +118,10 @@ def main() -> None:
             bare = _without_state_outputs(fc, plan, Path(tmp) / "model.bare.onnx")
             bare_backend = OrtBackend(bare, threads=args.threads or None)
             calls.append(("compiled, no state export", lambda: bare_backend.run(comp_feeds)))
+        if args.no_gates:
+            ungated = _forced_gates_inlined(fc, Path(tmp) / "model.ungated.onnx")
+            ungated_backend = OrtBackend(ungated, threads=args.threads or None)
+            calls.append(("compiled, no region gate", lambda: ungated_backend.run(comp_feeds)))
         if plan.motion:
             comp_feeds[MOTION_INPUT] = np.array(0, np.int64)
             motion_feeds = {**comp_feeds, MOTION_INPUT: np.array(1, np.int64)}
@@ -149,6 +158,9 @@ def main() -> None:
     if args.no_exports:
         print(f"  no state export / original {ratio('compiled, no state export', 'original'):9.3f}  "
               "(the same graph, its state outputs dropped)")
+    if args.no_gates:
+        print(f"  no region gate / original  {ratio('compiled, no region gate', 'original'):9.3f}  "
+              "(the same graph, each region's gate replaced by its forced branch)")
     print(f"  sampler step, policy none  {ratio('compiled step', 'original step'):9.3f}  (compiled / original)")
     if runs:
         q1, q2, q3 = np.percentile(runs, [25, 50, 75])
@@ -190,6 +202,32 @@ def _without_state_outputs(path: Path, plan: Any, out: Path) -> Path:
     outputs = [o for o in model.graph.output if o.name in keep]
     del model.graph.output[:]
     model.graph.output.extend(outputs)
+    onnx.save(model, str(out))
+    return out
+
+
+def _forced_gates_inlined(path: Path, out: Path) -> Path:
+    """The compiled graph with every region's gate (not the approximations' gates) replaced by its
+    else-branch: what a forced region would run without its gate's `If`."""
+    model = onnx.load(str(path))
+
+    def inline(graph: onnx.GraphProto) -> None:
+        nodes = []
+        for node in graph.node:
+            for g in subgraphs(node):
+                inline(g)
+            if node.op_type == "If" and node.name.count("/") == 2 and node.name.endswith("/gate"):
+                forced = next(a.g for a in node.attribute if a.name == "else_branch")
+                rename = {o.name: target for o, target in zip(forced.output, node.output)}
+                for inner in forced.node:
+                    rename_values(inner, rename)
+                    nodes.append(inner)
+                graph.initializer.extend(forced.initializer)
+            else:
+                nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    inline(model.graph)
     onnx.save(model, str(out))
     return out
 
