@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fcpass.errors import FcpassError
+from fcpass.plan import CachePlan
 from runtimes.policies import make_policy, parse_policy_spec
 
 
@@ -30,10 +31,10 @@ def graph_needs(policy: str, motion_ratio: float = 0.5) -> dict[str, Any]:
     }
 
 
-def regions_needed(policy: str) -> tuple[str, ...]:
-    """The region sets a policy controls, from its settings (their defaults included)."""
+def regions_needed(policy: str, **options: object) -> tuple[str, ...]:
+    """The region sets a policy controls, from its spec and `options` (their defaults included)."""
     name = parse_policy_spec(policy)[0]
-    config = getattr(make_policy(policy), "config", None)  # checks the spec's options too
+    config = getattr(make_policy(policy, **options), "config", None)  # checks the options too
     if name in ("fora", "taylorseer"):
         return (config.level,)
     if name == "fastcache":
@@ -66,3 +67,18 @@ def graph_for(policies: list[str], motion_ratio: float | None) -> dict[str, Any]
     if fields["motion_ratio"] is not None and "stack" not in regions:
         regions.append("stack")  # the motion tokens run in the stack region
     return {"regions": tuple(r for r in ("blocks", "tail", "stack") if r in regions), **fields}
+
+
+def unused_costs(plan: CachePlan, policy: str, options: dict[str, Any]) -> list[str]:
+    """What a compiled graph holds that `policy` (with `options`) does not use but pays for at its
+    skipped stacks."""
+    regions = regions_needed(policy, **options)
+    if parse_policy_spec(policy)[0] in ("none", "teacache") or "stack" not in regions:
+        return []
+    costs = []
+    if any(r.name == "stack" and r.probe == "modulated_input" for r in plan.regions):
+        costs.append("TeaCache's probe (block 0's normalisation and modulation at every step)")
+    nested = [r.name for r in plan.regions if r.parent is not None]
+    if nested and "blocks" not in regions and "tail" not in regions:
+        costs.append(f"{len(nested)} regions inside the stack (a skipped stack passes their state out of its If)")
+    return costs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,15 @@ from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs
 from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
+from fcpass.policy_graph import unused_costs
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import POLICIES, make_policy, parse_policy_spec
 from runtimes.sampler import PlainDenoiser, SampleResult, sample
 from runtimes.schedulers import scheduler_from_config
+
+log = logging.getLogger(__name__)
 
 
 def roles_from_plan(plan_roles: dict[str, str | None], backend: Any) -> InputRoles:
@@ -73,7 +77,13 @@ def load_denoiser(
             planned = ",".join(f"{role}={plan.roles.get(role)}" for role in fixed)
             raise FcpassError(f"--inputs {given}: {path} was optimized with {planned}; drop --inputs, or optimize "
                               f"the original export again with --inputs {given}")
-        return CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
+        denoiser = CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
+        if policy is not None and (costs := unused_costs(plan, policy, options)):
+            given = ",".join(f"{k}={v}" for k, v in options.items() if v is not None)
+            spec = policy + ("," if ":" in policy else ":") + given if given else policy
+            log.info("%s holds what %s does not use and pays for: %s; fcpass optimize --for %s compiles without them",
+                     Path(path).name, name, "; ".join(costs), spec)
+        return denoiser
     if name not in (None, "none"):
         raise FcpassError(f"--policy {policy} needs a cache-aware graph; run: fcpass optimize {path} -o model.fc.onnx --calibrate 8")
     roles = infer_roles(backend.model, parse_role_overrides(inputs))

@@ -78,3 +78,27 @@ def test_for_replaces_the_graph_flags_it_decides(tiny: Path, tmp_path: Path, cap
     assert not out.exists()
     assert main(["optimize", str(tiny), "-o", str(out), "--for", "taylorseer:level=stack"]) == 0
     assert "wrote" in capsys.readouterr().out and out.exists()
+
+
+def test_a_graph_names_what_a_policy_pays_for_and_does_not_use(tiny: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from fcpass.plan import read_plan
+    from fcpass.policy_graph import unused_costs
+    from tests.conftest import load
+
+    everything = tmp_path / "all.fc.onnx"
+    optimize(tiny, everything, OptimizeOptions(), None)  # every region set, both probes
+    plan = read_plan(load(everything))
+    costs = unused_costs(plan, "fastcache:levels=stack", {})
+    assert len(costs) == 2 and "TeaCache's probe" in costs[0] and "4 regions inside the stack" in costs[1]
+    assert unused_costs(plan, "fora", {"level": "stack"}) == costs  # options count as the spec's do
+    assert unused_costs(plan, "fastcache:levels=stack,blocks", {}) == costs[:1]  # it uses the nested regions
+    for policy in ("teacache", "fora", "none"):  # the probe's user, and policies that never skip the stack
+        assert unused_costs(plan, policy, {}) == [], policy
+    lean = tmp_path / "lean.fc.onnx"
+    optimize(tiny, lean, OptimizeOptions(**graph_for(["fora:level=stack"], None)), None)
+    assert unused_costs(read_plan(load(lean)), "fora:level=stack", {}) == []
+    caplog.set_level("INFO", logger="fcpass.runner")
+    assert main(["sample", str(everything), "--policy", "fora:level=stack", "--steps", "1", "--class", "1",
+                 "--scheduler-config", str(SCHEDULER_CONFIG), "--uncond-class", "10"]) == 0
+    assert "fcpass optimize --for fora:level=stack compiles without them" in caplog.text
