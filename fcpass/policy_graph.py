@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fcpass.errors import FcpassError
+from fcpass.passes.cache_regions import REGION_SETS
 from fcpass.plan import CachePlan
 from runtimes.policies import make_policy, parse_policy_spec
 
@@ -49,24 +50,20 @@ def regions_needed(policy: str, **options: object) -> tuple[str, ...]:
 
 
 def graph_for(policies: list[str], motion_ratio: float | None) -> dict[str, Any]:
-    """OptimizeOptions fields for one graph that serves every policy of `policies` and no more."""
-    regions: list[str] = []
-    fields: dict[str, Any] = {"probes": False, "taylor": False, "tokens": None, "motion_ratio": None}
-    for policy in policies:
-        regions += [r for r in regions_needed(policy) if r not in regions]
-        needs = graph_needs(policy, motion_ratio or 0.0)
-        if needs["motion_ratio"] is not None and motion_ratio is None:
+    """OptimizeOptions fields for one graph that serves every policy of `policies` and no more
+    (motion tokens at `motion_ratio` if it is given, as without --for)."""
+    needs = [graph_needs(policy, motion_ratio or 0.0) for policy in policies]
+    for policy, need in zip(policies, needs):
+        if need["motion_ratio"] is not None and motion_ratio is None:
             raise FcpassError(f"--for {policy} runs FastCache's motion tokens; add --motion-ratio RHO (e.g. 0.5)")
-        if needs["tokens"] and fields["tokens"] not in (None, needs["tokens"]):
-            raise FcpassError(f"--for names {fields['tokens']} and {needs['tokens']}: a graph holds one token schedule; "
-                              "optimize one graph for each")
-        fields = {"probes": fields["probes"] or needs["probes"], "taylor": fields["taylor"] or needs["taylor"],
-                  "tokens": fields["tokens"] or needs["tokens"], "motion_ratio": fields["motion_ratio"] or needs["motion_ratio"]}
-    if fields["motion_ratio"] is None and motion_ratio is not None:
-        fields["motion_ratio"] = motion_ratio  # asked for explicitly: compiled, as without --for
-    if fields["motion_ratio"] is not None and "stack" not in regions:
-        regions.append("stack")  # the motion tokens run in the stack region
-    return {"regions": tuple(r for r in ("blocks", "tail", "stack") if r in regions), **fields}
+    tokens = sorted({need["tokens"] for need in needs} - {None})
+    if len(tokens) > 1:
+        raise FcpassError(f"--for names {' and '.join(tokens)}: a graph holds one token schedule; optimize one graph for each")
+    regions = {r for policy in policies for r in regions_needed(policy)}
+    if motion_ratio is not None:
+        regions.add("stack")  # the motion tokens run in the stack region
+    return {"regions": tuple(r for r in REGION_SETS if r in regions), "probes": any(n["probes"] for n in needs),
+            "taylor": any(n["taylor"] for n in needs), "tokens": tokens[0] if tokens else None, "motion_ratio": motion_ratio}
 
 
 def unused_costs(plan: CachePlan, policy: str, options: dict[str, Any]) -> list[str]:
