@@ -158,6 +158,7 @@ def test_all_compute_equals_original_and_states_are_true_block_io(compiled: Comp
 def test_an_fp16_graph_keeps_its_types_and_forced_compute_equals_the_original(tiny_dit_fp16: Path) -> None:
     c = Compiled(tiny_dit_fp16)
     assert {s.dtype for s in c.plan.states} == {"float16"}
+    assert check_graph(c.model) == []  # TensorRT's static rules hold in fp16 too (the route to a TensorRT 11 engine)
     feeds = tiny_feeds(0, dtype=np.float16)
     out = c.run(feeds)
     (ref,) = c.ref_sess.run(None, feeds)
