@@ -354,6 +354,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.for_policies:
         from fcpass.policy_graph import graph_for
 
+        paths = [p for p in args.for_policies if p.endswith(".onnx") or Path(p).exists()]
+        if paths:  # `--for` takes every word after it, the model's path too
+            raise FcpassError(f"--for takes policies, not {paths[0]}; put the model first: "
+                              f"fcpass optimize {paths[0]} -o OUT --for {' '.join(p for p in args.for_policies if p not in paths)}")
+
         flags = [flag for flag, given in (("--regions", args.regions != "blocks,tail,stack"), ("--taylor", args.taylor),
                                           ("--no-probes", not args.probes), ("--tokens", args.tokens)) if given]
         if flags:

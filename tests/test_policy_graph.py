@@ -76,6 +76,9 @@ def test_for_replaces_the_graph_flags_it_decides(tiny: Path, tmp_path: Path, cap
     assert main(["optimize", str(tiny), "-o", str(out), "--for", "fastcache", "--taylor"]) == 2
     assert "--for decides --taylor; drop it or --for" in capsys.readouterr().err
     assert not out.exists()
+    # --for takes every word after it: a model path there is named, not read as a policy.
+    assert main(["optimize", "-o", str(out), "--for", "fastcache", str(tiny)]) == 2
+    assert f"--for takes policies, not {tiny}; put the model first" in capsys.readouterr().err
     assert main(["optimize", str(tiny), "-o", str(out), "--for", "taylorseer:level=stack"]) == 0
     assert "wrote" in capsys.readouterr().out and out.exists()
 
