@@ -424,6 +424,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise FcpassError(f"--samples {args.samples} must be at least 1")
+    if args.repeats < 1:
+        raise FcpassError(f"--repeats {args.repeats} must be at least 1")
     for path in (args.plot, args.json):
         if path:
             check_file_output(path)

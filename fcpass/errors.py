@@ -8,3 +8,9 @@ class FcpassError(Exception):
 
     Raise it with one sentence of the form "<what is wrong>: <what was found>; <how to fix it>".
     """
+
+
+def first_clause(exc: BaseException, limit: int = 160) -> str:
+    """The first sentence of a library's error message, for a one-line FcpassError: some run to a
+    paragraph (torch.load's weights-only refusal explains itself at length)."""
+    return (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:limit]

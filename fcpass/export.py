@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
+from fcpass.errors import FcpassError, first_clause
 from fcpass.onnx_io import load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,8 @@ def load_weights(model: Any, config: dict[str, Any], weights: str | Path) -> Non
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (torch.load raises UnpicklingError, RuntimeError, EOFError, ...)
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         raise FcpassError(
-            f"weights {path} could not be read ({type(exc).__name__}: {first_line}); pass a torch.save state dict"
+            f"weights {path} could not be read ({type(exc).__name__}: {first_clause(exc)}); pass a torch.save state dict"
         ) from None
     if not isinstance(state, dict):
         raise FcpassError(f"weights {path} hold a {type(state).__name__}, not a state dict; save model.state_dict()")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcpass.errors import FcpassError
+from fcpass.errors import FcpassError, first_clause
 from models.dit import _SIZES, DiT, DiTConfig, get_2d_sincos_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ def _read_state_dict(file: Path) -> StateDict:
                 raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # every reader failure means the same thing to the user
         raise FcpassError(
-            f"DiT checkpoint could not be read: {file} failed with {type(exc).__name__}: {exc}; "
+            f"DiT checkpoint could not be read: {file} failed with {type(exc).__name__}: {first_clause(exc)}; "
             f"pass a torch.save state dict (.pt/.pth) or a .safetensors file"
         ) from exc
     return _unwrap(raw, file)

@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 from fcpass.cli import main
-from models.digits import DIGITS_DIT, SCHEDULER_CONFIG
+from models.digits import DIGITS_DIT, ONNX, SCHEDULER_CONFIG
 
 
 def user_error(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> str:
@@ -177,6 +177,10 @@ def test_weights_file_that_is_not_a_checkpoint(capsys, tmp_path: Path, out: Path
     junk.write_bytes(os.urandom(64))
     user_error(capsys, ["export", "--arch", arch, "--weights", junk, "-o", out / "m.onnx"], "could not be read")
     assert leftovers(out) == []
+    # An ONNX file passed as weights: torch.load's weights-only refusal runs to a paragraph; one clause is kept.
+    msg = user_error(capsys, ["export", "--arch", arch, "--weights", ONNX, "-o", out / "m.onnx"],
+                     "could not be read", "Weights only load failed", "pass a torch.save state dict")
+    assert len(msg) < 300, msg
 
 
 @pytest.mark.parametrize(
@@ -273,6 +277,10 @@ def test_an_unwritable_output_is_refused_before_the_work(capsys, monkeypatch, ca
         argv += ["--calibrate", "1", "--scheduler-config", SCHEDULER_CONFIG]
     user_error(capsys, argv, "is a directory" if where == "a folder" else "part of the path is a file")
     assert leftovers(out) == ["file"]
+
+
+def test_tune_repeats_below_one(capsys, cached: Path) -> None:
+    user_error(capsys, ["tune", cached, "--repeats", "0", "--samples", "1"], "--repeats 0 must be at least 1")
 
 
 @pytest.mark.parametrize("command", ["sample", "tune"])
