@@ -15,7 +15,7 @@ from typing import Any
 from fcpass.errors import FcpassError
 from fcpass.passes.cache_regions import REGION_SETS
 from fcpass.plan import CachePlan
-from runtimes.policies import make_policy, parse_policy_spec
+from runtimes.policies import Policy, make_policy, parse_policy_spec
 
 
 def graph_needs(policy: str, motion_ratio: float = 0.5) -> dict[str, Any]:
@@ -32,10 +32,9 @@ def graph_needs(policy: str, motion_ratio: float = 0.5) -> dict[str, Any]:
     }
 
 
-def regions_needed(policy: str, **options: object) -> tuple[str, ...]:
-    """The region sets a policy controls, from its spec and `options` (their defaults included)."""
-    name = parse_policy_spec(policy)[0]
-    config = getattr(make_policy(policy, **options), "config", None)  # checks the options too
+def regions_needed(policy: Policy) -> tuple[str, ...]:
+    """The region sets a (built) policy controls, from its settings."""
+    name, config = policy.name, getattr(policy, "config", None)
     if name in ("fora", "taylorseer"):
         return (config.level,)
     if name == "fastcache":
@@ -59,18 +58,17 @@ def graph_for(policies: list[str], motion_ratio: float | None) -> dict[str, Any]
     tokens = sorted({need["tokens"] for need in needs} - {None})
     if len(tokens) > 1:
         raise FcpassError(f"--for names {' and '.join(tokens)}: a graph holds one token schedule; optimize one graph for each")
-    regions = {r for policy in policies for r in regions_needed(policy)}
+    regions = {r for policy in policies for r in regions_needed(make_policy(policy))}  # checks each spec too
     if motion_ratio is not None:
         regions.add("stack")  # the motion tokens run in the stack region
     return {"regions": tuple(r for r in REGION_SETS if r in regions), "probes": any(n["probes"] for n in needs),
             "taylor": any(n["taylor"] for n in needs), "tokens": tokens[0] if tokens else None, "motion_ratio": motion_ratio}
 
 
-def unused_costs(plan: CachePlan, policy: str, options: dict[str, Any]) -> list[str]:
-    """What a compiled graph holds that `policy` (with `options`) does not use but pays for at its
-    skipped stacks."""
-    regions = regions_needed(policy, **options)
-    if parse_policy_spec(policy)[0] in ("none", "teacache") or "stack" not in regions:
+def unused_costs(plan: CachePlan, policy: Policy) -> list[str]:
+    """What a compiled graph holds that `policy` does not use but pays for at its skipped stacks."""
+    regions = regions_needed(policy)
+    if policy.name in ("none", "teacache") or "stack" not in regions:
         return []
     costs = []
     if any(r.name == "stack" and r.probe == "modulated_input" for r in plan.regions):

@@ -78,7 +78,7 @@ def load_denoiser(
             raise FcpassError(f"--inputs {given}: {path} was optimized with {planned}; drop --inputs, or optimize "
                               f"the original export again with --inputs {given}")
         denoiser = CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
-        if policy is not None and (costs := unused_costs(plan, policy, options)):
+        if policy is not None and (costs := unused_costs(plan, denoiser.policy)):
             given = ",".join(f"{k}={v}" for k, v in options.items() if v is not None)
             spec = policy + ("," if ":" in policy else ":") + given if given else policy
             log.info("%s holds what %s does not use and pays for: %s; fcpass optimize --for %s compiles without them",

@@ -13,6 +13,7 @@ from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.policy_graph import graph_for
 from fcpass.runner import load_denoiser
 from models.digits import SCHEDULER_CONFIG
+from runtimes.policies import make_policy
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from tests.conftest import calibration_setup, export_tiny_dit
@@ -92,15 +93,15 @@ def test_a_graph_names_what_a_policy_pays_for_and_does_not_use(tiny: Path, tmp_p
     everything = tmp_path / "all.fc.onnx"
     optimize(tiny, everything, OptimizeOptions(), None)  # every region set, both probes
     plan = read_plan(load(everything))
-    costs = unused_costs(plan, "fastcache:levels=stack", {})
+    costs = unused_costs(plan, make_policy("fastcache:levels=stack"))
     assert len(costs) == 2 and "TeaCache's probe" in costs[0] and "4 regions inside the stack" in costs[1]
-    assert unused_costs(plan, "fora", {"level": "stack"}) == costs  # options count as the spec's do
-    assert unused_costs(plan, "fastcache:levels=stack,blocks", {}) == costs[:1]  # it uses the nested regions
+    assert unused_costs(plan, make_policy("fora", level="stack")) == costs  # options count as the spec's do
+    assert unused_costs(plan, make_policy("fastcache:levels=stack,blocks")) == costs[:1]  # it uses the nested regions
     for policy in ("teacache", "fora", "none"):  # the probe's user, and policies that never skip the stack
-        assert unused_costs(plan, policy, {}) == [], policy
+        assert unused_costs(plan, make_policy(policy)) == [], policy
     lean = tmp_path / "lean.fc.onnx"
     optimize(tiny, lean, OptimizeOptions(**graph_for(["fora:level=stack"], None)), None)
-    assert unused_costs(read_plan(load(lean)), "fora:level=stack", {}) == []
+    assert unused_costs(read_plan(load(lean)), make_policy("fora:level=stack")) == []
     caplog.set_level("INFO", logger="fcpass.runner")
     assert main(["sample", str(everything), "--policy", "fora:level=stack", "--steps", "1", "--class", "1",
                  "--scheduler-config", str(SCHEDULER_CONFIG), "--uncond-class", "10"]) == 0

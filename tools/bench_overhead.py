@@ -41,8 +41,9 @@ import numpy as np
 import onnx
 
 from fcpass.export import ExportSpec, export
-from fcpass.graphinfo import rename_values, subgraphs
+from fcpass.graphinfo import subgraphs
 from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.passes.inline_gates import branch_body, gate_name
 from fcpass.plan import (
     APPROX_MIX,
     CTL_INPUT,
@@ -119,7 +120,7 @@ def main() -> None:
             bare_backend = OrtBackend(bare, threads=args.threads or None)
             calls.append(("compiled, no state export", lambda: bare_backend.run(comp_feeds)))
         if args.no_gates:
-            ungated = _forced_gates_inlined(fc, Path(tmp) / "model.ungated.onnx")
+            ungated = _forced_gates_inlined(fc, plan, Path(tmp) / "model.ungated.onnx")
             ungated_backend = OrtBackend(ungated, threads=args.threads or None)
             calls.append(("compiled, no region gate", lambda: ungated_backend.run(comp_feeds)))
         if plan.motion:
@@ -206,22 +207,20 @@ def _without_state_outputs(path: Path, plan: Any, out: Path) -> Path:
     return out
 
 
-def _forced_gates_inlined(path: Path, out: Path) -> Path:
+def _forced_gates_inlined(path: Path, plan: Any, out: Path) -> Path:
     """The compiled graph with every region's gate (not the approximations' gates) replaced by its
     else-branch: what a forced region would run without its gate's `If`."""
     model = onnx.load(str(path))
+    gates = {gate_name(r.name) for r in plan.regions}
 
     def inline(graph: onnx.GraphProto) -> None:
         nodes = []
         for node in graph.node:
             for g in subgraphs(node):
                 inline(g)
-            if node.op_type == "If" and node.name.count("/") == 2 and node.name.endswith("/gate"):
-                forced = next(a.g for a in node.attribute if a.name == "else_branch")
-                rename = {o.name: target for o, target in zip(forced.output, node.output)}
-                for inner in forced.node:
-                    rename_values(inner, rename)
-                    nodes.append(inner)
+            if node.op_type == "If" and node.name in gates:
+                forced = branch_body(node, "else_branch")
+                nodes.extend(forced.node)
                 graph.initializer.extend(forced.initializer)
             else:
                 nodes.append(node)

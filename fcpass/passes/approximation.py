@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from fcpass.passes.cache_regions import _Builder, _Region
 
 MIX_COLUMNS = ("mres", "mlin", "mtay", "maff")  # the columns of fc_mix (plan.APPROX_MIX)
+INPUT_COLUMNS = [MIX_COLUMNS.index(c) for c in ("mres", "mlin", "maff")]  # the terms that read H (fc.cols_input)
 
 
 @dataclass

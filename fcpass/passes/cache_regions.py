@@ -44,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fcpass.discover import Block, BlockMap, boundary_of
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values, replace_node_groups
-from fcpass.passes.approximation import approximation_nodes
+from fcpass.passes.approximation import INPUT_COLUMNS, approximation_nodes
 from fcpass.passes.inline_gates import gate_name
 from fcpass.passes.motion_tokens import MergeOptions, MotionPass
 from fcpass.passes.token_cache import TokenOptions, TokenPass
@@ -725,7 +725,7 @@ class _Builder:
         for j in range(MIX_WIDTH):
             self.const(f"fc.c{j}", np.array(j, dtype=np.int64))
         self.const("fc.one_f", np.array(1.0, dtype=np.float32))
-        self.const("fc.cols_input", np.array([0, 1, 3], dtype=np.int64))  # the mix terms that read H (approximation)
+        self.const("fc.cols_input", np.array(INPUT_COLUMNS, dtype=np.int64))
 
     def _move_value_info(self, graph: onnx.GraphProto, body: list[onnx.NodeProto], rename: dict[str, str]) -> None:
         """Carry the shapes of values now defined inside a branch with them (TensorRT and ORT use them)."""

@@ -41,20 +41,27 @@ def inline_gates(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def branch_body(node: onnx.NodeProto, branch: str) -> onnx.GraphProto:
+    """A copy of an `If`'s `branch` ("then_branch" or "else_branch") whose outputs carry the `If`'s
+    output names, with the constants localized into it and its shapes: nodes for the enclosing graph."""
+    graph = next(a.g for a in node.attribute if a.name == branch)
+    rename = {o.name: target for o, target in zip(graph.output, node.output)}
+    body = onnx.GraphProto()
+    for inner in graph.node:
+        copy = body.node.add()
+        copy.CopyFrom(inner)
+        rename_values(copy, rename)
+    body.initializer.extend(graph.initializer)
+    body.value_info.extend(graph.value_info)
+    return body
+
+
 def _inline(graph: onnx.GraphProto, prune: bool = True) -> None:
     nodes: list[onnx.NodeProto] = []
     inlined = False
     for node in graph.node:
         if _is_gate(node):
-            then = next(a.g for a in node.attribute if a.name == "then_branch")
-            rename = {o.name: target for o, target in zip(then.output, node.output)}
-            body = onnx.GraphProto()
-            for inner in then.node:
-                copy = body.node.add()
-                copy.CopyFrom(inner)
-                rename_values(copy, rename)
-            body.initializer.extend(then.initializer)  # constants localized into the branch
-            body.value_info.extend(then.value_info)
+            body = branch_body(node, "then_branch")
             _inline(body, prune=False)  # gates inside a gate's then-branch (an approximation's forms)
             nodes.extend(body.node)
             graph.initializer.extend(body.initializer)
