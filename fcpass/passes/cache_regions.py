@@ -98,6 +98,11 @@ class _Region:
         return [s for s in (*self.own_states(), *self.states_mod) if s.name in self.direct]
 
 
+def region_if_name(region: str) -> str:
+    """The name of a region's `If`: then-branch the approximation, else-branch the original nodes."""
+    return f"fc/{region}/If"
+
+
 def insert_cache_regions(
     model: onnx.ModelProto,
     block_map: BlockMap,
@@ -565,7 +570,7 @@ class _Builder:
             run_graph = self.motion.wrap(run_graph)
         approx_graph = helper.make_graph(approx_nodes, f"fc_{n}_approx", [], approx_out)
         if_node = helper.make_node(
-            "If", [f"fc.{n}.cond"], exported, name=f"fc/{n}/If", then_branch=approx_graph, else_branch=run_graph
+            "If", [f"fc.{n}.cond"], exported, name=region_if_name(n), then_branch=approx_graph, else_branch=run_graph
         )
         return [*pre, if_node]
 
