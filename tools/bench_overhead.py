@@ -47,10 +47,9 @@ import onnx
 from tqdm import tqdm
 
 from fcpass.export import ExportSpec, export
-from fcpass.graphinfo import subgraphs
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.cache_regions import region_if_name
-from fcpass.passes.inline_gates import branch_body, gate_name
+from fcpass.passes.inline_gates import gate_name, inline_ifs
 from fcpass.plan import (
     APPROX_MIX,
     CTL_INPUT,
@@ -276,23 +275,7 @@ def _forced_inlined(path: Path, plan: Any, out: Path, ifs: bool) -> Path:
     would run without them."""
     model = onnx.load(str(path))
     names = {gate_name(r.name) for r in plan.regions} | ({region_if_name(r.name) for r in plan.regions} if ifs else set())
-
-    def inline(graph: onnx.GraphProto) -> None:
-        nodes = []
-        for node in graph.node:
-            if node.op_type == "If" and node.name in names:
-                forced = branch_body(node, "else_branch")
-                inline(forced)
-                nodes.extend(forced.node)
-                graph.initializer.extend(forced.initializer)
-                graph.value_info.extend(forced.value_info)
-            else:
-                for g in subgraphs(node):
-                    inline(g)
-                nodes.append(node)
-        del graph.node[:]
-        graph.node.extend(nodes)
-    inline(model.graph)
+    inline_ifs(model.graph, lambda node: "else_branch" if node.op_type == "If" and node.name in names else None, prune=False)
     onnx.save(model, str(out))
     return out
 

@@ -16,6 +16,7 @@ there those few kernels cost less than the `If`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import onnx
 
@@ -37,7 +38,7 @@ def inline_gates(model: onnx.ModelProto) -> onnx.ModelProto:
     branches read."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    _inline(out.graph)
+    inline_ifs(out.graph, lambda node: "then_branch" if _is_gate(node) else None)
     return out
 
 
@@ -56,23 +57,29 @@ def branch_body(node: onnx.NodeProto, branch: str) -> onnx.GraphProto:
     return body
 
 
-def _inline(graph: onnx.GraphProto, prune: bool = True) -> None:
-    nodes: list[onnx.NodeProto] = []
-    inlined = False
-    for node in graph.node:
-        if _is_gate(node):
-            body = branch_body(node, "then_branch")
-            _inline(body, prune=False)  # gates inside a gate's then-branch (an approximation's forms)
-            nodes.extend(body.node)
-            graph.initializer.extend(body.initializer)
-            graph.value_info.extend(body.value_info)
-            inlined = True
-        else:
-            for g in subgraphs(node):
-                _inline(g)
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(_without_unread(nodes, {o.name for o in graph.output}) if inlined and prune else nodes)
+def inline_ifs(graph: onnx.GraphProto, pick: Callable[[onnx.NodeProto], str | None], prune: bool = True) -> None:
+    """Replace in place, at any depth, every `If` for which `pick` names a branch ("then_branch" or
+    "else_branch") by that branch's nodes (`branch_body`), `If`s inside it included. With `prune`,
+    each graph that lost an `If` also drops what only its condition and its other branch read."""
+    def walk(g: onnx.GraphProto, prune_here: bool) -> None:
+        nodes: list[onnx.NodeProto] = []
+        inlined = False
+        for node in g.node:
+            branch = pick(node)
+            if branch:
+                body = branch_body(node, branch)
+                walk(body, False)  # its nodes join `g`, which prunes them with its own
+                nodes.extend(body.node)
+                g.initializer.extend(body.initializer)
+                g.value_info.extend(body.value_info)
+                inlined = True
+            else:
+                for sub in subgraphs(node):
+                    walk(sub, prune)
+                nodes.append(node)
+        del g.node[:]
+        g.node.extend(_without_unread(nodes, {o.name for o in g.output}) if inlined and prune_here else nodes)
+    walk(graph, prune)
 
 
 def _without_unread(nodes: list[onnx.NodeProto], kept: set[str]) -> list[onnx.NodeProto]:
