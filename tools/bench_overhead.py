@@ -19,6 +19,10 @@ with each region's gate replaced by the gate's forced branch (right only for for
 is what these calls run): the part that is the gates' `If`s. `--no-ifs` replaces each region's `If`
 by its compute branch as well: the forced path with no `If` left on it. `--processes P` runs the
 whole benchmark in P fresh processes and prints each ratio's median and quartiles over them.
+`--inline SETS` times, in place of the compiled graph, the compiled graph with those region sets'
+gates and `If`s replaced by the branch a forced compute takes: what the forced path would cost without
+them, measured as the compiled graph is (sessions sharing a process slow each other, so a variant
+timed alongside the compiled graph reads differently from one timed in its place).
 
 With the stack among the regions, a skipped step is timed too: the stack skipped under each
 approximation the graph holds (`--taylor` adds taylor1), against the original graph's call. What a
@@ -94,6 +98,9 @@ def main() -> None:
     ap.add_argument("--no-ifs", action="store_true",
                     help="also time the compiled graph with each region's gate and If replaced by the branch a "
                          "forced compute takes (no If left on that path)")
+    ap.add_argument("--inline", metavar="SETS",
+                    help="time the compiled graph with these region sets' (comma-separated) gates and Ifs replaced by "
+                         "their forced branch, in place of the compiled graph")
     ap.add_argument("--samples", type=int, default=2, help="samples per sampling run (--runs)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps per sampling run (--runs)")
     ap.add_argument("--processes", type=int, default=1,
@@ -102,6 +109,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.processes < 1:
         ap.error(f"--processes {args.processes} must be at least 1")
+    unknown = set(args.inline.split(",")) - set(args.regions.split(",")) if args.inline else set()
+    if unknown:
+        ap.error(f"--inline {args.inline}: {', '.join(sorted(unknown))} not among --regions {args.regions}")
+    if args.inline and args.motion_ratio is not None:
+        ap.error("--inline times the forced path only; drop --motion-ratio")
     if args.processes > 1:
         across_processes(sys.argv[1:], args.processes)
         return
@@ -122,6 +134,9 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         options = OptimizeOptions(regions=tuple(args.regions.split(",")), taylor=args.taylor, motion_ratio=args.motion_ratio,
                                   motion_context=args.motion_context, probes=args.probes and not args.motion_context)
         optimize(src, fc, options, None)  # localizes weights too
+        if args.inline:  # a graph that computes those regions whatever it is fed: no skipped stack is timed then
+            fc = _forced_inlined(fc, read_plan(onnx.load(str(fc), load_external_data=False)), Path(tmp) / "model.inlined.onnx",
+                                 ifs=True, sets=args.inline.split(","))
         # One session per graph for both the bare calls and the sampler steps: more sessions would
         # evict each other's weights from the cache between calls.
         steps = {key: load_denoiser(path, policy, {}, threads=args.threads or None)
@@ -156,7 +171,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         for den in steps.values():
             den.reset(args.iters + 2)
         calls += [(key, lambda den=den: den(feeds, 0)) for key, den in steps.items()]
-        skips = _skip_feeds(plan, comp_feeds)
+        skips = {} if args.inline and "stack" in args.inline.split(",") else _skip_feeds(plan, comp_feeds)
         skipped = [(f"skipped stack, {approx}", lambda f=f: comp.run(f)) for approx, f in skips.items()]
         times: dict[str, list[float]] = {name: [] for name, _ in calls + skipped}
         for _ in range(2):  # warm-up
@@ -269,15 +284,21 @@ def _without_state_outputs(path: Path, plan: Any, out: Path) -> Path:
     return out
 
 
-def _forced_inlined(path: Path, plan: Any, out: Path, ifs: bool) -> Path:
+def _forced_inlined(path: Path, plan: Any, out: Path, ifs: bool, sets: list[str] | None = None) -> Path:
     """The compiled graph with every region's gate (not the approximations' gates) replaced by its
     else-branch, and with `ifs` every region's `If` by its compute branch too: what a forced region
-    would run without them."""
+    would run without them. `sets` limits both to the regions of those region sets."""
+    regions = [r for r in plan.regions if sets is None or _region_set(r) in sets]
+    names = {gate_name(r.name) for r in regions} | ({region_if_name(r.name) for r in regions} if ifs else set())
     model = onnx.load(str(path))
-    names = {gate_name(r.name) for r in plan.regions} | ({region_if_name(r.name) for r in plan.regions} if ifs else set())
     inline_ifs(model.graph, lambda node: "else_branch" if node.op_type == "If" and node.name in names else None, prune=False)
     onnx.save(model, str(out))
     return out
+
+
+def _region_set(region: Any) -> str:
+    """The region set (`fcpass.passes.cache_regions.REGION_SETS`) a region belongs to."""
+    return "blocks" if region.name.startswith("block") else region.name  # block0, block1, ...; tail; stack
 
 
 def sampling_ratios(original: Any, compiled: Any, args: argparse.Namespace) -> list[float]:
