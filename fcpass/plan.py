@@ -118,6 +118,11 @@ class RegionSpec:
     calibration: dict[str, Any] = field(default_factory=dict)
     probe: str | None = None  # a key of PROBES, if the region has a second statistic
 
+    @property
+    def region_set(self) -> str:
+        """The region set it belongs to (`fcpass.passes.cache_regions.REGION_SETS`): blocks, tail or stack."""
+        return "blocks" if self.name.startswith("block") else self.name
+
 
 @dataclass
 class CachePlan:
@@ -142,7 +147,7 @@ class CachePlan:
         raise FcpassError(f"the plan has no region {name!r}; it has {', '.join(r.name for r in self.regions)}")
 
     def block_regions(self) -> list[RegionSpec]:
-        return sorted((r for r in self.regions if r.name.startswith("block")), key=lambda r: r.blocks[0])
+        return sorted((r for r in self.regions if r.region_set == "blocks"), key=lambda r: r.blocks[0])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

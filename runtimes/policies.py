@@ -214,8 +214,8 @@ class FastCache(Policy):
         unknown = levels - {"blocks", "tail", "stack"}
         if unknown:
             raise FcpassError(f"fastcache levels {sorted(unknown)} unknown; use blocks, tail, stack (comma-separated)")
-        tested = [r for r in plan.regions if ("blocks" if r.name.startswith("block") else r.name) in levels]
-        missing = levels - {"blocks" if r.name.startswith("block") else r.name for r in plan.regions}
+        tested = [r for r in plan.regions if r.region_set in levels]
+        missing = levels - {r.region_set for r in plan.regions}
         if missing:
             raise FcpassError(f"fastcache levels {sorted(missing)} are not in this graph; optimize with --regions including them")
         self.streak = {r.index: 0 for r in plan.regions}
@@ -235,7 +235,7 @@ class FastCache(Policy):
             if sigma2 is not None:
                 nu = self._dof(plan, region.name)
                 self.thresholds[region.index] = chi2_threshold(sigma2 * self.config.sigma_scale, self.config.alpha, nu)
-        if not any(plan.regions[k].name.startswith("block") for k in self.thresholds) and "blocks" in levels:
+        if not any(plan.regions[k].region_set == "blocks" for k in self.thresholds) and "blocks" in levels:
             raise FcpassError(
                 "fastcache needs calibrated blocks and this graph has none; run fcpass optimize with --calibrate N"
             )

@@ -109,9 +109,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.processes < 1:
         ap.error(f"--processes {args.processes} must be at least 1")
-    unknown = set(args.inline.split(",")) - set(args.regions.split(",")) if args.inline else set()
+    args.inline = args.inline.split(",") if args.inline else []
+    unknown = set(args.inline) - set(args.regions.split(","))
     if unknown:
-        ap.error(f"--inline {args.inline}: {', '.join(sorted(unknown))} not among --regions {args.regions}")
+        ap.error(f"--inline {','.join(args.inline)}: {', '.join(sorted(unknown))} not among --regions {args.regions}")
     if args.inline and args.motion_ratio is not None:
         ap.error("--inline times the forced path only; drop --motion-ratio")
     if args.processes > 1:
@@ -136,7 +137,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         optimize(src, fc, options, None)  # localizes weights too
         if args.inline:  # a graph that computes those regions whatever it is fed: no skipped stack is timed then
             fc = _forced_inlined(fc, read_plan(onnx.load(str(fc), load_external_data=False)), Path(tmp) / "model.inlined.onnx",
-                                 ifs=True, sets=args.inline.split(","))
+                                 ifs=True, sets=args.inline)
         # One session per graph for both the bare calls and the sampler steps: more sessions would
         # evict each other's weights from the cache between calls.
         steps = {key: load_denoiser(path, policy, {}, threads=args.threads or None)
@@ -171,7 +172,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         for den in steps.values():
             den.reset(args.iters + 2)
         calls += [(key, lambda den=den: den(feeds, 0)) for key, den in steps.items()]
-        skips = {} if args.inline and "stack" in args.inline.split(",") else _skip_feeds(plan, comp_feeds)
+        skips = {} if "stack" in args.inline else _skip_feeds(plan, comp_feeds)
         skipped = [(f"skipped stack, {approx}", lambda f=f: comp.run(f)) for approx, f in skips.items()]
         times: dict[str, list[float]] = {name: [] for name, _ in calls + skipped}
         for _ in range(2):  # warm-up
@@ -288,17 +289,12 @@ def _forced_inlined(path: Path, plan: Any, out: Path, ifs: bool, sets: list[str]
     """The compiled graph with every region's gate (not the approximations' gates) replaced by its
     else-branch, and with `ifs` every region's `If` by its compute branch too: what a forced region
     would run without them. `sets` limits both to the regions of those region sets."""
-    regions = [r for r in plan.regions if sets is None or _region_set(r) in sets]
+    regions = [r for r in plan.regions if sets is None or r.region_set in sets]
     names = {gate_name(r.name) for r in regions} | ({region_if_name(r.name) for r in regions} if ifs else set())
     model = onnx.load(str(path))
     inline_ifs(model.graph, lambda node: "else_branch" if node.op_type == "If" and node.name in names else None, prune=False)
     onnx.save(model, str(out))
     return out
-
-
-def _region_set(region: Any) -> str:
-    """The region set (`fcpass.passes.cache_regions.REGION_SETS`) a region belongs to."""
-    return "blocks" if region.name.startswith("block") else region.name  # block0, block1, ...; tail; stack
 
 
 def sampling_ratios(original: Any, compiled: Any, args: argparse.Namespace) -> list[float]:
