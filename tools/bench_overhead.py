@@ -22,7 +22,13 @@ whole benchmark in P fresh processes and prints each ratio's median and quartile
 `--inline SETS` times, in place of the compiled graph, the compiled graph with those region sets'
 gates and `If`s replaced by the branch a forced compute takes: what the forced path would cost without
 them, measured as the compiled graph is (sessions sharing a process slow each other, so a variant
-timed alongside the compiled graph reads differently from one timed in its place).
+timed alongside the compiled graph reads differently from one timed in its place). `--pass-ifs K`
+times, in its place too, the compiled graph with K more `If`s on the skipped stack's path, each
+passing the stack's output through: what a flattened nesting would add to a skipped stack, where
+every nested region's gate and `If` would still run. `--against ARGS` (with `--processes P`)
+alternates the P processes with P of the same benchmark plus ARGS and prints, per ratio, both
+medians and the paired difference: the machine's state moves a whole batch of processes by more
+than the effects it compares, and alternating cancels that.
 
 With the stack among the regions, a skipped step is timed too: the stack skipped under each
 approximation the graph holds (`--taylor` adds taylor1), against the original graph's call. What a
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -48,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 from tqdm import tqdm
 
 from fcpass.export import ExportSpec, export
@@ -101,6 +109,10 @@ def main() -> None:
     ap.add_argument("--inline", metavar="SETS",
                     help="time the compiled graph with these region sets' (comma-separated) gates and Ifs replaced by "
                          "their forced branch, in place of the compiled graph")
+    ap.add_argument("--pass-ifs", type=int, default=0, metavar="K",
+                    help="time the compiled graph with K pass-through Ifs on the skipped stack's path, in its place")
+    ap.add_argument("--against", metavar="ARGS",
+                    help="with --processes P: alternate the P processes with P more run with ARGS added, and compare")
     ap.add_argument("--samples", type=int, default=2, help="samples per sampling run (--runs)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps per sampling run (--runs)")
     ap.add_argument("--processes", type=int, default=1,
@@ -115,6 +127,17 @@ def main() -> None:
         ap.error(f"--inline {','.join(args.inline)}: {', '.join(sorted(unknown))} not among --regions {args.regions}")
     if args.inline and args.motion_ratio is not None:
         ap.error("--inline times the forced path only; drop --motion-ratio")
+    if args.pass_ifs < 0:
+        ap.error(f"--pass-ifs {args.pass_ifs} must be at least 0")
+    if args.pass_ifs and ("stack" not in args.regions.split(",") or "stack" in args.inline):
+        ap.error("--pass-ifs needs a stack that can skip: --regions with stack, and no --inline stack")
+    if args.against is not None:
+        if not shlex.split(args.against):
+            ap.error("--against needs the options to add, e.g. --against='--inline stack,tail'")
+        argv = _without_option(sys.argv[1:], "--against")
+        against = [*argv, *shlex.split(args.against)]
+        compare_processes(argv, against, args.processes)
+        return
     if args.processes > 1:
         across_processes(sys.argv[1:], args.processes)
         return
@@ -138,6 +161,9 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         if args.inline:  # a graph that computes those regions whatever it is fed: no skipped stack is timed then
             fc = _forced_inlined(fc, read_plan(onnx.load(str(fc), load_external_data=False)), Path(tmp) / "model.inlined.onnx",
                                  ifs=True, sets=args.inline)
+        if args.pass_ifs:
+            fc = _with_pass_ifs(fc, read_plan(onnx.load(str(fc), load_external_data=False)), Path(tmp) / "model.pass.onnx",
+                                args.pass_ifs)
         # One session per graph for both the bare calls and the sampler steps: more sessions would
         # evict each other's weights from the cache between calls.
         steps = {key: load_denoiser(path, policy, {}, threads=args.threads or None)
@@ -239,22 +265,60 @@ def across_processes(argv: list[str], processes: int) -> None:
     moves the ratios of one process by +-1% on the bundled model (the same two graphs read 1.015 to
     1.035 in eight processes): a single process cannot resolve effects of that size.
     """
-    per_key: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ratios.json"
-        for i in tqdm(range(processes), desc="processes", unit="process"):
-            child = [sys.executable, __file__, *argv, "--processes", "1", "--json-out", str(out)]
-            done = subprocess.run(child, check=False, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"bench_overhead: process {i + 1} failed:\n{done.stderr.strip()}")
-            if i == 0:
-                tqdm.write(done.stdout.split("\n", 1)[0])
-            for key, value in json.loads(out.read_text()).items():
-                per_key.setdefault(key, []).append(value)
+    per_key = _run_processes([argv] * processes, "processes")[0]
     print(f"median over {processes} processes (quartiles):")
     for key, values in per_key.items():
         q1, q2, q3 = np.percentile(values, [25, 50, 75])
         print(f"  {key:<26} {q2:9.3f}  ({q1:.3f}-{q3:.3f})")
+
+
+def compare_processes(argv: list[str], against: list[str], pairs: int) -> None:
+    """Run `argv` and `against` in `pairs` pairs of fresh processes, the order alternated from pair to pair,
+    and print per ratio both medians and the median of the paired differences (`argv` minus `against`)
+    with the number of pairs in which `argv` reads higher."""
+    runs = [cmd for i in range(pairs) for cmd in ((argv, against) if i % 2 == 0 else (against, argv))]
+    a, b = _run_processes(runs, "processes", keys=[tuple(argv), tuple(against)])
+    extra = " ".join(against[len(argv):])
+    print(f"{pairs} pairs of processes, alternated; A: as given, B: with {extra}; median (quartiles):")
+    for key in [k for k in a if k in b]:
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        d = x - y
+        qa, qb = np.percentile(x, [25, 50, 75]), np.percentile(y, [25, 50, 75])
+        print(f"  {key:<26} A {qa[1]:.3f} ({qa[0]:.3f}-{qa[2]:.3f})  B {qb[1]:.3f} ({qb[0]:.3f}-{qb[2]:.3f})  "
+              f"A - B {np.median(d):+.4f}, A higher in {int((d > 0).sum())} of {len(d)}")
+
+
+def _run_processes(runs: list[list[str]], desc: str, keys: list[tuple[str, ...]] | None = None,
+                   ) -> list[dict[str, list[float]]]:
+    """Run the benchmark once per argv in `runs`, each in a fresh process; per distinct argv in `keys`
+    (default: the one argv), each ratio's values in run order."""
+    keys = keys or [tuple(runs[0])]
+    found: list[dict[str, list[float]]] = [{} for _ in keys]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ratios.json"
+        for i, argv in enumerate(tqdm(runs, desc=desc, unit="process")):
+            child = [sys.executable, __file__, *argv, "--processes", "1", "--json-out", str(out)]
+            done = subprocess.run(child, check=False, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"bench_overhead: process {i + 1} ({' '.join(argv)}) failed:\n{done.stderr.strip()}")
+            if i < len(keys):
+                tqdm.write(done.stdout.split("\n", 1)[0])
+            for key, value in json.loads(out.read_text()).items():
+                found[keys.index(tuple(argv))].setdefault(key, []).append(value)
+    return found
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option` and its value (given as `option VALUE` or `option=VALUE`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def _skip_feeds(plan: Any, feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -293,6 +357,29 @@ def _forced_inlined(path: Path, plan: Any, out: Path, ifs: bool, sets: list[str]
     names = {gate_name(r.name) for r in regions} | ({region_if_name(r.name) for r in regions} if ifs else set())
     model = onnx.load(str(path))
     inline_ifs(model.graph, lambda node: "else_branch" if node.op_type == "If" and node.name in names else None, prune=False)
+    onnx.save(model, str(out))
+    return out
+
+
+def _with_pass_ifs(path: Path, plan: Any, out: Path, k: int) -> Path:
+    """The compiled graph with `k` `If`s after the stack's skip branch computes the stack's first output,
+    each passing it through (an Identity in either branch, on the stack's decision): the `If`s a
+    flattened nesting would run on a skipped stack, where the nested regions would still be reached."""
+    model = onnx.load(str(path))
+    stack_if = next(n for n in model.graph.node if n.name == region_if_name("stack"))
+    skip = next(a.g for a in stack_if.attribute if a.name == "then_branch")
+    value = skip.output[list(stack_if.output).index(plan.region("stack").outputs[0])]
+    elem = value.type.tensor_type.elem_type
+    x = value.name + ".pass"
+    for node in skip.node:
+        node.output[:] = [x if o == value.name else o for o in node.output]
+    for j in range(k):
+        y = value.name if j == k - 1 else f"{value.name}.pass{j}"
+        branches = {f"{tag}_branch": helper.make_graph([helper.make_node("Identity", [x], [f"{y}.{tag}"])], f"pass{j}_{tag}", [],
+                                                        [helper.make_tensor_value_info(f"{y}.{tag}", elem, None)])
+                    for tag in ("then", "else")}
+        skip.node.append(helper.make_node("If", ["fc.stack.cond"], [y], name=f"fc/pass{j}", **branches))
+        x = y
     onnx.save(model, str(out))
     return out
 
