@@ -118,7 +118,27 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1,
                     help="run the whole benchmark in this many fresh processes and print each ratio's median over them")
     ap.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)  # one process's ratios, for --processes
-    args = ap.parse_args()
+    args = _parsed(ap, sys.argv[1:])
+    if args.against is not None:
+        if not shlex.split(args.against):
+            ap.error("--against needs the options to add, e.g. --against='--inline stack,tail'")
+        argv = _without_option(sys.argv[1:], "--against")
+        against = [*argv, *shlex.split(args.against)]
+        _parsed(ap, against)  # refuse a bad variant before the first process runs
+        compare_processes(argv, against, args.processes)
+        return
+    if args.processes > 1:
+        across_processes(sys.argv[1:], args.processes)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    found = measure(args)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(found))
+
+
+def _parsed(ap: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`argv` parsed and checked; exits with `ap`'s usage error where the options do not go together."""
+    args = ap.parse_args(argv)
     if args.processes < 1:
         ap.error(f"--processes {args.processes} must be at least 1")
     args.inline = args.inline.split(",") if args.inline else []
@@ -131,20 +151,7 @@ def main() -> None:
         ap.error(f"--pass-ifs {args.pass_ifs} must be at least 0")
     if args.pass_ifs and ("stack" not in args.regions.split(",") or "stack" in args.inline):
         ap.error("--pass-ifs needs a stack that can skip: --regions with stack, and no --inline stack")
-    if args.against is not None:
-        if not shlex.split(args.against):
-            ap.error("--against needs the options to add, e.g. --against='--inline stack,tail'")
-        argv = _without_option(sys.argv[1:], "--against")
-        against = [*argv, *shlex.split(args.against)]
-        compare_processes(argv, against, args.processes)
-        return
-    if args.processes > 1:
-        across_processes(sys.argv[1:], args.processes)
-        return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    found = measure(args)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(found))
+    return args
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
