@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from scipy import linalg
 
 from fcpass.errors import FcpassError
+from fcpass.onnx_io import over_proto_limit
 from fcpass.peer_calibration import PEERS, PeerStats
 from fcpass.plan import CachePlan, RegionSpec
 from runtimes.backend import OrtBackend
@@ -95,7 +96,7 @@ def _recording_session(model: onnx.ModelProto, plan: CachePlan) -> Iterator[Call
     calibration trajectories with every region computing and calls sink after every step."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "calib.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 2**31 - 2**20)
+        onnx.save_model(model, str(path), save_as_external_data=over_proto_limit(model))
         backend = OrtBackend(path)
         from fcpass.runner import roles_from_plan
 

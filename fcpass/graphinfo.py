@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -48,7 +48,7 @@ class GraphIndex:
     @cached_property
     def value_types(self) -> dict[str, tuple[int, tuple[int | str | None, ...]]]:
         """name -> (onnx elem type, shape) for every tensor shape inference could type."""
-        inferred = infer_shapes(self.model)
+        inferred = infer_shapes(self.model, weights=False)
         out: dict[str, tuple[int, tuple[int | str | None, ...]]] = {}
         g = inferred.graph
         for v in [*g.input, *g.value_info, *g.output]:
@@ -125,12 +125,86 @@ def _outer_names(graph: onnx.GraphProto) -> list[str]:
     return [name for n in graph.node for name in node_inputs(n) if name not in local]
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, weights: bool = True) -> onnx.ModelProto:
+    """A copy of `model` with the shapes ONNX shape inference finds; `model` itself where inference
+    fails. Without `weights`, the copy's large weights hold no data (enough to read its types)."""
+    light = weightless(model)
     try:
-        return shape_inference.infer_shapes(model, data_prop=True)
+        inferred = shape_inference.infer_shapes(light, data_prop=True)
     except Exception as exc:  # noqa: BLE001  (a partly unsupported graph still has useful exported value_info)
         log.warning("shape inference failed (%s); using the shapes stored in the model", exc)
         return model
+    if weights:
+        full = {t.name: t for t in initializer_tensors(model)}
+        for t in initializer_tensors(inferred):
+            if any(e.value == _WEIGHTLESS for e in t.external_data):
+                t.CopyFrom(full[t.name])
+    return inferred
+
+
+# A weight this large is never a shape or an axis, the only tensor values shape inference reads.
+_WEIGHTLESS_MIN_BYTES = 2**20
+_WEIGHTLESS = "fcpass:weightless"
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large weights hold no data, marked external as a model loaded without its
+    external data is.
+
+    Shape inference serialises the whole model, and protobuf cannot serialise one over 2 GB (a
+    DiT-XL/2 with its weights); without them the graph is a few MB. The main graph's large weights
+    are never copied; those in subgraphs (a compiled graph's) are copied with their nodes, then dropped.
+    """
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field.name, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(light.graph, field.name, value)
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and _nbytes(t) >= _WEIGHTLESS_MIN_BYTES:
+            _stub(light.graph.initializer.add(), t)
+        else:
+            light.graph.initializer.add().CopyFrom(t)
+    for t in initializer_tensors(light):
+        if t.HasField("raw_data") and _nbytes(t) >= _WEIGHTLESS_MIN_BYTES:
+            t.ClearField("raw_data")
+            _stub(t, t)
+    return light
+
+
+def _copy_field(dst: Any, name: str, value: Any) -> None:
+    target = getattr(dst, name)
+    if hasattr(target, "extend"):
+        target.extend(value)
+    elif hasattr(target, "CopyFrom"):
+        target.CopyFrom(value)
+    else:
+        setattr(dst, name, value)
+
+
+def _stub(stub: onnx.TensorProto, t: onnx.TensorProto) -> None:
+    """Make `stub` `t` without data: its name, type and shape, its data marked external."""
+    if stub is not t:
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    stub.external_data.add(key="location", value=_WEIGHTLESS)
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """A tensor's data size from its shape and type (reading `raw_data` or `ByteSize` copies the data)."""
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def initializer_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer of `model`, in the main graph and in every subgraph."""
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        graphs.extend(sub for n in g.node for sub in subgraphs(n))
 
 
 def _numel(shape: tuple | None) -> int | None:

@@ -89,3 +89,38 @@ def test_compiled_graphs_keep_large_weights_in_external_data(calibrated: tuple[P
         np.testing.assert_array_equal(a, b)
     small = calibrated[1]
     assert not small.with_name(small.name + ".data").exists() and branch_weight_bytes(onnx.load(str(small))) > 0
+
+
+def test_shape_inference_runs_without_the_large_weights_and_gives_them_back(tiny_dit: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shape inference serialises the model, which protobuf cannot do over 2 GB: it runs on a copy
+    without the large weights, types every tensor as it would with them, and leaves the model as it was."""
+    from fcpass import graphinfo
+
+    model = onnx.load(str(tiny_dit))
+    before = model.SerializeToString()
+    want = {v.name: v.type for v in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.value_info}
+    monkeypatch.setattr(graphinfo, "_WEIGHTLESS_MIN_BYTES", 256)  # the tiny model's weights count as large
+    light = graphinfo.weightless(model)
+    stubs = [t for t in light.graph.initializer if t.external_data]
+    assert len(stubs) > 10 and not any(t.raw_data for t in stubs)
+    assert light.ByteSize() < len(before) - sum(len(t.raw_data) for t in model.graph.initializer
+                                                if t.name in {s.name for s in stubs}) + 64 * len(stubs)
+    for keep_weights in (True, False):
+        inferred = graphinfo.infer_shapes(model, weights=keep_weights)
+        assert model.SerializeToString() == before
+        assert {v.name: v.type for v in inferred.graph.value_info} == want
+    weights = {t.name: t for t in model.graph.initializer}
+    assert {t.name: t.SerializeToString() for t in graphinfo.infer_shapes(model).graph.initializer} == {
+        name: t.SerializeToString() for name, t in weights.items()}
+
+
+def test_a_model_protobuf_cannot_size_is_over_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from google.protobuf.message import EncodeError
+
+    class Huge:  # what protobuf does with a model over 2 GB: it raises rather than give the size
+        def ByteSize(self) -> int:
+            raise EncodeError("Failed to serialize proto")
+
+    monkeypatch.setattr(onnx_io, "initializer_tensors", lambda model: [])
+    assert onnx_io.over_proto_limit(Huge())
