@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 from scipy import linalg
 
 from fcpass.errors import FcpassError
@@ -96,7 +97,10 @@ def _recording_session(model: onnx.ModelProto, plan: CachePlan) -> Iterator[Call
     calibration trajectories with every region computing and calls sink after every step."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "calib.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=over_proto_limit(model))
+        external = over_proto_limit(model)
+        onnx.save_model(model, str(path), save_as_external_data=external)
+        if external:  # saving moved the weights out of `model` into the file; read them back while it exists
+            load_external_data_for_model(model, tmp)
         backend = OrtBackend(path)
         from fcpass.runner import roles_from_plan
 

@@ -117,3 +117,20 @@ def test_plan_records_every_policys_defaults(calibrated: tuple[Path, Path]) -> N
     plan = read_plan(onnx.load(str(calibrated[1])))
     assert set(plan.policy_defaults) == set(CONFIGS)
     assert plan.policy_defaults["fastcache"]["alpha"] == FastCacheConfig().alpha
+
+
+def test_a_model_over_2_gb_calibrates_as_one_under_it(calibrated: tuple[Path, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over 2 GB the recording session reads the model from a file with external data, which saving
+    moves the weights out to: calibration must fit the same weights as it does under 2 GB."""
+    import fcpass.calibrate
+
+    src, want = calibrated
+    monkeypatch.setattr(fcpass.calibrate, "over_proto_limit", lambda model: True)
+    out = tmp_path / "big.fc.onnx"
+    optimize(src, out, OptimizeOptions(calibrate=2, calib_steps=6, calib_eps=0.5), calibration_setup([1, 2]))
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in all_initializers(onnx.load(str(out)))}
+    ref = {t.name: onnx.numpy_helper.to_array(t) for t in all_initializers(onnx.load(str(want)))}
+    assert got.keys() == ref.keys() and any(".V" in name for name in got)
+    for name, value in ref.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
