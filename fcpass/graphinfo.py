@@ -163,15 +163,19 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
         if field.name != "initializer":
             _copy_field(light.graph, field.name, value)
     for t in model.graph.initializer:
-        if t.HasField("raw_data") and _nbytes(t) >= _WEIGHTLESS_MIN_BYTES:
+        if _large(t):
             _stub(light.graph.initializer.add(), t)
         else:
             light.graph.initializer.add().CopyFrom(t)
     for t in initializer_tensors(light):
-        if t.HasField("raw_data") and _nbytes(t) >= _WEIGHTLESS_MIN_BYTES:
+        if _large(t):
             t.ClearField("raw_data")
             _stub(t, t)
     return light
+
+
+def _large(t: onnx.TensorProto) -> bool:
+    return t.HasField("raw_data") and tensor_nbytes(t) >= _WEIGHTLESS_MIN_BYTES
 
 
 def _copy_field(dst: Any, name: str, value: Any) -> None:
@@ -193,7 +197,7 @@ def _stub(stub: onnx.TensorProto, t: onnx.TensorProto) -> None:
     stub.external_data.add(key="location", value=_WEIGHTLESS)
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
+def tensor_nbytes(t: onnx.TensorProto) -> int:
     """A tensor's data size from its shape and type (reading `raw_data` or `ByteSize` copies the data)."""
     return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 

@@ -20,7 +20,7 @@ from google.protobuf.message import EncodeError
 from onnx import shape_inference
 
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import initializer_tensors, weightless
+from fcpass.graphinfo import initializer_tensors, tensor_nbytes, weightless
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def over_proto_limit(model: onnx.ModelProto) -> bool:
     Protobuf raises on sizing a message over 2 GiB (a DiT-XL/2 with its weights loaded) rather than
     returning the size, and takes seconds to do so: weights that alone pass the limit decide first.
     """
-    if sum(len(t.raw_data) for t in initializer_tensors(model)) >= _PROTO_LIMIT:
+    if sum(tensor_nbytes(t) for t in initializer_tensors(model) if t.HasField("raw_data")) >= _PROTO_LIMIT:
         return True
     try:
         return model.ByteSize() >= _PROTO_LIMIT

@@ -16,11 +16,9 @@ Run it last: passes that edit weights by name (calibration) look in the main gra
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
-from onnx import helper
 
-from fcpass.graphinfo import subgraphs
+from fcpass.graphinfo import subgraphs, tensor_nbytes
 
 # Above this many bytes of weights inside If branches a compiled graph is saved with its weights in
 # external data: ONNX Runtime holds a weight stored inline in a branch several times over (DiT-S/2,
@@ -73,8 +71,7 @@ def branch_weight_bytes(model: onnx.ModelProto) -> int:
     def walk(g: onnx.GraphProto, inside: bool) -> None:
         nonlocal total
         if inside:
-            total += sum(int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-                         for t in g.initializer)
+            total += sum(tensor_nbytes(t) for t in g.initializer)
         for node in g.node:
             for sub in subgraphs(node):
                 walk(sub, True)
