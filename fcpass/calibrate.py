@@ -34,7 +34,8 @@ from onnx.external_data_helper import load_external_data_for_model
 from scipy import linalg
 
 from fcpass.errors import FcpassError
-from fcpass.onnx_io import over_proto_limit
+from fcpass.graphinfo import initializer_tensors
+from fcpass.onnx_io import save_model
 from fcpass.peer_calibration import PEERS, PeerStats
 from fcpass.plan import CachePlan, RegionSpec
 from runtimes.backend import OrtBackend
@@ -97,9 +98,9 @@ def _recording_session(model: onnx.ModelProto, plan: CachePlan) -> Iterator[Call
     calibration trajectories with every region computing and calls sink after every step."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "calib.onnx"
-        external = over_proto_limit(model)
-        onnx.save_model(model, str(path), save_as_external_data=external)
-        if external:  # saving moved the weights out of `model` into the file; read them back while it exists
+        save_model(model, path)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in initializer_tensors(model)):
+            # over 2 GB saving moved the weights out of `model` into the file: read them back while it exists
             load_external_data_for_model(model, tmp)
         backend = OrtBackend(path)
         from fcpass.runner import roles_from_plan

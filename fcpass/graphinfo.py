@@ -204,11 +204,12 @@ def tensor_nbytes(t: onnx.TensorProto) -> int:
 
 def initializer_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every initializer of `model`, in the main graph and in every subgraph."""
-    graphs = [model.graph]
-    while graphs:
-        g = graphs.pop()
+    def walk(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from g.initializer
-        graphs.extend(sub for n in g.node for sub in subgraphs(n))
+        for n in g.node:
+            for sub in subgraphs(n):
+                yield from walk(sub)
+    return walk(model.graph)
 
 
 def _numel(shape: tuple | None) -> int | None:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from fcpass.graphinfo import initializer_tensors
 from fcpass.optimize import OptimizeOptions, optimize
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest
@@ -102,17 +103,7 @@ def load(path: Path) -> onnx.ModelProto:
 
 def all_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Initializers of the main graph and of every branch (compiled graphs keep weights in their branches)."""
-    out: list[onnx.TensorProto] = []
-
-    def walk(g: onnx.GraphProto) -> None:
-        out.extend(g.initializer)
-        for node in g.node:
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    walk(sub)
-
-    walk(model.graph)
-    return out
+    return list(initializer_tensors(model))
 
 
 def unread_nodes(graph: onnx.GraphProto, where: str = "main") -> list[str]:

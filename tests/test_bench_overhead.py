@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from fcpass.graphinfo import subgraphs
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
 from tests.conftest import tiny_feeds
@@ -21,8 +22,7 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def _ifs(graph: onnx.GraphProto) -> int:
-    return sum(n.op_type == "If" for n in graph.node) + sum(
-        _ifs(a.g) for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return sum(n.op_type == "If" for n in graph.node) + sum(_ifs(sub) for n in graph.node for sub in subgraphs(n))
 
 
 @pytest.fixture(scope="module")
