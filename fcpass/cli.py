@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -17,6 +17,11 @@ from fcpass import __version__
 from fcpass.errors import FcpassError
 
 log = logging.getLogger("fcpass")
+
+BLOCK_PATTERN_HELP = ("regex matching a block's scope name, with a group for its number (default: found from the "
+                      "exporter's scopes, else from the graph's structure)")
+INPUTS_HELP = "input roles when the names do not say, e.g. latent=x,timestep=t,class=y (roles: " + \
+    "latent, timestep, class, prompt_embeds)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,33 +43,42 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line as every other error (and the place to read more)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fcpass", description="Compile adaptive caches into exported Diffusion Transformers.")
+    p = _Parser(prog="fcpass", description="Compile adaptive caches into exported Diffusion Transformers.")
     p.add_argument("--version", action="version", version=f"fcpass {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(metavar="COMMAND")
 
     e = sub.add_parser("export", help="export a PyTorch DiT to static-shaped ONNX")
     e.add_argument("--arch", required=True, help="digits, dit-{s,b,l,xl}-{2,4,8}, pixart-tiny, pixart-xl-2")
-    e.add_argument("--image-size", type=int, default=256)
+    e.add_argument("--image-size", type=int, default=256, help="image side in pixels (default %(default)s)")
     e.add_argument("--weights", type=Path, help="checkpoint (official DiT .pt, or diffusers layout)")
     e.add_argument("--batch", type=int, default=2, help="static batch (2 = one sample with guidance)")
-    e.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
-    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
+                   help="torch.onnx exporter: dynamo (torch.export) or legacy (TorchScript); default %(default)s")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
     e.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
-    e.add_argument("-o", "--output", type=Path, required=True)
+    e.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="inputs, outputs, transformer blocks, MACs, and the cache plan if any")
-    i.add_argument("model", type=Path)
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--block-pattern", help="regex matching a block scope name, with a group for its number")
-    i.add_argument("--inputs", help="input roles, e.g. latent=x,timestep=t,class=y")
+    i.add_argument("model", type=Path, help="an exported DiT, a graph written by fcpass optimize, or a segments folder")
+    i.add_argument("--json", action="store_true", help="everything found, as JSON")
+    i.add_argument("--block-pattern", help=BLOCK_PATTERN_HELP)
+    i.add_argument("--inputs", help=INPUTS_HELP)
     i.set_defaults(func=cmd_inspect)
 
     o = sub.add_parser("optimize", help="rewrite a DiT graph into a cache-aware graph")
     o.add_argument("model", type=Path, nargs="?", help="exported DiT (default: the bundled digits model)")
-    o.add_argument("-o", "--output", type=Path, required=True)
+    o.add_argument("-o", "--output", type=Path, required=True,
+                   help="the cache-aware graph to write (never the input); a folder with --lowering segments")
     o.add_argument("--for", dest="for_policies", nargs="+", metavar="POLICY",
                    help="compile what these policies need and nothing more (their region sets, probes, previous "
                         "outputs, token caching), in place of --regions, --taylor, --no-probes and --tokens; "
@@ -88,14 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--merge-weight", type=float, default=1.0, metavar="LAMBDA", help="token merging: weight of motion")
     o.add_argument("--token-score", choices=["vnorm", "attention", "saliency", "random"], help="token scores (default vnorm)")
     o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
-    o.add_argument("--calib-steps", type=int, default=50)
+    o.add_argument("--calib-steps", type=int, default=50, help="sampling steps of each calibration trajectory "
+                                                               "(default %(default)s)")
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
-    o.add_argument("--block-pattern")
-    o.add_argument("--inputs")
+    o.add_argument("--block-pattern", help=BLOCK_PATTERN_HELP)
+    o.add_argument("--inputs", help=INPUTS_HELP)
     o.add_argument("--lowering", default="if", metavar="{if,segments}",
                    help="if: one .fc.onnx with an If per region; segments: -o names a folder of If-free "
                         "head/branch/tail graphs the host chooses between (no If: CUDA-graph friendly)")
-    _sampling_args(o)
+    _sampling_args(o, calibrating=True)
     o.set_defaults(func=cmd_optimize)
 
     s = sub.add_parser("sample", help="sample with an (optimized) graph on ONNX Runtime")
@@ -103,12 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default=None, metavar="NAME[:KEY=VALUE,...]",
                    help="on cache-aware graphs: none, fora, fastcache, taylorseer, delta-dit, fbcache, teacache, "
                         "magcache, duca, toca; options after a colon, e.g. teacache:threshold=0.2")
-    s.add_argument("--alpha", type=float)
-    s.add_argument("--dof", choices=["elements", "tokens"])
-    s.add_argument("--max-skips", type=int)
-    s.add_argument("--warmup", type=int)
+    s.add_argument("--alpha", type=float, help="fastcache: significance level of the chi-square test (default 0.05; "
+                                                "smaller skips more)")
+    s.add_argument("--dof", choices=["elements", "tokens"],
+                   help="fastcache: degrees of freedom of the test, N*D (elements, default) or N (tokens)")
+    s.add_argument("--max-skips", type=int, help="fastcache, magcache: consecutive skips of a region before it must "
+                                                   "compute (default 3)")
+    s.add_argument("--warmup", type=int, help="leading steps computed in full (default: the policy's own)")
     s.add_argument("--interval", type=int, help="FORA's interval")
-    s.add_argument("--approx", choices=["reuse", "residual", "linear", "affine", "taylor1"])
+    s.add_argument("--approx", choices=["reuse", "residual", "linear", "affine", "taylor1"],
+                   help="fora, fastcache: what stands in for a skipped region (default: reuse for fora, linear for "
+                        "fastcache; taylor1 needs a graph optimized with --taylor)")
     s.add_argument("--sigma-scale", type=float, help="fastcache: scale every calibrated sigma^2")
     s.add_argument("--levels", help="fastcache: regions that take the test, e.g. stack,blocks")
     s.add_argument("--level", choices=["blocks", "stack"], help="fora, taylorseer: per block or the whole stack")
@@ -120,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder, the folder of engines built from it")
     s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="TensorRT segments: launch each engine directly instead of replaying captured CUDA graphs")
-    s.add_argument("--inputs")
+    s.add_argument("--inputs", help=INPUTS_HELP + " (plain graphs; a cache-aware graph keeps those it was optimized with)")
     s.add_argument("--out", type=Path, help="PNG grid of the samples")
     s.add_argument("--out-npy", type=Path, help="final samples as .npy")
     s.add_argument("--report", type=Path, help="JSON report: timing, MACs, every step's decisions")
@@ -132,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="fit TeaCache's polynomial or MagCache's ratios into a cache-aware graph's plan")
     cal.add_argument("model", type=Path, help="a graph written by fcpass optimize")
     cal.add_argument("-o", "--output", type=Path, required=True, help="the recalibrated graph (never the input)")
-    cal.add_argument("--for", dest="peer", required=True, choices=["teacache", "magcache"])
+    cal.add_argument("--for", dest="peer", required=True, choices=["teacache", "magcache"],
+                     help="the policy whose calibration to fit")
     cal.add_argument("--calibrate", type=int, default=8, metavar="N", help="trajectories")
-    cal.add_argument("--calib-steps", type=int, default=50)
-    cal.add_argument("--inputs")
-    _sampling_args(cal)
+    cal.add_argument("--calib-steps", type=int, default=50,
+                     help="sampling steps of each trajectory (default %(default)s)")
+    cal.add_argument("--inputs", help=INPUTS_HELP)
+    _sampling_args(cal, calibrating=True)
     cal.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser("tune", help="the fastest setting of each policy that holds a PSNR target, with a plot")
@@ -148,31 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", type=int, default=10, help="samples of the calibration set (classes cycled)")
     t.add_argument("--repeats", type=int, default=1, help="timed runs per setting; the fastest counts")
     t.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    t.add_argument("--provider", default="cpu")
+    t.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
     t.add_argument("--plot", type=Path, default=Path("tune.png"), help="speed against quality, one curve per policy")
     t.add_argument("--json", type=Path, help="every setting measured, as JSON")
-    t.add_argument("--inputs")
+    t.add_argument("--inputs", help=INPUTS_HELP)
     _sampling_args(t)
     t.set_defaults(func=cmd_tune, seed=1234)
 
     c = sub.add_parser("compare", help="PSNR and SSIM of B against A")
-    c.add_argument("a", type=Path)
-    c.add_argument("b", type=Path)
+    c.add_argument("a", type=Path, help="reference samples (.npy, e.g. fcpass sample --out-npy without a policy)")
+    c.add_argument("b", type=Path, help="samples to score against A (.npy, the same shape)")
     c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="plot a sampling report's decisions as a step x region heatmap")
-    r.add_argument("report", type=Path)
-    r.add_argument("-o", "--output", type=Path, required=True)
+    r.add_argument("report", type=Path, help="the JSON that fcpass sample --report wrote")
+    r.add_argument("-o", "--output", type=Path, required=True, help="the PNG to write")
     r.set_defaults(func=cmd_report)
 
     k = sub.add_parser("check", help="static checks that TensorRT 10.x/11.x can build a (cache-aware) graph")
-    k.add_argument("model", type=Path)
+    k.add_argument("model", type=Path, help="an ONNX graph or a segments folder")
     k.add_argument("--target", default="tensorrt", help="the runtime to check for: tensorrt")
     k.add_argument("--json", action="store_true", help="the violations as a JSON list")
     k.set_defaults(func=cmd_check)
 
     b = sub.add_parser("build", help="build a TensorRT engine (needs fcpass[trt] and an NVIDIA GPU)")
-    b.add_argument("model", type=Path)
+    b.add_argument("model", type=Path, help="an ONNX graph (cache-aware or not) or a segments folder")
     b.add_argument("-o", "--output", type=Path, required=True,
                    help="the engine (plan) file; for a segments folder, a folder of engines")
     precision = b.add_mutually_exclusive_group()
@@ -186,14 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
+def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
+    """What to draw and how. Calibrating commands take neither --steps nor --seed: their trajectories
+    run --calib-steps steps from a seed of their own, never the noise of the samples they are scored on."""
     p.add_argument("--scheduler-config", type=Path, help="diffusers scheduler_config.json")
-    p.add_argument("--steps", type=int, default=50)
+    if not calibrating:
+        p.add_argument("--steps", type=int, default=50, help="sampling steps per sample (default %(default)s)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", help="class labels to draw")
     p.add_argument("--prompt-embeds", type=Path, help=".npy of caption embeddings (N, L, C)")
-    p.add_argument("--guidance-scale", type=float, default=1.5)
-    p.add_argument("--uncond-class", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=1.5,
+                   help="classifier-free guidance scale; 1 runs without guidance (default %(default)s)")
+    p.add_argument("--uncond-class", type=int, help="the null label of guidance's unconditional half (default: a DiT's own, its class count)")
+    if not calibrating:
+        p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
 
 
 # --- export / inspect ---------------------------------------------------------------------------
@@ -521,8 +548,10 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
             raise FcpassError(
                 f"--uncond-class {uncond} is out of range: {model_path} has a {rows}-row label table; use 0..{rows - 1}"
             )
-    request = SampleRequest(classes=classes, prompt_embeds=prompt, steps=args.steps,
-                            guidance_scale=args.guidance_scale, uncond_class=uncond, seed=args.seed)
+    request = SampleRequest(classes=classes, prompt_embeds=prompt, guidance_scale=args.guidance_scale,
+                            uncond_class=uncond)
+    if hasattr(args, "steps"):  # calibrating commands: their options decide steps and seed
+        request.steps, request.seed = args.steps, args.seed
     return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),
             "arch": meta.get("arch")}
 

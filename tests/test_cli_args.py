@@ -1,0 +1,60 @@
+"""The CLI's arguments: `fcpass COMMAND --help` documents every one (the policy defaults it quotes are the
+policies' own), a usage error is one line and exit code 2 as every other error, and no command takes
+a flag it would ignore."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from fcpass.cli import build_parser, main
+from runtimes.policies import FastCacheConfig, ForaConfig, MagCacheConfig
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def help_of(command: str, flag: str) -> str:
+    action = next(a for a in commands()[command]._actions if flag in a.option_strings)
+    return action.help % vars(action)
+
+
+@pytest.mark.parametrize("command", sorted(commands()))
+def test_every_argument_has_help(command: str) -> None:
+    parser = commands()[command]
+    bare = [a.option_strings[0] if a.option_strings else a.dest for a in parser._actions if not a.help]
+    assert not bare, f"fcpass {command}: no help for {', '.join(bare)}"
+    parser.format_help()  # every %(default)s and %(choices)s expands
+
+
+def test_quoted_policy_defaults_are_the_policies_own() -> None:
+    assert f"default {FastCacheConfig.alpha}" in help_of("sample", "--alpha")
+    assert FastCacheConfig.max_skips == MagCacheConfig.max_skips
+    assert f"default {FastCacheConfig.max_skips}" in help_of("sample", "--max-skips")
+    approx = help_of("sample", "--approx")
+    assert f"{ForaConfig.approx} for fora" in approx and f"{FastCacheConfig.approx} for fastcache" in approx
+    assert f"({FastCacheConfig.dof}, default)" in help_of("sample", "--dof")
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["sample", "--threads", "x"], "argument --threads: invalid int value: 'x'"),
+    (["optimize"], "the following arguments are required: -o/--output"),
+    (["report", "r.json", "-o", "d.png", "--dpi", "300"], "unrecognized arguments: --dpi 300"),
+])
+def test_usage_error_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and fragment in err and err.rstrip().endswith("--help"), err
+
+
+@pytest.mark.parametrize("command", ["optimize", "calibrate"])
+@pytest.mark.parametrize("flag", ["--steps", "--seed"])
+def test_calibrating_commands_take_no_sampling_steps_or_seed(command: str, flag: str) -> None:
+    """Calibration runs --calib-steps steps from its own seed; a --steps or --seed it took would do nothing."""
+    assert flag not in commands()[command]._option_string_actions
+    assert flag in commands()["sample"]._option_string_actions
