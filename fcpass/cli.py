@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         args = parser.parse_args(["sample", *(argv or [])])
     try:
-        return args.func(args) or 0
+        rc = args.func(args) or 0
+        sys.stdout.flush()  # a reader that left shows here, where it is handled, not at the exit's flush
+        return rc
     except FcpassError as exc:
         # One line even when the message quotes a multi-line library error (e.g. torch.load's).
         print(f"fcpass: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fcpass: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`fcpass inspect m.onnx | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -284,11 +289,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['model']}  (opset {info['opset']})")
+    # A compiled graph exports the values its cache state takes under their names in the export:
+    # listed with the model's own outputs they would read as more predictions.
+    state_values = {st["next"] for st in info.get("plan", {}).get("states", [])}
     for kind in ("inputs", "outputs"):
         print(f"{kind}:")
         for s in info[kind]:
-            if not s["name"].startswith("fc"):
+            if not s["name"].startswith("fc") and s["name"] not in state_values:
                 print(f"  {s['name']:<24} {s['dtype']:<8} {s['shape']}")
+    exported = [s["name"] for s in info["outputs"] if s["name"] in state_values and not s["name"].startswith("fc")]
+    if exported:
+        print(f"  ... and {len(exported)} block values the cache state takes ({', '.join(exported[:3])}"
+              f"{', ...' if len(exported) > 3 else ''}), and the fc* cache tensors")
     print(f"MACs per call: {info['macs_per_call'] / 1e9:.3f} G")
     if "blocks" in info:
         b = info["blocks"]

@@ -5,10 +5,14 @@ a flag it would ignore."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 
 from fcpass.cli import build_parser, main
+from models.digits import ONNX
 from runtimes.policies import FastCacheConfig, ForaConfig, MagCacheConfig
 
 
@@ -58,3 +62,17 @@ def test_calibrating_commands_take_no_sampling_steps_or_seed(command: str, flag:
     """Calibration runs --calib-steps steps from its own seed; a --steps or --seed it took would do nothing."""
     assert flag not in commands()[command]._option_string_actions
     assert flag in commands()["sample"]._option_string_actions
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_reader_that_leaves_stops_the_output_quietly(unbuffered: str) -> None:
+    """`fcpass inspect m.onnx | head -1`: no traceback when head closes the pipe, and the shell's SIGPIPE status,
+    whether a print or (block-buffered stdout) the last flush meets the closed pipe."""
+    read, write = os.pipe()
+    os.close(read)  # closed before anything is written: every write fails, however little is written
+    with os.fdopen(write, "wb") as stdout:
+        done = subprocess.run([sys.executable, "-c", "import sys; from fcpass.cli import main; sys.exit(main(sys.argv[1:]))",
+                               "inspect", str(ONNX)], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+    assert done.returncode == 141
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr

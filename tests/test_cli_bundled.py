@@ -35,7 +35,11 @@ def test_sample_optimize_sample_cached_report_compare(tmp_path: Path, capsys: py
     assert main(["optimize", "-o", str(fc), "--calibrate", "2", "--calib-steps", "8"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(fc)]) == 0
-    assert "cache plan" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "cache plan" in text
+    outputs = text.split("outputs:\n")[1].split("MACs")[0].splitlines()
+    # The model's own output, then the block values the state takes under their export names, counted
+    assert outputs[0].split()[0] == "noise_pred" and "block values the cache state takes" in outputs[1], outputs
 
     cached, report2 = tmp_path / "b.npy", tmp_path / "r2.json"
     assert main(["sample", str(fc), "--policy", "fora", "--interval", "2", "--steps", "8", "--class", "3", "7",
