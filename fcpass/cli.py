@@ -20,6 +20,8 @@ log = logging.getLogger("fcpass")
 
 BLOCK_PATTERN_HELP = ("regex matching a block's scope name, with a group for its number (default: found from the "
                       "exporter's scopes, else from the graph's structure)")
+CALIB_STEPS_HELP = ("sampling steps of each calibration trajectory, best the count you will sample with: the fits "
+                    "and statistics are those of one step's change (default %(default)s)")
 INPUTS_HELP = "input roles when the names do not say, e.g. latent=x,timestep=t,class=y (roles: " + \
     "latent, timestep, class, prompt_embeds)"
 
@@ -107,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--merge-weight", type=float, default=1.0, metavar="LAMBDA", help="token merging: weight of motion")
     o.add_argument("--token-score", choices=["vnorm", "attention", "saliency", "random"], help="token scores (default vnorm)")
     o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
-    o.add_argument("--calib-steps", type=int, default=50, help="sampling steps of each calibration trajectory "
-                                                               "(default %(default)s)")
+    o.add_argument("--calib-steps", "--steps", dest="calib_steps", type=int, default=50, help=CALIB_STEPS_HELP)
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
     o.add_argument("--block-pattern", help=BLOCK_PATTERN_HELP)
     o.add_argument("--inputs", help=INPUTS_HELP)
@@ -160,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--for", dest="peer", required=True, choices=["teacache", "magcache"],
                      help="the policy whose calibration to fit")
     cal.add_argument("--calibrate", type=int, default=8, metavar="N", help="trajectories")
-    cal.add_argument("--calib-steps", type=int, default=50,
-                     help="sampling steps of each trajectory (default %(default)s)")
+    cal.add_argument("--calib-steps", "--steps", dest="calib_steps", type=int, default=50, help=CALIB_STEPS_HELP)
     cal.add_argument("--inputs", help=INPUTS_HELP)
     _sampling_args(cal, calibrating=True)
     cal.set_defaults(func=cmd_calibrate)
@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
-    """What to draw and how. Calibrating commands take neither --steps nor --seed: their trajectories
-    run --calib-steps steps from a seed of their own, never the noise of the samples they are scored on."""
+    """What to draw and how. Calibrating commands take their steps from --calib-steps (--steps there) and
+    no --seed: their trajectories start from a seed of their own, never the noise of the samples they
+    are scored on."""
     p.add_argument("--scheduler-config", type=Path, help="diffusers scheduler_config.json")
     if not calibrating:
         p.add_argument("--steps", type=int, default=50, help="sampling steps per sample (default %(default)s)")
@@ -630,7 +631,8 @@ def _write_outputs(args: argparse.Namespace, result: Any, report: dict[str, Any]
 
 def _print_summary(report: dict[str, Any]) -> None:
     steps = report["steps"]
-    line = (f"{report['samples']} samples x {steps} steps on {report['provider']}: "
+    n = report["samples"]
+    line = (f"{n} sample{'s' if n != 1 else ''} x {steps} steps on {report['provider']}: "
             f"{report['wall_seconds']:.3f} s, {report['macs'] / 1e9:.2f} GMACs "
             f"({report['macs_fraction'] * 100:.1f}% of uncached)")
     if report.get("accuracy") is not None:

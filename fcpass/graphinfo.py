@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
+from fcpass.static_shapes import needs_resolving, resolve_static_shapes
+
 log = logging.getLogger(__name__)
 
 
@@ -126,14 +128,17 @@ def _outer_names(graph: onnx.GraphProto) -> list[str]:
 
 
 def infer_shapes(model: onnx.ModelProto, weights: bool = True) -> onnx.ModelProto:
-    """A copy of `model` with the shapes ONNX shape inference finds; `model` itself where inference
-    fails. Without `weights`, the copy's large weights hold no data (enough to read its types)."""
+    """A copy of `model` with the shapes ONNX shape inference finds, resolved to numbers where the inputs
+    are static (`fcpass.static_shapes`); `model` itself where inference fails. Without `weights`, the
+    copy's large weights hold no data (enough to read its types)."""
     light = weightless(model)
     try:
         inferred = shape_inference.infer_shapes(light, data_prop=True)
     except Exception as exc:  # noqa: BLE001  (a partly unsupported graph still has useful exported value_info)
         log.warning("shape inference failed (%s); using the shapes stored in the model", exc)
         return model
+    if needs_resolving(inferred):
+        inferred = resolve_static_shapes(inferred)
     if weights:
         full = {t.name: t for t in initializer_tensors(model)}
         for t in initializer_tensors(inferred):

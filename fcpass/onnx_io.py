@@ -53,14 +53,38 @@ def load_model(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
     if p.is_dir():
         raise FcpassError(f"{p} is a directory, not an ONNX file; pass the path of the .onnx file inside it")
     try:
-        model = onnx.load(str(p), load_external_data=load_weights)
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001  (protobuf raises several unrelated types for a non-ONNX file)
         raise FcpassError(
             f"{p} is not a readable ONNX model ({type(exc).__name__}); pass an .onnx file exported from the model"
         ) from None
     if not model.graph.node:
         raise FcpassError(f"{p} holds no graph nodes; it is not an exported model (re-export it with fcpass export)")
+    # Checked whether or not the weights are read now: ONNX Runtime reads them later, and its error
+    # for a missing file says only that the graph is invalid.
+    check_external_data(model, p)
+    if load_weights:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(p.parent))
     return model
+
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every external data file the model at `path` names is beside it and long enough for its tensors."""
+    needed: dict[str, int] = {}
+    for tensor in _external_tensors(model):
+        entry = {e.key: e.value for e in tensor.external_data}
+        location = entry.get("location", "")
+        needed[location] = max(needed.get(location, 0), int(entry.get("offset", 0)) + int(entry.get("length", 0)))
+    for location, size in needed.items():
+        data = path.parent / location
+        if not data.is_file():
+            raise FcpassError(f"{path} keeps its weights in {location}, which is not beside it in "
+                              f"{path.parent.resolve()}; keep the two files together (copy or move both)")
+        if data.stat().st_size < size:
+            raise FcpassError(f"{data} holds {data.stat().st_size} bytes where {path.name} reads {size}: the copy was "
+                              f"cut short; copy {location} again from where {path.name} was written")
 
 
 _TYPE_CONFLICT = re.compile(r"node name: ([^)]*)\): \[TypeInferenceError\] Inferred elem type differs from existing "

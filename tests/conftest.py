@@ -32,14 +32,14 @@ def tiny_dit_model(seed: int = 0, **overrides: object) -> Any:
     return model
 
 
-def export_tiny_dit(path: Path, exporter: str, seed: int = 0, **overrides: object) -> Path:
+def export_tiny_dit(path: Path, exporter: str, seed: int = 0, batch: int = 2, **overrides: object) -> Path:
     torch = pytest.importorskip("torch")
     model = tiny_dit_model(seed, **overrides)
     cfg = model.config
     args = (
-        torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(1)),
-        torch.tensor([10.0, 500.0]),
-        torch.tensor([1, cfg.num_classes]),
+        torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(1)),
+        torch.tensor([10.0, 500.0][:batch]),
+        torch.tensor([1, cfg.num_classes][:batch]),
     )
     with torch.no_grad():
         torch.onnx.export(
