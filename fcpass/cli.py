@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
     o.add_argument("--block-pattern", help=BLOCK_PATTERN_HELP)
     o.add_argument("--inputs", help=INPUTS_HELP)
+    o.add_argument("--batch", type=int, metavar="N",
+                   help="the batch to compile a graph whose batch axis is dynamic at (default 2: one sample with "
+                        "guidance per call); a static graph keeps its own")
     o.add_argument("--lowering", default="if", metavar="{if,segments}",
                    help="if: one .fc.onnx with an If per region; segments: -o names a folder of If-free "
                         "head/branch/tail graphs the host chooses between (no If: CUDA-graph friendly)")
@@ -246,11 +249,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from fcpass.discover import discover_blocks
-    from fcpass.graphinfo import GraphIndex, graph_macs
+    from fcpass.graphinfo import GraphIndex, graph_macs, weightless
     from fcpass.onnx_io import load_model
     from fcpass.passes.segments import is_segments_artefact
     from fcpass.plan import has_plan, read_plan
     from fcpass.roles import graph_inputs, graph_outputs, infer_roles, parse_role_overrides
+    from fcpass.static_shapes import dynamic_axes, fix_batch
 
     if is_segments_artefact(args.model):
         return _inspect_segments(args)
@@ -268,6 +272,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         roles = infer_roles(model, parse_role_overrides(args.inputs))
         info["roles"] = _roles_json(roles)
+        if dynamic_axes(model):  # counted at batch 1: MACs per batch row
+            model = weightless(model)
+            fix_batch(model, 1)
+            info["macs_per"] = "batch row"
         index = GraphIndex(model)
         info["macs_per_call"] = graph_macs(index)
         bmap = discover_blocks(model, roles.latent.name, args.block_pattern)
@@ -302,7 +310,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if exported:
         print(f"  ... and {len(exported)} block values the cache state takes ({', '.join(exported[:3])}"
               f"{', ...' if len(exported) > 3 else ''}), and the fc* cache tensors")
-    print(f"MACs per call: {info['macs_per_call'] / 1e9:.3f} G")
+    per = f" per {info['macs_per']} (the batch axis is dynamic)" if "macs_per" in info else ""
+    print(f"MACs per call: {info['macs_per_call'] / 1e9:.3f} G{per}")
     if "blocks" in info:
         b = info["blocks"]
         print(f"transformer blocks: {b['count']} (found by {b['method']})")
@@ -414,6 +423,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         motion_context=args.motion_context,
         token_merge=MergeOptions(args.merge_neighbours, args.merge_weight) if args.token_merge else None,
         lowering=args.lowering,
+        batch=args.batch,
         **graph,
     )
     # Only calibration samples; without it a model needs no scheduler config to be optimized.

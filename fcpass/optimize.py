@@ -24,6 +24,7 @@ from fcpass.passes.motion_tokens import MergeOptions
 from fcpass.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
 from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
+from fcpass.static_shapes import dynamic_axes, fix_batch
 from runtimes.policies import policy_defaults
 from runtimes.token_policies import token_options
 
@@ -46,6 +47,11 @@ class OptimizeOptions:
     motion_ratio: float | None = None  # FastCache's motion tokens in the stack (fcpass.passes.motion_tokens)
     token_merge: MergeOptions | None = None  # with motion_ratio: k-NN token merging instead of the top-k
     motion_context: bool = False  # with motion_ratio: motion tokens attend to all tokens' cached keys and values
+    batch: int | None = None  # the batch a graph with a dynamic batch axis is compiled at (default DYNAMIC_BATCH)
+
+
+# What `fcpass export` writes by default: one sample with classifier-free guidance per call.
+DYNAMIC_BATCH = 2
 
 
 def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: dict[str, Any] | None) -> CachePlan:
@@ -57,11 +63,21 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     else:
         check_file_output(output)
     calibration = CalibrationOptions(options.calibrate, options.calib_steps, options.calib_eps) if options.calibrate else None
+    if options.batch is not None and options.batch < 1:
+        raise FcpassError(f"--batch {options.batch} must be at least 1")
     model = load_model(model_path)
     check_types(model, str(model_path))
     if options.lowering == "segments" and has_plan(model):
         return _lower_compiled(model, model_path, output, options)
+    if dynamic_axes(model):
+        batch = options.batch or DYNAMIC_BATCH
+        fix_batch(model, batch)
+        log.info("%s has a dynamic batch axis: compiled at batch %d%s", Path(model_path).name, batch,
+                 "" if options.batch else " (one sample with guidance; --batch N for another)")
     roles = infer_roles(model, parse_role_overrides(options.inputs))
+    if options.batch is not None and roles.latent.shape[0] != options.batch:
+        raise FcpassError(f"--batch {options.batch}: {model_path} fixes its batch at {roles.latent.shape[0]}; drop "
+                          "--batch, or re-export with that batch or a dynamic batch axis")
     block_map = discover_blocks(model, roles.latent.name, options.block_pattern)
     role_names = {
         "latent": roles.latent.name,

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs
+from fcpass.graphinfo import GraphIndex, graph_macs, weightless
 from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
 from fcpass.policy_graph import unused_costs
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
+from fcpass.static_shapes import dynamic_axes, fix_batch
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import POLICIES, make_policy, parse_policy_spec
@@ -87,7 +88,11 @@ def load_denoiser(
     if name not in (None, "none"):
         raise FcpassError(f"--policy {policy} needs a cache-aware graph; run: fcpass optimize {path} -o model.fc.onnx --calibrate 8")
     roles = infer_roles(backend.model, parse_role_overrides(inputs))
-    return PlainDenoiser(backend, roles, backend.outputs[0].name, graph_macs(GraphIndex(backend.model)))
+    model, per_row = backend.model, bool(dynamic_axes(backend.model))
+    if per_row:  # a dynamic batch axis: MACs of one batch row, times each call's rows
+        model = weightless(model)
+        fix_batch(model, 1)
+    return PlainDenoiser(backend, roles, backend.outputs[0].name, graph_macs(GraphIndex(model)), per_row=per_row)
 
 
 def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, policy: str | None,

@@ -1,4 +1,5 @@
-"""Concrete shapes where ONNX shape inference leaves symbols in a graph whose inputs are all static.
+"""Concrete shapes: a dynamic batch axis fixed (`fix_batch`), and the symbols ONNX shape inference leaves
+in a graph whose inputs are all static resolved (`resolve_static_shapes`).
 
 Exporters compute some shapes in the graph: the legacy exporter writes `chunk` as a `Slice` whose
 ends come from `Shape -> Gather -> Add -> Div -> Mul`, which ONNX's data propagation does not follow,
@@ -18,6 +19,8 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
+from fcpass.errors import FcpassError
+
 log = logging.getLogger(__name__)
 
 # Shapes, axes and indices are short; a value this large is data, not a shape.
@@ -29,6 +32,36 @@ _NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifo
 def static_dims(value: onnx.ValueInfoProto) -> bool:
     tt = value.type.tensor_type
     return tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim)
+
+
+def dynamic_axes(model: onnx.ModelProto) -> list[tuple[str, int, str]]:
+    """(input, axis, its name or "?") for every axis of a graph input that is not a number."""
+    weights = {t.name for t in model.graph.initializer}
+    return [(v.name, axis, d.dim_param or "?") for v in model.graph.input if v.name not in weights
+            for axis, d in enumerate(v.type.tensor_type.shape.dim) if not d.HasField("dim_value")]
+
+
+def fix_batch(model: onnx.ModelProto, batch: int) -> None:
+    """Set the dynamic batch axis (axis 0 of the graph's inputs and outputs) of `model` to `batch`, in place.
+
+    Invariant: nodes and weights are unchanged, so a run at that batch computes what the dynamic graph
+    computes; the value types inferred for the dynamic graph are dropped (inference finds the numbers).
+    Any other dynamic axis is an error: image size and sequence length decide the token count, which the
+    cache state and every token selection are compiled for.
+    """
+    other = [(name, axis, dim) for name, axis, dim in dynamic_axes(model) if axis != 0]
+    if other:
+        name, axis, dim = other[0]
+        raise FcpassError(f"input {name} has a dynamic axis {axis} ({dim}); fcpass compiles one image size and "
+                          "sequence length: re-export with them fixed (fcpass export --image-size N; torch.onnx.export "
+                          "with dynamic_axes for the batch at most)")
+    for v in [*model.graph.input, *model.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    stale = [v for v in model.graph.value_info if not static_dims(v)]
+    for v in stale:
+        model.graph.value_info.remove(v)
 
 
 def needs_resolving(inferred: onnx.ModelProto) -> bool:

@@ -160,18 +160,26 @@ def _timestep_feed(t: float, batch: int, roles: InputRoles) -> np.ndarray:
 class PlainDenoiser:
     """The uncached graph: one backend call per step, bound like the cached graph's where the backend binds."""
 
-    def __init__(self, backend: Any, roles: InputRoles, output: str, macs: int) -> None:
+    def __init__(self, backend: Any, roles: InputRoles, output: str, macs: int, per_row: bool = False) -> None:
+        """`macs` of one call, or with `per_row` (a graph with a dynamic batch axis) of one batch row."""
         self.backend = backend
         self.roles = roles
         self.output = output
-        self.uncached_macs = macs
+        self._macs = macs
+        self.per_row = per_row
+        self._rows = 1  # of the last call; `sample` pads every call of a run to the same rows
         bound = getattr(backend, "bound_call", None)
         self._bound = bound() if bound is not None else None
+
+    @property
+    def uncached_macs(self) -> int:
+        return self._macs * self._rows if self.per_row else self._macs
 
     def reset(self, num_steps: int) -> None:
         pass
 
     def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
+        self._rows = len(feeds[self.roles.latent.name])
         if self._bound is not None:
             return self._bound(feeds, [self.output])[self.output]
         return self.backend.run(feeds)[self.output]

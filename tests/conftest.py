@@ -32,7 +32,9 @@ def tiny_dit_model(seed: int = 0, **overrides: object) -> Any:
     return model
 
 
-def export_tiny_dit(path: Path, exporter: str, seed: int = 0, batch: int = 2, **overrides: object) -> Path:
+def export_tiny_dit(path: Path, exporter: str, seed: int = 0, batch: int = 2, dynamic_batch: bool = False,
+                    **overrides: object) -> Path:
+    """The tiny DiT as ONNX: static shapes, or with `dynamic_batch` a dynamic batch axis named `batch`."""
     torch = pytest.importorskip("torch")
     model = tiny_dit_model(seed, **overrides)
     cfg = model.config
@@ -45,6 +47,8 @@ def export_tiny_dit(path: Path, exporter: str, seed: int = 0, batch: int = 2, **
         torch.onnx.export(
             model, args, str(path), dynamo=exporter == "dynamo", opset_version=18,
             input_names=["latent", "timestep", "class_labels"], output_names=["noise_pred"], verbose=False,
+            dynamic_axes={name: {0: "batch"} for name in ("latent", "timestep", "class_labels", "noise_pred")}
+            if dynamic_batch else None,
         )
     return path
 

@@ -1,9 +1,11 @@
-"""Graphs whose inputs are static but whose shapes ONNX inference leaves symbolic (the legacy exporter's
-`chunk` at batch 1): the shapes are resolved to what a run computes, so MACs count every dimension and
-the cache state gets buffers of a known size, end to end."""
+"""Shapes that are not numbers in the export. Static inputs with symbolic shapes after ONNX inference (the
+legacy exporter's `chunk` at batch 1): resolved to what a run computes, so MACs count every dimension and
+the cache state gets buffers of a known size. A dynamic batch axis: compiled at a fixed batch (2, or
+--batch) that computes what the dynamic graph does; inspected and sampled per batch row."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,13 @@ from onnx import shape_inference
 
 from fcpass.cli import main
 from fcpass.graphinfo import GraphIndex, graph_macs, infer_shapes
+from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
 from fcpass.static_shapes import static_dims
 from models.digits import SCHEDULER_CONFIG
 from tests.conftest import export_tiny_dit, tiny_feeds
 from tests.test_cache_regions import Compiled
+from tests.test_cli_errors import user_error
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +80,67 @@ def test_forced_compute_equals_the_original_and_sampling_runs(batch1: Path, tmp_
     assert main([str(a) for a in [*args, "--policy", "fora", "--interval", "2"]]) == 0
     assert np.isfinite(np.load(tmp_path / "s.npy")).all()
     assert "fcpass: error" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module", params=["legacy", "dynamo"])
+def dynamic(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_tiny_dit(tmp_path_factory.mktemp(f"dynamic-{request.param}") / "tiny.onnx", request.param,
+                           dynamic_batch=True)
+
+
+def feeds_of(batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    return {"latent": rng.standard_normal((batch, 4, 8, 8)).astype(np.float32),
+            "timestep": np.linspace(10, 900, batch).astype(np.float32),
+            "class_labels": np.arange(batch, dtype=np.int64) % 11}
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+def test_a_dynamic_batch_compiles_at_a_fixed_one_that_computes_what_the_export_does(dynamic: Path, tmp_path: Path,
+                                                                                     batch: int | None) -> None:
+    out = tmp_path / "tiny.fc.onnx"
+    optimize(dynamic, out, OptimizeOptions(batch=batch), None)
+    rows = batch or 2
+    model = onnx.load(str(out))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [rows, 4, 8, 8]
+    plan = read_plan(model)
+    assert all(isinstance(d, int) for s in plan.states for d in s.shape)
+    assert {s.shape[0] for s in plan.states} == {rows}
+    r = len(plan.regions)
+    forced = {**feeds_of(rows), CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
+              MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32),
+              **{s.name: np.zeros(s.shape, s.dtype) for s in plan.states}}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    (got,) = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"]).run(["noise_pred"], forced)
+    (ref,) = ort.InferenceSession(str(dynamic), providers=["CPUExecutionProvider"]).run(None, feeds_of(rows))
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_inspect_and_plain_sampling_count_a_dynamic_graphs_macs_per_row(dynamic: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    static = export_tiny_dit(tmp_path / "static.onnx", "legacy")
+    capsys.readouterr()
+    assert main(["inspect", str(dynamic), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["macs_per"] == "batch row" and info["blocks"]["count"] == 3
+    assert 2 * info["macs_per_call"] == graph_macs(GraphIndex(onnx.load(str(static))))
+
+    report = tmp_path / "r.json"
+    assert main([str(a) for a in ["sample", dynamic, "--steps", "3", "--class", "1", "2", "3", "--uncond-class", "10",
+                                  "--scheduler-config", SCHEDULER_CONFIG, "--report", report]]) == 0
+    r = json.loads(report.read_text())
+    assert r["macs"] == r["macs_uncached"] == info["macs_per_call"] * 6 * 3  # 3 samples with guidance, 3 steps
+
+
+def test_batches_it_cannot_compile_are_named(dynamic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    static = export_tiny_dit(tmp_path / "static.onnx", "legacy")
+    user_error(capsys, ["optimize", static, "-o", tmp_path / "x.onnx", "--batch", "3"],
+               "--batch 3:", "fixes its batch at 2")
+    user_error(capsys, ["optimize", dynamic, "-o", tmp_path / "x.onnx", "--batch", "0"], "--batch 0 must be at least 1")
+    tall = onnx.load(str(dynamic))  # the same export, its height dynamic as well
+    tall.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    onnx.save(tall, str(tmp_path / "tall.onnx"))
+    user_error(capsys, ["optimize", tmp_path / "tall.onnx", "-o", tmp_path / "x.onnx"],
+               "input latent has a dynamic axis 2 (height)", "re-export with them fixed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["static.onnx", "tall.onnx"]
