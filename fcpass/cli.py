@@ -23,7 +23,7 @@ BLOCK_PATTERN_HELP = ("regex matching a block's scope name, with a group for its
 CALIB_STEPS_HELP = ("sampling steps of each calibration trajectory, best the count you will sample with: the fits "
                     "and statistics are those of one step's change (default %(default)s)")
 INPUTS_HELP = "input roles when the names do not say, e.g. latent=x,timestep=t,class=y (roles: " + \
-    "latent, timestep, class, prompt_embeds)"
+    "latent, timestep, class, prompt_embeds, pooled_embeds)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +225,9 @@ def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> Non
         p.add_argument("--steps", type=int, default=50, help="sampling steps per sample (default %(default)s)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", help="class labels to draw")
     p.add_argument("--prompt-embeds", type=Path, help=".npy of caption embeddings (N, L, C)")
+    p.add_argument("--pooled-embeds", type=Path,
+                   help=".npy of pooled caption embeddings (N, P), one row per caption, for graphs that take them "
+                        "(SD3's pooled_projections)")
     p.add_argument("--guidance-scale", type=float, default=1.5,
                    help="classifier-free guidance scale; 1 runs without guidance (default %(default)s)")
     p.add_argument("--uncond-class", type=int, help="the null label of guidance's unconditional half (default: a DiT's own, its class count)")
@@ -271,7 +274,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         info["macs_per_call"] = plan.uncached_macs
     else:
         roles = infer_roles(model, parse_role_overrides(args.inputs))
-        info["roles"] = _roles_json(roles)
+        info["roles"] = roles.names()
         if dynamic_axes(model):  # counted at batch 1: MACs per batch row
             model = weightless(model)
             fix_batch(model, 1)
@@ -379,15 +382,6 @@ def _inspect_segments(args: argparse.Namespace) -> int:
 
 def _spec_json(s: Any) -> dict[str, Any]:
     return {"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)}
-
-
-def _roles_json(roles: Any) -> dict[str, str | None]:
-    return {
-        "latent": roles.latent.name,
-        "timestep": roles.timestep.name,
-        "class": roles.class_labels.name if roles.class_labels else None,
-        "prompt_embeds": roles.prompt_embeds.name if roles.prompt_embeds else None,
-    }
 
 
 # --- optimize -------------------------------------------------------------------------------
@@ -554,6 +548,13 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
         prompt = load_npy(args.prompt_embeds, "prompt embeddings", "save them with numpy.save").astype(np.float32)
         if prompt.ndim == 2:
             prompt = prompt[None]
+    pooled = None
+    if args.pooled_embeds is not None:
+        from fcpass.quality import load_npy
+
+        pooled = load_npy(args.pooled_embeds, "pooled embeddings", "save them with numpy.save").astype(np.float32)
+        if pooled.ndim == 1:
+            pooled = pooled[None]
     classes = args.classes
     if classes is None and prompt is None:
         classes = list(range(min(int(config.get("num_classes", 10)), 10)))
@@ -571,8 +572,8 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
             raise FcpassError(
                 f"--uncond-class {uncond} is out of range: {model_path} has a {rows}-row label table; use 0..{rows - 1}"
             )
-    request = SampleRequest(classes=classes, prompt_embeds=prompt, guidance_scale=args.guidance_scale,
-                            uncond_class=uncond)
+    request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled,
+                            guidance_scale=args.guidance_scale, uncond_class=uncond)
     if hasattr(args, "steps"):  # calibrating commands: their options decide steps and seed
         request.steps, request.seed = args.steps, args.seed
     return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),

@@ -79,14 +79,8 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         raise FcpassError(f"--batch {options.batch}: {model_path} fixes its batch at {roles.latent.shape[0]}; drop "
                           "--batch, or re-export with that batch or a dynamic batch axis")
     block_map = discover_blocks(model, roles.latent.name, options.block_pattern)
-    role_names = {
-        "latent": roles.latent.name,
-        "timestep": roles.timestep.name,
-        "class": roles.class_labels.name if roles.class_labels else None,
-        "prompt_embeds": roles.prompt_embeds.name if roles.prompt_embeds else None,
-    }
     tokens = token_options(options.tokens, options.token_score) if options.tokens else None
-    out, plan = insert_cache_regions(model, block_map, role_names, options.regions, taylor=options.taylor, tokens=tokens,
+    out, plan = insert_cache_regions(model, block_map, roles.names(), options.regions, taylor=options.taylor, tokens=tokens,
                                      probes=options.probes, motion_ratio=options.motion_ratio,
                                      merge=options.token_merge, motion_context=options.motion_context)
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))

@@ -1,7 +1,9 @@
-"""Which graph input is the latent, the timestep, the class label or the caption embeddings.
+"""Which graph input is the latent, the timestep, the class label, the caption embeddings or the pooled
+caption embeddings (SD3's `pooled_projections`).
 
 Inferred from rank and dtype (latent: rank-4 float; timestep: rank-0/1 float or int; class: rank-1
-int; caption embeddings: rank-3 float) unless the user names them with `--inputs role=NAME,...`.
+int; caption embeddings: rank-3 float; pooled: rank-2 float) unless the user names them with
+`--inputs role=NAME,...`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from onnx import helper
 
 from fcpass.errors import FcpassError
 
-ROLES = ("latent", "timestep", "class", "prompt_embeds")
+ROLES = ("latent", "timestep", "class", "prompt_embeds", "pooled_embeds")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,13 @@ class InputRoles:
     timestep: TensorSpec
     class_labels: TensorSpec | None = None
     prompt_embeds: TensorSpec | None = None
+    pooled_embeds: TensorSpec | None = None
     others: tuple[TensorSpec, ...] = field(default_factory=tuple)
+
+    def names(self) -> dict[str, str | None]:
+        """{role: input name or None}, as `--inputs` and the cache plan name them."""
+        specs = (self.latent, self.timestep, self.class_labels, self.prompt_embeds, self.pooled_embeds)
+        return {role: spec.name if spec else None for role, spec in zip(ROLES, specs)}
 
 
 def value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -103,6 +111,7 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
     pick("timestep", lambda s: s.rank <= 1 and (is_float(s) or is_int(s)) and "class" not in s.name and "label" not in s.name)
     pick("class", lambda s: s.rank == 1 and is_int(s))
     pick("prompt_embeds", lambda s: s.rank == 3 and is_float(s))
+    pick("pooled_embeds", lambda s: s.rank == 2 and is_float(s))
     names = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in inputs)
     if "latent" not in chosen:
         raise FcpassError(
@@ -118,5 +127,6 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
         timestep=chosen["timestep"],
         class_labels=chosen.get("class"),
         prompt_embeds=chosen.get("prompt_embeds"),
+        pooled_embeds=chosen.get("pooled_embeds"),
         others=tuple(s for s in inputs if s.name not in used),
     )

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fcpass.errors import FcpassError
-from fcpass.roles import InputRoles
+from fcpass.roles import ROLES, InputRoles
 from runtimes.schedulers import Scheduler
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,12 @@ class Denoiser(Protocol):
 
 @dataclass
 class SampleRequest:
-    """What to draw. `classes` for class-conditional models, `prompt_embeds` (N, L, C) for captions."""
+    """What to draw. `classes` for class-conditional models, `prompt_embeds` (N, L, C) for captions, with
+    `pooled_embeds` (N, P) for the graphs that also take a pooled caption embedding (SD3)."""
 
     classes: list[int] | None = None
     prompt_embeds: np.ndarray | None = None
+    pooled_embeds: np.ndarray | None = None
     steps: int = 50
     guidance_scale: float = 1.5
     uncond_class: int | None = None
@@ -89,6 +91,7 @@ def sample(
         raise FcpassError(f"{kind} given but the graph has no matching conditioning input; name it with --inputs")
     if cfg and request.prompt_embeds is None and request.uncond_class is None:
         raise FcpassError("classifier-free guidance needs the unconditional label; pass --uncond-class U")
+    _check_inputs(request, roles)
     model_batch = _batch_of(roles)
     per_call = n if model_batch is None else (model_batch // 2 if cfg else model_batch)
     if per_call < 1:
@@ -119,6 +122,9 @@ def sample(
             feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype)}
             feeds[roles.timestep.name] = _timestep_feed(t, latent_in.shape[0], roles)
             feeds[cond_input.name] = cond.astype(cond_input.dtype)
+            if roles.pooled_embeds is not None:
+                feeds[roles.pooled_embeds.name] = _with_uncond(request.pooled_embeds[pad], cfg).astype(
+                    roles.pooled_embeds.dtype)
             out = denoiser(feeds, i)[:, :c]  # learned-sigma graphs output 2C channels; the first C are the mean
             if cfg:
                 cond_out, uncond_out = out[: len(x)], out[len(x) :]
@@ -136,11 +142,33 @@ def sample(
     return SampleResult(images, wall, step_seconds, macs, denoiser.uncached_macs * calls, records, calls)
 
 
+def _check_inputs(request: SampleRequest, roles: InputRoles) -> None:
+    """Every graph input has a role this loop feeds, and the pooled embeddings match the graph and the captions."""
+    if roles.others:
+        s = roles.others[0]
+        raise FcpassError(f"input {s.name} {s.dtype}{list(s.shape)} has no role the sampler feeds ({', '.join(ROLES)}); "
+                          f"name its role with --inputs ROLE={s.name}, or export the model without it")
+    pooled, given = roles.pooled_embeds, request.pooled_embeds
+    if pooled is not None and given is None:
+        raise FcpassError(f"the graph takes pooled caption embeddings ({pooled.name} {list(pooled.shape)}); pass "
+                          "--pooled-embeds F.npy, one row per caption")
+    if given is not None and pooled is None:
+        raise FcpassError("--pooled-embeds given but the graph takes no pooled embeddings (a rank-2 float input); "
+                          "drop it, or name that input with --inputs pooled_embeds=NAME")
+    if given is not None and (request.prompt_embeds is None or len(given) != len(request.prompt_embeds)):
+        captions = 0 if request.prompt_embeds is None else len(request.prompt_embeds)
+        raise FcpassError(f"--pooled-embeds has {len(given)} rows for {captions} captions (--prompt-embeds); "
+                          "give one row per caption")
+
+
+def _with_uncond(cond: np.ndarray, cfg: bool) -> np.ndarray:
+    # No text encoder here: the unconditional branch gets zero caption embeddings.
+    return np.concatenate([cond, np.zeros_like(cond)]) if cfg else cond
+
+
 def _conditioning(request: SampleRequest, idx: np.ndarray, cfg: bool) -> np.ndarray:
     if request.prompt_embeds is not None:
-        cond = request.prompt_embeds[idx]
-        # No text encoder here: the unconditional branch gets zero caption embeddings.
-        return np.concatenate([cond, np.zeros_like(cond)]) if cfg else cond
+        return _with_uncond(request.prompt_embeds[idx], cfg)
     labels = np.asarray(request.classes, dtype=np.int64)[idx]
     if cfg:
         return np.concatenate([labels, np.full_like(labels, request.uncond_class)])

@@ -18,7 +18,8 @@ def test_inspect_finds_eight_blocks(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(ONNX), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["blocks"]["count"] == 8
-    assert info["roles"] == {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
+    assert info["roles"] == {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None,
+                             "pooled_embeds": None}
     assert sum(b["macs"] for b in info["blocks"]["blocks"]) < info["macs_per_call"]
 
 

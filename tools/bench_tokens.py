@@ -328,7 +328,8 @@ def build_feeds(base: OrtBackend, plan: CachePlan, seed: int) -> tuple[dict[str,
     rng = np.random.default_rng(seed)
     roles = infer_roles(base.model)
     feeds: dict[str, np.ndarray] = {}
-    for spec in (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, *roles.others):
+    for spec in (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, roles.pooled_embeds,
+                 *roles.others):
         if spec is None:
             continue
         shape = [d if isinstance(d, int) else 1 for d in spec.shape]

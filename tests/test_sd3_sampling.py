@@ -1,0 +1,87 @@
+"""diffusers' SD3 transformer sampled end to end: caption and pooled caption embeddings, flow matching,
+guidance, a calibrated cache; and an input the sampler has no role for is named before any call."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from fcpass.cli import main
+from fcpass.errors import FcpassError
+from fcpass.onnx_io import load_model
+from fcpass.roles import infer_roles
+from runtimes.backend import OrtBackend
+from runtimes.sampler import PlainDenoiser, SampleRequest, sample
+from runtimes.schedulers import scheduler_from_config
+from tests.test_diffusers_graphs import SPECS, _randomize_, _sd3
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("sd3")
+    model = _sd3().eval()
+    _randomize_(model, 0)
+    spec = SPECS["sd3"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, spec.inputs(torch.Generator().manual_seed(0), [500.0, 500.0]), str(d / "sd3.onnx"),
+                          dynamo=False, opset_version=18, input_names=list(spec.names), output_names=["noise_pred"])
+    (d / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    rng = np.random.default_rng(0)
+    np.save(d / "captions.npy", rng.standard_normal((3, 5, 12)).astype(np.float32))
+    np.save(d / "pooled.npy", rng.standard_normal((3, 6)).astype(np.float32))
+    np.save(d / "pooled2.npy", rng.standard_normal((3, 6)).astype(np.float32))
+    return {name: d / f for name, f in [("onnx", "sd3.onnx"), ("sched", "scheduler_config.json"),
+                                        ("captions", "captions.npy"), ("pooled", "pooled.npy"), ("pooled2", "pooled2.npy")]}
+
+
+def run(argv: list[object]) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_pooled_embeddings_are_fed_and_the_cache_samples_what_the_graph_does(sd3: dict[str, Path], tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--scheduler-config", sd3["sched"], "--prompt-embeds", sd3["captions"], "--steps", "6"]
+    a, b, c = (tmp_path / f"{x}.npy" for x in "abc")
+    capsys.readouterr()
+    assert run(["sample", sd3["onnx"], *common]) == 2
+    assert "takes pooled caption embeddings (pooled_projections [2, 6]); pass --pooled-embeds" in capsys.readouterr().err
+    assert run(["sample", sd3["onnx"], *common, "--pooled-embeds", sd3["pooled"], "--out-npy", a]) == 0
+    assert run(["sample", sd3["onnx"], *common, "--pooled-embeds", sd3["pooled2"], "--out-npy", b]) == 0
+    plain, other = np.load(a), np.load(b)
+    assert plain.shape == (3, 4, 8, 8) and np.isfinite(plain).all()
+    assert np.abs(plain - other).max() > 1e-3  # the pooled embeddings reach the model
+
+    fc = tmp_path / "sd3.fc.onnx"
+    assert run(["optimize", sd3["onnx"], "-o", fc, "--calibrate", "2", "--calib-steps", "6", *common,
+                "--pooled-embeds", sd3["pooled"]]) == 0
+    assert run(["sample", fc, "--policy", "none", *common, "--pooled-embeds", sd3["pooled"], "--out-npy", c]) == 0
+    np.testing.assert_allclose(np.load(c), plain, atol=1e-5)
+    assert run(["sample", fc, "--policy", "fora:interval=2,level=stack", *common, "--pooled-embeds", sd3["pooled"],
+                "--out-npy", c]) == 0
+    cached = np.load(c)
+    assert np.isfinite(cached).all() and np.abs(cached - plain).max() > 0
+
+    few = tmp_path / "few.npy"
+    np.save(few, np.load(sd3["pooled"])[:2])
+    capsys.readouterr()
+    assert run(["sample", sd3["onnx"], *common, "--pooled-embeds", few]) == 2
+    assert "--pooled-embeds has 2 rows for 3 captions" in capsys.readouterr().err
+
+
+def test_an_input_without_a_role_is_named_before_any_call(sd3: dict[str, Path]) -> None:
+    backend = OrtBackend(sd3["onnx"])
+    roles = infer_roles(load_model(sd3["onnx"], load_weights=False))
+    unfed = dataclasses.replace(roles, pooled_embeds=None, others=(roles.pooled_embeds,))
+    request = SampleRequest(prompt_embeds=np.load(sd3["captions"]), steps=2)
+    with pytest.raises(FcpassError, match=r"input pooled_projections float32\[2, 6\] has no role the sampler feeds"):
+        sample(PlainDenoiser(backend, unfed, "noise_pred", 0), scheduler_from_config(sd3["sched"]), request, progress=False)
