@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from fcpass.cli import build_parser, main
+from fcpass.roles import ROLES
 from models.digits import ONNX
 from runtimes.policies import FastCacheConfig, ForaConfig, MagCacheConfig
 
@@ -34,7 +35,8 @@ def test_every_argument_has_help(command: str) -> None:
     parser.format_help()  # every %(default)s and %(choices)s expands
 
 
-def test_quoted_policy_defaults_are_the_policies_own() -> None:
+def test_quoted_defaults_and_roles_are_the_code_s_own() -> None:
+    assert f"(roles: {', '.join(ROLES)})" in help_of("optimize", "--inputs")
     assert f"default {FastCacheConfig.alpha}" in help_of("sample", "--alpha")
     assert FastCacheConfig.max_skips == MagCacheConfig.max_skips
     assert f"default {FastCacheConfig.max_skips}" in help_of("sample", "--max-skips")
