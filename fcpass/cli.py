@@ -22,6 +22,8 @@ BLOCK_PATTERN_HELP = ("regex matching a block's scope name, with a group for its
                       "exporter's scopes, else from the graph's structure)")
 CALIB_STEPS_HELP = ("sampling steps of each calibration trajectory, best the count you will sample with: the fits "
                     "and statistics are those of one step's change (default %(default)s)")
+DIMS_HELP = ("sizes for dynamic axes other than the batch, by the names the export gave them, e.g. "
+             "height=64,width=64 (fcpass inspect shows them in the inputs' shapes)")
 INPUTS_HELP = "input roles when the names do not say, e.g. latent=x,timestep=t,class=y (roles: " + \
     "latent, timestep, class, prompt_embeds, pooled_embeds)"
 
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="everything found, as JSON")
     i.add_argument("--block-pattern", help=BLOCK_PATTERN_HELP)
     i.add_argument("--inputs", help=INPUTS_HELP)
+    i.add_argument("--dims", metavar="NAME=N,...", help=DIMS_HELP)
     i.set_defaults(func=cmd_inspect)
 
     o = sub.add_parser("optimize", help="rewrite a DiT graph into a cache-aware graph")
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch", type=int, metavar="N",
                    help="the batch to compile a graph whose batch axis is dynamic at (default 2: one sample with "
                         "guidance per call); a static graph keeps its own")
+    o.add_argument("--dims", metavar="NAME=N,...", help=DIMS_HELP)
     o.add_argument("--lowering", default="if", metavar="{if,segments}",
                    help="if: one .fc.onnx with an If per region; segments: -o names a folder of If-free "
                         "head/branch/tail graphs the host chooses between (no If: CUDA-graph friendly)")
@@ -257,15 +261,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from fcpass.passes.segments import is_segments_artefact
     from fcpass.plan import has_plan, read_plan
     from fcpass.roles import graph_inputs, graph_outputs, infer_roles, parse_role_overrides
-    from fcpass.static_shapes import dynamic_axes, fix_batch
+    from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
 
     if is_segments_artefact(args.model):
         return _inspect_segments(args)
     model = load_model(args.model)
+    named = {(name, axis): dim for name, axis, dim in dynamic_axes(model)}
     info: dict[str, Any] = {
         "model": str(args.model),
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
-        "inputs": [_spec_json(s) for s in graph_inputs(model)],
+        "inputs": [_spec_json(s, named) for s in graph_inputs(model)],
         "outputs": [_spec_json(s) for s in graph_outputs(model)],
     }
     if has_plan(model):
@@ -277,10 +282,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         info["roles"] = roles.names()
         if dynamic_axes(model):  # counted at batch 1: MACs per batch row
             model = weightless(model)
-            fix_batch(model, 1)
-            info["macs_per"] = "batch row"
+            try:
+                fix_dims(model, parse_dims(args.dims), batch=1)
+                info["macs_per"] = "batch row"
+            except FcpassError as exc:
+                if args.dims:
+                    raise
+                info["macs_unknown"] = str(exc)  # the shapes, and so the MACs, wait for sizes
         index = GraphIndex(model)
-        info["macs_per_call"] = graph_macs(index)
+        info["macs_per_call"] = None if "macs_unknown" in info else graph_macs(index)
         bmap = discover_blocks(model, roles.latent.name, args.block_pattern)
         from fcpass.branches import branches_of
 
@@ -314,13 +324,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  ... and {len(exported)} block values the cache state takes ({', '.join(exported[:3])}"
               f"{', ...' if len(exported) > 3 else ''}), and the fc* cache tensors")
     per = f" per {info['macs_per']} (the batch axis is dynamic)" if "macs_per" in info else ""
-    print(f"MACs per call: {info['macs_per_call'] / 1e9:.3f} G{per}")
+    if "macs_unknown" in info:
+        print(f"MACs per call: unknown, {info['macs_unknown']}")
+    else:
+        print(f"MACs per call: {info['macs_per_call'] / 1e9:.3f} G{per}")
     if "blocks" in info:
         b = info["blocks"]
         print(f"transformer blocks: {b['count']} (found by {b['method']})")
         for blk in b["blocks"]:
+            macs = "      ?" if "macs_unknown" in info else f"{blk['macs'] / 1e9:7.3f}"
             print(f"  {blk['index']:>3} {blk['scope']:<28} nodes {blk['nodes']:>4}  params {blk['params'] / 1e6:7.3f} M"
-                  f"  MACs {blk['macs'] / 1e9:7.3f} G")
+                  f"  MACs {macs} G")
             branches = blk["branches"]
             if isinstance(branches, str):
                 print(f"      branches: not split: {branches}")
@@ -380,8 +394,10 @@ def _inspect_segments(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec_json(s: Any) -> dict[str, Any]:
-    return {"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)}
+def _spec_json(s: Any, named: dict[tuple[str, int], str] | None = None) -> dict[str, Any]:
+    """Name, dtype and shape; a dynamic axis reads as its name in `named` (input, axis) where it has one."""
+    return {"name": s.name, "dtype": s.dtype.name,
+            "shape": [(named or {}).get((s.name, axis), d) if d is None else d for axis, d in enumerate(s.shape)]}
 
 
 # --- optimize -------------------------------------------------------------------------------
@@ -418,6 +434,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         token_merge=MergeOptions(args.merge_neighbours, args.merge_weight) if args.token_merge else None,
         lowering=args.lowering,
         batch=args.batch,
+        dims=args.dims,
         **graph,
     )
     # Only calibration samples; without it a model needs no scheduler config to be optimized.

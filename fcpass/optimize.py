@@ -24,7 +24,7 @@ from fcpass.passes.motion_tokens import MergeOptions
 from fcpass.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
 from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
-from fcpass.static_shapes import dynamic_axes, fix_batch
+from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
 from runtimes.policies import policy_defaults
 from runtimes.token_policies import token_options
 
@@ -48,6 +48,7 @@ class OptimizeOptions:
     token_merge: MergeOptions | None = None  # with motion_ratio: k-NN token merging instead of the top-k
     motion_context: bool = False  # with motion_ratio: motion tokens attend to all tokens' cached keys and values
     batch: int | None = None  # the batch a graph with a dynamic batch axis is compiled at (default DYNAMIC_BATCH)
+    dims: str | None = None  # sizes of other dynamic axes by name: "height=64,width=64"
 
 
 # What `fcpass export` writes by default: one sample with classifier-free guidance per call.
@@ -65,15 +66,17 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     calibration = CalibrationOptions(options.calibrate, options.calib_steps, options.calib_eps) if options.calibrate else None
     if options.batch is not None and options.batch < 1:
         raise FcpassError(f"--batch {options.batch} must be at least 1")
+    dims = parse_dims(options.dims)
     model = load_model(model_path)
     check_types(model, str(model_path))
     if options.lowering == "segments" and has_plan(model):
         return _lower_compiled(model, model_path, output, options)
     if dynamic_axes(model):
-        batch = options.batch or DYNAMIC_BATCH
-        fix_batch(model, batch)
-        log.info("%s has a dynamic batch axis: compiled at batch %d%s", Path(model_path).name, batch,
-                 "" if options.batch else " (one sample with guidance; --batch N for another)")
+        fixed = fix_dims(model, dims, batch=options.batch or DYNAMIC_BATCH)
+        log.info("%s has dynamic axes: compiled at %s%s", Path(model_path).name, ", ".join(fixed),
+                 "" if options.batch else " (batch 2: one sample with guidance; --batch N for another)")
+    elif dims:
+        raise FcpassError(f"--dims: {model_path} has no dynamic axes; drop --dims")
     roles = infer_roles(model, parse_role_overrides(options.inputs))
     if options.batch is not None and roles.latent.shape[0] != options.batch:
         raise FcpassError(f"--batch {options.batch}: {model_path} fixes its batch at {roles.latent.shape[0]}; drop "

@@ -12,7 +12,7 @@ from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
 from fcpass.policy_graph import unused_costs
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
-from fcpass.static_shapes import dynamic_axes, fix_batch
+from fcpass.static_shapes import dynamic_axes, fix_dims
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import POLICIES, make_policy, parse_policy_spec
@@ -91,7 +91,7 @@ def load_denoiser(
     model, per_row = backend.model, bool(dynamic_axes(backend.model))
     if per_row:  # a dynamic batch axis: MACs of one batch row, times each call's rows
         model = weightless(model)
-        fix_batch(model, 1)
+        fix_dims(model, {}, batch=1)
     return PlainDenoiser(backend, roles, backend.outputs[0].name, graph_macs(GraphIndex(model)), per_row=per_row)
 
 

@@ -1,4 +1,4 @@
-"""Concrete shapes: a dynamic batch axis fixed (`fix_batch`), and the symbols ONNX shape inference leaves
+"""Concrete shapes: dynamic axes fixed (`fix_dims`), and the symbols ONNX shape inference leaves
 in a graph whose inputs are all static resolved (`resolve_static_shapes`).
 
 Exporters compute some shapes in the graph: the legacy exporter writes `chunk` as a `Slice` whose
@@ -41,27 +41,53 @@ def dynamic_axes(model: onnx.ModelProto) -> list[tuple[str, int, str]]:
             for axis, d in enumerate(v.type.tensor_type.shape.dim) if not d.HasField("dim_value")]
 
 
-def fix_batch(model: onnx.ModelProto, batch: int) -> None:
-    """Set the dynamic batch axis (axis 0 of the graph's inputs and outputs) of `model` to `batch`, in place.
+def parse_dims(text: str | None) -> dict[str, int]:
+    """`height=64,width=64` -> {"height": 64, "width": 64}: sizes for named dynamic axes (`--dims`)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if not name.strip() or size < 1:
+            raise FcpassError(f"--dims entry {item!r} is not NAME=N with N >= 1; write e.g. height=64,width=64")
+        out[name.strip()] = size
+    return out
 
-    Invariant: nodes and weights are unchanged, so a run at that batch computes what the dynamic graph
+
+def fix_dims(model: onnx.ModelProto, named: dict[str, int], batch: int) -> list[str]:
+    """Fix the dynamic axes of `model`'s inputs and outputs, in place: each axis named in `named` to its
+    number, any other axis 0 (the batch) to `batch`. Returns what was fixed, as NAME=VALUE.
+
+    Invariant: nodes and weights are unchanged, so a run at those sizes computes what the dynamic graph
     computes; the value types inferred for the dynamic graph are dropped (inference finds the numbers).
     Any other dynamic axis is an error: image size and sequence length decide the token count, which the
     cache state and every token selection are compiled for.
     """
-    other = [(name, axis, dim) for name, axis, dim in dynamic_axes(model) if axis != 0]
-    if other:
-        name, axis, dim = other[0]
-        raise FcpassError(f"input {name} has a dynamic axis {axis} ({dim}); fcpass compiles one image size and "
-                          "sequence length: re-export with them fixed (fcpass export --image-size N; torch.onnx.export "
-                          "with dynamic_axes for the batch at most)")
+    axes = dynamic_axes(model)
+    unknown = sorted(set(named) - {dim for _, _, dim in axes})
+    if unknown:
+        have = ", ".join(sorted({dim for _, _, dim in axes})) or "none"
+        raise FcpassError(f"--dims {unknown[0]}: no input axis has that name; the dynamic axes are named: {have}")
+    left = [(name, axis, dim) for name, axis, dim in axes if axis != 0 and dim not in named]
+    if left:
+        listed = ", ".join(f"{name} axis {axis} ({dim})" for name, axis, dim in left)
+        fix = ",".join(dict.fromkeys(f"{dim}=N" for _, _, dim in left if dim != "?"))
+        raise FcpassError(f"dynamic axes beyond the batch: {listed}; fcpass compiles one image size and sequence "
+                          f"length: fix them with --dims {fix or 'NAME=N'}, or re-export with them fixed")
+    fixed: dict[str, int] = {}
     for v in [*model.graph.input, *model.graph.output]:
-        dims = v.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = batch
+        for axis, d in enumerate(v.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") or (axis != 0 and d.dim_param not in named):
+                continue
+            value = named.get(d.dim_param, batch)
+            fixed[d.dim_param or f"{v.name}[{axis}]"] = value
+            d.dim_value = value
     stale = [v for v in model.graph.value_info if not static_dims(v)]
     for v in stale:
         model.graph.value_info.remove(v)
+    return [f"{name}={value}" for name, value in fixed.items()]
 
 
 def needs_resolving(inferred: onnx.ModelProto) -> bool:
