@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="TensorRT segments: launch each engine directly instead of replaying captured CUDA graphs")
     s.add_argument("--inputs", help=INPUTS_HELP + " (plain graphs; a cache-aware graph keeps those it was optimized with)")
+    s.add_argument("--dims", metavar="NAME=N,...", help=DIMS_HELP + " (plain graphs; a cache-aware graph has fixed sizes)")
     s.add_argument("--out", type=Path, help="PNG grid of the samples")
     s.add_argument("--out-npy", type=Path, help="final samples as .npy")
     s.add_argument("--report", type=Path, help="JSON report: timing, MACs, every step's decisions")
@@ -609,7 +610,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
                                              "sigma_scale", "levels", "level", "threshold")}
     denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup["inputs"],
-                             engine=args.engine, cuda_graphs=args.cuda_graphs, threads=args.threads)
+                             engine=args.engine, cuda_graphs=args.cuda_graphs, threads=args.threads, dims=args.dims)
     result, report = run_sampling(denoiser, setup, model_path, args.policy)
     if args.baseline:
         if args.policy in (None, "none"):

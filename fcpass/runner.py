@@ -12,7 +12,7 @@ from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
 from fcpass.policy_graph import unused_costs
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
-from fcpass.static_shapes import dynamic_axes, fix_dims
+from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import POLICIES, make_policy, parse_policy_spec
@@ -38,8 +38,10 @@ def load_denoiser(
     threads: int | None = None,
     engine: str | Path | None = None,
     cuda_graphs: bool = True,
+    dims: str | None = None,
 ) -> Any:
-    """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser.
+    """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser, sampled
+    at the sizes `dims` gives its named dynamic axes (`fcpass.static_shapes.parse_dims`).
 
     With `engine` (a TensorRT plan built from `path`), the engine runs the steps and `path` supplies
     the cache plan and the input roles. A folder written by `fcpass optimize --lowering segments`
@@ -71,6 +73,8 @@ def load_denoiser(
     else:
         backend = OrtBackend(path, [provider], threads=threads)
     if has_plan(backend.model):
+        if dims:
+            raise FcpassError(f"--dims: {path} is compiled at fixed sizes; drop --dims")
         plan = read_plan(backend.model, str(path))
         fixed = {role: name for role, name in parse_role_overrides(inputs).items() if plan.roles.get(role) != name}
         if fixed:  # a cache-aware graph's roles were fixed when it was optimized
@@ -87,12 +91,17 @@ def load_denoiser(
         return denoiser
     if name not in (None, "none"):
         raise FcpassError(f"--policy {policy} needs a cache-aware graph; run: fcpass optimize {path} -o model.fc.onnx --calibrate 8")
-    roles = infer_roles(backend.model, parse_role_overrides(inputs))
-    model, per_row = backend.model, bool(dynamic_axes(backend.model))
-    if per_row:  # a dynamic batch axis: MACs of one batch row, times each call's rows
-        model = weightless(model)
-        fix_dims(model, {}, batch=1)
-    return PlainDenoiser(backend, roles, backend.outputs[0].name, graph_macs(GraphIndex(model)), per_row=per_row)
+    sized, per_row = backend.model, bool(dynamic_axes(backend.model))
+    if per_row:  # the sampler draws at these sizes; MACs are of one batch row, times each call's rows
+        sized = weightless(sized)
+        fix_dims(sized, parse_dims(dims), batch=None)
+        counted = weightless(sized)
+        fix_dims(counted, {}, batch=1)
+    elif dims:
+        raise FcpassError(f"--dims: {path} has no dynamic axes; drop --dims")
+    roles = infer_roles(sized, parse_role_overrides(inputs))
+    macs = graph_macs(GraphIndex(counted if per_row else sized))
+    return PlainDenoiser(backend, roles, backend.outputs[0].name, macs, per_row=per_row)
 
 
 def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, policy: str | None,

@@ -56,9 +56,10 @@ def parse_dims(text: str | None) -> dict[str, int]:
     return out
 
 
-def fix_dims(model: onnx.ModelProto, named: dict[str, int], batch: int) -> list[str]:
+def fix_dims(model: onnx.ModelProto, named: dict[str, int], batch: int | None) -> list[str]:
     """Fix the dynamic axes of `model`'s inputs and outputs, in place: each axis named in `named` to its
-    number, any other axis 0 (the batch) to `batch`. Returns what was fixed, as NAME=VALUE.
+    number, any other axis 0 (the batch) to `batch` (None: it stays dynamic). Returns what was fixed,
+    as NAME=VALUE.
 
     Invariant: nodes and weights are unchanged, so a run at those sizes computes what the dynamic graph
     computes; the value types inferred for the dynamic graph are dropped (inference finds the numbers).
@@ -79,7 +80,7 @@ def fix_dims(model: onnx.ModelProto, named: dict[str, int], batch: int) -> list[
     fixed: dict[str, int] = {}
     for v in [*model.graph.input, *model.graph.output]:
         for axis, d in enumerate(v.type.tensor_type.shape.dim):
-            if d.HasField("dim_value") or (axis != 0 and d.dim_param not in named):
+            if d.HasField("dim_value") or (d.dim_param not in named and (axis != 0 or batch is None)):
                 continue
             value = named.get(d.dim_param, batch)
             fixed[d.dim_param or f"{v.name}[{axis}]"] = value

@@ -199,3 +199,12 @@ def test_named_dynamic_axes_are_fixed_by_dims_and_the_rest_named_with_the_fix(an
     (got,) = ort.InferenceSession(str(fc), opts, providers=["CPUExecutionProvider"]).run(["noise_pred"], forced)
     (ref,) = ort.InferenceSession(str(any_size), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert np.abs(got - ref).max() <= 1e-5
+
+    common = ["--steps", "3", "--class", "1", "2", "--uncond-class", "10", "--scheduler-config", SCHEDULER_CONFIG]
+    plain, cached, report = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "r.json"
+    assert main([str(a) for a in ["sample", any_size, *common, "--dims", "height=8,width=8", "--out-npy", plain,
+                                  "--report", report]]) == 0
+    assert json.loads(report.read_text())["macs"] == per_row * 4 * 3  # 2 samples with guidance in one call, 3 steps
+    assert main([str(a) for a in ["sample", fc, "--policy", "none", *common, "--out-npy", cached]]) == 0
+    np.testing.assert_allclose(np.load(cached), np.load(plain), atol=1e-5)
+    user_error(capsys, ["sample", fc, *common, "--dims", "height=8"], "is compiled at fixed sizes; drop --dims")
