@@ -326,13 +326,16 @@ def rule_dynamic_dims(ctx: GraphCtx) -> Iterator[Violation]:
                 "export with static shapes (only the batch axis 0 may be dynamic)",
             )
             continue
-        dynamic = [f"axis {a} ({d.dim_param or '?'})" for a, d in enumerate(v.type.tensor_type.shape.dim)
-                   if a > 0 and not d.HasField("dim_value")]
-        if dynamic:
+        dims = [(a, d.dim_param) for a, d in enumerate(v.type.tensor_type.shape.dim) if a > 0 and not d.HasField("dim_value")]
+        if dims:
+            named = [name for _, name in dims if name]
+            sizes = (f"compile it at fixed sizes (fcpass optimize --dims {','.join(f'{n}=N' for n in named)}) or "
+                     if kind == "graph input" and len(named) == len(dims) else "")
+            axes = ", ".join(f"axis {a} ({name or '?'})" for a, name in dims)
             yield ctx.violation(
                 f"{kind} {v.name}", "dynamic-dims",
-                f"{', '.join(dynamic)} {'is' if len(dynamic) == 1 else 'are'} dynamic; only the batch axis 0 may be",
-                "re-export with a fixed image size and sequence length (fcpass export --image-size N)",
+                f"{axes} {'is' if len(dims) == 1 else 'are'} dynamic; only the batch axis 0 may be",
+                f"{sizes}re-export with a fixed image size and sequence length (fcpass export --image-size N)",
             )
 
 

@@ -241,6 +241,7 @@ def test_dynamic_non_batch_axis() -> None:
     m = model([helper.make_node("Relu", ["x"], ["y"], name="r")], [vi("x", F, [2, "width"])], [vi("y", F, [2, 4])])
     v = only(check_graph(m), "dynamic-dims")
     assert v.node == "graph input x" and "axis 1 (width)" in v.message
+    assert "fcpass optimize --dims width=N" in v.fix
 
 
 # --- rule 7: the If condition ----------------------------------------------------------------
