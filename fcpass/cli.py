@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("torch", "onnxscript", "onnx_ir", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The dynamo exporter warns at every export that torchvision's ops are not registered: nothing to do.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     if not hasattr(args, "func"):
         args = parser.parse_args(["sample", *(argv or [])])
     try:

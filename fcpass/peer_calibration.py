@@ -16,9 +16,11 @@ Neither keeps activations: per step only sums (MagCache) and two floats per samp
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
+from numpy.exceptions import RankWarning
 
 from fcpass.plan import CachePlan
 
@@ -39,10 +41,16 @@ def _monotone_polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
     [0, max x] and is not negative at 0: more change in the input never predicts less change in the
     output (so the policy's threshold on the accumulated value is a threshold on d, see
     runtimes.policies.TeaCache), and no change never predicts a negative one (which would let
-    small changes skip forever). Failing every degree: y = c x through the origin."""
+    small changes skip forever). A degree the points cannot determine is skipped. Failing every
+    degree: y = c x through the origin."""
     grid = np.linspace(0.0, float(x.max()), 256)
     for deg in range(degree, 0, -1):
-        coefficients = np.polyfit(x, y, deg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RankWarning)
+            try:
+                coefficients = np.polyfit(x, y, deg)
+            except RankWarning:  # too few distinct points for this degree (a short calibration): a lower one
+                continue
         if (np.polyval(np.polyder(coefficients), grid) >= 0).all() and np.polyval(coefficients, 0.0) >= 0:
             return coefficients
     return np.array([max(float(np.sum(x * y) / max(np.sum(x * x), 1e-30)), 0.0), 0.0])  # y ~ c x, c >= 0

@@ -64,3 +64,14 @@ def test_no_arguments_samples_the_bundled_model(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     assert main([]) == 0
     assert "10 samples x 50 steps" in capsys.readouterr().out
+
+
+def test_export_says_what_it_did_and_nothing_else(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The dynamo exporter's own chatter (torchvision's ops unregistered) does not reach the user."""
+    from models.digits import WEIGHTS
+
+    out = tmp_path / "digits.onnx"
+    assert main(["export", "--arch", "digits", "--weights", str(WEIGHTS), "-o", str(out)]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert "torchvision" not in stderr, stderr
+    assert stdout.splitlines()[-1] == f"wrote {out}"

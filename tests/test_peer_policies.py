@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,21 @@ def test_teacache_bound_inverts_the_polynomial_at_its_first_crossing() -> None:
         assert (p.poly(np.linspace(0, d, 50)[:-1]) < budget).all()
     assert p.bound(0.0) == -1.0  # poly(0) = 0 is not below a zero budget: never skip
     assert TeaCache(TeaCacheConfig(coefficients=(-1.0, 1.0))).__class__  # decreasing polys are legal too
+
+
+def test_teacache_polynomial_from_too_few_points_lowers_its_degree_quietly() -> None:
+    """A short calibration gives fewer distinct points than degree 4 needs: no RankWarning reaches the
+    user, and the fit is the monotone one of a degree the points determine."""
+    from fcpass.peer_calibration import TEACACHE_DEGREE, _monotone_polyfit
+
+    x, y = np.array([0.1, 0.2, 0.2, 0.4]), np.array([0.05, 0.12, 0.11, 0.30])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        coefficients = _monotone_polyfit(x, y, TEACACHE_DEGREE)
+    assert len(coefficients) - 1 < len(np.unique(x))
+    grid = np.linspace(0, 0.4, 50)
+    assert (np.diff(np.polyval(coefficients, grid)) >= 0).all() and np.polyval(coefficients, 0) >= 0
+    assert np.abs(np.polyval(coefficients, x) - y).max() < 0.02
 
 
 def test_teacache_accumulates_while_skipping_and_resets_on_compute() -> None:
