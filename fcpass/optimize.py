@@ -71,10 +71,11 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     check_types(model, str(model_path))
     if options.lowering == "segments" and has_plan(model):
         return _lower_compiled(model, model_path, output, options)
-    if dynamic_axes(model):
+    if axes := dynamic_axes(model):
         fixed = fix_dims(model, dims, batch=options.batch or DYNAMIC_BATCH)
+        default_batch = options.batch is None and any(axis == 0 and dim not in dims for _, axis, dim in axes)
         log.info("%s has dynamic axes: compiled at %s%s", Path(model_path).name, ", ".join(fixed),
-                 "" if options.batch else " (batch 2: one sample with guidance; --batch N for another)")
+                 f" (batch {DYNAMIC_BATCH}: one sample with guidance; --batch N for another)" if default_batch else "")
     elif dims:
         raise FcpassError(f"--dims: {model_path} has no dynamic axes; drop --dims")
     roles = infer_roles(model, parse_role_overrides(options.inputs))
