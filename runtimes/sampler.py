@@ -159,6 +159,13 @@ def _check_inputs(request: SampleRequest, roles: InputRoles) -> None:
         captions = 0 if request.prompt_embeds is None else len(request.prompt_embeds)
         raise FcpassError(f"--pooled-embeds has {len(given)} rows for {captions} captions (--prompt-embeds); "
                           "give one row per caption")
+    for flag, rows, spec in (("--prompt-embeds", request.prompt_embeds, roles.prompt_embeds), ("--pooled-embeds", given, pooled)):
+        if rows is None or spec is None:
+            continue
+        want = spec.shape[1:]
+        if len(rows.shape) != len(spec.shape) or any(w is not None and w != g for w, g in zip(want, rows.shape[1:])):
+            raise FcpassError(f"{flag} rows are {tuple(rows.shape[1:])} but the graph takes {tuple(want)} per sample "
+                              f"({spec.name} {list(spec.shape)}); save them at that size, or re-export the model for yours")
 
 
 def _with_uncond(cond: np.ndarray, cfg: bool) -> np.ndarray:

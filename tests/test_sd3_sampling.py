@@ -76,6 +76,11 @@ def test_pooled_embeddings_are_fed_and_the_cache_samples_what_the_graph_does(sd3
     capsys.readouterr()
     assert run(["sample", sd3["onnx"], *common, "--pooled-embeds", few]) == 2
     assert "--pooled-embeds has 2 rows for 3 captions" in capsys.readouterr().err
+    long = tmp_path / "long.npy"
+    np.save(long, np.zeros((3, 7, 12), np.float32))
+    assert run(["sample", sd3["onnx"], *common[:2], "--prompt-embeds", long, "--pooled-embeds", sd3["pooled"]]) == 2
+    assert ("--prompt-embeds rows are (7, 12) but the graph takes (5, 12) per sample (encoder_hidden_states [2, 5, 12])"
+            in capsys.readouterr().err)
 
 
 def test_an_input_without_a_role_is_named_before_any_call(sd3: dict[str, Path]) -> None:
