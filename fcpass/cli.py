@@ -561,20 +561,8 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
             sched_path = SCHEDULER_CONFIG
         else:
             raise FcpassError(f"{model_path} is not the bundled model; pass --scheduler-config scheduler_config.json")
-    prompt = None
-    if args.prompt_embeds is not None:
-        from fcpass.quality import load_npy
-
-        prompt = load_npy(args.prompt_embeds, "prompt embeddings", "save them with numpy.save").astype(np.float32)
-        if prompt.ndim == 2:
-            prompt = prompt[None]
-    pooled = None
-    if args.pooled_embeds is not None:
-        from fcpass.quality import load_npy
-
-        pooled = load_npy(args.pooled_embeds, "pooled embeddings", "save them with numpy.save").astype(np.float32)
-        if pooled.ndim == 1:
-            pooled = pooled[None]
+    prompt = _embeddings(args.prompt_embeds, "prompt embeddings", rank=3)
+    pooled = _embeddings(args.pooled_embeds, "pooled embeddings", rank=2)
     classes = args.classes
     if classes is None and prompt is None:
         classes = list(range(min(int(config.get("num_classes", 10)), 10)))
@@ -590,14 +578,45 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
         rows = n + int(float(config.get("class_dropout_prob", 0.0)) > 0)  # the null label's row, if trained
         if args.uncond_class is not None and not 0 <= uncond < rows:
             raise FcpassError(
-                f"--uncond-class {uncond} is out of range: {model_path} has a {rows}-row label table; use 0..{rows - 1}"
+                f"--uncond-class {uncond} is out of range: {model_path}'s label table has {rows} rows; use 0..{rows - 1}"
             )
+    elif classes and (rows := _label_rows(model, getattr(args, "inputs", None))) is not None:
+        # No export metadata: the label table the class input indexes says how many labels there are.
+        flag, bad = next(((f, c) for f, c in [*(("--class", c) for c in classes), ("--uncond-class", uncond)]
+                          if c is not None and not 0 <= c < rows), (None, None))
+        if flag is not None:
+            raise FcpassError(f"{flag} {bad} is out of range: {model_path}'s label table has {rows} rows; "
+                              f"use 0..{rows - 1}")
     request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled,
                             guidance_scale=args.guidance_scale, uncond_class=uncond)
     if hasattr(args, "steps"):  # calibrating commands: their options decide steps and seed
         request.steps, request.seed = args.steps, args.seed
     return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),
             "arch": meta.get("arch")}
+
+
+def _embeddings(path: Path | None, what: str, rank: int) -> np.ndarray | None:
+    """Caption (rank 3) or pooled (rank 2) embeddings from a .npy file; one sample's may drop its leading axis."""
+    if path is None:
+        return None
+    from fcpass.quality import load_npy
+
+    array = load_npy(path, what, "save them with numpy.save").astype(np.float32)
+    return array[None] if array.ndim == rank - 1 else array
+
+
+def _label_rows(model: Any, inputs: str | None) -> int | None:
+    """Rows of the label table the graph's class input indexes, where it has one."""
+    from fcpass.graphinfo import label_rows
+    from fcpass.plan import has_plan, read_plan
+    from fcpass.roles import infer_roles, parse_role_overrides
+
+    if has_plan(model):
+        name = read_plan(model).roles.get("class")
+    else:
+        labels = infer_roles(model, parse_role_overrides(inputs)).class_labels
+        name = labels.name if labels else None
+    return label_rows(model, name) if name else None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -243,6 +243,15 @@ def node_macs(node: onnx.NodeProto, index: GraphIndex) -> int:
     return 0
 
 
+def label_rows(model: onnx.ModelProto, labels: str) -> int | None:
+    """Rows of the embedding table that graph input `labels` indexes (a main-graph Gather of a weight), if any."""
+    weights = {t.name: t for t in model.graph.initializer}
+    rows = [int(weights[n.input[0]].dims[0]) for n in model.graph.node
+            if n.op_type == "Gather" and n.input[1] == labels and n.input[0] in weights
+            and all(a.i == 0 for a in n.attribute if a.name == "axis")]
+    return min(rows) if rows else None
+
+
 def graph_macs(index: GraphIndex, nodes: list[int] | None = None) -> int:
     chosen = range(len(index.nodes)) if nodes is None else nodes
     return sum(node_macs(index.nodes[i], index) for i in chosen)

@@ -302,6 +302,14 @@ def test_label_out_of_range(capsys, plain: Path, flag: str, value: str) -> None:
     user_error(capsys, ["sample", plain, "--steps", "2", flag, value], f"{flag} {value} is out of range")
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--class", "12"), ("--uncond-class", "11")])
+def test_label_out_of_range_of_a_graph_without_export_metadata(capsys, tiny_dit: Path, flag: str, value: str) -> None:
+    """An export fcpass did not write says nothing of its classes: its label table does (11 rows)."""
+    argv = ["sample", tiny_dit, "--steps", "2", "--scheduler-config", SCHEDULER_CONFIG, "--class", "3", "--uncond-class",
+            "10", flag, value]
+    user_error(capsys, argv, f"{flag} {value} is out of range", "label table has 11 rows; use 0..10")
+
+
 def test_compare_shapes_that_differ(capsys, tmp_path: Path) -> None:
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
     np.save(a, np.zeros((2, 1, 16, 16), np.float32))
