@@ -235,10 +235,17 @@ class FastCache(Policy):
             if sigma2 is not None:
                 nu = self._dof(plan, region.name)
                 self.thresholds[region.index] = chi2_threshold(sigma2 * self.config.sigma_scale, self.config.alpha, nu)
-        if not any(plan.regions[k].region_set == "blocks" for k in self.thresholds) and "blocks" in levels:
+        blocks = "blocks" in levels and not any(plan.regions[k].region_set == "blocks" for k in self.thresholds)
+        if blocks or not (self.thresholds or self.config.motion):  # nothing the test could ever skip
+            what = "blocks" if blocks else f"region at levels {self.config.levels}"
+            if not plan.calibration:
+                raise FcpassError(f"fastcache needs calibrated {what} and this graph has none; run fcpass optimize "
+                                  "with --calibrate N")
+            c = plan.calibration  # calibrated, but no step's approximation held: sigma^2 has no sample
             raise FcpassError(
-                "fastcache needs calibrated blocks and this graph has none; run fcpass optimize with --calibrate N"
-            )
+                f"fastcache found no calibrated {what}: in calibration ({c['trajectories']} trajectories x "
+                f"{c['steps']} steps) no approximation there came within --calib-eps {c['eps']} of its output; "
+                "optimize again with more trajectories or steps, or a larger --calib-eps")
         self.live = set(self.thresholds) | ({self.motion_region} if self.config.motion else set())
 
     def _dof(self, plan: CachePlan, region: str) -> int:

@@ -80,6 +80,17 @@ def test_fastcache_warmup_last_step_and_max_skips() -> None:
 def test_fastcache_refuses_an_uncalibrated_graph() -> None:
     with pytest.raises(FcpassError, match="--calibrate"):
         FastCache().reset(_plan(sigma2=[None, None, None]), 10)
+    with pytest.raises(FcpassError, match="calibrated region at levels stack and this graph has none"):
+        FastCache(FastCacheConfig(levels="stack")).reset(_plan(), 10)  # the blocks have sigma^2, the stack none
+
+
+def test_fastcache_says_why_a_calibration_left_nothing_to_skip() -> None:
+    """Calibrated, but no step's approximation came within eps: no sigma^2, so nothing the test could skip."""
+    plan = _plan(sigma2=[None, None, None])
+    plan.calibration = {"trajectories": 1, "steps": 4, "eps": 0.05}
+    with pytest.raises(FcpassError, match=r"no calibrated blocks: in calibration \(1 trajectories x 4 steps\) no "
+                                          r"approximation there came within --calib-eps 0.05"):
+        FastCache().reset(plan, 10)
 
 
 def test_make_policy_validates_names_and_options() -> None:
