@@ -224,15 +224,16 @@ def _numel(shape: tuple | None) -> int | None:
 
 
 def node_macs(node: onnx.NodeProto, index: GraphIndex) -> int:
-    """Multiply-accumulates of one node (MatMul, Gemm, Conv, Einsum-free graphs); 0 if unknown."""
-    if node.op_type in ("MatMul", "Gemm"):
+    """Multiply-accumulates of one node (MatMul, Gemm, Conv, and ONNX Runtime's FusedMatMul, Einsum-free
+    graphs); 0 if unknown."""
+    attrs = {x.name: x.i for x in node.attribute if x.type == onnx.AttributeProto.INT}
+    if node.op_type in ("MatMul", "Gemm") or (node.op_type == "FusedMatMul" and not attrs.get("transBatchA")):
         a = index.shape(node.input[0])
         out = index.shape(node.output[0])
         n_out = _numel(out)
         if not a or n_out is None:
             return 0
-        trans_a = any(x.name == "transA" and x.i for x in node.attribute)
-        k = a[-2] if (node.op_type == "Gemm" and trans_a) else a[-1]
+        k = a[-2] if node.op_type != "MatMul" and attrs.get("transA") else a[-1]
         return n_out * k if isinstance(k, int) else 0
     if node.op_type == "Conv":
         w = index.shape(node.input[1])

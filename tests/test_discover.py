@@ -84,3 +84,62 @@ def test_an_already_optimized_graph_is_refused(tiny_dit: Path, tmp_path: Path) -
     optimize(tiny_dit, out, OptimizeOptions(), None)
     with pytest.raises(FcpassError, match="already cache-aware"):
         discover_blocks(load(out), "latent")
+
+
+
+def _fused_by_onnx_runtime(src: Path, dst: Path) -> Path:
+    """`src` as ONNX Runtime's offline optimization writes it (contrib-op fusions, the exporter's scopes gone)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    return dst
+
+
+def test_a_graph_onnx_runtime_already_fused_counts_the_same_macs_and_compiles(tmp_path: Path) -> None:
+    """The bundled export keeps its value types through ONNX Runtime's fusions (attention's scaled MatMul
+    becomes com.microsoft FusedMatMul): the MACs are still every multiply-accumulate, and structure
+    finds blocks whose regions compute what the fused graph does."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fcpass.graphinfo import GraphIndex, graph_macs
+    from fcpass.optimize import OptimizeOptions, optimize
+    from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
+    from models.digits import ONNX
+
+    fused = _fused_by_onnx_runtime(ONNX, tmp_path / "fused.onnx")
+    model = load(fused)
+    assert any(n.op_type == "FusedMatMul" for n in model.graph.node)
+    assert graph_macs(GraphIndex(model)) == graph_macs(GraphIndex(load(ONNX))) > 0
+
+    out = tmp_path / "fused.fc.onnx"
+    plan = optimize(fused, out, OptimizeOptions(regions=("blocks",)), None)
+    r = len(plan.regions)
+    assert r == 7  # of 8: the last block's residual add is fused with the final norm (SkipLayerNormalization)
+    rng = np.random.default_rng(0)
+    feeds = {"latent": rng.standard_normal((2, 1, 16, 16)).astype(np.float32),
+             "timestep": np.array([10.0, 500.0], np.float32), "class_labels": np.array([3, 10], np.int64)}
+    forced = {**feeds, CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
+              MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32),
+              **{s.name: np.zeros(s.shape, s.dtype) for s in read_plan(load(out)).states}}
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 3
+    (got,) = ort.InferenceSession(str(out), quiet, providers=["CPUExecutionProvider"]).run(["noise_pred"], forced)
+    (ref,) = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"]).run(["noise_pred"], feeds)
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_a_fused_graph_without_value_types_is_sent_back_to_the_export(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A legacy export stores no value types: after ONNX Runtime's fusions shape inference stops at the first
+    contrib op, and the error names them and the fix."""
+    from tests.conftest import export_tiny_dit
+    from tests.test_cli_errors import user_error
+
+    fused = _fused_by_onnx_runtime(export_tiny_dit(tmp_path / "tiny.onnx", "legacy"), tmp_path / "fused.onnx")
+    user_error(capsys, ["optimize", fused, "-o", tmp_path / "x.onnx"], "shape inference stops at the graph's FusedMatMul",
+               "run fcpass optimize on the export itself, before ONNX Runtime's offline optimization")
+    assert not (tmp_path / "x.onnx").exists()

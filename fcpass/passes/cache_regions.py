@@ -331,6 +331,12 @@ class _Builder:
     def tensor_type(self, name: str) -> tuple[int, list[int | str | None]]:
         entry = self.index.value_types.get(name)
         if entry is None or entry[1] is None:
+            fused = sorted({n.op_type for n in self.index.nodes if n.domain not in ("", "ai.onnx")})
+            if fused:  # ONNX's shape inference knows no contrib op, so nothing after one gets a type
+                raise FcpassError(
+                    f"cannot type region tensor {name!r}: shape inference stops at the graph's {', '.join(fused)} "
+                    "(ONNX Runtime's fusions); run fcpass optimize on the export itself, before ONNX Runtime's "
+                    "offline optimization (it fuses the compiled graph when it loads it)")
             raise FcpassError(
                 f"cannot type region tensor {name!r} (shape inference gave nothing); "
                 "re-export with static shapes or run onnx shape inference on the model first"
