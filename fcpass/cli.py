@@ -259,12 +259,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from fcpass.discover import discover_blocks
-    from fcpass.graphinfo import GraphIndex, graph_macs, weightless
+    from fcpass.graphinfo import GraphIndex, graph_macs, sized
     from fcpass.onnx_io import load_model
     from fcpass.passes.segments import is_segments_artefact
     from fcpass.plan import has_plan, read_plan
     from fcpass.roles import graph_inputs, graph_outputs, infer_roles, parse_role_overrides
-    from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
+    from fcpass.static_shapes import dynamic_axes, parse_dims
 
     if is_segments_artefact(args.model):
         return _inspect_segments(args)
@@ -284,9 +284,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         roles = infer_roles(model, parse_role_overrides(args.inputs))
         info["roles"] = roles.names()
         if dynamic_axes(model):  # counted at batch 1: MACs per batch row
-            model = weightless(model)
             try:
-                fix_dims(model, parse_dims(args.dims), batch=1)
+                model = sized(model, parse_dims(args.dims), batch=1)
                 info["macs_per"] = "batch row"
             except FcpassError as exc:
                 if args.dims:
@@ -589,7 +588,7 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
                               f"use 0..{rows - 1}")
     request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled,
                             guidance_scale=args.guidance_scale, uncond_class=uncond)
-    if hasattr(args, "steps"):  # calibrating commands: their options decide steps and seed
+    if hasattr(args, "steps"):  # sampling commands; calibrating ones take both from their own options
         request.steps, request.seed = args.steps, args.seed
     return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),
             "arch": meta.get("arch")}

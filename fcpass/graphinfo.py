@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from fcpass.static_shapes import needs_resolving, resolve_static_shapes
+from fcpass.static_shapes import fix_dims, needs_resolving, resolve_static_shapes
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,14 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
         if _large(t):
             t.ClearField("raw_data")
             _stub(t, t)
+    return light
+
+
+def sized(model: onnx.ModelProto, dims: dict[str, int], batch: int | None) -> onnx.ModelProto:
+    """A weightless copy of `model` with its dynamic axes fixed (`fcpass.static_shapes.fix_dims`): enough
+    to type it and count its MACs."""
+    light = weightless(model)
+    fix_dims(light, dims, batch)
     return light
 
 

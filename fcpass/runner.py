@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs, weightless
+from fcpass.graphinfo import GraphIndex, graph_macs, sized
 from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
 from fcpass.policy_graph import unused_costs
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
-from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
+from fcpass.static_shapes import dynamic_axes, parse_dims
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import POLICIES, make_policy, parse_policy_spec
@@ -91,16 +91,13 @@ def load_denoiser(
         return denoiser
     if name not in (None, "none"):
         raise FcpassError(f"--policy {policy} needs a cache-aware graph; run: fcpass optimize {path} -o model.fc.onnx --calibrate 8")
-    sized, per_row = backend.model, bool(dynamic_axes(backend.model))
+    drawn, per_row = backend.model, bool(dynamic_axes(backend.model))
     if per_row:  # the sampler draws at these sizes; MACs are of one batch row, times each call's rows
-        sized = weightless(sized)
-        fix_dims(sized, parse_dims(dims), batch=None)
-        counted = weightless(sized)
-        fix_dims(counted, {}, batch=1)
+        drawn = sized(drawn, parse_dims(dims), batch=None)
     elif dims:
         raise FcpassError(f"--dims: {path} has no dynamic axes; drop --dims")
-    roles = infer_roles(sized, parse_role_overrides(inputs))
-    macs = graph_macs(GraphIndex(counted if per_row else sized))
+    roles = infer_roles(drawn, parse_role_overrides(inputs))
+    macs = graph_macs(GraphIndex(sized(drawn, {}, batch=1) if per_row else drawn))
     return PlainDenoiser(backend, roles, backend.outputs[0].name, macs, per_row=per_row)
 
 
