@@ -2,8 +2,8 @@
 caption embeddings (SD3's `pooled_projections`).
 
 Inferred from rank and dtype (latent: rank-4 float; timestep: rank-0/1 float or int; class: rank-1
-int; caption embeddings: rank-3 float; pooled: rank-2 float) unless the user names them with
-`--inputs role=NAME,...`.
+int; caption embeddings: rank-3 float; pooled: rank-2 float named so, as SD3's `pooled_projections`)
+unless the user names them with `--inputs role=NAME,...`.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
     pick("timestep", lambda s: s.rank <= 1 and (is_float(s) or is_int(s)) and "class" not in s.name and "label" not in s.name)
     pick("class", lambda s: s.rank == 1 and is_int(s))
     pick("prompt_embeds", lambda s: s.rank == 3 and is_float(s))
-    pick("pooled_embeds", lambda s: s.rank == 2 and is_float(s))
+    # PixArt's resolution and aspect-ratio conditions are rank-2 floats too: a pooled input says so in its name.
+    pick("pooled_embeds", lambda s: s.rank == 2 and is_float(s) and "pool" in s.name.lower())
     names = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in inputs)
     if "latent" not in chosen:
         raise FcpassError(

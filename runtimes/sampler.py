@@ -153,8 +153,8 @@ def _check_inputs(request: SampleRequest, roles: InputRoles) -> None:
         raise FcpassError(f"the graph takes pooled caption embeddings ({pooled.name} {list(pooled.shape)}); pass "
                           "--pooled-embeds F.npy, one row per caption")
     if given is not None and pooled is None:
-        raise FcpassError("--pooled-embeds given but the graph takes no pooled embeddings (a rank-2 float input); "
-                          "drop it, or name that input with --inputs pooled_embeds=NAME")
+        raise FcpassError("--pooled-embeds given but the graph takes no pooled embeddings (a rank-2 float input "
+                          "named pooled...); drop it, or name that input with --inputs pooled_embeds=NAME")
     if given is not None and (request.prompt_embeds is None or len(given) != len(request.prompt_embeds)):
         captions = 0 if request.prompt_embeds is None else len(request.prompt_embeds)
         raise FcpassError(f"--pooled-embeds has {len(given)} rows for {captions} captions (--prompt-embeds); "

@@ -3,7 +3,6 @@ guidance, a calibrated cache; and an input the sampler has no role for is named 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -15,25 +14,25 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import load_model
-from fcpass.roles import infer_roles
-from runtimes.backend import OrtBackend
-from runtimes.sampler import PlainDenoiser, SampleRequest, sample
-from runtimes.schedulers import scheduler_from_config
 from tests.test_diffusers_graphs import SPECS, _randomize_, _sd3
+
+
+def export_sd3(path: Path, names: tuple[str, ...]) -> Path:
+    """The tiny SD3 transformer, the same weights at every call, with these input names."""
+    torch.manual_seed(0)  # diffusers draws the initial weights from the global generator
+    model = _sd3().eval()
+    _randomize_(model, 0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, SPECS["sd3"].inputs(torch.Generator().manual_seed(0), [500.0, 500.0]), str(path),
+                          dynamo=False, opset_version=18, input_names=list(names), output_names=["noise_pred"])
+    return path
 
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("sd3")
-    model = _sd3().eval()
-    _randomize_(model, 0)
-    spec = SPECS["sd3"]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, spec.inputs(torch.Generator().manual_seed(0), [500.0, 500.0]), str(d / "sd3.onnx"),
-                          dynamo=False, opset_version=18, input_names=list(spec.names), output_names=["noise_pred"])
+    export_sd3(d / "sd3.onnx", SPECS["sd3"].names)
     (d / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
     rng = np.random.default_rng(0)
@@ -83,10 +82,17 @@ def test_pooled_embeddings_are_fed_and_the_cache_samples_what_the_graph_does(sd3
             in capsys.readouterr().err)
 
 
-def test_an_input_without_a_role_is_named_before_any_call(sd3: dict[str, Path]) -> None:
-    backend = OrtBackend(sd3["onnx"])
-    roles = infer_roles(load_model(sd3["onnx"], load_weights=False))
-    unfed = dataclasses.replace(roles, pooled_embeds=None, others=(roles.pooled_embeds,))
-    request = SampleRequest(prompt_embeds=np.load(sd3["captions"]), steps=2)
-    with pytest.raises(FcpassError, match=r"input pooled_projections float32\[2, 6\] has no role the sampler feeds"):
-        sample(PlainDenoiser(backend, unfed, "noise_pred", 0), scheduler_from_config(sd3["sched"]), request, progress=False)
+def test_an_input_without_a_role_is_named_before_any_call_and_takes_one_from_inputs(
+        sd3: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rank-2 float input is taken for pooled embeddings only when its name says so (PixArt's resolution
+    condition is one too): named otherwise, the sampler names it, and --inputs gives it its role."""
+    other = export_sd3(tmp_path / "sd3.onnx", ("latent", "timestep", "encoder_hidden_states", "extra_cond"))
+    common = ["--scheduler-config", sd3["sched"], "--prompt-embeds", sd3["captions"], "--steps", "3"]
+    capsys.readouterr()
+    assert run(["sample", other, *common]) == 2
+    assert "input extra_cond float32[2, 6] has no role the sampler feeds" in capsys.readouterr().err
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert run(["sample", other, *common, "--pooled-embeds", sd3["pooled"], "--inputs", "pooled_embeds=extra_cond",
+                "--out-npy", a]) == 0
+    assert run(["sample", sd3["onnx"], *common, "--pooled-embeds", sd3["pooled"], "--out-npy", b]) == 0
+    np.testing.assert_array_equal(np.load(a), np.load(b))
