@@ -321,6 +321,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for s in info[kind]:
             if not s["name"].startswith("fc") and s["name"] not in state_values:
                 print(f"  {s['name']:<24} {s['dtype']:<8} {s['shape']}")
+        if kind == "inputs" and "roles" in info:
+            print("  as " + ", ".join(f"{role}={name}" for role, name in info["roles"].items() if name)
+                  + " (--inputs names them where this is wrong)")
     exported = [s["name"] for s in info["outputs"] if s["name"] in state_values and not s["name"].startswith("fc")]
     if exported:
         print(f"  ... and {len(exported)} block values the cache state takes ({', '.join(exported[:3])}"

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.skipif(not ONNX.exists(), reason="bundled model missing
 
 
 def test_inspect_finds_eight_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(ONNX)]) == 0
+    assert "  as latent=latent, timestep=timestep, class=class_labels (--inputs" in capsys.readouterr().out
     assert main(["inspect", str(ONNX), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["blocks"]["count"] == 8
