@@ -681,10 +681,13 @@ def _write_outputs(args: argparse.Namespace, result: Any, report: dict[str, Any]
         print(f"wrote {args.report}")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _print_summary(report: dict[str, Any]) -> None:
     steps = report["steps"]
-    n = report["samples"]
-    line = (f"{n} sample{'s' if n != 1 else ''} x {steps} steps on {report['provider']}: "
+    line = (f"{_count(report['samples'], 'sample')} x {steps} steps on {report['provider']}: "
             f"{report['wall_seconds']:.3f} s, {report['macs'] / 1e9:.2f} GMACs "
             f"({report['macs_fraction'] * 100:.1f}% of uncached)")
     if report.get("accuracy") is not None:
@@ -706,7 +709,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if a.ndim == 3:
         a, b = a[None], b[None]
     q = compare_batches(a, b)
-    print(f"PSNR {q['psnr_mean']:.2f} dB  SSIM {q['ssim_mean']:.4f}  ({q['n']} samples)")
+    print(f"PSNR {q['psnr_mean']:.2f} dB  SSIM {q['ssim_mean']:.4f}  ({_count(q['n'], 'sample')})")
     return 0
 
 
@@ -744,8 +747,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             segs = f" in any of its {len(paths)} segments" if len(paths) > 1 else ""
             print(f"{args.model}: no violations of the {args.target} rules{segs}")
     if violations:
-        n = len(violations)
-        print(f"{n} violation{'s' if n != 1 else ''}", file=sys.stderr)
+        print(_count(len(violations), "violation"), file=sys.stderr)
         return 2
     return 0
 
