@@ -232,8 +232,8 @@ def _numel(shape: tuple | None) -> int | None:
 
 
 def node_macs(node: onnx.NodeProto, index: GraphIndex) -> int:
-    """Multiply-accumulates of one node (MatMul, Gemm, Conv, and ONNX Runtime's FusedMatMul, Einsum-free
-    graphs); 0 if unknown."""
+    """Multiply-accumulates of one node (MatMul, Gemm, Einsum without ellipses, Conv, and ONNX Runtime's
+    FusedMatMul); 0 if unknown."""
     attrs = {x.name: x.i for x in node.attribute if x.type == onnx.AttributeProto.INT}
     if node.op_type in ("MatMul", "Gemm") or (node.op_type == "FusedMatMul" and not attrs.get("transBatchA")):
         a = index.shape(node.input[0])
@@ -243,6 +243,18 @@ def node_macs(node: onnx.NodeProto, index: GraphIndex) -> int:
             return 0
         k = a[-2] if node.op_type != "MatMul" and attrs.get("transA") else a[-1]
         return n_out * k if isinstance(k, int) else 0
+    if node.op_type == "Einsum":  # a product: every combination of the indices is one multiply-accumulate
+        equation = next((x.s.decode() for x in node.attribute if x.name == "equation"), "")
+        terms = equation.replace(" ", "").split("->")[0].split(",")
+        if len(terms) < 2:  # one operand (a transpose, a trace): no products
+            return 0
+        sizes: dict[str, int] = {}
+        for term, name in zip(terms, node.input):
+            shape = index.shape(name)
+            if not shape or "." in term or len(term) != len(shape) or not all(isinstance(d, int) for d in shape):
+                return 0
+            sizes.update(zip(term, shape))
+        return int(np.prod(list(sizes.values()), dtype=np.int64)) if sizes else 0
     if node.op_type == "Conv":
         w = index.shape(node.input[1])
         n_out = _numel(index.shape(node.output[0]))

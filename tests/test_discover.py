@@ -143,3 +143,28 @@ def test_a_fused_graph_without_value_types_is_sent_back_to_the_export(tmp_path: 
     user_error(capsys, ["optimize", fused, "-o", tmp_path / "x.onnx"], "shape inference stops at the graph's FusedMatMul",
                "run fcpass optimize on the export itself, before ONNX Runtime's offline optimization")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_einsum_products_count_their_macs_and_permutations_none(tmp_path: Path) -> None:
+    """Attention written with einsum exports as ONNX Einsum: a product of b*h*q*k*d multiply-accumulates;
+    the bundled model's unpatchify is a one-operand Einsum, a permutation, and counts none."""
+    torch = pytest.importorskip("torch")
+    from fcpass.graphinfo import GraphIndex, graph_macs, node_macs
+    from models.digits import ONNX
+
+    class EinsumAttention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            weights = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1)
+            return torch.einsum("bhqk,bhkd->bhqd", weights, v)
+
+    b, h, n, d = 2, 3, 5, 4
+    path = tmp_path / "einsum.onnx"
+    args = tuple(torch.randn(b, h, n, d) for _ in range(3))
+    torch.onnx.export(EinsumAttention(), args, str(path), dynamo=False, opset_version=18)
+    model = load(path)
+    assert [n.op_type for n in model.graph.node].count("Einsum") == 2
+    assert graph_macs(GraphIndex(model)) == 2 * b * h * n * n * d
+
+    bundled = load(ONNX)
+    index = GraphIndex(bundled)
+    assert [node_macs(n, index) for n in bundled.graph.node if n.op_type == "Einsum"] == [0]
