@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from fcpass.static_shapes import fix_dims, needs_resolving, resolve_static_shapes
+from fcpass.static_shapes import fix_dims, needs_resolving, resolve_static_shapes, static_dims
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,15 @@ def sized(model: onnx.ModelProto, dims: dict[str, int], batch: int | None) -> on
     light = weightless(model)
     fix_dims(light, dims, batch)
     return light
+
+
+def settle_outputs(model: onnx.ModelProto) -> None:
+    """Give each graph output that declares a dynamic axis the static type inference finds for it, in place
+    (an exporter names an output axis it computed; once the inputs are fixed, it is a number)."""
+    inferred = {o.name: o for o in infer_shapes(model, weights=False).graph.output}
+    for o in model.graph.output:
+        if not static_dims(o) and o.name in inferred and static_dims(inferred[o.name]):
+            o.type.CopyFrom(inferred[o.name].type)
 
 
 def _large(t: onnx.TensorProto) -> bool:

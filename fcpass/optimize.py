@@ -17,6 +17,7 @@ from typing import Any
 from fcpass.calibrate import CalibrationOptions, calibrate
 from fcpass.discover import discover_blocks
 from fcpass.errors import FcpassError
+from fcpass.graphinfo import settle_outputs
 from fcpass.onnx_io import check_distinct, check_file_output, check_types, load_model, save_model
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
@@ -73,6 +74,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         return _lower_compiled(model, model_path, output, options)
     if axes := dynamic_axes(model):
         fixed = fix_dims(model, dims, batch=options.batch or DYNAMIC_BATCH)
+        settle_outputs(model)
         default_batch = options.batch is None and any(axis == 0 and dim not in dims for _, axis, dim in axes)
         log.info("%s has dynamic axes: compiled at %s%s", Path(model_path).name, ", ".join(fixed),
                  f" (batch {DYNAMIC_BATCH}: one sample with guidance; --batch N for another)" if default_batch else "")

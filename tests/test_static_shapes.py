@@ -188,6 +188,7 @@ def test_named_dynamic_axes_are_fixed_by_dims_and_the_rest_named_with_the_fix(an
     model = onnx.load(str(fc))
     plan = read_plan(model)
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 4, 8, 8]
+    assert all(static_dims(o) for o in model.graph.output)  # the export named an output axis it computed
     assert plan.uncached_macs == 2 * per_row > 0
     r = len(plan.regions)
     feeds = {"latent": np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32),
