@@ -137,24 +137,29 @@ def tune(denoiser: Any, setup: dict[str, Any], policies: list[str], target_psnr:
 
 
 def table(result: TuneResult) -> str:
+    """The best setting per policy as a markdown table; a digit-accuracy column where a classifier scored them."""
     acc = result.baseline_accuracy
+    columns = ["policy", "best setting", "speedup", "MAC-ideal", "PSNR dB", "SSIM"] + (["digit acc"] if acc is not None else [])
+    blank = " |" * (len(columns) - 2)
     lines = [
         f"Fastest setting per policy at >= {result.target_psnr:g} dB mean PSNR against the uncached samples "
         f"({Path(result.model).name}; speedup = the same graph with every region computing, "
         f"{result.baseline_seconds:.3f} s, over the policy's wall time"
         + (f"; uncached digit accuracy {acc:.2f})" if acc is not None else ")"),
         "",
-        "| policy | best setting | speedup | MAC-ideal | PSNR dB | SSIM | digit acc |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(columns) + " |",
+        "|---|---|" + "---:|" * (len(columns) - 2),
     ]
     for name, p in result.best().items():
         if p is None:
-            lines.append(f"| {name} | none holds the target | | | | | |")
+            lines.append(f"| {name} | none holds the target |{blank}")
             continue
-        a = f"{p.accuracy:.2f}" if p.accuracy is not None else ""
-        lines.append(f"| {name} | `{p.policy}` | {p.speedup:.2f}x | {p.mac_ideal:.2f}x | {p.psnr:.2f} | {p.ssim:.4f} | {a} |")
+        row = [name, f"`{p.policy}`", f"{p.speedup:.2f}x", f"{p.mac_ideal:.2f}x", f"{p.psnr:.2f}", f"{p.ssim:.4f}"]
+        if acc is not None:
+            row.append(f"{p.accuracy:.2f}" if p.accuracy is not None else "")
+        lines.append("| " + " | ".join(row) + " |")
     for spec, why in result.skipped.items():
-        lines.append(f"| {spec} | not run: {why} | | | | | |")
+        lines.append(f"| {spec} | not run: {why} |{blank}")
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,19 @@ def test_best_is_the_fastest_setting_that_holds() -> None:
     assert best["x"] is not None and best["x"].value == 2 and best["y"] is None
 
 
+def test_the_table_has_a_digit_accuracy_column_only_where_a_classifier_scored() -> None:
+    from fcpass.tune import table
+
+    for accuracy in (None, 0.9):
+        r = TuneResult("m.fc.onnx", 30.0, 1.0, accuracy)
+        r.points.append(Point("x:k=1", "x", "k", 1, 0.5, 2.0, 2.2, 31.0, 0.9, accuracy, True))
+        r.points.append(Point("y:k=1", "y", "k", 1, 1.0, 1.0, 1.0, 20.0, 0.5, accuracy, False))
+        lines = table(r).splitlines()
+        rows = [line for line in lines if line.startswith("|")]
+        assert ("digit acc" in rows[0]) == (accuracy is not None)
+        assert len({line.count("|") for line in rows}) == 1, rows  # every row has every column
+
+
 def test_tune_cli_writes_table_plot_and_json(calibrated: tuple[Path, Path], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     plot, js = tmp_path / "t.png", tmp_path / "t.json"
