@@ -283,7 +283,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         roles = infer_roles(model, parse_role_overrides(args.inputs))
         info["roles"] = roles.names()
-        if dynamic_axes(model):  # counted at batch 1: MACs per batch row
+        if named:  # dynamic axes: counted at batch 1, MACs per batch row
             try:
                 model = sized(model, parse_dims(args.dims), batch=1)
                 info["macs_per"] = "batch row"

@@ -87,6 +87,24 @@ def tiny_feeds(seed: int = 0, batch: int = 2, dtype: type = np.float32) -> dict[
     }
 
 
+def forced_compute_error(compiled: Path, original: Path, feeds: dict[str, np.ndarray]) -> float:
+    """Max abs difference between `compiled`'s output, every region forced to compute from a zero state,
+    and `original`'s on the same `feeds`: the invariant of every rewrite."""
+    import onnxruntime as ort
+
+    from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
+
+    plan = read_plan(onnx.load(str(compiled), load_external_data=False))
+    r = len(plan.regions)
+    forced = {**feeds, CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
+              MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32), **{s.name: np.zeros(s.shape, s.dtype) for s in plan.states}}
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 3  # ORT warns about harmless initializer dedup inside If branches
+    (got,) = ort.InferenceSession(str(compiled), quiet, providers=["CPUExecutionProvider"]).run(["noise_pred"], forced)
+    (ref,) = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"]).run(["noise_pred"], feeds)
+    return float(np.abs(got - ref).max())
+
+
 def calibration_setup(classes: list[int]) -> dict:
     return {"scheduler_config": SCHEDULER_CONFIG,
             "request": SampleRequest(classes=classes, steps=6, guidance_scale=1.5, uncond_class=10)}

@@ -103,12 +103,11 @@ def test_a_graph_onnx_runtime_already_fused_counts_the_same_macs_and_compiles(tm
     becomes com.microsoft FusedMatMul): the MACs are still every multiply-accumulate, and structure
     finds blocks whose regions compute what the fused graph does."""
     import numpy as np
-    import onnxruntime as ort
 
     from fcpass.graphinfo import GraphIndex, graph_macs
     from fcpass.optimize import OptimizeOptions, optimize
-    from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
     from models.digits import ONNX
+    from tests.conftest import forced_compute_error
 
     fused = _fused_by_onnx_runtime(ONNX, tmp_path / "fused.onnx")
     model = load(fused)
@@ -117,19 +116,12 @@ def test_a_graph_onnx_runtime_already_fused_counts_the_same_macs_and_compiles(tm
 
     out = tmp_path / "fused.fc.onnx"
     plan = optimize(fused, out, OptimizeOptions(regions=("blocks",)), None)
-    r = len(plan.regions)
-    assert r == 7  # of 8: the last block's residual add is fused with the final norm (SkipLayerNormalization)
+    # 7 of 8 blocks: the last block's residual add is fused with the final norm (SkipLayerNormalization)
+    assert len(plan.regions) == 7
     rng = np.random.default_rng(0)
     feeds = {"latent": rng.standard_normal((2, 1, 16, 16)).astype(np.float32),
              "timestep": np.array([10.0, 500.0], np.float32), "class_labels": np.array([3, 10], np.int64)}
-    forced = {**feeds, CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
-              MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32),
-              **{s.name: np.zeros(s.shape, s.dtype) for s in read_plan(load(out)).states}}
-    quiet = ort.SessionOptions()
-    quiet.log_severity_level = 3
-    (got,) = ort.InferenceSession(str(out), quiet, providers=["CPUExecutionProvider"]).run(["noise_pred"], forced)
-    (ref,) = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"]).run(["noise_pred"], feeds)
-    assert np.abs(got - ref).max() <= 1e-5
+    assert forced_compute_error(out, fused, feeds) <= 1e-5
 
 
 def test_a_fused_graph_without_value_types_is_sent_back_to_the_export(tmp_path: Path,

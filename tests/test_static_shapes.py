@@ -18,10 +18,10 @@ from onnx import shape_inference
 from fcpass.cli import main
 from fcpass.graphinfo import GraphIndex, graph_macs, infer_shapes
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
+from fcpass.plan import read_plan
 from fcpass.static_shapes import static_dims
 from models.digits import SCHEDULER_CONFIG
-from tests.conftest import export_tiny_dit, tiny_feeds
+from tests.conftest import export_tiny_dit, forced_compute_error, tiny_feeds
 from tests.test_cache_regions import Compiled
 from tests.test_cli_errors import user_error
 
@@ -107,15 +107,7 @@ def test_a_dynamic_batch_compiles_at_a_fixed_one_that_computes_what_the_export_d
     plan = read_plan(model)
     assert all(isinstance(d, int) for s in plan.states for d in s.shape)
     assert {s.shape[0] for s in plan.states} == {rows}
-    r = len(plan.regions)
-    forced = {**feeds_of(rows), CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
-              MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32),
-              **{s.name: np.zeros(s.shape, s.dtype) for s in plan.states}}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    (got,) = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"]).run(["noise_pred"], forced)
-    (ref,) = ort.InferenceSession(str(dynamic), providers=["CPUExecutionProvider"]).run(None, feeds_of(rows))
-    assert np.abs(got - ref).max() <= 1e-5
+    assert forced_compute_error(out, dynamic, feeds_of(rows)) <= 1e-5
 
 
 def test_inspect_and_plain_sampling_count_a_dynamic_graphs_macs_per_row(dynamic: Path, tmp_path: Path,
@@ -190,16 +182,9 @@ def test_named_dynamic_axes_are_fixed_by_dims_and_the_rest_named_with_the_fix(an
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 4, 8, 8]
     assert all(static_dims(o) for o in model.graph.output)  # the export named an output axis it computed
     assert plan.uncached_macs == 2 * per_row > 0
-    r = len(plan.regions)
     feeds = {"latent": np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32),
              "timestep": np.array([10.0, 500.0], np.float32), "class_labels": np.array([1, 7], np.int64)}
-    forced = {**feeds, CTL_INPUT: np.zeros(r, np.int64), THR_INPUT: np.zeros(r, np.float32),
-              MIX_INPUT: np.zeros((r, MIX_WIDTH), np.float32), **{s.name: np.zeros(s.shape, s.dtype) for s in plan.states}}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    (got,) = ort.InferenceSession(str(fc), opts, providers=["CPUExecutionProvider"]).run(["noise_pred"], forced)
-    (ref,) = ort.InferenceSession(str(any_size), providers=["CPUExecutionProvider"]).run(None, feeds)
-    assert np.abs(got - ref).max() <= 1e-5
+    assert forced_compute_error(fc, any_size, feeds) <= 1e-5
 
     common = ["--steps", "3", "--class", "1", "2", "--uncond-class", "10", "--scheduler-config", SCHEDULER_CONFIG]
     plain, cached, report = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "r.json"
