@@ -88,8 +88,8 @@ def _calibration_request(request: SampleRequest, options: CalibrationOptions) ->
         classes=[classes[j % len(classes)] for j in range(n)] if classes else None,
         prompt_embeds=None if request.prompt_embeds is None else request.prompt_embeds[np.arange(n) % len(request.prompt_embeds)],
         pooled_embeds=None if request.pooled_embeds is None else request.pooled_embeds[np.arange(n) % len(request.pooled_embeds)],
-        steps=options.steps, guidance_scale=request.guidance_scale, uncond_class=request.uncond_class,
-        seed=options.seed,
+        resolution=request.resolution, steps=options.steps, guidance_scale=request.guidance_scale,
+        uncond_class=request.uncond_class, seed=options.seed,
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from fcpass import __version__
 from fcpass.errors import FcpassError
+from fcpass.roles import ROLES
 
 log = logging.getLogger("fcpass")
 
@@ -24,8 +25,7 @@ CALIB_STEPS_HELP = ("sampling steps of each calibration trajectory, best the cou
                     "and statistics are those of one step's change (default %(default)s)")
 DIMS_HELP = ("sizes for dynamic axes other than the batch, by the names the export gave them, e.g. "
              "height=64,width=64 (fcpass inspect shows them in the inputs' shapes)")
-INPUTS_HELP = "input roles when the names do not say, e.g. latent=x,timestep=t,class=y (roles: " + \
-    "latent, timestep, class, prompt_embeds, pooled_embeds)"
+INPUTS_HELP = f"input roles when the names do not say, e.g. latent=x,timestep=t,class=y (roles: {', '.join(ROLES)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +235,9 @@ def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> Non
     p.add_argument("--pooled-embeds", type=Path,
                    help=".npy of pooled caption embeddings (N, P), one row per caption, for graphs that take them "
                         "(SD3's pooled_projections)")
+    p.add_argument("--resolution", type=_pixels, metavar="HxW",
+                   help="image size in pixels that a graph with PixArt-alpha's size conditions (resolution, aspect_ratio "
+                        "inputs) is told it draws (default: the latent's size times 8)")
     p.add_argument("--guidance-scale", type=float, default=1.5,
                    help="classifier-free guidance scale; 1 runs without guidance (default %(default)s)")
     p.add_argument("--uncond-class", type=int, help="the null label of guidance's unconditional half (default: a DiT's own, its class count)")
@@ -279,6 +282,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if has_plan(model):
         plan = read_plan(model, str(args.model))
         info["plan"] = json.loads(plan.to_json())
+        info["roles"] = plan.roles
         info["macs_per_call"] = plan.uncached_macs
     else:
         roles = infer_roles(model, parse_role_overrides(args.inputs))
@@ -322,8 +326,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if not s["name"].startswith("fc") and s["name"] not in state_values:
                 print(f"  {s['name']:<24} {s['dtype']:<8} {s['shape']}")
         if kind == "inputs" and "roles" in info:
-            print("  as " + ", ".join(f"{role}={name}" for role, name in info["roles"].items() if name)
-                  + " (--inputs names them where this is wrong)")
+            how = "as optimized" if "plan" in info else "--inputs names them where this is wrong"
+            print("  as " + ", ".join(f"{role}={name}" for role, name in info["roles"].items() if name) + f" ({how})")
     exported = [s["name"] for s in info["outputs"] if s["name"] in state_values and not s["name"].startswith("fc")]
     if exported:
         print(f"  ... and {len(exported)} block values the cache state takes ({', '.join(exported[:3])}"
@@ -589,12 +593,24 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
         if flag is not None:
             raise FcpassError(f"{flag} {bad} is out of range: {model_path}'s label table has {rows} rows; "
                               f"use 0..{rows - 1}")
-    request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled,
+    request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled, resolution=args.resolution,
                             guidance_scale=args.guidance_scale, uncond_class=uncond)
     if hasattr(args, "steps"):  # sampling commands; calibrating ones take both from their own options
         request.steps, request.seed = args.steps, args.seed
     return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),
             "arch": meta.get("arch")}
+
+
+def _pixels(text: str) -> tuple[int, int]:
+    """`1024x768` (height x width) or `1024` (square), in pixels."""
+    height, _, width = text.lower().partition("x")
+    try:
+        size = (int(height), int(width or height))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH in pixels, e.g. 1024x768") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be at least 1 pixel")
+    return size
 
 
 def _embeddings(path: Path | None, what: str, rank: int) -> np.ndarray | None:

@@ -1,22 +1,28 @@
-"""Which graph input is the latent, the timestep, the class label, the caption embeddings or the pooled
-caption embeddings (SD3's `pooled_projections`).
+"""Which graph input is the latent, the timestep, the class label, the caption embeddings, the pooled
+caption embeddings (SD3's `pooled_projections`), or PixArt-alpha's size conditions (the 1024-pixel
+models' `resolution` and `aspect_ratio`).
 
 Inferred from rank and dtype (latent: rank-4 float; timestep: rank-0/1 float or int; class: rank-1
-int; caption embeddings: rank-3 float; pooled: rank-2 float named so, as SD3's `pooled_projections`)
+int; caption embeddings: rank-3 float) and, for the rank-2 floats, from the name as well (pooled:
+named pool...; resolution: (B, 2) named resolution or hw; aspect ratio: (B, 1) named aspect...),
 unless the user names them with `--inputs role=NAME,...`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
-from onnx import helper
 
 from fcpass.errors import FcpassError
 
-ROLES = ("latent", "timestep", "class", "prompt_embeds", "pooled_embeds")
+if TYPE_CHECKING:  # the command line reads ROLES for its help before any command needs onnx
+    import onnx
+
+ROLES = ("latent", "timestep", "class", "prompt_embeds", "pooled_embeds", "resolution", "aspect_ratio")
 
 
 @dataclass(frozen=True)
@@ -39,15 +45,20 @@ class InputRoles:
     class_labels: TensorSpec | None = None
     prompt_embeds: TensorSpec | None = None
     pooled_embeds: TensorSpec | None = None
+    resolution: TensorSpec | None = None
+    aspect_ratio: TensorSpec | None = None
     others: tuple[TensorSpec, ...] = field(default_factory=tuple)
 
     def names(self) -> dict[str, str | None]:
         """{role: input name or None}, as `--inputs` and the cache plan name them."""
-        specs = (self.latent, self.timestep, self.class_labels, self.prompt_embeds, self.pooled_embeds)
+        specs = (self.latent, self.timestep, self.class_labels, self.prompt_embeds, self.pooled_embeds,
+                 self.resolution, self.aspect_ratio)
         return {role: spec.name if spec else None for role, spec in zip(ROLES, specs)}
 
 
 def value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    from onnx import helper
+
     tt = value.type.tensor_type
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
     shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
@@ -111,8 +122,11 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
     pick("timestep", lambda s: s.rank <= 1 and (is_float(s) or is_int(s)) and "class" not in s.name and "label" not in s.name)
     pick("class", lambda s: s.rank == 1 and is_int(s))
     pick("prompt_embeds", lambda s: s.rank == 3 and is_float(s))
-    # PixArt's resolution and aspect-ratio conditions are rank-2 floats too: a pooled input says so in its name.
+    # Three roles are rank-2 floats, so the name decides among them; an input named otherwise keeps no role.
     pick("pooled_embeds", lambda s: s.rank == 2 and is_float(s) and "pool" in s.name.lower())
+    pick("resolution", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (2, None)
+         and re.search(r"resolution|hw", s.name.lower()) is not None)
+    pick("aspect_ratio", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (1, None) and "aspect" in s.name.lower())
     names = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in inputs)
     if "latent" not in chosen:
         raise FcpassError(
@@ -129,5 +143,7 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
         class_labels=chosen.get("class"),
         prompt_embeds=chosen.get("prompt_embeds"),
         pooled_embeds=chosen.get("pooled_embeds"),
+        resolution=chosen.get("resolution"),
+        aspect_ratio=chosen.get("aspect_ratio"),
         others=tuple(s for s in inputs if s.name not in used),
     )

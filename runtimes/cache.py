@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -23,6 +24,7 @@ from fcpass.plan import (
 )
 from fcpass.roles import InputRoles
 from runtimes.policies import Policy
+from runtimes.sampler import join_halves, split_halves
 from runtimes.state import HostState
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,12 @@ class CachedDenoiser:
     def __init__(self, backend: Any, plan: CachePlan, policy: Policy, roles: InputRoles, keep_all: bool = False) -> None:
         self.backend = backend
         self.keep_all = keep_all  # keep every region's state (to read it), not only the policy's live regions
-        self.binding = backend.state_binding(plan) if hasattr(backend, "state_binding") else HostState(backend, plan)
         self.plan = plan
+        self.binding = self._new_binding()
+        # The unconditional half's state, for a graph that takes one half of guidance (see __call__).
+        self._twin: Any = None
+        self._halved = False  # this trajectory runs two calls per step
+        self._live: set[int] | None = None
         self.policy = policy
         self.roles = roles
         self.output = plan.outputs[0]
@@ -64,15 +70,24 @@ class CachedDenoiser:
         self._motion = plan.region(plan.motion["region"]) if plan.motion else None
         self._motion_saved = self._motion.macs - plan.motion["macs"] if self._motion else 0
 
+    def _new_binding(self) -> Any:
+        return self.backend.state_binding(self.plan) if hasattr(self.backend, "state_binding") else HostState(self.backend, self.plan)
+
     @property
     def state(self) -> dict[str, np.ndarray]:
-        """The current cache state, on the host (a copy where it lives on a device)."""
+        """The current cache state, on the host (a copy where it lives on a device); with two calls a step,
+        the halves' states joined as one call of both holds them."""
+        if self._halved:
+            return join_halves(self.binding.state(), self._twin.state(), self.roles)
         return self.binding.state()
 
     def reset(self, num_steps: int) -> None:
         self.policy.reset(self.plan, num_steps)
         live = None if self.keep_all else self.policy.live
+        self._live, self._halved = live, False
         self.binding.reset(live)
+        if self._twin is not None:
+            self._twin.reset(live)
         self._fixed = [r.index for r in self.plan.regions if live is not None and r.index not in live]
 
     def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
@@ -81,6 +96,29 @@ class CachedDenoiser:
         if any(ctl[k] for k in self._fixed):
             raise FcpassError(f"policy {self.policy.name} controls a region outside its live regions "
                               f"{sorted(self.policy.live or ())}; their cache state is not kept (a bug in the policy)")
+        halves = split_halves(feeds, self.roles)
+        if halves is None:
+            out, stat, skip, self._record = self._run(self.binding, feeds, controls)
+            self.policy.observe(step, stat, skip)
+            return out
+        # A graph of one half of guidance: each half keeps its own state, and the unconditional half takes
+        # the conditional half's decisions, so that both halves of a step are computed or approximated
+        # alike, as in one call of both (where a region skips only if every row would).
+        if self._twin is None:
+            self._twin = self._new_binding()
+            self._twin.reset(self._live)
+        self._halved = True
+        cond, stat, skip, record = self._run(self.binding, halves[0], controls)
+        self.policy.observe(step, stat, skip)
+        follow = dataclasses.replace(controls, ctl=(skip == 1).astype(np.int64))
+        uncond, _, _, other = self._run(self._twin, halves[1], follow)
+        self._record = {**record, "macs": record["macs"] + other["macs"]}
+        return np.concatenate([cond, uncond])
+
+    def _run(self, binding: Any, feeds: dict[str, np.ndarray], controls: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """One graph call on `binding`'s state: the model output, the statistics (NaN where forced), the
+        decisions and the step record."""
+        ctl = controls.ctl.tolist()
         run_feeds = {**feeds, CTL_INPUT: controls.ctl, THR_INPUT: controls.thr, MIX_INPUT: controls.mix}
         tok = None
         if self._tok_zero is not None:
@@ -95,7 +133,7 @@ class CachedDenoiser:
         motion = self._motion is not None and controls.motion
         if self._motion is not None:
             run_feeds[MOTION_INPUT] = np.array(int(motion), np.int64)
-        out = self.binding.step(run_feeds, [self.output, STAT_OUTPUT, SKIP_OUTPUT])
+        out = binding.step(run_feeds, [self.output, STAT_OUTPUT, SKIP_OUTPUT])
         # Plain Python on the small outputs from here on: right after a graph call, each distinct numpy
         # operation costs microseconds.
         stat, skip = out[STAT_OUTPUT], out[SKIP_OUTPUT]
@@ -105,7 +143,6 @@ class CachedDenoiser:
         forced = [k for k, c in enumerate(ctl) if c < CTL_DECIDE and not all(math.isnan(v) for v in rows[k])]
         if forced:
             stat[forced] = np.nan
-        self.policy.observe(step, stat, skip)
         saved = self._saved
         macs = self.uncached_macs - sum(saved[k] for k, v in enumerate(skips) if v == 1)
         if motion and skips[self._motion.index] == 0:
@@ -114,7 +151,7 @@ class CachedDenoiser:
             # A conservative block saves its MACs only where its region (the innermost) computed.
             reached = (tok != 0) & (skip[self._tok_region] == 0)
             macs -= self._tok_saved[np.arange(len(tok)), np.clip(tok, 0, 2)][reached].sum()
-        self._record = {
+        record = {
             "macs": int(macs),
             "ctl": ctl,
             **({"tok": tok.tolist()} if tok is not None else {}),
@@ -124,7 +161,7 @@ class CachedDenoiser:
             # the largest over the batch; None where any sample's is not measured (NaN) or not finite
             "stat": [None if k in forced or not all(map(math.isfinite, row)) else max(row) for k, row in enumerate(rows)],
         }
-        return out[self.output]
+        return out[self.output], stat, skip, record
 
     def last_record(self) -> dict[str, Any]:
         return self._record

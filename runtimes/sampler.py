@@ -1,7 +1,8 @@
 """The sampling host loop: scheduler steps around a denoiser, classifier-free guidance in one call.
 
 The denoiser is either the plain graph or a cache-aware one (`runtimes.cache.CachedDenoiser`); the
-loop does not know which. Each sampling run resets the denoiser, so no cache state leaks between
+loop does not know which. A graph exported at batch 1 takes one half of guidance: the loop still
+hands the denoiser both halves, and the denoiser makes two calls of them (`split_halves`). Each sampling run resets the denoiser, so no cache state leaks between
 runs. Noise comes from one seeded generator for the whole request, so a sample does not depend on
 how requests are split into model-sized batches.
 """
@@ -39,11 +40,14 @@ class Denoiser(Protocol):
 @dataclass
 class SampleRequest:
     """What to draw. `classes` for class-conditional models, `prompt_embeds` (N, L, C) for captions, with
-    `pooled_embeds` (N, P) for the graphs that also take a pooled caption embedding (SD3)."""
+    `pooled_embeds` (N, P) for the graphs that also take a pooled caption embedding (SD3). `resolution`
+    (height, width) in pixels is what a graph with PixArt-alpha's size conditions is told it draws
+    (default: the latent's size times 8, PixArt's VAE factor)."""
 
     classes: list[int] | None = None
     prompt_embeds: np.ndarray | None = None
     pooled_embeds: np.ndarray | None = None
+    resolution: tuple[int, int] | None = None
     steps: int = 50
     guidance_scale: float = 1.5
     uncond_class: int | None = None
@@ -93,12 +97,13 @@ def sample(
         raise FcpassError("classifier-free guidance needs the unconditional label; pass --uncond-class U")
     _check_inputs(request, roles)
     model_batch = _batch_of(roles)
-    per_call = n if model_batch is None else (model_batch // 2 if cfg else model_batch)
-    if per_call < 1:
-        raise FcpassError(
-            f"the graph's batch is {model_batch}, too small for guidance; re-export with --batch 2 or use --guidance-scale 1"
-        )
+    halves = cfg and model_batch == 1  # two calls a step, one per half of guidance
+    if cfg and model_batch is not None and model_batch > 1 and model_batch % 2:
+        raise FcpassError(f"the graph's batch is {model_batch}: guidance needs an even batch (both halves in one call) "
+                          "or batch 1 (a call per half); re-export with --batch 2, or use --guidance-scale 1")
+    per_call = n if model_batch is None else (model_batch // 2 if cfg and not halves else model_batch)
     c, h, w = (int(d) for d in roles.latent.shape[1:])  # type: ignore[arg-type]
+    sizes = _size_conditions(request, roles, h, w)
     rng = np.random.default_rng(request.seed)
     noise = rng.standard_normal((n, c, h, w)).astype(np.float32) * scheduler.init_noise_sigma
     scheduler.set_timesteps(request.steps)
@@ -125,6 +130,8 @@ def sample(
             if roles.pooled_embeds is not None:
                 feeds[roles.pooled_embeds.name] = _with_uncond(request.pooled_embeds[pad], cfg).astype(
                     roles.pooled_embeds.dtype)
+            for name, row in sizes.items():  # both halves of guidance draw at the same size
+                feeds[name] = np.repeat(row, latent_in.shape[0], axis=0)
             out = denoiser(feeds, i)[:, :c]  # learned-sigma graphs output 2C channels; the first C are the mean
             if cfg:
                 cond_out, uncond_out = out[: len(x)], out[len(x) :]
@@ -138,7 +145,7 @@ def sample(
         images[idx] = x[: len(idx)]
     wall = time.perf_counter() - start
     bar.close()
-    calls = len(chunks) * len(timesteps)
+    calls = len(chunks) * len(timesteps) * (2 if halves else 1)
     return SampleResult(images, wall, step_seconds, macs, denoiser.uncached_macs * calls, records, calls)
 
 
@@ -166,6 +173,50 @@ def _check_inputs(request: SampleRequest, roles: InputRoles) -> None:
         if len(rows.shape) != len(spec.shape) or any(w is not None and w != g for w, g in zip(want, rows.shape[1:])):
             raise FcpassError(f"{flag} rows are {tuple(rows.shape[1:])} but the graph takes {tuple(want)} per sample "
                               f"({spec.name} {list(spec.shape)}); save them at that size, or re-export the model for yours")
+    if request.resolution is not None and roles.resolution is None and roles.aspect_ratio is None:
+        raise FcpassError("--resolution given but the graph takes no size condition (PixArt-alpha's resolution or "
+                          "aspect_ratio input); drop it, or name that input with --inputs resolution=NAME")
+
+
+VAE_FACTOR = 8  # pixels per latent cell in PixArt-alpha's (and Stable Diffusion's) VAE
+
+
+def _size_conditions(request: SampleRequest, roles: InputRoles, h: int, w: int) -> dict[str, np.ndarray]:
+    """One batch row of each size condition the graph takes, as diffusers' PixArt-alpha pipeline feeds them:
+    resolution (height, width) and aspect ratio height / width, in pixels."""
+    if roles.resolution is None and roles.aspect_ratio is None:
+        return {}
+    height, width = request.resolution or (h * VAE_FACTOR, w * VAE_FACTOR)
+    if request.resolution is None:
+        log.info("size conditions: %dx%d pixels (the %dx%d latent times %d); --resolution HxW sets them",
+                 height, width, h, w, VAE_FACTOR)
+    rows = {}
+    if roles.resolution is not None:
+        rows[roles.resolution.name] = np.array([[height, width]], roles.resolution.dtype)
+    if roles.aspect_ratio is not None:
+        rows[roles.aspect_ratio.name] = np.array([[height / width]], roles.aspect_ratio.dtype)
+    return rows
+
+
+def split_halves(feeds: dict[str, np.ndarray], roles: InputRoles) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """A guided step's feeds (the conditional rows, then the unconditional ones) as the feeds of two calls,
+    where the graph takes one half's rows; None where it takes both in one call."""
+    batch = _batch_of(roles)
+    if batch is None or len(feeds[roles.latent.name]) != 2 * batch:
+        return None
+    cond: dict[str, np.ndarray] = {}
+    uncond: dict[str, np.ndarray] = {}
+    for name, value in feeds.items():
+        rows = value.ndim > 0 and len(value) == 2 * batch  # a scalar timestep serves both calls
+        cond[name], uncond[name] = (value[:batch], value[batch:]) if rows else (value, value)
+    return cond, uncond
+
+
+def join_halves(cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray], roles: InputRoles) -> dict[str, np.ndarray]:
+    """Two calls' cache states (or outputs) as one call of both halves holds them: the batch rows joined."""
+    batch = _batch_of(roles)
+    return {name: np.concatenate([value, uncond[name]]) if value.ndim > 0 and len(value) == batch else value
+            for name, value in cond.items()}
 
 
 def _with_uncond(cond: np.ndarray, cfg: bool) -> np.ndarray:
@@ -203,6 +254,7 @@ class PlainDenoiser:
         self._macs = macs
         self.per_row = per_row
         self._rows = 1  # of the last call; `sample` pads every call of a run to the same rows
+        self._calls = 1  # graph calls of the last step: two where the graph takes one half of guidance
         bound = getattr(backend, "bound_call", None)
         self._bound = bound() if bound is not None else None
 
@@ -214,10 +266,17 @@ class PlainDenoiser:
         pass
 
     def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
+        halves = split_halves(feeds, self.roles)
+        self._calls = 1 if halves is None else 2
+        if halves is not None:
+            return np.concatenate([self._call(half) for half in halves])
         self._rows = len(feeds[self.roles.latent.name])
+        return self._call(feeds)
+
+    def _call(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if self._bound is not None:
             return self._bound(feeds, [self.output])[self.output]
         return self.backend.run(feeds)[self.output]
 
     def last_record(self) -> dict[str, Any]:
-        return {"macs": self.uncached_macs}
+        return {"macs": self.uncached_macs * self._calls}

@@ -329,7 +329,7 @@ def build_feeds(base: OrtBackend, plan: CachePlan, seed: int) -> tuple[dict[str,
     roles = infer_roles(base.model)
     feeds: dict[str, np.ndarray] = {}
     for spec in (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, roles.pooled_embeds,
-                 *roles.others):
+                 roles.resolution, roles.aspect_ratio, *roles.others):
         if spec is None:
             continue
         shape = [d if isinstance(d, int) else 1 for d in spec.shape]
