@@ -236,10 +236,12 @@ def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> Non
                    help=".npy of pooled caption embeddings (N, P), one row per caption, for graphs that take them "
                         "(SD3's pooled_projections)")
     p.add_argument("--resolution", type=_pixels, metavar="HxW",
-                   help="image size in pixels that a graph with PixArt-alpha's size conditions (resolution, aspect_ratio "
-                        "inputs) is told it draws (default: the latent's size times 8)")
+                   help="image size in pixels: what a graph with PixArt-alpha's size conditions (resolution, aspect_ratio "
+                        "inputs) is told it draws (default: the latent's size times 8), and the grid of a packed latent "
+                        "(Flux's; default: square)")
     p.add_argument("--guidance-scale", type=float, default=1.5,
-                   help="classifier-free guidance scale; 1 runs without guidance (default %(default)s)")
+                   help="classifier-free guidance scale; 1 runs without guidance; a graph with a guidance input "
+                        "(FLUX.1-dev) takes it there instead (default %(default)s)")
     p.add_argument("--uncond-class", type=int, help="the null label of guidance's unconditional half (default: a DiT's own, its class count)")
     if not calibrating:
         p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")

@@ -1,10 +1,12 @@
 """Which graph input is the latent, the timestep, the class label, the caption embeddings, the pooled
-caption embeddings (SD3's `pooled_projections`), or PixArt-alpha's size conditions (the 1024-pixel
-models' `resolution` and `aspect_ratio`).
+caption embeddings (SD3's `pooled_projections`), PixArt-alpha's size conditions (the 1024-pixel
+models' `resolution` and `aspect_ratio`), or Flux's position ids and distilled guidance.
 
-Inferred from rank and dtype (latent: rank-4 float; timestep: rank-0/1 float or int; class: rank-1
-int; caption embeddings: rank-3 float) and, for the rank-2 floats, from the name as well (pooled:
-named pool...; resolution: (B, 2) named resolution or hw; aspect ratio: (B, 1) named aspect...),
+Inferred from rank and dtype (latent: rank-4 float, or a rank-3 float shaped as the model's output,
+Flux's packed latent (B, tokens, channels); timestep: rank-0/1 float or int; class: rank-1 int;
+caption embeddings: rank-3 float) and, where rank and dtype do not tell them apart, from the name as
+well (pooled: rank-2 named pool...; resolution: (B, 2) named resolution or hw; aspect ratio: (B, 1)
+named aspect...; img_ids and txt_ids: (tokens, 3) named so; guidance: rank-0/1 named guidance),
 unless the user names them with `--inputs role=NAME,...`.
 """
 
@@ -22,7 +24,8 @@ from fcpass.errors import FcpassError
 if TYPE_CHECKING:  # the command line reads ROLES for its help before any command needs onnx
     import onnx
 
-ROLES = ("latent", "timestep", "class", "prompt_embeds", "pooled_embeds", "resolution", "aspect_ratio")
+ROLES = ("latent", "timestep", "class", "prompt_embeds", "pooled_embeds", "resolution", "aspect_ratio", "img_ids",
+         "txt_ids", "guidance")
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,15 @@ class InputRoles:
     pooled_embeds: TensorSpec | None = None
     resolution: TensorSpec | None = None
     aspect_ratio: TensorSpec | None = None
+    img_ids: TensorSpec | None = None
+    txt_ids: TensorSpec | None = None
+    guidance: TensorSpec | None = None
     others: tuple[TensorSpec, ...] = field(default_factory=tuple)
 
     def names(self) -> dict[str, str | None]:
         """{role: input name or None}, as `--inputs` and the cache plan name them."""
         specs = (self.latent, self.timestep, self.class_labels, self.prompt_embeds, self.pooled_embeds,
-                 self.resolution, self.aspect_ratio)
+                 self.resolution, self.aspect_ratio, self.img_ids, self.txt_ids, self.guidance)
         return {role: spec.name if spec else None for role, spec in zip(ROLES, specs)}
 
 
@@ -118,19 +124,27 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
 
     is_float = lambda s: np.issubdtype(s.dtype, np.floating)
     is_int = lambda s: np.issubdtype(s.dtype, np.integer)
+    named = lambda pattern: lambda s: re.search(pattern, s.name.lower()) is not None  # noqa: E731
+    output = graph_outputs(model)[0].shape if model is not None and model.graph.output else None
     pick("latent", lambda s: s.rank == 4 and is_float(s))
+    pick("latent", lambda s: s.rank == 3 and is_float(s) and s.shape == output)  # Flux's packed latent
+    pick("guidance", lambda s: s.rank <= 1 and is_float(s) and named("guid")(s))
     pick("timestep", lambda s: s.rank <= 1 and (is_float(s) or is_int(s)) and "class" not in s.name and "label" not in s.name)
     pick("class", lambda s: s.rank == 1 and is_int(s))
+    ids = lambda pattern: lambda s: s.rank in (2, 3) and s.shape[-1] in (3, None) and named(pattern)(s)  # noqa: E731
+    pick("img_ids", ids(r"im(a)?g(e)?_?ids"))
+    pick("txt_ids", ids(r"te?xt_?ids"))
     pick("prompt_embeds", lambda s: s.rank == 3 and is_float(s))
     # Three roles are rank-2 floats, so the name decides among them; an input named otherwise keeps no role.
     pick("pooled_embeds", lambda s: s.rank == 2 and is_float(s) and "pool" in s.name.lower())
     pick("resolution", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (2, None)
-         and re.search(r"resolution|hw", s.name.lower()) is not None)
+         and named(r"resolution|hw")(s))
     pick("aspect_ratio", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (1, None) and "aspect" in s.name.lower())
     names = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in inputs)
     if "latent" not in chosen:
         raise FcpassError(
-            f"no latent input found (expected a rank-4 float input) among: {names}; name it with --inputs latent=NAME"
+            f"no latent input found (expected a rank-4 float input, or a rank-3 one shaped as the output) among: {names}; "
+            "name it with --inputs latent=NAME"
         )
     if "timestep" not in chosen:
         raise FcpassError(
@@ -145,5 +159,8 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
         pooled_embeds=chosen.get("pooled_embeds"),
         resolution=chosen.get("resolution"),
         aspect_ratio=chosen.get("aspect_ratio"),
+        img_ids=chosen.get("img_ids"),
+        txt_ids=chosen.get("txt_ids"),
+        guidance=chosen.get("guidance"),
         others=tuple(s for s in inputs if s.name not in used),
     )

@@ -10,6 +10,7 @@ how requests are split into model-sized batches.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -88,7 +89,8 @@ def sample(
         raise FcpassError(f"--steps {request.steps} must be at least 1")
     if request.seed < 0:
         raise FcpassError(f"--seed {request.seed} must be 0 or more")
-    cfg = request.guidance_scale != 1.0
+    # A guidance-distilled graph (Flux-dev) takes the scale as an input and draws without an unconditional half.
+    cfg = request.guidance_scale != 1.0 and roles.guidance is None
     cond_input = roles.prompt_embeds if request.prompt_embeds is not None else roles.class_labels
     if cond_input is None:
         kind = "--prompt-embeds" if request.prompt_embeds is not None else "--class"
@@ -102,11 +104,16 @@ def sample(
         raise FcpassError(f"the graph's batch is {model_batch}: guidance needs an even batch (both halves in one call) "
                           "or batch 1 (a call per half); re-export with --batch 2, or use --guidance-scale 1")
     per_call = n if model_batch is None else (model_batch // 2 if cfg and not halves else model_batch)
-    c, h, w = (int(d) for d in roles.latent.shape[1:])  # type: ignore[arg-type]
-    sizes = _size_conditions(request, roles, h, w)
+    shape = tuple(int(d) for d in roles.latent.shape[1:])  # type: ignore[arg-type]
+    packed = len(shape) == 2  # Flux's latent: (tokens, channels) of 2x2 patches
+    grid = _token_grid(request, shape[0]) if packed else (shape[1] // 2, shape[2] // 2)
+    pixels = (2 * VAE_FACTOR * grid[0], 2 * VAE_FACTOR * grid[1]) if packed else (VAE_FACTOR * shape[1], VAE_FACTOR * shape[2])
+    per_row, fixed = _constant_feeds(request, roles, grid, pixels)
     rng = np.random.default_rng(request.seed)
-    noise = rng.standard_normal((n, c, h, w)).astype(np.float32) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(request.steps)
+    noise = rng.standard_normal((n, *shape)).astype(np.float32) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(request.steps, image_seq_len=grid[0] * grid[1])
+    # Flux's transformer takes the timestep divided by 1000, as its pipeline feeds it, and scales it back itself.
+    t_scale = 1e-3 if roles.img_ids is not None else 1.0
     timesteps = scheduler.timesteps
     images = np.empty_like(noise)
     step_seconds: list[float] = []
@@ -125,14 +132,17 @@ def sample(
             t0 = time.perf_counter()
             latent_in = np.concatenate([x, x]) if cfg else x
             feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype)}
-            feeds[roles.timestep.name] = _timestep_feed(t, latent_in.shape[0], roles)
+            feeds[roles.timestep.name] = _timestep_feed(t * t_scale, latent_in.shape[0], roles)
             feeds[cond_input.name] = cond.astype(cond_input.dtype)
             if roles.pooled_embeds is not None:
                 feeds[roles.pooled_embeds.name] = _with_uncond(request.pooled_embeds[pad], cfg).astype(
                     roles.pooled_embeds.dtype)
-            for name, row in sizes.items():  # both halves of guidance draw at the same size
+            for name, row in per_row.items():  # both halves of guidance alike
                 feeds[name] = np.repeat(row, latent_in.shape[0], axis=0)
-            out = denoiser(feeds, i)[:, :c]  # learned-sigma graphs output 2C channels; the first C are the mean
+            feeds.update(fixed)
+            out = denoiser(feeds, i)
+            if not packed:
+                out = out[:, : shape[0]]  # learned-sigma graphs output 2C channels; the first C are the mean
             if cfg:
                 cond_out, uncond_out = out[: len(x)], out[len(x) :]
                 out = uncond_out + request.guidance_scale * (cond_out - uncond_out)
@@ -146,6 +156,8 @@ def sample(
     wall = time.perf_counter() - start
     bar.close()
     calls = len(chunks) * len(timesteps) * (2 if halves else 1)
+    if packed:
+        images = unpack_latents(images, grid)
     return SampleResult(images, wall, step_seconds, macs, denoiser.uncached_macs * calls, records, calls)
 
 
@@ -173,29 +185,71 @@ def _check_inputs(request: SampleRequest, roles: InputRoles) -> None:
         if len(rows.shape) != len(spec.shape) or any(w is not None and w != g for w, g in zip(want, rows.shape[1:])):
             raise FcpassError(f"{flag} rows are {tuple(rows.shape[1:])} but the graph takes {tuple(want)} per sample "
                               f"({spec.name} {list(spec.shape)}); save them at that size, or re-export the model for yours")
-    if request.resolution is not None and roles.resolution is None and roles.aspect_ratio is None:
+    if request.resolution is not None and roles.resolution is None and roles.aspect_ratio is None and roles.latent.rank != 3:
         raise FcpassError("--resolution given but the graph takes no size condition (PixArt-alpha's resolution or "
-                          "aspect_ratio input); drop it, or name that input with --inputs resolution=NAME")
+                          "aspect_ratio input) and no packed latent (Flux's); drop it, or name that input with "
+                          "--inputs resolution=NAME")
 
 
-VAE_FACTOR = 8  # pixels per latent cell in PixArt-alpha's (and Stable Diffusion's) VAE
+VAE_FACTOR = 8  # pixels per latent cell in the VAEs of PixArt-alpha, Stable Diffusion and Flux
 
 
-def _size_conditions(request: SampleRequest, roles: InputRoles, h: int, w: int) -> dict[str, np.ndarray]:
-    """One batch row of each size condition the graph takes, as diffusers' PixArt-alpha pipeline feeds them:
-    resolution (height, width) and aspect ratio height / width, in pixels."""
-    if roles.resolution is None and roles.aspect_ratio is None:
-        return {}
-    height, width = request.resolution or (h * VAE_FACTOR, w * VAE_FACTOR)
-    if request.resolution is None:
-        log.info("size conditions: %dx%d pixels (the %dx%d latent times %d); --resolution HxW sets them",
-                 height, width, h, w, VAE_FACTOR)
-    rows = {}
-    if roles.resolution is not None:
-        rows[roles.resolution.name] = np.array([[height, width]], roles.resolution.dtype)
-    if roles.aspect_ratio is not None:
-        rows[roles.aspect_ratio.name] = np.array([[height / width]], roles.aspect_ratio.dtype)
-    return rows
+def _token_grid(request: SampleRequest, tokens: int) -> tuple[int, int]:
+    """Rows and columns of 2x2 latent patches in a packed latent of `tokens` tokens: from --resolution, else square."""
+    if request.resolution is not None:
+        height, width = request.resolution
+        grid = (height // (2 * VAE_FACTOR), width // (2 * VAE_FACTOR))
+        if grid[0] * grid[1] != tokens:
+            raise FcpassError(f"--resolution {height}x{width} makes {grid[0]}x{grid[1]} latent patches, but the graph's "
+                              f"latent holds {tokens} tokens; pass the size it was exported for")
+        return grid
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise FcpassError(f"the graph's packed latent holds {tokens} tokens, not a square grid; pass --resolution HxW")
+    return side, side
+
+
+def unpack_latents(latents: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(B, tokens, 4C) packed latents as (B, C, H, W), as Flux's pipeline unpacks them before decoding."""
+    b, _, channels = latents.shape
+    x = latents.reshape(b, grid[0], grid[1], channels // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, 2 * grid[0], 2 * grid[1])
+
+
+def _constant_feeds(request: SampleRequest, roles: InputRoles, grid: tuple[int, int],
+                    pixels: tuple[int, int]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The inputs that stay put through a run: ({name: one batch row}, {name: the whole feed}).
+
+    PixArt-alpha's size conditions, as diffusers' pipeline feeds them (height and width in pixels, their
+    ratio, `pixels` unless --resolution gives them); Flux's position ids (each image token's patch row and
+    column in `grid`, zeros for the caption tokens) and its distilled guidance scale."""
+    per_row: dict[str, np.ndarray] = {}
+    fixed: dict[str, np.ndarray] = {}
+    if roles.resolution is not None or roles.aspect_ratio is not None:
+        height, width = request.resolution or pixels
+        if request.resolution is None:
+            log.info("size conditions: %dx%d pixels (the latent's size times %d); --resolution HxW sets them",
+                     height, width, VAE_FACTOR)
+        if roles.resolution is not None:
+            per_row[roles.resolution.name] = np.array([[height, width]], roles.resolution.dtype)
+        if roles.aspect_ratio is not None:
+            per_row[roles.aspect_ratio.name] = np.array([[height / width]], roles.aspect_ratio.dtype)
+    ids = {}
+    if roles.img_ids is not None:
+        rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+        ids[roles.img_ids] = np.stack([np.zeros(rows.size), rows.ravel(), cols.ravel()], axis=-1)
+    if roles.txt_ids is not None:
+        ids[roles.txt_ids] = np.zeros((int(roles.txt_ids.shape[-2]), 3))
+    for spec, value in ids.items():
+        if spec.rank == 3:  # older exports hold a batch axis
+            per_row[spec.name] = value[None].astype(spec.dtype)
+        else:
+            fixed[spec.name] = value.astype(spec.dtype)
+    if roles.guidance is not None:
+        spec = roles.guidance
+        scale = np.array(request.guidance_scale, spec.dtype)
+        (per_row if spec.rank else fixed)[spec.name] = scale.reshape((1,) * spec.rank)
+    return per_row, fixed
 
 
 def split_halves(feeds: dict[str, np.ndarray], roles: InputRoles) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:

@@ -5,7 +5,8 @@ float32 without importing torch:
 
 * :class:`DDIMScheduler` -- deterministic DDIM (eta = 0), ``diffusers.DDIMScheduler``.
 * :class:`FlowMatchEulerScheduler` -- Euler steps on a rectified-flow ODE,
-  ``diffusers.FlowMatchEulerDiscreteScheduler`` with static shifting.
+  ``diffusers.FlowMatchEulerDiscreteScheduler`` with static shifting, or with dynamic shifting as
+  Flux's pipeline drives it.
 
 :func:`scheduler_from_config` reads a config dict or file and builds the matching scheduler.
 Every unsupported config value raises :class:`~fcpass.errors.FcpassError` naming the key, the
@@ -189,8 +190,9 @@ class Scheduler(abc.ABC):
         self.timesteps: np.ndarray = np.zeros(0, dtype=np.float32)
 
     @abc.abstractmethod
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        """Compute ``timesteps`` (and any per-step state) for ``num_inference_steps`` steps."""
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
+        """Compute ``timesteps`` (and any per-step state) for ``num_inference_steps`` steps; `image_seq_len`,
+        the latent's token count, for the schedules that shift with it."""
 
     @abc.abstractmethod
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
@@ -295,7 +297,7 @@ class DDIMScheduler(Scheduler):
         self.discrete_timesteps: np.ndarray = np.zeros(0, dtype=np.int64)
         self._step_ratio = 0
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         n = self.num_train_timesteps
         steps = _steps(num_inference_steps, maximum=n)
         # Same numpy expressions as diffusers so that rounding (and its quirks) agree exactly.
@@ -360,14 +362,18 @@ class FlowMatchEulerScheduler(Scheduler):
     ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)``; a final sigma of 0 is appended.
     The model predicts the velocity ``v = dx/dsigma`` and each step returns
     ``x + (sigma[i + 1] - sigma[i]) * v``. ``timesteps`` is ``sigma * num_train_timesteps``.
-    Only static shifting is supported.
+
+    With ``dynamic`` shifting (Flux) the sigmas are Flux's pipeline's, ``linspace(1, 1 / S, S)``, shifted
+    by ``exp(mu) / (exp(mu) + 1 / sigma - 1)`` where ``mu`` grows linearly with the image's token count
+    from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``.
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, dynamic: dict[str, float] | None = None) -> None:
         super().__init__()
         config = {"num_train_timesteps": num_train_timesteps, "shift": shift}
         self.num_train_timesteps = _integer(config, "num_train_timesteps", 1000, 1)
         self.shift = _number(config, "shift", 1.0, positive=True)
+        self.dynamic = dynamic
         n = self.num_train_timesteps
         # Training schedule in float32 as diffusers' __init__ builds it; only its end points are used.
         train_sigmas = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
@@ -378,12 +384,22 @@ class FlowMatchEulerScheduler(Scheduler):
         #: Sigmas per step plus a trailing 0, float32; empty until set_timesteps.
         self.sigmas: np.ndarray = np.zeros(0, dtype=np.float32)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         steps = _steps(num_inference_steps)
         n = self.num_train_timesteps
-        # diffusers does this part in float64 numpy and only then rounds to float32.
-        sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
-        sigmas = (self.shift * sigmas / (1 + (self.shift - 1) * sigmas)).astype(np.float32)
+        if self.dynamic is not None:
+            if image_seq_len is None:
+                raise FcpassError("this scheduler shifts with the image's token count (use_dynamic_shifting); "
+                                  "the sampler passes it")
+            d = self.dynamic
+            slope = (d["max_shift"] - d["base_shift"]) / (d["max_image_seq_len"] - d["base_image_seq_len"])
+            mu = image_seq_len * slope + d["base_shift"] - slope * d["base_image_seq_len"]
+            sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+            sigmas = (math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))).astype(np.float32)
+        else:
+            # diffusers does this part in float64 numpy and only then rounds to float32.
+            sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
+            sigmas = (self.shift * sigmas / (1 + (self.shift - 1) * sigmas)).astype(np.float32)
         self.num_inference_steps = steps
         self.timesteps = sigmas * np.float32(n)
         self.sigmas = np.concatenate([sigmas, np.zeros(1, dtype=np.float32)])
@@ -460,7 +476,15 @@ def _ddim_from_config(config: Mapping[str, Any], defaults: Mapping[str, Any]) ->
 
 
 def _flow_from_config(config: Mapping[str, Any]) -> FlowMatchEulerScheduler:
-    _reject_unless(config, "use_dynamic_shifting", (False,))
+    dynamic = None
+    if _flag(config, "use_dynamic_shifting", False):
+        _reject_unless(config, "time_shift_type", ("exponential",))
+        # diffusers' defaults, as Flux's pipeline reads them
+        dynamic = {"base_image_seq_len": _number(config, "base_image_seq_len", 256, positive=True),
+                   "max_image_seq_len": _number(config, "max_image_seq_len", 4096, positive=True),
+                   "base_shift": _number(config, "base_shift", 0.5), "max_shift": _number(config, "max_shift", 1.15)}
+        if dynamic["max_image_seq_len"] == dynamic["base_image_seq_len"]:
+            raise _unsupported("max_image_seq_len", config.get("max_image_seq_len"), "a length other than base_image_seq_len")
     _reject_unless(config, "invert_sigmas", (False,))
     _reject_unless(config, "shift_terminal", (None,))
     _reject_unless(config, "use_karras_sigmas", (False,))
@@ -470,6 +494,7 @@ def _flow_from_config(config: Mapping[str, Any]) -> FlowMatchEulerScheduler:
     return FlowMatchEulerScheduler(
         num_train_timesteps=config.get("num_train_timesteps", 1000),
         shift=config.get("shift", 1.0),
+        dynamic=dynamic,
     )
 
 

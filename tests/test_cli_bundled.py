@@ -21,7 +21,8 @@ def test_inspect_finds_eight_blocks(capsys: pytest.CaptureFixture[str]) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["blocks"]["count"] == 8
     assert info["roles"] == {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None,
-                             "pooled_embeds": None, "resolution": None, "aspect_ratio": None}
+                             "pooled_embeds": None, "resolution": None, "aspect_ratio": None, "img_ids": None,
+                             "txt_ids": None, "guidance": None}
     assert sum(b["macs"] for b in info["blocks"]["blocks"]) < info["macs_per_call"]
 
 

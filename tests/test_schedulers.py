@@ -222,6 +222,35 @@ def test_flow_match_matches_diffusers(diffusers: ModuleType, shift: float, steps
     _assert_same_sampling(ours, reference, steps)
 
 
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+                  "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True}  # FLUX.1-dev's scheduler_config.json
+
+
+@pytest.mark.parametrize("steps", [1, 10, 28])
+@pytest.mark.parametrize("seq_len", [16, 1024, 4096])
+def test_dynamic_shifting_matches_flux_pipeline(diffusers: ModuleType, seq_len: int, steps: int) -> None:
+    """The sigmas and timesteps FluxPipeline sets: its own linspace, shifted by mu of the token count."""
+
+    def calculate_shift(image_seq_len: int) -> float:  # diffusers.pipelines.flux's (importing it needs transformers)
+        m = (1.15 - 0.5) / (4096 - 256)
+        return image_seq_len * m + 0.5 - m * 256
+
+    ours = scheduler_from_config(FLUX_SCHEDULER)
+    config = {k: v for k, v in FLUX_SCHEDULER.items() if not k.startswith("_")}
+    reference = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    ours.set_timesteps(steps, image_seq_len=seq_len)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq_len))
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
+    np.testing.assert_array_equal(ours.sigmas, reference.sigmas.numpy())
+    with pytest.raises(FcpassError, match="shifts with the image's token count"):
+        ours.set_timesteps(steps)
+    if seq_len == 4096 and steps > 1:  # a larger image shifts towards high noise
+        small = scheduler_from_config(FLUX_SCHEDULER)
+        small.set_timesteps(steps, image_seq_len=16)
+        assert np.all(ours.sigmas[1:-1] > small.sigmas[1:-1])
+
+
 def test_flow_match_shift_changes_schedule() -> None:
     plain, shifted = FlowMatchEulerScheduler(shift=1.0), FlowMatchEulerScheduler(shift=3.0)
     plain.set_timesteps(10)
@@ -316,9 +345,9 @@ def test_unsupported_beta_schedule() -> None:
         ({"_class_name": "DDIMScheduler", "clip_sample": "yes"}, "clip_sample", '"yes"'),
         ({"_class_name": "DDIMScheduler", "steps_offset": -1}, "steps_offset", "-1"),
         (
-            {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True},
-            "use_dynamic_shifting",
-            "true",
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "time_shift_type": "linear"},
+            "time_shift_type",
+            '"linear"',
         ),
         ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 0}, "shift", "0"),
         ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift_terminal": 0.02}, "shift_terminal", "0.02"),

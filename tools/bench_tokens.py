@@ -80,7 +80,7 @@ from fcpass.plan import (
     CachePlan,
     read_plan,
 )
-from fcpass.roles import infer_roles
+from fcpass.roles import graph_inputs, infer_roles
 from runtimes.backend import OrtBackend, open_session, session_setup
 from runtimes.state import Commit
 
@@ -328,12 +328,9 @@ def build_feeds(base: OrtBackend, plan: CachePlan, seed: int) -> tuple[dict[str,
     rng = np.random.default_rng(seed)
     roles = infer_roles(base.model)
     feeds: dict[str, np.ndarray] = {}
-    for spec in (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, roles.pooled_embeds,
-                 roles.resolution, roles.aspect_ratio, *roles.others):
-        if spec is None:
-            continue
+    for spec in graph_inputs(base.model):
         shape = [d if isinstance(d, int) else 1 for d in spec.shape]
-        if spec is roles.timestep:
+        if spec == roles.timestep:
             feeds[spec.name] = np.full(shape, 500, spec.dtype)
         elif np.issubdtype(spec.dtype, np.integer):
             feeds[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)

@@ -1,0 +1,171 @@
+"""diffusers' Flux transformer end to end: double- and single-stream blocks, the packed latent, position ids,
+distilled guidance and the dynamically shifted flow-matching schedule, exported by the dynamo exporter (the
+legacy one has no `rms_norm`)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("onnxscript")
+
+from fcpass.cli import main
+from fcpass.discover import discover_blocks
+from fcpass.roles import infer_roles
+from fcpass.trt_check import check_graph
+from runtimes.sampler import SampleRequest, sample, unpack_latents
+from runtimes.schedulers import scheduler_from_config
+from tests.conftest import forced_compute_error
+from tests.test_diffusers_graphs import _randomize_
+from tests.test_schedulers import FLUX_SCHEDULER
+
+NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance")
+TOKENS, CAPTION = 16, 5  # a 4x4 grid of 2x2 patches of an 8x8 latent
+
+
+class _Flux(torch.nn.Module):
+    def __init__(self, m: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
+        return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                      pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
+                      guidance=guidance, return_dict=False)[0]
+
+
+def _pipeline_ids(rows: int, cols: int) -> torch.Tensor:
+    """FluxPipeline._prepare_latent_image_ids (importing the pipeline needs transformers)."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(rows)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    d = tmp_path_factory.mktemp("flux")
+    torch.manual_seed(0)  # diffusers draws the initial weights from the global generator
+    model = _Flux(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=True, axes_dims_rope=[2, 2, 4])).eval()
+    _randomize_(model, 1)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, TOKENS, 16, generator=g), torch.randn(1, CAPTION, 12, generator=g), torch.randn(1, 6, generator=g),
+            torch.tensor([0.5]), _pipeline_ids(4, 4), torch.zeros(CAPTION, 3), torch.tensor([3.5]))
+    path = d / "flux.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, opset_version=18,
+                          input_names=list(NAMES), output_names=["noise_pred"], verbose=False)
+    (d / "scheduler_config.json").write_text(json.dumps(FLUX_SCHEDULER))
+    rng = np.random.default_rng(0)
+    np.save(d / "captions.npy", rng.standard_normal((3, CAPTION, 12)).astype(np.float32))
+    np.save(d / "pooled.npy", rng.standard_normal((3, 6)).astype(np.float32))
+    feeds = {n: a.numpy() for n, a in zip(NAMES, args)}
+    return {"model": model, "onnx": path, "feeds": feeds, "sched": d / "scheduler_config.json",
+            "captions": d / "captions.npy", "pooled": d / "pooled.npy"}
+
+
+def run(argv: list[object]) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_roles_blocks_and_the_forced_compute_invariant(flux: dict[str, object], tmp_path: Path) -> None:
+    model = onnx.load(str(flux["onnx"]))
+    roles = infer_roles(model)
+    assert {k: v for k, v in roles.names().items() if v} == {
+        "latent": "hidden_states", "timestep": "timestep", "prompt_embeds": "encoder_hidden_states",
+        "pooled_embeds": "pooled_projections", "img_ids": "img_ids", "txt_ids": "txt_ids", "guidance": "guidance"}
+    blocks = discover_blocks(model, "hidden_states")
+    assert [b.scope.rsplit(".", 2)[-2:] for b in blocks.blocks] == [
+        ["transformer_blocks", "0"], ["transformer_blocks", "1"],
+        ["single_transformer_blocks", "0"], ["single_transformer_blocks", "1"], ["single_transformer_blocks", "2"]]
+    fc = tmp_path / "flux.fc.onnx"
+    assert run(["optimize", flux["onnx"], "-o", fc, "--taylor"]) == 0
+    assert check_graph(onnx.load(str(fc))) == []  # TensorRT's static rules
+    feeds = flux["feeds"]
+    with torch.no_grad():
+        assert np.abs(flux["model"](*(torch.from_numpy(feeds[n]) for n in NAMES)).numpy()).max() > 1e-2  # not trivial
+    assert forced_compute_error(fc, flux["onnx"], feeds) <= 1e-5
+
+
+class _Recording:
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.roles = infer_roles(onnx.load(str(path)))
+        self.uncached_macs = 0
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def reset(self, num_steps: int) -> None:
+        pass
+
+    def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
+        self.feeds.append(feeds)
+        return self.session.run(["noise_pred"], feeds)[0]
+
+    def last_record(self) -> dict:
+        return {}
+
+
+def test_the_sampler_feeds_what_flux_pipeline_feeds(flux: dict[str, object]) -> None:
+    """Position ids, the timestep over 1000 and the guidance scale as FluxPipeline passes them: the graph's
+    output on the sampler's feeds equals diffusers' transformer on the pipeline's inputs."""
+    den = _Recording(flux["onnx"])
+    captions, pooled = np.load(flux["captions"])[:1], np.load(flux["pooled"])[:1]
+    scheduler = scheduler_from_config(flux["sched"])
+    result = sample(den, scheduler, SampleRequest(prompt_embeds=captions, pooled_embeds=pooled, steps=3,
+                                                  guidance_scale=3.5), progress=False)
+    assert len(den.feeds) == 3 and result.images.shape == (1, 4, 8, 8)  # one call a step: no unconditional half
+    for i, feeds in enumerate(den.feeds):
+        assert feeds["timestep"] == pytest.approx(scheduler.timesteps[i] / 1000)
+        np.testing.assert_array_equal(feeds["img_ids"], _pipeline_ids(4, 4).numpy())
+        np.testing.assert_array_equal(feeds["guidance"], [3.5])
+        with torch.no_grad():
+            ref = flux["model"](torch.from_numpy(feeds["hidden_states"]), torch.from_numpy(captions),
+                                torch.from_numpy(pooled), torch.tensor([float(scheduler.timesteps[i]) / 1000]),
+                                _pipeline_ids(4, 4), torch.zeros(CAPTION, 3), torch.tensor([3.5])).numpy()
+        np.testing.assert_allclose(den.session.run(["noise_pred"], feeds)[0], ref, atol=1e-5)
+    latents = torch.randn(2, 4, 8, 8)
+    np.testing.assert_array_equal(unpack_latents(_pack(latents).numpy(), (4, 4)), latents.numpy())
+
+
+def test_sample_optimize_calibrate_and_cache(flux: dict[str, object], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--scheduler-config", flux["sched"], "--prompt-embeds", flux["captions"], "--pooled-embeds", flux["pooled"],
+              "--steps", "8", "--guidance-scale", "3.5"]
+    a, b, c = (tmp_path / f"{x}.npy" for x in "abc")
+    assert run(["sample", flux["onnx"], *common, "--out-npy", a, "--out", tmp_path / "grid.png"]) == 0
+    plain = np.load(a)
+    assert plain.shape == (3, 4, 8, 8) and np.isfinite(plain).all()
+    assert run(["sample", flux["onnx"], *common, "--resolution", "64x64", "--out-npy", b]) == 0
+    np.testing.assert_array_equal(np.load(b), plain)  # the size the latent has, said out loud
+    capsys.readouterr()
+    assert run(["sample", flux["onnx"], *common, "--resolution", "32x64"]) == 2
+    assert "--resolution 32x64 makes 2x4 latent patches, but the graph's latent holds 16 tokens" in capsys.readouterr().err
+
+    fc = tmp_path / "flux.fc.onnx"
+    assert run(["optimize", flux["onnx"], "-o", fc, "--calibrate", "2", *common[:6], "--steps", "8",
+                "--guidance-scale", "3.5"]) == 0
+    assert run(["sample", fc, "--policy", "none", *common, "--out-npy", c]) == 0
+    np.testing.assert_allclose(np.load(c), plain, atol=1e-5)
+    report = tmp_path / "r.json"
+    assert run(["sample", fc, "--policy", "fastcache", "--sigma-scale", "50", *common, "--out-npy", c,
+                "--report", report]) == 0
+    records = json.loads(report.read_text())["records"]
+    assert any(1 in r["skip"] for r in records) and np.isfinite(np.load(c)).all()
