@@ -18,7 +18,11 @@ def to_display(images: np.ndarray) -> np.ndarray:
 
 
 def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None, scale: int = 4) -> Path:
-    """Tile the samples into one image, upscaled `scale` times with nearest neighbours."""
+    """Tile the samples into one image, upscaled `scale` times with nearest neighbours; video samples
+    (N, C, F, H, W) one to a row, frame after frame."""
+    if images.ndim == 5:
+        n, c, f, h, w = images.shape
+        images, ncol = images.transpose(0, 2, 1, 3, 4).reshape(n * f, c, h, w), f
     import matplotlib
 
     matplotlib.use("Agg")

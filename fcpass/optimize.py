@@ -22,6 +22,7 @@ from fcpass.onnx_io import check_distinct, check_file_output, check_types, load_
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
 from fcpass.passes.motion_tokens import MergeOptions
+from fcpass.passes.scatter_reduction import drop_default_reductions
 from fcpass.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
 from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
@@ -80,6 +81,9 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
                  f" (batch {DYNAMIC_BATCH}: one sample with guidance; --batch N for another)" if default_batch else "")
     elif dims:
         raise FcpassError(f"--dims: {model_path} has no dynamic axes; drop --dims")
+    if dropped := drop_default_reductions(model):
+        log.info("dropped reduction='none' (the default) from %d scatter nodes: TensorRT's parser up to 10.7 refuses it",
+                 dropped)
     roles = infer_roles(model, parse_role_overrides(options.inputs))
     if options.batch is not None and roles.latent.shape[0] != options.batch:
         raise FcpassError(f"--batch {options.batch}: {model_path} fixes its batch at {roles.latent.shape[0]}; drop "

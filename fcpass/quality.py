@@ -106,7 +106,8 @@ def ssim(reference: Any, test: Any, data_range: float = 2.0, win_size: int | Non
 
 
 def compare_batches(reference: Any, test: Any, data_range: float = 2.0) -> dict[str, Any]:
-    """Per-sample PSNR and SSIM of two (N, C, H, W) batches, and their means.
+    """Per-sample PSNR and SSIM of two (N, C, H, W) batches, and their means. Video batches (N, C, F, H, W)
+    score each sample over all its frames: PSNR of the whole clip, SSIM averaged over frames.
 
     Returns ``{"n", "psnr", "ssim", "psnr_mean", "ssim_mean"}``. The per-sample ``psnr`` list keeps
     ``inf`` for identical samples, but ``psnr_mean`` caps every sample at ``PSNR_CAP_DB`` (100 dB)
@@ -114,15 +115,20 @@ def compare_batches(reference: Any, test: Any, data_range: float = 2.0) -> dict[
     """
     ref = np.asarray(reference)
     tst = np.asarray(test)
-    if ref.shape != tst.shape or ref.ndim != 4:
+    if ref.shape != tst.shape or ref.ndim not in (4, 5):
         raise FcpassError(
-            f"reference and test batches must have the same (N, C, H, W) shape: reference {ref.shape}, "
+            f"reference and test batches must have the same (N, C, H, W) or (N, C, F, H, W) shape: reference {ref.shape}, "
             f"test {tst.shape}; generate both with the same batch size and image size"
         )
     if ref.shape[0] == 0:
         raise FcpassError(f"batches are empty: shape {ref.shape}; pass at least one image per batch")
-    psnrs = [psnr(r, t, data_range) for r, t in zip(ref, tst)]
-    ssims = [ssim(r, t, data_range) for r, t in zip(ref, tst)]
+    if ref.ndim == 5:  # frames stacked into one tall image: the same pixels, so the same PSNR
+        c, f, h, w = ref.shape[1:]
+        psnrs = [psnr(r.reshape(c, f * h, w), t.reshape(c, f * h, w), data_range) for r, t in zip(ref, tst)]
+        ssims = [float(np.mean([ssim(r[:, k], t[:, k], data_range) for k in range(f)])) for r, t in zip(ref, tst)]
+    else:
+        psnrs = [psnr(r, t, data_range) for r, t in zip(ref, tst)]
+        ssims = [ssim(r, t, data_range) for r, t in zip(ref, tst)]
     return {
         "n": int(ref.shape[0]),
         "psnr": psnrs,

@@ -2,8 +2,8 @@
 caption embeddings (SD3's `pooled_projections`), PixArt-alpha's size conditions (the 1024-pixel
 models' `resolution` and `aspect_ratio`), or Flux's position ids and distilled guidance.
 
-Inferred from rank and dtype (latent: rank-4 float, or a rank-3 float shaped as the model's output,
-Flux's packed latent (B, tokens, channels); timestep: rank-0/1 float or int; class: rank-1 int;
+Inferred from rank and dtype (latent: rank-4 float, rank-5 for a video model's (B, C, frames, H, W),
+or a rank-3 float shaped as the model's output, Flux's packed latent (B, tokens, channels); timestep: rank-0/1 float or int; class: rank-1 int;
 caption embeddings: rank-3 float) and, where rank and dtype do not tell them apart, from the name as
 well (pooled: rank-2 named pool...; resolution: (B, 2) named resolution or hw; aspect ratio: (B, 1)
 named aspect...; img_ids and txt_ids: (tokens, 3) named so; guidance: rank-0/1 named guidance),
@@ -126,7 +126,7 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
     is_int = lambda s: np.issubdtype(s.dtype, np.integer)
     named = lambda pattern: lambda s: re.search(pattern, s.name.lower()) is not None  # noqa: E731
     output = graph_outputs(model)[0].shape if model is not None and model.graph.output else None
-    pick("latent", lambda s: s.rank == 4 and is_float(s))
+    pick("latent", lambda s: s.rank in (4, 5) and is_float(s))
     pick("latent", lambda s: s.rank == 3 and is_float(s) and s.shape == output)  # Flux's packed latent
     pick("guidance", lambda s: s.rank <= 1 and is_float(s) and named("guid")(s))
     pick("timestep", lambda s: s.rank <= 1 and (is_float(s) or is_int(s)) and "class" not in s.name and "label" not in s.name)
@@ -143,7 +143,7 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
     names = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in inputs)
     if "latent" not in chosen:
         raise FcpassError(
-            f"no latent input found (expected a rank-4 float input, or a rank-3 one shaped as the output) among: {names}; "
+            f"no latent input found (expected a rank-4 or rank-5 float input, or a rank-3 one shaped as the output) among: {names}; "
             "name it with --inputs latent=NAME"
         )
     if "timestep" not in chosen:

@@ -2,8 +2,8 @@
 
 The denoiser is either the plain graph or a cache-aware one (`runtimes.cache.CachedDenoiser`); the
 loop does not know which. A graph exported at batch 1 takes one half of guidance: the loop still
-hands the denoiser both halves, and the denoiser makes two calls of them (`split_halves`). Each sampling run resets the denoiser, so no cache state leaks between
-runs. Noise comes from one seeded generator for the whole request, so a sample does not depend on
+hands the denoiser both halves, and the denoiser makes two calls of them (`split_halves`). Each
+sampling run resets the denoiser, so no cache state leaks between runs. Noise comes from one seeded generator for the whole request, so a sample does not depend on
 how requests are split into model-sized batches.
 """
 
@@ -106,8 +106,9 @@ def sample(
     per_call = n if model_batch is None else (model_batch // 2 if cfg and not halves else model_batch)
     shape = tuple(int(d) for d in roles.latent.shape[1:])  # type: ignore[arg-type]
     packed = len(shape) == 2  # Flux's latent: (tokens, channels) of 2x2 patches
-    grid = _token_grid(request, shape[0]) if packed else (shape[1] // 2, shape[2] // 2)
-    pixels = (2 * VAE_FACTOR * grid[0], 2 * VAE_FACTOR * grid[1]) if packed else (VAE_FACTOR * shape[1], VAE_FACTOR * shape[2])
+    # (frames of a video latent lead its height and width)
+    grid = _token_grid(request, shape[0]) if packed else (shape[-2] // 2, shape[-1] // 2)
+    pixels = (2 * VAE_FACTOR * grid[0], 2 * VAE_FACTOR * grid[1]) if packed else (VAE_FACTOR * shape[-2], VAE_FACTOR * shape[-1])
     per_row, fixed = _constant_feeds(request, roles, grid, pixels)
     rng = np.random.default_rng(request.seed)
     noise = rng.standard_normal((n, *shape)).astype(np.float32) * scheduler.init_noise_sigma
@@ -258,11 +259,15 @@ def split_halves(feeds: dict[str, np.ndarray], roles: InputRoles) -> tuple[dict[
     batch = _batch_of(roles)
     if batch is None or len(feeds[roles.latent.name]) != 2 * batch:
         return None
+    # Every role's input leads with the batch axis but a scalar timestep and position ids without one
+    # (Flux's (tokens, 3)), which serve both calls.
+    specs = (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, roles.pooled_embeds,
+             roles.resolution, roles.aspect_ratio, roles.guidance, *(s for s in (roles.img_ids, roles.txt_ids) if s and s.rank == 3))
+    batched = {s.name for s in specs if s is not None and s.rank > 0}
     cond: dict[str, np.ndarray] = {}
     uncond: dict[str, np.ndarray] = {}
     for name, value in feeds.items():
-        rows = value.ndim > 0 and len(value) == 2 * batch  # a scalar timestep serves both calls
-        cond[name], uncond[name] = (value[:batch], value[batch:]) if rows else (value, value)
+        cond[name], uncond[name] = (value[:batch], value[batch:]) if name in batched else (value, value)
     return cond, uncond
 
 

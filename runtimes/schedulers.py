@@ -511,6 +511,12 @@ def scheduler_from_config(config: Mapping[str, Any] | str | Path) -> Scheduler:
         return _ddim_from_config(cfg, {})
     if class_name == "FlowMatchEulerDiscreteScheduler":
         return _flow_from_config(cfg)
+    if cfg.get("use_flow_sigmas") is True and "flow_shift" in cfg:
+        # Wan's and other video models' UniPC / DPM-Solver configs: flow matching, whose Euler sampler is here.
+        shift = _number(cfg, "flow_shift", 1.0, positive=True)
+        raise FcpassError(f"{class_name} with flow sigmas is not implemented; sample this flow-matching model with "
+                          f'{{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": {shift:g}}} as its '
+                          "scheduler_config.json")
     if class_name in _DDIM_FALLBACK_DEFAULTS:
         if class_name == "DPMSolverMultistepScheduler":
             # A flow-matching DPM-Solver config describes a different model family than DDIM.

@@ -17,7 +17,7 @@ from fcpass.roles import InputRoles, TensorSpec
 from fcpass.runner import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.cache import CachedDenoiser
-from runtimes.sampler import SampleRequest, SampleResult, sample
+from runtimes.sampler import SampleRequest, SampleResult, sample, split_halves
 from runtimes.schedulers import scheduler_from_config
 from tests.conftest import calibration_setup, export_tiny_dit
 from tests.test_trt_backend import Fake, fake, fake_engine_file  # noqa: F401 (fake is a fixture)
@@ -112,9 +112,26 @@ def test_two_bindings_share_one_tensorrt_context(graphs: dict[int, tuple[Path, P
     assert len(fake.executed) == got.calls
 
 
-def test_an_odd_batch_above_one_is_refused_for_guidance() -> None:
-    spec = lambda name, dtype, shape: TensorSpec(name, np.dtype(dtype), shape)  # noqa: E731
+def spec(name: str, dtype: str, shape: tuple[int, ...]) -> TensorSpec:
+    return TensorSpec(name, np.dtype(dtype), shape)
 
+
+def test_inputs_without_a_batch_axis_serve_both_calls() -> None:
+    """Flux's position ids (tokens, 3) and a scalar timestep go to both calls whole, however many rows they have."""
+    roles = InputRoles(spec("x", "float32", (1, 2, 4)), spec("t", "float32", ()),
+                       prompt_embeds=spec("c", "float32", (1, 2, 4)), img_ids=spec("img", "float32", (2, 3)))
+    feeds = {"x": np.arange(16.0).reshape(2, 2, 4), "t": np.array(0.5), "c": -np.arange(16.0).reshape(2, 2, 4),
+             "img": np.arange(6.0).reshape(2, 3)}
+    cond, uncond = split_halves(feeds, roles)
+    for name in ("x", "c"):
+        np.testing.assert_array_equal(np.concatenate([cond[name], uncond[name]]), feeds[name])
+        assert len(cond[name]) == 1
+    for name in ("t", "img"):
+        assert cond[name] is feeds[name] and uncond[name] is feeds[name]
+    assert split_halves({**feeds, "x": feeds["x"][:1]}, roles) is None  # one half's rows: one call
+
+
+def test_an_odd_batch_above_one_is_refused_for_guidance() -> None:
     class Three:
         roles = InputRoles(spec("x", "float32", (3, 4, 8, 8)), spec("t", "float32", (3,)), spec("y", "int64", (3,)))
         uncached_macs = 0

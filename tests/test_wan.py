@@ -1,0 +1,132 @@
+"""A video DiT end to end: diffusers' Wan transformer, its latent (B, C, frames, H, W), exported by the dynamo
+exporter (the legacy one has no `rms_norm`): discovery, the forced-compute invariant, sampling, calibration,
+caching, quality over frames and a grid of frames."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("onnxscript")
+
+from fcpass.cli import main
+from fcpass.discover import discover_blocks
+from fcpass.errors import FcpassError
+from fcpass.quality import compare_batches
+from fcpass.roles import infer_roles
+from fcpass.trt_check import check_graph
+from runtimes.schedulers import scheduler_from_config
+from tests.conftest import forced_compute_error
+from tests.test_diffusers_graphs import _randomize_
+
+NAMES = ("latent", "timestep", "encoder_hidden_states")
+LATENT = (4, 3, 8, 8)  # channels, frames, height, width
+
+
+class _Wan(torch.nn.Module):
+    def __init__(self, m: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, latent, timestep, encoder_hidden_states):
+        return self.m(hidden_states=latent, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                      return_dict=False)[0]
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    d = tmp_path_factory.mktemp("wan")
+    torch.manual_seed(0)  # diffusers draws the initial weights from the global generator
+    model = _Wan(diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=12,
+        freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)).eval()
+    _randomize_(model, 1)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, *LATENT, generator=g), torch.tensor([500.0, 200.0]), torch.randn(2, 5, 12, generator=g))
+    path = d / "wan.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, opset_version=18,
+                          input_names=list(NAMES), output_names=["noise_pred"], verbose=False)
+        assert np.abs(model(*args).numpy()).max() > 1e-2  # the randomized model's output is not trivial
+    (d / "scheduler_config.json").write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
+    np.save(d / "captions.npy", np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32))
+    return {"onnx": path, "feeds": {n: a.numpy() for n, a in zip(NAMES, args)}, "sched": d / "scheduler_config.json",
+            "captions": d / "captions.npy"}
+
+
+def run(argv: list[object]) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_roles_blocks_and_the_forced_compute_invariant(wan: dict[str, object], tmp_path: Path) -> None:
+    model = onnx.load(str(wan["onnx"]))
+    assert {k: v for k, v in infer_roles(model).names().items() if v} == {
+        "latent": "latent", "timestep": "timestep", "prompt_embeds": "encoder_hidden_states"}
+    assert [b.scope.rsplit(".", 2)[-2:] for b in discover_blocks(model, "latent").blocks] == [["blocks", "0"], ["blocks", "1"]]
+    # The exporter spells out ScatterND's default reduction="none" in the rotary embeddings, which
+    # TensorRT's parser up to 10.7 refuses; the compiled graph drops it.
+    assert {v.rule for v in check_graph(model)} == {"scatternd-reduction"}
+    fc = tmp_path / "wan.fc.onnx"
+    assert run(["optimize", wan["onnx"], "-o", fc, "--taylor"]) == 0
+    assert check_graph(onnx.load(str(fc))) == []  # TensorRT's static rules
+    assert forced_compute_error(fc, wan["onnx"], wan["feeds"]) <= 1e-5
+
+
+def test_sample_optimize_calibrate_cache_and_score_over_frames(wan: dict[str, object], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--scheduler-config", wan["sched"], "--prompt-embeds", wan["captions"], "--steps", "8",
+              "--guidance-scale", "5"]
+    plain, cached, grid = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "grid.png"
+    assert run(["sample", wan["onnx"], *common, "--out-npy", plain]) == 0
+    videos = np.load(plain)
+    assert videos.shape == (2, *LATENT) and np.isfinite(videos).all()
+
+    fc = tmp_path / "wan.fc.onnx"
+    assert run(["optimize", wan["onnx"], "-o", fc, "--calibrate", "2", *common[:4], "--steps", "8",
+                "--guidance-scale", "5"]) == 0
+    assert run(["sample", fc, "--policy", "none", *common, "--out-npy", cached]) == 0
+    np.testing.assert_allclose(np.load(cached), videos, atol=1e-5)
+    capsys.readouterr()
+    assert run(["sample", fc, "--policy", "fora:interval=2,level=stack", *common, "--baseline", "--out", grid,
+                "--out-npy", cached]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "SSIM" in out
+    assert grid.stat().st_size > 0
+    import matplotlib.image
+
+    # two samples, one to a row, three frames each, upscaled 4x with a 1-pixel border
+    assert matplotlib.image.imread(grid).shape[:2] == (4 * (2 * 9 + 1), 4 * (3 * 9 + 1))
+    q = compare_batches(videos, np.load(cached))
+    assert q["n"] == 2 and 0 < q["psnr_mean"] < 100 and 0 < q["ssim_mean"] < 1
+
+
+def test_token_caching_reaches_the_video_blocks(wan: dict[str, object], tmp_path: Path) -> None:
+    """DuCa's conservative steps run each block's token-local branches on the top-k of the clip's tokens."""
+    common = ["--scheduler-config", wan["sched"], "--prompt-embeds", wan["captions"], "--steps", "8",
+              "--guidance-scale", "5"]
+    fc, plain, got, report = tmp_path / "wan.tok.fc.onnx", tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "r.json"
+    assert run(["optimize", wan["onnx"], "-o", fc, "--tokens", "duca"]) == 0
+    assert check_graph(onnx.load(str(fc))) == []
+    assert run(["sample", wan["onnx"], *common, "--out-npy", plain]) == 0
+    assert run(["sample", fc, "--policy", "none", *common, "--out-npy", got]) == 0
+    np.testing.assert_allclose(np.load(got), np.load(plain), atol=1e-5)
+    assert run(["sample", fc, "--policy", "duca", *common, "--out-npy", got, "--report", report]) == 0
+    modes = {m for r in json.loads(report.read_text())["records"] for m in r["tok"]}
+    assert modes >= {0, 1} and np.isfinite(np.load(got)).all()  # full and conservative steps both ran
+
+
+def test_a_flow_matching_unipc_config_names_the_euler_config_to_use() -> None:
+    wan_scheduler = {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "use_flow_sigmas": True,
+                     "prediction_type": "flow_prediction"}
+    with pytest.raises(FcpassError, match='UniPCMultistepScheduler with flow sigmas is not implemented; sample this '
+                                          'flow-matching model with {"_class_name": "FlowMatchEulerDiscreteScheduler", '
+                                          '"shift": 3}'):
+        scheduler_from_config(wan_scheduler)
