@@ -55,6 +55,8 @@ class CalibrationOptions:
     max_gap: int = 4
     ridge: float = 1e-2  # used when there is no held-out trajectory to choose it (fewer than 4)
     seed: int = 1000
+    provider: str = "cpu"  # ONNX Runtime's, for the calibration runs: cpu or cuda
+    threads: int | None = None  # its intra-op threads (None: ONNX Runtime's default)
 
     def __post_init__(self) -> None:
         if self.trajectories < 1:
@@ -94,16 +96,16 @@ def _calibration_request(request: SampleRequest, options: CalibrationOptions) ->
 
 
 @contextmanager
-def _recording_session(model: onnx.ModelProto, plan: CachePlan) -> Iterator[Callable[..., None]]:
-    """One ONNX Runtime session of `model`; yields record(sink, setup, options), which samples the
-    calibration trajectories with every region computing and calls sink after every step."""
+def _recording_session(model: onnx.ModelProto, plan: CachePlan, options: CalibrationOptions) -> Iterator[Callable[..., None]]:
+    """One ONNX Runtime session of `model` on `options.provider`; yields record(sink, setup, options), which
+    samples the calibration trajectories with every region computing and calls sink after every step."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "calib.onnx"
         save_model(model, path)
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in initializer_tensors(model)):
             # over 2 GB saving moved the weights out of `model` into the file: read them back while it exists
             load_external_data_for_model(model, tmp)
-        backend = OrtBackend(path)
+        backend = OrtBackend(path, [options.provider], threads=options.threads)
         from fcpass.runner import roles_from_plan
 
         roles = roles_from_plan(plan.roles, backend)
@@ -135,7 +137,7 @@ def calibrate_peers(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, An
             raise FcpassError(f"calibration diverged: NaN/Inf at step {step}; check the scheduler config and weights")
         peers.add(step, state, output)
 
-    with _recording_session(model, plan) as record:
+    with _recording_session(model, plan, options) as record:
         record(sink, setup, options)
     result = peers.store(options.steps)
     if which not in result:
@@ -162,7 +164,7 @@ def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], op
     n = options.trajectories
     fits = {r.name: _Fit(r, plan, options) for r in plan.regions}
     peers = PeerStats(plan)
-    with _recording_session(model, plan) as record:
+    with _recording_session(model, plan, options) as record:
         for phase in ("fit", "test"):
             if phase == "test":
                 for f in fits.values():

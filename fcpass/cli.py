@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
     o.add_argument("--calib-steps", "--steps", dest="calib_steps", type=int, default=50, help=CALIB_STEPS_HELP)
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
+    _calibration_runtime_args(o)
     o.add_argument("--block-pattern", help=BLOCK_PATTERN_HELP)
     o.add_argument("--inputs", help=INPUTS_HELP)
     o.add_argument("--batch", type=int, metavar="N",
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calibrate", type=int, default=8, metavar="N", help="trajectories")
     cal.add_argument("--calib-steps", "--steps", dest="calib_steps", type=int, default=50, help=CALIB_STEPS_HELP)
     cal.add_argument("--inputs", help=INPUTS_HELP)
+    _calibration_runtime_args(cal)
     _sampling_args(cal, calibrating=True)
     cal.set_defaults(func=cmd_calibrate)
 
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verbose", dest="trt_verbose", action="store_true", help="TensorRT's verbose log")
     b.set_defaults(func=cmd_build)
     return p
+
+
+def _calibration_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", default="cpu",
+                   help="ONNX Runtime provider of the calibration runs: cpu or cuda (default %(default)s)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads of the calibration runs (default: one per core)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
@@ -438,6 +446,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         calibrate=args.calibrate,
         calib_steps=args.calib_steps,
         calib_eps=args.calib_eps,
+        calib_provider=args.provider,
+        calib_threads=args.threads,
         block_pattern=args.block_pattern,
         inputs=args.inputs,
         token_score=args.token_score,
@@ -475,7 +485,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     plan = read_plan(model, str(args.model))
     setup = _sampling_setup(args, args.model)
-    options = CalibrationOptions(trajectories=args.calibrate, steps=args.calib_steps)
+    options = CalibrationOptions(trajectories=args.calibrate, steps=args.calib_steps, provider=args.provider,
+                                 threads=args.threads)
     result = calibrate_peers(model, plan, setup, args.peer, options)
     write_plan(model, plan)
     save_compiled(model, args.output)

@@ -27,6 +27,7 @@ from fcpass.passes.segments import check_lowering, check_segments_output, lower_
 from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
 from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
+from runtimes.backend import session_setup
 from runtimes.policies import policy_defaults
 from runtimes.token_policies import token_options
 
@@ -39,6 +40,8 @@ class OptimizeOptions:
     calibrate: int = 0
     calib_steps: int = 50
     calib_eps: float = 0.05
+    calib_provider: str = "cpu"  # ONNX Runtime's provider for the calibration runs
+    calib_threads: int | None = None
     block_pattern: str | None = None
     inputs: str | None = None
     taylor: bool = False
@@ -65,9 +68,14 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         check_segments_output(output)
     else:
         check_file_output(output)
-    calibration = CalibrationOptions(options.calibrate, options.calib_steps, options.calib_eps) if options.calibrate else None
+    calibration = CalibrationOptions(options.calibrate, options.calib_steps, options.calib_eps,
+                                     provider=options.calib_provider, threads=options.calib_threads) if options.calibrate else None
     if options.batch is not None and options.batch < 1:
         raise FcpassError(f"--batch {options.batch} must be at least 1")
+    if calibration is not None:  # a missing provider says so before the rewrite, not after it
+        session_setup([calibration.provider], calibration.threads)
+    elif options.calib_provider != "cpu" or options.calib_threads is not None:
+        raise FcpassError("--provider and --threads set the calibration runs; add --calibrate N, or drop them")
     dims = parse_dims(options.dims)
     model = load_model(model_path)
     check_types(model, str(model_path))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -124,14 +123,14 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
 
     is_float = lambda s: np.issubdtype(s.dtype, np.floating)
     is_int = lambda s: np.issubdtype(s.dtype, np.integer)
-    named = lambda pattern: lambda s: re.search(pattern, s.name.lower()) is not None  # noqa: E731
+    named = lambda pattern: lambda s: re.search(pattern, s.name.lower()) is not None
     output = graph_outputs(model)[0].shape if model is not None and model.graph.output else None
     pick("latent", lambda s: s.rank in (4, 5) and is_float(s))
     pick("latent", lambda s: s.rank == 3 and is_float(s) and s.shape == output)  # Flux's packed latent
     pick("guidance", lambda s: s.rank <= 1 and is_float(s) and named("guid")(s))
     pick("timestep", lambda s: s.rank <= 1 and (is_float(s) or is_int(s)) and "class" not in s.name and "label" not in s.name)
     pick("class", lambda s: s.rank == 1 and is_int(s))
-    ids = lambda pattern: lambda s: s.rank in (2, 3) and s.shape[-1] in (3, None) and named(pattern)(s)  # noqa: E731
+    ids = lambda pattern: lambda s: s.rank in (2, 3) and s.shape[-1] in (3, None) and named(pattern)(s)
     pick("img_ids", ids(r"im(a)?g(e)?_?ids"))
     pick("txt_ids", ids(r"te?xt_?ids"))
     pick("prompt_embeds", lambda s: s.rank == 3 and is_float(s))

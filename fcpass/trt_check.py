@@ -243,7 +243,8 @@ def rule_scatternd_reduction(ctx: GraphCtx) -> Iterator[Violation]:
                     ctx.label(i), "scatternd-reduction",
                     f"ScatterND carries reduction={value!r}; TensorRT 10.x's parser (up to 10.7) rejects the attribute "
                     "whatever its value, and no version supports a reduction other than 'none'",
-                    "remove the reduction attribute (for 'none' the result is the same), or avoid the reducing scatter",
+                    ("remove the attribute (the same result); fcpass optimize drops it from the graph it compiles"
+                     if value == "none" else "avoid the reducing scatter"),
                 )
 
 

@@ -105,6 +105,30 @@ def forced_compute_error(compiled: Path, original: Path, feeds: dict[str, np.nda
     return float(np.abs(got - ref).max())
 
 
+class RecordingDenoiser:
+    """The plain graph at `path` on ONNX Runtime as the sampler's denoiser, keeping the feeds of every call."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        from fcpass.roles import infer_roles
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.roles = infer_roles(onnx.load(str(path)))
+        self.uncached_macs = 0
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def reset(self, num_steps: int) -> None:
+        pass
+
+    def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
+        self.feeds.append(feeds)
+        return self.session.run(["noise_pred"], feeds)[0]
+
+    def last_record(self) -> dict[str, Any]:
+        return {}
+
+
 def calibration_setup(classes: list[int]) -> dict:
     return {"scheduler_config": SCHEDULER_CONFIG,
             "request": SampleRequest(classes=classes, steps=6, guidance_scale=1.5, uncond_class=10)}

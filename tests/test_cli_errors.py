@@ -120,10 +120,27 @@ def test_optimize_refuses_a_graph_that_contradicts_its_types(capsys, out: Path) 
     assert leftovers(out) == []
 
 
-@pytest.mark.parametrize(("flags", "message"), [(["--calibrate", "-1"], "--calibrate -1 must be at least 1 trajectory"),
-                                                (["--calibrate", "1", "--calib-steps", "0"], "--calib-steps 0 must be at least 1")])
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--calibrate", "-1"], "--calibrate -1 must be at least 1 trajectory"),
+    (["--calibrate", "1", "--calib-steps", "0"], "--calib-steps 0 must be at least 1"),
+    (["--calibrate", "1", "--threads", "0"], "--threads 0 must be at least 1"),
+    (["--provider", "cuda"], "--provider and --threads set the calibration runs; add --calibrate N, or drop them"),
+])
 def test_calibration_settings_are_checked_first(capsys, plain: Path, out: Path, flags: list[str], message: str) -> None:
     user_error(capsys, ["optimize", plain, "-o", out / "x.onnx", "--scheduler-config", SCHEDULER_CONFIG, *flags], message)
+    assert leftovers(out) == []
+
+
+def test_calibrating_on_a_provider_this_onnx_runtime_lacks(capsys, plain: Path, cached: Path, out: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    missing = "ONNX Runtime provider CUDAExecutionProvider is not available here"
+    user_error(capsys, ["optimize", plain, "-o", out / "x.onnx", "--scheduler-config", SCHEDULER_CONFIG, "--calibrate", "1",
+                        "--provider", "cuda"], missing)
+    user_error(capsys, ["calibrate", cached, "-o", out / "y.onnx", "--for", "magcache", "--calibrate", "1",
+                        "--provider", "cuda"], missing)
     assert leftovers(out) == []
 
 

@@ -22,7 +22,7 @@ from fcpass.roles import infer_roles
 from fcpass.trt_check import check_graph
 from runtimes.sampler import SampleRequest, sample, unpack_latents
 from runtimes.schedulers import scheduler_from_config
-from tests.conftest import forced_compute_error
+from tests.conftest import RecordingDenoiser, forced_compute_error
 from tests.test_diffusers_graphs import _randomize_
 from tests.test_schedulers import FLUX_SCHEDULER
 
@@ -103,30 +103,10 @@ def test_roles_blocks_and_the_forced_compute_invariant(flux: dict[str, object], 
     assert forced_compute_error(fc, flux["onnx"], feeds) <= 1e-5
 
 
-class _Recording:
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.roles = infer_roles(onnx.load(str(path)))
-        self.uncached_macs = 0
-        self.feeds: list[dict[str, np.ndarray]] = []
-
-    def reset(self, num_steps: int) -> None:
-        pass
-
-    def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
-        self.feeds.append(feeds)
-        return self.session.run(["noise_pred"], feeds)[0]
-
-    def last_record(self) -> dict:
-        return {}
-
-
 def test_the_sampler_feeds_what_flux_pipeline_feeds(flux: dict[str, object]) -> None:
     """Position ids, the timestep over 1000 and the guidance scale as FluxPipeline passes them: the graph's
     output on the sampler's feeds equals diffusers' transformer on the pipeline's inputs."""
-    den = _Recording(flux["onnx"])
+    den = RecordingDenoiser(flux["onnx"])
     captions, pooled = np.load(flux["captions"])[:1], np.load(flux["pooled"])[:1]
     scheduler = scheduler_from_config(flux["sched"])
     result = sample(den, scheduler, SampleRequest(prompt_embeds=captions, pooled_embeds=pooled, steps=3,
@@ -161,7 +141,7 @@ def test_sample_optimize_calibrate_and_cache(flux: dict[str, object], tmp_path: 
 
     fc = tmp_path / "flux.fc.onnx"
     assert run(["optimize", flux["onnx"], "-o", fc, "--calibrate", "2", *common[:6], "--steps", "8",
-                "--guidance-scale", "3.5"]) == 0
+                "--guidance-scale", "3.5", "--threads", "1"]) == 0
     assert run(["sample", fc, "--policy", "none", *common, "--out-npy", c]) == 0
     np.testing.assert_allclose(np.load(c), plain, atol=1e-5)
     report = tmp_path / "r.json"

@@ -16,9 +16,9 @@ diffusers = pytest.importorskip("diffusers")
 ort = pytest.importorskip("onnxruntime")
 
 from fcpass.cli import main
-from fcpass.roles import infer_roles
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
+from tests.conftest import RecordingDenoiser
 from tests.test_diffusers_graphs import _randomize_
 
 NAMES = ("latent", "timestep", "encoder_hidden_states", "resolution", "aspect_ratio")
@@ -68,30 +68,8 @@ def run(argv: list[object]) -> int:
     return main([str(a) for a in argv])
 
 
-class _Recording:
-    """The plain graph on ONNX Runtime, keeping the feeds of every call."""
-
-    def __init__(self, path: Path) -> None:
-        import onnx
-
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.roles = infer_roles(onnx.load(str(path)))
-        self.uncached_macs = 0
-        self.feeds: list[dict[str, np.ndarray]] = []
-
-    def reset(self, num_steps: int) -> None:
-        pass
-
-    def __call__(self, feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
-        self.feeds.append(feeds)
-        return self.session.run(["noise_pred"], feeds)[0]
-
-    def last_record(self) -> dict:
-        return {}
-
-
 def test_size_conditions_are_found_and_fed_as_diffusers_pipeline_feeds_them(pixart: dict[str, object]) -> None:
-    den = _Recording(pixart["onnx"])
+    den = RecordingDenoiser(pixart["onnx"])
     assert (den.roles.resolution.name, den.roles.aspect_ratio.name, den.roles.others) == ("resolution", "aspect_ratio", ())
     captions = np.load(pixart["captions"])[:1]
     scheduler = scheduler_from_config(pixart["sched"])
