@@ -86,10 +86,15 @@ def _calibration_request(request: SampleRequest, options: CalibrationOptions) ->
     """N trajectories cycling through the user's classes or prompts, with the calibration seed."""
     n = options.trajectories
     classes = request.classes or []
+
+    def cycled(rows: np.ndarray | None) -> np.ndarray | None:  # one row for all stays one row
+        return rows if rows is None or len(rows) == 1 else rows[np.arange(n) % len(rows)]
+
     return SampleRequest(
         classes=[classes[j % len(classes)] for j in range(n)] if classes else None,
         prompt_embeds=None if request.prompt_embeds is None else request.prompt_embeds[np.arange(n) % len(request.prompt_embeds)],
         pooled_embeds=None if request.pooled_embeds is None else request.pooled_embeds[np.arange(n) % len(request.pooled_embeds)],
+        negative_embeds=cycled(request.negative_embeds), negative_pooled=cycled(request.negative_pooled),
         resolution=request.resolution, steps=options.steps, guidance_scale=request.guidance_scale,
         uncond_class=request.uncond_class, seed=options.seed,
     )

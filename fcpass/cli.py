@@ -243,6 +243,11 @@ def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> Non
     p.add_argument("--pooled-embeds", type=Path,
                    help=".npy of pooled caption embeddings (N, P), one row per caption, for graphs that take them "
                         "(SD3's pooled_projections)")
+    p.add_argument("--negative-embeds", type=Path,
+                   help=".npy of guidance's unconditional caption embeddings (the encoded empty or negative prompt), "
+                        "one row for every caption or one per caption (default: zeros)")
+    p.add_argument("--negative-pooled-embeds", type=Path,
+                   help=".npy of the unconditional pooled embeddings, beside --negative-embeds (default: zeros)")
     p.add_argument("--resolution", type=_pixels, metavar="HxW",
                    help="image size in pixels: what a graph with PixArt-alpha's size conditions (resolution, aspect_ratio "
                         "inputs) is told it draws (default: the latent's size times 8), and the grid of a packed latent "
@@ -582,6 +587,8 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
             raise FcpassError(f"{model_path} is not the bundled model; pass --scheduler-config scheduler_config.json")
     prompt = _embeddings(args.prompt_embeds, "prompt embeddings", rank=3)
     pooled = _embeddings(args.pooled_embeds, "pooled embeddings", rank=2)
+    negative = _embeddings(args.negative_embeds, "negative embeddings", rank=3)
+    negative_pooled = _embeddings(args.negative_pooled_embeds, "negative pooled embeddings", rank=2)
     classes = args.classes
     if classes is None and prompt is None:
         classes = list(range(min(int(config.get("num_classes", 10)), 10)))
@@ -606,7 +613,8 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
         if flag is not None:
             raise FcpassError(f"{flag} {bad} is out of range: {model_path}'s label table has {rows} rows; "
                               f"use 0..{rows - 1}")
-    request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled, resolution=args.resolution,
+    request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled, negative_embeds=negative,
+                            negative_pooled=negative_pooled, resolution=args.resolution,
                             guidance_scale=args.guidance_scale, uncond_class=uncond)
     if hasattr(args, "steps"):  # sampling commands; calibrating ones take both from their own options
         request.steps, request.seed = args.steps, args.seed

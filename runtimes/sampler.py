@@ -41,13 +41,17 @@ class Denoiser(Protocol):
 @dataclass
 class SampleRequest:
     """What to draw. `classes` for class-conditional models, `prompt_embeds` (N, L, C) for captions, with
-    `pooled_embeds` (N, P) for the graphs that also take a pooled caption embedding (SD3). `resolution`
+    `pooled_embeds` (N, P) for the graphs that also take a pooled caption embedding (SD3);
+    `negative_embeds` (and `negative_pooled`), one row or one per caption, are guidance's unconditional
+    half (the encoded empty or negative prompt; zeros where not given). `resolution`
     (height, width) in pixels is what a graph with PixArt-alpha's size conditions is told it draws
     (default: the latent's size times 8, PixArt's VAE factor)."""
 
     classes: list[int] | None = None
     prompt_embeds: np.ndarray | None = None
     pooled_embeds: np.ndarray | None = None
+    negative_embeds: np.ndarray | None = None
+    negative_pooled: np.ndarray | None = None
     resolution: tuple[int, int] | None = None
     steps: int = 50
     guidance_scale: float = 1.5
@@ -97,7 +101,7 @@ def sample(
         raise FcpassError(f"{kind} given but the graph has no matching conditioning input; name it with --inputs")
     if cfg and request.prompt_embeds is None and request.uncond_class is None:
         raise FcpassError("classifier-free guidance needs the unconditional label; pass --uncond-class U")
-    _check_inputs(request, roles)
+    _check_inputs(request, roles, cfg)
     model_batch = _batch_of(roles)
     halves = cfg and model_batch == 1  # two calls a step, one per half of guidance
     if cfg and model_batch is not None and model_batch > 1 and model_batch % 2:
@@ -136,8 +140,8 @@ def sample(
             feeds[roles.timestep.name] = _timestep_feed(t * t_scale, latent_in.shape[0], roles)
             feeds[cond_input.name] = cond.astype(cond_input.dtype)
             if roles.pooled_embeds is not None:
-                feeds[roles.pooled_embeds.name] = _with_uncond(request.pooled_embeds[pad], cfg).astype(
-                    roles.pooled_embeds.dtype)
+                feeds[roles.pooled_embeds.name] = _with_uncond(request.pooled_embeds[pad], cfg, request.negative_pooled,
+                                                               pad).astype(roles.pooled_embeds.dtype)
             for name, row in per_row.items():  # both halves of guidance alike
                 feeds[name] = np.repeat(row, latent_in.shape[0], axis=0)
             feeds.update(fixed)
@@ -162,8 +166,9 @@ def sample(
     return SampleResult(images, wall, step_seconds, macs, denoiser.uncached_macs * calls, records, calls)
 
 
-def _check_inputs(request: SampleRequest, roles: InputRoles) -> None:
-    """Every graph input has a role this loop feeds, and the pooled embeddings match the graph and the captions."""
+def _check_inputs(request: SampleRequest, roles: InputRoles, cfg: bool) -> None:
+    """Every graph input has a role this loop feeds, and the pooled and negative embeddings match the graph
+    and the captions."""
     if roles.others:
         s = roles.others[0]
         raise FcpassError(f"input {s.name} {s.dtype}{list(s.shape)} has no role the sampler feeds ({', '.join(ROLES)}); "
@@ -179,7 +184,21 @@ def _check_inputs(request: SampleRequest, roles: InputRoles) -> None:
         captions = 0 if request.prompt_embeds is None else len(request.prompt_embeds)
         raise FcpassError(f"--pooled-embeds has {len(given)} rows for {captions} captions (--prompt-embeds); "
                           "give one row per caption")
-    for flag, rows, spec in (("--prompt-embeds", request.prompt_embeds, roles.prompt_embeds), ("--pooled-embeds", given, pooled)):
+    for flag, negative, of in (("--negative-embeds", request.negative_embeds, request.prompt_embeds),
+                               ("--negative-pooled-embeds", request.negative_pooled, given)):
+        if negative is None:
+            continue
+        if not cfg:
+            raise FcpassError(f"{flag} is guidance's unconditional half, and this run has none (--guidance-scale 1, or "
+                              "a graph that takes the scale as an input); drop it")
+        if of is None:
+            raise FcpassError(f"{flag} given without the captions' own ({flag.replace('negative-', '')}); add them, or drop it")
+        if len(negative) not in (1, len(of)):
+            raise FcpassError(f"{flag} has {len(negative)} rows for {len(of)} captions; give one row for all, or one "
+                              "per caption")
+    for flag, rows, spec in (("--prompt-embeds", request.prompt_embeds, roles.prompt_embeds), ("--pooled-embeds", given, pooled),
+                             ("--negative-embeds", request.negative_embeds, roles.prompt_embeds),
+                             ("--negative-pooled-embeds", request.negative_pooled, pooled)):
         if rows is None or spec is None:
             continue
         want = spec.shape[1:]
@@ -278,14 +297,18 @@ def join_halves(cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray], role
             for name, value in cond.items()}
 
 
-def _with_uncond(cond: np.ndarray, cfg: bool) -> np.ndarray:
-    # No text encoder here: the unconditional branch gets zero caption embeddings.
-    return np.concatenate([cond, np.zeros_like(cond)]) if cfg else cond
+def _with_uncond(cond: np.ndarray, cfg: bool, negative: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
+    """The captions' rows `cond`, then guidance's unconditional rows: the negative embeddings (one row for
+    every caption, or the captions' own `idx`), else zeros (no text encoder here to encode "")."""
+    if not cfg:
+        return cond
+    uncond = np.zeros_like(cond) if negative is None else negative[idx if len(negative) > 1 else np.zeros_like(idx)]
+    return np.concatenate([cond, uncond.astype(cond.dtype)])
 
 
 def _conditioning(request: SampleRequest, idx: np.ndarray, cfg: bool) -> np.ndarray:
     if request.prompt_embeds is not None:
-        return _with_uncond(request.prompt_embeds[idx], cfg)
+        return _with_uncond(request.prompt_embeds[idx], cfg, request.negative_embeds, idx)
     labels = np.asarray(request.classes, dtype=np.int64)[idx]
     if cfg:
         return np.concatenate([labels, np.full_like(labels, request.uncond_class)])

@@ -96,3 +96,41 @@ def test_an_input_without_a_role_is_named_before_any_call_and_takes_one_from_inp
                 "--out-npy", a]) == 0
     assert run(["sample", sd3["onnx"], *common, "--pooled-embeds", sd3["pooled"], "--out-npy", b]) == 0
     np.testing.assert_array_equal(np.load(a), np.load(b))
+
+
+def test_negative_embeddings_are_guidance_s_unconditional_half(sd3: dict[str, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Zeros when none are given; one row serves every caption; they reach the model; calibration takes them."""
+    common = ["--scheduler-config", sd3["sched"], "--prompt-embeds", sd3["captions"], "--pooled-embeds", sd3["pooled"],
+              "--steps", "4"]
+    rng = np.random.default_rng(1)
+    zeros, one, three, pooled = (tmp_path / f"{x}.npy" for x in ("zeros", "one", "three", "pooled"))
+    np.save(zeros, np.zeros((1, 5, 12), np.float32))
+    np.save(one, rng.standard_normal((1, 5, 12)).astype(np.float32))
+    np.save(three, np.repeat(np.load(one), 3, axis=0))
+    np.save(pooled, rng.standard_normal((1, 6)).astype(np.float32))
+    out = {k: tmp_path / f"{k}.out.npy" for k in ("default", "zeros", "one", "three", "pooled")}
+    for key, extra in (("default", []), ("zeros", ["--negative-embeds", zeros]), ("one", ["--negative-embeds", one]),
+                       ("three", ["--negative-embeds", three]),
+                       ("pooled", ["--negative-embeds", one, "--negative-pooled-embeds", pooled])):
+        assert run(["sample", sd3["onnx"], *common, *extra, "--out-npy", out[key]]) == 0
+    got = {k: np.load(v) for k, v in out.items()}
+    np.testing.assert_array_equal(got["zeros"], got["default"])
+    np.testing.assert_array_equal(got["three"], got["one"])
+    assert np.abs(got["one"] - got["default"]).max() > 1e-3 and np.abs(got["pooled"] - got["one"]).max() > 1e-3
+
+    fc = tmp_path / "sd3.fc.onnx"
+    assert run(["optimize", sd3["onnx"], "-o", fc, "--calibrate", "2", *common[:6], "--steps", "4",
+                "--negative-embeds", three]) == 0
+    assert run(["sample", fc, "--policy", "none", *common, "--negative-embeds", one, "--out-npy", out["one"]]) == 0
+    np.testing.assert_allclose(np.load(out["one"]), got["one"], atol=1e-5)
+
+    two = tmp_path / "two.npy"
+    np.save(two, np.zeros((2, 5, 12), np.float32))
+    for extra, message in ((["--negative-embeds", two], "--negative-embeds has 2 rows for 3 captions"),
+                           (["--negative-embeds", one, "--guidance-scale", "1"],
+                            "--negative-embeds is guidance's unconditional half, and this run has none"),
+                           (["--negative-pooled-embeds", sd3["captions"]], "--negative-pooled-embeds rows are (5, 12)")):
+        capsys.readouterr()
+        assert run(["sample", sd3["onnx"], *common, *extra]) == 2
+        assert message in capsys.readouterr().err
