@@ -5,7 +5,6 @@ legacy one has no `rms_norm`)."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,30 +22,10 @@ from fcpass.trt_check import check_graph
 from runtimes.sampler import SampleRequest, sample, unpack_latents
 from runtimes.schedulers import scheduler_from_config
 from tests.conftest import RecordingDenoiser, forced_compute_error
-from tests.test_diffusers_graphs import _randomize_
-from tests.test_schedulers import FLUX_SCHEDULER
+from tools.export_diffusers import export_family, pipeline_image_ids
 
 NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance")
 TOKENS, CAPTION = 16, 5  # a 4x4 grid of 2x2 patches of an 8x8 latent
-
-
-class _Flux(torch.nn.Module):
-    def __init__(self, m: torch.nn.Module) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
-        return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                      pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
-                      guidance=guidance, return_dict=False)[0]
-
-
-def _pipeline_ids(rows: int, cols: int) -> torch.Tensor:
-    """FluxPipeline._prepare_latent_image_ids (importing the pipeline needs transformers)."""
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(rows)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(cols)[None, :]
-    return ids.reshape(rows * cols, 3)
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:
@@ -57,27 +36,9 @@ def _pack(latents: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    d = tmp_path_factory.mktemp("flux")
-    torch.manual_seed(0)  # diffusers draws the initial weights from the global generator
-    model = _Flux(diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=True, axes_dims_rope=[2, 2, 4])).eval()
-    _randomize_(model, 1)
-    g = torch.Generator().manual_seed(0)
-    args = (torch.randn(1, TOKENS, 16, generator=g), torch.randn(1, CAPTION, 12, generator=g), torch.randn(1, 6, generator=g),
-            torch.tensor([0.5]), _pipeline_ids(4, 4), torch.zeros(CAPTION, 3), torch.tensor([3.5]))
-    path = d / "flux.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, opset_version=18,
-                          input_names=list(NAMES), output_names=["noise_pred"], verbose=False)
-    (d / "scheduler_config.json").write_text(json.dumps(FLUX_SCHEDULER))
-    rng = np.random.default_rng(0)
-    np.save(d / "captions.npy", rng.standard_normal((3, CAPTION, 12)).astype(np.float32))
-    np.save(d / "pooled.npy", rng.standard_normal((3, 6)).astype(np.float32))
-    feeds = {n: a.numpy() for n, a in zip(NAMES, args)}
-    return {"model": model, "onnx": path, "feeds": feeds, "sched": d / "scheduler_config.json",
-            "captions": d / "captions.npy", "pooled": d / "pooled.npy"}
+    e = export_family("flux", "tiny", tmp_path_factory.mktemp("flux") / "flux.onnx")
+    return {"model": e.model, "onnx": e.path, "feeds": e.feeds, "sched": e.scheduler, "captions": e.captions,
+            "pooled": e.pooled}
 
 
 def run(argv: list[object]) -> int:
@@ -114,13 +75,14 @@ def test_the_sampler_feeds_what_flux_pipeline_feeds(flux: dict[str, object]) -> 
     assert len(den.feeds) == 3 and result.images.shape == (1, 4, 8, 8)  # one call a step: no unconditional half
     for i, feeds in enumerate(den.feeds):
         assert feeds["timestep"] == pytest.approx(scheduler.timesteps[i] / 1000)
-        np.testing.assert_array_equal(feeds["img_ids"], _pipeline_ids(4, 4).numpy())
+        np.testing.assert_array_equal(feeds["img_ids"], pipeline_image_ids(4, 4).numpy())
         np.testing.assert_array_equal(feeds["guidance"], [3.5])
         with torch.no_grad():
             ref = flux["model"](torch.from_numpy(feeds["hidden_states"]), torch.from_numpy(captions),
                                 torch.from_numpy(pooled), torch.tensor([float(scheduler.timesteps[i]) / 1000]),
-                                _pipeline_ids(4, 4), torch.zeros(CAPTION, 3), torch.tensor([3.5])).numpy()
-        np.testing.assert_allclose(den.session.run(["noise_pred"], feeds)[0], ref, atol=1e-5)
+                                pipeline_image_ids(4, 4), torch.zeros(CAPTION, 3), torch.tensor([3.5])).numpy()
+        # fp32 through rotary embeddings at O(1) activations: ONNX Runtime and PyTorch differ by up to a few 1e-5
+        np.testing.assert_allclose(den.session.run(["noise_pred"], feeds)[0], ref, rtol=1e-4, atol=1e-4)
     latents = torch.randn(2, 4, 8, 8)
     np.testing.assert_array_equal(unpack_latents(_pack(latents).numpy(), (4, 4)), latents.numpy())
 
@@ -141,7 +103,7 @@ def test_sample_optimize_calibrate_and_cache(flux: dict[str, object], tmp_path: 
 
     fc = tmp_path / "flux.fc.onnx"
     assert run(["optimize", flux["onnx"], "-o", fc, "--calibrate", "2", *common[:6], "--steps", "8",
-                "--guidance-scale", "3.5", "--threads", "1"]) == 0
+                "--guidance-scale", "3.5", "--threads", "1", "--calib-eps", "0.5"]) == 0  # random weights: loose fits
     assert run(["sample", fc, "--policy", "none", *common, "--out-npy", c]) == 0
     np.testing.assert_allclose(np.load(c), plain, atol=1e-5)
     report = tmp_path / "r.json"
@@ -149,3 +111,10 @@ def test_sample_optimize_calibrate_and_cache(flux: dict[str, object], tmp_path: 
                 "--report", report]) == 0
     records = json.loads(report.read_text())["records"]
     assert any(1 in r["skip"] for r in records) and np.isfinite(np.load(c)).all()
+
+    # The If-free lowering runs the same steps: segments chosen by the host instead of Ifs in one graph.
+    segments = tmp_path / "flux.fc"
+    assert run(["optimize", fc, "-o", segments, "--lowering", "segments"]) == 0
+    for model, npy in ((fc, b), (segments, c)):
+        assert run(["sample", model, "--policy", "fora:interval=2", *common, "--out-npy", npy]) == 0
+    np.testing.assert_allclose(np.load(c), np.load(b), atol=1e-6)

@@ -222,15 +222,11 @@ def test_flow_match_matches_diffusers(diffusers: ModuleType, shift: float, steps
     _assert_same_sampling(ours, reference, steps)
 
 
-FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
-                  "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
-                  "use_dynamic_shifting": True}  # FLUX.1-dev's scheduler_config.json
-
-
 @pytest.mark.parametrize("steps", [1, 10, 28])
 @pytest.mark.parametrize("seq_len", [16, 1024, 4096])
 def test_dynamic_shifting_matches_flux_pipeline(diffusers: ModuleType, seq_len: int, steps: int) -> None:
     """The sigmas and timesteps FluxPipeline sets: its own linspace, shifted by mu of the token count."""
+    from tools.export_diffusers import FLUX_SCHEDULER
 
     def calculate_shift(image_seq_len: int) -> float:  # diffusers.pipelines.flux's (importing it needs transformers)
         m = (1.15 - 0.5) / (4096 - 256)

@@ -5,7 +5,6 @@ caching, quality over frames and a grid of frames."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,42 +23,17 @@ from fcpass.roles import infer_roles
 from fcpass.trt_check import check_graph
 from runtimes.schedulers import scheduler_from_config
 from tests.conftest import forced_compute_error
-from tests.test_diffusers_graphs import _randomize_
+from tools.export_diffusers import export_family
 
-NAMES = ("latent", "timestep", "encoder_hidden_states")
 LATENT = (4, 3, 8, 8)  # channels, frames, height, width
-
-
-class _Wan(torch.nn.Module):
-    def __init__(self, m: torch.nn.Module) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, latent, timestep, encoder_hidden_states):
-        return self.m(hidden_states=latent, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                      return_dict=False)[0]
 
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    d = tmp_path_factory.mktemp("wan")
-    torch.manual_seed(0)  # diffusers draws the initial weights from the global generator
-    model = _Wan(diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=12,
-        freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)).eval()
-    _randomize_(model, 1)
-    g = torch.Generator().manual_seed(0)
-    args = (torch.randn(2, *LATENT, generator=g), torch.tensor([500.0, 200.0]), torch.randn(2, 5, 12, generator=g))
-    path = d / "wan.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, opset_version=18,
-                          input_names=list(NAMES), output_names=["noise_pred"], verbose=False)
-        assert np.abs(model(*args).numpy()).max() > 1e-2  # the randomized model's output is not trivial
-    (d / "scheduler_config.json").write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
-    np.save(d / "captions.npy", np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32))
-    return {"onnx": path, "feeds": {n: a.numpy() for n, a in zip(NAMES, args)}, "sched": d / "scheduler_config.json",
-            "captions": d / "captions.npy"}
+    e = export_family("wan", "tiny", tmp_path_factory.mktemp("wan") / "wan.onnx", samples=2)
+    with torch.no_grad():
+        assert np.abs(e.model(*(torch.from_numpy(v) for v in e.feeds.values())).numpy()).max() > 1e-2  # not trivial
+    return {"onnx": e.path, "feeds": e.feeds, "sched": e.scheduler, "captions": e.captions}
 
 
 def run(argv: list[object]) -> int:
@@ -69,8 +43,8 @@ def run(argv: list[object]) -> int:
 def test_roles_blocks_and_the_forced_compute_invariant(wan: dict[str, object], tmp_path: Path) -> None:
     model = onnx.load(str(wan["onnx"]))
     assert {k: v for k, v in infer_roles(model).names().items() if v} == {
-        "latent": "latent", "timestep": "timestep", "prompt_embeds": "encoder_hidden_states"}
-    assert [b.scope.rsplit(".", 2)[-2:] for b in discover_blocks(model, "latent").blocks] == [["blocks", "0"], ["blocks", "1"]]
+        "latent": "hidden_states", "timestep": "timestep", "prompt_embeds": "encoder_hidden_states"}
+    assert [b.scope.rsplit(".", 2)[-2:] for b in discover_blocks(model, "hidden_states").blocks] == [["blocks", "0"], ["blocks", "1"]]
     # The exporter spells out ScatterND's default reduction="none" in the rotary embeddings, which
     # TensorRT's parser up to 10.7 refuses; the compiled graph drops it.
     assert {v.rule for v in check_graph(model)} == {"scatternd-reduction"}
