@@ -95,6 +95,8 @@ def _calibration_request(request: SampleRequest, options: CalibrationOptions) ->
         prompt_embeds=None if request.prompt_embeds is None else request.prompt_embeds[np.arange(n) % len(request.prompt_embeds)],
         pooled_embeds=None if request.pooled_embeds is None else request.pooled_embeds[np.arange(n) % len(request.pooled_embeds)],
         negative_embeds=cycled(request.negative_embeds), negative_pooled=cycled(request.negative_pooled),
+        prompt_mask=None if request.prompt_mask is None else request.prompt_mask[np.arange(n) % len(request.prompt_mask)],
+        negative_mask=cycled(request.negative_mask),
         resolution=request.resolution, steps=options.steps, guidance_scale=request.guidance_scale,
         uncond_class=request.uncond_class, seed=options.seed,
     )

@@ -248,6 +248,10 @@ def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> Non
                         "one row for every caption or one per caption (default: zeros)")
     p.add_argument("--negative-pooled-embeds", type=Path,
                    help=".npy of the unconditional pooled embeddings, beside --negative-embeds (default: zeros)")
+    p.add_argument("--prompt-mask", type=Path,
+                   help=".npy (N, L) of the captions' attention masks, for graphs that take one (PixArt's "
+                        "encoder_attention_mask; default: ones)")
+    p.add_argument("--negative-mask", type=Path, help=".npy of the unconditional captions' masks (default: ones)")
     p.add_argument("--resolution", type=_pixels, metavar="HxW",
                    help="image size in pixels: what a graph with PixArt-alpha's size conditions (resolution, aspect_ratio "
                         "inputs) is told it draws (default: the latent's size times 8), and the grid of a packed latent "
@@ -589,6 +593,8 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
     pooled = _embeddings(args.pooled_embeds, "pooled embeddings", rank=2)
     negative = _embeddings(args.negative_embeds, "negative embeddings", rank=3)
     negative_pooled = _embeddings(args.negative_pooled_embeds, "negative pooled embeddings", rank=2)
+    masks = [_embeddings(path, what, rank=2) for path, what in ((args.prompt_mask, "prompt mask"),
+                                                                 (args.negative_mask, "negative mask"))]
     classes = args.classes
     if classes is None and prompt is None:
         classes = list(range(min(int(config.get("num_classes", 10)), 10)))
@@ -614,7 +620,8 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
             raise FcpassError(f"{flag} {bad} is out of range: {model_path}'s label table has {rows} rows; "
                               f"use 0..{rows - 1}")
     request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled, negative_embeds=negative,
-                            negative_pooled=negative_pooled, resolution=args.resolution,
+                            negative_pooled=negative_pooled, prompt_mask=masks[0], negative_mask=masks[1],
+                            resolution=args.resolution,
                             guidance_scale=args.guidance_scale, uncond_class=uncond)
     if hasattr(args, "steps"):  # sampling commands; calibrating ones take both from their own options
         request.steps, request.seed = args.steps, args.seed
@@ -635,7 +642,8 @@ def _pixels(text: str) -> tuple[int, int]:
 
 
 def _embeddings(path: Path | None, what: str, rank: int) -> np.ndarray | None:
-    """Caption (rank 3) or pooled (rank 2) embeddings from a .npy file; one sample's may drop its leading axis."""
+    """Caption embeddings (rank 3), pooled ones or caption masks (rank 2) from a .npy file; one sample's may drop
+    its leading axis."""
     if path is None:
         return None
     from fcpass.quality import load_npy

@@ -1,12 +1,14 @@
 """Which graph input is the latent, the timestep, the class label, the caption embeddings, the pooled
-caption embeddings (SD3's `pooled_projections`), PixArt-alpha's size conditions (the 1024-pixel
-models' `resolution` and `aspect_ratio`), or Flux's position ids and distilled guidance.
+caption embeddings (SD3's `pooled_projections`), the captions' attention mask (PixArt's
+`encoder_attention_mask`), PixArt-alpha's size conditions (the 1024-pixel models' `resolution` and
+`aspect_ratio`), or Flux's position ids and distilled guidance.
 
 Inferred from rank and dtype (latent: rank-4 float, rank-5 for a video model's (B, C, frames, H, W),
 or a rank-3 float shaped as the model's output, Flux's packed latent (B, tokens, channels); timestep: rank-0/1 float or int; class: rank-1 int;
 caption embeddings: rank-3 float) and, where rank and dtype do not tell them apart, from the name as
 well (pooled: rank-2 named pool...; resolution: (B, 2) named resolution or hw; aspect ratio: (B, 1)
-named aspect...; img_ids and txt_ids: (tokens, 3) named so; guidance: rank-0/1 named guidance),
+named aspect...; img_ids and txt_ids: (tokens, 3) named so; guidance: rank-0/1 named guidance; the
+caption mask: (B, caption tokens) named ...mask),
 unless the user names them with `--inputs role=NAME,...`.
 """
 
@@ -23,8 +25,8 @@ from fcpass.errors import FcpassError
 if TYPE_CHECKING:  # the command line reads ROLES for its help before any command needs onnx
     import onnx
 
-ROLES = ("latent", "timestep", "class", "prompt_embeds", "pooled_embeds", "resolution", "aspect_ratio", "img_ids",
-         "txt_ids", "guidance")
+ROLES = ("latent", "timestep", "class", "prompt_embeds", "pooled_embeds", "prompt_mask", "resolution", "aspect_ratio",
+         "img_ids", "txt_ids", "guidance")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class InputRoles:
     class_labels: TensorSpec | None = None
     prompt_embeds: TensorSpec | None = None
     pooled_embeds: TensorSpec | None = None
+    prompt_mask: TensorSpec | None = None
     resolution: TensorSpec | None = None
     aspect_ratio: TensorSpec | None = None
     img_ids: TensorSpec | None = None
@@ -57,7 +60,7 @@ class InputRoles:
     def names(self) -> dict[str, str | None]:
         """{role: input name or None}, as `--inputs` and the cache plan name them."""
         specs = (self.latent, self.timestep, self.class_labels, self.prompt_embeds, self.pooled_embeds,
-                 self.resolution, self.aspect_ratio, self.img_ids, self.txt_ids, self.guidance)
+                 self.prompt_mask, self.resolution, self.aspect_ratio, self.img_ids, self.txt_ids, self.guidance)
         return {role: spec.name if spec else None for role, spec in zip(ROLES, specs)}
 
 
@@ -139,6 +142,8 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
     pick("resolution", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (2, None)
          and named(r"resolution|hw")(s))
     pick("aspect_ratio", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (1, None) and "aspect" in s.name.lower())
+    caption = chosen["prompt_embeds"].shape[1] if "prompt_embeds" in chosen else None
+    pick("prompt_mask", lambda s: s.rank == 2 and named("mask")(s) and s.shape[1] in (caption, None))
     names = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in inputs)
     if "latent" not in chosen:
         raise FcpassError(
@@ -156,6 +161,7 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
         class_labels=chosen.get("class"),
         prompt_embeds=chosen.get("prompt_embeds"),
         pooled_embeds=chosen.get("pooled_embeds"),
+        prompt_mask=chosen.get("prompt_mask"),
         resolution=chosen.get("resolution"),
         aspect_ratio=chosen.get("aspect_ratio"),
         img_ids=chosen.get("img_ids"),

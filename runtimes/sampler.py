@@ -43,7 +43,9 @@ class SampleRequest:
     """What to draw. `classes` for class-conditional models, `prompt_embeds` (N, L, C) for captions, with
     `pooled_embeds` (N, P) for the graphs that also take a pooled caption embedding (SD3);
     `negative_embeds` (and `negative_pooled`), one row or one per caption, are guidance's unconditional
-    half (the encoded empty or negative prompt; zeros where not given). `resolution`
+    half (the encoded empty or negative prompt; zeros where not given); `prompt_mask` (N, L) and
+    `negative_mask` are the captions' attention masks, for the graphs that take one (ones where not
+    given). `resolution`
     (height, width) in pixels is what a graph with PixArt-alpha's size conditions is told it draws
     (default: the latent's size times 8, PixArt's VAE factor)."""
 
@@ -52,6 +54,8 @@ class SampleRequest:
     pooled_embeds: np.ndarray | None = None
     negative_embeds: np.ndarray | None = None
     negative_pooled: np.ndarray | None = None
+    prompt_mask: np.ndarray | None = None
+    negative_mask: np.ndarray | None = None
     resolution: tuple[int, int] | None = None
     steps: int = 50
     guidance_scale: float = 1.5
@@ -142,6 +146,10 @@ def sample(
             if roles.pooled_embeds is not None:
                 feeds[roles.pooled_embeds.name] = _with_uncond(request.pooled_embeds[pad], cfg, request.negative_pooled,
                                                                pad).astype(roles.pooled_embeds.dtype)
+            if roles.prompt_mask is not None:
+                mask = roles.prompt_mask
+                rows = request.prompt_mask[pad] if request.prompt_mask is not None else np.ones((len(pad), mask.shape[1]))
+                feeds[mask.name] = _with_uncond(rows, cfg, request.negative_mask, pad, fill=1).astype(mask.dtype)
             for name, row in per_row.items():  # both halves of guidance alike
                 feeds[name] = np.repeat(row, latent_in.shape[0], axis=0)
             feeds.update(fixed)
@@ -184,21 +192,32 @@ def _check_inputs(request: SampleRequest, roles: InputRoles, cfg: bool) -> None:
         captions = 0 if request.prompt_embeds is None else len(request.prompt_embeds)
         raise FcpassError(f"--pooled-embeds has {len(given)} rows for {captions} captions (--prompt-embeds); "
                           "give one row per caption")
+    mask = roles.prompt_mask
+    if request.prompt_mask is not None and mask is None:
+        raise FcpassError("--prompt-mask given but the graph takes no caption mask (a rank-2 input named ...mask); drop "
+                          "it, or name that input with --inputs prompt_mask=NAME")
+    if request.prompt_mask is not None and (request.prompt_embeds is None or len(request.prompt_mask) != len(request.prompt_embeds)):
+        captions = 0 if request.prompt_embeds is None else len(request.prompt_embeds)
+        raise FcpassError(f"--prompt-mask has {len(request.prompt_mask)} rows for {captions} captions (--prompt-embeds); "
+                          "give one row per caption")
     for flag, negative, of in (("--negative-embeds", request.negative_embeds, request.prompt_embeds),
-                               ("--negative-pooled-embeds", request.negative_pooled, given)):
+                               ("--negative-pooled-embeds", request.negative_pooled, given),
+                               ("--negative-mask", request.negative_mask, request.prompt_embeds if mask else None)):
         if negative is None:
             continue
         if not cfg:
             raise FcpassError(f"{flag} is guidance's unconditional half, and this run has none (--guidance-scale 1, or "
                               "a graph that takes the scale as an input); drop it")
         if of is None:
-            raise FcpassError(f"{flag} given without the captions' own ({flag.replace('negative-', '')}); add them, or drop it")
+            raise FcpassError(f"{flag} given without what it stands beside ({flag.replace('negative-', '')}, and a graph "
+                              "that takes it); add them, or drop it")
         if len(negative) not in (1, len(of)):
             raise FcpassError(f"{flag} has {len(negative)} rows for {len(of)} captions; give one row for all, or one "
                               "per caption")
     for flag, rows, spec in (("--prompt-embeds", request.prompt_embeds, roles.prompt_embeds), ("--pooled-embeds", given, pooled),
                              ("--negative-embeds", request.negative_embeds, roles.prompt_embeds),
-                             ("--negative-pooled-embeds", request.negative_pooled, pooled)):
+                             ("--negative-pooled-embeds", request.negative_pooled, pooled),
+                             ("--prompt-mask", request.prompt_mask, mask), ("--negative-mask", request.negative_mask, mask)):
         if rows is None or spec is None:
             continue
         want = spec.shape[1:]
@@ -280,7 +299,7 @@ def split_halves(feeds: dict[str, np.ndarray], roles: InputRoles) -> tuple[dict[
         return None
     # Every role's input leads with the batch axis but a scalar timestep and position ids without one
     # (Flux's (tokens, 3)), which serve both calls.
-    specs = (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, roles.pooled_embeds,
+    specs = (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, roles.pooled_embeds, roles.prompt_mask,
              roles.resolution, roles.aspect_ratio, roles.guidance, *(s for s in (roles.img_ids, roles.txt_ids) if s and s.rank == 3))
     batched = {s.name for s in specs if s is not None and s.rank > 0}
     cond: dict[str, np.ndarray] = {}
@@ -297,12 +316,12 @@ def join_halves(cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray], role
             for name, value in cond.items()}
 
 
-def _with_uncond(cond: np.ndarray, cfg: bool, negative: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
-    """The captions' rows `cond`, then guidance's unconditional rows: the negative embeddings (one row for
-    every caption, or the captions' own `idx`), else zeros (no text encoder here to encode "")."""
+def _with_uncond(cond: np.ndarray, cfg: bool, negative: np.ndarray | None, idx: np.ndarray, fill: float = 0) -> np.ndarray:
+    """The captions' rows `cond`, then guidance's unconditional rows: the negative ones (one row for every
+    caption, or the captions' own `idx`), else `fill` (zero embeddings: no text encoder here to encode "")."""
     if not cfg:
         return cond
-    uncond = np.zeros_like(cond) if negative is None else negative[idx if len(negative) > 1 else np.zeros_like(idx)]
+    uncond = np.full_like(cond, fill) if negative is None else negative[idx if len(negative) > 1 else np.zeros_like(idx)]
     return np.concatenate([cond, uncond.astype(cond.dtype)])
 
 

@@ -1,6 +1,7 @@
-"""PixArt-alpha's size conditions: the 1024-pixel models take `resolution` (B, 2) and `aspect_ratio` (B, 1)
-beside the captions. The sampler feeds them as diffusers' pipeline does (height and width in pixels,
-their ratio, both halves of guidance alike), the cache compiles around them, and `--resolution` sets them."""
+"""PixArt-alpha's extra inputs. The 1024-pixel models take `resolution` (B, 2) and `aspect_ratio` (B, 1)
+beside the captions: the sampler feeds them as diffusers' pipeline does (height and width in pixels,
+their ratio, both halves of guidance alike), the cache compiles around them, and `--resolution` sets them.
+An export called as the pipeline calls it also takes the captions' attention mask: ones, or `--prompt-mask`."""
 
 from __future__ import annotations
 
@@ -118,3 +119,63 @@ def test_resolution_is_refused_where_no_input_takes_it_or_it_is_no_size(pixart: 
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and f"argument --resolution: {bad!r}" in err and why in err
         assert len(err.splitlines()) == 1
+
+
+class _MaskedPixArt(torch.nn.Module):
+    """diffusers' PixArt called as PixArtAlphaPipeline calls it for 512-pixel models: captions with their mask."""
+
+    def __init__(self, m: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, latent, timestep, encoder_hidden_states, encoder_attention_mask):
+        return self.m(latent, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                      timestep=timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+
+def test_a_caption_mask_is_fed_ones_or_the_masks_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """All ones (every caption token attends) is what the graph without a mask computes; a mask given reaches the
+    model; the cache compiles around it."""
+    from tests.test_diffusers_graphs import _pixart
+
+    torch.manual_seed(0)
+    plain = _pixart().eval()
+    _randomize_(plain, 1)
+    masked = _MaskedPixArt(plain.m).eval()
+    g = torch.Generator().manual_seed(0)
+    latent, t, captions = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 5, 12, generator=g)
+    paths = {"plain": tmp_path / "plain.onnx", "masked": tmp_path / "masked.onnx"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(plain, (latent, t, captions), str(paths["plain"]), dynamo=False, opset_version=18,
+                          input_names=["latent", "timestep", "encoder_hidden_states"], output_names=["noise_pred"])
+        torch.onnx.export(masked, (latent, t, captions, torch.ones(2, 5, dtype=torch.int64)), str(paths["masked"]),
+                          dynamo=False, opset_version=18, output_names=["noise_pred"],
+                          input_names=["latent", "timestep", "encoder_hidden_states", "encoder_attention_mask"])
+    sched, embeds, mask = tmp_path / "scheduler_config.json", tmp_path / "captions.npy", tmp_path / "mask.npy"
+    sched.write_text(json.dumps(SCHEDULER))
+    np.save(embeds, np.random.default_rng(0).standard_normal((3, 5, 12)).astype(np.float32))
+    np.save(mask, np.array([[1, 1, 1, 0, 0]] * 3))
+    common = ["--scheduler-config", sched, "--prompt-embeds", embeds, "--steps", "4"]
+    out = {k: tmp_path / f"{k}.npy" for k in ("plain", "ones", "given", "cached")}
+    assert run(["sample", paths["plain"], *common, "--out-npy", out["plain"]]) == 0
+    assert run(["sample", paths["masked"], *common, "--out-npy", out["ones"]]) == 0
+    assert run(["sample", paths["masked"], *common, "--prompt-mask", mask, "--out-npy", out["given"]]) == 0
+    np.testing.assert_allclose(np.load(out["ones"]), np.load(out["plain"]), atol=1e-5)
+    assert np.abs(np.load(out["given"]) - np.load(out["ones"])).max() > 1e-3
+
+    fc = tmp_path / "masked.fc.onnx"
+    assert run(["optimize", paths["masked"], "-o", fc, "--calibrate", "2", *common[:4], "--prompt-mask", mask]) == 0
+    assert run(["sample", fc, "--policy", "none", *common, "--prompt-mask", mask, "--out-npy", out["cached"]]) == 0
+    np.testing.assert_allclose(np.load(out["cached"]), np.load(out["given"]), atol=1e-5)
+
+    short = tmp_path / "short.npy"
+    np.save(short, np.ones((3, 4)))
+    for model, extra, message in (
+            (paths["plain"], ["--prompt-mask", mask], "--prompt-mask given but the graph takes no caption mask"),
+            (paths["masked"], ["--prompt-mask", short], "--prompt-mask rows are (4,) but the graph takes (5,)"),
+            (paths["masked"], ["--negative-mask", mask, "--guidance-scale", "1"],
+             "--negative-mask is guidance's unconditional half, and this run has none")):
+        capsys.readouterr()
+        assert run(["sample", model, *common, *extra]) == 2
+        assert message in capsys.readouterr().err
