@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cache-aware graph to write (never the input); a folder with --lowering segments")
     o.add_argument("--for", dest="for_policies", nargs="+", metavar="POLICY",
                    help="compile what these policies need and nothing more (their region sets, probes, previous "
-                        "outputs, token caching), in place of --regions, --taylor, --no-probes and --tokens; "
+                        "outputs, token caching), in place of --regions, --taylor, --no-probes and --tokens, and "
+                        "keep their options as the graph's defaults for fcpass sample; "
                         "e.g. --for fastcache:levels=stack,approx=taylor1")
     o.add_argument("--regions", default="blocks,tail,stack", help="region sets: blocks, tail (1..L-1), stack")
     o.add_argument("--taylor", action="store_true", help="keep each region's previous output (for taylor1)")
@@ -373,6 +374,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if "plan" in info:
         plan = info["plan"]
         print(f"cache plan (fcpass {plan['version']}): {len(plan['regions'])} regions, {len(plan['states'])} state tensors")
+        if plan.get("compiled_for"):
+            specs = " ".join(name + "".join(f"{',' if i else ':'}{k}={v}" for i, (k, v) in enumerate(opts.items()))
+                             for name, opts in plan["compiled_for"].items())
+            print(f"  compiled for {specs} (fcpass sample --policy NAME takes these options unless told otherwise)")
         for r in plan["regions"]:
             cal = r["calibration"]
             cal_txt = f"  sigma2 {cal['sigma2']:.3g}  fit err {cal.get('fit_rel_err', float('nan')):.3g}" if cal.get("sigma2") is not None else ""
@@ -465,6 +470,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         lowering=args.lowering,
         batch=args.batch,
         dims=args.dims,
+        for_policies=tuple(args.for_policies or ()),
         **graph,
     )
     # Only calibration samples; without it a model needs no scheduler config to be optimized.

@@ -28,7 +28,7 @@ from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.roles import infer_roles, parse_role_overrides
 from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
 from runtimes.backend import session_setup
-from runtimes.policies import policy_defaults
+from runtimes.policies import parse_policy_spec, policy_defaults
 from runtimes.token_policies import token_options
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class OptimizeOptions:
     motion_context: bool = False  # with motion_ratio: motion tokens attend to all tokens' cached keys and values
     batch: int | None = None  # the batch a graph with a dynamic batch axis is compiled at (default DYNAMIC_BATCH)
     dims: str | None = None  # sizes of other dynamic axes by name: "height=64,width=64"
+    for_policies: tuple[str, ...] = ()  # --for: the policy specs the graph was compiled for (stored in the plan)
 
 
 # What `fcpass export` writes by default: one sample with classifier-free guidance per call.
@@ -107,6 +108,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
             raise ValueError("calibration needs a sampling setup")
         calibrate(out, plan, setup, calibration)
     plan.policy_defaults = policy_defaults()
+    plan.compiled_for = dict(map(parse_policy_spec, options.for_policies))
     write_plan(out, plan)
     if options.lowering == "segments":
         write_segments(lower_to_segments(out), output)

@@ -135,6 +135,8 @@ class CachePlan:
     version: str = __version__
     calibration: dict[str, Any] = field(default_factory=dict)
     policy_defaults: dict[str, Any] = field(default_factory=dict)
+    # `fcpass optimize --for`: each policy's options as given there, its defaults when this graph is sampled
+    compiled_for: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Token-level caching, if compiled: options, and per block its region, k per branch and MACs (token_cache.spec)
     tokens: dict[str, Any] = field(default_factory=dict)
     # Motion tokens, if compiled: ratio, k, N, the region and the MACs of a motion step (motion_tokens.spec)

@@ -82,6 +82,10 @@ def load_denoiser(
             planned = ",".join(f"{role}={plan.roles.get(role)}" for role in fixed)
             raise FcpassError(f"--inputs {given}: {path} was optimized with {planned}; drop --inputs, or optimize "
                               f"the original export again with --inputs {given}")
+        compiled = plan.compiled_for.get(name or "none", {})
+        if compiled:  # what the graph was compiled for, unless the command line says otherwise
+            log.info("%s: %s as compiled (optimize --for)", name, ",".join(f"{k}={v}" for k, v in compiled.items()))
+        options = {**compiled, **{k: v for k, v in options.items() if v is not None}}
         denoiser = CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
         if policy is not None and (costs := unused_costs(plan, denoiser.policy)):
             given = ",".join(f"{k}={v}" for k, v in options.items() if v is not None)

@@ -106,3 +106,29 @@ def test_a_graph_names_what_a_policy_pays_for_and_does_not_use(tiny: Path, tmp_p
     assert main(["sample", str(everything), "--policy", "fora:level=stack", "--steps", "1", "--class", "1",
                  "--scheduler-config", str(SCHEDULER_CONFIG), "--uncond-class", "10"]) == 0
     assert "fcpass optimize --for fora:level=stack compiles without them" in caplog.text
+
+
+def test_the_graph_samples_with_the_options_it_was_compiled_for(tiny: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--for` specs are the plan's defaults for their policies: a flag or a spec at sampling time wins."""
+    fc = tmp_path / "m.fc.onnx"
+    assert main(["optimize", str(tiny), "-o", str(fc), "--for", "fastcache:levels=stack,approx=taylor1,sigma_scale=50",
+                 "fora:interval=3,level=stack", "--calibrate", "1", "--steps", "6", "--calib-eps", "0.5",
+                 "--scheduler-config", str(SCHEDULER_CONFIG), "--class", "1", "--uncond-class", "10"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(fc)]) == 0
+    assert "compiled for fastcache:levels=stack,approx=taylor1,sigma_scale=50 fora:interval=3,level=stack" in capsys.readouterr().out
+
+    config = load_denoiser(fc, "fastcache", {}).policy.config
+    assert (config.levels, config.approx, config.sigma_scale) == ("stack", "taylor1", 50.0)
+    assert load_denoiser(fc, "fastcache", {"approx": "reuse", "sigma_scale": None}).policy.config.approx == "reuse"
+    assert load_denoiser(fc, "fastcache:approx=linear", {"approx": "reuse"}).policy.config.approx == "linear"
+
+    def fora(*extra: str) -> np.ndarray:
+        npy = tmp_path / "x.npy"
+        assert main(["sample", str(fc), "--policy", *extra, "--steps", "8", "--class", "1", "2", "--uncond-class", "10",
+                     "--scheduler-config", str(SCHEDULER_CONFIG), "--out-npy", str(npy)]) == 0
+        return np.load(npy)
+
+    np.testing.assert_array_equal(fora("fora"), fora("fora:interval=3,level=stack"))
+    assert np.abs(fora("fora", "--interval", "2") - fora("fora")).max() > 0
