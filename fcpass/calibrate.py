@@ -87,16 +87,17 @@ def _calibration_request(request: SampleRequest, options: CalibrationOptions) ->
     n = options.trajectories
     classes = request.classes or []
 
-    def cycled(rows: np.ndarray | None) -> np.ndarray | None:  # one row for all stays one row
-        return rows if rows is None or len(rows) == 1 else rows[np.arange(n) % len(rows)]
+    def per_trajectory(rows: np.ndarray | None) -> np.ndarray | None:  # the captions' rows, cycled
+        return None if rows is None else rows[np.arange(n) % len(rows)]
+
+    def negative(rows: np.ndarray | None) -> np.ndarray | None:  # one row for every caption stays one row
+        return rows if rows is None or len(rows) == 1 else per_trajectory(rows)
 
     return SampleRequest(
         classes=[classes[j % len(classes)] for j in range(n)] if classes else None,
-        prompt_embeds=None if request.prompt_embeds is None else request.prompt_embeds[np.arange(n) % len(request.prompt_embeds)],
-        pooled_embeds=None if request.pooled_embeds is None else request.pooled_embeds[np.arange(n) % len(request.pooled_embeds)],
-        negative_embeds=cycled(request.negative_embeds), negative_pooled=cycled(request.negative_pooled),
-        prompt_mask=None if request.prompt_mask is None else request.prompt_mask[np.arange(n) % len(request.prompt_mask)],
-        negative_mask=cycled(request.negative_mask),
+        prompt_embeds=per_trajectory(request.prompt_embeds), pooled_embeds=per_trajectory(request.pooled_embeds),
+        prompt_mask=per_trajectory(request.prompt_mask), negative_embeds=negative(request.negative_embeds),
+        negative_pooled=negative(request.negative_pooled), negative_mask=negative(request.negative_mask),
         resolution=request.resolution, steps=options.steps, guidance_scale=request.guidance_scale,
         uncond_class=request.uncond_class, seed=options.seed,
     )

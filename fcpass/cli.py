@@ -183,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", type=Path, help="a graph written by fcpass optimize (calibrated)")
     t.add_argument("--target-psnr", type=float, default=30.0, help="mean PSNR (dB) against the uncached samples")
     t.add_argument("--policies", nargs="+", metavar="NAME[:KEY=VALUE,...]",
-                   help="policies to tune (default: fora at stack level, fastcache, fbcache, teacache, magcache, "
-                        "taylorseer at stack level); fixing the knob in a spec evaluates just that setting")
+                   help="policies to tune (default: those the graph was compiled --for, else fora at stack level, "
+                        "fastcache, fbcache, teacache, magcache, taylorseer at stack level); fixing the knob in a spec "
+                        "evaluates just that setting")
     t.add_argument("--samples", type=int, default=10, help="samples of the calibration set (classes cycled)")
     t.add_argument("--repeats", type=int, default=1, help="timed runs per setting; the fastest counts")
     t.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
@@ -541,7 +542,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from fcpass.quality import DigitClassifier
 
         classifier = DigitClassifier()
-    policies = args.policies or tune.DEFAULT_POLICIES
+    policies = args.policies or tune.default_policies(denoiser.plan)
     for spec in policies:
         tune.settings(spec)  # unknown policies fail before any sampling
     result = tune.tune(denoiser, setup, policies, args.target_psnr, args.repeats, classifier, str(args.model))

@@ -190,9 +190,23 @@ def sized(model: onnx.ModelProto, dims: dict[str, int], batch: int | None) -> on
 def settle_outputs(model: onnx.ModelProto) -> None:
     """Give each graph output that declares a dynamic axis the static type inference finds for it, in place
     (an exporter names an output axis it computed; once the inputs are fixed, it is a number)."""
-    inferred = {o.name: o for o in infer_shapes(model, weights=False).graph.output}
+    open_axes = {o.name for o in model.graph.output if not static_dims(o)}
+    if not open_axes:
+        return
+    # Inference keeps a declared axis name over the size it finds, and resolving static shapes settles the
+    # values inside the graph, not its outputs: clear the outputs' shapes, resolve, then infer them again.
+    light = weightless(model)
+    for o in light.graph.output:
+        if o.name in open_axes:
+            o.type.tensor_type.ClearField("shape")
+    resolved = infer_shapes(light, weights=False)
+    try:
+        resolved = shape_inference.infer_shapes(resolved, data_prop=True)
+    except Exception as exc:  # noqa: BLE001  (the outputs keep their declared types)
+        log.debug("shape inference of the outputs failed: %s", exc)
+    inferred = {o.name: o for o in resolved.graph.output}
     for o in model.graph.output:
-        if not static_dims(o) and o.name in inferred and static_dims(inferred[o.name]):
+        if o.name in open_axes and o.name in inferred and static_dims(inferred[o.name]):
             o.type.CopyFrom(inferred[o.name].type)
 
 

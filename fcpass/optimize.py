@@ -84,12 +84,12 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
         return _lower_compiled(model, model_path, output, options)
     if axes := dynamic_axes(model):
         fixed = fix_dims(model, dims, batch=options.batch or DYNAMIC_BATCH)
-        settle_outputs(model)
         default_batch = options.batch is None and any(axis == 0 and dim not in dims for _, axis, dim in axes)
         log.info("%s has dynamic axes: compiled at %s%s", Path(model_path).name, ", ".join(fixed),
                  f" (batch {DYNAMIC_BATCH}: one sample with guidance; --batch N for another)" if default_batch else "")
     elif dims:
         raise FcpassError(f"--dims: {model_path} has no dynamic axes; drop --dims")
+    settle_outputs(model)  # output axes the exporter named take the sizes the fixed inputs give them
     if dropped := drop_default_reductions(model):
         log.info("dropped reduction='none' (the default) from %d scatter nodes: TensorRT's parser up to 10.7 refuses it",
                  dropped)

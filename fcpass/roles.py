@@ -4,11 +4,11 @@ caption embeddings (SD3's `pooled_projections`), the captions' attention mask (P
 `aspect_ratio`), or Flux's position ids and distilled guidance.
 
 Inferred from rank and dtype (latent: rank-4 float, rank-5 for a video model's (B, C, frames, H, W),
-or a rank-3 float shaped as the model's output, Flux's packed latent (B, tokens, channels); timestep: rank-0/1 float or int; class: rank-1 int;
-caption embeddings: rank-3 float) and, where rank and dtype do not tell them apart, from the name as
-well (pooled: rank-2 named pool...; resolution: (B, 2) named resolution or hw; aspect ratio: (B, 1)
-named aspect...; img_ids and txt_ids: (tokens, 3) named so; guidance: rank-0/1 named guidance; the
-caption mask: (B, caption tokens) named ...mask),
+or a rank-3 float shaped as the model's output, Flux's packed latent (B, tokens, channels); timestep:
+rank-0/1 float or int; class: rank-1 int; caption embeddings: rank-3 float) and, where rank and dtype
+do not tell them apart, from the name as well (pooled: rank-2 named pool...; resolution: (B, 2) named
+resolution or hw; aspect ratio: (B, 1) named aspect...; img_ids and txt_ids: (tokens, 3) named so;
+guidance: rank-0/1 named guidance; the caption mask: (B, caption tokens) named ...mask),
 unless the user names them with `--inputs role=NAME,...`.
 """
 
@@ -137,11 +137,11 @@ def infer_roles(model: onnx.ModelProto, overrides: dict[str, str] | None = None,
     pick("img_ids", ids(r"im(a)?g(e)?_?ids"))
     pick("txt_ids", ids(r"te?xt_?ids"))
     pick("prompt_embeds", lambda s: s.rank == 3 and is_float(s))
-    # Three roles are rank-2 floats, so the name decides among them; an input named otherwise keeps no role.
+    # The rank-2 roles look alike, so the name decides among them; an input named otherwise keeps no role.
     pick("pooled_embeds", lambda s: s.rank == 2 and is_float(s) and "pool" in s.name.lower())
     pick("resolution", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (2, None)
          and named(r"resolution|hw")(s))
-    pick("aspect_ratio", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (1, None) and "aspect" in s.name.lower())
+    pick("aspect_ratio", lambda s: s.rank == 2 and is_float(s) and s.shape[1] in (1, None) and named("aspect")(s))
     caption = chosen["prompt_embeds"].shape[1] if "prompt_embeds" in chosen else None
     pick("prompt_mask", lambda s: s.rank == 2 and named("mask")(s) and s.shape[1] in (caption, None))
     names = ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in inputs)

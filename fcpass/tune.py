@@ -41,6 +41,13 @@ KNOBS: dict[str, tuple[str, list[Any]]] = {
 DEFAULT_POLICIES = ["fora:level=stack", "fastcache", "fbcache", "teacache", "magcache", "taylorseer:level=stack"]
 
 
+def default_policies(plan: Any) -> list[str]:
+    """The policies a graph compiled --for some policies was made for (each with its options, its knob swept),
+    else DEFAULT_POLICIES."""
+    compiled = [name for name in plan.compiled_for if name in KNOBS]
+    return compiled or DEFAULT_POLICIES
+
+
 @dataclass
 class Point:
     policy: str  # the full spec that ran, e.g. "fbcache:threshold=0.08"
@@ -93,8 +100,10 @@ def tune(denoiser: Any, setup: dict[str, Any], policies: list[str], target_psnr:
     request: SampleRequest = setup["request"]
     scheduler_config = setup["scheduler_config"]
 
+    compiled = denoiser.plan.compiled_for  # the graph's own defaults (optimize --for); a spec's options win
+
     def run(policy: str) -> SampleResult:
-        denoiser.policy = make_policy(policy)
+        denoiser.policy = make_policy(policy, **compiled.get(parse_policy_spec(policy)[0], {}))
         best: SampleResult | None = None
         for _ in range(repeats):
             result = sample(denoiser, scheduler_from_config(scheduler_config), request, progress=False)

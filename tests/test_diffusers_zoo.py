@@ -1,6 +1,7 @@
 """More transformers nobody here wrote, compiled as they come from the dynamo exporter: SD3.5's (dual attention
-in its first block, RMS-normalised queries and keys) and CogVideoX's (a video latent (B, frames, C, H, W), the
-caption tokens carried through every block beside the video's). Each compiles, passes TensorRT's static
+in its first block, RMS-normalised queries and keys), Sana's (linear attention: ReLU kernels, no Softmax) and
+CogVideoX's (a video latent (B, frames, C, H, W), the caption tokens carried through every block beside the
+video's). Each compiles, passes TensorRT's static
 rules, and with every region computing equals the original graph."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.conftest import forced_compute_error
 from tools.export_diffusers import export_family
 
 
-@pytest.mark.parametrize("family", ["sd3.5", "cogvideox"])
+@pytest.mark.parametrize("family", ["sd3.5", "sana", "cogvideox"])
 def test_compiles_and_computes_what_the_original_does(family: str, tmp_path: Path) -> None:
     e = export_family(family, "tiny", tmp_path / "model.onnx")
     with torch.no_grad():

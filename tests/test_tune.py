@@ -79,3 +79,15 @@ def test_tune_refuses_unknown_policies_and_plain_graphs(calibrated: tuple[Path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "teacup" in err[0] and "not cache-aware" in err[1]
     assert not (tmp_path / "t.png").exists()
+
+
+def test_tune_sweeps_what_the_graph_was_compiled_for_with_its_options(calibrated: tuple[Path, Path], tmp_path: Path) -> None:
+    """A graph compiled --for fastcache at stack level holds no block regions: fastcache's own default levels
+    (blocks) cannot run there, the compiled options can."""
+    fc, js = tmp_path / "stack.fc.onnx", tmp_path / "t.json"
+    assert main(["optimize", str(calibrated[0]), "-o", str(fc), "--for", "fastcache:levels=stack,approx=taylor1",
+                 "--calibrate", "1", "--calib-eps", "0.5", *ARGS]) == 0
+    assert main(["tune", str(fc), "--target-psnr", "1000", "--plot", str(tmp_path / "t.png"), "--json", str(js), *ARGS]) == 0
+    data = json.loads(js.read_text())
+    assert data["skipped"] == {} and {p["name"] for p in data["points"]} == {"fastcache"}
+    assert data["points"][0]["policy"] == "fastcache:sigma_scale=0.125"

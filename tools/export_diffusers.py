@@ -6,10 +6,13 @@
 
 Families: `flux` (FLUX.1-dev's layout: double- then single-stream blocks, the packed latent, position ids,
 a guidance input), `wan` (Wan 2.1's video transformer), `sd3.5` (SD3.5's: dual attention in the first
-block, RMS-normalised queries and keys) and `cogvideox` (a video latent (B, frames, C, H, W)). Sizes:
+block, RMS-normalised queries and keys), `sana` (linear attention) and `cogvideox` (a video latent
+(B, frames, C, H, W)). Sizes:
 `tiny` (what the tests run) and `small` (a few hundred tokens at width 256, for timing the cache's
 mechanics). The exporter is torch's dynamo exporter at opset 18 (the legacy one cannot export their
-`rms_norm`), static shapes, each input named as the family's pipeline passes it. Beside MODEL.onnx it
+`rms_norm`), but for Sana: the dynamo exporter's graph optimizer drops the 1e-15 its linear attention
+adds to a denominator that can be 0, so the graph divides 0 by 0 where PyTorch does not; the legacy
+exporter keeps it. Static shapes, each input named as the family's pipeline passes it. Beside MODEL.onnx it
 writes the family's `scheduler_config.json` and random caption embeddings (`captions.npy`, and
 `pooled.npy` where the model takes them), so that `fcpass sample` draws from it at once.
 
@@ -38,7 +41,7 @@ from models.pixart import randomize_
 FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
                   "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
                   "use_dynamic_shifting": True}  # FLUX.1-dev's scheduler_config.json
-# Wan's and CogVideoX's own schedulers (UniPC, DDIM with v-prediction) differ; a flow-matching Euler config
+# Wan's, Sana's and CogVideoX's own schedulers (UniPC, DPM-Solver, DDIM with v-prediction) differ; a flow-matching Euler config
 # runs both here: random weights make no sample better than another.
 FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
 
@@ -69,6 +72,7 @@ class Family:
     sizes: dict[str, dict[str, int]]
     scheduler: dict[str, Any]
     pooled: bool = False
+    exporter: str = "dynamo"
 
 
 def _flux(s: dict[str, int]) -> torch.nn.Module:
@@ -120,6 +124,21 @@ def _sd35_inputs(s: dict[str, int], g: torch.Generator) -> dict[str, torch.Tenso
             "pooled_projections": torch.randn(s["batch"], s["pooled"], generator=g)}
 
 
+def _sana(s: dict[str, int]) -> torch.nn.Module:
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel(in_channels=s["channels"], out_channels=s["channels"], num_attention_heads=s["heads"],
+                                  attention_head_dim=s["head_dim"], num_layers=s["layers"], num_cross_attention_heads=s["heads"],
+                                  cross_attention_head_dim=s["head_dim"], cross_attention_dim=s["heads"] * s["head_dim"],
+                                  caption_channels=s["text"], mlp_ratio=2.5, sample_size=s["side"], patch_size=1)
+
+
+def _sana_inputs(s: dict[str, int], g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"hidden_states": torch.randn(s["batch"], s["channels"], s["side"], s["side"], generator=g),
+            "encoder_hidden_states": torch.randn(s["batch"], s["caption"], s["text"], generator=g),
+            "timestep": torch.linspace(500.0, 200.0, s["batch"])}
+
+
 def _cogvideox(s: dict[str, int]) -> torch.nn.Module:
     from diffusers import CogVideoXTransformer3DModel
 
@@ -155,6 +174,11 @@ FAMILIES: dict[str, Family] = {
         "small": {"batch": 2, "channels": 16, "side": 32, "layers": 4, "heads": 4, "head_dim": 64, "text": 64,
                   "caption": 32, "pooled": 32},
     }, FLOW_SCHEDULER, pooled=True),
+    "sana": Family(_sana, _sana_inputs, {
+        "tiny": {"batch": 2, "channels": 4, "side": 8, "layers": 2, "heads": 2, "head_dim": 8, "text": 12, "caption": 5},
+        "small": {"batch": 2, "channels": 32, "side": 16, "layers": 4, "heads": 4, "head_dim": 64, "text": 64,
+                  "caption": 32},
+    }, FLOW_SCHEDULER, exporter="legacy"),
     "cogvideox": Family(_cogvideox, _cogvideox_inputs, {
         "tiny": {"batch": 2, "channels": 4, "frames": 3, "side": 8, "layers": 2, "heads": 2, "head_dim": 8, "text": 12,
                  "caption": 5},
@@ -184,8 +208,9 @@ def export_family(name: str, size: str, path: Path, seed: int = 0, samples: int 
         model = Keywords(randomize_(family.build(spec).eval(), seed), list(inputs))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, tuple(inputs.values()), str(path), dynamo=True, external_data=False,
-                              opset_version=18, input_names=list(inputs), output_names=["noise_pred"], verbose=False)
+            torch.onnx.export(model, tuple(inputs.values()), str(path), opset_version=18, input_names=list(inputs),
+                              output_names=["noise_pred"], verbose=False,
+                              **({"dynamo": True, "external_data": False} if family.exporter == "dynamo" else {"dynamo": False}))
     folder = path.parent
     scheduler = folder / "scheduler_config.json"
     scheduler.write_text(json.dumps(family.scheduler))
