@@ -19,6 +19,7 @@ from fcpass.discover import discover_blocks
 from fcpass.errors import FcpassError
 from fcpass.graphinfo import settle_outputs
 from fcpass.onnx_io import check_distinct, check_file_output, check_types, load_model, save_model
+from fcpass.passes.bool_where import rewrite_bool_where
 from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
 from fcpass.passes.motion_tokens import MergeOptions
@@ -93,6 +94,8 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     if dropped := drop_default_reductions(model):
         log.info("dropped reduction='none' (the default) from %d scatter nodes: TensorRT's parser up to 10.7 refuses it",
                  dropped)
+    if rewritten := rewrite_bool_where(model):
+        log.info("rewrote %d bool Where nodes as And/Or/Not: ONNX Runtime's CPU kernels have no bool Where", rewritten)
     roles = infer_roles(model, parse_role_overrides(options.inputs))
     if options.batch is not None and roles.latent.shape[0] != options.batch:
         raise FcpassError(f"--batch {options.batch}: {model_path} fixes its batch at {roles.latent.shape[0]}; drop "

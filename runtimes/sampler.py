@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -117,12 +118,14 @@ def sample(
     # (frames of a video latent lead its height and width)
     grid = _token_grid(request, shape[0]) if packed else (shape[-2] // 2, shape[-1] // 2)
     pixels = (2 * VAE_FACTOR * grid[0], 2 * VAE_FACTOR * grid[1]) if packed else (VAE_FACTOR * shape[-2], VAE_FACTOR * shape[-1])
-    per_row, fixed = _constant_feeds(request, roles, grid, pixels)
+    way = convention(roles)
+    if way.name:
+        log.info("feeding the graph as %s's pipeline feeds its transformer", way.name)
+    per_row, fixed = _constant_feeds(request, roles, grid, pixels, way.guidance_scale)
     rng = np.random.default_rng(request.seed)
     noise = rng.standard_normal((n, *shape)).astype(np.float32) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(request.steps, image_seq_len=grid[0] * grid[1])
-    # Flux's transformer takes the timestep divided by 1000, as its pipeline feeds it, and scales it back itself.
-    t_scale = 1e-3 if roles.img_ids is not None else 1.0
+    scheduler.set_timesteps(request.steps, image_seq_len=grid[0] * grid[1],
+                            sigmas=way.sigmas(request.steps) if way.sigmas else None)
     timesteps = scheduler.timesteps
     images = np.empty_like(noise)
     step_seconds: list[float] = []
@@ -141,7 +144,7 @@ def sample(
             t0 = time.perf_counter()
             latent_in = np.concatenate([x, x]) if cfg else x
             feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype)}
-            feeds[roles.timestep.name] = _timestep_feed(t * t_scale, latent_in.shape[0], roles)
+            feeds[roles.timestep.name] = _timestep_feed(t * way.timestep_scale, latent_in.shape[0], roles)
             feeds[cond_input.name] = cond.astype(cond_input.dtype)
             if roles.pooled_embeds is not None:
                 feeds[roles.pooled_embeds.name] = _with_uncond(request.pooled_embeds[pad], cfg, request.negative_pooled,
@@ -230,6 +233,33 @@ def _check_inputs(request: SampleRequest, roles: InputRoles, cfg: bool) -> None:
                           "--inputs resolution=NAME")
 
 
+@dataclass(frozen=True)
+class Convention:
+    """How a family's pipeline feeds its transformer where the graph cannot say: the timestep's scale, the
+    distilled guidance input's scale, and the unshifted sigmas it hands its scheduler (None: the scheduler's)."""
+
+    name: str = ""
+    timestep_scale: float = 1.0
+    guidance_scale: float = 1.0
+    sigmas: Callable[[int], np.ndarray] | None = None
+
+
+# FluxPipeline: timestep / 1000 (the transformer scales it back), linspace(1, 1/S, S).
+FLUX = Convention("Flux", timestep_scale=1e-3, sigmas=lambda steps: np.linspace(1.0, 1 / steps, steps))
+# HunyuanVideoPipeline: guidance * 1000, linspace(1, 0, S + 1) without its last.
+HUNYUAN_VIDEO = Convention("HunyuanVideo", guidance_scale=1000.0,
+                           sigmas=lambda steps: np.linspace(1.0, 0.0, steps + 1)[:-1])
+
+
+def convention(roles: InputRoles) -> Convention:
+    """Flux's graphs take position ids; HunyuanVideo's are the video graphs with a guidance input."""
+    if roles.img_ids is not None:
+        return FLUX
+    if roles.guidance is not None and roles.latent.rank == 5:
+        return HUNYUAN_VIDEO
+    return Convention()
+
+
 VAE_FACTOR = 8  # pixels per latent cell in the VAEs of PixArt-alpha, Stable Diffusion and Flux
 
 
@@ -255,13 +285,13 @@ def unpack_latents(latents: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return x.reshape(b, channels // 4, 2 * grid[0], 2 * grid[1])
 
 
-def _constant_feeds(request: SampleRequest, roles: InputRoles, grid: tuple[int, int],
-                    pixels: tuple[int, int]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _constant_feeds(request: SampleRequest, roles: InputRoles, grid: tuple[int, int], pixels: tuple[int, int],
+                    guidance_scale: float = 1.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The inputs that stay put through a run: ({name: one batch row}, {name: the whole feed}).
 
     PixArt-alpha's size conditions, as diffusers' pipeline feeds them (height and width in pixels, their
     ratio, `pixels` unless --resolution gives them); Flux's position ids (each image token's patch row and
-    column in `grid`, zeros for the caption tokens) and its distilled guidance scale."""
+    column in `grid`, zeros for the caption tokens) and a distilled guidance scale (times `guidance_scale`)."""
     per_row: dict[str, np.ndarray] = {}
     fixed: dict[str, np.ndarray] = {}
     if roles.resolution is not None or roles.aspect_ratio is not None:
@@ -286,7 +316,7 @@ def _constant_feeds(request: SampleRequest, roles: InputRoles, grid: tuple[int, 
             fixed[spec.name] = value.astype(spec.dtype)
     if roles.guidance is not None:
         spec = roles.guidance
-        scale = np.array(request.guidance_scale, spec.dtype)
+        scale = np.array(request.guidance_scale * guidance_scale, spec.dtype)
         (per_row if spec.rank else fixed)[spec.name] = scale.reshape((1,) * spec.rank)
     return per_row, fixed
 

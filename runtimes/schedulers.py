@@ -190,9 +190,11 @@ class Scheduler(abc.ABC):
         self.timesteps: np.ndarray = np.zeros(0, dtype=np.float32)
 
     @abc.abstractmethod
-    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
+                      sigmas: np.ndarray | None = None) -> None:
         """Compute ``timesteps`` (and any per-step state) for ``num_inference_steps`` steps; `image_seq_len`,
-        the latent's token count, for the schedules that shift with it."""
+        the latent's token count, for the schedules that shift with it, and `sigmas`, a pipeline's own
+        unshifted sigmas, for the schedules that take them (flow matching; DDIM ignores them)."""
 
     @abc.abstractmethod
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
@@ -297,7 +299,8 @@ class DDIMScheduler(Scheduler):
         self.discrete_timesteps: np.ndarray = np.zeros(0, dtype=np.int64)
         self._step_ratio = 0
 
-    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
+                      sigmas: np.ndarray | None = None) -> None:
         n = self.num_train_timesteps
         steps = _steps(num_inference_steps, maximum=n)
         # Same numpy expressions as diffusers so that rounding (and its quirks) agree exactly.
@@ -363,9 +366,10 @@ class FlowMatchEulerScheduler(Scheduler):
     The model predicts the velocity ``v = dx/dsigma`` and each step returns
     ``x + (sigma[i + 1] - sigma[i]) * v``. ``timesteps`` is ``sigma * num_train_timesteps``.
 
-    With ``dynamic`` shifting (Flux) the sigmas are Flux's pipeline's, ``linspace(1, 1 / S, S)``, shifted
-    by ``exp(mu) / (exp(mu) + 1 / sigma - 1)`` where ``mu`` grows linearly with the image's token count
-    from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``.
+    A pipeline may pass sigmas of its own (Flux's ``linspace(1, 1 / S, S)``), shifted the same way. With
+    ``dynamic`` shifting (Flux) the shift is ``exp(mu) / (exp(mu) + 1 / sigma - 1)`` where ``mu`` grows
+    linearly with the image's token count from ``base_shift`` at ``base_image_seq_len`` to ``max_shift``
+    at ``max_image_seq_len``.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, dynamic: dict[str, float] | None = None) -> None:
@@ -377,16 +381,23 @@ class FlowMatchEulerScheduler(Scheduler):
         n = self.num_train_timesteps
         # Training schedule in float32 as diffusers' __init__ builds it; only its end points are used.
         train_sigmas = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
-        shift32 = np.float32(self.shift)
-        train_sigmas = shift32 * train_sigmas / (np.float32(1.0) + np.float32(self.shift - 1) * train_sigmas)
+        if dynamic is None:  # with dynamic shifting diffusers shifts at set_timesteps only
+            shift32 = np.float32(self.shift)
+            train_sigmas = shift32 * train_sigmas / (np.float32(1.0) + np.float32(self.shift - 1) * train_sigmas)
         self.sigma_max = float(train_sigmas[0])
         self.sigma_min = float(train_sigmas[-1])
         #: Sigmas per step plus a trailing 0, float32; empty until set_timesteps.
         self.sigmas: np.ndarray = np.zeros(0, dtype=np.float32)
 
-    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
+                      sigmas: np.ndarray | None = None) -> None:
         steps = _steps(num_inference_steps)
         n = self.num_train_timesteps
+        if sigmas is None:  # diffusers does this part in float64 numpy and only then rounds to float32
+            sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
+        else:  # a pipeline's own, in float32 as diffusers takes them
+            sigmas = np.asarray(sigmas).astype(np.float32)
+            steps = len(sigmas)
         if self.dynamic is not None:
             if image_seq_len is None:
                 raise FcpassError("this scheduler shifts with the image's token count (use_dynamic_shifting); "
@@ -394,11 +405,8 @@ class FlowMatchEulerScheduler(Scheduler):
             d = self.dynamic
             slope = (d["max_shift"] - d["base_shift"]) / (d["max_image_seq_len"] - d["base_image_seq_len"])
             mu = image_seq_len * slope + d["base_shift"] - slope * d["base_image_seq_len"]
-            sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
             sigmas = (math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))).astype(np.float32)
         else:
-            # diffusers does this part in float64 numpy and only then rounds to float32.
-            sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
             sigmas = (self.shift * sigmas / (1 + (self.shift - 1) * sigmas)).astype(np.float32)
         self.num_inference_steps = steps
         self.timesteps = sigmas * np.float32(n)

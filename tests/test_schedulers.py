@@ -224,27 +224,41 @@ def test_flow_match_matches_diffusers(diffusers: ModuleType, shift: float, steps
 
 @pytest.mark.parametrize("steps", [1, 10, 28])
 @pytest.mark.parametrize("seq_len", [16, 1024, 4096])
-def test_dynamic_shifting_matches_flux_pipeline(diffusers: ModuleType, seq_len: int, steps: int) -> None:
-    """The sigmas and timesteps FluxPipeline sets: its own linspace, shifted by mu of the token count."""
+def test_dynamic_shifting_matches_diffusers(diffusers: ModuleType, seq_len: int, steps: int) -> None:
+    """FLUX.1-dev's config: the scheduler's own sigmas and FluxPipeline's linspace(1, 1/S, S), shifted by mu of
+    the token count as diffusers shifts them."""
     from tools.export_diffusers import FLUX_SCHEDULER
 
     def calculate_shift(image_seq_len: int) -> float:  # diffusers.pipelines.flux's (importing it needs transformers)
         m = (1.15 - 0.5) / (4096 - 256)
         return image_seq_len * m + 0.5 - m * 256
 
-    ours = scheduler_from_config(FLUX_SCHEDULER)
     config = {k: v for k, v in FLUX_SCHEDULER.items() if not k.startswith("_")}
-    reference = diffusers.FlowMatchEulerDiscreteScheduler(**config)
-    ours.set_timesteps(steps, image_seq_len=seq_len)
-    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq_len))
-    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
-    np.testing.assert_array_equal(ours.sigmas, reference.sigmas.numpy())
+    for sigmas in (None, np.linspace(1.0, 1 / steps, steps)):
+        ours = scheduler_from_config(FLUX_SCHEDULER)
+        reference = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+        ours.set_timesteps(steps, image_seq_len=seq_len, sigmas=sigmas)
+        reference.set_timesteps(steps if sigmas is None else None, sigmas=sigmas, mu=calculate_shift(seq_len))
+        np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
+        np.testing.assert_array_equal(ours.sigmas, reference.sigmas.numpy())
     with pytest.raises(FcpassError, match="shifts with the image's token count"):
         ours.set_timesteps(steps)
     if seq_len == 4096 and steps > 1:  # a larger image shifts towards high noise
         small = scheduler_from_config(FLUX_SCHEDULER)
         small.set_timesteps(steps, image_seq_len=16)
         assert np.all(ours.sigmas[1:-1] > small.sigmas[1:-1])
+
+
+@pytest.mark.parametrize("steps", [1, 10, 30])
+def test_a_pipeline_s_own_sigmas_shift_as_diffusers_shifts_them(diffusers: ModuleType, steps: int) -> None:
+    """HunyuanVideo's pipeline passes linspace(1, 0, S + 1)[:-1] to a statically shifted scheduler."""
+    sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
+    ours = scheduler_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 7.0})
+    reference = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
+    ours.set_timesteps(steps, sigmas=sigmas)
+    reference.set_timesteps(sigmas=sigmas)
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
+    np.testing.assert_array_equal(ours.sigmas, reference.sigmas.numpy())
 
 
 def test_flow_match_shift_changes_schedule() -> None:

@@ -5,7 +5,8 @@
         --prompt-embeds captions.npy --pooled-embeds pooled.npy --guidance-scale 3.5
 
 Families: `flux` (FLUX.1-dev's layout: double- then single-stream blocks, the packed latent, position ids,
-a guidance input), `wan` (Wan 2.1's video transformer), `sd3.5` (SD3.5's: dual attention in the first
+a guidance input), `wan` (Wan 2.1's video transformer), `hunyuanvideo` (HunyuanVideo's: double- and
+single-stream blocks on a video latent, the captions' mask, pooled embeddings, a guidance input), `sd3.5` (SD3.5's: dual attention in the first
 block, RMS-normalised queries and keys), `sana` (linear attention) and `cogvideox` (a video latent
 (B, frames, C, H, W)). Sizes:
 `tiny` (what the tests run) and `small` (a few hundred tokens at width 256, for timing the cache's
@@ -44,6 +45,7 @@ FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_
 # Wan's, Sana's and CogVideoX's own schedulers (UniPC, DPM-Solver, DDIM with v-prediction) differ; a flow-matching Euler config
 # runs both here: random weights make no sample better than another.
 FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+HUNYUAN_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 7.0}  # HunyuanVideo's
 
 
 class Keywords(torch.nn.Module):
@@ -107,6 +109,25 @@ def _wan_inputs(s: dict[str, int], g: torch.Generator) -> dict[str, torch.Tensor
             "encoder_hidden_states": torch.randn(s["batch"], s["caption"], s["text"], generator=g)}
 
 
+def _hunyuan(s: dict[str, int]) -> torch.nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=s["channels"], out_channels=s["channels"], num_attention_heads=s["heads"], attention_head_dim=s["head_dim"],
+        num_layers=s["double"], num_single_layers=s["single"], num_refiner_layers=1, mlp_ratio=2.0, patch_size=1,
+        patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=s["text"],
+        pooled_projection_dim=s["pooled"], rope_axes_dim=s["rope"])
+
+
+def _hunyuan_inputs(s: dict[str, int], g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"hidden_states": torch.randn(s["batch"], s["channels"], s["frames"], s["side"], s["side"], generator=g),
+            "timestep": torch.full((s["batch"],), 500.0),
+            "encoder_hidden_states": torch.randn(s["batch"], s["caption"], s["text"], generator=g),
+            "encoder_attention_mask": torch.ones(s["batch"], s["caption"], dtype=torch.int64),
+            "pooled_projections": torch.randn(s["batch"], s["pooled"], generator=g),
+            "guidance": torch.full((s["batch"],), 6000.0)}
+
+
 def _sd35(s: dict[str, int]) -> torch.nn.Module:
     from diffusers import SD3Transformer2DModel
 
@@ -168,6 +189,12 @@ FAMILIES: dict[str, Family] = {
         "small": {"batch": 2, "channels": 16, "frames": 4, "side": 16, "layers": 4, "heads": 4, "head_dim": 64,
                   "text": 64, "freq": 64, "ffn": 1024, "caption": 32},
     }, FLOW_SCHEDULER),
+    "hunyuanvideo": Family(_hunyuan, _hunyuan_inputs, {
+        "tiny": {"batch": 1, "channels": 4, "frames": 3, "side": 8, "double": 1, "single": 1, "heads": 2, "head_dim": 8,
+                 "text": 12, "caption": 5, "pooled": 6, "rope": (2, 4, 2)},
+        "small": {"batch": 1, "channels": 16, "frames": 4, "side": 16, "double": 2, "single": 4, "heads": 4,
+                  "head_dim": 64, "text": 64, "caption": 32, "pooled": 32, "rope": (16, 24, 24)},
+    }, HUNYUAN_SCHEDULER, pooled=True),
     "sd3.5": Family(_sd35, _sd35_inputs, {
         "tiny": {"batch": 2, "channels": 4, "side": 8, "layers": 2, "heads": 2, "head_dim": 8, "text": 12, "caption": 5,
                  "pooled": 6},
