@@ -3,8 +3,9 @@
 The denoiser is either the plain graph or a cache-aware one (`runtimes.cache.CachedDenoiser`); the
 loop does not know which. A graph exported at batch 1 takes one half of guidance: the loop still
 hands the denoiser both halves, and the denoiser makes two calls of them (`split_halves`). Each
-sampling run resets the denoiser, so no cache state leaks between runs. Noise comes from one seeded generator for the whole request, so a sample does not depend on
-how requests are split into model-sized batches.
+sampling run resets the denoiser, so no cache state leaks between runs. Noise comes from one seeded
+generator for the whole request, so a sample does not depend on how requests are split into
+model-sized batches.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ class SampleRequest:
     `negative_embeds` (and `negative_pooled`), one row or one per caption, are guidance's unconditional
     half (the encoded empty or negative prompt; zeros where not given); `prompt_mask` (N, L) and
     `negative_mask` are the captions' attention masks, for the graphs that take one (ones where not
-    given). `resolution`
-    (height, width) in pixels is what a graph with PixArt-alpha's size conditions is told it draws
-    (default: the latent's size times 8, PixArt's VAE factor)."""
+    given). `resolution` (height, width) in pixels is what a graph with PixArt-alpha's size conditions
+    is told it draws (default: the latent's size times 8, PixArt's VAE factor), and the grid of a
+    packed latent (Flux's)."""
 
     classes: list[int] | None = None
     prompt_embeds: np.ndarray | None = None
@@ -139,6 +140,7 @@ def sample(
         pad = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
         x = noise[pad]
         cond = _conditioning(request, pad, cfg)
+        captions = _caption_extras(request, roles, pad, cfg)
         denoiser.reset(len(timesteps))
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
@@ -146,13 +148,7 @@ def sample(
             feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype)}
             feeds[roles.timestep.name] = _timestep_feed(t * way.timestep_scale, latent_in.shape[0], roles)
             feeds[cond_input.name] = cond.astype(cond_input.dtype)
-            if roles.pooled_embeds is not None:
-                feeds[roles.pooled_embeds.name] = _with_uncond(request.pooled_embeds[pad], cfg, request.negative_pooled,
-                                                               pad).astype(roles.pooled_embeds.dtype)
-            if roles.prompt_mask is not None:
-                mask = roles.prompt_mask
-                rows = request.prompt_mask[pad] if request.prompt_mask is not None else np.ones((len(pad), mask.shape[1]))
-                feeds[mask.name] = _with_uncond(rows, cfg, request.negative_mask, pad, fill=1).astype(mask.dtype)
+            feeds.update(captions)
             for name, row in per_row.items():  # both halves of guidance alike
                 feeds[name] = np.repeat(row, latent_in.shape[0], axis=0)
             feeds.update(fixed)
@@ -353,6 +349,19 @@ def _with_uncond(cond: np.ndarray, cfg: bool, negative: np.ndarray | None, idx: 
         return cond
     uncond = np.full_like(cond, fill) if negative is None else negative[idx if len(negative) > 1 else np.zeros_like(idx)]
     return np.concatenate([cond, uncond.astype(cond.dtype)])
+
+
+def _caption_extras(request: SampleRequest, roles: InputRoles, idx: np.ndarray, cfg: bool) -> dict[str, np.ndarray]:
+    """The pooled embeddings and the caption mask of the captions `idx`, for the graphs that take them."""
+    extras = {}
+    if roles.pooled_embeds is not None:
+        pooled = roles.pooled_embeds
+        extras[pooled.name] = _with_uncond(request.pooled_embeds[idx], cfg, request.negative_pooled, idx).astype(pooled.dtype)
+    if roles.prompt_mask is not None:
+        mask = roles.prompt_mask
+        rows = request.prompt_mask[idx] if request.prompt_mask is not None else np.ones((len(idx), mask.shape[1]))
+        extras[mask.name] = _with_uncond(rows, cfg, request.negative_mask, idx, fill=1).astype(mask.dtype)
+    return extras
 
 
 def _conditioning(request: SampleRequest, idx: np.ndarray, cfg: bool) -> np.ndarray:
