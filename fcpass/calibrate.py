@@ -99,6 +99,7 @@ def _calibration_request(request: SampleRequest, options: CalibrationOptions) ->
         prompt_mask=per_trajectory(request.prompt_mask), negative_embeds=negative(request.negative_embeds),
         negative_pooled=negative(request.negative_pooled), negative_mask=negative(request.negative_mask),
         resolution=request.resolution, steps=options.steps, guidance_scale=request.guidance_scale,
+        true_cfg_scale=request.true_cfg_scale,
         uncond_class=request.uncond_class, seed=options.seed,
     )
 

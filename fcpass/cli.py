@@ -261,6 +261,10 @@ def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> Non
     p.add_argument("--guidance-scale", type=float, default=1.5,
                    help="classifier-free guidance scale; 1 runs without guidance; a graph with a guidance input "
                         "(FLUX.1-dev) takes it there instead (default %(default)s)")
+    p.add_argument("--true-cfg-scale", type=float, default=1.0,
+                   help="a graph with a guidance input: classifier-free guidance on top of it, against the negative "
+                        "embeddings (--negative-embeds; zeros by default), as its pipelines' true_cfg_scale "
+                        "(default %(default)s: none)")
     p.add_argument("--uncond-class", type=int, help="the null label of guidance's unconditional half (default: a DiT's own, its class count)")
     if not calibrating:
         p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
@@ -629,7 +633,8 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
     request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled, negative_embeds=negative,
                             negative_pooled=negative_pooled, prompt_mask=masks[0], negative_mask=masks[1],
                             resolution=args.resolution,
-                            guidance_scale=args.guidance_scale, uncond_class=uncond)
+                            guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale,
+                            uncond_class=uncond)
     if hasattr(args, "steps"):  # sampling commands; calibrating ones take both from their own options
         request.steps, request.seed = args.steps, args.seed
     return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),

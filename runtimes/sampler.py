@@ -61,6 +61,7 @@ class SampleRequest:
     resolution: tuple[int, int] | None = None
     steps: int = 50
     guidance_scale: float = 1.5
+    true_cfg_scale: float = 1.0  # a guidance-distilled graph's classifier-free guidance (its pipelines' true_cfg_scale)
     uncond_class: int | None = None
     seed: int = 0
 
@@ -99,8 +100,13 @@ def sample(
         raise FcpassError(f"--steps {request.steps} must be at least 1")
     if request.seed < 0:
         raise FcpassError(f"--seed {request.seed} must be 0 or more")
-    # A guidance-distilled graph (Flux-dev) takes the scale as an input and draws without an unconditional half.
-    cfg = request.guidance_scale != 1.0 and roles.guidance is None
+    # A guidance-distilled graph (FLUX.1-dev, HunyuanVideo) takes the guidance scale as an input; an
+    # unconditional half is its pipelines' "true" guidance, at its own scale.
+    if request.true_cfg_scale != 1.0 and roles.guidance is None:
+        raise FcpassError(f"--true-cfg-scale {request.true_cfg_scale:g} is for graphs that take the guidance scale as an "
+                          "input; this one guides with --guidance-scale")
+    cfg_scale = request.guidance_scale if roles.guidance is None else request.true_cfg_scale
+    cfg = cfg_scale != 1.0
     cond_input = roles.prompt_embeds if request.prompt_embeds is not None else roles.class_labels
     if cond_input is None:
         kind = "--prompt-embeds" if request.prompt_embeds is not None else "--class"
@@ -157,7 +163,7 @@ def sample(
                 out = out[:, : shape[0]]  # learned-sigma graphs output 2C channels; the first C are the mean
             if cfg:
                 cond_out, uncond_out = out[: len(x)], out[len(x) :]
-                out = uncond_out + request.guidance_scale * (cond_out - uncond_out)
+                out = uncond_out + cfg_scale * (cond_out - uncond_out)
             x = scheduler.step(out, i, x)
             step_seconds.append(time.perf_counter() - t0)
             record = denoiser.last_record()
@@ -206,7 +212,7 @@ def _check_inputs(request: SampleRequest, roles: InputRoles, cfg: bool) -> None:
             continue
         if not cfg:
             raise FcpassError(f"{flag} is guidance's unconditional half, and this run has none (--guidance-scale 1, or "
-                              "a graph that takes the scale as an input); drop it")
+                              "a graph that takes the scale as an input without --true-cfg-scale); drop it")
         if of is None:
             raise FcpassError(f"{flag} given without what it stands beside ({flag.replace('negative-', '')}, and a graph "
                               "that takes it); add them, or drop it")

@@ -118,3 +118,34 @@ def test_sample_optimize_calibrate_and_cache(flux: dict[str, object], tmp_path: 
     for model, npy in ((fc, b), (segments, c)):
         assert run(["sample", model, "--policy", "fora:interval=2", *common, "--out-npy", npy]) == 0
     np.testing.assert_allclose(np.load(c), np.load(b), atol=1e-6)
+
+
+def test_true_guidance_on_top_of_the_distilled_one(flux: dict[str, object], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--true-cfg-scale runs an unconditional half against the negative embeddings: at the batch-1 graph, a
+    call each. With the captions as their own negatives the halves agree, and the samples are the plain ones."""
+    common = ["--scheduler-config", flux["sched"], "--prompt-embeds", flux["captions"], "--pooled-embeds", flux["pooled"],
+              "--steps", "4", "--guidance-scale", "3.5"]
+    out = {k: tmp_path / f"{k}.npy" for k in ("plain", "self", "zeros", "cached")}
+    self_negative = ["--negative-embeds", flux["captions"], "--negative-pooled-embeds", flux["pooled"]]
+    assert run(["sample", flux["onnx"], *common, "--out-npy", out["plain"]]) == 0
+    assert run(["sample", flux["onnx"], *common, "--true-cfg-scale", "4", *self_negative, "--out-npy", out["self"]]) == 0
+    assert run(["sample", flux["onnx"], *common, "--true-cfg-scale", "4", "--out-npy", out["zeros"]]) == 0
+    np.testing.assert_allclose(np.load(out["self"]), np.load(out["plain"]), atol=1e-6)
+    assert np.abs(np.load(out["zeros"]) - np.load(out["plain"])).max() > 1e-3
+
+    fc = tmp_path / "flux.fc.onnx"
+    assert run(["optimize", flux["onnx"], "-o", fc]) == 0
+    assert run(["sample", fc, "--policy", "none", *common, "--true-cfg-scale", "4", "--out-npy", out["cached"]]) == 0
+    np.testing.assert_allclose(np.load(out["cached"]), np.load(out["zeros"]), atol=1e-5)
+    # One step is affine in the scale: x(s) = x0 + dt (u + s (c - u)), so x(4) - x(2) = 2 (x(2) - x(1)), x(1) the plain.
+    one = [*common[:6], "--steps", "1", "--guidance-scale", "3.5"]
+    x = {}
+    for scale in ("1", "2", "4"):
+        assert run(["sample", flux["onnx"], *one, "--true-cfg-scale", scale, "--out-npy", out["zeros"]]) == 0
+        x[scale] = np.load(out["zeros"]).astype(np.float64)
+    np.testing.assert_allclose(x["4"] - x["2"], 2 * (x["2"] - x["1"]), atol=1e-4)
+    assert np.abs(x["2"] - x["1"]).max() > 1e-3
+    capsys.readouterr()
+    assert run(["sample", "--true-cfg-scale", "2", "--steps", "2"]) == 2  # the bundled DiT guides with --guidance-scale
+    assert "--true-cfg-scale 2 is for graphs that take the guidance scale as an input" in capsys.readouterr().err
