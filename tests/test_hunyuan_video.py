@@ -115,12 +115,15 @@ def test_a_bool_where_becomes_and_or_not_with_the_same_values_and_broadcasting()
     x = helper.make_tensor_value_info("x", TensorProto.BOOL, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.BOOL, [2, 4])
     out = helper.make_tensor_value_info("w", TensorProto.BOOL, [2, 4])
-    graph = helper.make_graph([helper.make_node("Where", ["c", "x", "y"], ["w"], name="w")], "g", [c, x, y], [out])
+    where = helper.make_node("Where", ["c", "x", "y"], ["w"], name="w")
+    helper.set_metadata_props(where, {"pkg.torch.onnx.name_scopes": "['', 'blocks.0']"})
+    graph = helper.make_graph([where], "g", [c, x, y], [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     rng = np.random.default_rng(0)
     feeds = {"c": np.array([[True], [False]]), "x": rng.random((1, 4)) > 0.5, "y": rng.random((2, 4)) > 0.5}
     want = ReferenceEvaluator(model).run(None, feeds)[0]
     assert rewrite_bool_where(model) == 1 and [n.op_type for n in model.graph.node] == ["Not", "And", "And", "Or"]
+    assert all(n.metadata_props[0].value == "['', 'blocks.0']" for n in model.graph.node)  # the scope block discovery reads
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.where(feeds["c"], feeds["x"], feeds["y"]))

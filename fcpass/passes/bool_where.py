@@ -31,10 +31,13 @@ def rewrite_bool_where(model: onnx.ModelProto) -> int:
             continue
         c, x, y = node.input
         base = f"{node.name or node.output[0]}/bool_where"
-        nodes += [helper.make_node("Not", [c], [f"{base}/not_c"], name=f"{base}/not"),
-                  helper.make_node("And", [c, x], [f"{base}/c_x"], name=f"{base}/and_x"),
-                  helper.make_node("And", [f"{base}/not_c", y], [f"{base}/not_c_y"], name=f"{base}/and_y"),
-                  helper.make_node("Or", [f"{base}/c_x", f"{base}/not_c_y"], list(node.output), name=f"{base}/or")]
+        new = [helper.make_node("Not", [c], [f"{base}/not_c"], name=f"{base}/not"),
+               helper.make_node("And", [c, x], [f"{base}/c_x"], name=f"{base}/and_x"),
+               helper.make_node("And", [f"{base}/not_c", y], [f"{base}/not_c_y"], name=f"{base}/and_y"),
+               helper.make_node("Or", [f"{base}/c_x", f"{base}/not_c_y"], list(node.output), name=f"{base}/or")]
+        for n in new:  # the exporter's scopes, which block discovery reads
+            n.metadata_props.extend(node.metadata_props)
+        nodes += new
         replaced += 1
     if replaced:
         del graph.node[:]
