@@ -709,7 +709,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cached_again = sample(denoiser, scheduler, setup["request"], progress=False)
         from fcpass.quality import compare_batches
 
-        q = compare_batches(base_result.images, result.images)
+        q = compare_batches(base_result.clips(), result.clips())
         base_wall = (base_result.wall_seconds + base_again.wall_seconds) / 2
         report["baseline"] = {"wall_seconds": base_wall, "macs": base_result.macs_executed,
                               "psnr_mean": q["psnr_mean"], "ssim_mean": q["ssim_mean"]}
@@ -726,7 +726,7 @@ def _write_outputs(args: argparse.Namespace, result: Any, report: dict[str, Any]
     if args.out:
         from fcpass.images import save_grid
 
-        save_grid(result.images, args.out)
+        save_grid(result.clips(), args.out)
         print(f"wrote {args.out}")
     if args.out_npy:
         with atomic_path(args.out_npy, suffix=".npy") as tmp, open(tmp, "wb") as fh:

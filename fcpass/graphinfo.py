@@ -187,6 +187,33 @@ def sized(model: onnx.ModelProto, dims: dict[str, int], batch: int | None) -> on
     return light
 
 
+def frames_axis(model: onnx.ModelProto, latent: str) -> int:
+    """Where a video latent (rank 5) keeps its frames: 2 in Wan's and HunyuanVideo's (B, C, frames, H, W),
+    1 in CogVideoX's (B, frames, C, H, W). Told by the first Conv the latent reaches (the patch embedding):
+    its input channels are the latent's channel axis; 2 where nothing tells them apart."""
+    spec = next((v for v in model.graph.input if v.name == latent), None)
+    dims = [d.dim_value for d in spec.type.tensor_type.shape.dim] if spec is not None else []
+    if len(dims) != 5:
+        return 2
+    weights = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    queue, seen = [latent], {latent}
+    while queue:
+        for node in consumers.get(queue.pop(0), []):
+            if node.op_type == "Conv" and node.input[1] in weights:
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                channels = weights[node.input[1]].dims[1] * group
+                return 1 if dims[2] == channels != dims[1] else 2
+            for out in node.output:
+                if out not in seen:
+                    seen.add(out)
+                    queue.append(out)
+    return 2
+
+
 def settle_outputs(model: onnx.ModelProto) -> None:
     """Give each graph output that declares a dynamic axis the static type inference finds for it, in place
     (an exporter names an output axis it computed; once the inputs are fixed, it is a number)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs, sized
+from fcpass.graphinfo import GraphIndex, frames_axis, graph_macs, sized
 from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
 from fcpass.policy_graph import unused_costs
@@ -92,6 +92,7 @@ def load_denoiser(
             spec = policy + ("," if ":" in policy else ":") + given if given else policy
             log.info("%s holds what %s does not use and pays for: %s; fcpass optimize --for %s compiles without them",
                      Path(path).name, name, "; ".join(costs), spec)
+        denoiser.frames_axis = frames_axis(backend.model, plan.roles["latent"])
         return denoiser
     if name not in (None, "none"):
         raise FcpassError(f"--policy {policy} needs a cache-aware graph; run: fcpass optimize {path} -o model.fc.onnx --calibrate 8")
@@ -102,7 +103,9 @@ def load_denoiser(
         raise FcpassError(f"--dims: {path} has no dynamic axes; drop --dims")
     roles = infer_roles(drawn, parse_role_overrides(inputs))
     macs = graph_macs(GraphIndex(sized(drawn, {}, batch=1) if per_row else drawn))
-    return PlainDenoiser(backend, roles, backend.outputs[0].name, macs, per_row=per_row)
+    denoiser = PlainDenoiser(backend, roles, backend.outputs[0].name, macs, per_row=per_row)
+    denoiser.frames_axis = frames_axis(backend.model, roles.latent.name)
+    return denoiser
 
 
 def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, policy: str | None,

@@ -129,7 +129,7 @@ def tune(denoiser: Any, setup: dict[str, Any], policies: list[str], target_psnr:
             result.skipped[spec] = str(exc)
             log.warning("%s: skipped (%s)", spec, exc)
             continue
-        q = compare_batches(base.images, got.images)
+        q = compare_batches(base.clips(), got.clips())
         knob = KNOBS[policy][0]
         point = Point(setting, spec, knob, options.get(knob), got.wall_seconds, base.wall_seconds / got.wall_seconds,
                       base.macs_executed / max(got.macs_executed, 1), q["psnr_mean"], q["ssim_mean"],

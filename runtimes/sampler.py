@@ -81,6 +81,11 @@ class SampleResult:
     macs_uncached: int
     records: list[dict[str, Any]] = field(default_factory=list)
     calls: int = 0
+    frames_axis: int = 2  # where a video sample keeps its frames (`fcpass.graphinfo.frames_axis`)
+
+    def clips(self) -> np.ndarray:
+        """The samples, a video's as (N, C, frames, H, W) whatever the model's layout: what grids and quality read."""
+        return self.images.transpose(0, 2, 1, 3, 4) if self.images.ndim == 5 and self.frames_axis == 1 else self.images
 
 
 def _batch_of(roles: InputRoles) -> int | None:
@@ -176,7 +181,8 @@ def sample(
     calls = len(chunks) * len(timesteps) * (2 if halves else 1)
     if packed:
         images = unpack_latents(images, grid)
-    return SampleResult(images, wall, step_seconds, macs, denoiser.uncached_macs * calls, records, calls)
+    return SampleResult(images, wall, step_seconds, macs, denoiser.uncached_macs * calls, records, calls,
+                        getattr(denoiser, "frames_axis", 2))
 
 
 def _check_inputs(request: SampleRequest, roles: InputRoles, cfg: bool) -> None:

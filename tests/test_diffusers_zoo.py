@@ -18,6 +18,7 @@ pytest.importorskip("onnxscript")
 
 from fcpass.cli import main
 from fcpass.discover import discover_blocks
+from fcpass.graphinfo import frames_axis
 from fcpass.roles import infer_roles
 from fcpass.trt_check import check_graph
 from tests.conftest import forced_compute_error
@@ -37,3 +38,18 @@ def test_compiles_and_computes_what_the_original_does(family: str, tmp_path: Pat
     assert main(["optimize", str(e.path), "-o", str(fc), "--taylor"]) == 0
     assert check_graph(onnx.load(str(fc))) == []
     assert forced_compute_error(fc, e.path, e.feeds) <= 1e-5
+    assert frames_axis(original, "hidden_states") == (1 if family == "cogvideox" else 2)
+
+
+def test_a_clip_s_frames_are_found_whatever_the_layout(tmp_path: Path) -> None:
+    """CogVideoX keeps its frames before its channels: the grid still lays each clip's frames out in a row,
+    and quality reads them per frame, as for Wan's layout."""
+    import matplotlib.image
+
+    e = export_family("cogvideox", "tiny", tmp_path / "cogvideox.onnx", samples=2)
+    grid, npy = tmp_path / "grid.png", tmp_path / "x.npy"
+    assert main(["sample", str(e.path), "--scheduler-config", str(e.scheduler), "--prompt-embeds", str(e.captions),
+                 "--steps", "2", "--out", str(grid), "--out-npy", str(npy)]) == 0
+    assert np.load(npy).shape == (2, 3, 4, 8, 8)  # the model's own layout: (N, frames, C, H, W)
+    # two clips, one to a row, three frames each (not four channels), upscaled 4x with a 1-pixel border
+    assert matplotlib.image.imread(grid).shape[:2] == (4 * (2 * 9 + 1), 4 * (3 * 9 + 1))
