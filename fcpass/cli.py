@@ -604,8 +604,8 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
     pooled = _embeddings(args.pooled_embeds, "pooled embeddings", rank=2)
     negative = _embeddings(args.negative_embeds, "negative embeddings", rank=3)
     negative_pooled = _embeddings(args.negative_pooled_embeds, "negative pooled embeddings", rank=2)
-    masks = [_embeddings(path, what, rank=2) for path, what in ((args.prompt_mask, "prompt mask"),
-                                                                 (args.negative_mask, "negative mask"))]
+    mask = _embeddings(args.prompt_mask, "prompt mask", rank=2)
+    negative_mask = _embeddings(args.negative_mask, "negative mask", rank=2)
     classes = args.classes
     if classes is None and prompt is None:
         classes = list(range(min(int(config.get("num_classes", 10)), 10)))
@@ -631,7 +631,7 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
             raise FcpassError(f"{flag} {bad} is out of range: {model_path}'s label table has {rows} rows; "
                               f"use 0..{rows - 1}")
     request = SampleRequest(classes=classes, prompt_embeds=prompt, pooled_embeds=pooled, negative_embeds=negative,
-                            negative_pooled=negative_pooled, prompt_mask=masks[0], negative_mask=masks[1],
+                            negative_pooled=negative_pooled, prompt_mask=mask, negative_mask=negative_mask,
                             resolution=args.resolution,
                             guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale,
                             uncond_class=uncond)

@@ -196,21 +196,13 @@ def frames_axis(model: onnx.ModelProto, latent: str) -> int:
     if len(dims) != 5:
         return 2
     weights = {t.name: t for t in model.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    queue, seen = [latent], {latent}
-    while queue:
-        for node in consumers.get(queue.pop(0), []):
-            if node.op_type == "Conv" and node.input[1] in weights:
-                group = next((a.i for a in node.attribute if a.name == "group"), 1)
-                channels = weights[node.input[1]].dims[1] * group
-                return 1 if dims[2] == channels != dims[1] else 2
-            for out in node.output:
-                if out not in seen:
-                    seen.add(out)
-                    queue.append(out)
+    index = GraphIndex(model)
+    for i in sorted(index.descendants({latent})):  # the graph's order: the first convolution comes first
+        node = index.nodes[i]
+        if node.op_type == "Conv" and node.input[1] in weights:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            channels = weights[node.input[1]].dims[1] * group
+            return 1 if dims[2] == channels != dims[1] else 2
     return 2
 
 

@@ -77,3 +77,10 @@ def unused_costs(plan: CachePlan, policy: Policy) -> list[str]:
     if nested and "blocks" not in regions and "tail" not in regions:
         costs.append(f"{len(nested)} regions inside the stack (a skipped stack passes their state out of its If)")
     return costs
+
+
+def compiled_defaults(plan: CachePlan, spec: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`options` (None values dropped) over the options `plan` was compiled --for under `spec`'s policy: what
+    make_policy(spec, **...) takes, so that the spec's own values win over both."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    return {**plan.compiled_for.get(parse_policy_spec(spec)[0], {}), **given}

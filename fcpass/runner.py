@@ -10,7 +10,7 @@ from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, frames_axis, graph_macs, sized
 from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
-from fcpass.policy_graph import unused_costs
+from fcpass.policy_graph import compiled_defaults, unused_costs
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
 from fcpass.static_shapes import dynamic_axes, parse_dims
 from runtimes.backend import OrtBackend
@@ -82,13 +82,12 @@ def load_denoiser(
             planned = ",".join(f"{role}={plan.roles.get(role)}" for role in fixed)
             raise FcpassError(f"--inputs {given}: {path} was optimized with {planned}; drop --inputs, or optimize "
                               f"the original export again with --inputs {given}")
-        compiled = plan.compiled_for.get(name or "none", {})
-        if compiled:  # what the graph was compiled for, unless the command line says otherwise
+        if compiled := plan.compiled_for.get(name or "none"):  # unless the command line says otherwise
             log.info("%s: %s as compiled (optimize --for)", name, ",".join(f"{k}={v}" for k, v in compiled.items()))
-        options = {**compiled, **{k: v for k, v in options.items() if v is not None}}
+        options = compiled_defaults(plan, policy or "none", options)
         denoiser = CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))
         if policy is not None and (costs := unused_costs(plan, denoiser.policy)):
-            given = ",".join(f"{k}={v}" for k, v in options.items() if v is not None)
+            given = ",".join(f"{k}={v}" for k, v in options.items())
             spec = policy + ("," if ":" in policy else ":") + given if given else policy
             log.info("%s holds what %s does not use and pays for: %s; fcpass optimize --for %s compiles without them",
                      Path(path).name, name, "; ".join(costs), spec)

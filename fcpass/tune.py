@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import atomic_path
+from fcpass.policy_graph import compiled_defaults
 from fcpass.quality import compare_batches
 from runtimes.policies import make_policy, parse_policy_spec
 from runtimes.sampler import SampleRequest, SampleResult, sample
@@ -100,10 +101,8 @@ def tune(denoiser: Any, setup: dict[str, Any], policies: list[str], target_psnr:
     request: SampleRequest = setup["request"]
     scheduler_config = setup["scheduler_config"]
 
-    compiled = denoiser.plan.compiled_for  # the graph's own defaults (optimize --for); a spec's options win
-
     def run(policy: str) -> SampleResult:
-        denoiser.policy = make_policy(policy, **compiled.get(parse_policy_spec(policy)[0], {}))
+        denoiser.policy = make_policy(policy, **compiled_defaults(denoiser.plan, policy))
         best: SampleResult | None = None
         for _ in range(repeats):
             result = sample(denoiser, scheduler_from_config(scheduler_config), request, progress=False)

@@ -10,6 +10,7 @@ model-sized batches.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -150,19 +151,18 @@ def sample(
         idx = np.arange(first, min(first + per_call, n))
         pad = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
         x = noise[pad]
-        cond = _conditioning(request, pad, cfg)
-        captions = _caption_extras(request, roles, pad, cfg)
+        rows = len(pad) * (2 if cfg else 1)
+        # What stays put through the chunk's steps, built once: the conditioning, and the per-row
+        # inputs repeated for both halves of guidance alike.
+        constant = {cond_input.name: _conditioning(request, pad, cfg).astype(cond_input.dtype),
+                    **_caption_extras(request, roles, pad, cfg),
+                    **{name: np.repeat(row, rows, axis=0) for name, row in per_row.items()}, **fixed}
         denoiser.reset(len(timesteps))
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
             latent_in = np.concatenate([x, x]) if cfg else x
-            feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype)}
-            feeds[roles.timestep.name] = _timestep_feed(t * way.timestep_scale, latent_in.shape[0], roles)
-            feeds[cond_input.name] = cond.astype(cond_input.dtype)
-            feeds.update(captions)
-            for name, row in per_row.items():  # both halves of guidance alike
-                feeds[name] = np.repeat(row, latent_in.shape[0], axis=0)
-            feeds.update(fixed)
+            feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype),
+                     roles.timestep.name: _timestep_feed(t * way.timestep_scale, rows, roles), **constant}
             out = denoiser(feeds, i)
             if not packed:
                 out = out[:, : shape[0]]  # learned-sigma graphs output 2C channels; the first C are the mean
@@ -335,16 +335,21 @@ def split_halves(feeds: dict[str, np.ndarray], roles: InputRoles) -> tuple[dict[
     batch = _batch_of(roles)
     if batch is None or len(feeds[roles.latent.name]) != 2 * batch:
         return None
-    # Every role's input leads with the batch axis but a scalar timestep and position ids without one
-    # (Flux's (tokens, 3)), which serve both calls.
-    specs = (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, roles.pooled_embeds, roles.prompt_mask,
-             roles.resolution, roles.aspect_ratio, roles.guidance, *(s for s in (roles.img_ids, roles.txt_ids) if s and s.rank == 3))
-    batched = {s.name for s in specs if s is not None and s.rank > 0}
+    batched = _batched_inputs(roles)
     cond: dict[str, np.ndarray] = {}
     uncond: dict[str, np.ndarray] = {}
     for name, value in feeds.items():
         cond[name], uncond[name] = (value[:batch], value[batch:]) if name in batched else (value, value)
     return cond, uncond
+
+
+@functools.lru_cache(maxsize=8)
+def _batched_inputs(roles: InputRoles) -> frozenset[str]:
+    """Every role's input leads with the batch axis but a scalar timestep and position ids without one
+    (Flux's (tokens, 3)), which serve both calls of a guided step."""
+    specs = (roles.latent, roles.timestep, roles.class_labels, roles.prompt_embeds, roles.pooled_embeds, roles.prompt_mask,
+             roles.resolution, roles.aspect_ratio, roles.guidance, *(s for s in (roles.img_ids, roles.txt_ids) if s and s.rank == 3))
+    return frozenset(s.name for s in specs if s is not None and s.rank > 0)
 
 
 def join_halves(cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray], roles: InputRoles) -> dict[str, np.ndarray]:
