@@ -1,12 +1,15 @@
 """Numpy sampling schedulers configured from a diffusers-format ``scheduler_config.json``.
 
-Two samplers are implemented, each reproducing its diffusers counterpart (diffusers 0.42) in
-float32 without importing torch:
+Each sampler reproduces its diffusers counterpart (diffusers 0.42) in float32 without importing
+torch:
 
 * :class:`DDIMScheduler` -- deterministic DDIM (eta = 0), ``diffusers.DDIMScheduler``.
 * :class:`FlowMatchEulerScheduler` -- Euler steps on a rectified-flow ODE,
   ``diffusers.FlowMatchEulerDiscreteScheduler`` with static shifting, or with dynamic shifting as
   Flux's pipeline drives it.
+* :class:`~runtimes.multistep.DPMSolverMultistepScheduler` and
+  :class:`~runtimes.multistep.UniPCMultistepScheduler` -- the multistep solvers PixArt's, Sana's and
+  Wan's pipelines use, on VP, Karras or flow-matching sigmas.
 
 :func:`scheduler_from_config` reads a config dict or file and builds the matching scheduler.
 Every unsupported config value raises :class:`~fcpass.errors.FcpassError` naming the key, the
@@ -19,204 +22,63 @@ code below reproduces it deliberately; the comments say where.
 
 from __future__ import annotations
 
-import abc
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fcpass.errors import FcpassError
+from runtimes.multistep import DPMSolverMultistepScheduler, MultistepScheduler, UniPCMultistepScheduler
+from runtimes.scheduler_base import (
+    BETA_SCHEDULES,
+    Scheduler,
+    choice,
+    cumprod_f32,
+    flag,
+    format_values,
+    integer,
+    number,
+    reject_unless,
+    step_count,
+    training_betas,
+    unsupported,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SUPPORTED_CLASS_NAMES",
     "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
     "FlowMatchEulerScheduler",
     "Scheduler",
+    "UniPCMultistepScheduler",
     "scheduler_from_config",
 ]
 
 CONFIG_FILE_NAME = "scheduler_config.json"
 
-_DDIM_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _DDIM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _DDIM_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
-# Configs of these classes are sampled with DDIM built from their beta fields; the dict holds
-# the defaults of the *source* class for keys it may omit, so an omitted key means what the
-# source scheduler would have done (DPM-Solver never clips x0 and spaces timesteps linearly).
-_DDIM_FALLBACK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "DDPMScheduler": {},
-    "DPMSolverMultistepScheduler": {"clip_sample": False, "timestep_spacing": "linspace"},
+# The multistep solvers, built from the whole config.
+_MULTISTEP: dict[str, type[MultistepScheduler]] = {
+    "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+    "UniPCMultistepScheduler": UniPCMultistepScheduler,
 }
 
 SUPPORTED_CLASS_NAMES: tuple[str, ...] = (
     "DDIMScheduler",
     "FlowMatchEulerDiscreteScheduler",
-    *_DDIM_FALLBACK_DEFAULTS,
+    *_MULTISTEP,
+    "DDPMScheduler",  # sampled with DDIM built from its beta fields
 )
 
 
-# --------------------------------------------------------------------------------------------
-# Config validation helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _format_values(values: Iterable[Any]) -> str:
-    return ", ".join(json.dumps(v) for v in values)
-
-
-def _unsupported(key: str, value: Any, supported: str) -> FcpassError:
-    return FcpassError(
-        f"unsupported scheduler config value for {key!r}: found {json.dumps(value, default=repr)}; "
-        f"supported: {supported}."
-    )
-
-
-def _choice(config: Mapping[str, Any], key: str, default: Any, supported: tuple[Any, ...]) -> Any:
-    value = config.get(key, default)
-    # bool is an int subclass, so `1 in (True,)` would pass; compare types explicitly.
-    if not any(type(value) is type(s) and value == s for s in supported):
-        raise _unsupported(key, value, _format_values(supported))
-    return value
-
-
-def _flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
-    return bool(_choice(config, key, default, (True, False)))
-
-
-def _integer(config: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _unsupported(key, value, f"an integer >= {minimum}")
-    return value
-
-
-def _number(config: Mapping[str, Any], key: str, default: float, *, positive: bool = False) -> float:
-    value = config.get(key, default)
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not valid or (positive and value <= 0):
-        raise _unsupported(key, value, "a finite number > 0" if positive else "a finite number")
-    return float(value)
-
-
-def _steps(num_inference_steps: int, maximum: int | None = None) -> int:
-    bad = isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
-    if bad or num_inference_steps < 1 or (maximum is not None and num_inference_steps > maximum):
-        limit = f"from 1 to {maximum} (num_train_timesteps)" if maximum is not None else ">= 1"
-        raise FcpassError(f"invalid number of inference steps: found {num_inference_steps!r}; use an integer {limit}.")
-    return int(num_inference_steps)
-
-
-# --------------------------------------------------------------------------------------------
-# Beta schedules, reproducing diffusers' torch float32 arithmetic
-# --------------------------------------------------------------------------------------------
-
-
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)`` as computed on CPU.
-
-    Torch fills the first half as ``start + step * i`` and the second as ``end - step * (n-1-i)``
-    with a float32 ``step`` and a fused multiply-add; numpy's float64 linspace differs by an ulp in
-    a third of the entries, so we replay torch's recipe (float64 evaluation of the fma, which is
-    exact for the product, then one rounding).
-    """
-    start32, end32 = np.float32(start), np.float32(end)
-    if steps == 1:
-        return np.array([start32], dtype=np.float32)
-    step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
-    idx = np.arange(steps, dtype=np.float64)
-    half = steps // 2
-    out = np.empty(steps, dtype=np.float64)
-    out[:half] = np.float64(start32) + step * idx[:half]
-    out[half:] = np.float64(end32) - step * (steps - 1 - idx[half:])
-    return out.astype(np.float32)
-
-
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """diffusers' ``betas_for_alpha_bar`` (cosine), computed in Python floats like the original."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
-        for i in range(num_train_timesteps)
-    ]
-    return np.asarray(betas, dtype=np.float32)
-
-
-def _cumprod_f32(values: np.ndarray) -> np.ndarray:
-    # torch.cumprod on CPU accumulates float32 inputs in float64 and rounds each output.
-    return np.cumprod(values.astype(np.float64)).astype(np.float32)
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """diffusers' ``rescale_zero_terminal_snr`` (arXiv 2305.08891, Algorithm 1) in float32."""
-    one = np.float32(1.0)
-    alphas_bar_sqrt = np.sqrt(_cumprod_f32(one - betas))
-    first, last = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
-    alphas_bar = alphas_bar_sqrt * alphas_bar_sqrt
-    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return (one - alphas).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Schedulers
-# --------------------------------------------------------------------------------------------
-
-
-class Scheduler(abc.ABC):
-    """A sampler that turns model outputs at a fixed sequence of timesteps into a sample.
-
-    Use: ``set_timesteps(S)``; start from noise times ``init_noise_sigma``; for ``index`` in
-    ``range(len(timesteps))`` run the model on ``scale_model_input(x, index)`` with timestep
-    input ``timesteps[index]`` and set ``x = step(model_output, index, x)``.
-    All arrays returned are float32.
-    """
-
-    #: Standard deviation of the initial noise sample (1.0 for both implemented samplers).
-    init_noise_sigma: float = 1.0
-
-    def __init__(self) -> None:
-        self.num_inference_steps: int | None = None
-        #: Model timestep inputs, float32, one per sampling step; empty until set_timesteps.
-        self.timesteps: np.ndarray = np.zeros(0, dtype=np.float32)
-
-    @abc.abstractmethod
-    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
-                      sigmas: np.ndarray | None = None) -> None:
-        """Compute ``timesteps`` (and any per-step state) for ``num_inference_steps`` steps; `image_seq_len`,
-        the latent's token count, for the schedules that shift with it, and `sigmas`, a pipeline's own
-        unshifted sigmas, for the schedules that take them (flow matching; DDIM ignores them)."""
-
-    @abc.abstractmethod
-    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
-        """Return the sample one step less noisy, given the model output at ``timesteps[index]``."""
-
-    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
-        """Return the model input for ``sample`` at ``index``; both samplers need no scaling."""
-        del index
-        return sample
-
-    def _prepare(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        if self.num_inference_steps is None:
-            raise RuntimeError(f"{type(self).__name__}.set_timesteps() must be called before step()")
-        position = int(index)
-        if not 0 <= position < len(self.timesteps):
-            raise IndexError(f"step index {index} is outside 0..{len(self.timesteps) - 1}")
-        model_output = np.asarray(model_output, dtype=np.float32)
-        sample = np.asarray(sample, dtype=np.float32)
-        # Broadcasting would silently hide a model returning the wrong shape.
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output shape {model_output.shape} differs from sample shape {sample.shape}")
-        return model_output, sample, position
 
 
 class DDIMScheduler(Scheduler):
@@ -261,38 +123,18 @@ class DDIMScheduler(Scheduler):
             "timestep_spacing": timestep_spacing,
             "rescale_betas_zero_snr": rescale_betas_zero_snr,
         }
-        self.num_train_timesteps = _integer(config, "num_train_timesteps", 1000, 1)
-        self.beta_schedule: str = _choice(config, "beta_schedule", "linear", _DDIM_BETA_SCHEDULES)
-        self.prediction_type: str = _choice(config, "prediction_type", "epsilon", _DDIM_PREDICTION_TYPES)
-        self.timestep_spacing: str = _choice(config, "timestep_spacing", "leading", _DDIM_TIMESTEP_SPACINGS)
-        self.clip_sample = _flag(config, "clip_sample", True)
-        self.clip_sample_range = _number(config, "clip_sample_range", 1.0, positive=True)
-        self.set_alpha_to_one = _flag(config, "set_alpha_to_one", True)
-        self.steps_offset = _integer(config, "steps_offset", 0, 0)
-        rescale = _flag(config, "rescale_betas_zero_snr", False)
-        n = self.num_train_timesteps
-
-        if trained_betas is not None:
-            betas = np.asarray(trained_betas, dtype=np.float32)
-            if betas.shape != (n,):
-                raise FcpassError(
-                    f"scheduler config 'trained_betas' has the wrong shape: found {betas.shape}, expected ({n},) "
-                    "from 'num_train_timesteps'; make the two agree."
-                )
-        elif self.beta_schedule == "linear":
-            betas = _torch_linspace_f32(_number(config, "beta_start", 0.0), _number(config, "beta_end", 0.0), n)
-        elif self.beta_schedule == "scaled_linear":
-            lo = _number(config, "beta_start", 0.0, positive=True)
-            hi = _number(config, "beta_end", 0.0, positive=True)
-            root = _torch_linspace_f32(lo**0.5, hi**0.5, n)
-            betas = root * root
-        else:
-            betas = _cosine_betas(n)
-        if rescale:
-            betas = _rescale_zero_terminal_snr(betas)
+        self.num_train_timesteps = integer(config, "num_train_timesteps", 1000, 1)
+        self.beta_schedule: str = choice(config, "beta_schedule", "linear", BETA_SCHEDULES)
+        self.prediction_type: str = choice(config, "prediction_type", "epsilon", _DDIM_PREDICTION_TYPES)
+        self.timestep_spacing: str = choice(config, "timestep_spacing", "leading", _DDIM_TIMESTEP_SPACINGS)
+        self.clip_sample = flag(config, "clip_sample", True)
+        self.clip_sample_range = number(config, "clip_sample_range", 1.0, positive=True)
+        self.set_alpha_to_one = flag(config, "set_alpha_to_one", True)
+        self.steps_offset = integer(config, "steps_offset", 0, 0)
+        betas = training_betas({**config, "trained_betas": trained_betas})
 
         self.betas: np.ndarray = betas
-        self.alphas_cumprod: np.ndarray = _cumprod_f32(np.float32(1.0) - betas)
+        self.alphas_cumprod: np.ndarray = cumprod_f32(np.float32(1.0) - betas)
         # The last step has no "previous" timestep; diffusers uses 1 (a clean x0) or alphas_cumprod[0].
         self.final_alpha_cumprod = np.float32(1.0) if self.set_alpha_to_one else self.alphas_cumprod[0]
         #: Integer training timesteps (int64), as diffusers' ``DDIMScheduler.timesteps``.
@@ -302,7 +144,7 @@ class DDIMScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
                       sigmas: np.ndarray | None = None) -> None:
         n = self.num_train_timesteps
-        steps = _steps(num_inference_steps, maximum=n)
+        steps = step_count(num_inference_steps, maximum=n)
         # Same numpy expressions as diffusers so that rounding (and its quirks) agree exactly.
         if self.timestep_spacing == "linspace":
             timesteps = np.linspace(0, n - 1, steps).round()[::-1].copy().astype(np.int64)
@@ -375,8 +217,8 @@ class FlowMatchEulerScheduler(Scheduler):
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, dynamic: dict[str, float] | None = None) -> None:
         super().__init__()
         config = {"num_train_timesteps": num_train_timesteps, "shift": shift}
-        self.num_train_timesteps = _integer(config, "num_train_timesteps", 1000, 1)
-        self.shift = _number(config, "shift", 1.0, positive=True)
+        self.num_train_timesteps = integer(config, "num_train_timesteps", 1000, 1)
+        self.shift = number(config, "shift", 1.0, positive=True)
         self.dynamic = dynamic
         n = self.num_train_timesteps
         # Training schedule in float32 as diffusers' __init__ builds it; only its end points are used.
@@ -391,7 +233,7 @@ class FlowMatchEulerScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
                       sigmas: np.ndarray | None = None) -> None:
-        steps = _steps(num_inference_steps)
+        steps = step_count(num_inference_steps)
         n = self.num_train_timesteps
         if sigmas is None:  # diffusers does this part in float64 numpy and only then rounds to float32
             sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
@@ -456,23 +298,15 @@ def _load_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     return loaded
 
 
-def _reject_unless(config: Mapping[str, Any], key: str, allowed: tuple[Any, ...]) -> None:
-    """Raise unless ``config[key]`` (absent counts as ``allowed[0]``) is one of ``allowed``."""
-    _choice(config, key, allowed[0], allowed)
-
-
 def _ddim_from_config(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> DDIMScheduler:
     merged = {**defaults, **config}
-    _reject_unless(merged, "thresholding", (False,))
-    trained_betas = merged.get("trained_betas")
-    if trained_betas is not None and not isinstance(trained_betas, list):
-        raise _unsupported("trained_betas", trained_betas, "null or a list of numbers")
+    reject_unless(merged, "thresholding", (False,))
     return DDIMScheduler(
         num_train_timesteps=merged.get("num_train_timesteps", 1000),
         beta_start=merged.get("beta_start", 0.0001),
         beta_end=merged.get("beta_end", 0.02),
         beta_schedule=merged.get("beta_schedule", "linear"),
-        trained_betas=trained_betas,
+        trained_betas=merged.get("trained_betas"),
         clip_sample=merged.get("clip_sample", True),
         clip_sample_range=merged.get("clip_sample_range", 1.0),
         set_alpha_to_one=merged.get("set_alpha_to_one", True),
@@ -485,20 +319,20 @@ def _ddim_from_config(config: Mapping[str, Any], defaults: Mapping[str, Any]) ->
 
 def _flow_from_config(config: Mapping[str, Any]) -> FlowMatchEulerScheduler:
     dynamic = None
-    if _flag(config, "use_dynamic_shifting", False):
-        _reject_unless(config, "time_shift_type", ("exponential",))
+    if flag(config, "use_dynamic_shifting", False):
+        reject_unless(config, "time_shift_type", ("exponential",))
         # diffusers' defaults, as Flux's pipeline reads them
-        dynamic = {"base_image_seq_len": _number(config, "base_image_seq_len", 256, positive=True),
-                   "max_image_seq_len": _number(config, "max_image_seq_len", 4096, positive=True),
-                   "base_shift": _number(config, "base_shift", 0.5), "max_shift": _number(config, "max_shift", 1.15)}
+        dynamic = {"base_image_seq_len": number(config, "base_image_seq_len", 256, positive=True),
+                   "max_image_seq_len": number(config, "max_image_seq_len", 4096, positive=True),
+                   "base_shift": number(config, "base_shift", 0.5), "max_shift": number(config, "max_shift", 1.15)}
         if dynamic["max_image_seq_len"] == dynamic["base_image_seq_len"]:
-            raise _unsupported("max_image_seq_len", config.get("max_image_seq_len"), "a length other than base_image_seq_len")
-    _reject_unless(config, "invert_sigmas", (False,))
-    _reject_unless(config, "shift_terminal", (None,))
-    _reject_unless(config, "use_karras_sigmas", (False,))
-    _reject_unless(config, "use_exponential_sigmas", (False,))
-    _reject_unless(config, "use_beta_sigmas", (False,))
-    _reject_unless(config, "stochastic_sampling", (False,))
+            raise unsupported("max_image_seq_len", config.get("max_image_seq_len"), "a length other than base_image_seq_len")
+    reject_unless(config, "invert_sigmas", (False,))
+    reject_unless(config, "shift_terminal", (None,))
+    reject_unless(config, "use_karras_sigmas", (False,))
+    reject_unless(config, "use_exponential_sigmas", (False,))
+    reject_unless(config, "use_beta_sigmas", (False,))
+    reject_unless(config, "stochastic_sampling", (False,))
     return FlowMatchEulerScheduler(
         num_train_timesteps=config.get("num_train_timesteps", 1000),
         shift=config.get("shift", 1.0),
@@ -510,8 +344,8 @@ def scheduler_from_config(config: Mapping[str, Any] | str | Path) -> Scheduler:
     """Build the scheduler a diffusers ``scheduler_config.json`` describes.
 
     ``config`` is the parsed dict, the file's path, or the folder holding it. ``_class_name``
-    selects the sampler; DDPM and DPM-Solver configs are sampled with DDIM built from their
-    beta fields (with a warning). Raises FcpassError for unreadable files and unsupported values.
+    selects the sampler; a DDPM config is sampled with DDIM built from its beta fields (with a
+    warning). Raises FcpassError for unreadable files and unsupported values.
     """
     cfg = _load_config(config)
     class_name = cfg.get("_class_name")
@@ -519,20 +353,10 @@ def scheduler_from_config(config: Mapping[str, Any] | str | Path) -> Scheduler:
         return _ddim_from_config(cfg, {})
     if class_name == "FlowMatchEulerDiscreteScheduler":
         return _flow_from_config(cfg)
-    if cfg.get("use_flow_sigmas") is True and "flow_shift" in cfg:
-        # Wan's and other video models' UniPC / DPM-Solver configs: flow matching, whose Euler sampler is here.
-        shift = _number(cfg, "flow_shift", 1.0, positive=True)
-        raise FcpassError(f"{class_name} with flow sigmas is not implemented; sample this flow-matching model with "
-                          f'{{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": {shift:g}}} as its '
-                          "scheduler_config.json")
-    if class_name in _DDIM_FALLBACK_DEFAULTS:
-        if class_name == "DPMSolverMultistepScheduler":
-            # A flow-matching DPM-Solver config describes a different model family than DDIM.
-            _reject_unless(cfg, "use_flow_sigmas", (False,))
-        logger.warning(
-            "scheduler config names %s, which is not implemented; sampling with DDIM (eta = 0) "
-            "built from its beta schedule instead",
-            class_name,
-        )
-        return _ddim_from_config(cfg, _DDIM_FALLBACK_DEFAULTS[class_name])
-    raise _unsupported("_class_name", class_name, _format_values(SUPPORTED_CLASS_NAMES))
+    if class_name in _MULTISTEP:
+        return _MULTISTEP[class_name](**cfg)
+    if class_name == "DDPMScheduler":
+        logger.warning("scheduler config names DDPMScheduler, whose sampling draws fresh noise at every step; sampling "
+                       "with DDIM (eta = 0) built from its beta schedule instead")
+        return _ddim_from_config(cfg, {})
+    raise unsupported("_class_name", class_name, format_values(SUPPORTED_CLASS_NAMES))

@@ -25,10 +25,13 @@ from fcpass.errors import FcpassError
 from runtimes.schedulers import (
     SUPPORTED_CLASS_NAMES,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerScheduler,
     Scheduler,
+    UniPCMultistepScheduler,
     scheduler_from_config,
 )
+from tools.export_diffusers import SANA_SCHEDULER, WAN_SCHEDULER
 
 RTOL = 1e-5
 ATOL = 1e-5
@@ -174,20 +177,15 @@ def test_ddim_trailing_overshoot_reproduced_and_warned(diffusers: ModuleType, ca
     _assert_same_sampling(ours, reference, 61)
 
 
-@pytest.mark.parametrize("class_name", ["DDPMScheduler", "DPMSolverMultistepScheduler"])
-def test_ddim_fallback_for_other_beta_schedulers(
-    diffusers: ModuleType, class_name: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    source = getattr(diffusers, class_name)(beta_schedule="scaled_linear", prediction_type="v_prediction", **SD_BETAS)
+def test_ddim_fallback_for_ddpm(diffusers: ModuleType, caplog: pytest.LogCaptureFixture) -> None:
+    source = diffusers.DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", **SD_BETAS)
     config = {key: value for key, value in source.config.items() if not key.startswith("_")}
-    config["_class_name"] = class_name
+    config["_class_name"] = "DDPMScheduler"
     with caplog.at_level(logging.WARNING, logger="runtimes.schedulers"):
         ours = scheduler_from_config(config)
     assert isinstance(ours, DDIMScheduler)
-    assert f"{class_name}" in caplog.text and "DDIM" in caplog.text
-    # DPM-Solver has no clip_sample key and never clips; the fallback keeps that meaning.
-    overrides = {"clip_sample": False} if class_name == "DPMSolverMultistepScheduler" else {}
-    reference = diffusers.DDIMScheduler.from_config(config, **overrides)
+    assert "DDPMScheduler" in caplog.text and "DDIM" in caplog.text
+    reference = diffusers.DDIMScheduler.from_config(config)
     ours.set_timesteps(20)
     reference.set_timesteps(20)
     np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy().astype(np.float32))
@@ -271,11 +269,159 @@ def test_flow_match_shift_changes_schedule() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Multistep solvers: DPM-Solver(++) and UniPC
+# --------------------------------------------------------------------------------------------
+
+# PixArt-alpha's scheduler_config.json (the keys DPM-Solver reads); Sana's and Wan's are the exporter's.
+PIXART_DPM = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "beta_end": 0.02,
+              "beta_schedule": "linear", "beta_start": 0.0001, "lower_order_final": True, "num_train_timesteps": 1000,
+              "prediction_type": "epsilon", "solver_order": 2, "solver_type": "midpoint", "variance_type": None}
+
+
+def _multistep_grid(class_name: str) -> list[dict[str, Any]]:
+    """Every order, prediction type and sigma schedule, each against two spacings and both final sigmas."""
+    grid = []
+    for order, prediction, sigmas in itertools.product([1, 2, 3], ["epsilon", "v_prediction", "sample", "flow_prediction"],
+                                                       ["vp", "karras", "flow", "karras+flow"]):
+        if (prediction == "flow_prediction") != ("flow" in sigmas):
+            continue
+        if sigmas == "karras+flow" and class_name == "DPMSolverMultistepScheduler":
+            continue  # diffusers' DPM-Solver ignores flow sigmas under Karras
+        for spacing, final in (("linspace", "zero"), ("trailing", "sigma_min"), ("leading", "zero")):
+            grid.append({"_class_name": class_name, "solver_order": order, "prediction_type": prediction,
+                         "use_karras_sigmas": "karras" in sigmas, "use_flow_sigmas": "flow" in sigmas, "flow_shift": 3.0,
+                         "timestep_spacing": spacing, "final_sigmas_type": final})
+    return grid
+
+
+def _multistep_id(config: dict[str, Any]) -> str:
+    sigmas = "+".join(k for k in ("karras", "flow") if config[f"use_{k}_sigmas"]) or "vp"
+    return f"o{config['solver_order']}-{config['prediction_type']}-{sigmas}-{config['timestep_spacing']}-{config['final_sigmas_type']}"
+
+
+def _assert_multistep_matches(diffusers: ModuleType, config: dict[str, Any], steps: int) -> None:
+    unipc = config["_class_name"] == "UniPCMultistepScheduler"
+    if steps == 1 and config.get("final_sigmas_type") == "sigma_min" and (
+            config.get("use_karras_sigmas") or (unipc and config.get("use_flow_sigmas"))):
+        pytest.skip("a single step that ends on its own sigma goes nowhere")
+    ours = scheduler_from_config(config)
+    reference = getattr(diffusers, config["_class_name"]).from_config(config)
+    ours.set_timesteps(steps)
+    reference.set_timesteps(steps)
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy().astype(np.float32))
+    np.testing.assert_allclose(ours.sigmas, reference.sigmas.numpy(), rtol=1e-6)
+    _assert_same_sampling(ours, reference, steps)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+@pytest.mark.parametrize("config", _multistep_grid("DPMSolverMultistepScheduler"), ids=_multistep_id)
+def test_dpm_solver_matches_diffusers(diffusers: ModuleType, config: dict[str, Any], steps: int) -> None:
+    if config["solver_order"] == 3 and config["use_karras_sigmas"] and config["final_sigmas_type"] == "sigma_min" \
+            and steps >= 15:
+        pytest.skip("diffusers returns NaN here; test_dpm_solver_refuses_a_zero_length_third_order_step")
+    _assert_multistep_matches(diffusers, config, steps)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+@pytest.mark.parametrize("config", _multistep_grid("UniPCMultistepScheduler"), ids=_multistep_id)
+def test_unipc_matches_diffusers(diffusers: ModuleType, config: dict[str, Any], steps: int) -> None:
+    _assert_multistep_matches(diffusers, config, steps)
+
+
+@pytest.mark.parametrize("config", [
+    {**PIXART_DPM, "solver_type": "heun"}, {**PIXART_DPM, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+    {**PIXART_DPM, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
+    {**PIXART_DPM, "euler_at_final": True, "lower_order_final": False},
+    {**PIXART_DPM, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
+    {**PIXART_DPM, "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+     "prediction_type": "v_prediction", **SD_BETAS},
+    {**WAN_SCHEDULER, "solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+    {**WAN_SCHEDULER, "solver_order": 3, "lower_order_final": False, "final_sigmas_type": "sigma_min"},
+    {**WAN_SCHEDULER, "disable_corrector": [0, 3]}, {**WAN_SCHEDULER, "predict_x0": False, "prediction_type": "epsilon",
+                                                 "use_flow_sigmas": False},
+    {**WAN_SCHEDULER, "use_karras_sigmas": True, "use_flow_sigmas": False, "prediction_type": "epsilon", "sigma_min": 0.1,
+     "sigma_max": 50.0},
+], ids=["heun", "dpmsolver", "dpmsolver-o3", "euler-at-final", "cosine-clipped", "zero-snr",
+        "bh1", "unipc-o3", "no-corrector", "unipc-noise", "karras-bounds"])
+@pytest.mark.parametrize("steps", [3, 20])
+def test_multistep_variants_match_diffusers(diffusers: ModuleType, config: dict[str, Any], steps: int) -> None:
+    _assert_multistep_matches(diffusers, config, steps)
+
+
+@pytest.mark.parametrize("config", [PIXART_DPM, SANA_SCHEDULER, WAN_SCHEDULER], ids=["pixart", "sana", "wan"])
+@pytest.mark.parametrize("steps", [14, 20, 50])
+def test_pipelines_own_multistep_configs_match_diffusers(diffusers: ModuleType, config: dict[str, Any], steps: int) -> None:
+    _assert_multistep_matches(diffusers, config, steps)
+
+
+def test_unipc_takes_a_pipeline_s_own_flow_sigmas(diffusers: ModuleType) -> None:
+    sigmas = np.linspace(1.0, 0.05, 12)
+    ours = scheduler_from_config(WAN_SCHEDULER)
+    reference = diffusers.UniPCMultistepScheduler.from_config(WAN_SCHEDULER)
+    ours.set_timesteps(12, sigmas=sigmas)
+    reference.set_timesteps(sigmas=sigmas)
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy().astype(np.float32))
+    np.testing.assert_allclose(ours.sigmas, reference.sigmas.numpy(), rtol=1e-6)
+    with pytest.raises(FcpassError, match="use_flow_sigmas"):
+        scheduler_from_config({"_class_name": "UniPCMultistepScheduler"}).set_timesteps(12, sigmas=sigmas)
+    with pytest.raises(FcpassError, match="no pipeline sigmas"):
+        scheduler_from_config(SANA_SCHEDULER).set_timesteps(12, sigmas=sigmas)
+
+
+@pytest.mark.parametrize("config", [PIXART_DPM, WAN_SCHEDULER], ids=["dpm", "unipc"])
+def test_multistep_trajectories_restart_at_step_zero_and_run_in_order(config: dict[str, Any]) -> None:
+    """The sampler runs one trajectory per chunk of samples with one scheduler: step 0 forgets the last one."""
+    scheduler = scheduler_from_config(config)
+    first = _sample_ours(scheduler, 6)
+    x = _initial_sample()
+    for index in range(3):  # a trajectory left half way
+        x = scheduler.step(_fake_model(x, float(scheduler.timesteps[index])), index, x)
+    x = _initial_sample()
+    for index, timestep in enumerate(scheduler.timesteps):
+        x = scheduler.step(_fake_model(x, float(timestep)), index, x)
+    np.testing.assert_array_equal(x, first)
+    with pytest.raises(RuntimeError, match="expected step 1, got 2"):
+        scheduler.step(x, 0, x)
+        scheduler.step(x, 2, x)
+
+
+def test_dpm_solver_refuses_a_zero_length_third_order_step(diffusers: ModuleType) -> None:
+    config = {**PIXART_DPM, "solver_order": 3, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}
+    reference = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    assert np.isnan(_sample_diffusers(reference, 20)).all()  # what the refusal spares a user
+    with pytest.raises(FcpassError, match='repeats a noise level in 20 steps.*final_sigmas_type "zero" or solver_order 2'):
+        scheduler_from_config(config).set_timesteps(20)
+    scheduler_from_config(config).set_timesteps(10)  # lower_order_final keeps a short schedule at order 1
+
+
+def test_unipc_bh1_lands_on_a_final_sigma_of_zero(diffusers: ModuleType) -> None:
+    """B(h) = h is infinite on the last step to sigma 0; diffusers multiplies it by a zero residual and returns NaN,
+    where the first-order update it stands for lands on the predicted x0."""
+    config = {**WAN_SCHEDULER, "solver_type": "bh1"}
+    assert np.isnan(_sample_diffusers(diffusers.UniPCMultistepScheduler.from_config(config), 10)).all()
+    ours, bh2 = _sample_ours(scheduler_from_config(config), 10), _sample_ours(scheduler_from_config(WAN_SCHEDULER), 10)
+    assert np.isfinite(ours).all() and not np.allclose(ours, bh2)
+
+
+def test_unipc_refuses_to_extrapolate_onto_a_final_sigma_of_zero() -> None:
+    with pytest.raises(FcpassError, match="lower_order_final.*final_sigmas_type"):
+        scheduler_from_config({**WAN_SCHEDULER, "lower_order_final": False})
+    scheduler_from_config({**WAN_SCHEDULER, "lower_order_final": False, "solver_order": 1})
+
+
+def test_stochastic_dpm_solver_is_refused() -> None:
+    with pytest.raises(FcpassError, match="sde-dpmsolver\\+\\+.*fresh noise.*dpmsolver\\+\\+"):
+        scheduler_from_config({**PIXART_DPM, "algorithm_type": "sde-dpmsolver++"})
+
+
+# --------------------------------------------------------------------------------------------
 # Interface
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", [DDIMScheduler(), FlowMatchEulerScheduler(shift=3.0)], ids=["ddim", "flow"])
+@pytest.mark.parametrize("scheduler", [DDIMScheduler(), FlowMatchEulerScheduler(shift=3.0), DPMSolverMultistepScheduler(),
+                                       UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0)],
+                         ids=["ddim", "flow", "dpm", "unipc"])
 def test_common_interface(scheduler: Scheduler) -> None:
     assert isinstance(scheduler, Scheduler)
     assert scheduler.init_noise_sigma == 1.0
@@ -361,7 +507,17 @@ def test_unsupported_beta_schedule() -> None:
         ),
         ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 0}, "shift", "0"),
         ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift_terminal": 0.02}, "shift_terminal", "0.02"),
-        ({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True}, "use_flow_sigmas", "true"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 4}, "solver_order", "4"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "prediction_type": "flow_prediction"}, "prediction_type",
+         '"flow_prediction"'),
+        ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}, "final_sigmas_type", '"zero"'),
+        ({"_class_name": "DPMSolverMultistepScheduler", "use_lu_lambdas": True}, "use_lu_lambdas", "true"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "thresholding": True}, "thresholding", "true"),
+        ({"_class_name": "UniPCMultistepScheduler", "solver_type": "bh3"}, "solver_type", '"bh3"'),
+        ({"_class_name": "UniPCMultistepScheduler", "use_exponential_sigmas": True}, "use_exponential_sigmas", "true"),
+        ({"_class_name": "UniPCMultistepScheduler", "disable_corrector": "all"}, "disable_corrector", '"all"'),
+        ({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+          "predict_x0": False}, "predict_x0", "false"),
     ],
 )
 def test_unsupported_value_names_key_and_value(config: dict[str, Any], key: str, found: str) -> None:

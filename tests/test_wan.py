@@ -17,11 +17,9 @@ pytest.importorskip("onnxscript")
 
 from fcpass.cli import main
 from fcpass.discover import discover_blocks
-from fcpass.errors import FcpassError
 from fcpass.quality import compare_batches
 from fcpass.roles import infer_roles
 from fcpass.trt_check import check_graph
-from runtimes.schedulers import scheduler_from_config
 from tests.conftest import forced_compute_error
 from tools.export_diffusers import export_family
 
@@ -33,7 +31,7 @@ def wan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     e = export_family("wan", "tiny", tmp_path_factory.mktemp("wan") / "wan.onnx", samples=2)
     with torch.no_grad():
         assert np.abs(e.model(*(torch.from_numpy(v) for v in e.feeds.values())).numpy()).max() > 1e-2  # not trivial
-    return {"onnx": e.path, "feeds": e.feeds, "sched": e.scheduler, "captions": e.captions}
+    return {"onnx": e.path, "feeds": e.feeds, "sched": e.scheduler, "captions": e.captions, "model": e.model}
 
 
 def run(argv: list[object]) -> int:
@@ -97,10 +95,28 @@ def test_token_caching_reaches_the_video_blocks(wan: dict[str, object], tmp_path
     assert modes >= {0, 1} and np.isfinite(np.load(got)).all()  # full and conservative steps both ran
 
 
-def test_a_flow_matching_unipc_config_names_the_euler_config_to_use() -> None:
-    wan_scheduler = {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "use_flow_sigmas": True,
-                     "prediction_type": "flow_prediction"}
-    with pytest.raises(FcpassError, match='UniPCMultistepScheduler with flow sigmas is not implemented; sample this '
-                                          'flow-matching model with {"_class_name": "FlowMatchEulerDiscreteScheduler", '
-                                          '"shift": 3}'):
-        scheduler_from_config(wan_scheduler)
+def test_samples_as_wan_s_pipeline_does_with_its_unipc_scheduler(wan: dict[str, object], tmp_path: Path) -> None:
+    """Wan's own scheduler (UniPC on flow sigmas): `fcpass sample` on the ONNX graph draws what diffusers' UniPC
+    draws from the PyTorch transformer, guidance included; two samples on a batch-2 graph are two trajectories."""
+    config = json.loads(Path(wan["sched"]).read_text())
+    assert config["_class_name"] == "UniPCMultistepScheduler" and config["use_flow_sigmas"]
+    got = tmp_path / "a.npy"
+    assert run(["sample", wan["onnx"], "--scheduler-config", wan["sched"], "--prompt-embeds", wan["captions"],
+                "--steps", "6", "--guidance-scale", "5", "--out-npy", got]) == 0
+
+    model = wan["model"]
+    captions = torch.from_numpy(np.load(wan["captions"]))
+    noise = np.random.default_rng(0).standard_normal((2, *LATENT)).astype(np.float32)  # the sampler's draw
+    want = []
+    for row in range(2):
+        scheduler = diffusers.UniPCMultistepScheduler.from_config(config)
+        scheduler.set_timesteps(6)
+        x = torch.from_numpy(noise[row : row + 1])
+        embeds = torch.cat([captions[row : row + 1], torch.zeros_like(captions[row : row + 1])])
+        for t in scheduler.timesteps:
+            with torch.no_grad():
+                out = model(torch.cat([x, x]), t.expand(2).float(), embeds)
+            cond, uncond = out.chunk(2)
+            x = scheduler.step(uncond + 5 * (cond - uncond), t, x).prev_sample
+        want.append(x.numpy())
+    np.testing.assert_allclose(np.load(got), np.concatenate(want), atol=1e-4)

@@ -42,9 +42,17 @@ from models.pixart import randomize_
 FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
                   "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
                   "use_dynamic_shifting": True}  # FLUX.1-dev's scheduler_config.json
-# Wan's, Sana's and CogVideoX's own schedulers (UniPC, DPM-Solver, DDIM with v-prediction) differ; a flow-matching Euler config
-# runs both here: random weights make no sample better than another.
-FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}  # SD3.5's
+# Wan 2.1's and Sana's scheduler_config.json, the keys their solvers read
+WAN_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "beta_schedule": "linear", "disable_corrector": [],
+                 "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True, "predict_x0": True,
+                 "prediction_type": "flow_prediction", "solver_order": 2, "solver_type": "bh2", "use_flow_sigmas": True}
+SANA_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+                  "beta_schedule": "linear", "final_sigmas_type": "zero", "flow_shift": 3.0,
+                  "prediction_type": "flow_prediction", "solver_order": 2, "solver_type": "midpoint",
+                  "use_flow_sigmas": True}
+# CogVideoX's own (CogVideoXDDIMScheduler, v-prediction on a zero-terminal-SNR schedule) is not implemented; random
+# weights make no sample better than another, so flow-matching Euler draws from it here.
 HUNYUAN_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 7.0}  # HunyuanVideo's
 
 
@@ -188,7 +196,7 @@ FAMILIES: dict[str, Family] = {
                  "freq": 16, "ffn": 32, "caption": 5},
         "small": {"batch": 2, "channels": 16, "frames": 4, "side": 16, "layers": 4, "heads": 4, "head_dim": 64,
                   "text": 64, "freq": 64, "ffn": 1024, "caption": 32},
-    }, FLOW_SCHEDULER),
+    }, WAN_SCHEDULER),
     "hunyuanvideo": Family(_hunyuan, _hunyuan_inputs, {
         "tiny": {"batch": 1, "channels": 4, "frames": 3, "side": 8, "double": 1, "single": 1, "heads": 2, "head_dim": 8,
                  "text": 12, "caption": 5, "pooled": 6, "rope": (2, 4, 2)},
@@ -205,7 +213,7 @@ FAMILIES: dict[str, Family] = {
         "tiny": {"batch": 2, "channels": 4, "side": 8, "layers": 2, "heads": 2, "head_dim": 8, "text": 12, "caption": 5},
         "small": {"batch": 2, "channels": 32, "side": 16, "layers": 4, "heads": 4, "head_dim": 64, "text": 64,
                   "caption": 32},
-    }, FLOW_SCHEDULER, exporter="legacy"),
+    }, SANA_SCHEDULER, exporter="legacy"),
     "cogvideox": Family(_cogvideox, _cogvideox_inputs, {
         "tiny": {"batch": 2, "channels": 4, "frames": 3, "side": 8, "layers": 2, "heads": 2, "head_dim": 8, "text": 12,
                  "caption": 5},

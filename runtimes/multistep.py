@@ -1,0 +1,476 @@
+"""Multistep ODE solvers: DPM-Solver(++) and UniPC, as diffusers 0.42 computes them, in numpy float32.
+
+* :class:`DPMSolverMultistepScheduler` -- ``diffusers.DPMSolverMultistepScheduler`` (PixArt's and Sana's
+  pipelines): orders 1-3, ``dpmsolver++`` (data prediction) or ``dpmsolver`` (noise prediction).
+* :class:`UniPCMultistepScheduler` -- ``diffusers.UniPCMultistepScheduler`` (Wan's): the UniP predictor
+  with the UniC corrector, B(h) variants ``bh1`` and ``bh2``.
+
+Both run on a variance-preserving training schedule (sigma = sqrt((1 - a) / a) of ``alphas_cumprod``), on
+Karras sigmas over it, or on flow-matching sigmas (``use_flow_sigmas``: alpha = 1 - sigma, shifted by
+``flow_shift``). A multistep solver extrapolates from the converted model outputs of the steps before, so
+``step`` must be called for indices 0, 1, 2, ... in order; index 0 starts a new trajectory.
+
+The per-step coefficients are float32 scalars in diffusers' order of operations, so a trajectory agrees
+with diffusers' to float32 rounding (the tests hold it to 1e-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fcpass.errors import FcpassError
+from runtimes.scheduler_base import (
+    Scheduler,
+    choice,
+    cumprod_f32,
+    flag,
+    format_values,
+    integer,
+    number,
+    reject_unless,
+    step_count,
+    training_betas,
+    unsupported,
+)
+
+__all__ = ["DPMSolverMultistepScheduler", "MultistepScheduler", "UniPCMultistepScheduler"]
+
+F32 = np.float32
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+KARRAS_RHO = 7.0  # Karras et al.'s rho, which diffusers fixes
+
+
+def _karras(sigma_max: float, sigma_min: float, steps: int) -> np.ndarray:
+    """Karras et al.'s noise levels from ``sigma_max`` down to ``sigma_min`` (float64, as diffusers' helper)."""
+    ramp = np.linspace(0, 1, steps)
+    lo, hi = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    return (hi + ramp * (lo - hi)) ** KARRAS_RHO
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timesteps whose log-sigma interpolates to each of ``sigmas`` (diffusers' helper)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma[None, :] - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+class MultistepScheduler(Scheduler):
+    """The part DPM-Solver and UniPC share: the training schedule, timestep spacing, the sigma <-> (alpha, sigma)
+    conversion, and the history of converted model outputs that later steps extrapolate from.
+
+    ``sigmas`` holds one noise level per step plus the final one; ``timesteps`` the model's integer timestep
+    inputs as float32 (diffusers hands the transformer int64 timesteps).
+    """
+
+    #: diffusers' names for this solver's variants, the first the default.
+    SOLVER_TYPES: tuple[str, ...] = ()
+    #: Variants diffusers silently maps to its default (``register_to_config``).
+    SOLVER_ALIASES: tuple[str, ...] = ()
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.num_train_timesteps = integer(config, "num_train_timesteps", 1000, 1)
+        self.order = integer(config, "solver_order", 2, 1)
+        if self.order > 3:
+            raise unsupported("solver_order", self.order, "1, 2 or 3")
+        self.prediction_type: str = choice(config, "prediction_type", "epsilon", PREDICTION_TYPES)
+        self.timestep_spacing: str = choice(config, "timestep_spacing", "linspace", TIMESTEP_SPACINGS)
+        self.steps_offset = integer(config, "steps_offset", 0, 0)
+        self.lower_order_final = flag(config, "lower_order_final", True)
+        self.final_sigmas_type: str = choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"))
+        self.karras = flag(config, "use_karras_sigmas", False)
+        self.flow = flag(config, "use_flow_sigmas", False)
+        self.flow_shift = number(config, "flow_shift", 1.0, positive=True)
+        solver_type = config.get("solver_type", self.SOLVER_TYPES[0])
+        if solver_type in self.SOLVER_ALIASES:
+            solver_type = self.SOLVER_TYPES[0]
+        self.solver_type: str = choice({"solver_type": solver_type}, "solver_type", solver_type, self.SOLVER_TYPES)
+        for key in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_dynamic_shifting"):
+            reject_unless(config, key, (False,))
+        if self.prediction_type == "flow_prediction" and not self.flow:
+            raise unsupported("prediction_type", "flow_prediction", "flow_prediction only with use_flow_sigmas: true")
+        betas = training_betas(config)
+        self.cosine = config.get("beta_schedule") == "squaredcos_cap_v2"
+        alphas_cumprod = cumprod_f32(F32(1.0) - betas)
+        if flag(config, "rescale_betas_zero_snr", False):
+            alphas_cumprod[-1] = 2.0**-24  # diffusers' guard against an infinite first sigma
+        self.alphas_cumprod: np.ndarray = alphas_cumprod
+        #: The training schedule's noise levels, sqrt((1 - a) / a), float32 as diffusers computes them.
+        self.train_sigmas: np.ndarray = np.sqrt((F32(1.0) - alphas_cumprod) / alphas_cumprod)
+        self.sigmas: np.ndarray = np.zeros(0, dtype=np.float32)
+        self._history: list[np.ndarray] = []
+        self._next_index = 0
+
+    # ---- the schedule -----------------------------------------------------------------------------
+
+    def _spaced(self, steps: int, last: int) -> np.ndarray:
+        """Integer timesteps below ``last`` spaced as ``timestep_spacing`` says (diffusers' numpy expressions)."""
+        if self.timestep_spacing == "linspace":
+            return np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+        if self.timestep_spacing == "leading":
+            ratio = last // (steps + 1)
+            return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + self.steps_offset
+        ratio = self.num_train_timesteps / steps
+        return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
+
+    def _sigma_min_vp(self) -> float:
+        return float(self.train_sigmas[0])
+
+    def _finish(self, timesteps: np.ndarray, sigmas: np.ndarray, last: float) -> None:
+        self.sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        discrete = np.asarray(timesteps).astype(np.int64)  # diffusers casts to int64: truncation, not rounding
+        self.timesteps = discrete.astype(np.float32)
+        self.num_inference_steps = len(discrete)
+        self._history, self._next_index = [], 0
+
+    def alpha_sigma(self, sigma: np.float32) -> tuple[np.float32, np.float32]:
+        """The signal and noise scales of noise level ``sigma``: (1 - sigma, sigma) on flow sigmas, else
+        (1 / sqrt(sigma^2 + 1), sigma * alpha)."""
+        sigma = F32(sigma)
+        if self.flow:
+            return F32(1.0) - sigma, sigma
+        alpha = F32(1.0) / np.sqrt(sigma * sigma + F32(1.0))
+        return alpha, sigma * alpha
+
+    def lam(self, sigma: np.float32) -> np.float32:
+        """log(alpha) - log(sigma): +inf at sigma 0, where the last step lands."""
+        alpha, sig = self.alpha_sigma(sigma)
+        with np.errstate(divide="ignore"):
+            return F32(np.log(alpha) - np.log(sig))
+
+    # ---- the trajectory ---------------------------------------------------------------------------
+
+    def _begin(self, index: int) -> None:
+        if index == 0:
+            self._history, self._next_index = [], 0
+        elif index != self._next_index:
+            raise RuntimeError(f"{type(self).__name__} steps in order: expected step {self._next_index}, got {index}; "
+                               "start a new trajectory at step 0")
+        self._next_index = index + 1
+
+    def _remember(self, converted: np.ndarray) -> None:
+        self._history = [*self._history, converted][-self.order:]
+
+    def _x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
+        """The clean sample the model output predicts at noise level ``sigma``."""
+        if self.prediction_type == "flow_prediction":
+            return sample - sigma * model_output
+        if self.prediction_type == "sample":
+            return model_output
+        alpha, sig = self.alpha_sigma(sigma)
+        if self.prediction_type == "epsilon":
+            return (sample - sig * model_output) / alpha
+        return alpha * sample - sig * model_output
+
+    def _eps(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
+        """The noise the model output predicts at noise level ``sigma``."""
+        if self.prediction_type == "epsilon":
+            return model_output
+        alpha, sig = self.alpha_sigma(sigma)
+        if self.prediction_type == "sample":
+            return (sample - alpha * model_output) / sig
+        return alpha * model_output + sig * sample
+
+
+class DPMSolverMultistepScheduler(MultistepScheduler):
+    """DPM-Solver++ (``algorithm_type: dpmsolver++``, the default) or DPM-Solver (``dpmsolver``), multistep,
+    equal to ``diffusers.DPMSolverMultistepScheduler``.
+
+    With ``lambda = log(alpha / sigma)`` and ``h`` its increase over a step, DPM-Solver++ of order 1 steps
+    ``x' = (sigma' / sigma) x - alpha' (exp(-h) - 1) x0``; orders 2 and 3 add finite differences of the
+    previous steps' x0 (``solver_type`` midpoint or heun at order 2). The first steps and, with
+    ``lower_order_final`` and fewer than 15 steps or a final sigma of 0, the last ones fall back to lower
+    orders, as diffusers does.
+    """
+
+    SOLVER_TYPES = ("midpoint", "heun")
+    SOLVER_ALIASES = ("logrho", "bh1", "bh2")
+
+    def __init__(self, **config: Any) -> None:
+        algorithm = config.get("algorithm_type", "dpmsolver++")
+        if algorithm == "deis":  # diffusers runs DEIS configs as DPM-Solver++
+            algorithm = "dpmsolver++"
+        if algorithm in ("sde-dpmsolver++", "sde-dpmsolver"):
+            raise FcpassError(f"DPMSolverMultistepScheduler with algorithm_type {algorithm!r} is not implemented: it draws "
+                              "fresh noise at every step; use \"dpmsolver++\", the deterministic solver")
+        self.algorithm: str = choice({"algorithm_type": algorithm}, "algorithm_type", algorithm, ("dpmsolver++", "dpmsolver"))
+        super().__init__(config)
+        self.euler_at_final = flag(config, "euler_at_final", False)
+        self.lambda_min_clipped = float(config.get("lambda_min_clipped", -np.inf))
+        reject_unless(config, "use_lu_lambdas", (False,))
+        choice(config, "variance_type", None, (None, "learned", "learned_range"))  # the sampler keeps the mean
+        if self.algorithm == "dpmsolver" and self.final_sigmas_type == "zero":
+            raise unsupported("final_sigmas_type", "zero", '"sigma_min" with algorithm_type "dpmsolver"')
+        if self.algorithm == "dpmsolver" and self.prediction_type == "flow_prediction":
+            raise unsupported("prediction_type", "flow_prediction", f'{format_values(PREDICTION_TYPES[:3])} with '
+                              'algorithm_type "dpmsolver"')
+
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
+                      sigmas: np.ndarray | None = None) -> None:
+        if sigmas is not None:
+            raise FcpassError("DPMSolverMultistepScheduler takes no pipeline sigmas; sample with its own schedule")
+        steps = step_count(num_inference_steps, maximum=self.num_train_timesteps)
+        n = self.num_train_timesteps
+        # lambda_min_clipped cuts the schedule where log(alpha / sigma) falls below it (cosine schedules).
+        alpha_t = np.sqrt(self.alphas_cumprod)
+        lambda_t = np.log(alpha_t) - np.log(np.sqrt(F32(1.0) - self.alphas_cumprod))
+        last = n - int(np.searchsorted(lambda_t[::-1], self.lambda_min_clipped))
+        timesteps: np.ndarray = self._spaced(steps, last)
+        log_sigmas = np.log(self.train_sigmas)
+        if self.karras:
+            schedule = self.train_sigmas[::-1]
+            sig = _karras(float(schedule[0]), float(schedule[-1]), steps)
+            timesteps = _sigma_to_t(sig, log_sigmas)
+            if not self.cosine:  # diffusers keeps a cosine schedule's fractional timesteps (then truncates them)
+                timesteps = timesteps.round()
+        elif self.flow:
+            alphas = np.linspace(1, 1 / n, steps + 1)
+            sig = 1.0 - alphas
+            sig = np.flip(self.flow_shift * sig / (1 + (self.flow_shift - 1) * sig))[:-1].copy()
+            timesteps = sig * n
+        else:
+            sig = np.interp(timesteps, np.arange(0, len(self.train_sigmas)), self.train_sigmas)
+        self._finish(timesteps, sig, self._sigma_min_vp() if self.final_sigmas_type == "sigma_min" else 0.0)
+        if any(self._order_at(i) == 3 and self.sigmas[i + 1] == self.sigmas[i] for i in range(steps)):
+            # diffusers' third-order update divides by the zero-length step and returns NaN
+            raise FcpassError(f"DPMSolverMultistepScheduler of order 3 repeats a noise level in {steps} steps (Karras "
+                              'sigmas end on sigma_min); use final_sigmas_type "zero" or solver_order 2')
+
+    def _order_at(self, i: int) -> int:
+        """The order of step ``i``: lower on the first steps, and on the last ones where diffusers lowers it."""
+        steps = len(self.timesteps)
+        final = i == steps - 1 and (self.euler_at_final or (self.lower_order_final and steps < 15)
+                                    or self.final_sigmas_type == "zero")
+        second = i == steps - 2 and self.lower_order_final and steps < 15
+        if self.order == 1 or i < 1 or final:
+            return 1
+        if self.order == 2 or i < 2 or second:
+            return 2
+        return 3
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        model_output, sample, i = self._prepare(model_output, index, sample)
+        self._begin(i)
+        sigma = self.sigmas[i]
+        converted = (self._x0(model_output, sample, sigma) if self.algorithm == "dpmsolver++"
+                     else self._eps(model_output, sample, sigma))
+        self._remember(converted)
+        order = self._order_at(i)
+        # A final sigma of 0 makes h infinite, and a repeated sigma makes it 0; the limits are what diffusers returns.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if order == 1:
+                prev = self._first_order(converted, sample, i)
+            elif order == 2:
+                prev = self._second_order(sample, i)
+            else:
+                prev = self._third_order(sample, i)
+        return prev.astype(np.float32, copy=False)
+
+    def _scales(self, i: int) -> tuple[np.float32, np.float32, np.float32, np.float32, np.float32]:
+        """(alpha, sigma) at the step's target, (alpha, sigma) at its start, and h."""
+        alpha_t, sigma_t = self.alpha_sigma(self.sigmas[i + 1])
+        alpha_s, sigma_s = self.alpha_sigma(self.sigmas[i])
+        return alpha_t, sigma_t, alpha_s, sigma_s, F32(self.lam(self.sigmas[i + 1]) - self.lam(self.sigmas[i]))
+
+    def _first_order(self, m0: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
+        alpha_t, sigma_t, alpha_s, sigma_s, h = self._scales(i)
+        if self.algorithm == "dpmsolver++":
+            return (sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - F32(1.0))) * m0
+        return (alpha_t / alpha_s) * sample - (sigma_t * (np.exp(h) - F32(1.0))) * m0
+
+    def _second_order(self, sample: np.ndarray, i: int) -> np.ndarray:
+        alpha_t, sigma_t, alpha_s, sigma_s, h = self._scales(i)
+        h_0 = F32(self.lam(self.sigmas[i]) - self.lam(self.sigmas[i - 1]))
+        m0, m1 = self._history[-1], self._history[-2]
+        r0 = h_0 / h
+        d0, d1 = m0, (F32(1.0) / r0) * (m0 - m1)
+        one, half = F32(1.0), F32(0.5)
+        if self.algorithm == "dpmsolver++":
+            phi = alpha_t * (np.exp(-h) - one)
+            if self.solver_type == "midpoint":
+                return (sigma_t / sigma_s) * sample - phi * d0 - half * phi * d1
+            return (sigma_t / sigma_s) * sample - phi * d0 + (alpha_t * ((np.exp(-h) - one) / h + one)) * d1
+        phi = sigma_t * (np.exp(h) - one)
+        if self.solver_type == "midpoint":
+            return (alpha_t / alpha_s) * sample - phi * d0 - half * phi * d1
+        return (alpha_t / alpha_s) * sample - phi * d0 - (sigma_t * ((np.exp(h) - one) / h - one)) * d1
+
+    def _third_order(self, sample: np.ndarray, i: int) -> np.ndarray:
+        alpha_t, sigma_t, alpha_s, sigma_s, h = self._scales(i)
+        lam_s0, lam_s1, lam_s2 = (self.lam(self.sigmas[i - k]) for k in range(3))
+        h_0, h_1 = F32(lam_s0 - lam_s1), F32(lam_s1 - lam_s2)
+        m0, m1, m2 = self._history[-1], self._history[-2], self._history[-3]
+        r0, r1 = h_0 / h, h_1 / h
+        one, half = F32(1.0), F32(0.5)
+        d1_0, d1_1 = (one / r0) * (m0 - m1), (one / r1) * (m1 - m2)
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (one / (r0 + r1)) * (d1_0 - d1_1)
+        if self.algorithm == "dpmsolver++":
+            return ((sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - one)) * m0
+                    + (alpha_t * ((np.exp(-h) - one) / h + one)) * d1
+                    - (alpha_t * ((np.exp(-h) - one + h) / (h * h) - half)) * d2)
+        return ((alpha_t / alpha_s) * sample - (sigma_t * (np.exp(h) - one)) * m0
+                - (sigma_t * ((np.exp(h) - one) / h - one)) * d1
+                - (sigma_t * ((np.exp(h) - one - h) / (h * h) - half)) * d2)
+
+
+class UniPCMultistepScheduler(MultistepScheduler):
+    """UniPC (Zhao et al. 2023), equal to ``diffusers.UniPCMultistepScheduler``: at each step the UniC corrector
+    refines the sample the last step's predictor made, using this step's model output, then the UniP predictor
+    of order ``solver_order`` steps on.
+
+    Both extrapolate the converted outputs (x0 with ``predict_x0``, else the noise) with ``rho`` weights that
+    solve UniPC's order conditions for the B(h) of ``solver_type`` (``bh1``: h, ``bh2``: exp(h) - 1).
+    ``disable_corrector`` lists the steps whose corrector is skipped. Flow sigmas run from 1 - 1e-6 (diffusers
+    keeps log(alpha) finite at the first step) and may be a pipeline's own.
+    """
+
+    SOLVER_TYPES = ("bh2", "bh1")
+    SOLVER_ALIASES = ("midpoint", "heun", "logrho")
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(config)
+        self.predict_x0 = flag(config, "predict_x0", True)
+        disabled = config.get("disable_corrector", [])
+        if not isinstance(disabled, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in disabled):
+            raise unsupported("disable_corrector", disabled, "a list of step indices")
+        self.disable_corrector = frozenset(disabled)
+        reject_unless(config, "solver_p", (None,))
+        reject_unless(config, "shift_terminal", (None,))
+        if not self.lower_order_final and self.order > 1 and self.final_sigmas_type == "zero":
+            # diffusers' last step then extrapolates with weights divided by an infinite h and returns NaN
+            raise unsupported("lower_order_final", False, 'true, or false with final_sigmas_type "sigma_min" or '
+                              "solver_order 1")
+        if not self.predict_x0 and self.prediction_type == "flow_prediction":
+            raise unsupported("predict_x0", False, "true with prediction_type \"flow_prediction\"")
+        self.sigma_min = config.get("sigma_min")
+        self.sigma_max = config.get("sigma_max")
+        for key in ("sigma_min", "sigma_max"):
+            if config.get(key) is not None:
+                number(config, key, 1.0, positive=True)
+        self._last_sample: np.ndarray | None = None
+
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
+                      sigmas: np.ndarray | None = None) -> None:
+        n = self.num_train_timesteps
+        if sigmas is not None:
+            if not self.flow:
+                raise FcpassError("a pipeline's own sigmas need use_flow_sigmas: true in the scheduler config")
+            sigmas = np.asarray(sigmas, dtype=np.float64)
+            num_inference_steps = len(sigmas)
+        steps = step_count(num_inference_steps)
+        timesteps: np.ndarray = self._spaced(steps, n)
+        zero_last = self.final_sigmas_type == "zero"
+        if self.karras:
+            source = self.train_sigmas if sigmas is None else sigmas
+            log_sigmas = np.log(source)
+            schedule = np.flip(source)
+            lo = self.sigma_min if self.sigma_min is not None else float(schedule[-1])
+            hi = self.sigma_max if self.sigma_max is not None else float(schedule[0])
+            sig = _karras(hi, lo, steps)
+            if self.flow:
+                sig = sig / (sig + 1)
+                timesteps = sig * n
+            else:
+                timesteps = _sigma_to_t(sig, log_sigmas).round()
+            last = 0.0 if zero_last else float(sig[-1])
+        elif self.flow:
+            sig = np.linspace(1, 1 / n, steps + 1)[:-1] if sigmas is None else sigmas
+            sig = self.flow_shift * sig / (1 + (self.flow_shift - 1) * sig)
+            if np.fabs(sig[0] - 1) < 1e-6:
+                sig[0] -= 1e-6  # diffusers': log(alpha) = log(1 - sigma) stays finite
+            timesteps = sig * n
+            last = 0.0 if zero_last else float(sig[-1])
+        else:
+            sig = np.interp(timesteps, np.arange(0, len(self.train_sigmas)), self.train_sigmas)
+            last = 0.0 if zero_last else self._sigma_min_vp()
+        self._finish(timesteps, sig, last)
+        self._last_sample = None
+
+    def _order_at(self, i: int) -> int:
+        """The predictor's order at step ``i``: one more than the steps before it, up to ``solver_order``, and
+        with ``lower_order_final`` at most the steps left."""
+        order = min(self.order, len(self.timesteps) - i) if self.lower_order_final else self.order
+        return min(order, i + 1)
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        model_output, sample, i = self._prepare(model_output, index, sample)
+        self._begin(i)
+        if i == 0:
+            self._last_sample = None
+        sigma = self.sigmas[i]
+        converted = self._x0(model_output, sample, sigma) if self.predict_x0 else self._eps(model_output, sample, sigma)
+        with np.errstate(divide="ignore", invalid="ignore"):  # as in DPM-Solver's step
+            if i > 0 and (i - 1) not in self.disable_corrector and self._last_sample is not None:
+                sample = self._corrector(converted, self._last_sample, i)
+            self._remember(converted)
+            self._last_sample = sample
+            prev = self._predictor(sample, i, self._order_at(i))
+        return prev.astype(np.float32, copy=False)
+
+    def _terms(self, target: int, start: int, order: int,
+               earlier: list[tuple[int, np.ndarray]]) -> tuple[np.float32, np.float32, np.float32, np.float32,
+                                                                np.float32, np.float32, np.ndarray, np.ndarray,
+                                                                list[np.ndarray]]:
+        """The coefficients of a UniP/UniC update from sigma index ``start`` to ``target``: the scales at both
+        ends, h*phi_1, B(h), the order-condition system R, b and the divided differences of ``earlier``
+        ((sigma index, converted output) pairs) against the latest output."""
+        alpha_t, sigma_t = self.alpha_sigma(self.sigmas[target])
+        alpha_s, sigma_s = self.alpha_sigma(self.sigmas[start])
+        lam_s = self.lam(self.sigmas[start])
+        h = F32(self.lam(self.sigmas[target]) - lam_s)
+        m0 = self._history[-1]
+        rks, d1s = [], []
+        for index, output in earlier:
+            rk = F32((self.lam(self.sigmas[index]) - lam_s) / h)
+            rks.append(rk)
+            d1s.append((output - m0) / rk)
+        rks.append(F32(1.0))
+        r = np.asarray(rks, dtype=np.float32)
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = F32(np.expm1(hh))
+        h_phi_k = F32(h_phi_1 / hh - F32(1.0))
+        b_h = hh if self.solver_type == "bh1" else h_phi_1
+        rows, b, factorial = [], [], 1
+        for k in range(1, order + 1):
+            rows.append(r ** (k - 1))
+            b.append(F32(h_phi_k * F32(factorial) / b_h))
+            factorial *= k + 1
+            h_phi_k = F32(h_phi_k / hh - F32(1.0 / factorial))
+        return (alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1, b_h, np.stack(rows).astype(np.float32),
+                np.asarray(b, dtype=np.float32), d1s)
+
+    def _base(self, x: np.ndarray, m0: np.ndarray, alpha_t: np.float32, sigma_t: np.float32, alpha_s: np.float32,
+              sigma_s: np.float32, h_phi_1: np.float32) -> tuple[np.ndarray, np.float32]:
+        """The first-order update of ``x`` and the scale its higher-order residual takes."""
+        if self.predict_x0:
+            return (sigma_t / sigma_s) * x - (alpha_t * h_phi_1) * m0, alpha_t
+        return (alpha_t / alpha_s) * x - (sigma_t * h_phi_1) * m0, sigma_t
+
+    def _predictor(self, x: np.ndarray, i: int, order: int) -> np.ndarray:
+        earlier = [(i - k, self._history[-(k + 1)]) for k in range(1, order)]
+        alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1, b_h, r, b, d1s = self._terms(i + 1, i, order, earlier)
+        x_t, scale = self._base(x, self._history[-1], alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1)
+        if not d1s:
+            return x_t
+        rhos = np.array([0.5], dtype=np.float32) if order == 2 else np.linalg.solve(r[:-1, :-1], b[:-1])
+        residual = sum((F32(rho) * d for rho, d in zip(rhos, d1s)), np.zeros_like(x_t))
+        return x_t - (scale * b_h) * residual
+
+    def _corrector(self, converted: np.ndarray, last_sample: np.ndarray, i: int) -> np.ndarray:
+        """UniC: redo the last step from ``last_sample`` with this step's converted output as one more point; the
+        result replaces the sample the last step's predictor made."""
+        order = self._order_at(i - 1)
+        earlier = [(i - (k + 1), self._history[-(k + 1)]) for k in range(1, order)]
+        alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1, b_h, r, b, d1s = self._terms(i, i - 1, order, earlier)
+        x_t, scale = self._base(last_sample, self._history[-1], alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1)
+        rhos = np.array([0.5], dtype=np.float32) if order == 1 else np.linalg.solve(r, b).astype(np.float32)
+        residual = sum((F32(rho) * d for rho, d in zip(rhos[:-1], d1s)), np.zeros_like(x_t))
+        return x_t - (scale * b_h) * (residual + rhos[-1] * (converted - self._history[-1]))
