@@ -91,7 +91,7 @@ class MultistepScheduler(Scheduler):
         solver_type = config.get("solver_type", self.SOLVER_TYPES[0])
         if solver_type in self.SOLVER_ALIASES:
             solver_type = self.SOLVER_TYPES[0]
-        self.solver_type: str = choice({"solver_type": solver_type}, "solver_type", solver_type, self.SOLVER_TYPES)
+        self.solver_type: str = choice({"solver_type": solver_type}, "solver_type", None, self.SOLVER_TYPES)
         for key in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_dynamic_shifting"):
             reject_unless(config, key, (False,))
         if self.prediction_type == "flow_prediction" and not self.flow:
@@ -200,7 +200,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         if algorithm in ("sde-dpmsolver++", "sde-dpmsolver"):
             raise FcpassError(f"DPMSolverMultistepScheduler with algorithm_type {algorithm!r} is not implemented: it draws "
                               "fresh noise at every step; use \"dpmsolver++\", the deterministic solver")
-        self.algorithm: str = choice({"algorithm_type": algorithm}, "algorithm_type", algorithm, ("dpmsolver++", "dpmsolver"))
+        self.algorithm: str = choice({"algorithm_type": algorithm}, "algorithm_type", None, ("dpmsolver++", "dpmsolver"))
         super().__init__(config)
         self.euler_at_final = flag(config, "euler_at_final", False)
         self.lambda_min_clipped = float(config.get("lambda_min_clipped", -np.inf))
@@ -350,11 +350,9 @@ class UniPCMultistepScheduler(MultistepScheduler):
                               "solver_order 1")
         if not self.predict_x0 and self.prediction_type == "flow_prediction":
             raise unsupported("predict_x0", False, "true with prediction_type \"flow_prediction\"")
-        self.sigma_min = config.get("sigma_min")
-        self.sigma_max = config.get("sigma_max")
-        for key in ("sigma_min", "sigma_max"):
-            if config.get(key) is not None:
-                number(config, key, 1.0, positive=True)
+        # The ends of a Karras schedule, where the config fixes them
+        self.sigma_min, self.sigma_max = (None if config.get(key) is None else number(config, key, 1.0, positive=True)
+                                          for key in ("sigma_min", "sigma_max"))
         self._last_sample: np.ndarray | None = None
 
     def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,

@@ -76,6 +76,8 @@ def main() -> None:
                     help="in those graphs the motion tokens attend to all tokens' cached keys and values")
     ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--scheduler-config", type=Path, default=SCHEDULER_CONFIG,
+                    help="diffusers scheduler config to calibrate and sample with (default: the bundled model's DDIM)")
     ap.add_argument("--guidance-scale", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="timed pairs (uncached, policy); the median ratio counts")
@@ -89,7 +91,7 @@ def main() -> None:
 
     request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,
                             guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
-    setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    setup = {"scheduler_config": args.scheduler_config, "request": request}
     with tempfile.TemporaryDirectory() as tmp:
         graphs: dict[Any, Path] = {}
         for spec in args.policies:
@@ -109,8 +111,8 @@ def main() -> None:
         print("grid rows: " + ", ".join(images))
 
 
-def _time(denoiser: Any, request: SampleRequest) -> Any:
-    return sample(denoiser, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
+def _time(denoiser: Any, request: SampleRequest, config: Path) -> Any:
+    return sample(denoiser, scheduler_from_config(config), request, progress=False)
 
 
 def _graph_of(spec: str, args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
@@ -145,13 +147,13 @@ def run(
     for rep in range(args.repeats):
         for key, den in denoisers.items():
             if key == "uncached":
-                base_run, result = None, _time(den, request)
+                base_run, result = None, _time(den, request, args.scheduler_config)
             elif rep % 2:
-                result = _time(den, request)
-                base_run = _time(base, request)
+                result = _time(den, request, args.scheduler_config)
+                base_run = _time(base, request, args.scheduler_config)
             else:
-                base_run = _time(base, request)
-                result = _time(den, request)
+                base_run = _time(base, request, args.scheduler_config)
+                result = _time(den, request, args.scheduler_config)
             last[key] = result
             walls[key].append(result.wall_seconds)
             ratios[key].append((base_run or result).wall_seconds / result.wall_seconds)
@@ -183,11 +185,14 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
     for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions", "motion_ratio"):
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     out += [flag for flag, on in (("--token-merge", args.token_merge), ("--motion-context", args.motion_context)) if on]
+    if args.scheduler_config != SCHEDULER_CONFIG:
+        out += ["--scheduler-config", str(args.scheduler_config)]
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    head = (f"Bundled digits DiT ({args.model.name}), {args.samples} samples, {args.steps} DDIM steps, guidance "
+    solver = scheduler_from_config(args.scheduler_config).__class__.__name__.removesuffix("Scheduler")
+    head = (f"Bundled digits DiT ({args.model.name}), {args.samples} samples, {args.steps} {solver} steps, guidance "
             f"{args.guidance_scale}, ONNX Runtime CPU, {args.threads} thread(s); speedup = median over {args.repeats} "
             "repeats of (uncached original graph's wall time / policy's), each pair run back to back, in "
             "alternating order.")
