@@ -42,7 +42,7 @@ from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import NoCache
 from runtimes.sampler import SampleRequest, sample
-from runtimes.schedulers import scheduler_from_config
+from runtimes.schedulers import config_identity, scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], op
     plan.calibration = {
         "trajectories": n, "steps": options.steps, "eps": options.eps, "max_gap": options.max_gap,
         "ridge": options.ridge, "seed": options.seed, "guidance_scale": request.guidance_scale,
+        **config_identity(setup["scheduler_config"]),
     }
 
 

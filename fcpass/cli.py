@@ -383,6 +383,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             specs = " ".join(name + "".join(f"{',' if i else ':'}{k}={v}" for i, (k, v) in enumerate(opts.items()))
                              for name, opts in plan["compiled_for"].items())
             print(f"  compiled for {specs} (fcpass sample --policy NAME takes these options unless told otherwise)")
+        if c := plan.get("calibration"):
+            print(f"  calibrated on {c['trajectories']} trajectories x {c['steps']} steps of "
+                  f"{c.get('scheduler', 'an unrecorded sampler')}, guidance {c['guidance_scale']:g}")
         for r in plan["regions"]:
             cal = r["calibration"]
             cal_txt = f"  sigma2 {cal['sigma2']:.3g}  fit err {cal.get('fit_rel_err', float('nan')):.3g}" if cal.get("sigma2") is not None else ""

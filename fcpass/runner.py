@@ -17,7 +17,7 @@ from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import POLICIES, make_policy, parse_policy_spec
 from runtimes.sampler import PlainDenoiser, SampleResult, sample
-from runtimes.schedulers import scheduler_from_config
+from runtimes.schedulers import config_identity, scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,30 @@ def load_denoiser(
     return denoiser
 
 
+def warn_if_calibrated_for_another_sampler(denoiser: Any, setup: dict[str, Any]) -> None:
+    """A policy that acts on the graph's calibration gets fits and thresholds of one step's change under the
+    sampler and step count it was calibrated with; say so when the run samples otherwise."""
+    plan, policy = getattr(denoiser, "plan", None), getattr(denoiser, "policy", None)
+    if plan is None or policy is None or not plan.calibration or not policy.reads_calibration():
+        return
+    c, steps = plan.calibration, setup["request"].steps
+    now = config_identity(setup["scheduler_config"])
+    # plans calibrated before the sampler was recorded hold only the step count
+    other = c.get("scheduler_digest", now["scheduler_digest"]) != now["scheduler_digest"]
+    if not other and c["steps"] == steps:
+        return
+    then = f"{c.get('scheduler', 'its sampler')} x {c['steps']} steps"
+    log.warning("%s rests on a calibration made with %s; this run samples with %s x %d steps%s, whose steps change "
+                "the model's state otherwise: calibrate with the sampler you sample with (fcpass optimize --calibrate N "
+                "--scheduler-config F --steps %d)", policy.name, then, now["scheduler"], steps,
+                " (another config)" if other and c.get("scheduler") == now["scheduler"] else "", steps)
+
+
 def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, policy: str | None,
                  progress: bool = True) -> tuple[SampleResult, dict[str, Any]]:
     scheduler = scheduler_from_config(setup["scheduler_config"])
     request = setup["request"]
+    warn_if_calibrated_for_another_sampler(denoiser, setup)
     result = sample(denoiser, scheduler, request, progress=progress)
     report: dict[str, Any] = {
         "model": str(model_path),

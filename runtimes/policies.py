@@ -41,6 +41,8 @@ def taylor1_mix(step: int, computed: list[int]) -> tuple[float, ...]:
 
 class Policy(ABC):
     name: str = "policy"
+    #: Its test's thresholds come from calibration (sigma^2, TeaCache's polynomial, MagCache's ratios).
+    calibrated_test: bool = False
 
     def __init__(self) -> None:
         self.plan: CachePlan | None = None
@@ -65,6 +67,11 @@ class Policy(ABC):
 
     def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
         """See what the graph did at `step` (stat (R, B), skip (R,)); default: nothing to learn."""
+
+    def reads_calibration(self) -> bool:
+        """Whether what it does rests on the graph's calibration, which describes one sampler's steps: a calibrated
+        test, or the fitted approximations."""
+        return self.calibrated_test or getattr(getattr(self, "config", None), "approx", None) in ("linear", "affine")
 
     def describe(self) -> dict[str, object]:
         config = getattr(self, "config", None)
@@ -192,6 +199,7 @@ class FastCacheConfig:
 
 class FastCache(Policy):
     name = "fastcache"
+    calibrated_test = True
 
     def __init__(self, config: FastCacheConfig | None = None) -> None:
         super().__init__()
@@ -439,6 +447,7 @@ class TeaCache(Policy):
     on d (the first crossing of poly(d) = threshold - A above 0), so the graph needs no polynomial."""
 
     name = "teacache"
+    calibrated_test = True
 
     def __init__(self, config: TeaCacheConfig | None = None) -> None:
         super().__init__()
@@ -502,6 +511,7 @@ class MagCacheConfig:
 
 class MagCache(Policy):
     name = "magcache"
+    calibrated_test = True
 
     def __init__(self, config: MagCacheConfig | None = None) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ code below reproduces it deliberately; the comments say where.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ __all__ = [
     "FlowMatchEulerScheduler",
     "Scheduler",
     "UniPCMultistepScheduler",
+    "config_identity",
     "scheduler_from_config",
 ]
 
@@ -338,6 +340,15 @@ def _flow_from_config(config: Mapping[str, Any]) -> FlowMatchEulerScheduler:
         shift=config.get("shift", 1.0),
         dynamic=dynamic,
     )
+
+
+def config_identity(config: Mapping[str, Any] | str | Path) -> dict[str, str]:
+    """The sampler a config names and a digest of its settings (diffusers' private keys left out), so that two
+    configs that sample alike compare equal: ``{"scheduler": class name, "scheduler_digest": 16 hex digits}``."""
+    cfg = _load_config(config)
+    settings = {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"scheduler": str(cfg.get("_class_name")), "scheduler_digest": digest}
 
 
 def scheduler_from_config(config: Mapping[str, Any] | str | Path) -> Scheduler:

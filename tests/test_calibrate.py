@@ -134,3 +134,35 @@ def test_a_model_over_2_gb_calibrates_as_one_under_it(calibrated: tuple[Path, Pa
     assert got.keys() == ref.keys() and any(".V" in name for name in got)
     for name, value in ref.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize(("policy", "config", "steps", "warned"), [
+    ("fastcache", None, 6, None),
+    ("fastcache", None, 7, "DDIMScheduler x 6 steps; this run samples with DDIMScheduler x 7 steps,"),
+    ("fastcache", "dpmsolver", 6, "DDIMScheduler x 6 steps; this run samples with DPMSolverMultistepScheduler x 6 steps,"),
+    ("fastcache", "ddim_unclipped", 6, "with DDIMScheduler x 6 steps (another config)"),
+    ("fora:approx=linear", "dpmsolver", 6, "fora rests on a calibration"),
+    ("fora", "dpmsolver", 20, None),  # reuse reads nothing calibrated
+])
+def test_sampling_otherwise_than_calibrated_is_told(calibrated: tuple[Path, Path], policy: str, config: str | None,
+                                                    steps: int, warned: str | None,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The plan records the sampler calibration ran; a policy that rests on its fits or thresholds says when a run
+    samples with another sampler, config or step count."""
+    from fcpass.runner import load_denoiser, warn_if_calibrated_for_another_sampler
+    from models.digits import DIGITS_DIR, SCHEDULER_CONFIG
+    from runtimes.schedulers import config_identity
+
+    _, out = calibrated
+    recorded = read_plan(onnx.load(str(out), load_external_data=False)).calibration
+    assert {k: recorded[k] for k in ("scheduler", "scheduler_digest")} == config_identity(SCHEDULER_CONFIG)
+    setup = calibration_setup([1, 2])
+    setup["request"].steps = steps
+    if config is not None:
+        setup["scheduler_config"] = DIGITS_DIR / "schedulers" / f"{config}.json"
+    with caplog.at_level("WARNING", logger="fcpass.runner"):
+        warn_if_calibrated_for_another_sampler(load_denoiser(out, policy, {}), setup)
+    if warned is None:
+        assert caplog.text == ""
+    else:
+        assert warned in caplog.text and f"--scheduler-config F --steps {steps}" in caplog.text
