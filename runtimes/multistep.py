@@ -16,6 +16,7 @@ with diffusers' to float32 rounding (the tests hold it to 1e-5).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -203,7 +204,10 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         self.algorithm: str = choice({"algorithm_type": algorithm}, "algorithm_type", None, ("dpmsolver++", "dpmsolver"))
         super().__init__(config)
         self.euler_at_final = flag(config, "euler_at_final", False)
-        self.lambda_min_clipped = float(config.get("lambda_min_clipped", -np.inf))
+        clip = config.get("lambda_min_clipped", -math.inf)
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or math.isnan(clip):
+            raise unsupported("lambda_min_clipped", clip, "a number, or -Infinity for none")
+        self.lambda_min_clipped = float(clip)
         reject_unless(config, "use_lu_lambdas", (False,))
         choice(config, "variance_type", None, (None, "learned", "learned_range"))  # the sampler keeps the mean
         if self.algorithm == "dpmsolver" and self.final_sigmas_type == "zero":
@@ -238,7 +242,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         else:
             sig = np.interp(timesteps, np.arange(0, len(self.train_sigmas)), self.train_sigmas)
         self._finish(timesteps, sig, self._sigma_min_vp() if self.final_sigmas_type == "sigma_min" else 0.0)
-        if any(self._order_at(i) == 3 and self.sigmas[i + 1] == self.sigmas[i] for i in range(steps)):
+        if any(self._order_at(i) == 3 and self.sigmas[i + 1] == self.sigmas[i] for i in range(len(self.timesteps))):
             # diffusers' third-order update divides by the zero-length step and returns NaN
             raise FcpassError(f"DPMSolverMultistepScheduler of order 3 repeats a noise level in {steps} steps (Karras "
                               'sigmas end on sigma_min); use final_sigmas_type "zero" or solver_order 2')

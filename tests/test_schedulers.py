@@ -521,6 +521,7 @@ def test_unsupported_beta_schedule() -> None:
          '"flow_prediction"'),
         ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}, "final_sigmas_type", '"zero"'),
         ({"_class_name": "DPMSolverMultistepScheduler", "use_lu_lambdas": True}, "use_lu_lambdas", "true"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": "low"}, "lambda_min_clipped", '"low"'),
         ({"_class_name": "DPMSolverMultistepScheduler", "thresholding": True}, "thresholding", "true"),
         ({"_class_name": "UniPCMultistepScheduler", "solver_type": "bh3"}, "solver_type", '"bh3"'),
         ({"_class_name": "UniPCMultistepScheduler", "use_exponential_sigmas": True}, "use_exponential_sigmas", "true"),
