@@ -34,7 +34,7 @@ KNOBS: dict[str, tuple[str, list[Any]]] = {
     "fora": ("interval", [2, 3, 4, 5, 6, 8]),
     "taylorseer": ("interval", [2, 3, 4, 5, 6, 7, 8, 10]),
     "delta-dit": ("interval", [2, 3, 4, 6]),
-    "fastcache": ("sigma_scale", [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]),
+    "fastcache": ("sigma_scale", [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
     "fbcache": ("threshold", [0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32, 0.48]),
     "teacache": ("threshold", [0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6]),
     "magcache": ("threshold", [0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6]),
@@ -168,7 +168,18 @@ def table(result: TuneResult) -> str:
         lines.append("| " + " | ".join(row) + " |")
     for spec, why in result.skipped.items():
         lines.append(f"| {spec} | not run: {why} |{blank}")
+    for name, p in result.best().items():
+        if p is not None and _at_sweep_end(result, p):
+            lines.append(f"\n{name}: its fastest holding setting is the sweep's most aggressive ({p.knob}={p.value}); "
+                         f"fix a larger {p.knob} in the spec, or loosen its other options, to look further.")
     return "\n".join(lines) + "\n"
+
+
+def _at_sweep_end(result: TuneResult, point: Point) -> bool:
+    """Whether `point` is the last value its policy's knob was swept through (not a value the spec fixed)."""
+    swept = [p for p in result.points if p.name == point.name]
+    grid = KNOBS.get(parse_policy_spec(point.policy)[0], (None, []))[1]
+    return len(swept) > 1 and bool(grid) and point.value == grid[-1]
 
 
 def plot(curves: dict[str, list[tuple[float, float]]], target_psnr: float, path: Path, title: str) -> None:

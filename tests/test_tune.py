@@ -46,6 +46,22 @@ def test_the_table_has_a_digit_accuracy_column_only_where_a_classifier_scored() 
         assert len({line.count("|") for line in rows}) == 1, rows  # every row has every column
 
 
+def test_the_table_says_when_the_best_setting_is_the_sweep_s_last() -> None:
+    from fcpass.tune import table
+
+    knob, grid = KNOBS["fbcache"]
+    for last, told in ((grid[-1], True), (grid[-2], False)):
+        r = TuneResult("m.fc.onnx", 30.0, 1.0, None)
+        for i, value in enumerate(grid[:-2] + [last]):  # each faster than the one before
+            r.points.append(Point(f"fbcache:{knob}={value}", "fbcache", knob, value, 1 / (1 + i), 1 + i, 1 + i, 31.0, 0.9,
+                                  None, True))
+        assert ("sweep's most aggressive (threshold=" in table(r)) == told
+    fixed = TuneResult("m.fc.onnx", 30.0, 1.0, None)  # a spec that fixes the knob sweeps nothing
+    fixed.points.append(Point(f"fbcache:{knob}={grid[-1]}", f"fbcache:{knob}={grid[-1]}", knob, grid[-1], 0.5, 2.0, 2.2,
+                              31.0, 0.9, None, True))
+    assert "most aggressive" not in table(fixed)
+
+
 def test_tune_cli_writes_table_plot_and_json(calibrated: tuple[Path, Path], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     plot, js = tmp_path / "t.png", tmp_path / "t.json"
