@@ -3,7 +3,8 @@
 Each sampler reproduces its diffusers counterpart (diffusers 0.42) in float32 without importing
 torch:
 
-* :class:`DDIMScheduler` -- deterministic DDIM (eta = 0), ``diffusers.DDIMScheduler``.
+* :class:`DDIMScheduler` -- deterministic DDIM (eta = 0), ``diffusers.DDIMScheduler``, and
+  :class:`CogVideoXDDIMScheduler`, CogVideoX's variant on an SNR-shifted schedule.
 * :class:`FlowMatchEulerScheduler` -- Euler steps on a rectified-flow ODE,
   ``diffusers.FlowMatchEulerDiscreteScheduler`` with static shifting, or with dynamic shifting as
   Flux's pipeline drives it.
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SUPPORTED_CLASS_NAMES",
+    "CogVideoXDDIMScheduler",
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
     "FlowMatchEulerScheduler",
@@ -75,6 +77,7 @@ _MULTISTEP: dict[str, type[MultistepScheduler]] = {
 
 SUPPORTED_CLASS_NAMES: tuple[str, ...] = (
     "DDIMScheduler",
+    "CogVideoXDDIMScheduler",
     "FlowMatchEulerDiscreteScheduler",
     *_MULTISTEP,
     "DDPMScheduler",  # sampled with DDIM built from its beta fields
@@ -201,6 +204,54 @@ class DDIMScheduler(Scheduler):
         return prev.astype(np.float32, copy=False)
 
 
+class CogVideoXDDIMScheduler(DDIMScheduler):
+    """CogVideoX's DDIM, equal to ``diffusers.CogVideoXDDIMScheduler``: deterministic DDIM on the training
+    schedule with its signal-to-noise ratio divided by ``snr_shift_scale``
+    (``a' = a / (s + (1 - s) a)`` of ``alphas_cumprod``), then rescaled to zero terminal SNR on
+    ``alphas_cumprod`` itself where ``rescale_betas_zero_snr`` asks. Each step returns
+    ``sqrt((1 - a_prev) / (1 - a_t)) x + (sqrt(a_prev) - sqrt(a_t) sqrt((1 - a_prev) / (1 - a_t))) x0``
+    and never clips x0. A ``scaled_linear`` schedule is computed in float64, as diffusers does.
+    """
+
+    def __init__(self, snr_shift_scale: float = 3.0, **ddim: Any) -> None:
+        rescale = flag(ddim, "rescale_betas_zero_snr", False)
+        super().__init__(**{**ddim, "clip_sample": False, "rescale_betas_zero_snr": False})
+        self.snr_shift_scale = number({"snr_shift_scale": snr_shift_scale}, "snr_shift_scale", 3.0, positive=True)
+        if self.beta_schedule == "scaled_linear" and ddim.get("trained_betas") is None:
+            root = np.linspace(ddim.get("beta_start", 0.00085) ** 0.5, ddim.get("beta_end", 0.012) ** 0.5,
+                               self.num_train_timesteps, dtype=np.float64)
+            alphas_cumprod = np.cumprod(1.0 - root**2)
+        else:
+            alphas_cumprod = self.alphas_cumprod
+        s = alphas_cumprod.dtype.type(self.snr_shift_scale)
+        alphas_cumprod = alphas_cumprod / (s + (1 - s) * alphas_cumprod)
+        if rescale:
+            root = np.sqrt(alphas_cumprod)
+            first, last = root[0], root[-1]
+            alphas_cumprod = ((root - last) * (first / (first - last))) ** 2
+        self.alphas_cumprod = alphas_cumprod
+        self.final_alpha_cumprod = np.float32(1.0) if self.set_alpha_to_one else alphas_cumprod[0]
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        model_output, sample, position = self._prepare(model_output, index, sample)
+        timestep = int(self.discrete_timesteps[position])
+        prev_timestep = timestep - self._step_ratio
+        a_t = self.alphas_cumprod[timestep]
+        a_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        a_prev = a_t.dtype.type(a_prev)
+        beta = 1 - a_t
+        # diffusers' coefficients are 0-d tensors of the schedule's dtype, rounded to float32 against the sample
+        if self.prediction_type == "epsilon":
+            x0 = (sample - np.float32(beta**0.5) * model_output) / np.float32(a_t**0.5)
+        elif self.prediction_type == "sample":
+            x0 = model_output
+        else:
+            x0 = np.float32(a_t**0.5) * sample - np.float32(beta**0.5) * model_output
+        scale = ((1 - a_prev) / (1 - a_t)) ** 0.5
+        shift = a_prev**0.5 - a_t**0.5 * scale
+        return (np.float32(scale) * sample + np.float32(shift) * x0).astype(np.float32, copy=False)
+
+
 class FlowMatchEulerScheduler(Scheduler):
     """Euler integration of a rectified-flow ODE, equal to ``diffusers.FlowMatchEulerDiscreteScheduler``.
 
@@ -300,23 +351,20 @@ def _load_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     return loaded
 
 
-def _ddim_from_config(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> DDIMScheduler:
-    merged = {**defaults, **config}
-    reject_unless(merged, "thresholding", (False,))
-    return DDIMScheduler(
-        num_train_timesteps=merged.get("num_train_timesteps", 1000),
-        beta_start=merged.get("beta_start", 0.0001),
-        beta_end=merged.get("beta_end", 0.02),
-        beta_schedule=merged.get("beta_schedule", "linear"),
-        trained_betas=merged.get("trained_betas"),
-        clip_sample=merged.get("clip_sample", True),
-        clip_sample_range=merged.get("clip_sample_range", 1.0),
-        set_alpha_to_one=merged.get("set_alpha_to_one", True),
-        steps_offset=merged.get("steps_offset", 0),
-        prediction_type=merged.get("prediction_type", "epsilon"),
-        timestep_spacing=merged.get("timestep_spacing", "leading"),
-        rescale_betas_zero_snr=merged.get("rescale_betas_zero_snr", False),
-    )
+_DDIM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample",
+              "clip_sample_range", "set_alpha_to_one", "steps_offset", "prediction_type", "timestep_spacing",
+              "rescale_betas_zero_snr")
+# CogVideoXDDIMScheduler's defaults where DDIMScheduler's differ
+_COGVIDEOX_DEFAULTS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def _ddim_from_config(config: Mapping[str, Any]) -> DDIMScheduler:
+    reject_unless(config, "thresholding", (False,))
+    kwargs = {k: config[k] for k in _DDIM_KEYS if k in config}
+    if config.get("_class_name") == "CogVideoXDDIMScheduler":
+        return CogVideoXDDIMScheduler(snr_shift_scale=config.get("snr_shift_scale", 3.0),
+                                      **{**_COGVIDEOX_DEFAULTS, **kwargs})
+    return DDIMScheduler(**kwargs)
 
 
 def _flow_from_config(config: Mapping[str, Any]) -> FlowMatchEulerScheduler:
@@ -360,8 +408,8 @@ def scheduler_from_config(config: Mapping[str, Any] | str | Path) -> Scheduler:
     """
     cfg = _load_config(config)
     class_name = cfg.get("_class_name")
-    if class_name == "DDIMScheduler":
-        return _ddim_from_config(cfg, {})
+    if class_name in ("DDIMScheduler", "CogVideoXDDIMScheduler"):
+        return _ddim_from_config(cfg)
     if class_name == "FlowMatchEulerDiscreteScheduler":
         return _flow_from_config(cfg)
     if class_name in _MULTISTEP:
@@ -369,5 +417,5 @@ def scheduler_from_config(config: Mapping[str, Any] | str | Path) -> Scheduler:
     if class_name == "DDPMScheduler":
         logger.warning("scheduler config names DDPMScheduler, whose sampling draws fresh noise at every step; sampling "
                        "with DDIM (eta = 0) built from its beta schedule instead")
-        return _ddim_from_config(cfg, {})
+        return _ddim_from_config(cfg)
     raise unsupported("_class_name", class_name, format_values(SUPPORTED_CLASS_NAMES))

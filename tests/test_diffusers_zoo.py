@@ -6,6 +6,7 @@ rules, and with every region computing equals the original graph."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +42,34 @@ def test_compiles_and_computes_what_the_original_does(family: str, tmp_path: Pat
     assert frames_axis(original, "hidden_states") == (1 if family == "cogvideox" else 2)
 
 
-def test_a_clip_s_frames_are_found_whatever_the_layout(tmp_path: Path) -> None:
-    """CogVideoX keeps its frames before its channels: the grid still lays each clip's frames out in a row,
-    and quality reads them per frame, as for Wan's layout."""
+def test_cogvideox_samples_as_its_pipeline_does_and_lays_out_its_frames(tmp_path: Path) -> None:
+    """CogVideoX's own scheduler (DDIM on an SNR-shifted, zero-terminal-SNR schedule, v-prediction): `fcpass sample`
+    on the ONNX graph draws what diffusers' CogVideoXDDIMScheduler draws from the PyTorch transformer, guidance
+    included. Its frames come before its channels: the grid still lays each clip's frames out in a row."""
+    import diffusers
     import matplotlib.image
 
     e = export_family("cogvideox", "tiny", tmp_path / "cogvideox.onnx", samples=2)
     grid, npy = tmp_path / "grid.png", tmp_path / "x.npy"
     assert main(["sample", str(e.path), "--scheduler-config", str(e.scheduler), "--prompt-embeds", str(e.captions),
-                 "--steps", "2", "--out", str(grid), "--out-npy", str(npy)]) == 0
-    assert np.load(npy).shape == (2, 3, 4, 8, 8)  # the model's own layout: (N, frames, C, H, W)
+                 "--steps", "4", "--guidance-scale", "6", "--out", str(grid), "--out-npy", str(npy)]) == 0
+    got = np.load(npy)
+    assert got.shape == (2, 3, 4, 8, 8)  # the model's own layout: (N, frames, C, H, W)
     # two clips, one to a row, three frames each (not four channels), upscaled 4x with a 1-pixel border
     assert matplotlib.image.imread(grid).shape[:2] == (4 * (2 * 9 + 1), 4 * (3 * 9 + 1))
+
+    captions = torch.from_numpy(np.load(e.captions))
+    noise = np.random.default_rng(0).standard_normal(got.shape).astype(np.float32)  # the sampler's draw
+    want = []
+    for row in range(2):  # a batch-2 graph under guidance: one clip per call
+        scheduler = diffusers.CogVideoXDDIMScheduler.from_config(json.loads(e.scheduler.read_text()))
+        scheduler.set_timesteps(4)
+        x = torch.from_numpy(noise[row : row + 1])
+        embeds = torch.cat([captions[row : row + 1], torch.zeros_like(captions[row : row + 1])])
+        for t in scheduler.timesteps:
+            with torch.no_grad():
+                out = e.model(torch.cat([x, x]), embeds, t.expand(2))
+            cond, uncond = out.chunk(2)
+            x = scheduler.step(uncond + 6 * (cond - uncond), t, x).prev_sample
+        want.append(x.numpy())
+    np.testing.assert_allclose(got, np.concatenate(want), atol=1e-4)

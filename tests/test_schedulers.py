@@ -31,7 +31,7 @@ from runtimes.schedulers import (
     UniPCMultistepScheduler,
     scheduler_from_config,
 )
-from tools.export_diffusers import SANA_SCHEDULER, WAN_SCHEDULER
+from tools.export_diffusers import COGVIDEOX_SCHEDULER, SANA_SCHEDULER, WAN_SCHEDULER
 
 RTOL = 1e-5
 ATOL = 1e-5
@@ -198,6 +198,25 @@ def test_ddim_trained_betas(diffusers: ModuleType) -> None:
     ours = scheduler_from_config(config)
     reference = diffusers.DDIMScheduler(num_train_timesteps=100, trained_betas=betas, clip_sample=False)
     _assert_same_sampling(ours, reference, 10)
+
+
+@pytest.mark.parametrize("steps", [1, 10, 50])
+@pytest.mark.parametrize("variant", [
+    {}, {"prediction_type": "epsilon", "rescale_betas_zero_snr": False},
+    {"prediction_type": "sample", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+     "set_alpha_to_one": False},
+    {"timestep_spacing": "leading", "snr_shift_scale": 1.5},
+    {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "linspace", "clip_sample": True},
+], ids=["cogvideox-2b", "epsilon", "linear-sample", "leading", "cosine-clip-ignored"])
+def test_cogvideox_ddim_matches_diffusers(diffusers: ModuleType, variant: dict[str, Any], steps: int) -> None:
+    config = {**COGVIDEOX_SCHEDULER, **variant}
+    ours = scheduler_from_config(config)
+    reference = diffusers.CogVideoXDDIMScheduler.from_config(config)
+    np.testing.assert_allclose(ours.alphas_cumprod, reference.alphas_cumprod.numpy(), rtol=1e-6, atol=1e-12)
+    ours.set_timesteps(steps)
+    reference.set_timesteps(steps)
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy().astype(np.float32))
+    _assert_same_sampling(ours, reference, steps)
 
 
 # --------------------------------------------------------------------------------------------

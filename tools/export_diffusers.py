@@ -51,8 +51,10 @@ SANA_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type"
                   "beta_schedule": "linear", "final_sigmas_type": "zero", "flow_shift": 3.0,
                   "prediction_type": "flow_prediction", "solver_order": 2, "solver_type": "midpoint",
                   "use_flow_sigmas": True}
-# CogVideoX's own (CogVideoXDDIMScheduler, v-prediction on a zero-terminal-SNR schedule) is not implemented; random
-# weights make no sample better than another, so flow-matching Euler draws from it here.
+COGVIDEOX_SCHEDULER = {"_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                       "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+                       "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "set_alpha_to_one": True,
+                       "snr_shift_scale": 3.0, "steps_offset": 0, "timestep_spacing": "trailing"}  # CogVideoX-2b's
 HUNYUAN_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 7.0}  # HunyuanVideo's
 
 
@@ -219,7 +221,7 @@ FAMILIES: dict[str, Family] = {
                  "caption": 5},
         "small": {"batch": 2, "channels": 16, "frames": 4, "side": 16, "layers": 4, "heads": 4, "head_dim": 64,
                   "text": 64, "caption": 32},
-    }, FLOW_SCHEDULER),
+    }, COGVIDEOX_SCHEDULER),
 }
 
 
