@@ -2,8 +2,8 @@
 
     python tools/bench_peers.py --readme README.md --plot docs/peers.png
 
-Both sides draw the same samples (classes 0..9 cycled, the same seeds), with the same numpy DDIM
-scheduler, guidance and host loop (`runtimes.sampler.sample`): fcpass's compiled graphs on ONNX
+Both sides draw the same samples (classes 0..9 cycled, the same seeds), with the same numpy
+scheduler (the bundled DDIM, or `--scheduler-config`), guidance and host loop (`runtimes.sampler.sample`): fcpass's compiled graphs on ONNX
 Runtime, diffusers' `DiTTransformer2DModel` (the same weights, through the converter) in PyTorch
 with its hooks (`tools/peers_diffusers.py`). Each method sweeps its main knob, conservative to
 aggressive, and stops after two settings in a row below the PSNR target; its row is its fastest
@@ -95,8 +95,8 @@ def sweep(side: str, method: str, specs: list[tuple[str, Any]], base: SampleResu
 
 
 def fcpass_rows(args: argparse.Namespace, request: SampleRequest, classifier: DigitClassifier, tmp: Path) -> list[Row]:
-    scheduler = scheduler_from_config(SCHEDULER_CONFIG)
-    calib_setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    scheduler = scheduler_from_config(args.scheduler_config)
+    calib_setup = {"scheduler_config": args.scheduler_config, "request": request}
     graphs: dict[str, Path] = {}
     for spec in args.fcpass:
         policy, regions = spec.split("@", 1)
@@ -128,18 +128,19 @@ def diffusers_rows(args: argparse.Namespace, request: SampleRequest, classifier:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import peers_diffusers as peers
 
-    scheduler = scheduler_from_config(SCHEDULER_CONFIG)
-    plain = peers.DiffusersDenoiser(peers.load_diffusers_digits(args.threads))
+    scheduler = scheduler_from_config(args.scheduler_config)
+    plain = peers.DiffusersDenoiser(peers.load_diffusers_digits(args.threads), scheduler_config=args.scheduler_config)
     base = _best_of(lambda: sample(plain, scheduler, request, progress=False), args.repeats)
     log.info("diffusers uncached: %.3f s", base.wall_seconds)
-    ratios = peers.calibrate_magcache(steps=request.steps, guidance_scale=request.guidance_scale, threads=args.threads)
+    ratios = peers.calibrate_magcache(steps=request.steps, guidance_scale=request.guidance_scale, threads=args.threads,
+                                      scheduler_config=args.scheduler_config)
     rows: list[Row] = []
     for method in args.diffusers:
         def runner(options: dict[str, Any], method: str = method) -> Any:
             model = peers.load_diffusers_digits(args.threads)
             extra = {"mag_ratios": ratios, "num_inference_steps": request.steps} if method == "magcache" else {}
             peers.apply_hook(model, method, **options, **extra)
-            den = peers.DiffusersDenoiser(model)
+            den = peers.DiffusersDenoiser(model, scheduler_config=args.scheduler_config)
             return lambda: sample(den, scheduler, request, progress=False)
 
         specs = [(f"{method}:" + ",".join(f"{k}={v}" for k, v in o.items()), runner(o)) for o in peers.KNOBS[method]]
@@ -157,7 +158,8 @@ def best_rows(rows: list[Row]) -> list[Row | tuple[str, str]]:
 
 def table(rows: list[Row], args: argparse.Namespace) -> str:
     lines = [
-        (f"Bundled digits DiT, {args.samples} samples x {args.steps} DDIM steps, guidance {args.guidance_scale}, "
+        (f"Bundled digits DiT, {args.samples} samples x {args.steps} {_solver(args.scheduler_config)} steps, guidance "
+         f"{args.guidance_scale}, "
          f"{args.threads} CPU thread(s). Each method's fastest swept setting holding >= {args.target_psnr:g} dB "
          f"mean PSNR against its own uncached samples; speedup over its own uncached run, best of {args.repeats}."),
         "",
@@ -180,7 +182,13 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
     out = []
     for key in ("samples", "steps", "repeats", "threads", "calibrate", "target_psnr"):
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.scheduler_config != SCHEDULER_CONFIG:
+        out += ["--scheduler-config", str(args.scheduler_config)]
     return out
+
+
+def _solver(config: Path) -> str:
+    return type(scheduler_from_config(config)).__name__.removesuffix("Scheduler")
 
 
 def main() -> None:
@@ -188,6 +196,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ONNX)
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--scheduler-config", type=Path, default=SCHEDULER_CONFIG,
+                    help="diffusers scheduler config both sides sample with (default: the bundled model's DDIM)")
     ap.add_argument("--guidance-scale", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target-psnr", type=float, default=30.0)

@@ -88,8 +88,9 @@ from models.convert import (
 )
 from models.digits import DIGITS_DIT, NUM_CLASSES, ONNX, SCHEDULER_CONFIG, WEIGHTS
 from models.dit import DiTConfig
+from runtimes.multistep import MultistepScheduler
 from runtimes.sampler import SampleRequest, sample
-from runtimes.schedulers import DDIMScheduler, FlowMatchEulerScheduler, scheduler_from_config
+from runtimes.schedulers import DDIMScheduler, scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +294,12 @@ def apply_hook(model: DiTTransformer2DModel, method: str, **options: Any) -> Any
 def _flow_sigma(scheduler_config: Mapping[str, Any] | str | Path) -> Callable[[float], float]:
     """Timestep -> rectified-flow sigma with the same signal-to-noise ratio (SeaCache's context needs one)."""
     scheduler = scheduler_from_config(scheduler_config)
-    if isinstance(scheduler, DDIMScheduler):
+    if isinstance(scheduler, (DDIMScheduler, MultistepScheduler)) and not getattr(scheduler, "flow", False):
         alphas = scheduler.alphas_cumprod.astype(np.float64)
         signal, noise = np.sqrt(alphas), np.sqrt(1.0 - alphas)
         sigmas = noise / (signal + noise)
         return lambda t: float(sigmas[int(np.clip(round(t), 0, len(sigmas) - 1))])
-    assert isinstance(scheduler, FlowMatchEulerScheduler)
-    n = scheduler.num_train_timesteps
+    n = scheduler.num_train_timesteps  # flow matching: timestep = sigma * n
     return lambda t: float(np.clip(t / n, 0.0, 1.0))
 
 
@@ -400,8 +400,9 @@ def calibrate_magcache(
     guidance_scale: float = 1.5,
     seed: int = 1,
     threads: int = 1,
+    scheduler_config: Mapping[str, Any] | str | Path = SCHEDULER_CONFIG,
 ) -> list[float]:
-    """MagCache's per-step magnitude ratios for the bundled model and scheduler, `steps` long.
+    """MagCache's per-step magnitude ratios for the bundled model under `scheduler_config`, `steps` long.
 
     Runs one uncached trajectory per class (seed `seed`; keep it apart from the evaluation seeds) with
     diffusers' MagCache in calibration mode and averages the ratios it records. The hook is told one
@@ -411,11 +412,11 @@ def calibrate_magcache(
     model = load_diffusers_digits(threads)
     apply_mag_cache(model, MagCacheConfig(calibrate=True, num_inference_steps=steps + 1))
     head = HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0]).get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK)
-    denoiser = DiffusersDenoiser(model, count_work=False)
+    denoiser = DiffusersDenoiser(model, scheduler_config=scheduler_config, count_work=False)
     runs = []
     for label in classes:
         request = SampleRequest(classes=[label], steps=steps, guidance_scale=guidance_scale, uncond_class=NUM_CLASSES, seed=seed)
-        sample(denoiser, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False)
+        sample(denoiser, scheduler_from_config(scheduler_config), request, progress=False)
         runs.append(list(head.state_manager._state_cache[CONTEXT].calibration_ratios))
     ratios = np.mean(np.asarray(runs, dtype=np.float64), axis=0)
     log.info("MagCache ratios over %d trajectories of %d steps: %s", len(runs), steps, np.round(ratios, 4).tolist())
