@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -325,6 +326,23 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
                 - (sigma_t * ((np.exp(h) - one - h) / (h * h) - half)) * d2)
 
 
+@dataclass(frozen=True)
+class _UniTerms:
+    """One UniP or UniC update: ``x' = ratio x - phi m0 - residual_scale sum_k rho_k d1s[k]``, with the rho that
+    solve ``R rho = b`` (UniPC's order conditions) and ``d1s`` the divided differences of the earlier converted
+    outputs against the latest, ``m0``."""
+
+    ratio: np.float32
+    phi: np.float32
+    residual_scale: np.float32
+    r: np.ndarray
+    b: np.ndarray
+    d1s: list[np.ndarray]
+
+    def combine(self, rhos: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        return sum((F32(rho) * d for rho, d in zip(rhos, self.d1s)), zero)
+
+
 class UniPCMultistepScheduler(MultistepScheduler):
     """UniPC (Zhao et al. 2023), equal to ``diffusers.UniPCMultistepScheduler``: at each step the UniC corrector
     refines the sample the last step's predictor made, using this step's model output, then the UniP predictor
@@ -417,13 +435,9 @@ class UniPCMultistepScheduler(MultistepScheduler):
             prev = self._predictor(sample, i, self._order_at(i))
         return prev.astype(np.float32, copy=False)
 
-    def _terms(self, target: int, start: int, order: int,
-               earlier: list[tuple[int, np.ndarray]]) -> tuple[np.float32, np.float32, np.float32, np.float32,
-                                                                np.float32, np.float32, np.ndarray, np.ndarray,
-                                                                list[np.ndarray]]:
-        """The coefficients of a UniP/UniC update from sigma index ``start`` to ``target``: the scales at both
-        ends, h*phi_1, B(h), the order-condition system R, b and the divided differences of ``earlier``
-        ((sigma index, converted output) pairs) against the latest output."""
+    def _terms(self, target: int, start: int, order: int, earlier: list[tuple[int, np.ndarray]]) -> _UniTerms:
+        """The coefficients of a UniP/UniC update of ``order`` from sigma index ``start`` to ``target``, with
+        ``earlier`` the (sigma index, converted output) pairs before the latest output."""
         alpha_t, sigma_t = self.alpha_sigma(self.sigmas[target])
         alpha_s, sigma_s = self.alpha_sigma(self.sigmas[start])
         lam_s = self.lam(self.sigmas[start])
@@ -446,33 +460,28 @@ class UniPCMultistepScheduler(MultistepScheduler):
             b.append(F32(h_phi_k * F32(factorial) / b_h))
             factorial *= k + 1
             h_phi_k = F32(h_phi_k / hh - F32(1.0 / factorial))
-        return (alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1, b_h, np.stack(rows).astype(np.float32),
-                np.asarray(b, dtype=np.float32), d1s)
-
-    def _base(self, x: np.ndarray, m0: np.ndarray, alpha_t: np.float32, sigma_t: np.float32, alpha_s: np.float32,
-              sigma_s: np.float32, h_phi_1: np.float32) -> tuple[np.ndarray, np.float32]:
-        """The first-order update of ``x`` and the scale its higher-order residual takes."""
+        # The first-order update scales the residual by alpha (data prediction) or sigma (noise prediction).
         if self.predict_x0:
-            return (sigma_t / sigma_s) * x - (alpha_t * h_phi_1) * m0, alpha_t
-        return (alpha_t / alpha_s) * x - (sigma_t * h_phi_1) * m0, sigma_t
+            ratio, phi, scale = sigma_t / sigma_s, alpha_t * h_phi_1, alpha_t
+        else:
+            ratio, phi, scale = alpha_t / alpha_s, sigma_t * h_phi_1, sigma_t
+        return _UniTerms(ratio, phi, scale * b_h, np.stack(rows).astype(np.float32), np.asarray(b, dtype=np.float32),
+                         d1s)
 
     def _predictor(self, x: np.ndarray, i: int, order: int) -> np.ndarray:
-        earlier = [(i - k, self._history[-(k + 1)]) for k in range(1, order)]
-        alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1, b_h, r, b, d1s = self._terms(i + 1, i, order, earlier)
-        x_t, scale = self._base(x, self._history[-1], alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1)
-        if not d1s:
+        t = self._terms(i + 1, i, order, [(i - k, self._history[-(k + 1)]) for k in range(1, order)])
+        x_t = t.ratio * x - t.phi * self._history[-1]
+        if not t.d1s:
             return x_t
-        rhos = np.array([0.5], dtype=np.float32) if order == 2 else np.linalg.solve(r[:-1, :-1], b[:-1])
-        residual = sum((F32(rho) * d for rho, d in zip(rhos, d1s)), np.zeros_like(x_t))
-        return x_t - (scale * b_h) * residual
+        rhos = np.array([0.5], dtype=np.float32) if order == 2 else np.linalg.solve(t.r[:-1, :-1], t.b[:-1])
+        return x_t - t.residual_scale * t.combine(rhos, np.zeros_like(x_t))
 
     def _corrector(self, converted: np.ndarray, last_sample: np.ndarray, i: int) -> np.ndarray:
         """UniC: redo the last step from ``last_sample`` with this step's converted output as one more point; the
         result replaces the sample the last step's predictor made."""
         order = self._order_at(i - 1)
-        earlier = [(i - (k + 1), self._history[-(k + 1)]) for k in range(1, order)]
-        alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1, b_h, r, b, d1s = self._terms(i, i - 1, order, earlier)
-        x_t, scale = self._base(last_sample, self._history[-1], alpha_t, sigma_t, alpha_s, sigma_s, h_phi_1)
-        rhos = np.array([0.5], dtype=np.float32) if order == 1 else np.linalg.solve(r, b).astype(np.float32)
-        residual = sum((F32(rho) * d for rho, d in zip(rhos[:-1], d1s)), np.zeros_like(x_t))
-        return x_t - (scale * b_h) * (residual + rhos[-1] * (converted - self._history[-1]))
+        t = self._terms(i, i - 1, order, [(i - (k + 1), self._history[-(k + 1)]) for k in range(1, order)])
+        x_t = t.ratio * last_sample - t.phi * self._history[-1]
+        rhos = np.array([0.5], dtype=np.float32) if order == 1 else np.linalg.solve(t.r, t.b).astype(np.float32)
+        residual = t.combine(rhos[:-1], np.zeros_like(x_t))
+        return x_t - t.residual_scale * (residual + rhos[-1] * (converted - self._history[-1]))
