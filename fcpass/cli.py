@@ -588,6 +588,7 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
     from fcpass.onnx_io import load_model
     from fcpass.passes.segments import interface_model, is_segments_artefact, read_manifest
     from runtimes.sampler import SampleRequest
+    from runtimes.schedulers import scheduler_from_config
 
     if is_segments_artefact(model_path):  # a segments folder: its manifest holds the export metadata
         model = interface_model(read_manifest(model_path))
@@ -603,6 +604,7 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
             sched_path = SCHEDULER_CONFIG
         else:
             raise FcpassError(f"{model_path} is not the bundled model; pass --scheduler-config scheduler_config.json")
+    scheduler_from_config(sched_path)  # a bad config fails here, before a large model loads
     prompt = _embeddings(args.prompt_embeds, "prompt embeddings", rank=3)
     pooled = _embeddings(args.pooled_embeds, "pooled embeddings", rank=2)
     negative = _embeddings(args.negative_embeds, "negative embeddings", rank=3)

@@ -151,6 +151,24 @@ def test_calibrating_a_model_without_its_scheduler_config(capsys, tiny_dit: Path
     assert leftovers(out) == []
 
 
+@pytest.mark.parametrize("command", ["sample", "optimize", "tune"])
+def test_a_bad_scheduler_config_fails_before_the_model_loads(capsys, tiny_dit: Path, out: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """A deployment model takes minutes to load; a scheduler config it cannot sample with is refused first."""
+    import onnxruntime
+
+    def no_session(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an ONNX Runtime session was made before the scheduler config was read")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    config = out / "scheduler_config.json"
+    config.write_text('{"_class_name": "UniPCMultistepScheduler", "solver_order": 5}')
+    argv = {"sample": ["sample", tiny_dit], "optimize": ["optimize", tiny_dit, "-o", out / "x.onnx", "--calibrate", "1"],
+            "tune": ["tune", tiny_dit]}[command]
+    user_error(capsys, [*argv, "--scheduler-config", config], "'solver_order': found 5; supported: 1, 2 or 3")
+    assert leftovers(out) == [config.name]
+
+
 # --- export ---------------------------------------------------------------------------------
 
 
