@@ -598,12 +598,17 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
     config = meta.get("config", {})
     sched_path = args.scheduler_config
     if sched_path is None:
+        beside = Path(model_path).parent / "scheduler_config.json"
         if meta.get("arch") == "digits":
             from models.digits import SCHEDULER_CONFIG
 
             sched_path = SCHEDULER_CONFIG
+        elif beside.is_file():  # where tools/export_diffusers.py, and a diffusers scheduler folder, keep it
+            log.info("sampling with %s (no --scheduler-config given)", beside)
+            sched_path = beside
         else:
-            raise FcpassError(f"{model_path} is not the bundled model; pass --scheduler-config scheduler_config.json")
+            raise FcpassError(f"{model_path} is not the bundled model and has no scheduler_config.json beside it; pass "
+                              "--scheduler-config scheduler_config.json")
     scheduler_from_config(sched_path)  # a bad config fails here, before a large model loads
     prompt = _embeddings(args.prompt_embeds, "prompt embeddings", rank=3)
     pooled = _embeddings(args.pooled_embeds, "pooled embeddings", rank=2)

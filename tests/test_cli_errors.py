@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 from fcpass.cli import main
-from models.digits import DIGITS_DIT, ONNX, SCHEDULER_CONFIG
+from models.digits import DIGITS_DIR, DIGITS_DIT, ONNX, SCHEDULER_CONFIG
 
 
 def user_error(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> str:
@@ -147,8 +147,26 @@ def test_calibrating_on_a_provider_this_onnx_runtime_lacks(capsys, plain: Path, 
 def test_calibrating_a_model_without_its_scheduler_config(capsys, tiny_dit: Path, out: Path) -> None:
     """Calibration samples, so it needs the scheduler; optimizing alone does not."""
     user_error(capsys, ["optimize", tiny_dit, "-o", out / "x.onnx", "--calibrate", "1"],
-               "is not the bundled model", "--scheduler-config")
+               "is not the bundled model and has no scheduler_config.json beside it", "--scheduler-config")
     assert leftovers(out) == []
+
+
+def test_a_scheduler_config_beside_the_model_is_the_default(tiny_dit: Path, tmp_path: Path) -> None:
+    """Where tools/export_diffusers.py writes it: `fcpass sample model.onnx` needs no --scheduler-config then."""
+    import shutil
+
+    model = tmp_path / tiny_dit.name
+    for part in tiny_dit.parent.glob(tiny_dit.name + "*"):  # the graph, and its weights where kept beside it
+        shutil.copy(part, tmp_path)
+    shutil.copy(DIGITS_DIR / "schedulers" / "dpmsolver.json", tmp_path / "scheduler_config.json")
+    common = ["sample", str(model), "--steps", "3", "--class", "3", "--uncond-class", "10"]
+    assert main([*common, "--out-npy", str(tmp_path / "a.npy")]) == 0
+    assert main([*common, "--scheduler-config", str(DIGITS_DIR / "schedulers" / "dpmsolver.json"),
+                 "--out-npy", str(tmp_path / "b.npy")]) == 0
+    assert main([*common, "--scheduler-config", str(SCHEDULER_CONFIG), "--out-npy", str(tmp_path / "c.npy")]) == 0
+    a, b, c = (np.load(tmp_path / f"{k}.npy") for k in "abc")
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)  # the flag still wins
 
 
 @pytest.mark.parametrize("command", ["sample", "optimize", "tune"])
