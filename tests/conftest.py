@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,29 @@ def unread_nodes(graph: onnx.GraphProto, where: str = "main") -> list[str]:
         for g in subgraphs(n):
             out += unread_nodes(g, f"{where} > {n.name}")
     return out
+
+
+def as_its_pipeline(e: Any, scheduler_class: Any, steps: int, guidance: float) -> np.ndarray:
+    """What diffusers' `scheduler_class`, configured as the export's pipeline is, draws from the PyTorch transformer,
+    from the noise `fcpass sample` draws: one sample per call of the batch-2 graph, guidance against zero
+    unconditional embeddings, the timestep as the graph takes it."""
+    import torch
+
+    captions = torch.from_numpy(np.load(e.captions))
+    timestep_dtype = torch.from_numpy(e.feeds["timestep"]).dtype
+    noise = np.random.default_rng(0).standard_normal((len(captions), *e.feeds["hidden_states"].shape[1:]))
+    want = []
+    for row, x0 in enumerate(noise.astype(np.float32)):
+        scheduler = scheduler_class.from_config(json.loads(e.scheduler.read_text()))
+        scheduler.set_timesteps(steps)
+        x = torch.from_numpy(x0[None])
+        embeds = torch.cat([captions[row : row + 1], torch.zeros_like(captions[row : row + 1])])
+        for t in scheduler.timesteps:
+            feeds = {"hidden_states": torch.cat([x, x]), "encoder_hidden_states": embeds,
+                     "timestep": t.expand(2).to(timestep_dtype)}
+            with torch.no_grad():
+                out = e.model(*(feeds[name] for name in e.feeds))  # in the export's input order
+            cond, uncond = out.chunk(2)
+            x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+        want.append(x.numpy())
+    return np.concatenate(want)

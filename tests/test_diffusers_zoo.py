@@ -6,7 +6,6 @@ rules, and with every region computing equals the original graph."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from fcpass.discover import discover_blocks
 from fcpass.graphinfo import frames_axis
 from fcpass.roles import infer_roles
 from fcpass.trt_check import check_graph
-from tests.conftest import forced_compute_error
+from tests.conftest import as_its_pipeline, forced_compute_error
 from tools.export_diffusers import export_family
 
 
@@ -58,18 +57,17 @@ def test_cogvideox_samples_as_its_pipeline_does_and_lays_out_its_frames(tmp_path
     # two clips, one to a row, three frames each (not four channels), upscaled 4x with a 1-pixel border
     assert matplotlib.image.imread(grid).shape[:2] == (4 * (2 * 9 + 1), 4 * (3 * 9 + 1))
 
-    captions = torch.from_numpy(np.load(e.captions))
-    noise = np.random.default_rng(0).standard_normal(got.shape).astype(np.float32)  # the sampler's draw
-    want = []
-    for row in range(2):  # a batch-2 graph under guidance: one clip per call
-        scheduler = diffusers.CogVideoXDDIMScheduler.from_config(json.loads(e.scheduler.read_text()))
-        scheduler.set_timesteps(4)
-        x = torch.from_numpy(noise[row : row + 1])
-        embeds = torch.cat([captions[row : row + 1], torch.zeros_like(captions[row : row + 1])])
-        for t in scheduler.timesteps:
-            with torch.no_grad():
-                out = e.model(torch.cat([x, x]), embeds, t.expand(2))
-            cond, uncond = out.chunk(2)
-            x = scheduler.step(uncond + 6 * (cond - uncond), t, x).prev_sample
-        want.append(x.numpy())
-    np.testing.assert_allclose(got, np.concatenate(want), atol=1e-4)
+    want = as_its_pipeline(e, diffusers.CogVideoXDDIMScheduler, steps=4, guidance=6.0)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_sana_samples_as_its_pipeline_does(tmp_path: Path) -> None:
+    """Sana's own scheduler, DPM-Solver++ on flow sigmas (its timesteps the integer part of sigma x 1000)."""
+    import diffusers
+
+    e = export_family("sana", "tiny", tmp_path / "sana.onnx", samples=2)
+    npy = tmp_path / "x.npy"
+    assert main(["sample", str(e.path), "--prompt-embeds", str(e.captions), "--steps", "5", "--guidance-scale", "4.5",
+                 "--out-npy", str(npy)]) == 0  # its scheduler_config.json beside it
+    np.testing.assert_allclose(np.load(npy), as_its_pipeline(e, diffusers.DPMSolverMultistepScheduler, steps=5,
+                                                              guidance=4.5), atol=1e-4)

@@ -20,7 +20,7 @@ from fcpass.discover import discover_blocks
 from fcpass.quality import compare_batches
 from fcpass.roles import infer_roles
 from fcpass.trt_check import check_graph
-from tests.conftest import forced_compute_error
+from tests.conftest import as_its_pipeline, forced_compute_error
 from tools.export_diffusers import export_family
 
 LATENT = (4, 3, 8, 8)  # channels, frames, height, width
@@ -31,7 +31,7 @@ def wan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     e = export_family("wan", "tiny", tmp_path_factory.mktemp("wan") / "wan.onnx", samples=2)
     with torch.no_grad():
         assert np.abs(e.model(*(torch.from_numpy(v) for v in e.feeds.values())).numpy()).max() > 1e-2  # not trivial
-    return {"onnx": e.path, "feeds": e.feeds, "sched": e.scheduler, "captions": e.captions, "model": e.model}
+    return {"onnx": e.path, "feeds": e.feeds, "sched": e.scheduler, "captions": e.captions, "exported": e}
 
 
 def run(argv: list[object]) -> int:
@@ -104,19 +104,5 @@ def test_samples_as_wan_s_pipeline_does_with_its_unipc_scheduler(wan: dict[str, 
     assert run(["sample", wan["onnx"], "--scheduler-config", wan["sched"], "--prompt-embeds", wan["captions"],
                 "--steps", "6", "--guidance-scale", "5", "--out-npy", got]) == 0
 
-    model = wan["model"]
-    captions = torch.from_numpy(np.load(wan["captions"]))
-    noise = np.random.default_rng(0).standard_normal((2, *LATENT)).astype(np.float32)  # the sampler's draw
-    want = []
-    for row in range(2):
-        scheduler = diffusers.UniPCMultistepScheduler.from_config(config)
-        scheduler.set_timesteps(6)
-        x = torch.from_numpy(noise[row : row + 1])
-        embeds = torch.cat([captions[row : row + 1], torch.zeros_like(captions[row : row + 1])])
-        for t in scheduler.timesteps:
-            with torch.no_grad():
-                out = model(torch.cat([x, x]), t.expand(2).float(), embeds)
-            cond, uncond = out.chunk(2)
-            x = scheduler.step(uncond + 5 * (cond - uncond), t, x).prev_sample
-        want.append(x.numpy())
-    np.testing.assert_allclose(np.load(got), np.concatenate(want), atol=1e-4)
+    want = as_its_pipeline(wan["exported"], diffusers.UniPCMultistepScheduler, steps=6, guidance=5.0)
+    np.testing.assert_allclose(np.load(got), want, atol=1e-4)
