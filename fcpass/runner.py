@@ -138,6 +138,7 @@ def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, p
         "provider": denoiser.backend.provider,
         "threads": getattr(denoiser.backend, "threads", None),
         "steps": request.steps,
+        **config_identity(setup["scheduler_config"]),
         "samples": request.count,
         "guidance_scale": request.guidance_scale,
         "seed": request.seed,

@@ -33,6 +33,7 @@ def test_sample_optimize_sample_cached_report_compare(tmp_path: Path, capsys: py
                  "--report", str(report)]) == 0
     r = json.loads(report.read_text())
     assert r["steps"] == 8 and r["samples"] == 2 and len(r["step_seconds"]) == 16  # 2 samples, one per call
+    assert r["scheduler"] == "DDIMScheduler" and len(r["scheduler_digest"]) == 16
     assert r["macs"] == r["macs_uncached"] > 0 and r["wall_seconds"] > 0
     assert grid.stat().st_size > 0 and np.load(plain).shape == (2, 1, 16, 16)
 
@@ -41,7 +42,7 @@ def test_sample_optimize_sample_cached_report_compare(tmp_path: Path, capsys: py
     capsys.readouterr()
     assert main(["inspect", str(fc)]) == 0
     text = capsys.readouterr().out
-    assert "cache plan" in text
+    assert "cache plan" in text and "calibrated on 2 trajectories x 8 steps of DDIMScheduler, guidance 1.5" in text
     outputs = text.split("outputs:\n")[1].split("MACs")[0].splitlines()
     # The model's own output, then the block values the state takes under their export names, counted
     assert outputs[0].split()[0] == "noise_pred" and "block values the cache state takes" in outputs[1], outputs
