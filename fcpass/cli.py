@@ -237,7 +237,9 @@ def _sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> Non
     """What to draw and how. Calibrating commands take their steps from --calib-steps (--steps there) and
     no --seed: their trajectories start from a seed of their own, never the noise of the samples they
     are scored on."""
-    p.add_argument("--scheduler-config", type=Path, help="diffusers scheduler_config.json")
+    p.add_argument("--scheduler-config", type=Path,
+                   help="diffusers scheduler_config.json: DDIM, CogVideoX's DDIM, flow-matching Euler, DPM-Solver or "
+                        "UniPC (default: the one beside the model, or the bundled model's own)")
     if not calibrating:
         p.add_argument("--steps", type=int, default=50, help="sampling steps per sample (default %(default)s)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", help="class labels to draw")
