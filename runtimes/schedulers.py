@@ -175,12 +175,16 @@ class DDIMScheduler(Scheduler):
         # diffusers derives the previous timestep from T // S whatever the spacing.
         self._step_ratio = n // steps
 
-    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
-        model_output, sample, position = self._prepare(model_output, index, sample)
+    def _alphas(self, position: int) -> tuple[Any, Any]:
+        """alphas_cumprod at step `position`'s timestep and at the one the step goes to."""
         timestep = int(self.discrete_timesteps[position])
         prev_timestep = timestep - self._step_ratio
-        alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return self.alphas_cumprod[timestep], prev
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        model_output, sample, position = self._prepare(model_output, index, sample)
+        alpha_prod_t, alpha_prod_prev = self._alphas(position)
         one = np.float32(1.0)
         sqrt_alpha = np.sqrt(alpha_prod_t)
         sqrt_beta = np.sqrt(one - alpha_prod_t)
@@ -234,10 +238,7 @@ class CogVideoXDDIMScheduler(DDIMScheduler):
 
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
         model_output, sample, position = self._prepare(model_output, index, sample)
-        timestep = int(self.discrete_timesteps[position])
-        prev_timestep = timestep - self._step_ratio
-        a_t = self.alphas_cumprod[timestep]
-        a_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        a_t, a_prev = self._alphas(position)
         a_prev = a_t.dtype.type(a_prev)
         beta = 1 - a_t
         # diffusers' coefficients are 0-d tensors of the schedule's dtype, rounded to float32 against the sample
