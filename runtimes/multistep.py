@@ -328,19 +328,27 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
 
 @dataclass(frozen=True)
 class _UniTerms:
-    """One UniP or UniC update: ``x' = ratio x - phi m0 - residual_scale sum_k rho_k d1s[k]``, with the rho that
-    solve ``R rho = b`` (UniPC's order conditions) and ``d1s`` the divided differences of the earlier converted
-    outputs against the latest, ``m0``."""
+    """One UniP or UniC update: ``x' = ratio x - phi m0 - residual_scale sum_k rho_k (m_k - m0) / rks[k]``, the
+    rho solving ``R rho = b`` (UniPC's order conditions), m0 the latest converted output and m_k the earlier."""
 
     ratio: np.float32
     phi: np.float32
     residual_scale: np.float32
     r: np.ndarray
     b: np.ndarray
-    d1s: list[np.ndarray]
+    rks: np.ndarray  # one per earlier output
 
-    def combine(self, rhos: np.ndarray, zero: np.ndarray) -> np.ndarray:
-        return sum((F32(rho) * d for rho, d in zip(rhos, self.d1s)), zero)
+
+def _linear_combination(terms: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    """sum(c * a) in float32, one pass per term and one scratch array: the update's arrays are whole latents,
+    whose passes are what a step costs the host."""
+    (c0, a0), *rest = terms
+    out = np.multiply(a0, F32(c0))
+    scratch = np.empty_like(out)
+    for c, a in rest:
+        np.multiply(a, F32(c), out=scratch)
+        out += scratch
+    return out
 
 
 class UniPCMultistepScheduler(MultistepScheduler):
@@ -435,21 +443,15 @@ class UniPCMultistepScheduler(MultistepScheduler):
             prev = self._predictor(sample, i, self._order_at(i))
         return prev.astype(np.float32, copy=False)
 
-    def _terms(self, target: int, start: int, order: int, earlier: list[tuple[int, np.ndarray]]) -> _UniTerms:
+    def _terms(self, target: int, start: int, order: int, earlier: list[int]) -> _UniTerms:
         """The coefficients of a UniP/UniC update of ``order`` from sigma index ``start`` to ``target``, with
-        ``earlier`` the (sigma index, converted output) pairs before the latest output."""
+        ``earlier`` the sigma indices of the converted outputs before the latest."""
         alpha_t, sigma_t = self.alpha_sigma(self.sigmas[target])
         alpha_s, sigma_s = self.alpha_sigma(self.sigmas[start])
         lam_s = self.lam(self.sigmas[start])
         h = F32(self.lam(self.sigmas[target]) - lam_s)
-        m0 = self._history[-1]
-        rks, d1s = [], []
-        for index, output in earlier:
-            rk = F32((self.lam(self.sigmas[index]) - lam_s) / h)
-            rks.append(rk)
-            d1s.append((output - m0) / rk)
-        rks.append(F32(1.0))
-        r = np.asarray(rks, dtype=np.float32)
+        rks = [F32((self.lam(self.sigmas[index]) - lam_s) / h) for index in earlier]
+        r = np.asarray([*rks, F32(1.0)], dtype=np.float32)
         hh = -h if self.predict_x0 else h
         h_phi_1 = F32(np.expm1(hh))
         h_phi_k = F32(h_phi_1 / hh - F32(1.0))
@@ -466,22 +468,28 @@ class UniPCMultistepScheduler(MultistepScheduler):
         else:
             ratio, phi, scale = alpha_t / alpha_s, sigma_t * h_phi_1, sigma_t
         return _UniTerms(ratio, phi, scale * b_h, np.stack(rows).astype(np.float32), np.asarray(b, dtype=np.float32),
-                         d1s)
+                         np.asarray(rks, dtype=np.float32))
 
     def _predictor(self, x: np.ndarray, i: int, order: int) -> np.ndarray:
-        t = self._terms(i + 1, i, order, [(i - k, self._history[-(k + 1)]) for k in range(1, order)])
-        x_t = t.ratio * x - t.phi * self._history[-1]
-        if not t.d1s:
-            return x_t
+        """UniP: ``x`` one step on, extrapolating the converted outputs of this step and the ``order - 1`` before."""
+        earlier = self._history[-order:-1][::-1]  # the newest first, as rks
+        t = self._terms(i + 1, i, order, [i - k for k in range(1, order)])
+        if not earlier:
+            return _linear_combination([(t.ratio, x), (-t.phi, self._history[-1])])
         rhos = np.array([0.5], dtype=np.float32) if order == 2 else np.linalg.solve(t.r[:-1, :-1], t.b[:-1])
-        return x_t - t.residual_scale * t.combine(rhos, np.zeros_like(x_t))
+        weights = [float(t.residual_scale) * float(rho) / float(rk) for rho, rk in zip(rhos, t.rks)]
+        return _linear_combination([(t.ratio, x), (-float(t.phi) + sum(weights), self._history[-1]),
+                                    *((-w, m) for w, m in zip(weights, earlier))])
 
     def _corrector(self, converted: np.ndarray, last_sample: np.ndarray, i: int) -> np.ndarray:
         """UniC: redo the last step from ``last_sample`` with this step's converted output as one more point; the
         result replaces the sample the last step's predictor made."""
         order = self._order_at(i - 1)
-        t = self._terms(i, i - 1, order, [(i - (k + 1), self._history[-(k + 1)]) for k in range(1, order)])
-        x_t = t.ratio * last_sample - t.phi * self._history[-1]
+        earlier = self._history[-order:-1][::-1]
+        t = self._terms(i, i - 1, order, [i - (k + 1) for k in range(1, order)])
         rhos = np.array([0.5], dtype=np.float32) if order == 1 else np.linalg.solve(t.r, t.b).astype(np.float32)
-        residual = t.combine(rhos[:-1], np.zeros_like(x_t))
-        return x_t - t.residual_scale * (residual + rhos[-1] * (converted - self._history[-1]))
+        scale = float(t.residual_scale)
+        weights = [scale * float(rho) / float(rk) for rho, rk in zip(rhos[:-1], t.rks)]
+        this = scale * float(rhos[-1])
+        return _linear_combination([(t.ratio, last_sample), (-float(t.phi) + sum(weights) + this, self._history[-1]),
+                                    *((-w, m) for w, m in zip(weights, earlier)), (-this, converted)])
