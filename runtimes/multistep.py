@@ -267,16 +267,9 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         converted = (self._x0(model_output, sample, sigma) if self.algorithm == "dpmsolver++"
                      else self._eps(model_output, sample, sigma))
         self._remember(converted)
-        order = self._order_at(i)
         # A final sigma of 0 makes h infinite, and a repeated sigma makes it 0; the limits are what diffusers returns.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if order == 1:
-                prev = self._first_order(converted, sample, i)
-            elif order == 2:
-                prev = self._second_order(sample, i)
-            else:
-                prev = self._third_order(sample, i)
-        return prev.astype(np.float32, copy=False)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return self._update(sample, i, self._order_at(i))
 
     def _scales(self, i: int) -> tuple[np.float32, np.float32, np.float32, np.float32, np.float32]:
         """(alpha, sigma) at the step's target, (alpha, sigma) at its start, and h."""
@@ -284,46 +277,34 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         alpha_s, sigma_s = self.alpha_sigma(self.sigmas[i])
         return alpha_t, sigma_t, alpha_s, sigma_s, F32(self.lam(self.sigmas[i + 1]) - self.lam(self.sigmas[i]))
 
-    def _first_order(self, m0: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
+    def _update(self, sample: np.ndarray, i: int, order: int) -> np.ndarray:
+        """The sample at sigma ``i + 1``: diffusers' update of ``order`` folded into one linear combination of the
+        sample and the last ``order`` converted outputs m0, m1, m2 (newest first), with D1 and D2 (the divided
+        differences) expanded into their weights."""
         alpha_t, sigma_t, alpha_s, sigma_s, h = self._scales(i)
-        if self.algorithm == "dpmsolver++":
-            return (sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - F32(1.0))) * m0
-        return (alpha_t / alpha_s) * sample - (sigma_t * (np.exp(h) - F32(1.0))) * m0
-
-    def _second_order(self, sample: np.ndarray, i: int) -> np.ndarray:
-        alpha_t, sigma_t, alpha_s, sigma_s, h = self._scales(i)
-        h_0 = F32(self.lam(self.sigmas[i]) - self.lam(self.sigmas[i - 1]))
-        m0, m1 = self._history[-1], self._history[-2]
-        r0 = h_0 / h
-        d0, d1 = m0, (F32(1.0) / r0) * (m0 - m1)
+        plus = self.algorithm == "dpmsolver++"
         one, half = F32(1.0), F32(0.5)
-        if self.algorithm == "dpmsolver++":
-            phi = alpha_t * (np.exp(-h) - one)
+        e = np.exp(-h) if plus else np.exp(h)
+        ratio = sigma_t / sigma_s if plus else alpha_t / alpha_s
+        phi = (alpha_t if plus else sigma_t) * (e - one)
+        m = self._history
+        if order == 1:
+            return _linear_combination([(ratio, sample), (-phi, m[-1])])
+        lam = [self.lam(self.sigmas[i - k]) for k in range(order)]
+        r0 = F32(lam[0] - lam[1]) / h
+        # the weight of D1 (order 2), or of D1 and D2 (order 3), in diffusers' formulas
+        c1 = alpha_t * ((e - one) / h + one) if plus else -(sigma_t * ((e - one) / h - one))
+        if order == 2:
             if self.solver_type == "midpoint":
-                return (sigma_t / sigma_s) * sample - phi * d0 - half * phi * d1
-            return (sigma_t / sigma_s) * sample - phi * d0 + (alpha_t * ((np.exp(-h) - one) / h + one)) * d1
-        phi = sigma_t * (np.exp(h) - one)
-        if self.solver_type == "midpoint":
-            return (alpha_t / alpha_s) * sample - phi * d0 - half * phi * d1
-        return (alpha_t / alpha_s) * sample - phi * d0 - (sigma_t * ((np.exp(h) - one) / h - one)) * d1
-
-    def _third_order(self, sample: np.ndarray, i: int) -> np.ndarray:
-        alpha_t, sigma_t, alpha_s, sigma_s, h = self._scales(i)
-        lam_s0, lam_s1, lam_s2 = (self.lam(self.sigmas[i - k]) for k in range(3))
-        h_0, h_1 = F32(lam_s0 - lam_s1), F32(lam_s1 - lam_s2)
-        m0, m1, m2 = self._history[-1], self._history[-2], self._history[-3]
-        r0, r1 = h_0 / h, h_1 / h
-        one, half = F32(1.0), F32(0.5)
-        d1_0, d1_1 = (one / r0) * (m0 - m1), (one / r1) * (m1 - m2)
-        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-        d2 = (one / (r0 + r1)) * (d1_0 - d1_1)
-        if self.algorithm == "dpmsolver++":
-            return ((sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - one)) * m0
-                    + (alpha_t * ((np.exp(-h) - one) / h + one)) * d1
-                    - (alpha_t * ((np.exp(-h) - one + h) / (h * h) - half)) * d2)
-        return ((alpha_t / alpha_s) * sample - (sigma_t * (np.exp(h) - one)) * m0
-                - (sigma_t * ((np.exp(h) - one) / h - one)) * d1
-                - (sigma_t * ((np.exp(h) - one - h) / (h * h) - half)) * d2)
+                c1 = -half * phi
+            return _linear_combination([(ratio, sample), (-phi + c1 / r0, m[-1]), (-c1 / r0, m[-2])])
+        r1 = F32(lam[1] - lam[2]) / h
+        c2 = -(alpha_t * ((e - one + h) / (h * h) - half)) if plus else -(sigma_t * ((e - one - h) / (h * h) - half))
+        # D1 = (1 + q) D1_0 - q D1_1 and D2 = p (D1_0 - D1_1), with D1_0 = (m0 - m1) / r0 and D1_1 = (m1 - m2) / r1
+        q, p = r0 / (r0 + r1), one / (r0 + r1)
+        a, b = c1 * (one + q) + c2 * p, -c1 * q - c2 * p
+        return _linear_combination([(ratio, sample), (-phi + a / r0, m[-1]), (-a / r0 + b / r1, m[-2]),
+                                    (-b / r1, m[-3])])
 
 
 @dataclass(frozen=True)
