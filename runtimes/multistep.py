@@ -63,6 +63,18 @@ def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
+def _linear_combination(terms: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    """sum(c * a) in float32, one pass per term and one scratch array: the update's arrays are whole latents,
+    whose passes are what a step costs the host."""
+    (c0, a0), *rest = terms
+    out = np.multiply(a0, F32(c0))
+    scratch = np.empty_like(out)
+    for c, a in rest:
+        np.multiply(a, F32(c), out=scratch)
+        out += scratch
+    return out
+
+
 class MultistepScheduler(Scheduler):
     """The part DPM-Solver and UniPC share: the training schedule, timestep spacing, the sigma <-> (alpha, sigma)
     conversion, and the history of converted model outputs that later steps extrapolate from.
@@ -318,18 +330,6 @@ class _UniTerms:
     r: np.ndarray
     b: np.ndarray
     rks: np.ndarray  # one per earlier output
-
-
-def _linear_combination(terms: list[tuple[float, np.ndarray]]) -> np.ndarray:
-    """sum(c * a) in float32, one pass per term and one scratch array: the update's arrays are whole latents,
-    whose passes are what a step costs the host."""
-    (c0, a0), *rest = terms
-    out = np.multiply(a0, F32(c0))
-    scratch = np.empty_like(out)
-    for c, a in rest:
-        np.multiply(a, F32(c), out=scratch)
-        out += scratch
-    return out
 
 
 class UniPCMultistepScheduler(MultistepScheduler):
