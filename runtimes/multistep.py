@@ -10,8 +10,10 @@ Karras sigmas over it, or on flow-matching sigmas (``use_flow_sigmas``: alpha = 
 ``flow_shift``). A multistep solver extrapolates from the converted model outputs of the steps before, so
 ``step`` must be called for indices 0, 1, 2, ... in order; index 0 starts a new trajectory.
 
-The per-step coefficients are float32 scalars in diffusers' order of operations, so a trajectory agrees
-with diffusers' to float32 rounding (the tests hold it to 1e-5).
+The per-step coefficients are float32 scalars computed as diffusers computes them; each update is then
+folded into one linear combination of the latents it reads (one pass over each: on a video latent the
+host's passes are what a step costs), so a trajectory agrees with diffusers' to float32 rounding (the
+tests hold it to 1e-5).
 """
 
 from __future__ import annotations
