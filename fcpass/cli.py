@@ -590,7 +590,7 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
     from fcpass.onnx_io import load_model
     from fcpass.passes.segments import interface_model, is_segments_artefact, read_manifest
     from runtimes.sampler import SampleRequest
-    from runtimes.schedulers import scheduler_from_config
+    from runtimes.schedulers import load_config, scheduler_from_config
 
     if is_segments_artefact(model_path):  # a segments folder: its manifest holds the export metadata
         model = interface_model(read_manifest(model_path))
@@ -611,7 +611,9 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
         else:
             raise FcpassError(f"{model_path} is not the bundled model and has no scheduler_config.json beside it; pass "
                               "--scheduler-config scheduler_config.json")
-    scheduler_from_config(sched_path)  # a bad config fails here, before a large model loads
+    # read once for the whole command; a bad config fails here, before a large model loads
+    scheduler_config = load_config(sched_path)
+    scheduler_from_config(scheduler_config)
     prompt = _embeddings(args.prompt_embeds, "prompt embeddings", rank=3)
     pooled = _embeddings(args.pooled_embeds, "pooled embeddings", rank=2)
     negative = _embeddings(args.negative_embeds, "negative embeddings", rank=3)
@@ -649,7 +651,7 @@ def _sampling_setup(args: argparse.Namespace, model_path: Path) -> dict[str, Any
                             uncond_class=uncond)
     if hasattr(args, "steps"):  # sampling commands; calibrating ones take both from their own options
         request.steps, request.seed = args.steps, args.seed
-    return {"scheduler_config": sched_path, "request": request, "inputs": getattr(args, "inputs", None),
+    return {"scheduler_config": scheduler_config, "request": request, "inputs": getattr(args, "inputs", None),
             "arch": meta.get("arch")}
 
 

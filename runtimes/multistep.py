@@ -144,7 +144,7 @@ class MultistepScheduler(Scheduler):
         discrete = np.asarray(timesteps).astype(np.int64)  # diffusers casts to int64: truncation, not rounding
         self.timesteps = discrete.astype(np.float32)
         self.num_inference_steps = len(discrete)
-        self._history, self._next_index = [], 0
+        self._start_trajectory()
 
     def alpha_sigma(self, sigma: np.float32) -> tuple[np.float32, np.float32]:
         """The signal and noise scales of noise level ``sigma``: (1 - sigma, sigma) on flow sigmas, else
@@ -163,9 +163,13 @@ class MultistepScheduler(Scheduler):
 
     # ---- the trajectory ---------------------------------------------------------------------------
 
+    def _start_trajectory(self) -> None:
+        """Forget the steps before: what a multistep solver extrapolates from."""
+        self._history, self._next_index = [], 0
+
     def _begin(self, index: int) -> None:
         if index == 0:
-            self._history, self._next_index = [], 0
+            self._start_trajectory()
         elif index != self._next_index:
             raise RuntimeError(f"{type(self).__name__} steps in order: expected step {self._next_index}, got {index}; "
                                "start a new trajectory at step 0")
@@ -242,11 +246,10 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         lambda_t = np.log(alpha_t) - np.log(np.sqrt(F32(1.0) - self.alphas_cumprod))
         last = n - int(np.searchsorted(lambda_t[::-1], self.lambda_min_clipped))
         timesteps: np.ndarray = self._spaced(steps, last)
-        log_sigmas = np.log(self.train_sigmas)
         if self.karras:
             schedule = self.train_sigmas[::-1]
             sig = _karras(float(schedule[0]), float(schedule[-1]), steps)
-            timesteps = _sigma_to_t(sig, log_sigmas)
+            timesteps = _sigma_to_t(sig, np.log(self.train_sigmas))
             if not self.cosine:  # diffusers keeps a cosine schedule's fractional timesteps (then truncates them)
                 timesteps = timesteps.round()
         elif self.flow:
@@ -368,6 +371,10 @@ class UniPCMultistepScheduler(MultistepScheduler):
                                           for key in ("sigma_min", "sigma_max"))
         self._last_sample: np.ndarray | None = None
 
+    def _start_trajectory(self) -> None:
+        super()._start_trajectory()
+        self._last_sample = None  # the corrector's: no step before the first
+
     def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None,
                       sigmas: np.ndarray | None = None) -> None:
         n = self.num_train_timesteps
@@ -403,7 +410,6 @@ class UniPCMultistepScheduler(MultistepScheduler):
             sig = np.interp(timesteps, np.arange(0, len(self.train_sigmas)), self.train_sigmas)
             last = 0.0 if zero_last else self._sigma_min_vp()
         self._finish(timesteps, sig, last)
-        self._last_sample = None
 
     def _order_at(self, i: int) -> int:
         """The predictor's order at step ``i``: one more than the steps before it, up to ``solver_order``, and
@@ -414,8 +420,6 @@ class UniPCMultistepScheduler(MultistepScheduler):
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
         model_output, sample, i = self._prepare(model_output, index, sample)
         self._begin(i)
-        if i == 0:
-            self._last_sample = None
         sigma = self.sigmas[i]
         converted = self._x0(model_output, sample, sigma) if self.predict_x0 else self._eps(model_output, sample, sigma)
         with np.errstate(divide="ignore", invalid="ignore"):  # as in DPM-Solver's step

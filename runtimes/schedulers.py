@@ -61,6 +61,7 @@ __all__ = [
     "Scheduler",
     "UniPCMultistepScheduler",
     "config_identity",
+    "load_config",
     "scheduler_from_config",
 ]
 
@@ -319,7 +320,8 @@ class FlowMatchEulerScheduler(Scheduler):
 # --------------------------------------------------------------------------------------------
 
 
-def _load_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+def load_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """The config as a dict: a copy of a mapping, or the parsed file (or `scheduler_config.json` in the folder)."""
     if isinstance(config, Mapping):
         return dict(config)
     path = Path(config)
@@ -394,7 +396,7 @@ def _flow_from_config(config: Mapping[str, Any]) -> FlowMatchEulerScheduler:
 def config_identity(config: Mapping[str, Any] | str | Path) -> dict[str, str]:
     """The sampler a config names and a digest of its settings (diffusers' private keys left out), so that two
     configs that sample alike compare equal: ``{"scheduler": class name, "scheduler_digest": 16 hex digits}``."""
-    cfg = _load_config(config)
+    cfg = load_config(config)
     settings = {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"scheduler": str(cfg.get("_class_name")), "scheduler_digest": digest}
@@ -407,7 +409,7 @@ def scheduler_from_config(config: Mapping[str, Any] | str | Path) -> Scheduler:
     selects the sampler; a DDPM config is sampled with DDIM built from its beta fields (with a
     warning). Raises FcpassError for unreadable files and unsupported values.
     """
-    cfg = _load_config(config)
+    cfg = load_config(config)
     class_name = cfg.get("_class_name")
     if class_name in ("DDIMScheduler", "CogVideoXDDIMScheduler"):
         return _ddim_from_config(cfg)

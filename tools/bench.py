@@ -36,7 +36,7 @@ from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
 from models.digits import ONNX, SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
-from runtimes.schedulers import scheduler_from_config
+from runtimes.schedulers import load_config, scheduler_from_config
 
 log = logging.getLogger("bench")
 
@@ -91,7 +91,7 @@ def main() -> None:
 
     request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,
                             guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
-    setup = {"scheduler_config": args.scheduler_config, "request": request}
+    setup = {"scheduler_config": load_config(args.scheduler_config), "request": request}  # read once
     with tempfile.TemporaryDirectory() as tmp:
         graphs: dict[Any, Path] = {}
         for spec in args.policies:
@@ -101,7 +101,7 @@ def main() -> None:
                 regions, needs = key
                 optimize(args.model, graphs[key], OptimizeOptions(regions=regions, calibrate=args.calibrate, **dict(needs)),
                          setup)
-        rows, images = run(args, request, graphs)
+        rows, images = run(args, request, graphs, setup["scheduler_config"])
     write(rows, args)
     if args.grid:
         from fcpass.images import save_grid
@@ -111,7 +111,7 @@ def main() -> None:
         print("grid rows: " + ", ".join(images))
 
 
-def _time(denoiser: Any, request: SampleRequest, config: Path) -> Any:
+def _time(denoiser: Any, request: SampleRequest, config: dict[str, Any]) -> Any:
     return sample(denoiser, scheduler_from_config(config), request, progress=False)
 
 
@@ -130,7 +130,7 @@ def _regions_of(spec: str, default: str) -> str:
 
 
 def run(
-    args: argparse.Namespace, request: SampleRequest, graphs: dict[Any, Path]
+    args: argparse.Namespace, request: SampleRequest, graphs: dict[Any, Path], config: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     classifier = DigitClassifier()
     base = load_denoiser(args.model, None, {}, threads=args.threads)
@@ -147,13 +147,13 @@ def run(
     for rep in range(args.repeats):
         for key, den in denoisers.items():
             if key == "uncached":
-                base_run, result = None, _time(den, request, args.scheduler_config)
+                base_run, result = None, _time(den, request, config)
             elif rep % 2:
-                result = _time(den, request, args.scheduler_config)
-                base_run = _time(base, request, args.scheduler_config)
+                result = _time(den, request, config)
+                base_run = _time(base, request, config)
             else:
-                base_run = _time(base, request, args.scheduler_config)
-                result = _time(den, request, args.scheduler_config)
+                base_run = _time(base, request, config)
+                result = _time(den, request, config)
             last[key] = result
             walls[key].append(result.wall_seconds)
             ratios[key].append((base_run or result).wall_seconds / result.wall_seconds)
