@@ -158,7 +158,7 @@ def _taylor_plan() -> CachePlan:
 def test_taylorseer_extrapolates_from_the_two_last_full_steps() -> None:
     from runtimes.policies import TaylorSeer, TaylorSeerConfig
 
-    p = TaylorSeer(TaylorSeerConfig(interval=3, warmup=2))
+    p = TaylorSeer(TaylorSeerConfig(interval=3, warmup=2, phase=0))
     p.reset(_taylor_plan(), 10)
     assert not p.controls(0).ctl.any() and not p.controls(1).ctl.any() and not p.controls(2).ctl.any()
     c = p.controls(3)  # full steps so far: 0, 1, 2 -> a = 2, b = 1
@@ -168,6 +168,26 @@ def test_taylorseer_extrapolates_from_the_two_last_full_steps() -> None:
     assert p.controls(6).mix[3][2] == pytest.approx(1 / 3)
     with pytest.raises(FcpassError, match="--taylor"):
         TaylorSeer().reset(_plan(), 10)
+
+
+def _full_steps(config: object, steps: int) -> list[int]:
+    from runtimes.policies import TaylorSeer
+
+    p = TaylorSeer(config)  # type: ignore[arg-type]
+    p.reset(_taylor_plan(), steps)
+    return [i for i in range(steps) if not p.controls(i).ctl.any()]
+
+
+def test_taylorseer_phase_places_the_first_full_step_after_the_warmup() -> None:
+    from runtimes.policies import TaylorSeerConfig
+
+    # diffusers' TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2) computes 0, 1, 3, 6, 9
+    assert _full_steps(TaylorSeerConfig(interval=3, warmup=2, last=False), 11) == [0, 1, 3, 6, 9]
+    assert _full_steps(TaylorSeerConfig(interval=3, warmup=2), 11) == [0, 1, 3, 6, 9, 10]
+    assert _full_steps(TaylorSeerConfig(interval=3, warmup=2, phase=2, last=False), 11) == [0, 1, 4, 7, 10]
+    assert _full_steps(TaylorSeerConfig(interval=3, warmup=0, phase=1, last=False), 5) == [0, 1, 4]  # step 0 always
+    with pytest.raises(FcpassError, match="phase 3 must be in"):
+        _full_steps(TaylorSeerConfig(interval=3, phase=3), 10)
 
 
 def test_delta_dit_caches_rear_blocks_early_and_front_blocks_late() -> None:
