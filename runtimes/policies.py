@@ -304,12 +304,13 @@ class TaylorSeerConfig:
     warmup: leading full steps (TaylorSeer uses 3).
     phase: the first full step after the warm-up is step `warmup + phase`, then every `interval` steps;
         the steps before it are forecast from the last two warm-up steps. 1 is diffusers' schedule
-        (`disable_cache_before_step = warmup`). Where the full steps fall matters as much as how many
-        there are: the output moves unevenly from one step to the next, so a slope taken between two
-        adjacent steps (phase 0: steps warmup - 1 and warmup) carries that unevenness over the whole
-        next interval. On the bundled model (unclipped DDIM, 50 steps, 20 samples) phase 0 holds
-        40.0 / 36.0 / 34.9 dB at interval 7 / 8 / 10 and phase 1 42.1 / 37.7 / 35.8 (diffusers' hook:
-        the same to 0.01 dB); phase 2-4 hold up to 43.6 / 41.4 / 37.0.
+        (`disable_cache_before_step = warmup`), the same samples as its hook at every interval.
+        Where the full steps fall matters as much as how many there are: the output moves unevenly
+        from step to step, and a slope carries its two steps' unevenness over the whole next interval.
+        On the bundled model (unclipped DDIM, 50 steps, 20 samples) phase 1 against 0 holds 42.1 / 37.7
+        / 35.8 dB against 40.0 / 36.0 / 34.9 at interval 7 / 8 / 10, but 46.9 / 39.9 against 54.8 /
+        46.7 at interval 3 / 5; the best phase holds 43.6 / 41.4 / 37.0 at 7 / 8 / 10 and 34.8 at 12
+        (phase 6). A knob for the search, not a constant: no one phase is best at every interval.
     last: compute the last step too. Under a DDIM-type sampler its output hardly reaches the sample
         (bundled model: the same PSNR to 0.001 dB with it forecast, one full step fewer); under flow
         matching each step's output counts alike.
