@@ -141,6 +141,10 @@ class CachePlan:
     tokens: dict[str, Any] = field(default_factory=dict)
     # Motion tokens, if compiled: ratio, k, N, the region and the MACs of a motion step (motion_tokens.spec)
     motion: dict[str, Any] = field(default_factory=dict)
+    # The tuned policy (`fcpass optimize --target-psnr`, `fcpass tune -o`): its spec, the quality and speed it
+    # held on the search's seeds, what it was measured under and every trial (fcpass.tune.winner_record);
+    # what `fcpass sample` runs when no --policy is given
+    tuned: dict[str, Any] = field(default_factory=dict)
 
     def region(self, name: str) -> RegionSpec:
         for r in self.regions:

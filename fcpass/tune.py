@@ -1,189 +1,279 @@
-"""`fcpass tune`: for each policy, the fastest setting of its main knob that holds a quality target.
+"""`fcpass tune` and `fcpass optimize --target-psnr`: the fastest cache setting that holds a quality target.
 
-Each policy's knob is swept from its conservative end to its aggressive end (`KNOBS`) on one
-compiled graph, with one ONNX Runtime session: per setting, the whole sampling loop is timed and
-its samples are compared with the uncached samples of the same seeds (PSNR, SSIM; digit accuracy
-on the bundled model). The sweep of a policy stops after two settings in a row miss the target,
-since quality falls as the knob rises. The winner is the setting with the highest measured
-speedup among those at or above the target; the MAC-ideal speedup is reported beside it so the
-cost of the cache machinery stays visible.
+Every policy named (by default those in `DEFAULT_POLICIES`, FastCache first) is searched over all
+of its knobs that matter (`SPACES`) by `fcpass.search`, on one compiled graph and one ONNX Runtime
+session: a trial samples the calibration set (seeds of its own, disjoint from calibration's and from
+`fcpass sample`'s) under one setting and compares it with the uncached samples of the same seeds
+(PSNR, SSIM; digit accuracy on the bundled model, which a setting may not lower). The finalists are
+timed against the uncached graph in one interleaved run; the winner, its figures and the table of
+every trial are what `winner_record` stores in the cache plan for `fcpass sample` to run.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from fcpass.errors import FcpassError
 from fcpass.onnx_io import atomic_path
 from fcpass.policy_graph import compiled_defaults
 from fcpass.quality import compare_batches
+from fcpass.search import Knob, Measurement, SearchResult, Space, Trial, choose, search
 from runtimes.policies import make_policy, parse_policy_spec
 from runtimes.sampler import SampleRequest, SampleResult, sample
-from runtimes.schedulers import scheduler_from_config
+from runtimes.schedulers import config_identity, scheduler_from_config
 
 log = logging.getLogger(__name__)
 
-# Main knob per policy, conservative -> aggressive.
-KNOBS: dict[str, tuple[str, list[Any]]] = {
-    "fora": ("interval", [2, 3, 4, 5, 6, 8]),
-    "taylorseer": ("interval", [2, 3, 4, 5, 6, 7, 8, 10]),
-    "delta-dit": ("interval", [2, 3, 4, 6]),
-    "fastcache": ("sigma_scale", [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
-    "fbcache": ("threshold", [0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32, 0.48]),
-    "teacache": ("threshold", [0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6]),
-    "magcache": ("threshold", [0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6]),
+_SKIPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20)
+_WARMUP = (1, 2, 3, 4, 5, 6)
+# Each policy's grid: knob values conservative -> aggressive (or a choice), and the start of the search.
+SPACES: dict[str, tuple[tuple[Knob, Any], ...]] = {
+    "fastcache": ((Knob("levels", ("stack", "blocks", "stack,blocks"), ordered=False), "stack"),
+                  (Knob("approx", ("taylor1", "linear", "residual"), ordered=False), "taylor1"),
+                  (Knob("sigma_scale", (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)), 64),
+                  (Knob("max_skips", _SKIPS), 6),
+                  (Knob("warmup", _WARMUP), 3)),
+    "taylorseer": ((Knob("level", ("stack", "blocks"), ordered=False), "stack"),
+                   (Knob("interval", tuple(range(2, 17))), 7),
+                   (Knob("warmup", _WARMUP), 3),
+                   (Knob("phase", tuple(range(16))), 1),
+                   (Knob("last", (1, 0)), 1)),
+    "fora": ((Knob("level", ("stack", "blocks"), ordered=False), "stack"),
+             (Knob("interval", tuple(range(2, 11))), 4),
+             (Knob("warmup", _WARMUP), 2)),
+    "fbcache": ((Knob("threshold", (0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32, 0.48)), 0.04),
+                (Knob("warmup", _WARMUP), 1)),
+    "teacache": ((Knob("threshold", (0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)), 0.04),
+                 (Knob("warmup", _WARMUP), 1)),
+    "magcache": ((Knob("threshold", (0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)), 0.06),
+                 (Knob("max_skips", _SKIPS), 3)),
+    "delta-dit": ((Knob("interval", (2, 3, 4, 6)), 2),),
 }
-DEFAULT_POLICIES = ["fora:level=stack", "fastcache", "fbcache", "teacache", "magcache", "taylorseer:level=stack"]
+DEFAULT_POLICIES = ["fastcache", "taylorseer", "fora", "fbcache", "teacache", "magcache"]
+# The knobs that change what a graph must hold (its region sets, the previous outputs for taylor1).
+STRUCTURAL = ("levels", "level", "approx")
+SEARCH_SEED = 1234  # the trials' noise; calibration's trajectories start at 1000, fcpass sample's at 0
 
 
-def default_policies(plan: Any) -> list[str]:
-    """The policies a graph compiled --for some policies was made for (each with its options, its knob swept),
-    else DEFAULT_POLICIES."""
-    compiled = [name for name in plan.compiled_for if name in KNOBS]
-    return compiled or DEFAULT_POLICIES
+def space_for(spec: str) -> Space:
+    """The search space of a policy spec: its policy's knobs, less those the spec fixes."""
+    name, fixed = parse_policy_spec(spec)
+    if name not in SPACES:
+        raise FcpassError(f"fcpass tune cannot search policy {name!r}; search one of {', '.join(SPACES)}")
+    knobs = [(k, start) for k, start in SPACES[name] if k.name not in fixed]
+    return Space(spec, tuple(k for k, _ in knobs), tuple(k.values.index(start) for k, start in knobs), _builds)
+
+
+def _builds(spec: str) -> bool:
+    """Whether the policy takes these settings together (TaylorSeer's phase inside its interval)."""
+    try:
+        make_policy(spec)
+    except FcpassError:
+        return False
+    return True
+
+
+def spaces_for(specs: list[str]) -> list[Space]:
+    spaces = [space_for(spec) for spec in specs]
+    if len({s.name for s in spaces}) < len(spaces):
+        raise FcpassError(f"--policies names one policy spec twice: {' '.join(specs)}")
+    return spaces
+
+
+def graph_specs(spaces: list[Space]) -> list[str]:
+    """One spec per combination of the structural knobs' values: `policy_graph.graph_for` of these compiles a
+    graph that every trial of the search can run on."""
+    out = []
+    for space in spaces:
+        combos: list[tuple[int, ...]] = [space.start]
+        for axis, knob in enumerate(space.knobs):
+            if knob.name in STRUCTURAL:
+                combos = [c[:axis] + (j,) + c[axis + 1:] for c in combos for j in range(len(knob.values))]
+        out += [space.spec(c) for c in combos]
+    return out
 
 
 @dataclass
-class Point:
-    policy: str  # the full spec that ran, e.g. "fbcache:threshold=0.08"
-    name: str  # the spec it sweeps, e.g. "fbcache"
-    knob: str | None
-    value: Any
+class Baseline:
+    clips: np.ndarray  # the uncached samples, as quality reads them (SampleResult.clips)
     wall_seconds: float
-    speedup: float
-    mac_ideal: float
-    psnr: float
-    ssim: float
+    macs: int
     accuracy: float | None
-    holds: bool
 
 
 @dataclass
 class TuneResult:
     model: str
     target_psnr: float
-    baseline_seconds: float
-    baseline_accuracy: float | None
-    points: list[Point] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # policy -> why it could not run on this graph
+    samples: int
+    steps: int
+    seed: int
+    baseline: Baseline
+    search: SearchResult
 
-    def best(self) -> dict[str, Point | None]:
-        out: dict[str, Point | None] = {}
-        for p in self.points:
-            out.setdefault(p.name, None)
-            current = out[p.name]
-            if p.holds and (current is None or p.speedup > current.speedup):
-                out[p.name] = p
-        return out
+    @property
+    def winner(self) -> Trial | None:
+        return self.search.winner
 
 
-def settings(spec: str) -> list[str]:
-    """The specs to try for `spec`: its knob swept, unless the spec fixes the knob itself."""
-    name, options = parse_policy_spec(spec)
-    if name not in KNOBS:
-        raise FcpassError(f"fcpass tune has no knob for policy {name!r}; tune one of {', '.join(KNOBS)}")
-    knob, values = KNOBS[name]
-    if knob in options:
-        return [spec]
-    prefix = spec + ("," if ":" in spec else ":")
-    return [f"{prefix}{knob}={v}" for v in values]
+class Tuner:
+    """Samples the calibration set on `denoiser` (a CachedDenoiser whose policy is swapped per run)."""
+
+    def __init__(self, denoiser: Any, setup: dict[str, Any], classifier: Any = None) -> None:
+        self.denoiser, self.setup, self.classifier = denoiser, setup, classifier
+        self.request: SampleRequest = setup["request"]
+
+    def run(self, spec: str) -> SampleResult:
+        self.denoiser.policy = make_policy(spec, **compiled_defaults(self.denoiser.plan, spec))
+        return sample(self.denoiser, scheduler_from_config(self.setup["scheduler_config"]), self.request, progress=False)
+
+    def accuracy(self, images: np.ndarray) -> float | None:
+        if self.classifier is None or not self.request.classes:
+            return None
+        return float(self.classifier.accuracy(images, self.request.classes))
+
+    def baseline(self) -> Baseline:
+        base = self.run("none")
+        return Baseline(base.clips(), base.wall_seconds, base.macs_executed, self.accuracy(base.images))
+
+    def measure(self, spec: str, base: Baseline) -> Measurement:
+        got = self.run(spec)
+        if not np.isfinite(got.images).all():
+            raise FcpassError(f"{spec} drew non-finite samples")
+        q = compare_batches(base.clips, got.clips())
+        return Measurement(q["psnr_mean"], q["ssim_mean"], base.macs / max(got.macs_executed, 1), got.wall_seconds,
+                           self.accuracy(got.images))
+
+    def time(self, specs: list[str], passes: int = 1) -> tuple[dict[str, float], float]:
+        """Each spec's speedup over the uncached graph, timed as uncached, every spec, uncached, every spec in
+        reverse, uncached (times `passes`), so that a drift of the machine's speed weighs on all alike; and the
+        uncached run's mean wall time."""
+        base: list[float] = []
+        walls: dict[str, list[float]] = {s: [] for s in specs}
+        for _ in range(passes):
+            for order in (specs, specs[::-1]):
+                base.append(self.run("none").wall_seconds)
+                for s in order:
+                    walls[s].append(self.run(s).wall_seconds)
+        base.append(self.run("none").wall_seconds)
+        mean = float(np.mean(base))
+        return {s: mean / float(np.mean(w)) for s, w in walls.items()}, mean
 
 
-def tune(denoiser: Any, setup: dict[str, Any], policies: list[str], target_psnr: float, repeats: int = 1,
-         classifier: Any = None, model: str = "") -> TuneResult:
-    """Sweep every policy of `policies` on `denoiser` (a CachedDenoiser whose policy is swapped)."""
-    request: SampleRequest = setup["request"]
-    scheduler_config = setup["scheduler_config"]
+def tune(denoiser: Any, setup: dict[str, Any], policies: list[str], target_psnr: float, budget: int,
+         classifier: Any = None, model: str = "", repeats: int = 1, seed: int = 0,
+         progress: bool = True) -> TuneResult:
+    """Search `policies` on `denoiser` for the fastest setting at >= `target_psnr` (and no loss of digit
+    accuracy where `classifier` scores), in at most `budget` trials."""
+    if not math.isfinite(target_psnr):
+        raise FcpassError(f"--target-psnr {target_psnr} must be a finite number of dB, e.g. 30")
+    spaces = spaces_for(policies)
+    tuner = Tuner(denoiser, setup, classifier)
+    base = tuner.baseline()
 
-    def run(policy: str) -> SampleResult:
-        denoiser.policy = make_policy(policy, **compiled_defaults(denoiser.plan, policy))
-        best: SampleResult | None = None
-        for _ in range(repeats):
-            result = sample(denoiser, scheduler_from_config(scheduler_config), request, progress=False)
-            if best is None or result.wall_seconds < best.wall_seconds:
-                best = result
-        assert best is not None
-        return best
+    def holds(m: Measurement) -> bool:
+        lost = m.accuracy is not None and base.accuracy is not None and m.accuracy < base.accuracy
+        return m.psnr >= target_psnr and not lost
 
-    def accuracy(images: np.ndarray) -> float | None:
-        return classifier.accuracy(images, request.classes) if classifier is not None and request.classes else None
-
-    base = run("none")
-    result = TuneResult(model, target_psnr, base.wall_seconds, accuracy(base.images))
-    specs = [(spec, s) for spec in policies for s in settings(spec)]
-    misses: dict[str, int] = {}
-    for spec, setting in tqdm(specs, desc="tune", unit="setting"):
-        policy, options = parse_policy_spec(setting)
-        if spec in result.skipped or misses.get(spec, 0) >= 2:
-            continue
-        try:
-            got = run(setting)
-        except FcpassError as exc:  # the policy cannot run on this graph (no tail region, no taylor state...)
-            result.skipped[spec] = str(exc)
-            log.warning("%s: skipped (%s)", spec, exc)
-            continue
-        q = compare_batches(base.clips(), got.clips())
-        knob = KNOBS[policy][0]
-        point = Point(setting, spec, knob, options.get(knob), got.wall_seconds, base.wall_seconds / got.wall_seconds,
-                      base.macs_executed / max(got.macs_executed, 1), q["psnr_mean"], q["ssim_mean"],
-                      accuracy(got.images), q["psnr_mean"] >= target_psnr)
-        result.points.append(point)
-        misses[spec] = 0 if point.holds else misses.get(spec, 0) + 1
-        log.debug("%s: %.2fx, %.2f dB", setting, point.speedup, point.psnr)
-    # The baseline again, so slow drift of the machine does not flatter the last policies.
-    base.wall_seconds = min(base.wall_seconds, run("none").wall_seconds)
-    for p in result.points:
-        p.speedup = base.wall_seconds / p.wall_seconds
-    result.baseline_seconds = base.wall_seconds
+    found = search(spaces, lambda spec: tuner.measure(spec, base), holds, budget, seed, base.wall_seconds, progress)
+    request = tuner.request
+    result = TuneResult(model, target_psnr, request.count, request.steps, request.seed, base, found)
+    if choose(found, lambda specs: tuner.time(specs, repeats)[0]) is None:
+        raise FcpassError(_none_holds(result))
     return result
 
 
+def _none_holds(result: TuneResult) -> str:
+    trials = result.search.trials
+    if not trials:
+        why = "; ".join(f"{k}: {v}" for k, v in result.search.skipped.items())
+        return f"no policy could run on {Path(result.model).name} ({why}); optimize it --for the policies to search"
+    best = max(trials, key=lambda t: (t.measured.psnr, t.measured.mac_ideal))
+    return (f"no setting holds {result.target_psnr:g} dB on the calibration seeds in {len(trials)} trials: the best "
+            f"reached {best.measured.psnr:.2f} dB ({best.spec}); lower --target-psnr or raise --budget")
+
+
+def winner_record(result: TuneResult, setup: dict[str, Any]) -> dict[str, Any]:
+    """What the cache plan keeps of a search (`CachePlan.tuned`): the winner, the figures it held on the
+    calibration seeds, what it was measured under, and every trial."""
+    w = result.winner
+    assert w is not None
+    return {
+        "policy": w.spec, "target_psnr": result.target_psnr, "psnr": w.measured.psnr, "ssim": w.measured.ssim,
+        "accuracy": w.measured.accuracy, "baseline_accuracy": result.baseline.accuracy, "speedup": w.timed,
+        "mac_ideal": w.measured.mac_ideal, "samples": result.samples, "steps": result.steps, "seed": result.seed,
+        "guidance_scale": setup["request"].guidance_scale, **config_identity(setup["scheduler_config"]),
+        "trials": [_trial_json(t) for t in result.search.trials], "skipped": result.search.skipped,
+    }
+
+
+def _trial_json(t: Trial) -> dict[str, Any]:
+    return {"spec": t.spec, "space": t.space, **asdict(t.measured), "holds": t.holds,
+            "speedup": None if math.isnan(t.speedup) else t.speedup, "timed": t.timed}
+
+
+def to_json(result: TuneResult) -> dict[str, Any]:
+    return {"model": result.model, "target_psnr": result.target_psnr, "samples": result.samples,
+            "steps": result.steps, "baseline_seconds": result.baseline.wall_seconds,
+            "baseline_accuracy": result.baseline.accuracy,
+            "winner": _trial_json(result.winner) if result.winner else None,
+            "trials": [_trial_json(t) for t in result.search.trials], "skipped": result.search.skipped}
+
+
 def table(result: TuneResult) -> str:
-    """The best setting per policy as a markdown table; a digit-accuracy column where a classifier scored them."""
-    acc = result.baseline_accuracy
-    columns = ["policy", "best setting", "speedup", "MAC-ideal", "PSNR dB", "SSIM"] + (["digit acc"] if acc is not None else [])
-    blank = " |" * (len(columns) - 2)
+    """The best setting per policy as a markdown table, the winner first; digit accuracy where scored."""
+    acc = result.baseline.accuracy
+    columns = ["policy", "best setting", "speedup", "MAC-ideal", "PSNR dB", "SSIM", "trials"]
+    columns += ["digit acc"] if acc is not None else []
     lines = [
         f"Fastest setting per policy at >= {result.target_psnr:g} dB mean PSNR against the uncached samples "
-        f"({Path(result.model).name}; speedup = the same graph with every region computing, "
-        f"{result.baseline_seconds:.3f} s, over the policy's wall time"
-        + (f"; uncached digit accuracy {acc:.2f})" if acc is not None else ")"),
+        f"({Path(result.model).name}, {result.samples} samples x {result.steps} steps, the search's own seeds; "
+        f"speedup = the uncached graph's wall time, {result.baseline.wall_seconds:.3f} s, over the setting's, "
+        "timed in one interleaved run" + (f"; uncached digit accuracy {acc:.2f})" if acc is not None else ")"),
         "",
         "| " + " | ".join(columns) + " |",
         "|---|---|" + "---:|" * (len(columns) - 2),
     ]
-    for name, p in result.best().items():
+    best = result.search.best_per_space()
+    order = sorted(best, key=lambda name: best[name] is not result.winner)
+    for name in order:
+        count = sum(t.space == name for t in result.search.trials)
+        p = best[name]
         if p is None:
-            lines.append(f"| {name} | none holds the target |{blank}")
+            lines.append(f"| {name} | none holds the target |" + " |" * 4 + f" {count} |" + (" |" if acc is not None else ""))
             continue
-        row = [name, f"`{p.policy}`", f"{p.speedup:.2f}x", f"{p.mac_ideal:.2f}x", f"{p.psnr:.2f}", f"{p.ssim:.4f}"]
+        speed = f"{p.timed:.2f}x" if p.timed is not None else f"~{p.speedup:.2f}x"
+        row = [name, f"`{p.spec}`" + (" (chosen)" if p is result.winner else ""), speed, f"{p.measured.mac_ideal:.2f}x",
+               f"{p.measured.psnr:.2f}", f"{p.measured.ssim:.4f}", str(count)]
         if acc is not None:
-            row.append(f"{p.accuracy:.2f}" if p.accuracy is not None else "")
+            row.append(f"{p.measured.accuracy:.2f}" if p.measured.accuracy is not None else "")
         lines.append("| " + " | ".join(row) + " |")
-    for spec, why in result.skipped.items():
-        lines.append(f"| {spec} | not run: {why} |{blank}")
-    for name, p in result.best().items():
-        if p is not None and _at_sweep_end(result, p):
-            lines.append(f"\n{name}: its fastest holding setting is the sweep's most aggressive ({p.knob}={p.value}); "
-                         f"fix a larger {p.knob} in the spec, or loosen its other options, to look further.")
+    for spec, why in result.search.skipped.items():
+        lines.append(f"| {spec} | not run: {why} |" + " |" * (len(columns) - 2))
     return "\n".join(lines) + "\n"
 
 
-def _at_sweep_end(result: TuneResult, point: Point) -> bool:
-    """Whether `point` is the last value its policy's knob was swept through (not a value the spec fixed)."""
-    swept = [p for p in result.points if p.name == point.name]
-    grid = KNOBS.get(parse_policy_spec(point.policy)[0], (None, []))[1]
-    return len(swept) > 1 and bool(grid) and point.value == grid[-1]
+def plot_trials(result: TuneResult, path: Path, title: str) -> None:
+    """Every trial's speedup (its own run against the uncached run) against its PSNR, one colour per policy,
+    the target as a line and the chosen setting (at its timed speedup) as a star."""
+    curves = {}
+    for t in result.search.trials:
+        curves.setdefault(t.space, []).append((t.speedup, t.measured.psnr))
+    w = result.winner
+    chosen = (w.timed or w.speedup, w.measured.psnr, w.spec) if w is not None else None
+    plot(curves, result.target_psnr, path, title, chosen=chosen, lines=False)
 
 
-def plot(curves: dict[str, list[tuple[float, float]]], target_psnr: float, path: Path, title: str) -> None:
-    """Speedup against PSNR, one curve per method; the uncached run is the point (1x, identical)."""
+def plot(curves: dict[str, list[tuple[float, float]]], target_psnr: float, path: Path, title: str,
+         chosen: tuple[float, float, str] | None = None, lines: bool = True) -> None:
+    """Speedup against PSNR, one series per method (joined in order where `lines`); the uncached run is the
+    point (1x, identical) and `chosen` (speedup, PSNR, label) a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,11 +285,14 @@ def plot(curves: dict[str, list[tuple[float, float]]], target_psnr: float, path:
     top = target_psnr + 15
     low = min([q for pts in curves.values() for _, q in pts] + [target_psnr])
     colors = plt.get_cmap("tab20").colors
-    for i, (label, pts) in enumerate(curves.items()):  # points in sweep order: conservative -> aggressive
-        style = "--" if label.startswith("diffusers") else "-"
-        ax.plot([s for s, _ in pts], [min(q, top) for _, q in pts], style, marker="o", ms=3, label=label,
+    for i, (label, pts) in enumerate(curves.items()):
+        style = ("--" if label.startswith("diffusers") else "-") if lines else "none"
+        ax.plot([s for s, _ in pts], [min(q, top) for _, q in pts], linestyle=style, marker="o", ms=3, label=label,
                 color=colors[i % len(colors)])
     ax.plot([1.0], [top], marker="*", ms=14, color="black", linestyle="none", label="uncached (identical)")
+    if chosen is not None:
+        ax.plot([chosen[0]], [min(chosen[1], top)], marker="*", ms=18, color="red", linestyle="none",
+                label=f"chosen: {chosen[2]}")
     ax.set_ylim(max(low, target_psnr - 12) - 1, top + 1)
     ax.axhline(target_psnr, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("speedup over uncached (wall time)")
@@ -211,14 +304,3 @@ def plot(curves: dict[str, list[tuple[float, float]]], target_psnr: float, path:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-
-
-def curves_of(result: TuneResult) -> dict[str, list[tuple[float, float]]]:
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for p in result.points:
-        curves.setdefault(p.name, []).append((p.speedup, p.psnr))
-    return curves
-
-
-def to_json(result: TuneResult) -> dict[str, Any]:
-    return {**asdict(result), "best": {k: (asdict(v) if v else None) for k, v in result.best().items()}}

@@ -30,7 +30,7 @@ from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.policy_graph import graph_needs
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.runner import load_denoiser
-from fcpass.tune import plot, settings
+from fcpass.tune import plot, space_for
 from models.digits import ONNX, SCHEDULER_CONFIG
 from runtimes.policies import make_policy
 from runtimes.sampler import SampleRequest, SampleResult, sample
@@ -38,7 +38,7 @@ from runtimes.schedulers import scheduler_from_config
 
 log = logging.getLogger("bench_peers")
 
-# fcpass policy specs (swept by fcpass.tune's knobs) and the region sets of the graph each runs on.
+# fcpass policy specs (each swept along its main knob) and the region sets of the graph each runs on.
 FCPASS = [
     "fbcache@tail",
     "teacache@stack",
@@ -50,6 +50,15 @@ FCPASS = [
 ]
 DIFFUSERS = ["fbcache", "taylorseer", "magcache", "fastercache", "pab", "seacache"]
 MARK_START, MARK_END = "<!-- peers:start -->", "<!-- peers:end -->"
+
+
+def settings(spec: str) -> list[str]:
+    """`spec` swept along its policy's main knob (the first ordered knob of its `fcpass.tune` space),
+    conservative to aggressive; just `spec` where it fixes that knob."""
+    knob = next((k for k in space_for(spec).knobs if k.ordered), None)
+    if knob is None:
+        return [spec]
+    return [spec + ("," if ":" in spec else ":") + f"{knob.name}={v}" for v in knob.values]
 
 
 @dataclass
