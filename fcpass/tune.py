@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -26,6 +26,9 @@ from fcpass.quality import compare_batches
 from runtimes.policies import make_policy, parse_policy_spec
 from runtimes.sampler import SampleRequest, SampleResult, sample
 from runtimes.schedulers import scheduler_from_config
+
+if TYPE_CHECKING:
+    from fcpass.sampling import SamplingSetup
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +98,11 @@ def settings(spec: str) -> list[str]:
     return [f"{prefix}{knob}={v}" for v in values]
 
 
-def tune(denoiser: Any, setup: dict[str, Any], policies: list[str], target_psnr: float, repeats: int = 1,
+def tune(denoiser: Any, setup: SamplingSetup, policies: list[str], target_psnr: float, repeats: int = 1,
          classifier: Any = None, model: str = "") -> TuneResult:
     """Sweep every policy of `policies` on `denoiser` (a CachedDenoiser whose policy is swapped)."""
-    request: SampleRequest = setup["request"]
-    scheduler_config = setup["scheduler_config"]
+    request: SampleRequest = setup.request
+    scheduler_config = setup.scheduler_config
 
     def run(policy: str) -> SampleResult:
         denoiser.policy = make_policy(policy, **compiled_defaults(denoiser.plan, policy))
