@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -43,6 +43,9 @@ from runtimes.cache import CachedDenoiser
 from runtimes.policies import NoCache
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import config_identity, scheduler_from_config
+
+if TYPE_CHECKING:
+    from fcpass.sampling import SamplingSetup
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +118,19 @@ def _recording_session(model: onnx.ModelProto, plan: CachePlan, options: Calibra
             # over 2 GB saving moved the weights out of `model` into the file: read them back while it exists
             load_external_data_for_model(model, tmp)
         backend = OrtBackend(path, [options.provider], threads=options.threads)
-        from fcpass.runner import roles_from_plan
+        from fcpass.sampling import roles_from_plan
 
         roles = roles_from_plan(plan.roles, backend)
 
-        def record(sink: Callable[..., None], setup: dict[str, Any], options: CalibrationOptions) -> None:
+        def record(sink: Callable[..., None], setup: SamplingSetup, options: CalibrationOptions) -> None:
             denoiser = _Recorder(backend, plan, NoCache(), roles, keep_all=True, sink=sink)
-            scheduler = scheduler_from_config(setup["scheduler_config"])
-            sample(denoiser, scheduler, _calibration_request(setup["request"], options), progress=True)
+            scheduler = scheduler_from_config(setup.scheduler_config)
+            sample(denoiser, scheduler, _calibration_request(setup.request, options), progress=True)
 
         yield record
 
 
-def calibrate_peers(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], which: str,
+def calibrate_peers(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup, which: str,
                     options: CalibrationOptions) -> dict[str, Any]:
     """Fit `which` (teacache, magcache) on fresh trajectories and store it in `plan`; see peer_calibration."""
     if which not in PEERS:
@@ -167,9 +170,9 @@ def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return num / den
 
 
-def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], options: CalibrationOptions) -> None:
+def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup, options: CalibrationOptions) -> None:
     """Fit V, b of every region (initializers of `model`) and store per-region numbers in `plan`."""
-    request: SampleRequest = setup["request"]
+    request: SampleRequest = setup.request
     n = options.trajectories
     fits = {r.name: _Fit(r, plan, options) for r in plan.regions}
     peers = PeerStats(plan)
@@ -187,7 +190,7 @@ def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: dict[str, Any], op
     plan.calibration = {
         "trajectories": n, "steps": options.steps, "eps": options.eps, "max_gap": options.max_gap,
         "ridge": options.ridge, "seed": options.seed, "guidance_scale": request.guidance_scale,
-        **config_identity(setup["scheduler_config"]),
+        **config_identity(setup.scheduler_config),
     }
 
 

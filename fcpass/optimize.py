@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcpass.calibrate import CalibrationOptions, calibrate
 from fcpass.discover import discover_blocks
@@ -31,6 +31,9 @@ from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
 from runtimes.backend import session_setup
 from runtimes.policies import parse_policy_spec, policy_defaults
 from runtimes.token_policies import token_options
+
+if TYPE_CHECKING:
+    from fcpass.sampling import SamplingSetup
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class OptimizeOptions:
 DYNAMIC_BATCH = 2
 
 
-def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: dict[str, Any] | None) -> CachePlan:
+def optimize(model_path: str | Path, output: str | Path, options: OptimizeOptions, setup: SamplingSetup | None) -> CachePlan:
     """Write the cache-aware graph of `model_path` to `output`; nothing is written on failure."""
     check_lowering(options.lowering)
     check_distinct(model_path, output)

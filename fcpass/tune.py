@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from fcpass.search import Knob, Measurement, SearchResult, Space, Trial, choose,
 from runtimes.policies import make_policy, parse_policy_spec
 from runtimes.sampler import SampleRequest, SampleResult, sample
 from runtimes.schedulers import config_identity, scheduler_from_config
+
+if TYPE_CHECKING:
+    from fcpass.sampling import SamplingSetup
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +128,13 @@ class TuneResult:
 class Tuner:
     """Samples the calibration set on `denoiser` (a CachedDenoiser whose policy is swapped per run)."""
 
-    def __init__(self, denoiser: Any, setup: dict[str, Any], classifier: Any = None) -> None:
+    def __init__(self, denoiser: Any, setup: SamplingSetup, classifier: Any = None) -> None:
         self.denoiser, self.setup, self.classifier = denoiser, setup, classifier
-        self.request: SampleRequest = setup["request"]
+        self.request: SampleRequest = setup.request
 
     def run(self, spec: str) -> SampleResult:
         self.denoiser.policy = make_policy(spec, **compiled_defaults(self.denoiser.plan, spec))
-        return sample(self.denoiser, scheduler_from_config(self.setup["scheduler_config"]), self.request, progress=False)
+        return sample(self.denoiser, scheduler_from_config(self.setup.scheduler_config), self.request, progress=False)
 
     def accuracy(self, images: np.ndarray) -> float | None:
         if self.classifier is None or not self.request.classes:
@@ -166,7 +169,7 @@ class Tuner:
         return {s: mean / float(np.mean(w)) for s, w in walls.items()}, mean
 
 
-def tune(denoiser: Any, setup: dict[str, Any], policies: list[str], target_psnr: float, budget: int,
+def tune(denoiser: Any, setup: SamplingSetup, policies: list[str], target_psnr: float, budget: int,
          classifier: Any = None, model: str = "", repeats: int = 1, seed: int = 0,
          progress: bool = True) -> TuneResult:
     """Search `policies` on `denoiser` for the fastest setting at >= `target_psnr` (and no loss of digit
@@ -199,7 +202,7 @@ def _none_holds(result: TuneResult) -> str:
             f"reached {best.measured.psnr:.2f} dB ({best.spec}); lower --target-psnr or raise --budget")
 
 
-def winner_record(result: TuneResult, setup: dict[str, Any]) -> dict[str, Any]:
+def winner_record(result: TuneResult, setup: SamplingSetup) -> dict[str, Any]:
     """What the cache plan keeps of a search (`CachePlan.tuned`): the winner, the figures it held on the
     calibration seeds, what it was measured under, and every trial."""
     w = result.winner
@@ -208,7 +211,7 @@ def winner_record(result: TuneResult, setup: dict[str, Any]) -> dict[str, Any]:
         "policy": w.spec, "target_psnr": result.target_psnr, "psnr": w.measured.psnr, "ssim": w.measured.ssim,
         "accuracy": w.measured.accuracy, "baseline_accuracy": result.baseline.accuracy, "speedup": w.timed,
         "mac_ideal": w.measured.mac_ideal, "samples": result.samples, "steps": result.steps, "seed": result.seed,
-        "guidance_scale": setup["request"].guidance_scale, **config_identity(setup["scheduler_config"]),
+        "guidance_scale": setup.request.guidance_scale, **config_identity(setup.scheduler_config),
         "trials": [_trial_json(t) for t in result.search.trials], "skipped": result.search.skipped,
     }
 

@@ -13,6 +13,7 @@ import pytest
 
 from fcpass.graphinfo import initializer_tensors
 from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.sampling import SamplingSetup
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest
 
@@ -130,9 +131,8 @@ class RecordingDenoiser:
         return {}
 
 
-def calibration_setup(classes: list[int]) -> dict:
-    return {"scheduler_config": SCHEDULER_CONFIG,
-            "request": SampleRequest(classes=classes, steps=6, guidance_scale=1.5, uncond_class=10)}
+def calibration_setup(classes: list[int]) -> SamplingSetup:
+    return SamplingSetup(SCHEDULER_CONFIG, SampleRequest(classes=classes, steps=6, guidance_scale=1.5, uncond_class=10))
 
 
 @pytest.fixture(scope="session")

@@ -149,7 +149,7 @@ def test_sampling_otherwise_than_calibrated_is_told(calibrated: tuple[Path, Path
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The plan records the sampler calibration ran; a policy that rests on its fits or thresholds says when a run
     samples with another sampler, config or step count."""
-    from fcpass.runner import load_denoiser, warn_if_calibrated_for_another_sampler
+    from fcpass.sampling import load_denoiser, warn_if_calibrated_for_another_sampler
     from models.digits import DIGITS_DIR, SCHEDULER_CONFIG
     from runtimes.schedulers import config_identity
 
@@ -157,10 +157,10 @@ def test_sampling_otherwise_than_calibrated_is_told(calibrated: tuple[Path, Path
     recorded = read_plan(onnx.load(str(out), load_external_data=False)).calibration
     assert {k: recorded[k] for k in ("scheduler", "scheduler_digest")} == config_identity(SCHEDULER_CONFIG)
     setup = calibration_setup([1, 2])
-    setup["request"].steps = steps
+    setup.request.steps = steps
     if config is not None:
-        setup["scheduler_config"] = DIGITS_DIR / "schedulers" / f"{config}.json"
-    with caplog.at_level("WARNING", logger="fcpass.runner"):
+        setup.scheduler_config = DIGITS_DIR / "schedulers" / f"{config}.json"
+    with caplog.at_level("WARNING", logger="fcpass.sampling"):
         warn_if_calibrated_for_another_sampler(load_denoiser(out, policy, {}), setup)
     if warned is None:
         assert caplog.text == ""

@@ -317,11 +317,11 @@ def test_an_unwritable_output_is_refused_before_the_work(capsys, monkeypatch, ca
                                                           command: str, flag: str, where: str) -> None:
     """Not after sampling, tuning or calibrating, when the work would be lost."""
     import fcpass.optimize
-    import fcpass.runner
+    import fcpass.sampling
 
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("the work started before the output was checked")
-    monkeypatch.setattr(fcpass.runner, "load_denoiser", no_work)
+    monkeypatch.setattr(fcpass.sampling, "load_denoiser", no_work)
     monkeypatch.setattr(fcpass.optimize, "calibrate", no_work)
     (out / "file").write_text("x")
     target = out if where == "a folder" else out / "file" / "x.out"

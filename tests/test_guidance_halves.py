@@ -14,7 +14,7 @@ from fcpass.errors import FcpassError
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.plan import read_plan
 from fcpass.roles import InputRoles, TensorSpec
-from fcpass.runner import load_denoiser
+from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.cache import CachedDenoiser
 from runtimes.sampler import SampleRequest, SampleResult, sample, split_halves

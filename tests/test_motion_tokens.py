@@ -17,7 +17,7 @@ from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.cache_regions import insert_cache_regions
 from fcpass.passes.token_cache import TokenOptions
 from fcpass.plan import APPROX_MIX, MIX_WIDTH, MOTION_INPUT, CachePlan
-from fcpass.runner import load_denoiser
+from fcpass.sampling import SamplingSetup, load_denoiser
 from fcpass.trt_check import check_graph
 from models.digits import SCHEDULER_CONFIG
 from runtimes.policies import FastCache, FastCacheConfig
@@ -199,7 +199,7 @@ def test_sampling_with_motion_tokens_end_to_end(tmp_path: Path, lowering: str) -
     src = export_tiny_dit(tmp_path / "tiny.onnx", "legacy", seed=SEED)
     out = tmp_path / ("tiny.fc.onnx" if lowering == "if" else "tiny.fc")
     request = SampleRequest(classes=[1], steps=6, guidance_scale=1.5, uncond_class=10)
-    setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    setup = SamplingSetup(SCHEDULER_CONFIG, request)
     plan = optimize(src, out, OptimizeOptions(regions=("stack",), motion_ratio=0.5, lowering=lowering), setup)
     assert plan.motion["k"] == 8
     den = load_denoiser(out, "fastcache:levels=stack,motion=1,warmup=2", {})

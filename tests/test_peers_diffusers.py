@@ -52,7 +52,7 @@ def mag_ratios() -> list[float]:
 
 
 def test_uncached_matches_onnx_graph(uncached: SampleResult) -> None:
-    from fcpass.runner import load_denoiser
+    from fcpass.sampling import load_denoiser
 
     reference = _run(load_denoiser(ONNX, None, {}, threads=1))
     assert uncached.images.shape == reference.images.shape == (2, 1, 16, 16)

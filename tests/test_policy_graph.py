@@ -11,7 +11,7 @@ from fcpass.cli import main
 from fcpass.errors import FcpassError
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.policy_graph import graph_for
-from fcpass.runner import load_denoiser
+from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.policies import make_policy
 from runtimes.sampler import SampleRequest, sample
@@ -102,7 +102,7 @@ def test_a_graph_names_what_a_policy_pays_for_and_does_not_use(tiny: Path, tmp_p
     lean = tmp_path / "lean.fc.onnx"
     optimize(tiny, lean, OptimizeOptions(**graph_for(["fora:level=stack"], None)), None)
     assert unused_costs(read_plan(load(lean)), make_policy("fora:level=stack")) == []
-    caplog.set_level("INFO", logger="fcpass.runner")
+    caplog.set_level("INFO", logger="fcpass.sampling")
     assert main(["sample", str(everything), "--policy", "fora:level=stack", "--steps", "1", "--class", "1",
                  "--scheduler-config", str(SCHEDULER_CONFIG), "--uncond-class", "10"]) == 0
     assert "fcpass optimize --for fora:level=stack compiles without them" in caplog.text

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from fcpass.errors import FcpassError
-from fcpass.runner import load_denoiser
+from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
@@ -102,7 +102,7 @@ def test_state_kept_only_for_live_regions_changes_nothing(calibrated: tuple[Path
                                                           options: dict[str, object]) -> None:
     """A stack-level policy keeps only the stack's state; samples and decisions equal keeping every region's."""
     from fcpass.plan import read_plan
-    from fcpass.runner import roles_from_plan
+    from fcpass.sampling import roles_from_plan
     from runtimes.backend import OrtBackend
     from runtimes.cache import CachedDenoiser
     from runtimes.policies import make_policy
@@ -150,7 +150,7 @@ def test_a_policy_controlling_a_region_it_keeps_no_state_for_is_refused(calibrat
 def test_bound_device_state_equals_host_state(calibrated: tuple[Path, Path]) -> None:
     """I/O binding (the state in pools of OrtValues, never copied) gives the same trajectory as host arrays."""
     from fcpass.plan import read_plan
-    from fcpass.runner import roles_from_plan
+    from fcpass.sampling import roles_from_plan
     from runtimes.backend import OrtBackend
     from runtimes.cache import CachedDenoiser
     from runtimes.policies import make_policy

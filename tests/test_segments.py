@@ -16,7 +16,7 @@ from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.inline_gates import inline_gates
 from fcpass.passes.segments import MANIFEST, is_segments_artefact, read_manifest, segment_files
 from fcpass.plan import MIX_WIDTH, STAT_OUTPUT, read_plan
-from fcpass.runner import load_denoiser
+from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config

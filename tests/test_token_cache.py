@@ -20,7 +20,7 @@ from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.cache_regions import insert_cache_regions
 from fcpass.passes.token_cache import TokenOptions
 from fcpass.plan import APPROX_MIX, TOK_INPUT, CachePlan, write_plan
-from fcpass.runner import load_denoiser
+from fcpass.sampling import SamplingSetup, load_denoiser
 from fcpass.trt_check import check_graph
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
@@ -248,7 +248,7 @@ def test_every_state_binding_samples_toca_alike(tiny_dit: Path, tmp_path: Path, 
     out = tmp_path / ("tiny.tok.onnx" if lowering == "if" else "tiny.tok")
     request = SampleRequest(classes=[1], steps=10, guidance_scale=1.5, uncond_class=10)
     optimize(tiny_dit, out, OptimizeOptions(regions=("stack",), tokens="toca", lowering=lowering),
-             {"scheduler_config": SCHEDULER_CONFIG, "request": request})
+             SamplingSetup(SCHEDULER_CONFIG, request))
     runs = {}
     for bound in (False, True):
         den = load_denoiser(out, "toca", {})
@@ -534,7 +534,7 @@ def _plain_plan(path: Path) -> CachePlan:
 def test_sampling_with_duca_resets_the_state_between_runs(tiny_dit: Path, tmp_path: Path) -> None:
     out = tmp_path / "tiny.tok.onnx"
     request = SampleRequest(classes=[1], steps=8, guidance_scale=1.5, uncond_class=10)
-    setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    setup = SamplingSetup(SCHEDULER_CONFIG, request)
     plan = optimize(tiny_dit, out, OptimizeOptions(regions=("stack",), tokens="duca"), setup)
     assert [b["branches"][1]["k"] for b in plan.tokens["blocks"]] == [2, 2, 2]  # round(0.05 * f * 2.5 * 16)
     den = load_denoiser(out, "duca", {})
@@ -548,7 +548,7 @@ def test_sampling_with_duca_resets_the_state_between_runs(tiny_dit: Path, tmp_pa
     assert not np.array_equal(base.images, runs[0].images)
     # The report marks the C steps on the stack, the region that holds the token-cache blocks.
     from fcpass.report import TOKEN_COLORS, build_figure
-    from fcpass.runner import run_sampling
+    from fcpass.sampling import run_sampling
 
     _, report = run_sampling(den, setup, out, "duca", progress=False)
     assert report["token_regions"] == ["stack"] * 3
@@ -561,7 +561,7 @@ def test_sampling_with_duca_resets_the_state_between_runs(tiny_dit: Path, tmp_pa
 def test_duca_aggressive_taylor1_extrapolates_the_stack_from_its_computed_steps(tiny_dit: Path, tmp_path: Path) -> None:
     out = tmp_path / "tiny.tok.taylor.onnx"
     request = SampleRequest(classes=[1], steps=10, guidance_scale=1.5, uncond_class=10)
-    setup = {"scheduler_config": SCHEDULER_CONFIG, "request": request}
+    setup = SamplingSetup(SCHEDULER_CONFIG, request)
     plan = optimize(tiny_dit, out, OptimizeOptions(regions=("stack",), taylor=True, tokens="duca"), setup)
     duca = DuCa(DuCaConfig(aggressive="taylor1"))
     duca.reset(plan, 10)

@@ -29,7 +29,7 @@ from fcpass.onnx_io import load_model
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.plan import read_plan
 from fcpass.roles import graph_inputs, graph_outputs
-from fcpass.runner import load_denoiser
+from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes import trt_backend
 from runtimes.sampler import SampleRequest, sample

@@ -24,7 +24,7 @@ from fcpass.cli import main
 from fcpass.errors import FcpassError
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.segments import read_manifest, segment_files
-from fcpass.runner import load_denoiser
+from fcpass.sampling import load_denoiser
 from fcpass.trt_build import ENGINES_INDEX, engine_file
 from runtimes import trt_backend
 from runtimes.trt_segments import TrtSegmentsBackend, TrtSegmentsState

@@ -33,7 +33,7 @@ from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.passes.motion_tokens import MergeOptions
 from fcpass.policy_graph import graph_needs
 from fcpass.quality import DigitClassifier, compare_batches
-from fcpass.runner import load_denoiser
+from fcpass.sampling import SamplingSetup, load_denoiser
 from models.digits import ONNX, SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import load_config, scheduler_from_config
@@ -91,7 +91,7 @@ def main() -> None:
 
     request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,
                             guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
-    setup = {"scheduler_config": load_config(args.scheduler_config), "request": request}  # read once
+    setup = SamplingSetup(load_config(args.scheduler_config), request)  # read once
     with tempfile.TemporaryDirectory() as tmp:
         graphs: dict[Any, Path] = {}
         for spec in args.policies:
@@ -101,7 +101,7 @@ def main() -> None:
                 regions, needs = key
                 optimize(args.model, graphs[key], OptimizeOptions(regions=regions, calibrate=args.calibrate, **dict(needs)),
                          setup)
-        rows, images = run(args, request, graphs, setup["scheduler_config"])
+        rows, images = run(args, request, graphs, setup.scheduler_config)
     write(rows, args)
     if args.grid:
         from fcpass.images import save_grid

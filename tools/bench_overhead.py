@@ -77,7 +77,7 @@ from fcpass.plan import (
     read_plan,
 )
 from fcpass.roles import graph_inputs
-from fcpass.runner import load_denoiser
+from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.backend import OrtBackend
 from runtimes.policies import taylor1_mix

@@ -29,7 +29,7 @@ from fcpass.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.policy_graph import graph_needs
 from fcpass.quality import DigitClassifier, compare_batches
-from fcpass.runner import load_denoiser
+from fcpass.sampling import SamplingSetup, load_denoiser
 from fcpass.tune import plot, space_for
 from models.digits import ONNX, SCHEDULER_CONFIG
 from runtimes.policies import make_policy
@@ -105,7 +105,7 @@ def sweep(side: str, method: str, specs: list[tuple[str, Any]], base: SampleResu
 
 def fcpass_rows(args: argparse.Namespace, request: SampleRequest, classifier: DigitClassifier, tmp: Path) -> list[Row]:
     scheduler = scheduler_from_config(args.scheduler_config)
-    calib_setup = {"scheduler_config": args.scheduler_config, "request": request}
+    calib_setup = SamplingSetup(args.scheduler_config, request)
     graphs: dict[str, Path] = {}
     for spec in args.fcpass:
         policy, regions = spec.split("@", 1)

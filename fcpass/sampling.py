@@ -1,8 +1,11 @@
-"""Glue between the CLI and the runtimes: load a graph as a denoiser, run a sampling job, report."""
+"""Sampling jobs for the application: the setup a command samples with, a graph loaded as a denoiser, a run and
+its report, and the timed comparison with the uncached graph."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,21 @@ from fcpass.static_shapes import dynamic_axes, parse_dims
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import POLICIES, make_policy, parse_policy_spec
-from runtimes.sampler import PlainDenoiser, SampleResult, sample
+from runtimes.sampler import PlainDenoiser, SampleRequest, SampleResult, sample
 from runtimes.schedulers import config_identity, scheduler_from_config
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingSetup:
+    """What a command samples with, read once: the parsed scheduler config, the request (what to draw),
+    the input-role overrides (`--inputs`) and the export's architecture (digits gets its classifier)."""
+
+    scheduler_config: Mapping[str, Any] | str | Path  # parsed once by the command; a path is read at each use
+    request: SampleRequest
+    inputs: str | None = None
+    arch: str | None = None
 
 
 def roles_from_plan(plan_roles: dict[str, str | None], backend: Any) -> InputRoles:
@@ -107,14 +121,14 @@ def load_denoiser(
     return denoiser
 
 
-def warn_if_calibrated_for_another_sampler(denoiser: Any, setup: dict[str, Any]) -> None:
+def warn_if_calibrated_for_another_sampler(denoiser: Any, setup: SamplingSetup) -> None:
     """A policy that acts on the graph's calibration gets fits and thresholds of one step's change under the
     sampler and step count it was calibrated with; say so when the run samples otherwise."""
     plan, policy = getattr(denoiser, "plan", None), getattr(denoiser, "policy", None)
     if plan is None or policy is None or not plan.calibration or not policy.reads_calibration():
         return
-    c, steps = plan.calibration, setup["request"].steps
-    now = config_identity(setup["scheduler_config"])
+    c, steps = plan.calibration, setup.request.steps
+    now = config_identity(setup.scheduler_config)
     # plans calibrated before the sampler was recorded hold only the step count
     other = c.get("scheduler_digest", now["scheduler_digest"]) != now["scheduler_digest"]
     if not other and c["steps"] == steps:
@@ -126,10 +140,10 @@ def warn_if_calibrated_for_another_sampler(denoiser: Any, setup: dict[str, Any])
                 " (another config)" if other and c.get("scheduler") == now["scheduler"] else "", steps)
 
 
-def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, policy: str | None,
+def run_sampling(denoiser: Any, setup: SamplingSetup, model_path: str | Path, policy: str | None,
                  progress: bool = True) -> tuple[SampleResult, dict[str, Any]]:
-    scheduler = scheduler_from_config(setup["scheduler_config"])
-    request = setup["request"]
+    scheduler = scheduler_from_config(setup.scheduler_config)
+    request = setup.request
     warn_if_calibrated_for_another_sampler(denoiser, setup)
     result = sample(denoiser, scheduler, request, progress=progress)
     report: dict[str, Any] = {
@@ -138,7 +152,7 @@ def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, p
         "provider": denoiser.backend.provider,
         "threads": getattr(denoiser.backend, "threads", None),
         "steps": request.steps,
-        **config_identity(setup["scheduler_config"]),
+        **config_identity(setup.scheduler_config),
         "samples": request.count,
         "guidance_scale": request.guidance_scale,
         "seed": request.seed,
@@ -155,8 +169,29 @@ def run_sampling(denoiser: Any, setup: dict[str, Any], model_path: str | Path, p
         "records": result.records,
         "accuracy": None,
     }
-    if setup.get("arch") == "digits" and request.classes:
+    if setup.arch == "digits" and request.classes:
         from fcpass.quality import DigitClassifier
 
         report["accuracy"] = DigitClassifier().accuracy(result.images, request.classes)
     return result, report
+
+
+def time_against_baseline(denoiser: Any, base: Any, setup: SamplingSetup, result: SampleResult,
+                          model_path: str | Path, report: dict[str, Any]) -> None:
+    """Add to `report` the uncached graph's (`base`'s) wall time, MACs and quality, and the speedup.
+
+    Timed cached, uncached, uncached, cached: a drift in the machine's speed during the four runs weighs
+    on both sides alike, where one run of each would put it all on one side. Only the wall times of the
+    repeats count: no report, no classifier."""
+    from fcpass.quality import compare_batches
+
+    base_result, _ = run_sampling(base, setup, model_path, "none")
+    scheduler = scheduler_from_config(setup.scheduler_config)
+    base_again = sample(base, scheduler, setup.request, progress=False)
+    cached_again = sample(denoiser, scheduler, setup.request, progress=False)
+    q = compare_batches(base_result.clips(), result.clips())
+    base_wall = (base_result.wall_seconds + base_again.wall_seconds) / 2
+    report["baseline"] = {"wall_seconds": base_wall, "macs": base_result.macs_executed,
+                          "psnr_mean": q["psnr_mean"], "ssim_mean": q["ssim_mean"]}
+    report["speedup"] = base_wall / ((result.wall_seconds + cached_again.wall_seconds) / 2)
+    report["mac_ideal_speedup"] = base_result.macs_executed / max(result.macs_executed, 1)
