@@ -84,3 +84,18 @@ def compiled_defaults(plan: CachePlan, spec: str, options: dict[str, Any] | None
     make_policy(spec, **...) takes, so that the spec's own values win over both."""
     given = {k: v for k, v in (options or {}).items() if v is not None}
     return {**plan.compiled_for.get(parse_policy_spec(spec)[0], {}), **given}
+
+
+def default_policy(plan: CachePlan) -> tuple[str, str] | None:
+    """The policy spec `fcpass sample` runs on `plan`'s graph when none is named, and where it comes from: the
+    one a search tuned it for (`fcpass optimize --target-psnr`, `fcpass tune -o`), else the one policy it was
+    compiled --for; None where the graph says neither."""
+    if plan.tuned:
+        t = plan.tuned
+        return t["policy"], (f"tuned to hold {t['target_psnr']:g} dB: {t['psnr']:.2f} dB at {t['speedup']:.2f}x on "
+                             f"{t['samples']} samples x {t['steps']} steps of its search")
+    if len(plan.compiled_for) == 1:
+        name, options = next(iter(plan.compiled_for.items()))
+        spec = name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+        return spec, "the policy it was compiled --for"
+    return None

@@ -13,7 +13,7 @@ from fcpass.errors import FcpassError
 from fcpass.graphinfo import GraphIndex, frames_axis, graph_macs, sized
 from fcpass.passes.segments import is_segments_artefact
 from fcpass.plan import has_plan, read_plan
-from fcpass.policy_graph import compiled_defaults, unused_costs
+from fcpass.policy_graph import compiled_defaults, default_policy, unused_costs
 from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
 from fcpass.static_shapes import dynamic_axes, parse_dims
 from runtimes.backend import OrtBackend
@@ -96,7 +96,12 @@ def load_denoiser(
             planned = ",".join(f"{role}={plan.roles.get(role)}" for role in fixed)
             raise FcpassError(f"--inputs {given}: {path} was optimized with {planned}; drop --inputs, or optimize "
                               f"the original export again with --inputs {given}")
-        if compiled := plan.compiled_for.get(name or "none"):  # unless the command line says otherwise
+        if policy is None and (default := default_policy(plan)) is not None:
+            spec, why = default
+            log.info("%s: sampling with %s (%s; --policy overrides)", Path(path).name, spec, why)
+            name, spec_options = parse_policy_spec(spec)
+            policy, options = name, {**spec_options, **{k: v for k, v in options.items() if v is not None}}
+        elif compiled := plan.compiled_for.get(name or "none"):  # unless the command line says otherwise
             log.info("%s: %s as compiled (optimize --for)", name, ",".join(f"{k}={v}" for k, v in compiled.items()))
         options = compiled_defaults(plan, policy or "none", options)
         denoiser = CachedDenoiser(backend, plan, make_policy(policy or "none", **options), roles_from_plan(plan.roles, backend))

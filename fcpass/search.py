@@ -35,6 +35,8 @@ from fcpass.errors import FcpassError
 
 log = logging.getLogger(__name__)
 
+SEARCH_SEED = 1234  # the trials' noise; calibration's trajectories start at 1000, fcpass sample's at 0
+
 
 @dataclass(frozen=True)
 class Knob:
@@ -220,8 +222,9 @@ def search(spaces: Sequence[Space], evaluate: Evaluate, holds: Callable[[Measure
         share = round((budget - spent) * weights[i] / sum(weights[i:]))
         descend(space, space.start, len(seen) + max(share, 1))
         spent = len(seen)
+    grids = {s.name: s.points() for s in spaces} if len(seen) < budget else {}
     while len(seen) < budget:  # restarts, for the policy that holds the target fastest so far
-        fresh = {s.name: [p for p in s.points() if s.spec(p) not in seen] for s in spaces if s.name not in result.skipped}
+        fresh = {s.name: [p for p in grids[s.name] if s.spec(p) not in seen] for s in spaces if s.name not in result.skipped}
         live = [s for s in spaces if fresh.get(s.name)]
         if not live:
             break

@@ -11,6 +11,8 @@ every trial are what `winner_record` stores in the cache plan for `fcpass sample
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -61,7 +63,6 @@ SPACES: dict[str, tuple[tuple[Knob, Any], ...]] = {
 DEFAULT_POLICIES = ["fastcache", "taylorseer", "fora", "fbcache", "teacache", "magcache"]
 # The knobs that change what a graph must hold (its region sets, the previous outputs for taylor1).
 STRUCTURAL = ("levels", "level", "approx")
-SEARCH_SEED = 1234  # the trials' noise; calibration's trajectories start at 1000, fcpass sample's at 0
 
 
 def space_for(spec: str) -> Space:
@@ -70,16 +71,7 @@ def space_for(spec: str) -> Space:
     if name not in SPACES:
         raise FcpassError(f"fcpass tune cannot search policy {name!r}; search one of {', '.join(SPACES)}")
     knobs = [(k, start) for k, start in SPACES[name] if k.name not in fixed]
-    return Space(spec, tuple(k for k, _ in knobs), tuple(k.values.index(start) for k, start in knobs), _builds)
-
-
-def _builds(spec: str) -> bool:
-    """Whether the policy takes these settings together (TaylorSeer's phase inside its interval)."""
-    try:
-        make_policy(spec)
-    except FcpassError:
-        return False
-    return True
+    return Space(spec, tuple(k for k, _ in knobs), tuple(k.values.index(start) for k, start in knobs))
 
 
 def spaces_for(specs: list[str]) -> list[Space]:
@@ -100,6 +92,41 @@ def graph_specs(spaces: list[Space]) -> list[str]:
                 combos = [c[:axis] + (j,) + c[axis + 1:] for c in combos for j in range(len(knob.values))]
         out += [space.spec(c) for c in combos]
     return out
+
+
+def default_policies(plan: Any) -> list[str]:
+    """The policies a graph compiled --for some policies was made for, their structural options fixed (the
+    graph holds nothing else), else DEFAULT_POLICIES."""
+    out = []
+    for name, options in plan.compiled_for.items():
+        if name in SPACES:
+            fixed = ",".join(f"{k}={v}" for k, v in options.items() if k in STRUCTURAL)
+            out.append(f"{name}:{fixed}" if fixed else name)
+    return out or list(DEFAULT_POLICIES)
+
+
+def runnable(space: Space, plan: Any, steps: int) -> Space | str:
+    """`space` taking only the settings its policy can run on `plan` (the region sets, probes and previous
+    outputs the graph holds), started from the first that can where its own start cannot; the policy's
+    reason where no choice of its structural knobs can."""
+
+    @functools.cache
+    def fails(spec: str) -> str | None:
+        try:
+            make_policy(spec, **compiled_defaults(plan, spec)).reset(plan, steps)
+        except FcpassError as exc:
+            return str(exc)
+        return None
+
+    space = dataclasses.replace(space, valid=lambda spec: fails(spec) is None)
+    axes = [a for a, k in enumerate(space.knobs) if k.name in STRUCTURAL]
+    starts = [space.start]
+    for axis in axes:
+        starts = [p[:axis] + (j,) + p[axis + 1:] for p in starts for j in range(len(space.knobs[axis].values))]
+    start = next((p for p in starts if space.takes(p)), None)
+    if start is None:
+        return fails(space.spec(space.start)) or "no setting of it runs on this graph"
+    return dataclasses.replace(space, start=start)
 
 
 @dataclass
@@ -176,8 +203,14 @@ def tune(denoiser: Any, setup: SamplingSetup, policies: list[str], target_psnr: 
     accuracy where `classifier` scores), in at most `budget` trials."""
     if not math.isfinite(target_psnr):
         raise FcpassError(f"--target-psnr {target_psnr} must be a finite number of dB, e.g. 30")
-    spaces = spaces_for(policies)
     tuner = Tuner(denoiser, setup, classifier)
+    spaces, skipped = [], {}
+    for space in spaces_for(policies):
+        if isinstance(left := runnable(space, denoiser.plan, tuner.request.steps), str):
+            skipped[space.name] = left
+            log.warning("%s: not searched (%s)", space.name, left)
+        else:
+            spaces.append(left)
     base = tuner.baseline()
 
     def holds(m: Measurement) -> bool:
@@ -185,6 +218,7 @@ def tune(denoiser: Any, setup: SamplingSetup, policies: list[str], target_psnr: 
         return m.psnr >= target_psnr and not lost
 
     found = search(spaces, lambda spec: tuner.measure(spec, base), holds, budget, seed, base.wall_seconds, progress)
+    found.skipped.update(skipped)
     request = tuner.request
     result = TuneResult(model, target_psnr, request.count, request.steps, request.seed, base, found)
     if choose(found, lambda specs: tuner.time(specs, repeats)[0]) is None:
@@ -198,7 +232,7 @@ def _none_holds(result: TuneResult) -> str:
         why = "; ".join(f"{k}: {v}" for k, v in result.search.skipped.items())
         return f"no policy could run on {Path(result.model).name} ({why}); optimize it --for the policies to search"
     best = max(trials, key=lambda t: (t.measured.psnr, t.measured.mac_ideal))
-    return (f"no setting holds {result.target_psnr:g} dB on the calibration seeds in {len(trials)} trials: the best "
+    return (f"no setting holds {result.target_psnr:g} dB on the search's seeds in {len(trials)} trials: the best "
             f"reached {best.measured.psnr:.2f} dB ({best.spec}); lower --target-psnr or raise --budget")
 
 

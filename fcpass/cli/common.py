@@ -214,3 +214,45 @@ def label_rows_of(model: Any, inputs: str | None) -> int | None:
 
 def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def search_args(p: argparse.ArgumentParser, target_default: float | None) -> None:
+    """The tuning search's flags (`fcpass tune`, `fcpass optimize --target-psnr`)."""
+    p.add_argument("--target-psnr", type=float, default=target_default, metavar="DB",
+                   help="the mean PSNR (dB) against the uncached samples that the chosen setting must hold on the "
+                        "search's own seeds" + (f" (default {target_default:g})" if target_default is not None else
+                                                 ": search every policy's knobs for the fastest setting that holds it, "
+                                                 "compile the graph for that setting alone and store it in the plan"))
+    p.add_argument("--policies", nargs="+", metavar="NAME[:KEY=VALUE,...]",
+                   help="policies to search (default: fastcache, taylorseer, fora, fbcache, teacache, magcache; "
+                        "fcpass tune: those the graph was compiled --for); options a spec fixes are not searched")
+    p.add_argument("--budget", type=int, default=60, metavar="N", help="at most N trials (default %(default)s)")
+    p.add_argument("--samples", type=int, default=10, help="samples per trial (classes cycled; default %(default)s)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="the finalists' timing: passes of uncached, each finalist, uncached, each in reverse "
+                        "(default %(default)s)")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="speed against quality of every trial, the chosen one marked (default: beside the output, "
+                        "or tune.png)")
+    p.add_argument("--json", type=Path, help="every trial, as JSON")
+
+
+def search_options(args: argparse.Namespace, plot: Path) -> Any:
+    """The search's options from its flags; the plot at `plot` unless --plot names one."""
+    from fcpass.optimize_to_target import SearchOptions
+
+    options = SearchOptions(target_psnr=args.target_psnr, policies=tuple(args.policies or ()), budget=args.budget,
+                            samples=args.samples, repeats=args.repeats, provider=args.provider, threads=args.threads,
+                            plot=args.plot or plot)
+    options.check()
+    return options
+
+
+def write_search_json(path: Path | None, result: Any) -> None:
+    if path is None:
+        return
+    from fcpass import tune
+    from fcpass.onnx_io import atomic_path
+
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(tune.to_json(result), indent=1))

@@ -144,6 +144,12 @@ def _print_plan(plan: dict[str, Any]) -> None:
         specs = " ".join(name + "".join(f"{',' if i else ':'}{k}={v}" for i, (k, v) in enumerate(opts.items()))
                          for name, opts in plan["compiled_for"].items())
         print(f"  compiled for {specs} (fcpass sample --policy NAME takes these options unless told otherwise)")
+    if t := plan.get("tuned"):
+        held = f", digit accuracy {t['accuracy']:.2f}" if t.get("accuracy") is not None else ""
+        print(f"  tuned for {t['policy']} (fcpass sample runs it when no --policy is given): {t['psnr']:.2f} dB and "
+              f"{t['speedup']:.2f}x (MAC-ideal {t['mac_ideal']:.2f}x){held} against the uncached graph on "
+              f"{t['samples']} samples x {t['steps']} steps of {t.get('scheduler', 'its sampler')}, target "
+              f"{t['target_psnr']:g} dB, best of {len(t['trials'])} trials")
     if c := plan.get("calibration"):
         print(f"  calibrated on {c['trajectories']} trajectories x {c['steps']} steps of "
               f"{c.get('scheduler', 'an unrecorded sampler')}, guidance {c['guidance_scale']:g}")

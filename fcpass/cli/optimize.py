@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,13 @@ from fcpass.cli.common import (
     calibration_runtime_args,
     sampling_args,
     sampling_setup,
+    search_args,
+    search_options,
+    write_search_json,
 )
 from fcpass.errors import FcpassError
+
+log = logging.getLogger("fcpass")
 
 
 def add_parser(sub: Any) -> None:
@@ -47,7 +53,8 @@ def add_parser(sub: Any) -> None:
     o.add_argument("--merge-neighbours", type=int, default=5, metavar="K", help="token merging: neighbourhood size")
     o.add_argument("--merge-weight", type=float, default=1.0, metavar="LAMBDA", help="token merging: weight of motion")
     o.add_argument("--token-score", choices=["vnorm", "attention", "saliency", "random"], help="token scores (default vnorm)")
-    o.add_argument("--calibrate", type=int, default=0, metavar="N", help="fit approximations on N trajectories")
+    o.add_argument("--calibrate", type=int, metavar="N",
+                   help="fit approximations on N trajectories (default: none; 8 with --target-psnr)")
     o.add_argument("--calib-steps", "--steps", dest="calib_steps", type=int, default=50, help=CALIB_STEPS_HELP)
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
     calibration_runtime_args(o)
@@ -61,6 +68,7 @@ def add_parser(sub: Any) -> None:
                    help="if: one .fc.onnx with an If per region; segments: -o names a folder of If-free "
                         "head/branch/tail graphs the host chooses between (no If: CUDA-graph friendly)")
     sampling_args(o, calibrating=True)
+    search_args(o, target_default=None)
     o.set_defaults(func=cmd_optimize)
 
 
@@ -87,7 +95,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             raise FcpassError(f"--for decides {', '.join(flags)}; drop {'them' if len(flags) > 1 else 'it'} or --for")
         graph = graph_for(args.for_policies, args.motion_ratio)
     options = OptimizeOptions(
-        calibrate=args.calibrate,
+        calibrate=args.calibrate or 0,
         calib_steps=args.calib_steps,
         calib_eps=args.calib_eps,
         calib_provider=args.provider,
@@ -103,6 +111,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         for_policies=tuple(args.for_policies or ()),
         **graph,
     )
+    if args.target_psnr is not None:
+        return _optimize_to_target(args, model_path, options)
     # Only calibration samples; without it a model needs no scheduler config to be optimized.
     setup = sampling_setup(args, model_path) if args.calibrate else None
     plan = optimize(model_path, args.output, options, setup)
@@ -116,4 +126,29 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         lowered = f", its weights in {data} (keep the two files together)"
     print(f"wrote {args.output}: {len(plan.regions)} regions over {blocks} blocks"
           f"{', calibrated' if args.calibrate else ''}{lowered}")
+    return 0
+
+
+def _optimize_to_target(args: argparse.Namespace, model_path: Path, options: Any) -> int:
+    from fcpass import tune
+    from fcpass.onnx_io import check_file_output
+    from fcpass.optimize_to_target import optimize_to_target
+
+    if args.for_policies:
+        raise FcpassError("--target-psnr compiles the graph for the setting it finds; drop --for (name the policies "
+                          "to search with --policies)")
+    search = search_options(args, args.output.with_suffix(".search.png"))
+    for path in (search.plot, args.json):
+        if path:
+            check_file_output(path)
+    if args.calibrate is None:
+        options.calibrate = 8
+        log.info("calibrating on 8 trajectories (--calibrate N for another count)")
+    plan, result = optimize_to_target(model_path, args.output, options, sampling_setup(args, model_path), search)
+    print(tune.table(result))
+    write_search_json(args.json, result)
+    t = plan.tuned
+    print(f"wrote {search.plot}")
+    print(f"wrote {args.output}: {len(plan.regions)} regions, tuned for {t['policy']} ({t['psnr']:.2f} dB, "
+          f"{t['speedup']:.2f}x on the search's seeds); fcpass sample {args.output} runs it")
     return 0

@@ -25,7 +25,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("model", type=Path, nargs="?", help="ONNX graph (default: the bundled digits model)")
     s.add_argument("--policy", default=None, metavar="NAME[:KEY=VALUE,...]",
                    help="on cache-aware graphs: none, fora, fastcache, taylorseer, delta-dit, fbcache, teacache, "
-                        "magcache, duca, toca; options after a colon, e.g. teacache:threshold=0.2")
+                        "magcache, duca, toca; options after a colon, e.g. teacache:threshold=0.2 (default: the policy the graph "
+                        "was tuned for by fcpass optimize --target-psnr, or the one it was compiled --for; else none)")
     s.add_argument("--alpha", type=float, help="fastcache: significance level of the chi-square test (default 0.05; "
                                                 "smaller skips more)")
     s.add_argument("--dof", choices=["elements", "tokens"],
@@ -73,10 +74,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                              "sigma_scale", "levels", "level", "threshold")}
     denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup.inputs,
                              engine=args.engine, cuda_graphs=args.cuda_graphs, threads=args.threads, dims=args.dims)
+    if args.baseline and getattr(getattr(denoiser, "policy", None), "name", "none") == "none":
+        raise FcpassError("--baseline compares a cache policy with the uncached graph; add --policy fastcache, or "
+                          "optimize the graph with --target-psnr 30 so that it carries a tuned one")
     result, report = run_sampling(denoiser, setup, model_path, args.policy)
     if args.baseline:
-        if args.policy in (None, "none"):
-            raise FcpassError("--baseline compares a cache policy with the uncached graph; add --policy fastcache")
         base = load_denoiser(model_path, "none", {}, provider=args.provider, inputs=setup.inputs, engine=args.engine,
                              cuda_graphs=args.cuda_graphs, threads=args.threads)
         time_against_baseline(denoiser, base, setup, result, model_path, report)
