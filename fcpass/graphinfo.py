@@ -306,11 +306,24 @@ def node_macs(node: onnx.NodeProto, index: GraphIndex) -> int:
     return 0
 
 
+# Ops an exporter puts between a label input and its table's Gather that keep each label's value or index:
+# the dynamo exporter's negative-index wrap (Where(labels < 0, labels + rows, labels)), casts and reshapes.
+_INDEX_OPS = {"Cast", "Identity", "Where", "Add", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+
+
 def label_rows(model: onnx.ModelProto, labels: str) -> int | None:
-    """Rows of the embedding table that graph input `labels` indexes (a main-graph Gather of a weight), if any."""
+    """Rows of the embedding table that graph input `labels` indexes (a main-graph Gather of a weight, reached
+    from `labels` directly or through `_INDEX_OPS`), if any."""
     weights = {t.name: t for t in model.graph.initializer}
+    reached, frontier = {labels}, [labels]
+    while frontier:
+        name = frontier.pop()
+        for n in model.graph.node:
+            if n.op_type in _INDEX_OPS and name in n.input and n.output[0] not in reached:
+                reached.add(n.output[0])
+                frontier.append(n.output[0])
     rows = [int(weights[n.input[0]].dims[0]) for n in model.graph.node
-            if n.op_type == "Gather" and n.input[1] == labels and n.input[0] in weights
+            if n.op_type == "Gather" and n.input[1] in reached and n.input[0] in weights
             and all(a.i == 0 for a in n.attribute if a.name == "axis")]
     return min(rows) if rows else None
 

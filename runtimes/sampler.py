@@ -118,7 +118,8 @@ def sample(
         kind = "--prompt-embeds" if request.prompt_embeds is not None else "--class"
         raise FcpassError(f"{kind} given but the graph has no matching conditioning input; name it with --inputs")
     if cfg and request.prompt_embeds is None and request.uncond_class is None:
-        raise FcpassError("classifier-free guidance needs the unconditional label; pass --uncond-class U")
+        raise FcpassError("classifier-free guidance needs the unconditional label, and the graph's class input indexes "
+                          "no label table to read it from; pass --uncond-class U, or --guidance-scale 1")
     _check_inputs(request, roles, cfg)
     model_batch = _batch_of(roles)
     halves = cfg and model_batch == 1  # two calls a step, one per half of guidance

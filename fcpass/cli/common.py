@@ -102,11 +102,13 @@ def sampling_setup(args: argparse.Namespace, model_path: Path) -> SamplingSetup:
     config = meta.get("config", {})
     scheduler_config = _scheduler_config(args.scheduler_config, model_path, meta.get("arch"))
     classes = args.classes
-    if classes is None and args.prompt_embeds is None:
-        classes = list(range(min(int(config.get("num_classes", 10)), 10)))
     uncond = args.uncond_class
-    if uncond is None and config.get("family") == "dit":
-        uncond = int(config["num_classes"])
+    if config.get("family") == "dit":
+        uncond = int(config["num_classes"]) if uncond is None else uncond
+    elif args.prompt_embeds is None and uncond is None:
+        uncond = null_label(model, model_path, getattr(args, "inputs", None), args.guidance_scale != 1)
+    if classes is None and args.prompt_embeds is None:
+        classes = list(range(min(int(config.get("num_classes", uncond if uncond is not None else 10)), 10)))
     _check_labels(args, model, model_path, config, classes, uncond)
     request = _request(args, classes, uncond)
     return SamplingSetup(scheduler_config=scheduler_config, request=request, inputs=getattr(args, "inputs", None),
@@ -196,6 +198,19 @@ def embeddings(path: Path | None, what: str, rank: int) -> np.ndarray | None:
 
     array = load_npy(path, what, "save them with numpy.save").astype(np.float32)
     return array[None] if array.ndim == rank - 1 else array
+
+
+def null_label(model: Any, model_path: Path, inputs: str | None, say: bool) -> int | None:
+    """Guidance's unconditional label of a class-conditional graph without export metadata: the last row of the
+    label table its class input indexes (DiT's convention: num_classes + 1 rows, the last the null class, in
+    facebookresearch's and diffusers' DiTs alike); None where the graph has no such table."""
+    rows = label_rows_of(model, inputs)
+    if rows is None or rows < 2:
+        return None
+    if say:
+        log.info("guidance's null label: %d, the last row of %s's %d-row label table (the DiT convention; "
+                 "--uncond-class overrides)", rows - 1, Path(model_path).name, rows)
+    return rows - 1
 
 
 def label_rows_of(model: Any, inputs: str | None) -> int | None:
