@@ -2,12 +2,15 @@
 
     python tools/bench.py                       # the bundled digits model, 50 DDIM steps, guidance 1.5
     python tools/bench.py --policies none fora:interval=3 fastcache 'fastcache:levels=stack,sigma_scale=30@stack'
+    python tools/bench.py --policies tuned:30     # what `fcpass optimize --target-psnr 30` writes, sampled with no flags
 
 A policy runs on a graph optimized with --regions blocks,stack, or with the region sets named after
 `@` (e.g. `@stack`: one region, the cheapest graph for stack-level policies), compiled with what the
 policy needs and nothing more (`fcpass.policy_graph.graph_needs`: probes, previous outputs, token caching,
 motion tokens at --motion-ratio).
-Every graph is calibrated on the same trajectories.
+Every graph is calibrated on the same trajectories. `tuned:T` is the no-flags path: the graph
+`fcpass optimize --target-psnr T` writes (its own search, on its own seeds), sampled with the policy its plan
+carries.
 
 For every policy: end-to-end wall time of the whole sampling loop (median of --repeats), the
 speedup over the uncached *original* graph (the median over repeats of the ratio to an uncached run
@@ -41,25 +44,18 @@ from runtimes.schedulers import load_config, scheduler_from_config
 log = logging.getLogger("bench")
 
 DEFAULT_POLICIES = [
-    # On a graph with every block and the stack as regions (the paper's per-block cache):
-    "none",
-    "fora:interval=2",
-    "fastcache",
-    # On a graph whose one region is the whole stack (the cheapest skip):
+    # The no-flags path: `fcpass optimize --target-psnr 30`, then `fcpass sample` with no policy flags.
+    "tuned:30",
+    # The cost of the cache machinery: the cheapest graph (one stack region), every step computing.
     "none@stack",
-    "fora:interval=2,level=stack@stack",
-    "taylorseer:interval=6,warmup=2,level=stack@stack",
-    "taylorseer:interval=7,warmup=2,level=stack@stack",
-    "magcache:threshold=0.1@stack",
-    "teacache:threshold=0.04@stack",
-    "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4@stack",
-    "fastcache:approx=taylor1,levels=stack,sigma_scale=70,max_skips=6,warmup=3@stack",
-    # The same test with FastCache's motion tokens (a stack graph with --motion-ratio).
-    "fastcache:approx=taylor1,levels=stack,sigma_scale=50,max_skips=4,motion=1@stack",
-    # FBCache on the range after the first block; DuCa and ToCa on token-level graphs.
-    "fbcache:threshold=0.04@tail",
+    # Each policy at a published or usual setting, on a graph compiled for it alone.
+    "fastcache@blocks",
+    "fora:interval=3,level=stack@stack",
+    "taylorseer:interval=7,warmup=3,level=stack@stack",
+    "fbcache:threshold=0.08@tail",
+    "teacache:threshold=0.15@stack",
+    "magcache@stack",
     "duca@stack",
-    "duca:aggressive=taylor1@stack",
     "toca@stack",
 ]
 
@@ -91,10 +87,14 @@ def main() -> None:
 
     request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,
                             guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
-    setup = SamplingSetup(load_config(args.scheduler_config), request)  # read once
+    setup = SamplingSetup(load_config(args.scheduler_config), request,  # read once
+                          arch="digits" if args.model == ONNX else None)
     with tempfile.TemporaryDirectory() as tmp:
         graphs: dict[Any, Path] = {}
         for spec in args.policies:
+            if spec.startswith("tuned:"):
+                graphs[spec] = _tuned(args, spec, setup, Path(tmp) / f"tuned.{len(graphs)}.fc.onnx")
+                continue
             key = _graph_of(spec, args)
             if key not in graphs:
                 graphs[key] = Path(tmp) / f"model.{len(graphs)}.fc.onnx"
@@ -109,6 +109,16 @@ def main() -> None:
         n = min(10, args.samples)
         save_grid(np.concatenate([img[:n] for img in images.values()]), args.grid, ncol=n)
         print("grid rows: " + ", ".join(images))
+
+
+def _tuned(args: argparse.Namespace, spec: str, setup: SamplingSetup, path: Path) -> Path:
+    """`fcpass optimize --target-psnr T` of the model, with this run's calibration and threads."""
+    from fcpass.optimize_to_target import SearchOptions, optimize_to_target
+
+    target = float(spec.partition(":")[2])
+    optimize_to_target(args.model, path, OptimizeOptions(calibrate=args.calibrate), setup,
+                       SearchOptions(target_psnr=target, threads=args.threads))
+    return path
 
 
 def _time(denoiser: Any, request: SampleRequest, config: dict[str, Any]) -> Any:
@@ -136,6 +146,10 @@ def run(
     base = load_denoiser(args.model, None, {}, threads=args.threads)
     denoisers = {"uncached": base}
     for spec in args.policies:
+        if spec.startswith("tuned:"):  # no policy named: the one its plan carries
+            den = load_denoiser(graphs[spec], None, {}, threads=args.threads)
+            denoisers[f"{spec} = {den.plan.tuned['policy']}"] = den
+            continue
         den = load_denoiser(graphs[_graph_of(spec, args)], spec.split("@")[0], {}, threads=args.threads)
         denoisers[spec] = den
     # Each policy run is paired with an uncached run next to it; the speedup is the median of the
