@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import atomic_path
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import atomic_path
 from fcpass.policy_graph import compiled_defaults
 from fcpass.quality import compare_batches
 from runtimes.policies import make_policy, parse_policy_spec

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import chi2
 
-from fcpass.errors import FcpassError
-from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_PROBE, CTL_SKIP, MIX_WIDTH, CachePlan, RegionSpec
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, CTL_DECIDE, CTL_PROBE, CTL_SKIP, MIX_WIDTH, CachePlan, RegionSpec
 
 
 @dataclass

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.passes.token_cache import TokenOptions
-from fcpass.plan import APPROX_MIX, CTL_SKIP, TOK_CONSERVATIVE, TOK_LOCAL_ONLY, CachePlan
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, CTL_SKIP, TOK_CONSERVATIVE, TOK_LOCAL_ONLY, CachePlan
+from fcpass.contract.tokens import TokenOptions
 from runtimes.policies import CONFIGS, POLICIES, Policy, StepControls, taylor1_mix
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from fcpass.discover import discover_blocks
-from fcpass.graphinfo import node_inputs, subgraphs
-from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.passes.inline_gates import inline_gates
-from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, read_plan, write_plan
-from fcpass.trt_check import check_graph
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.graphinfo import node_inputs
+from fcpass.compiler.passes.cache_regions import insert_cache_regions
+from fcpass.compiler.passes.inline_gates import inline_gates
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.onnx_io import subgraphs
+from fcpass.contract.plan import APPROX_MIX, MIX_WIDTH, CachePlan, read_plan, write_plan
 from runtimes.state import Commit
 from tests.conftest import export_tiny_dit, load, tiny_feeds, unread_nodes
 
@@ -442,7 +443,7 @@ def test_probe_decides_under_ctl_3_and_fails_closed(compiled: Compiled) -> None:
 
 def test_localized_weights_compute_the_same_and_live_in_their_branch(compiled: Compiled) -> None:
     """Weights move into the innermost branch reading them (ORT prepacks them there); values unchanged."""
-    from fcpass.passes.localize_weights import localize_weights
+    from fcpass.compiler.passes.localize_weights import localize_weights
     from tests.conftest import all_initializers
 
     model = onnx.ModelProto()

@@ -43,12 +43,12 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 ort = pytest.importorskip("onnxruntime")
 
-from fcpass.discover import BlockMap, discover_blocks
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex
-from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, MIX_WIDTH, MOTION_INPUT, CachePlan
-from fcpass.trt_check import check_graph
+from fcpass.compiler.discover import BlockMap, discover_blocks
+from fcpass.compiler.graphinfo import GraphIndex
+from fcpass.compiler.passes.cache_regions import insert_cache_regions
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, MIX_WIDTH, MOTION_INPUT, CachePlan
 from runtimes.state import Commit
 
 BATCH = 2

@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from fcpass.cli import main
-from fcpass.discover import discover_blocks
-from fcpass.errors import FcpassError
+from fcpass.compiler.discover import discover_blocks
+from fcpass.contract.errors import FcpassError
 from tests.conftest import load
 
 
@@ -104,7 +104,7 @@ def test_a_graph_onnx_runtime_already_fused_counts_the_same_macs_and_compiles(tm
     finds blocks whose regions compute what the fused graph does."""
     import numpy as np
 
-    from fcpass.graphinfo import GraphIndex, graph_macs
+    from fcpass.compiler.graphinfo import GraphIndex, graph_macs
     from fcpass.optimize import OptimizeOptions, optimize
     from models.digits import ONNX
     from tests.conftest import forced_compute_error
@@ -141,7 +141,7 @@ def test_einsum_products_count_their_macs_and_permutations_none(tmp_path: Path) 
     """Attention written with einsum exports as ONNX Einsum: a product of b*h*q*k*d multiply-accumulates;
     the bundled model's unpatchify is a one-operand Einsum, a permutation, and counts none."""
     torch = pytest.importorskip("torch")
-    from fcpass.graphinfo import GraphIndex, graph_macs, node_macs
+    from fcpass.compiler.graphinfo import GraphIndex, graph_macs, node_macs
     from models.digits import ONNX
 
     class EinsumAttention(torch.nn.Module):

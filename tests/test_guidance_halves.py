@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import read_plan
+from fcpass.contract.roles import InputRoles, TensorSpec
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import read_plan
-from fcpass.roles import InputRoles, TensorSpec
 from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.cache import CachedDenoiser

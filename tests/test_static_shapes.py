@@ -16,10 +16,10 @@ import pytest
 from onnx import shape_inference
 
 from fcpass.cli import main
-from fcpass.graphinfo import GraphIndex, graph_macs, infer_shapes
+from fcpass.compiler.graphinfo import GraphIndex, graph_macs, infer_shapes
+from fcpass.compiler.static_shapes import static_dims
+from fcpass.contract.plan import read_plan
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import read_plan
-from fcpass.static_shapes import static_dims
 from models.digits import SCHEDULER_CONFIG
 from tests.conftest import export_tiny_dit, forced_compute_error, tiny_feeds
 from tests.test_cache_regions import Compiled

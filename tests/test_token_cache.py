@@ -12,16 +12,16 @@ import onnxruntime as ort
 import pytest
 from matplotlib.colors import to_rgb
 
-from fcpass.branches import find_branches
-from fcpass.discover import discover_blocks
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex
+from fcpass.compiler.branches import find_branches
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.graphinfo import GraphIndex
+from fcpass.compiler.passes.cache_regions import insert_cache_regions
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, TOK_INPUT, CachePlan, write_plan
+from fcpass.contract.tokens import TokenOptions
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.passes.token_cache import TokenOptions
-from fcpass.plan import APPROX_MIX, TOK_INPUT, CachePlan, write_plan
 from fcpass.sampling import SamplingSetup, load_denoiser
-from fcpass.trt_check import check_graph
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
@@ -473,7 +473,7 @@ def test_conservative_step_selects_the_top_k_tokens_by_attention_score(tiny_dit:
 def test_fused_attention_declines_attention_scores(tiny_dit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No exporter here emits fused attention, so the split reports it as `find_branches` does for one:
     V is the fused op's input and there is no Softmax output."""
-    import fcpass.passes.token_cache as tc
+    import fcpass.compiler.passes.token_cache as tc
 
     real = tc.find_branches
 

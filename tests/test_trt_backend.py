@@ -24,11 +24,11 @@ import onnx
 import pytest
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import load_model
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import load_model
+from fcpass.contract.plan import read_plan
+from fcpass.contract.roles import graph_inputs, graph_outputs
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import read_plan
-from fcpass.roles import graph_inputs, graph_outputs
 from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes import trt_backend
@@ -74,7 +74,7 @@ def test_engine_without_the_state_is_refused(graphs: tuple[Path, Path]) -> None:
 
 
 def test_dtype_mapping_and_engine_mismatch(graphs: tuple[Path, Path]) -> None:
-    from fcpass.trt_build import IOTensor
+    from fcpass.contract.engines import IOTensor
 
     assert numpy_dtype("FLOAT") == np.float32 and numpy_dtype("HALF") == np.float16
     assert numpy_dtype("INT64") == np.int64 and numpy_dtype("INT32") == np.int32 and numpy_dtype("BOOL") == np.bool_

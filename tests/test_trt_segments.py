@@ -21,11 +21,11 @@ import pytest
 from onnx import helper
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
+from fcpass.contract.engines import ENGINES_INDEX, engine_file
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.segments import read_manifest, segment_files
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.segments import read_manifest, segment_files
 from fcpass.sampling import load_denoiser
-from fcpass.trt_build import ENGINES_INDEX, engine_file
 from runtimes import trt_backend
 from runtimes.trt_segments import TrtSegmentsBackend, TrtSegmentsState
 from tests import test_trt_backend as runtime_fake

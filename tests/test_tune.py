@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from fcpass.tune import KNOBS, Point, TuneResult, settings
 from tests.conftest import SCHEDULER_CONFIG
 

@@ -23,8 +23,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from fcpass.passes.segments import is_segments_artefact
-    from fcpass.trt_build import BuildOptions, build_engine, build_segments
+    from fcpass.compiler.trt_build import BuildOptions, build_engine, build_segments
+    from fcpass.contract.segments import is_segments_artefact
 
     options = BuildOptions(fp16=args.fp16, bf16=args.bf16, timing_cache=args.timing_cache,
                            workspace_mb=args.workspace, batch=args.batch, verbose=args.trt_verbose)

@@ -16,7 +16,7 @@ from fcpass.cli.common import (
     sampling_args,
     sampling_setup,
 )
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 
 def add_parser(sub: Any) -> None:
@@ -66,9 +66,9 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from fcpass.onnx_io import data_file
+    from fcpass.compiler.passes.motion_tokens import MergeOptions
+    from fcpass.contract.onnx_io import data_file
     from fcpass.optimize import OptimizeOptions, optimize
-    from fcpass.passes.motion_tokens import MergeOptions
 
     model_path = args.model or bundled_onnx()
     graph = {"regions": tuple(x.strip() for x in args.regions.split(",") if x.strip()), "taylor": args.taylor,
@@ -109,7 +109,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     blocks = len({b for r in plan.regions for b in r.blocks})
     lowered = ""
     if options.lowering == "segments":
-        from fcpass.passes.segments import read_manifest
+        from fcpass.contract.segments import read_manifest
 
         lowered = f", lowered to {read_manifest(args.output)['segments']} If-free segments"
     elif (data := data_file(args.output)) is not None:

@@ -13,7 +13,7 @@ from fcpass.cli.common import (
     sampling_args,
     sampling_setup,
 )
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 
 def add_parser(sub: Any) -> None:
@@ -38,7 +38,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from fcpass import tune
-    from fcpass.onnx_io import atomic_path, check_file_output
+    from fcpass.contract.onnx_io import atomic_path, check_file_output
     from fcpass.sampling import load_denoiser
 
     if args.samples < 1:

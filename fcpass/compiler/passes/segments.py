@@ -52,19 +52,17 @@ import onnx
 from onnx import helper
 
 from fcpass import __version__
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import infer_shapes, node_inputs, rename_values, subgraphs
-from fcpass.onnx_io import atomic_dir, check_dir_output, save_model
-from fcpass.passes.inline_gates import inline_gates
-from fcpass.plan import PLAN_KEY
+from fcpass.compiler.graphinfo import infer_shapes, node_inputs, rename_values
+from fcpass.compiler.passes.inline_gates import inline_gates
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import atomic_dir, check_dir_output, save_model, subgraphs
+from fcpass.contract.plan import PLAN_KEY
+from fcpass.contract.segments import FORMAT, FORMAT_VERSION, MANIFEST, is_segments_artefact
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "fcpass.segments"
-FORMAT_VERSION = 1
 LOWERINGS = ("if", "segments")
-_REGION_IF = re.compile(r"^fc/(.+)/If$")  # the If node names of fcpass.passes.cache_regions
+_REGION_IF = re.compile(r"^fc/(.+)/If$")  # the If node names of fcpass.compiler.passes.cache_regions
 
 
 # --- the step program --------------------------------------------------------------------------
@@ -134,7 +132,7 @@ class _Scope:
 
 def lower_to_segments(model: onnx.ModelProto) -> Lowered:
     """Lower every If of `model` (an fcpass cache-aware graph, or any graph) to host-chosen segments;
-    statistic gates are inlined first (`fcpass.passes.inline_gates`), not lowered."""
+    statistic gates are inlined first (`fcpass.compiler.passes.inline_gates`), not lowered."""
     model = inline_gates(model)
     g = model.graph
     if g.sparse_initializer:
@@ -417,53 +415,6 @@ def manifest_json(lowered: Lowered) -> dict[str, Any]:
 
 
 # --- the artefact on disk ------------------------------------------------------------------------
-
-def is_segments_artefact(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / MANIFEST).is_file()
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise FcpassError(f"cannot read {p} ({type(exc).__name__}); re-run fcpass optimize --lowering segments") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise FcpassError(f"{p} is not an fcpass segments manifest of format {FORMAT_VERSION}; "
-                          "re-run fcpass optimize --lowering segments")
-    return manifest
-
-
-def segment_files(manifest: dict[str, Any]) -> list[str]:
-    """Every segment file of the manifest's step program, in program order."""
-    def walk(steps: list[dict[str, Any]]) -> list[str]:
-        out: list[str] = []
-        for s in steps:
-            if s["kind"] == "segment":
-                out.append(s["file"])
-            elif s["kind"] == "branch":
-                out += walk(s["then"]["steps"]) + walk(s["else"]["steps"])
-        return out
-
-    return walk(manifest["steps"])
-
-
-def interface_model(manifest: dict[str, Any]) -> onnx.ModelProto:
-    """A node-less model with the If graph's inputs, outputs and metadata (for roles and the plan)."""
-    def vi(v: dict[str, Any]) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(v["name"], v["elem_type"], v["shape"])
-
-    graph = helper.make_graph([], "interface", [vi(v) for v in manifest["inputs"]], [vi(v) for v in manifest["outputs"]])
-    model = helper.make_model(graph)
-    for key, value in manifest.get("metadata", {}).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    if manifest.get("plan") is not None:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = PLAN_KEY, json.dumps(manifest["plan"])
-    return model
-
 
 def check_lowering(lowering: str) -> None:
     if lowering not in LOWERINGS:
