@@ -29,8 +29,7 @@ from fcpass.contract.onnx_io import check_distinct, check_file_output, check_typ
 from fcpass.contract.plan import CachePlan, has_plan, read_plan, write_plan
 from fcpass.contract.roles import infer_roles, parse_role_overrides
 from runtimes.backend import session_setup
-from runtimes.policies import parse_policy_spec, policy_defaults
-from runtimes.token_policies import token_options
+from runtimes.policies import parse_policy_spec, policy_defaults, token_options
 
 if TYPE_CHECKING:
     from fcpass.sampling import SamplingSetup

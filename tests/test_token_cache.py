@@ -23,10 +23,10 @@ from fcpass.contract.tokens import TokenOptions
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import SamplingSetup, load_denoiser
 from models.digits import SCHEDULER_CONFIG
+from runtimes.policies import DuCa, DuCaConfig, ToCa, TokenControls
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from runtimes.state import Commit
-from runtimes.token_policies import DuCa, DuCaConfig, ToCa, TokenControls
 from tests.conftest import load, tiny_feeds, unread_nodes
 
 ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}

@@ -1,5 +1,5 @@
 """What the token mechanism compiles (`fcpass.compiler.passes.token_cache`), read back by the token policies
-(`runtimes.token_policies`) that drive it."""
+(`runtimes.policies.tokens`) that drive it."""
 
 from __future__ import annotations
 
