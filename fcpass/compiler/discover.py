@@ -91,7 +91,7 @@ def _scope_key(scopes: list[str], pattern: re.Pattern[str]) -> tuple[str, int, s
 
 def discover_blocks(model: onnx.ModelProto, latent: str, block_pattern: str | None = None) -> BlockMap:
     """Find the transformer blocks of `model`, whose latent input is named `latent`."""
-    if any(p.key == "fcpass.contract.plan" for p in model.metadata_props):
+    if any(p.key == "fcpass.plan" for p in model.metadata_props):
         raise FcpassError("this model is already cache-aware (it has an fcpass plan); optimize the original export")
     index = GraphIndex(model)
     if latent not in {i.name for i in model.graph.input}:

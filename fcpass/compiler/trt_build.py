@@ -125,7 +125,7 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
-        raise FcpassError(f"TensorRT built a plan for {model_path} but cannot load it; rerun with --verbose for details")
+        raise FcpassError(f"TensorRT built an engine for {model_path} but cannot load it; rerun with --verbose for details")
     io = [io_tensor(engine, i) for i in range(engine.num_io_tensors)]
 
     with atomic_path(output) as tmp:

@@ -1,7 +1,7 @@
 """The cache plan: what the compiled graph contains, stored as JSON in the model's metadata.
 
 The plan travels inside the model: regions, the state tensors (names, shapes, dtypes), calibration
-numbers, policy defaults and the fcpass version are `model.metadata_props["fcpass.contract.plan"]`.
+numbers, policy defaults and the fcpass version are `model.metadata_props["fcpass.plan"]`.
 The fitted weights of the linear approximations are graph initializers, not metadata.
 """
 
@@ -18,7 +18,7 @@ import onnx
 from fcpass import __version__
 from fcpass.contract.errors import FcpassError
 
-PLAN_KEY = "fcpass.contract.plan"
+PLAN_KEY = "fcpass.plan"
 CTL_INPUT = "fc_ctl"  # int64 (R,): 0 compute, 1 skip, 2 decide in the graph (skip iff stat <= thr), 3 the same on the probe
 THR_INPUT = "fc_thr"  # float32 (R,): thresholds on the statistic
 MIX_INPUT = "fc_mix"  # float32 (R, MIX_WIDTH): coefficients of the approximation, see APPROX_MIX

@@ -82,7 +82,7 @@ class Segment:
 
 
 @dataclass
-class Branch:
+class BranchStep:
     """A lowered If: run `then` if the value `cond` is true, else `orelse`; both define `outputs`."""
 
     region: str | None
@@ -92,7 +92,7 @@ class Branch:
     orelse: list[Step]
 
 
-Step = Segment | Branch
+Step = Segment | BranchStep
 
 
 @dataclass
@@ -107,7 +107,7 @@ class Lowered:
 def _walk(steps: list[Step]) -> list[Segment]:
     out: list[Segment] = []
     for s in steps:
-        if isinstance(s, Branch):
+        if isinstance(s, BranchStep):
             out += _walk(s.then) + _walk(s.orelse)
         else:
             out.append(s)
@@ -193,7 +193,7 @@ def _has_nested_if(node: onnx.NodeProto) -> bool:
     return any(n.op_type == "If" or _has_nested_if(n) for g in subgraphs(node) for n in g.node)
 
 
-def _lower_if(node: onnx.NodeProto, scope: _Scope, counter: _Counter) -> Branch:
+def _lower_if(node: onnx.NodeProto, scope: _Scope, counter: _Counter) -> BranchStep:
     match = _REGION_IF.match(node.name)
     region = match.group(1) if match else None
     base = region or f"if{counter.next()}"
@@ -202,7 +202,7 @@ def _lower_if(node: onnx.NodeProto, scope: _Scope, counter: _Counter) -> Branch:
     then_label, else_label = (f"{base}.approx", f"{base}.compute") if region else (f"{base}.then", f"{base}.else")
     then = _lower_branch(graphs["then_branch"], list(node.output), scope, then_label, counter)
     orelse = _lower_branch(graphs["else_branch"], list(node.output), scope, else_label, counter)
-    return Branch(region, node.input[0], [o for o in node.output if o], then, orelse)
+    return BranchStep(region, node.input[0], [o for o in node.output if o], then, orelse)
 
 
 def _lower_branch(graph: onnx.GraphProto, targets: list[str], scope: _Scope, label: str, counter: _Counter) -> list[Step]:
@@ -246,7 +246,7 @@ def _liveness(steps: list[Step], needed: set[str]) -> set[str]:
     """Fix each segment's outputs (what later steps read) and drop dead nodes; return what `steps` read."""
     needed = set(needed)
     for step in reversed(steps):
-        if isinstance(step, Branch):
+        if isinstance(step, BranchStep):
             outs = [o for o in step.outputs if o in needed]
             step.outputs = outs
             reads_then = _liveness(step.then, set(outs))
@@ -294,7 +294,7 @@ def _type_steps(steps: list[Step], types: dict[str, onnx.TypeProto], known: dict
                 source: onnx.ModelProto) -> None:
     """Build each segment's model, typing its inputs from earlier steps and its outputs by inference."""
     for step in steps:
-        if isinstance(step, Branch):
+        if isinstance(step, BranchStep):
             t_then, t_else = dict(types), dict(types)
             _type_steps(step.then, t_then, known, source)
             _type_steps(step.orelse, t_else, known, source)
@@ -365,7 +365,7 @@ def _name_files(steps: list[Step]) -> None:
 
 
 def _count_branches(steps: list[Step]) -> int:
-    return sum(1 + _count_branches(s.then) + _count_branches(s.orelse) for s in steps if isinstance(s, Branch))
+    return sum(1 + _count_branches(s.then) + _count_branches(s.orelse) for s in steps if isinstance(s, BranchStep))
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -383,7 +383,7 @@ def _value_json(v: onnx.ValueInfoProto) -> dict[str, Any]:
 def _steps_json(steps: list[Step]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for s in steps:
-        if isinstance(s, Branch):
+        if isinstance(s, BranchStep):
             roles = ("approx", "compute") if s.region else ("then", "else")
             out.append({"kind": "branch", "region": s.region, "cond": s.cond, "outputs": s.outputs,
                         "then": {"role": roles[0], "steps": _steps_json(s.then)},
