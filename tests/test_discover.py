@@ -129,7 +129,7 @@ def test_a_fused_graph_without_value_types_is_sent_back_to_the_export(tmp_path: 
     """A legacy export stores no value types: after ONNX Runtime's fusions shape inference stops at the first
     contrib op, and the error names them and the fix."""
     from tests.conftest import export_tiny_dit
-    from tests.test_cli_errors import user_error
+    from tests.helpers.cli import user_error
 
     fused = _fused_by_onnx_runtime(export_tiny_dit(tmp_path / "tiny.onnx", "legacy"), tmp_path / "fused.onnx")
     user_error(capsys, ["optimize", fused, "-o", tmp_path / "x.onnx"], "shape inference stops at the graph's FusedMatMul",

@@ -22,8 +22,8 @@ from fcpass.contract.plan import read_plan
 from fcpass.optimize import OptimizeOptions, optimize
 from models.digits import SCHEDULER_CONFIG
 from tests.conftest import export_tiny_dit, forced_compute_error, tiny_feeds
-from tests.test_cache_regions import Compiled
-from tests.test_cli_errors import user_error
+from tests.helpers.cli import user_error
+from tests.helpers.compiled import Compiled
 
 
 @pytest.fixture(scope="module")
