@@ -139,7 +139,7 @@ def any_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """diffusers' DiT exported with its batch, height and width dynamic, as deployment exports often are."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from tests.test_diffusers_graphs import SPECS, _dit, _randomize_
+    from tests.helpers.diffusers_models import SPECS, _dit, _randomize_
 
     model = _dit().eval()
     _randomize_(model, 0)
