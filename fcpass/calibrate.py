@@ -33,11 +33,10 @@ from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 from scipy import linalg
 
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import initializer_tensors
-from fcpass.onnx_io import save_model
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import initializer_tensors, save_model
+from fcpass.contract.plan import CachePlan, RegionSpec
 from fcpass.peer_calibration import PEERS, PeerStats
-from fcpass.plan import CachePlan, RegionSpec
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import NoCache

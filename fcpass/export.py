@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError, first_clause
-from fcpass.onnx_io import load_model, save_model
+from fcpass.contract.errors import FcpassError, first_clause
+from fcpass.contract.onnx_io import load_model, save_model
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcpass.onnx_io import atomic_path
+from fcpass.contract.onnx_io import atomic_path
 
 
 def to_display(images: np.ndarray) -> np.ndarray:

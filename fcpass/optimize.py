@@ -2,7 +2,7 @@
 
 The artefact is one `.fc.onnx` file with `lowering="if"` (every region an ONNX If; its weights in
 `<name>.data` beside it once they pass `EXTERNAL_DATA_MIN_BYTES`), or a folder of
-If-free segments with `lowering="segments"` (`fcpass.passes.segments`: the same calibrated graph, cut
+If-free segments with `lowering="segments"` (`fcpass.compiler.passes.segments`: the same calibrated graph, cut
 at its Ifs, for runtimes that must not see an If). An input that is already cache-aware can only be
 lowered to segments, as it is (its regions, calibration and fitted weights are kept).
 """
@@ -15,22 +15,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcpass.calibrate import CalibrationOptions, calibrate
-from fcpass.discover import discover_blocks
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import settle_outputs
-from fcpass.onnx_io import check_distinct, check_file_output, check_types, load_model, save_model
-from fcpass.passes.bool_where import rewrite_bool_where
-from fcpass.passes.cache_regions import REGION_SETS, insert_cache_regions
-from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
-from fcpass.passes.motion_tokens import MergeOptions
-from fcpass.passes.scatter_reduction import drop_default_reductions
-from fcpass.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
-from fcpass.plan import CachePlan, has_plan, read_plan, write_plan
-from fcpass.roles import infer_roles, parse_role_overrides
-from fcpass.static_shapes import dynamic_axes, fix_dims, parse_dims
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.graphinfo import settle_outputs
+from fcpass.compiler.passes.bool_where import rewrite_bool_where
+from fcpass.compiler.passes.cache_regions import REGION_SETS, insert_cache_regions
+from fcpass.compiler.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
+from fcpass.compiler.passes.motion_tokens import MergeOptions
+from fcpass.compiler.passes.scatter_reduction import drop_default_reductions
+from fcpass.compiler.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
+from fcpass.compiler.static_shapes import dynamic_axes, fix_dims, parse_dims
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import check_distinct, check_file_output, check_types, load_model, save_model
+from fcpass.contract.plan import CachePlan, has_plan, read_plan, write_plan
+from fcpass.contract.roles import infer_roles, parse_role_overrides
 from runtimes.backend import session_setup
-from runtimes.policies import parse_policy_spec, policy_defaults
-from runtimes.token_policies import token_options
+from runtimes.policies import parse_policy_spec, policy_defaults, token_options
 
 if TYPE_CHECKING:
     from fcpass.sampling import SamplingSetup
@@ -52,8 +51,8 @@ class OptimizeOptions:
     lowering: str = "if"  # "if": one .fc.onnx file; "segments": a folder of If-free segments
     tokens: str | None = None  # token-level caching with this policy's k schedule: "duca" or "toca"
     token_score: str | None = None  # vnorm (default), attention, saliency or random
-    probes: bool = True  # FBCache's and TeaCache's statistics (see fcpass.passes.cache_regions)
-    motion_ratio: float | None = None  # FastCache's motion tokens in the stack (fcpass.passes.motion_tokens)
+    probes: bool = True  # FBCache's and TeaCache's statistics (see fcpass.compiler.passes.cache_regions)
+    motion_ratio: float | None = None  # FastCache's motion tokens in the stack (fcpass.compiler.passes.motion_tokens)
     token_merge: MergeOptions | None = None  # with motion_ratio: k-NN token merging instead of the top-k
     motion_context: bool = False  # with motion_ratio: motion tokens attend to all tokens' cached keys and values
     batch: int | None = None  # the batch a graph with a dynamic batch axis is compiled at (default DYNAMIC_BATCH)

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from fcpass import tune
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import check_distinct, check_file_output, load_model
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import check_distinct, check_file_output, load_model
 from fcpass.optimize import OptimizeOptions, optimize, save_compiled
-from fcpass.plan import CachePlan, read_plan, write_plan
+from fcpass.contract.plan import CachePlan, read_plan, write_plan
 from fcpass.policy_graph import graph_for
 from fcpass.sampling import SamplingSetup, load_denoiser
 from fcpass.search import SEARCH_SEED

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.exceptions import RankWarning
 
-from fcpass.plan import CachePlan
+from fcpass.contract.plan import CachePlan
 
 log = logging.getLogger(__name__)
 

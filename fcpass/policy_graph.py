@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fcpass.errors import FcpassError
-from fcpass.passes.cache_regions import REGION_SETS
-from fcpass.plan import CachePlan
+from fcpass.compiler.passes.cache_regions import REGION_SETS
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import CachePlan
 from runtimes.policies import Policy, make_policy, parse_policy_spec
 
 

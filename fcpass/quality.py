@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from models.digits import CLASSIFIER, IMAGE_SIZE
 
 log = logging.getLogger(__name__)

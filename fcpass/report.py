@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import atomic_path
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

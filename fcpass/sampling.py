@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, frames_axis, graph_macs, sized
-from fcpass.passes.segments import is_segments_artefact
-from fcpass.plan import has_plan, read_plan
+from fcpass.compiler.graphinfo import GraphIndex, frames_axis, graph_macs, sized
+from fcpass.compiler.static_shapes import dynamic_axes, parse_dims
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import has_plan, read_plan
+from fcpass.contract.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
+from fcpass.contract.segments import is_segments_artefact
 from fcpass.policy_graph import compiled_defaults, default_policy, unused_costs
-from fcpass.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
-from fcpass.static_shapes import dynamic_axes, parse_dims
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import POLICIES, make_policy, parse_policy_spec
@@ -55,7 +55,7 @@ def load_denoiser(
     dims: str | None = None,
 ) -> Any:
     """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser, sampled
-    at the sizes `dims` gives its named dynamic axes (`fcpass.static_shapes.parse_dims`).
+    at the sizes `dims` gives its named dynamic axes (`fcpass.compiler.static_shapes.parse_dims`).
 
     With `engine` (a TensorRT plan built from `path`), the engine runs the steps and `path` supplies
     the cache plan and the input roles. A folder written by `fcpass optimize --lowering segments`
@@ -76,7 +76,7 @@ def load_denoiser(
 
             backend = SegmentsBackend(path, [provider], threads=threads)
     elif engine is not None:
-        from fcpass.trt_build import is_engines_folder
+        from fcpass.contract.engines import is_engines_folder
         from runtimes.trt_backend import TrtBackend
 
         if is_engines_folder(engine):

@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import atomic_path
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import atomic_path
 from fcpass.policy_graph import compiled_defaults
 from fcpass.quality import compare_batches
 from fcpass.search import Knob, Measurement, SearchResult, Space, Trial, choose, search

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcpass.errors import FcpassError, first_clause
+from fcpass.contract.errors import FcpassError, first_clause
 from models.dit import _SIZES, DiT, DiTConfig, get_2d_sincos_pos_embed
 
 logger = logging.getLogger(__name__)

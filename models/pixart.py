@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from models.dit import (
     Attention,
     GridTransformerConfig,

@@ -9,9 +9,9 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import load_model
-from fcpass.roles import TensorSpec, graph_inputs, graph_outputs
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import load_model
+from fcpass.contract.roles import TensorSpec, graph_inputs, graph_outputs
 
 log = logging.getLogger(__name__)
 

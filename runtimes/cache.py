@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.plan import (
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import (
     CTL_DECIDE,
     CTL_INPUT,
     MIX_INPUT,
@@ -22,7 +22,7 @@ from fcpass.plan import (
     TOK_RAND_INPUT,
     CachePlan,
 )
-from fcpass.roles import InputRoles
+from fcpass.contract.roles import InputRoles
 from runtimes.policies import Policy
 from runtimes.sampler import join_halves, split_halves
 from runtimes.state import HostState

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from runtimes.scheduler_base import (
     Scheduler,
     choice,

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from fcpass.errors import FcpassError
-from fcpass.roles import ROLES, InputRoles
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.roles import ROLES, InputRoles
 from runtimes.schedulers import Scheduler
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class SampleResult:
     macs_uncached: int
     records: list[dict[str, Any]] = field(default_factory=list)
     calls: int = 0
-    frames_axis: int = 2  # where a video sample keeps its frames (`fcpass.graphinfo.frames_axis`)
+    frames_axis: int = 2  # where a video sample keeps its frames (`fcpass.compiler.graphinfo.frames_axis`)
 
     def clips(self) -> np.ndarray:
         """The samples, a video's as (N, C, frames, H, W) whatever the model's layout: what grids and quality read."""

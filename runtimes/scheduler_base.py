@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 

@@ -13,7 +13,7 @@ torch:
   Wan's pipelines use, on VP, Karras or flow-matching sigmas.
 
 :func:`scheduler_from_config` reads a config dict or file and builds the matching scheduler.
-Every unsupported config value raises :class:`~fcpass.errors.FcpassError` naming the key, the
+Every unsupported config value raises :class:`~fcpass.contract.errors.FcpassError` naming the key, the
 value found and the supported values; keys this module does not use are ignored.
 
 Where diffusers' own arithmetic order or precision matters for bit-level agreement (float32
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from runtimes.multistep import DPMSolverMultistepScheduler, MultistepScheduler, UniPCMultistepScheduler
 from runtimes.scheduler_base import (
     BETA_SCHEDULES,

@@ -1,6 +1,6 @@
 """Run a segments artefact (`fcpass optimize --lowering segments`): the host picks each region's branch.
 
-The artefact (see `fcpass.passes.segments`) is a folder of If-free ONNX models and a manifest whose
+The artefact (see `fcpass.compiler.passes.segments`) is a folder of If-free ONNX models and a manifest whose
 step program says in which order to run them. `SegmentsBackend` loads every segment once (one ONNX
 Runtime session each) and interprets the program over an environment of named values:
 
@@ -11,7 +11,7 @@ Runtime session each) and interprets the program over an environment of named va
   sample's statistic <= threshold) on the host and runs the approximation's steps if it is true,
   the compute branch's steps if not. A region the policy forced (fc_ctl 0 or 1) needs no read: its
   condition is known from fc_ctl (`forced_branch`), which saves a device-to-host sync per region;
-  nor does a token If, whose condition is a function of fc_tok (`fcpass.plan.token_conditions`).
+  nor does a token If, whose condition is a function of fc_tok (`fcpass.contract.plan.token_conditions`).
 
 Outputs, including `fc_stat`, `fc_skip` and the values the state takes, are therefore the If graph's
 (NaN statistic and -1 decision inside a skipped region). The backend offers
@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.passes.segments import interface_model, read_manifest
-from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan, has_plan, read_plan, token_conditions
-from fcpass.roles import graph_inputs, graph_outputs
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan, has_plan, read_plan, token_conditions
+from fcpass.contract.roles import graph_inputs, graph_outputs
+from fcpass.contract.segments import interface_model, read_manifest
 from runtimes.backend import device_of, open_session, session_setup
 from runtimes.state import Commit, HostState, with_decisions
 

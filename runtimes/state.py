@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.plan import SKIP_OUTPUT, TOK_INPUT, CachePlan, StateSpec
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import SKIP_OUTPUT, TOK_INPUT, CachePlan, StateSpec
 
 
 class StateBinding(Protocol):

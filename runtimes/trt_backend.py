@@ -8,7 +8,7 @@ plan (in the graph's metadata) and the input roles. Written against TensorRT's d
 flags and `ICudaEngine.device_memory_size`, neither used here):
 
 - `engine.num_io_tensors`, `engine.get_tensor_name(i)`, `get_tensor_mode`, `get_tensor_shape`,
-  `get_tensor_dtype` describe the I/O tensors (through `fcpass.trt_build.io_tensor`);
+  `get_tensor_dtype` describe the I/O tensors (through `fcpass.compiler.trt_build.io_tensor`);
 - `context.set_input_shape(name, shape)` only for axes the engine left dynamic (-1), then
   `context.get_tensor_shape(name)` for the output shapes;
 - `context.set_tensor_address(name, ptr)` binds each I/O tensor to device memory;
@@ -44,11 +44,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import load_model
-from fcpass.plan import SKIP_OUTPUT, TOK_INPUT, CachePlan
-from fcpass.roles import TensorSpec, graph_inputs, graph_outputs
-from fcpass.trt_build import IOTensor, import_tensorrt, io_tensor
+from fcpass.contract.engines import IOTensor, import_tensorrt, io_tensor
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import load_model
+from fcpass.contract.plan import SKIP_OUTPUT, TOK_INPUT, CachePlan
+from fcpass.contract.roles import TensorSpec, graph_inputs, graph_outputs
 from runtimes.state import StatePools, with_decisions, written_outputs
 
 log = logging.getLogger(__name__)

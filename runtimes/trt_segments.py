@@ -1,7 +1,7 @@
 """A segments folder on TensorRT: one engine per segment; the host loop picks each region's branch.
 
 `fcpass build MODEL.fc -o MODEL.engines` (MODEL.fc from `fcpass optimize --lowering segments`) builds
-one engine per segment (`fcpass.trt_build.build_segments`); `fcpass sample MODEL.fc --engine
+one engine per segment (`fcpass.compiler.trt_build.build_segments`); `fcpass sample MODEL.fc --engine
 MODEL.engines` runs them here. The step program is the manifest's, interpreted as in
 `runtimes.segments`; what differs is where the values live:
 
@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.onnx_io import load_model
-from fcpass.passes.segments import interface_model, read_manifest
-from fcpass.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan
-from fcpass.roles import graph_inputs, graph_outputs
-from fcpass.trt_build import IOTensor, import_tensorrt, read_engines_index
+from fcpass.contract.engines import IOTensor, import_tensorrt, read_engines_index
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import load_model
+from fcpass.contract.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan
+from fcpass.contract.roles import graph_inputs, graph_outputs
+from fcpass.contract.segments import interface_model, read_manifest
 from runtimes.segments import compile_program, host_conditions, interpret, region_indices
 from runtimes.state import Commit, with_decisions
 from runtimes.trt_backend import Device, TorchCudaDevice, load_engine, numpy_dtype

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from fcpass.graphinfo import initializer_tensors
+from fcpass.contract.onnx_io import initializer_tensors
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import SamplingSetup
 from models.digits import SCHEDULER_CONFIG
@@ -94,7 +94,7 @@ def forced_compute_error(compiled: Path, original: Path, feeds: dict[str, np.nda
     and `original`'s on the same `feeds`: the invariant of every rewrite."""
     import onnxruntime as ort
 
-    from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
+    from fcpass.contract.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
 
     plan = read_plan(onnx.load(str(compiled), load_external_data=False))
     r = len(plan.regions)
@@ -113,7 +113,7 @@ class RecordingDenoiser:
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
-        from fcpass.roles import infer_roles
+        from fcpass.contract.roles import infer_roles
 
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.roles = infer_roles(onnx.load(str(path)))
@@ -158,7 +158,8 @@ def unread_nodes(graph: onnx.GraphProto, where: str = "main") -> list[str]:
 
     ONNX Runtime drops such nodes from the main graph but runs them inside an If branch, at every
     step that takes it."""
-    from fcpass.graphinfo import node_inputs, subgraphs
+    from fcpass.compiler.graphinfo import node_inputs
+    from fcpass.contract.onnx_io import subgraphs
 
     read = {x for n in graph.node for x in node_inputs(n)} | {o.name for o in graph.output}
     out = [f"{where}: {n.op_type} {n.name or n.output[0]}" for n in graph.node if not any(o in read for o in n.output if o)]

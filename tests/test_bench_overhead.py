@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from fcpass.graphinfo import subgraphs
+from fcpass.contract.onnx_io import subgraphs
+from fcpass.contract.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
 from tests.conftest import tiny_feeds
 from tools import bench_overhead
 from tools.bench_overhead import _forced_inlined, _skip_feeds, _with_pass_ifs, _without_option

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tests.conftest import tiny_feeds
-from tests.test_token_cache import Tok
+from tests.helpers.compiled import Tok
 from tools.bench_tokens import local_branches
 
 

@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fcpass.branches import branches_of, find_branches
 from fcpass.cli import main
-from fcpass.discover import Block, discover_blocks
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex
+from fcpass.compiler.branches import branches_of, find_branches
+from fcpass.compiler.discover import Block, discover_blocks
+from fcpass.compiler.graphinfo import GraphIndex
+from fcpass.contract.errors import FcpassError
 from tests.conftest import load
 
 torch = pytest.importorskip("torch")

@@ -10,67 +10,23 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from fcpass.discover import discover_blocks
-from fcpass.graphinfo import node_inputs, subgraphs
-from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.passes.inline_gates import inline_gates
-from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, read_plan, write_plan
-from fcpass.trt_check import check_graph
-from runtimes.state import Commit
-from tests.conftest import export_tiny_dit, load, tiny_feeds, unread_nodes
-
-ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
-
-
-class Compiled:
-    """A compiled tiny model with helpers to run one step under chosen controls."""
-
-    def __init__(self, path: Path, regions: tuple[str, ...] = ("blocks", "tail", "stack"), taylor: bool = True) -> None:
-        self.original = load(path)
-        bmap = discover_blocks(self.original, "latent")
-        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=taylor)
-        write_plan(self.model, self.plan)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.sess = ort.InferenceSession(self.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.ref_sess = ort.InferenceSession(self.original.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.names = [o.name for o in self.sess.get_outputs()]
-        r = len(self.plan.regions)
-        self.state = {s.name: np.zeros(s.shape, s.dtype) for s in self.plan.states}
-        self.dtype = np.dtype(self.plan.states[0].dtype)  # the model's float type
-        self.commit = Commit(self.plan)
-        self.ctl = np.zeros(r, np.int64)
-        self.thr = np.zeros(r, np.float32)
-        self.mix = np.zeros((r, MIX_WIDTH), np.float32)
-
-    def idx(self, name: str) -> int:
-        return self.plan.region(name).index
-
-    def run(self, feeds: dict[str, np.ndarray], update: bool = True) -> dict[str, np.ndarray]:
-        out = dict(zip(self.names, self.sess.run(None, {**feeds, **self.state, "fc_ctl": self.ctl,
-                                                          "fc_thr": self.thr, "fc_mix": self.mix})))
-        if update:
-            self.state = self.commit(self.state, out, out["fc_skip"])
-        return out
-
-    def true_values(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-        """Values of original-graph tensors, by exposing them as extra outputs of the original model."""
-        m = onnx.ModelProto()
-        m.CopyFrom(self.original)
-        for n in names:
-            m.graph.output.append(onnx.ValueInfoProto(name=n))
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-
-
-@pytest.fixture()
-def compiled(tiny_dit: Path) -> Compiled:
-    return Compiled(tiny_dit)
+from fcpass.compiler.graphinfo import node_inputs
+from fcpass.compiler.passes.inline_gates import inline_gates
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.onnx_io import subgraphs
+from fcpass.contract.plan import APPROX_MIX, CachePlan, read_plan
+from tests.conftest import export_tiny_dit, tiny_feeds, unread_nodes
+from tests.helpers.compiled import Compiled
 
 
 def _fp16_ulps(scale: np.ndarray, n: float) -> float:
     """n units in fp16's last place at the largest magnitude in `scale`."""
     return n * float(np.finfo(np.float16).eps) * float(np.abs(scale).max())
+
+
+@pytest.fixture()
+def compiled(tiny_dit: Path) -> Compiled:
+    return Compiled(tiny_dit)
 
 
 def test_structure_is_nested_regions_with_exact_approximation_ops(compiled: Compiled) -> None:
@@ -442,7 +398,7 @@ def test_probe_decides_under_ctl_3_and_fails_closed(compiled: Compiled) -> None:
 
 def test_localized_weights_compute_the_same_and_live_in_their_branch(compiled: Compiled) -> None:
     """Weights move into the innermost branch reading them (ORT prepacks them there); values unchanged."""
-    from fcpass.passes.localize_weights import localize_weights
+    from fcpass.compiler.passes.localize_weights import localize_weights
     from tests.conftest import all_initializers
 
     model = onnx.ModelProto()

@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from fcpass.calibrate import CalibrationOptions, _Fit
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import CachePlan, RegionSpec, StateSpec, read_plan
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CachePlan, RegionSpec, StateSpec, read_plan
 from tests.conftest import all_initializers, calibration_setup, export_tiny_dit
 
 
@@ -123,10 +123,10 @@ def test_a_model_over_2_gb_calibrates_as_one_under_it(calibrated: tuple[Path, Pa
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Over 2 GB the recording session reads the model from a file with external data, which saving
     moves the weights out to: calibration must fit the same weights as it does under 2 GB."""
-    import fcpass.onnx_io
+    import fcpass.contract.onnx_io
 
     src, want = calibrated
-    monkeypatch.setattr(fcpass.onnx_io, "over_proto_limit", lambda model: True)
+    monkeypatch.setattr(fcpass.contract.onnx_io, "over_proto_limit", lambda model: True)
     out = tmp_path / "big.fc.onnx"
     optimize(src, out, OptimizeOptions(calibrate=2, calib_steps=6, calib_eps=0.5), calibration_setup([1, 2]))
     got = {t.name: onnx.numpy_helper.to_array(t) for t in all_initializers(onnx.load(str(out)))}

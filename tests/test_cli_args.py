@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from fcpass.cli import build_parser, main
-from fcpass.roles import ROLES
+from fcpass.contract.roles import ROLES
 from models.digits import ONNX
 from runtimes.policies import FastCacheConfig, ForaConfig, MagCacheConfig
 

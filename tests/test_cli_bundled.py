@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fcpass.cli import main
-from fcpass.roles import ROLES
+from fcpass.contract.roles import ROLES
 from models.digits import ONNX
 
 pytestmark = pytest.mark.skipif(not ONNX.exists(), reason="bundled model missing (run tools/train_digits.py)")

@@ -17,21 +17,7 @@ from onnx import TensorProto, helper
 
 from fcpass.cli import main
 from models.digits import DIGITS_DIR, DIGITS_DIT, ONNX, SCHEDULER_CONFIG
-
-
-def user_error(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> str:
-    """Run the CLI; check the one-line error contract; return the message."""
-    capsys.readouterr()  # drop anything a fixture printed
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 2, f"exit code {rc}; stderr: {err!r}"
-    assert "Traceback" not in err + out
-    lines = err.splitlines()
-    assert len(lines) == 1, f"stderr is not one line: {err!r}"
-    assert lines[0].startswith("fcpass: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
+from tests.helpers.cli import user_error
 
 
 def leftovers(folder: Path) -> list[str]:

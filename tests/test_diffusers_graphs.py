@@ -29,7 +29,6 @@ with the `Identity` torch meant; the export is then checked against PyTorch befo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,125 +42,21 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 ort = pytest.importorskip("onnxruntime")
 
-from fcpass.discover import BlockMap, discover_blocks
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex
-from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, MIX_WIDTH, MOTION_INPUT, CachePlan
-from fcpass.trt_check import check_graph
+from fcpass.compiler.discover import BlockMap, discover_blocks
+from fcpass.compiler.graphinfo import GraphIndex
+from fcpass.compiler.passes.cache_regions import insert_cache_regions
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, MIX_WIDTH, MOTION_INPUT, CachePlan
 from runtimes.state import Commit
+from tests.helpers.diffusers_models import BATCH, LAYERS, SPECS, Spec, _randomize_
 
-BATCH = 2
-LAYERS = 3
 TOL = 1e-5
 PROVIDERS = ["CPUExecutionProvider"]
 
 
-# --- the models ------------------------------------------------------------------------------
-
-
-class _DiT(torch.nn.Module):
-    def __init__(self, m: torch.nn.Module) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, latent, timestep, class_labels):
-        return self.m(latent, timestep=timestep, class_labels=class_labels).sample
-
-
-class _PixArt(torch.nn.Module):
-    def __init__(self, m: torch.nn.Module) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, latent, timestep, encoder_hidden_states):
-        cond = {"resolution": None, "aspect_ratio": None}
-        return self.m(latent, encoder_hidden_states=encoder_hidden_states, timestep=timestep, added_cond_kwargs=cond).sample
-
-
-class _SD3(torch.nn.Module):
-    def __init__(self, m: torch.nn.Module) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, latent, timestep, encoder_hidden_states, pooled_projections):
-        return self.m(
-            latent, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, timestep=timestep
-        ).sample
-
-
-@dataclass(frozen=True)
-class Spec:
-    build: Callable[[], torch.nn.Module]
-    inputs: Callable[[torch.Generator], tuple]
-    names: tuple[str, ...]
-    # Stream tensors each block reads / writes, in block order. SD3: the caption stream entering
-    # block 0 does not depend on the latent (it stays outside, an outer value), and the last block is
-    # `context_pre_only` (it writes the image stream only).
-    block_inputs: tuple[int, ...]
-    block_outputs: tuple[int, ...]
-
-
-def _dit() -> torch.nn.Module:
-    m = diffusers.DiTTransformer2DModel(
-        num_layers=LAYERS, attention_head_dim=8, num_attention_heads=2, sample_size=8, patch_size=2,
-        in_channels=4, out_channels=8, num_embeds_ada_norm=10, norm_num_groups=1,
-    )
-    return _DiT(m)
-
-
-def _pixart() -> torch.nn.Module:
-    m = diffusers.PixArtTransformer2DModel(
-        num_layers=LAYERS, attention_head_dim=8, num_attention_heads=2, sample_size=8, patch_size=2,
-        in_channels=4, out_channels=8, cross_attention_dim=16, caption_channels=12, norm_num_groups=1,
-    )
-    return _PixArt(m)
-
-
-def _sd3() -> torch.nn.Module:
-    m = diffusers.SD3Transformer2DModel(
-        num_layers=LAYERS, attention_head_dim=8, num_attention_heads=2, sample_size=8, patch_size=2,
-        in_channels=4, out_channels=4, joint_attention_dim=12, caption_projection_dim=16,
-        pooled_projection_dim=6, pos_embed_max_size=16,
-    )
-    return _SD3(m)
-
-
-def _latent_time(g: torch.Generator, t: list[float]) -> tuple:
-    return torch.randn(BATCH, 4, 8, 8, generator=g), torch.tensor(t)
-
-
-SPECS: dict[str, Spec] = {
-    "dit": Spec(
-        _dit,
-        lambda g, t: (*_latent_time(g, t), torch.randint(0, 10, (BATCH,), generator=g)),
-        ("latent", "timestep", "class_labels"),
-        (1, 1, 1),
-        (1, 1, 1),
-    ),
-    "pixart": Spec(
-        _pixart,
-        lambda g, t: (*_latent_time(g, t), torch.randn(BATCH, 5, 12, generator=g)),
-        ("latent", "timestep", "encoder_hidden_states"),
-        (1, 1, 1),
-        (1, 1, 1),
-    ),
-    "sd3": Spec(
-        _sd3,
-        lambda g, t: (*_latent_time(g, t), torch.randn(BATCH, 5, 12, generator=g), torch.randn(BATCH, 6, generator=g)),
-        ("latent", "timestep", "encoder_hidden_states", "pooled_projections"),
-        (1, 2, 2),
-        (2, 2, 1),
-    ),
-}
 CASES = [(name, exporter) for name in SPECS for exporter in ("legacy", "dynamo")]
 
-
-def _randomize_(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def _drop_noop_squeeze(model: onnx.ModelProto) -> int:

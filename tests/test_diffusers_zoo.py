@@ -17,10 +17,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("onnxscript")
 
 from fcpass.cli import main
-from fcpass.discover import discover_blocks
-from fcpass.graphinfo import frames_axis
-from fcpass.roles import infer_roles
-from fcpass.trt_check import check_graph
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.graphinfo import frames_axis
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.roles import infer_roles
 from tests.conftest import as_its_pipeline, forced_compute_error
 from tools.export_diffusers import export_family
 

@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from fcpass.cli import main
-from fcpass.discover import discover_blocks
-from fcpass.errors import FcpassError
+from fcpass.compiler.discover import discover_blocks
+from fcpass.contract.errors import FcpassError
 from tests.conftest import load
 
 
@@ -104,7 +104,7 @@ def test_a_graph_onnx_runtime_already_fused_counts_the_same_macs_and_compiles(tm
     finds blocks whose regions compute what the fused graph does."""
     import numpy as np
 
-    from fcpass.graphinfo import GraphIndex, graph_macs
+    from fcpass.compiler.graphinfo import GraphIndex, graph_macs
     from fcpass.optimize import OptimizeOptions, optimize
     from models.digits import ONNX
     from tests.conftest import forced_compute_error
@@ -129,7 +129,7 @@ def test_a_fused_graph_without_value_types_is_sent_back_to_the_export(tmp_path: 
     """A legacy export stores no value types: after ONNX Runtime's fusions shape inference stops at the first
     contrib op, and the error names them and the fix."""
     from tests.conftest import export_tiny_dit
-    from tests.test_cli_errors import user_error
+    from tests.helpers.cli import user_error
 
     fused = _fused_by_onnx_runtime(export_tiny_dit(tmp_path / "tiny.onnx", "legacy"), tmp_path / "fused.onnx")
     user_error(capsys, ["optimize", fused, "-o", tmp_path / "x.onnx"], "shape inference stops at the graph's FusedMatMul",
@@ -141,7 +141,7 @@ def test_einsum_products_count_their_macs_and_permutations_none(tmp_path: Path) 
     """Attention written with einsum exports as ONNX Einsum: a product of b*h*q*k*d multiply-accumulates;
     the bundled model's unpatchify is a one-operand Einsum, a permutation, and counts none."""
     torch = pytest.importorskip("torch")
-    from fcpass.graphinfo import GraphIndex, graph_macs, node_macs
+    from fcpass.compiler.graphinfo import GraphIndex, graph_macs, node_macs
     from models.digits import ONNX
 
     class EinsumAttention(torch.nn.Module):

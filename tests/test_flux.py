@@ -16,9 +16,9 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("onnxscript")
 
 from fcpass.cli import main
-from fcpass.discover import discover_blocks
-from fcpass.roles import infer_roles
-from fcpass.trt_check import check_graph
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.roles import infer_roles
 from runtimes.sampler import SampleRequest, sample, unpack_latents
 from runtimes.schedulers import scheduler_from_config
 from tests.conftest import RecordingDenoiser, forced_compute_error

@@ -10,17 +10,17 @@ import numpy as np
 import onnx
 import pytest
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import read_plan
+from fcpass.contract.roles import InputRoles, TensorSpec
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import read_plan
-from fcpass.roles import InputRoles, TensorSpec
 from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.cache import CachedDenoiser
 from runtimes.sampler import SampleRequest, SampleResult, sample, split_halves
 from runtimes.schedulers import scheduler_from_config
 from tests.conftest import calibration_setup, export_tiny_dit
-from tests.test_trt_backend import Fake, fake, fake_engine_file  # noqa: F401 (fake is a fixture)
+from tests.helpers.fake_trt import Fake, fake_engine_file, install_fake_trt
 
 REQUEST = {"classes": [1, 2, 7], "steps": 8, "guidance_scale": 1.5, "uncond_class": 10, "seed": 0}
 
@@ -36,6 +36,11 @@ def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, Pa
         optimize(src, fc, OptimizeOptions(calibrate=2, calib_steps=6, calib_eps=0.5, taylor=True), calibration_setup([1, 2]))
         out[batch] = (src, fc)
     return out
+
+
+@pytest.fixture()
+def fake(monkeypatch: pytest.MonkeyPatch) -> Fake:
+    return install_fake_trt(monkeypatch)
 
 
 def _sample(path: Path, policy: str | None = None, options: dict | None = None) -> SampleResult:
@@ -99,7 +104,7 @@ def test_the_unconditional_half_takes_the_conditional_half_s_decisions(graphs: d
     np.testing.assert_allclose(result.macs_executed, sum(r["macs"] for r in result.records))
 
 
-def test_two_bindings_share_one_tensorrt_context(graphs: dict[int, tuple[Path, Path]], fake: Fake,  # noqa: F811
+def test_two_bindings_share_one_tensorrt_context(graphs: dict[int, tuple[Path, Path]], fake: Fake,
                                                  tmp_path: Path) -> None:
     """On TensorRT the halves' states point one execution context at their buffers in turn."""
     fc = graphs[1][1]

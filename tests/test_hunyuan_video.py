@@ -3,7 +3,7 @@ captions' mask, pooled embeddings and a distilled guidance input, fed as Hunyuan
 (guidance times 1000, its own sigmas linspace(1, 0, S + 1) without the last, shifted by the scheduler).
 
 Its export holds a bool `Where` (`masked_fill` on the mask), which ONNX Runtime's CPU kernels lack:
-`fcpass optimize` rewrites it (`fcpass.passes.bool_where`), and the tests run the uncached graph as
+`fcpass optimize` rewrites it (`fcpass.compiler.passes.bool_where`), and the tests run the uncached graph as
 that pass leaves it."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
 from fcpass.cli import main
-from fcpass.discover import discover_blocks
-from fcpass.passes.bool_where import rewrite_bool_where
-from fcpass.roles import infer_roles
-from fcpass.trt_check import check_graph
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.passes.bool_where import rewrite_bool_where
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.roles import infer_roles
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from tests.conftest import RecordingDenoiser, forced_compute_error

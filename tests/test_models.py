@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from models.convert import (
     diffusers_dit_config,
     diffusers_to_dit,

@@ -11,14 +11,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from fcpass.discover import discover_blocks
-from fcpass.errors import FcpassError
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.passes.cache_regions import insert_cache_regions
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, MIX_WIDTH, MOTION_INPUT, CachePlan
+from fcpass.contract.tokens import TokenOptions
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.passes.token_cache import TokenOptions
-from fcpass.plan import APPROX_MIX, MIX_WIDTH, MOTION_INPUT, CachePlan
 from fcpass.sampling import SamplingSetup, load_denoiser
-from fcpass.trt_check import check_graph
 from models.digits import SCHEDULER_CONFIG
 from runtimes.policies import FastCache, FastCacheConfig
 from runtimes.sampler import SampleRequest, sample
@@ -244,7 +244,7 @@ def _torch_merge_step(feeds: dict[str, np.ndarray], x_ref: np.ndarray, k: int, n
 
 
 def test_merge_step_equals_the_pytorch_blocks_on_the_merged_tokens(exported: Path) -> None:
-    from fcpass.passes.motion_tokens import MergeOptions
+    from fcpass.compiler.passes.motion_tokens import MergeOptions
 
     original = load(exported)
     with pytest.raises(FcpassError, match="--no-probes"):  # TeaCache's probe reads the tokens too

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from fcpass.cli import main
-from fcpass.graphinfo import label_rows
+from fcpass.compiler.graphinfo import label_rows
 from tests.conftest import SCHEDULER_CONFIG
 
 torch = pytest.importorskip("torch")
@@ -82,7 +82,7 @@ def test_a_graph_whose_table_does_not_tell_asks_for_the_null_class(tmp_path: Pat
 
 
 def _class_input(model: Path) -> str:
-    from fcpass.roles import infer_roles
+    from fcpass.contract.roles import infer_roles
 
     labels = infer_roles(onnx.load(str(model)), {}).class_labels
     assert labels is not None

@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from fcpass import onnx_io
-from fcpass.errors import FcpassError
+from fcpass.contract import onnx_io
+from fcpass.contract.errors import FcpassError
 from tests.conftest import tiny_feeds
 
 
@@ -74,7 +74,7 @@ def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
 
 
 def test_replace_marked_block_keeps_the_rest_and_refuses_a_file_without_markers(tmp_path: Path) -> None:
-    from fcpass.onnx_io import replace_marked_block
+    from fcpass.contract.onnx_io import replace_marked_block
 
     doc = tmp_path / "README.md"
     doc.write_text("head\n<!-- a -->\nold\n<!-- b -->\ntail\n")
@@ -92,8 +92,8 @@ def test_compiled_graphs_keep_large_weights_in_external_data(calibrated: tuple[P
     less than half the memory of the same graph stored inline, and computes the same. Small graphs
     stay one file."""
     from fcpass.cli import main
+    from fcpass.compiler.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes
     from fcpass.export import ExportSpec, export
-    from fcpass.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes
     from tools.bench_memory import session_mib
 
     src, out, inline = tmp_path / "s2.onnx", tmp_path / "s2.fc.onnx", tmp_path / "inline.fc.onnx"
@@ -124,8 +124,8 @@ def test_shape_inference_runs_without_the_large_weights_and_gives_them_back(tiny
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Shape inference serialises the model, which protobuf cannot do over 2 GB: it runs on a copy
     without the large weights, types every tensor as it would with them, and leaves the model as it was."""
-    from fcpass import graphinfo
-    from fcpass.static_shapes import needs_resolving, resolve_static_shapes
+    from fcpass.compiler import graphinfo
+    from fcpass.compiler.static_shapes import needs_resolving, resolve_static_shapes
 
     model = onnx.load(str(tiny_dit))
     before = model.SerializeToString()
@@ -133,8 +133,8 @@ def test_shape_inference_runs_without_the_large_weights_and_gives_them_back(tiny
     if needs_resolving(with_weights):  # the legacy export computes its chunks' sizes in the graph
         with_weights = resolve_static_shapes(with_weights)
     want = {v.name: v.type for v in with_weights.graph.value_info}
-    monkeypatch.setattr(graphinfo, "_WEIGHTLESS_MIN_BYTES", 256)  # the tiny model's weights count as large
-    light = graphinfo.weightless(model)
+    monkeypatch.setattr(onnx_io, "_WEIGHTLESS_MIN_BYTES", 256)  # the tiny model's weights count as large
+    light = onnx_io.weightless(model)
     stubs = [t for t in light.graph.initializer if t.external_data]
     assert len(stubs) > 10 and not any(t.raw_data for t in stubs)
     assert light.ByteSize() < len(before) - sum(len(t.raw_data) for t in model.graph.initializer

@@ -11,8 +11,8 @@ import pytest
 
 from fcpass.calibrate import CalibrationOptions, calibrate_peers
 from fcpass.cli import main
-from fcpass.errors import FcpassError
-from fcpass.plan import APPROX_MIX, CTL_PROBE, CTL_SKIP, CachePlan, RegionSpec, read_plan
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, CTL_PROBE, CTL_SKIP, CachePlan, RegionSpec, read_plan
 from fcpass.sampling import load_denoiser
 from runtimes.policies import (
     FBCache,

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from models.digits import ONNX, SCHEDULER_CONFIG, WEIGHTS
 from runtimes.sampler import SampleRequest, SampleResult, sample
 from runtimes.schedulers import scheduler_from_config

@@ -20,7 +20,7 @@ from fcpass.cli import main
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from tests.conftest import RecordingDenoiser
-from tests.test_diffusers_graphs import _randomize_
+from tests.helpers.diffusers_models import _randomize_
 
 NAMES = ("latent", "timestep", "encoder_hidden_states", "resolution", "aspect_ratio")
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
@@ -136,7 +136,7 @@ class _MaskedPixArt(torch.nn.Module):
 def test_a_caption_mask_is_fed_ones_or_the_masks_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """All ones (every caption token attends) is what the graph without a mask computes; a mask given reaches the
     model; the cache compiles around it."""
-    from tests.test_diffusers_graphs import _pixart
+    from tests.helpers.diffusers_models import _pixart
 
     torch.manual_seed(0)
     plain = _pixart().eval()

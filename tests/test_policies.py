@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
-from fcpass.errors import FcpassError
-from fcpass.plan import APPROX_MIX, MIX_WIDTH, CachePlan, RegionSpec, StateSpec
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, MIX_WIDTH, CachePlan, RegionSpec, StateSpec
 from runtimes.policies import FastCache, FastCacheConfig, Fora, ForaConfig, NoCache, chi2_threshold, make_policy
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.policy_graph import graph_for
 from fcpass.sampling import load_denoiser
@@ -86,7 +86,7 @@ def test_for_replaces_the_graph_flags_it_decides(tiny: Path, tmp_path: Path, cap
 
 def test_a_graph_names_what_a_policy_pays_for_and_does_not_use(tiny: Path, tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    from fcpass.plan import read_plan
+    from fcpass.contract.plan import read_plan
     from fcpass.policy_graph import unused_costs
     from tests.conftest import load
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from fcpass.quality import (
     PSNR_CAP_DB,
     DigitClassifier,

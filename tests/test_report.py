@@ -14,7 +14,7 @@ from matplotlib.colors import LinearSegmentedColormap, to_rgb
 from matplotlib.figure import Figure
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from fcpass.report import DPI, MOTION_COLOR, STATE_COLORS, TOKEN_COLORS, build_figure, plot_report
 
 COMPUTED, SKIPPED, NOT_REACHED = STATE_COLORS[0], STATE_COLORS[1], STATE_COLORS[-1]

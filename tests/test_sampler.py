@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
@@ -101,7 +101,7 @@ def test_peer_policies_run_end_to_end(tmp_path: Path, policy: str) -> None:
 def test_state_kept_only_for_live_regions_changes_nothing(calibrated: tuple[Path, Path], policy: str,
                                                           options: dict[str, object]) -> None:
     """A stack-level policy keeps only the stack's state; samples and decisions equal keeping every region's."""
-    from fcpass.plan import read_plan
+    from fcpass.contract.plan import read_plan
     from fcpass.sampling import roles_from_plan
     from runtimes.backend import OrtBackend
     from runtimes.cache import CachedDenoiser
@@ -149,7 +149,7 @@ def test_a_policy_controlling_a_region_it_keeps_no_state_for_is_refused(calibrat
 
 def test_bound_device_state_equals_host_state(calibrated: tuple[Path, Path]) -> None:
     """I/O binding (the state in pools of OrtValues, never copied) gives the same trajectory as host arrays."""
-    from fcpass.plan import read_plan
+    from fcpass.contract.plan import read_plan
     from fcpass.sampling import roles_from_plan
     from runtimes.backend import OrtBackend
     from runtimes.cache import CachedDenoiser
@@ -172,7 +172,7 @@ def test_bound_device_state_equals_host_state(calibrated: tuple[Path, Path]) -> 
 
 def test_bound_state_fetches_what_it_is_asked_when_the_ask_changes(calibrated: tuple[Path, Path]) -> None:
     """Fetched outputs are bound once per fetch list; a new list (here with a value the state takes) rebinds."""
-    from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, read_plan
+    from fcpass.contract.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, SKIP_OUTPUT, STAT_OUTPUT, THR_INPUT, read_plan
     from runtimes.backend import OrtBackend
     from runtimes.state import BoundState, HostState, written_outputs
     from tests.conftest import tiny_feeds

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from runtimes.schedulers import (
     SUPPORTED_CLASS_NAMES,
     DDIMScheduler,

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from fcpass.cli import main
-from tests.test_diffusers_graphs import SPECS, _randomize_, _sd3
+from tests.helpers.diffusers_models import SPECS, _randomize_, _sd3
 
 
 def export_sd3(path: Path, names: tuple[str, ...]) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from fcpass.search import Knob, Measurement, Space, choose, search
 
 TARGET = 30.0

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 
 from fcpass.cli import main
+from fcpass.compiler.passes.inline_gates import inline_gates
+from fcpass.contract.plan import MIX_WIDTH, STAT_OUTPUT, read_plan
+from fcpass.contract.segments import MANIFEST, is_segments_artefact, read_manifest, segment_files
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.inline_gates import inline_gates
-from fcpass.passes.segments import MANIFEST, is_segments_artefact, read_manifest, segment_files
-from fcpass.plan import MIX_WIDTH, STAT_OUTPUT, read_plan
 from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample

@@ -16,14 +16,14 @@ import pytest
 from onnx import shape_inference
 
 from fcpass.cli import main
-from fcpass.graphinfo import GraphIndex, graph_macs, infer_shapes
+from fcpass.compiler.graphinfo import GraphIndex, graph_macs, infer_shapes
+from fcpass.compiler.static_shapes import static_dims
+from fcpass.contract.plan import read_plan
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import read_plan
-from fcpass.static_shapes import static_dims
 from models.digits import SCHEDULER_CONFIG
 from tests.conftest import export_tiny_dit, forced_compute_error, tiny_feeds
-from tests.test_cache_regions import Compiled
-from tests.test_cli_errors import user_error
+from tests.helpers.cli import user_error
+from tests.helpers.compiled import Compiled
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def any_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """diffusers' DiT exported with its batch, height and width dynamic, as deployment exports often are."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from tests.test_diffusers_graphs import SPECS, _dit, _randomize_
+    from tests.helpers.diffusers_models import SPECS, _dit, _randomize_
 
     model = _dit().eval()
     _randomize_(model, 0)

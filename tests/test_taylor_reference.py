@@ -19,8 +19,8 @@ import onnxruntime as ort
 import pytest
 
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
-from fcpass.runner import load_denoiser
+from fcpass.contract.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
+from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config

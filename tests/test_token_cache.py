@@ -8,79 +8,31 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from matplotlib.colors import to_rgb
 
-from fcpass.branches import find_branches
-from fcpass.discover import discover_blocks
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.graphinfo import GraphIndex
+from fcpass.compiler.passes.cache_regions import insert_cache_regions
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, TOK_INPUT, CachePlan
+from fcpass.contract.tokens import TokenOptions
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.cache_regions import insert_cache_regions
-from fcpass.passes.token_cache import TokenOptions
-from fcpass.plan import APPROX_MIX, TOK_INPUT, CachePlan, write_plan
 from fcpass.sampling import SamplingSetup, load_denoiser
-from fcpass.trt_check import check_graph
 from models.digits import SCHEDULER_CONFIG
+from runtimes.policies import DuCa, DuCaConfig, ToCa, TokenControls
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from runtimes.state import Commit
-from runtimes.token_policies import DuCa, DuCaConfig, ToCa, TokenControls
 from tests.conftest import load, tiny_feeds, unread_nodes
+from tests.helpers.compiled import ROLES, Tok
 
-ROLES = {"latent": "latent", "timestep": "timestep", "class": "class_labels", "prompt_embeds": None}
 N, D, B = 16, 32, 2  # the tiny DiT: 16 tokens of width 32, batch 2 (one CFG pair)
 CW, BONUS = 0.25 / 3, 0.8
 
 
-class Tok:
-    """A tiny DiT compiled with token caching; run steps under chosen region and token controls."""
 
-    def __init__(self, path: Path, k: int | None = 5, regions: tuple[str, ...] = ("blocks",), score: str = "vnorm",
-                 **options: float) -> None:
-        self.original = load(path)
-        bmap = discover_blocks(self.original, "latent")
-        index = GraphIndex(self.original)
-        self.split = [find_branches(index, b) for b in bmap.blocks]
-        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions,
-                                                     tokens=TokenOptions(k=k, score=score, **options))
-        write_plan(self.model, self.plan)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.sess = ort.InferenceSession(self.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.ref = ort.InferenceSession(self.original.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.names = [o.name for o in self.sess.get_outputs()]
-        self.state = {s.name: np.zeros(s.shape, s.dtype) for s in self.plan.states}
-        self.r = len(self.plan.regions)
-        self.blocks = len(self.plan.tokens["blocks"])
-
-    def run(self, feeds: dict[str, np.ndarray], tok: list[int] | int = 0, ctl: dict[str, int] | None = None,
-            rand: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        c = np.zeros(self.r, np.int64)
-        mix = np.zeros((self.r, len(APPROX_MIX["reuse"])), np.float32)
-        for name, v in (ctl or {}).items():
-            c[self.plan.region(name).index] = v
-            mix[self.plan.region(name).index] = APPROX_MIX["reuse"]
-        extra = {"fc_tok_rand": rand} if rand is not None else {}
-        modes = np.broadcast_to(np.asarray(tok, np.int64), (self.blocks,)).copy()
-        out = dict(zip(self.names, self.sess.run(None, {
-            **feeds, **self.state, **extra, "fc_ctl": c, "fc_thr": np.zeros(self.r, np.float32), "fc_mix": mix,
-            "fc_tok": modes})))
-        self.state = Commit(self.plan)(self.state, out, out["fc_skip"], modes)
-        return out
-
-    def truth(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-        m = onnx.ModelProto()
-        m.CopyFrom(self.original)
-        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-
-
-@pytest.fixture()
-def tok(tiny_dit: Path) -> Tok:
-    return Tok(tiny_dit)
 
 
 def _vnorm_means(v: np.ndarray) -> np.ndarray:
@@ -128,6 +80,11 @@ def _moved_into_attention(t: Tok, tif: onnx.NodeProto, index: GraphIndex) -> Cou
     compute = next(a.g for a in attention.attribute if a.name == "else_branch")
     own = Counter(index.nodes[i].op_type for i in t.split[1].branches[0].nodes) + Counter({"Mul": 1, "Add": 1})
     return Counter(n.op_type for n in compute.node) - own
+
+
+@pytest.fixture()
+def tok(tiny_dit: Path) -> Tok:
+    return Tok(tiny_dit)
 
 
 def test_exact_ops_of_both_branches_and_tensorrt_rules(tok: Tok) -> None:
@@ -473,7 +430,7 @@ def test_conservative_step_selects_the_top_k_tokens_by_attention_score(tiny_dit:
 def test_fused_attention_declines_attention_scores(tiny_dit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No exporter here emits fused attention, so the split reports it as `find_branches` does for one:
     V is the fused op's input and there is no Softmax output."""
-    import fcpass.passes.token_cache as tc
+    import fcpass.compiler.passes.token_cache as tc
 
     real = tc.find_branches
 

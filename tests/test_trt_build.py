@@ -1,6 +1,6 @@
 """`fcpass build`: refusals without TensorRT or with a graph that fails the checks, and the control
 flow of a build against a minimal fake `tensorrt` module that has only the documented names
-`fcpass.trt_build` calls (TensorRT 10.x Python API), so a misspelt call fails here too."""
+`fcpass.compiler.trt_build` calls (TensorRT 10.x Python API), so a misspelt call fails here too."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
-from fcpass.plan import read_plan
-from fcpass.trt_build import BuildOptions, build_engine
+from fcpass.compiler.trt_build import BuildOptions, build_engine
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import read_plan
 
 F = TensorProto.FLOAT
 

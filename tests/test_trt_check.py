@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
-from fcpass.trt_check import TOPK_MAX_K, Violation, check_graph
+from fcpass.compiler.trt_check import TOPK_MAX_K, Violation, check_graph
+from fcpass.contract.errors import FcpassError
 
 F, B, I64 = TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT64
 

@@ -1,7 +1,7 @@
 """TensorRT on a segments folder, without a GPU.
 
 `fcpass build` of a segments folder runs against the fake builder of test_trt_build (its plan bytes name
-the segment they were built from); the engines then run on the fake runtime of test_trt_backend, whose
+the segment they were built from); the engines then run on the fake runtime of tests/helpers/fake_trt.py, whose
 `execute_async_v3` runs that segment on ONNX Runtime CPU through a numpy "device", and whose CUDA
 graphs replay the launches they recorded with the addresses of their capture. Sampling through them
 must give exactly what the ONNX Runtime segments backend gives: that checks the program, every value's
@@ -21,16 +21,16 @@ import pytest
 from onnx import helper
 
 from fcpass.cli import main
-from fcpass.errors import FcpassError
+from fcpass.contract.engines import ENGINES_INDEX, engine_file
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.segments import read_manifest, segment_files
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.segments import read_manifest, segment_files
 from fcpass.sampling import load_denoiser
-from fcpass.trt_build import ENGINES_INDEX, engine_file
 from runtimes import trt_backend
 from runtimes.trt_segments import TrtSegmentsBackend, TrtSegmentsState
-from tests import test_trt_backend as runtime_fake
 from tests import test_trt_build as build_fake
 from tests.conftest import calibration_setup
+from tests.helpers import fake_trt as runtime_fake
 
 POLICIES = {
     "fora": {"interval": 2},  # every region forced: no condition is read back
@@ -91,7 +91,7 @@ def engines(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _sample(den: Any) -> Any:
-    return runtime_fake._sample(den)
+    return runtime_fake.sample_fixed(den)
 
 
 def test_build_writes_one_engine_per_segment(folders: dict[str, Path], engines: dict[str, Path]) -> None:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from fcpass.cli import main
-from fcpass.plan import read_plan
+from fcpass.contract.plan import read_plan
 from fcpass.tune import graph_specs, runnable, space_for, spaces_for
 from tests.conftest import SCHEDULER_CONFIG
 

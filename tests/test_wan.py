@@ -16,10 +16,10 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("onnxscript")
 
 from fcpass.cli import main
-from fcpass.discover import discover_blocks
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.roles import infer_roles
 from fcpass.quality import compare_batches
-from fcpass.roles import infer_roles
-from fcpass.trt_check import check_graph
 from tests.conftest import as_its_pipeline, forced_compute_error
 from tools.export_diffusers import export_family
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.onnx_io import atomic_path, replace_marked_block
+from fcpass.compiler.passes.motion_tokens import MergeOptions
+from fcpass.contract.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.motion_tokens import MergeOptions
 from fcpass.policy_graph import graph_needs
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.sampling import SamplingSetup, load_denoiser

@@ -8,7 +8,7 @@ activations, not the weights), compiles it with each region set and, for each gr
 session in a fresh process and prints the resident memory that opening it added (VmRSS after minus
 before, MiB): weights, prepacked weights, and whatever else ONNX Runtime keeps. "compiled, inline"
 is the compiled graph saved as one file, to show what `fcpass optimize`'s external data saves
-(`fcpass.passes.localize_weights.EXTERNAL_DATA_MIN_BYTES`).
+(`fcpass.compiler.passes.localize_weights.EXTERNAL_DATA_MIN_BYTES`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import onnx
 
+from fcpass.contract.onnx_io import data_file, save_model
 from fcpass.export import ExportSpec, export
-from fcpass.onnx_io import data_file, save_model
 from fcpass.optimize import OptimizeOptions, optimize
 
 _CHILD = """

@@ -58,13 +58,11 @@ import onnx
 from onnx import helper
 from tqdm import tqdm
 
-from fcpass.export import ExportSpec, export
-from fcpass.onnx_io import save_model
-from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.passes.bool_where import rewrite_bool_where
-from fcpass.passes.cache_regions import region_if_name
-from fcpass.passes.inline_gates import gate_name, inline_ifs
-from fcpass.plan import (
+from fcpass.compiler.passes.bool_where import rewrite_bool_where
+from fcpass.compiler.passes.cache_regions import region_if_name
+from fcpass.compiler.passes.inline_gates import gate_name, inline_ifs
+from fcpass.contract.onnx_io import save_model
+from fcpass.contract.plan import (
     APPROX_MIX,
     CTL_INPUT,
     CTL_SKIP,
@@ -76,7 +74,9 @@ from fcpass.plan import (
     THR_INPUT,
     read_plan,
 )
-from fcpass.roles import graph_inputs
+from fcpass.contract.roles import graph_inputs
+from fcpass.export import ExportSpec, export
+from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import load_denoiser
 from models.digits import SCHEDULER_CONFIG
 from runtimes.backend import OrtBackend

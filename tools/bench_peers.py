@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcpass.onnx_io import atomic_path, replace_marked_block
+from fcpass.contract.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.policy_graph import graph_needs
 from fcpass.quality import DigitClassifier, compare_batches

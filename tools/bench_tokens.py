@@ -63,13 +63,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from fcpass.branches import branches_of
-from fcpass.discover import discover_blocks
-from fcpass.errors import FcpassError
-from fcpass.export import ExportSpec, export
-from fcpass.graphinfo import GraphIndex
-from fcpass.optimize import OptimizeOptions, optimize
-from fcpass.plan import (
+from fcpass.compiler.branches import branches_of
+from fcpass.compiler.discover import discover_blocks
+from fcpass.compiler.graphinfo import GraphIndex
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import (
     CTL_INPUT,
     MIX_INPUT,
     MIX_WIDTH,
@@ -80,7 +78,9 @@ from fcpass.plan import (
     CachePlan,
     read_plan,
 )
-from fcpass.roles import graph_inputs, infer_roles
+from fcpass.contract.roles import graph_inputs, infer_roles
+from fcpass.export import ExportSpec, export
+from fcpass.optimize import OptimizeOptions, optimize
 from runtimes.backend import OrtBackend, open_session, session_setup
 from runtimes.state import Commit
 

@@ -78,8 +78,8 @@ from diffusers.hooks import (
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK
 
-from fcpass.errors import FcpassError
-from fcpass.roles import InputRoles, infer_roles
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.roles import InputRoles, infer_roles
 from models.convert import (
     diffusers_dit_config,
     dit_to_diffusers,

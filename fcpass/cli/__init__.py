@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from fcpass import __version__
 from fcpass.cli import build, calibrate, check, compare, export, inspect, optimize, report, sample, tune
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 COMMANDS = (export, inspect, optimize, sample, calibrate, tune, compare, report, check, build)
 

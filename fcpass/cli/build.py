@@ -11,7 +11,7 @@ def add_parser(sub: Any) -> None:
     b = sub.add_parser("build", help="build a TensorRT engine (needs fcpass[trt] and an NVIDIA GPU)")
     b.add_argument("model", type=Path, help="an ONNX graph (cache-aware or not) or a segments folder")
     b.add_argument("-o", "--output", type=Path, required=True,
-                   help="the engine (plan) file; for a segments folder, a folder of engines")
+                   help="the engine file; for a segments folder, a folder of engines")
     precision = b.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="allow fp16 kernels (TensorRT 10.x)")
     precision.add_argument("--bf16", action="store_true", help="allow bf16 kernels (TensorRT 10.x)")
@@ -23,8 +23,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from fcpass.passes.segments import is_segments_artefact
-    from fcpass.trt_build import BuildOptions, build_engine, build_segments
+    from fcpass.compiler.trt_build import BuildOptions, build_engine, build_segments
+    from fcpass.contract.segments import is_segments_artefact
 
     options = BuildOptions(fp16=args.fp16, bf16=args.bf16, timing_cache=args.timing_cache,
                            workspace_mb=args.workspace, batch=args.batch, verbose=args.trt_verbose)

@@ -34,9 +34,9 @@ def add_parser(sub: Any) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from fcpass.calibrate import CalibrationOptions, calibrate_peers
-    from fcpass.onnx_io import check_distinct, check_file_output, load_model
+    from fcpass.contract.onnx_io import check_distinct, check_file_output, load_model
+    from fcpass.contract.plan import read_plan, write_plan
     from fcpass.optimize import save_compiled
-    from fcpass.plan import read_plan, write_plan
 
     check_distinct(args.model, args.output)
     check_file_output(args.output)

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.roles import ROLES
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.roles import ROLES
 from fcpass.sampling import SamplingSetup
 from runtimes.sampler import SampleRequest
 
@@ -91,8 +91,8 @@ def export_meta(model: Any) -> dict[str, Any]:
 
 def sampling_setup(args: argparse.Namespace, model_path: Path) -> SamplingSetup:
     """Scheduler, request defaults and roles for a graph: from flags, else its export metadata."""
-    from fcpass.onnx_io import load_model
-    from fcpass.passes.segments import interface_model, is_segments_artefact, read_manifest
+    from fcpass.contract.onnx_io import load_model
+    from fcpass.contract.segments import interface_model, is_segments_artefact, read_manifest
 
     if is_segments_artefact(model_path):  # a segments folder: its manifest holds the export metadata
         model = interface_model(read_manifest(model_path))
@@ -215,9 +215,9 @@ def null_label(model: Any, model_path: Path, inputs: str | None, say: bool) -> i
 
 def label_rows_of(model: Any, inputs: str | None) -> int | None:
     """Rows of the label table the graph's class input indexes, where it has one."""
-    from fcpass.graphinfo import label_rows
-    from fcpass.plan import has_plan, read_plan
-    from fcpass.roles import infer_roles, parse_role_overrides
+    from fcpass.compiler.graphinfo import label_rows
+    from fcpass.contract.plan import has_plan, read_plan
+    from fcpass.contract.roles import infer_roles, parse_role_overrides
 
     if has_plan(model):
         name = read_plan(model).roles.get("class")
@@ -267,7 +267,7 @@ def write_search_json(path: Path | None, result: Any) -> None:
     if path is None:
         return
     from fcpass import tune
-    from fcpass.onnx_io import atomic_path
+    from fcpass.contract.onnx_io import atomic_path
 
     with atomic_path(path, suffix=".json") as tmp:
         tmp.write_text(json.dumps(tune.to_json(result), indent=1))

@@ -23,8 +23,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from fcpass.contract.onnx_io import check_distinct, check_file_output
     from fcpass.export import ExportSpec, export
-    from fcpass.onnx_io import check_distinct, check_file_output
 
     if args.weights is not None:
         check_distinct(args.weights, args.output)

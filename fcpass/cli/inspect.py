@@ -12,7 +12,7 @@ from fcpass.cli.common import (
     DIMS_HELP,
     INPUTS_HELP,
 )
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 
 def add_parser(sub: Any) -> None:
@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fcpass.passes.segments import is_segments_artefact
+    from fcpass.contract.segments import is_segments_artefact
 
     if is_segments_artefact(args.model):
         return _inspect_segments(args)
@@ -43,11 +43,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _graph_info(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-able data: I/O, roles, MACs, and the blocks or the cache plan."""
-    from fcpass.graphinfo import GraphIndex, graph_macs, sized
-    from fcpass.onnx_io import load_model
-    from fcpass.plan import has_plan, read_plan
-    from fcpass.roles import graph_inputs, graph_outputs, infer_roles, parse_role_overrides
-    from fcpass.static_shapes import dynamic_axes, parse_dims
+    from fcpass.compiler.graphinfo import GraphIndex, graph_macs, sized
+    from fcpass.compiler.static_shapes import dynamic_axes, parse_dims
+    from fcpass.contract.onnx_io import load_model
+    from fcpass.contract.plan import has_plan, read_plan
+    from fcpass.contract.roles import graph_inputs, graph_outputs, infer_roles, parse_role_overrides
 
     model = load_model(args.model)
     named = {(name, axis): dim for name, axis, dim in dynamic_axes(model)}
@@ -81,8 +81,8 @@ def _graph_info(args: argparse.Namespace) -> dict[str, Any]:
 
 def _blocks_info(model: Any, index: Any, latent: str, block_pattern: str | None) -> dict[str, Any]:
     """The transformer blocks found, each with its branches (or why they were not split)."""
-    from fcpass.branches import branches_of
-    from fcpass.discover import discover_blocks
+    from fcpass.compiler.branches import branches_of
+    from fcpass.compiler.discover import discover_blocks
 
     bmap = discover_blocks(model, latent, block_pattern)
     split = branches_of(index, bmap.blocks, latent)
@@ -176,7 +176,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
 
 def _inspect_segments(args: argparse.Namespace) -> int:
     """The manifest of a segments folder: its step program, one line per segment or branch."""
-    from fcpass.passes.segments import read_manifest
+    from fcpass.contract.segments import read_manifest
 
     manifest = read_manifest(args.model)
     if args.json:

@@ -20,7 +20,7 @@ from fcpass.cli.common import (
     search_options,
     write_search_json,
 )
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 log = logging.getLogger("fcpass")
 
@@ -74,9 +74,9 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from fcpass.onnx_io import data_file
+    from fcpass.compiler.passes.motion_tokens import MergeOptions
+    from fcpass.contract.onnx_io import data_file
     from fcpass.optimize import OptimizeOptions, optimize
-    from fcpass.passes.motion_tokens import MergeOptions
 
     model_path = args.model or bundled_onnx()
     graph = {"regions": tuple(x.strip() for x in args.regions.split(",") if x.strip()), "taylor": args.taylor,
@@ -119,7 +119,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     blocks = len({b for r in plan.regions for b in r.blocks})
     lowered = ""
     if options.lowering == "segments":
-        from fcpass.passes.segments import read_manifest
+        from fcpass.contract.segments import read_manifest
 
         lowered = f", lowered to {read_manifest(args.output)['segments']} If-free segments"
     elif (data := data_file(args.output)) is not None:
@@ -131,7 +131,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def _optimize_to_target(args: argparse.Namespace, model_path: Path, options: Any) -> int:
     from fcpass import tune
-    from fcpass.onnx_io import check_file_output
+    from fcpass.contract.onnx_io import check_file_output
     from fcpass.optimize_to_target import optimize_to_target
 
     if args.for_policies:

@@ -17,7 +17,7 @@ from fcpass.cli.common import (
     sampling_args,
     sampling_setup,
 )
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 
 def add_parser(sub: Any) -> None:
@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from fcpass.onnx_io import check_file_output
+    from fcpass.contract.onnx_io import check_file_output
     from fcpass.sampling import load_denoiser, run_sampling, time_against_baseline
 
     for path in (args.out, args.out_npy, args.report):  # before sampling, not after
@@ -88,7 +88,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _write_outputs(args: argparse.Namespace, result: Any, report: dict[str, Any]) -> None:
-    from fcpass.onnx_io import atomic_path
+    from fcpass.contract.onnx_io import atomic_path
 
     if args.out:
         from fcpass.images import save_grid

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fcpass.cli.common import INPUTS_HELP, sampling_args, sampling_setup, search_args, search_options, write_search_json
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 from fcpass.search import SEARCH_SEED
 
 
@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from fcpass import tune
-    from fcpass.onnx_io import check_distinct, check_file_output
+    from fcpass.contract.onnx_io import check_distinct, check_file_output
     from fcpass.optimize_to_target import search_graph, search_setup, write_tuned
     from fcpass.sampling import load_denoiser
 

@@ -8,7 +8,7 @@ are (a block's output once, for it and the next block's input), not copied into 
 
 Cases:
 1. A region is every node on a path from its stream inputs to its stream outputs (see
-   `fcpass.discover`), plus the outside nodes whose outputs only it reads (its own adaLN modulation,
+   `fcpass.compiler.discover`), plus the outside nodes whose outputs only it reads (its own adaLN modulation,
    say; shared conditioning stays outside). Its nodes move into the compute branch unchanged; names it exports are renamed
    inside the branch so the `If` can produce them under their original names, and nothing
    downstream changes.
@@ -18,15 +18,15 @@ Cases:
    through (any value of the right type would do).
 3. The statistic (per sample, relative change of the stream inputs against the last computed ones)
    and the decision are computed before the `If`, outside its branches, inside the region's gate
-   (an `If` on ctl >= 2, so a forced region measures nothing; `fcpass.passes.inline_gates` removes
+   (an `If` on ctl >= 2, so a forced region measures nothing; `fcpass.compiler.passes.inline_gates` removes
    the gates for back ends that read every `If` condition on the host). A NaN or Inf statistic
    never skips (`stat <= thr` is false for NaN; Inf is tested explicitly, since thr may be Inf).
-   Two regions also get a probe (`fcpass.plan.PROBES`), tested instead under ctl 3: the range after
+   Two regions also get a probe (`fcpass.contract.plan.PROBES`), tested instead under ctl 3: the range after
    the first block, the first block's residual (FBCache); the stack, block 0's modulated input
    (TeaCache), whose nodes then run before the stack's `If` rather than inside it (the stack is
    still one region; a skipped stack computes that one LayerNorm and modulation). Without a
    LayerNormalization reading the stream in block 0, the stack has no probe.
-4. The else-branch is the approximation of `fcpass.plan.APPROX_MIX` (`fcpass.passes.approximation`).
+4. The else-branch is the approximation of `fcpass.contract.plan.APPROX_MIX` (`fcpass.compiler.passes.approximation`).
 5. Declined: a region output that shape inference cannot type, and opsets below 13 (Unsqueeze and
    Slice take attributes there); both raise FcpassError naming the tensor or the opset.
 """
@@ -41,14 +41,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fcpass.discover import Block, BlockMap, boundary_of
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values, replace_node_groups
-from fcpass.passes.approximation import INPUT_COLUMNS, approximation_nodes
-from fcpass.passes.inline_gates import gate_name
-from fcpass.passes.motion_tokens import MergeOptions, MotionPass
-from fcpass.passes.token_cache import TokenOptions, TokenPass
-from fcpass.plan import (
+from fcpass.compiler.discover import Block, BlockMap, boundary_of
+from fcpass.compiler.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values, replace_node_groups
+from fcpass.compiler.passes.approximation import INPUT_COLUMNS, approximation_nodes
+from fcpass.compiler.passes.inline_gates import gate_name
+from fcpass.compiler.passes.motion_tokens import MergeOptions, MotionPass
+from fcpass.compiler.passes.token_cache import TokenPass
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import (
     CTL_INPUT,
     MIX_INPUT,
     MIX_WIDTH,
@@ -59,6 +59,7 @@ from fcpass.plan import (
     RegionSpec,
     StateSpec,
 )
+from fcpass.contract.tokens import TokenOptions
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class _Region:
     states_mod: list[StateSpec] = field(default_factory=list)
     probe_pairs: list[tuple[str, str]] = field(default_factory=list)  # head_residual: (region input, head input)
     probe_input: str | None = None  # modulated_input: the probed tensor
-    states_tok: list[StateSpec] = field(default_factory=list)  # token caching (fcpass.passes.token_cache)
+    states_tok: list[StateSpec] = field(default_factory=list)  # token caching (fcpass.compiler.passes.token_cache)
     states_kv: list[StateSpec] = field(default_factory=list)  # motion tokens' attention context (motion_tokens)
     direct: set[str] = field(default_factory=set)  # names of the states read directly off the graph's values
 
@@ -120,8 +121,8 @@ def insert_cache_regions(
     `taylor` adds each region's previous computed output to the state, which `taylor1` needs.
     `probes` adds FBCache's and TeaCache's statistics (case 3); without them a step that skips
     the stack costs a little less, and fbcache and teacache cannot run.
-    `tokens` compiles token-level caching into every block (`fcpass.passes.token_cache`);
-    `motion_ratio` FastCache's motion tokens into the stack (`fcpass.passes.motion_tokens`), or with
+    `tokens` compiles token-level caching into every block (`fcpass.compiler.passes.token_cache`);
+    `motion_ratio` FastCache's motion tokens into the stack (`fcpass.compiler.passes.motion_tokens`), or with
     `merge` its k-NN token merging at that ratio; `motion_context` lets the motion tokens attend to the
     other tokens' cached keys and values.
     """
@@ -640,7 +641,7 @@ class _Builder:
             helper.make_node("ReduceMin", [f"fc.{n}.okf"], [f"fc.{n}.allok"], keepdims=0),
             helper.make_node("Greater", [f"fc.{n}.allok", "fc.half"], [f"fc.{n}.pass"]),
             # force is false where the gate measures; the Or keeps the branch exact on its own, for
-            # back ends that measure at every step (`fcpass.passes.inline_gates`).
+            # back ends that measure at every step (`fcpass.compiler.passes.inline_gates`).
             helper.make_node("Or", [f"fc.{n}.force", f"fc.{n}.pass"], [f"fc.{n}.cond@gate"]),
         ]
         measure += [

@@ -2,11 +2,11 @@
 
 Written against TensorRT's documented Python API (TensorRT 10.x; 11.x differences noted):
 
-1. the static rules of `fcpass.trt_check` run first, so a graph TensorRT cannot build is refused
+1. the static rules of `fcpass.compiler.trt_check` run first, so a graph TensorRT cannot build is refused
    (with its first violation) before TensorRT is even imported;
 2. `tensorrt` is imported lazily; a missing package or a machine without a usable CUDA GPU (the
    `trt.Builder` cannot be created) is one FcpassError line naming what is missing;
-3. the graph's statistic gates are inlined (`fcpass.passes.inline_gates`: TensorRT would sync on
+3. the graph's statistic gates are inlined (`fcpass.compiler.passes.inline_gates`: TensorRT would sync on
    each), and `trt.OnnxParser.parse(model, path)` parses it with the file's path, so external
    weights next to the file resolve; parser errors become one FcpassError (the first error and the count);
 4. the builder config gets the workspace pool limit, the fp16/bf16 flag (removed in TensorRT 11,
@@ -14,7 +14,7 @@ Written against TensorRT's documented Python API (TensorRT 10.x; 11.x difference
    timing cache (loaded if the file exists, saved atomically after the build) and, if an input's
    axis 0 is dynamic, one optimization profile for batch 1..N (opt = max = N);
 5. `builder.build_serialized_network` builds the plan, which is deserialized once (`trt.Runtime`)
-   for the summary of its I/O tensors and written atomically with `fcpass.onnx_io.atomic_path`.
+   for the summary of its I/O tensors and written atomically with `fcpass.contract.onnx_io.atomic_path`.
 
 A segments folder (`fcpass optimize --lowering segments`) builds into a folder of engines
 (`build_segments`): every segment is checked first, then built in turn with the same options (and
@@ -25,7 +25,6 @@ atomically: a failed build leaves nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -35,20 +34,25 @@ from typing import Any
 
 import onnx
 
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import subgraphs
-from fcpass.onnx_io import atomic_dir, atomic_path, check_distinct, check_file_output, load_model
-from fcpass.passes.inline_gates import inline_gates
-from fcpass.passes.segments import MANIFEST, read_manifest, segment_files
-from fcpass.trt_check import check_graph
+from fcpass.compiler.passes.inline_gates import inline_gates
+from fcpass.compiler.trt_check import check_graph
+from fcpass.contract.engines import (
+    ENGINES_FOLDER,
+    ENGINES_FORMAT,
+    ENGINES_INDEX,
+    IOTensor,
+    engine_file,
+    import_tensorrt,
+    io_tensor,
+    is_engines_folder,
+    manifest_digest,
+)
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import atomic_dir, atomic_path, check_distinct, check_file_output, load_model, subgraphs
+from fcpass.contract.segments import read_manifest, segment_files
 
 log = logging.getLogger(__name__)
 
-NOT_INSTALLED = "TensorRT is not installed: pip install 'fcpass[trt]' (needs NVIDIA's package index and a GPU)"
-
-ENGINES_INDEX = "engines.json"
-ENGINES_FORMAT = "fcpass-tensorrt-segments"
-ENGINES_FOLDER = "a folder of fcpass engines (a segments folder builds into a folder)"
 
 
 @dataclass
@@ -59,14 +63,6 @@ class BuildOptions:
     workspace_mb: int | None = None
     batch: int = 2  # opt and max batch of the profile when axis 0 is dynamic
     verbose: bool = False
-
-
-@dataclass
-class IOTensor:
-    name: str
-    mode: str  # INPUT or OUTPUT
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass
@@ -129,7 +125,7 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
-        raise FcpassError(f"TensorRT built a plan for {model_path} but cannot load it; rerun with --verbose for details")
+        raise FcpassError(f"TensorRT built an engine for {model_path} but cannot load it; rerun with --verbose for details")
     io = [io_tensor(engine, i) for i in range(engine.num_io_tensors)]
 
     with atomic_path(output) as tmp:
@@ -158,18 +154,6 @@ def check_buildable(model_path: Path, listed_by: Path | None = None) -> onnx.Mod
 class SegmentsBuildSummary:
     output: Path
     engines: dict[str, BuildSummary]  # segment file -> its engine
-
-
-def engine_file(segment: str) -> str:
-    return segment.removesuffix(".onnx") + ".plan"
-
-
-def manifest_digest(segments: Path) -> str:
-    return hashlib.sha256((segments / MANIFEST).read_bytes()).hexdigest()
-
-
-def is_engines_folder(path: str | Path) -> bool:
-    return (Path(path) / ENGINES_INDEX).is_file()
 
 
 def build_segments(segments: str | Path, output: str | Path, options: BuildOptions) -> SegmentsBuildSummary:
@@ -203,34 +187,7 @@ def build_segments(segments: str | Path, output: str | Path, options: BuildOptio
     return SegmentsBuildSummary(output, built)
 
 
-def read_engines_index(engines: Path, segments: Path) -> dict[str, str]:
-    """segment file -> engine file, from an engines folder built from the segments folder `segments`."""
-    rebuild = f"fcpass build {segments} -o {engines}"
-    p = engines / ENGINES_INDEX
-    if not p.is_file():
-        raise FcpassError(f"{engines} is not a folder of engines built from a segments folder (no {ENGINES_INDEX}); "
-                          f"build one with {rebuild}")
-    try:
-        index = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise FcpassError(f"cannot read {p} ({type(exc).__name__}); rebuild the engines with {rebuild}") from None
-    if index.get("format") != ENGINES_FORMAT or index.get("format_version") != 1:
-        raise FcpassError(f"{p} is not an fcpass engines index of format 1; rebuild the engines with {rebuild}")
-    if index.get("manifest_sha256") != manifest_digest(segments):
-        raise FcpassError(f"the engines in {engines} were not built from {segments} (its manifest differs); "
-                          f"rebuild them with {rebuild}")
-    return dict(index["engines"])
-
-
 # --- steps -----------------------------------------------------------------------------------
-
-def import_tensorrt() -> ModuleType:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise FcpassError(NOT_INSTALLED) from None
-    return trt
-
 
 def create_builder(trt: ModuleType, logger: Any) -> Any:
     """`trt.Builder(logger)`; it fails (pybind11 returns nullptr) when CUDA cannot be initialised."""
@@ -312,20 +269,6 @@ def add_batch_profile(builder: Any, network: Any, config: Any, batch: int) -> bo
             profile.set_shape(t.name, (1, *rest), (batch, *rest), (batch, *rest))
     config.add_optimization_profile(profile)
     return True
-
-
-def io_tensor(engine: Any, index: int) -> IOTensor:
-    name = engine.get_tensor_name(index)
-    return IOTensor(
-        name=name,
-        mode=_enum_name(engine.get_tensor_mode(name)),
-        dtype=_enum_name(engine.get_tensor_dtype(name)),
-        shape=tuple(int(d) for d in engine.get_tensor_shape(name)),
-    )
-
-
-def _enum_name(value: Any) -> str:
-    return getattr(value, "name", None) or str(value).rsplit(".", 1)[-1]
 
 
 def count_conditionals(graph: onnx.GraphProto) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from fcpass import __version__
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 PLAN_KEY = "fcpass.plan"
 CTL_INPUT = "fc_ctl"  # int64 (R,): 0 compute, 1 skip, 2 decide in the graph (skip iff stat <= thr), 3 the same on the probe
@@ -24,13 +24,13 @@ THR_INPUT = "fc_thr"  # float32 (R,): thresholds on the statistic
 MIX_INPUT = "fc_mix"  # float32 (R, MIX_WIDTH): coefficients of the approximation, see APPROX_MIX
 STAT_OUTPUT = "fc_stat"  # float32 (R, B): per sample, the statistic each region was tested on (its probe under ctl 3)
 SKIP_OUTPUT = "fc_skip"  # float32 (R,): 1 skipped, 0 computed, -1 not reached (an enclosing region skipped)
-# Token-level caching (`fcpass.passes.token_cache`; only in graphs optimized with --tokens), one entry per
+# Token-level caching (`fcpass.compiler.passes.token_cache`; only in graphs optimized with --tokens), one entry per
 # block: 0 full (the original nodes; token caches, V-norm scores and counters refreshed), 1 conservative
 # (self-attention reused, token-local branches on their top-k tokens), 2 conservative with attention computed.
 TOK_INPUT = "fc_tok"  # int64 (blocks,)
 TOK_FULL, TOK_CONSERVATIVE, TOK_LOCAL_ONLY = 0, 1, 2
 TOK_ANY = "fc.tok.sel.any"  # the condition of the If that selects every block's tokens: some block is not full
-# FastCache's motion tokens (`fcpass.passes.motion_tokens`; only in graphs optimized with --motion-ratio):
+# FastCache's motion tokens (`fcpass.compiler.passes.motion_tokens`; only in graphs optimized with --motion-ratio):
 # 1 runs a computing stack on its k most salient tokens, the others approximated; 0 runs it whole.
 MOTION_INPUT = "fc_motion"  # int64 scalar
 TOK_RAND_INPUT = "fc_tok_rand"  # float32 (blocks, N): the host's seeded token scores, with --token-score random
@@ -120,7 +120,7 @@ class RegionSpec:
 
     @property
     def region_set(self) -> str:
-        """The region set it belongs to (`fcpass.passes.cache_regions.REGION_SETS`): blocks, tail or stack."""
+        """The region set it belongs to (`fcpass.compiler.passes.cache_regions.REGION_SETS`): blocks, tail or stack."""
         return "blocks" if self.name.startswith("block") else self.name
 
 

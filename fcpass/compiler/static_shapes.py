@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import onnx
 
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs, param_count
+from fcpass.compiler.graphinfo import GraphIndex, graph_macs, param_count
+from fcpass.contract.errors import FcpassError
 
 log = logging.getLogger(__name__)
 

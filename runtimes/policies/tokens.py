@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fcpass.errors import FcpassError
-from fcpass.passes.token_cache import TokenOptions
-from fcpass.plan import APPROX_MIX, CTL_SKIP, TOK_CONSERVATIVE, TOK_LOCAL_ONLY, CachePlan
-from runtimes.policies import CONFIGS, POLICIES, Policy, StepControls, taylor1_mix
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import APPROX_MIX, CTL_SKIP, TOK_CONSERVATIVE, TOK_LOCAL_ONLY, CachePlan
+from fcpass.contract.tokens import TokenOptions
+from runtimes.policies.core import Policy, StepControls, taylor1_mix
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,3 @@ class ToCa(DuCa):
 
     def __init__(self, config: ToCaConfig | None = None) -> None:
         super().__init__(config or ToCaConfig())
-
-
-# Registered here (runtimes.policies imports this module at its end), so both import orders work.
-POLICIES.update({"duca": DuCa, "toca": ToCa})
-CONFIGS.update({"duca": DuCaConfig, "toca": ToCaConfig})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import onnx
 
-from fcpass.graphinfo import subgraphs, tensor_nbytes
+from fcpass.contract.onnx_io import subgraphs, tensor_nbytes
 
 # Above this many bytes of weights inside If branches a compiled graph is saved with its weights in
 # external data: ONNX Runtime holds a weight stored inline in a branch several times over (DiT-S/2,

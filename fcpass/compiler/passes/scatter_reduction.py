@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx
 
-from fcpass.graphinfo import subgraphs
+from fcpass.contract.onnx_io import subgraphs
 
 SCATTERS = ("ScatterND", "ScatterElements")
 

@@ -6,7 +6,7 @@ copy a row per index, where GatherElements / ScatterElements need the index expa
 element and address each element on its own: on ONNX Runtime's CPU kernels the row form is about
 five times faster at DiT-S/2's (2, 256, 384) with k = 32, and TensorRT runs both ops natively
 (ScatterND with no `reduction`). One index for both ops means a slice of a batched selection's rows
-is ready to use as it is (`fcpass.passes.token_cache.TokenPass.select_all`).
+is ready to use as it is (`fcpass.compiler.passes.token_cache.TokenPass.select_all`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ With `--motion-ratio rho` the stack's compute branch becomes `If(fc_motion, moti
 - full: the original nodes (with their nested regions), exactly as without motion tokens;
 - motion: per token j the saliency s_j = ||X_j - X_j_ref||^2 of the stack input against its value
   when token j was last computed; the k = ceil(rho N) most salient tokens are gathered (TopK +
-  GatherND, `fcpass.token_rows`) and run through every block specialised to k tokens (`fcpass.token_axis`, mixing
+  GatherND, `fcpass.compiler.token_rows`) and run through every block specialised to k tokens (`fcpass.compiler.token_axis`, mixing
   mode: attention runs among those k tokens, as FastCache's transformer does); every token takes the
   stack's approximation (the host's fc_mix row, e.g. the fitted `linear`) and the k computed outputs
   are scattered over it (ScatterND). Shapes are static throughout.
@@ -46,17 +46,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from fcpass.branches import find_branches
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, node_inputs, node_macs, node_outputs, rename_values
-from fcpass.passes.approximation import approximation_nodes
-from fcpass.plan import MOTION_INPUT, StateSpec
-from fcpass.token_axis import Axes, clone_on_tokens
-from fcpass.token_rows import TokenRows
+from fcpass.compiler.branches import find_branches
+from fcpass.compiler.graphinfo import GraphIndex, node_inputs, node_macs, node_outputs, rename_values
+from fcpass.compiler.passes.approximation import approximation_nodes
+from fcpass.compiler.token_axis import Axes, clone_on_tokens
+from fcpass.compiler.token_rows import TokenRows
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import MOTION_INPUT, StateSpec
 
 if TYPE_CHECKING:
-    from fcpass.discover import Block
-    from fcpass.passes.cache_regions import _Builder, _Region
+    from fcpass.compiler.discover import Block
+    from fcpass.compiler.passes.cache_regions import _Builder, _Region
 
 TOPK_MAX = 3840  # TensorRT's TopK limit
 
@@ -74,7 +74,7 @@ class MergeOptions:
 
 
 class MotionPass:
-    """Builds the stack's motion branch; `fcpass.passes.cache_regions` calls `wrap` while it builds."""
+    """Builds the stack's motion branch; `fcpass.compiler.passes.cache_regions` calls `wrap` while it builds."""
 
     def __init__(self, builder: _Builder, index: GraphIndex, stack: _Region, ratio: float, latent: str,
                  merge: MergeOptions | None = None, context: list[Block] | None = None) -> None:

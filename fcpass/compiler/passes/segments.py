@@ -52,19 +52,17 @@ import onnx
 from onnx import helper
 
 from fcpass import __version__
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import infer_shapes, node_inputs, rename_values, subgraphs
-from fcpass.onnx_io import atomic_dir, check_dir_output, save_model
-from fcpass.passes.inline_gates import inline_gates
-from fcpass.plan import PLAN_KEY
+from fcpass.compiler.graphinfo import infer_shapes, node_inputs, rename_values
+from fcpass.compiler.passes.inline_gates import inline_gates
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.onnx_io import atomic_dir, check_dir_output, save_model, subgraphs
+from fcpass.contract.plan import PLAN_KEY
+from fcpass.contract.segments import FORMAT, FORMAT_VERSION, MANIFEST, is_segments_artefact
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "fcpass.segments"
-FORMAT_VERSION = 1
 LOWERINGS = ("if", "segments")
-_REGION_IF = re.compile(r"^fc/(.+)/If$")  # the If node names of fcpass.passes.cache_regions
+_REGION_IF = re.compile(r"^fc/(.+)/If$")  # the If node names of fcpass.compiler.passes.cache_regions
 
 
 # --- the step program --------------------------------------------------------------------------
@@ -84,7 +82,7 @@ class Segment:
 
 
 @dataclass
-class Branch:
+class BranchStep:
     """A lowered If: run `then` if the value `cond` is true, else `orelse`; both define `outputs`."""
 
     region: str | None
@@ -94,7 +92,7 @@ class Branch:
     orelse: list[Step]
 
 
-Step = Segment | Branch
+Step = Segment | BranchStep
 
 
 @dataclass
@@ -109,7 +107,7 @@ class Lowered:
 def _walk(steps: list[Step]) -> list[Segment]:
     out: list[Segment] = []
     for s in steps:
-        if isinstance(s, Branch):
+        if isinstance(s, BranchStep):
             out += _walk(s.then) + _walk(s.orelse)
         else:
             out.append(s)
@@ -134,7 +132,7 @@ class _Scope:
 
 def lower_to_segments(model: onnx.ModelProto) -> Lowered:
     """Lower every If of `model` (an fcpass cache-aware graph, or any graph) to host-chosen segments;
-    statistic gates are inlined first (`fcpass.passes.inline_gates`), not lowered."""
+    statistic gates are inlined first (`fcpass.compiler.passes.inline_gates`), not lowered."""
     model = inline_gates(model)
     g = model.graph
     if g.sparse_initializer:
@@ -195,7 +193,7 @@ def _has_nested_if(node: onnx.NodeProto) -> bool:
     return any(n.op_type == "If" or _has_nested_if(n) for g in subgraphs(node) for n in g.node)
 
 
-def _lower_if(node: onnx.NodeProto, scope: _Scope, counter: _Counter) -> Branch:
+def _lower_if(node: onnx.NodeProto, scope: _Scope, counter: _Counter) -> BranchStep:
     match = _REGION_IF.match(node.name)
     region = match.group(1) if match else None
     base = region or f"if{counter.next()}"
@@ -204,7 +202,7 @@ def _lower_if(node: onnx.NodeProto, scope: _Scope, counter: _Counter) -> Branch:
     then_label, else_label = (f"{base}.approx", f"{base}.compute") if region else (f"{base}.then", f"{base}.else")
     then = _lower_branch(graphs["then_branch"], list(node.output), scope, then_label, counter)
     orelse = _lower_branch(graphs["else_branch"], list(node.output), scope, else_label, counter)
-    return Branch(region, node.input[0], [o for o in node.output if o], then, orelse)
+    return BranchStep(region, node.input[0], [o for o in node.output if o], then, orelse)
 
 
 def _lower_branch(graph: onnx.GraphProto, targets: list[str], scope: _Scope, label: str, counter: _Counter) -> list[Step]:
@@ -248,7 +246,7 @@ def _liveness(steps: list[Step], needed: set[str]) -> set[str]:
     """Fix each segment's outputs (what later steps read) and drop dead nodes; return what `steps` read."""
     needed = set(needed)
     for step in reversed(steps):
-        if isinstance(step, Branch):
+        if isinstance(step, BranchStep):
             outs = [o for o in step.outputs if o in needed]
             step.outputs = outs
             reads_then = _liveness(step.then, set(outs))
@@ -296,7 +294,7 @@ def _type_steps(steps: list[Step], types: dict[str, onnx.TypeProto], known: dict
                 source: onnx.ModelProto) -> None:
     """Build each segment's model, typing its inputs from earlier steps and its outputs by inference."""
     for step in steps:
-        if isinstance(step, Branch):
+        if isinstance(step, BranchStep):
             t_then, t_else = dict(types), dict(types)
             _type_steps(step.then, t_then, known, source)
             _type_steps(step.orelse, t_else, known, source)
@@ -367,7 +365,7 @@ def _name_files(steps: list[Step]) -> None:
 
 
 def _count_branches(steps: list[Step]) -> int:
-    return sum(1 + _count_branches(s.then) + _count_branches(s.orelse) for s in steps if isinstance(s, Branch))
+    return sum(1 + _count_branches(s.then) + _count_branches(s.orelse) for s in steps if isinstance(s, BranchStep))
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -385,7 +383,7 @@ def _value_json(v: onnx.ValueInfoProto) -> dict[str, Any]:
 def _steps_json(steps: list[Step]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for s in steps:
-        if isinstance(s, Branch):
+        if isinstance(s, BranchStep):
             roles = ("approx", "compute") if s.region else ("then", "else")
             out.append({"kind": "branch", "region": s.region, "cond": s.cond, "outputs": s.outputs,
                         "then": {"role": roles[0], "steps": _steps_json(s.then)},
@@ -417,53 +415,6 @@ def manifest_json(lowered: Lowered) -> dict[str, Any]:
 
 
 # --- the artefact on disk ------------------------------------------------------------------------
-
-def is_segments_artefact(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / MANIFEST).is_file()
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise FcpassError(f"cannot read {p} ({type(exc).__name__}); re-run fcpass optimize --lowering segments") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise FcpassError(f"{p} is not an fcpass segments manifest of format {FORMAT_VERSION}; "
-                          "re-run fcpass optimize --lowering segments")
-    return manifest
-
-
-def segment_files(manifest: dict[str, Any]) -> list[str]:
-    """Every segment file of the manifest's step program, in program order."""
-    def walk(steps: list[dict[str, Any]]) -> list[str]:
-        out: list[str] = []
-        for s in steps:
-            if s["kind"] == "segment":
-                out.append(s["file"])
-            elif s["kind"] == "branch":
-                out += walk(s["then"]["steps"]) + walk(s["else"]["steps"])
-        return out
-
-    return walk(manifest["steps"])
-
-
-def interface_model(manifest: dict[str, Any]) -> onnx.ModelProto:
-    """A node-less model with the If graph's inputs, outputs and metadata (for roles and the plan)."""
-    def vi(v: dict[str, Any]) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(v["name"], v["elem_type"], v["shape"])
-
-    graph = helper.make_graph([], "interface", [vi(v) for v in manifest["inputs"]], [vi(v) for v in manifest["outputs"]])
-    model = helper.make_model(graph)
-    for key, value in manifest.get("metadata", {}).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    if manifest.get("plan") is not None:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = PLAN_KEY, json.dumps(manifest["plan"])
-    return model
-
 
 def check_lowering(lowering: str) -> None:
     if lowering not in LOWERINGS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from fcpass.graphinfo import infer_shapes
+from fcpass.compiler.graphinfo import infer_shapes
 
 
 def rewrite_bool_where(model: onnx.ModelProto) -> int:

@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import onnx
 
-from fcpass.graphinfo import node_inputs, rename_values, subgraphs
+from fcpass.compiler.graphinfo import node_inputs, rename_values
+from fcpass.contract.onnx_io import subgraphs
 
 _GATE = re.compile(r"^fc/(.+)/gate$")
 

@@ -3,7 +3,7 @@
 DuCa's / ToCa's conservative step, compiled: the self-attention branch output (before its adaLN
 gate) is reused from the cache, and every token-local branch (MLP, cross-attention) runs only on
 the top-k tokens of its input, gathered with TopK + GatherND, and is scattered (ScatterND) into
-its cached output (`fcpass.token_rows`). k is static per (block, branch), so every shape is.
+its cached output (`fcpass.compiler.token_rows`). k is static per (block, branch), so every shape is.
 
 Invariant: with `fc_tok` all 0 the block runs exactly its original nodes (the else-branch), so the
 outputs equal the original model's; the state outputs are then the true branch outputs, the
@@ -12,7 +12,7 @@ step's token-local branch equals the full branch at the same input (TopK only pe
 tokens); with k = 0 it is the cached branch output.
 
 Cases:
-1. A block takes part iff `fcpass.branches.find_branches` splits it; otherwise the pass declines
+1. A block takes part iff `fcpass.compiler.branches.find_branches` splits it; otherwise the pass declines
    with its explanation (FcpassError), as it does for a block outside every cache region and for
    opsets below 18 (the reductions take their axes as inputs there).
 2. The control `fc_tok` (int64, one per block) selects per step: 0 full (the original nodes; the
@@ -38,7 +38,7 @@ Cases:
 5. Skipped enclosing regions pass the token state through unchanged (a skipped step recomputes no
    token; counters then count conservative steps, which only shifts every token's score alike).
 6. Shape constants that carry N in a token-local branch (a Reshape to (B, N, H, d)) are rewritten to k,
-   found by following the token axis through the branch (`fcpass.token_axis`); an op that mixes
+   found by following the token axis through the branch (`fcpass.compiler.token_axis`); an op that mixes
    tokens, or that the follower does not know, declines with FcpassError naming the node.
 """
 
@@ -54,11 +54,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from fcpass.branches import BlockBranches, Branch, find_branches
-from fcpass.discover import BlockMap
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex, graph_macs, node_inputs, replace_node_groups
-from fcpass.plan import (
+from fcpass.compiler.branches import BlockBranches, Branch, find_branches
+from fcpass.compiler.discover import BlockMap
+from fcpass.compiler.graphinfo import GraphIndex, graph_macs, node_inputs, replace_node_groups
+from fcpass.compiler.token_axis import clone_node, clone_on_tokens
+from fcpass.compiler.token_rows import TokenRows, with_samples
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import (
     TOK_ANY,
     TOK_CONSERVATIVE,
     TOK_FULL,
@@ -68,11 +70,10 @@ from fcpass.plan import (
     StateSpec,
     tok_condition,
 )
-from fcpass.token_axis import clone_node, clone_on_tokens
-from fcpass.token_rows import TokenRows, with_samples
+from fcpass.contract.tokens import TokenOptions
 
 if TYPE_CHECKING:
-    from fcpass.passes.cache_regions import _Builder, _Region
+    from fcpass.compiler.passes.cache_regions import _Builder, _Region
 
 log = logging.getLogger(__name__)
 
@@ -81,34 +82,6 @@ SCORES = ("vnorm", "attention", "saliency", "random")
 STORED_SCORES = ("vnorm", "attention")
 TOPK_MAX = 3840  # TensorRT's TopK limit
 SELECTED_ROWS = "fc.tok.sel.rows"  # the batched selection's (B, S * kmax, 2) rows (`TokenPass.select_all`)
-
-
-@dataclass
-class TokenOptions:
-    """What the token mechanism compiles; the ratio schedule fixes every k (ALGORITHMS 3).
-
-    k = round(r N) per (block, token-local branch), r = ratio * f(layer) * local_factor with
-    f(idx) = 1 + w - 2 w idx / max_idx. `k` (tests) overrides every k with one number.
-    score: one of SCORES (module docstring, case 3); `attention` needs unfused self-attention.
-    counter_weight multiplies the per-token counters (DuCa: 0.25 / n with interval n = 3);
-    spatial_bonus goes to the best token of every grid x grid cell (0 disables it).
-    """
-
-    ratio: float = 0.05
-    layer_weight: float = -0.2
-    local_factor: float = 2.5
-    score: str = "vnorm"
-    counter_weight: float = 0.25 / 3
-    spatial_bonus: float = 0.8
-    grid: int = 2
-    k: int | None = None
-    schedule: str = "duca"
-
-    def k_for(self, layer: int, layers: int, tokens: int) -> int:
-        if self.k is not None:
-            return max(0, min(self.k, tokens))
-        f = 1.0 + self.layer_weight - 2.0 * self.layer_weight * layer / (layers - 1) if layers > 1 else 1.0
-        return max(0, min(tokens, round(self.ratio * f * self.local_factor * tokens)))
 
 
 @dataclass
@@ -127,7 +100,7 @@ class _TokBlock:
 
 
 class TokenPass:
-    """Builds the token `If` of every block; `fcpass.passes.cache_regions` calls it while it builds.
+    """Builds the token `If` of every block; `fcpass.compiler.passes.cache_regions` calls it while it builds.
 
     `add_state(region)` adds the token state of the blocks whose innermost region is `region`;
     `rewrite(body, region)` replaces those blocks' nodes in the region's compute branch by their `If`.
@@ -276,7 +249,7 @@ class TokenPass:
         """Main-graph nodes that give every block its token If's condition (not full) and its attention
         If's (conservative), one-element tensors: one compare and one Split each for all blocks, as
         ONNX Runtime pays microseconds for every node a step runs. The host knows both from fc_tok
-        (`fcpass.plan.token_conditions`): keep them in step."""
+        (`fcpass.contract.plan.token_conditions`): keep them in step."""
         if not self.blocks:
             return []
         ones = self.builder.const("fc.tok.split", np.ones(len(self.blocks), np.int64))
@@ -300,7 +273,7 @@ class TokenPass:
         step and selects in the branch (returns no nodes), as do blocks of unequal batch or tokens.
         Output SELECTED_ROWS (B, S * kmax, 2): every branch's (sample, token) rows, slot j's kmax at
         [j kmax, (j + 1) kmax), so that a branch's rows are one Slice.
-        The If's condition, like the blocks' token Ifs', is a function of fc_tok (`fcpass.plan.token_conditions`).
+        The If's condition, like the blocks' token Ifs', is a function of fc_tok (`fcpass.contract.plan.token_conditions`).
         """
         sel = [(tb, br.position, tb.ks[br.position]) for tb in self.blocks for br in tb.split.local()
                if tb.ks[br.position] > 0]

@@ -14,13 +14,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 from google.protobuf.message import EncodeError
-from onnx import shape_inference
+from onnx import helper, shape_inference
 
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import initializer_tensors, tensor_nbytes, weightless
+from fcpass.contract.errors import FcpassError
 
 log = logging.getLogger(__name__)
 
@@ -258,3 +259,80 @@ def replace_marked_block(path: Path, text: str, start: str, end: str) -> None:
     head, rest = old.split(start, 1)
     with atomic_path(path, suffix=path.suffix or ".txt") as tmp:
         tmp.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
+
+
+# --- walking a model's weights ---------------------------------------------------------------
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds as attributes (If's branches, Loop's and Scan's bodies)."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+# A weight this large is never a shape or an axis, the only tensor values shape inference reads.
+_WEIGHTLESS_MIN_BYTES = 2**20
+WEIGHTLESS = "fcpass:weightless"
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large weights hold no data, marked external as a model loaded without its
+    external data is.
+
+    Shape inference serialises the whole model, and protobuf cannot serialise one over 2 GB (a
+    DiT-XL/2 with its weights); without them the graph is a few MB. The main graph's large weights
+    are never copied; those in subgraphs (a compiled graph's) are copied with their nodes, then dropped.
+    """
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field.name, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(light.graph, field.name, value)
+    for t in model.graph.initializer:
+        if _large(t):
+            _stub(light.graph.initializer.add(), t)
+        else:
+            light.graph.initializer.add().CopyFrom(t)
+    for t in initializer_tensors(light):
+        if _large(t):
+            t.ClearField("raw_data")
+            _stub(t, t)
+    return light
+
+
+def _large(t: onnx.TensorProto) -> bool:
+    return t.HasField("raw_data") and tensor_nbytes(t) >= _WEIGHTLESS_MIN_BYTES
+
+
+def _copy_field(dst: Any, name: str, value: Any) -> None:
+    target = getattr(dst, name)
+    if hasattr(target, "extend"):
+        target.extend(value)
+    elif hasattr(target, "CopyFrom"):
+        target.CopyFrom(value)
+    else:
+        setattr(dst, name, value)
+
+
+def _stub(stub: onnx.TensorProto, t: onnx.TensorProto) -> None:
+    """Make `stub` `t` without data: its name, type and shape, its data marked external."""
+    if stub is not t:
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    stub.external_data.add(key="location", value=WEIGHTLESS)
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """A tensor's data size from its shape and type (reading `raw_data` or `ByteSize` copies the data)."""
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def initializer_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer of `model`, in the main graph and in every subgraph."""
+    def walk(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from g.initializer
+        for n in g.node:
+            for sub in subgraphs(n):
+                yield from walk(sub)
+    return walk(model.graph)

@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 TARGETS = ("tensorrt",)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from fcpass.static_shapes import fix_dims, needs_resolving, resolve_static_shapes, static_dims
+from fcpass.compiler.static_shapes import fix_dims, needs_resolving, resolve_static_shapes, static_dims
+from fcpass.contract.onnx_io import WEIGHTLESS, initializer_tensors, subgraphs, weightless
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,6 @@ class GraphIndex:
         return seen
 
 
-def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs a node holds as attributes (If's branches, Loop's and Scan's bodies)."""
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
-
-
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """A node's inputs, including the outer-scope names its subgraphs (If, Loop, Scan) read."""
     names = [i for i in node.input if i]
@@ -129,7 +125,7 @@ def _outer_names(graph: onnx.GraphProto) -> list[str]:
 
 def infer_shapes(model: onnx.ModelProto, weights: bool = True) -> onnx.ModelProto:
     """A copy of `model` with the shapes ONNX shape inference finds, resolved to numbers where the inputs
-    are static (`fcpass.static_shapes`); `model` itself where inference fails. Without `weights`, the
+    are static (`fcpass.compiler.static_shapes`); `model` itself where inference fails. Without `weights`, the
     copy's large weights hold no data (enough to read its types)."""
     light = weightless(model)
     try:
@@ -142,45 +138,13 @@ def infer_shapes(model: onnx.ModelProto, weights: bool = True) -> onnx.ModelProt
     if weights:
         full = {t.name: t for t in initializer_tensors(model)}
         for t in initializer_tensors(inferred):
-            if any(e.value == _WEIGHTLESS for e in t.external_data):
+            if any(e.value == WEIGHTLESS for e in t.external_data):
                 t.CopyFrom(full[t.name])
     return inferred
 
 
-# A weight this large is never a shape or an axis, the only tensor values shape inference reads.
-_WEIGHTLESS_MIN_BYTES = 2**20
-_WEIGHTLESS = "fcpass:weightless"
-
-
-def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose large weights hold no data, marked external as a model loaded without its
-    external data is.
-
-    Shape inference serialises the whole model, and protobuf cannot serialise one over 2 GB (a
-    DiT-XL/2 with its weights); without them the graph is a few MB. The main graph's large weights
-    are never copied; those in subgraphs (a compiled graph's) are copied with their nodes, then dropped.
-    """
-    light = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(light, field.name, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(light.graph, field.name, value)
-    for t in model.graph.initializer:
-        if _large(t):
-            _stub(light.graph.initializer.add(), t)
-        else:
-            light.graph.initializer.add().CopyFrom(t)
-    for t in initializer_tensors(light):
-        if _large(t):
-            t.ClearField("raw_data")
-            _stub(t, t)
-    return light
-
-
 def sized(model: onnx.ModelProto, dims: dict[str, int], batch: int | None) -> onnx.ModelProto:
-    """A weightless copy of `model` with its dynamic axes fixed (`fcpass.static_shapes.fix_dims`): enough
+    """A weightless copy of `model` with its dynamic axes fixed (`fcpass.compiler.static_shapes.fix_dims`): enough
     to type it and count its MACs."""
     light = weightless(model)
     fix_dims(light, dims, batch)
@@ -227,44 +191,6 @@ def settle_outputs(model: onnx.ModelProto) -> None:
     for o in model.graph.output:
         if o.name in open_axes and o.name in inferred and static_dims(inferred[o.name]):
             o.type.CopyFrom(inferred[o.name].type)
-
-
-def _large(t: onnx.TensorProto) -> bool:
-    return t.HasField("raw_data") and tensor_nbytes(t) >= _WEIGHTLESS_MIN_BYTES
-
-
-def _copy_field(dst: Any, name: str, value: Any) -> None:
-    target = getattr(dst, name)
-    if hasattr(target, "extend"):
-        target.extend(value)
-    elif hasattr(target, "CopyFrom"):
-        target.CopyFrom(value)
-    else:
-        setattr(dst, name, value)
-
-
-def _stub(stub: onnx.TensorProto, t: onnx.TensorProto) -> None:
-    """Make `stub` `t` without data: its name, type and shape, its data marked external."""
-    if stub is not t:
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.extend(t.dims)
-    stub.data_location = onnx.TensorProto.EXTERNAL
-    stub.external_data.add(key="location", value=_WEIGHTLESS)
-
-
-def tensor_nbytes(t: onnx.TensorProto) -> int:
-    """A tensor's data size from its shape and type (reading `raw_data` or `ByteSize` copies the data)."""
-    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-
-
-def initializer_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every initializer of `model`, in the main graph and in every subgraph."""
-    def walk(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-        yield from g.initializer
-        for n in g.node:
-            for sub in subgraphs(n):
-                yield from walk(sub)
-    return walk(model.graph)
 
 
 def _numel(shape: tuple | None) -> int | None:

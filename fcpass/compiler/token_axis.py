@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex
+from fcpass.compiler.graphinfo import GraphIndex
+from fcpass.contract.errors import FcpassError
 
 Axes = frozenset[int]
 ConstFn = Callable[[str, np.ndarray], str]

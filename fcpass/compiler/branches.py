@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from fcpass.discover import Block
-from fcpass.errors import FcpassError
-from fcpass.graphinfo import GraphIndex
+from fcpass.compiler.discover import Block
+from fcpass.compiler.graphinfo import GraphIndex
+from fcpass.contract.errors import FcpassError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A skipped region's output from its cache state and the host's mix row (`fcpass.plan.APPROX_MIX`).
+"""A skipped region's output from its cache state and the host's mix row (`fcpass.contract.plan.APPROX_MIX`).
 
 With d = H - H_ref, the general form (right for every row) is
 
@@ -7,7 +7,7 @@ With d = H - H_ref, the general form (right for every row) is
 
 Invariant: the nodes compute that value for every mix row. ONNX Runtime runs every node of an `If`
 branch it takes, so a step runs only the terms its row uses. Gates (`inline_gates.gate_name`: `If`s
-whose then-branch is the general form; `fcpass.passes.inline_gates` keeps only that one for TensorRT
+whose then-branch is the general form; `fcpass.compiler.passes.inline_gates` keeps only that one for TensorRT
 and the segments lowering) pick a form by the row's coefficients:
 
 1. m_res, m_lin and m_aff zero (`reuse`, `taylor1`): the extrapolated O_ref alone; no pass over H.
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 import onnx
 from onnx import TensorProto, helper
 
-from fcpass.passes.inline_gates import gate_name
-from fcpass.plan import MIX_INPUT
+from fcpass.compiler.passes.inline_gates import gate_name
+from fcpass.contract.plan import MIX_INPUT
 
 if TYPE_CHECKING:
-    from fcpass.passes.cache_regions import _Builder, _Region
+    from fcpass.compiler.passes.cache_regions import _Builder, _Region
 
 MIX_COLUMNS = ("mres", "mlin", "mtay", "maff")  # the columns of fc_mix (plan.APPROX_MIX)
 INPUT_COLUMNS = [MIX_COLUMNS.index(c) for c in ("mres", "mlin", "maff")]  # the terms that read H (fc.cols_input)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fcpass.errors import FcpassError
+from fcpass.contract.errors import FcpassError
 
 if TYPE_CHECKING:  # the command line reads ROLES for its help before any command needs onnx
     import onnx

@@ -1,0 +1,68 @@
+"""The segments artefact's format: a folder of If-free segment graphs and `manifest.json`, its step program.
+
+Written by the segments lowering (`fcpass.compiler.passes.segments`) and read by the runtimes that run it
+(`runtimes.segments`, `runtimes.trt_segments`) and by the engine build.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from fcpass.contract.errors import FcpassError
+from fcpass.contract.plan import PLAN_KEY
+
+MANIFEST = "manifest.json"
+FORMAT = "fcpass.segments"
+FORMAT_VERSION = 1
+
+
+def is_segments_artefact(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST).is_file()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise FcpassError(f"cannot read {p} ({type(exc).__name__}); re-run fcpass optimize --lowering segments") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise FcpassError(f"{p} is not an fcpass segments manifest of format {FORMAT_VERSION}; "
+                          "re-run fcpass optimize --lowering segments")
+    return manifest
+
+
+def segment_files(manifest: dict[str, Any]) -> list[str]:
+    """Every segment file of the manifest's step program, in program order."""
+    def walk(steps: list[dict[str, Any]]) -> list[str]:
+        out: list[str] = []
+        for s in steps:
+            if s["kind"] == "segment":
+                out.append(s["file"])
+            elif s["kind"] == "branch":
+                out += walk(s["then"]["steps"]) + walk(s["else"]["steps"])
+        return out
+
+    return walk(manifest["steps"])
+
+
+def interface_model(manifest: dict[str, Any]) -> onnx.ModelProto:
+    """A node-less model with the If graph's inputs, outputs and metadata (for roles and the plan)."""
+    def vi(v: dict[str, Any]) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(v["name"], v["elem_type"], v["shape"])
+
+    graph = helper.make_graph([], "interface", [vi(v) for v in manifest["inputs"]], [vi(v) for v in manifest["outputs"]])
+    model = helper.make_model(graph)
+    for key, value in manifest.get("metadata", {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    if manifest.get("plan") is not None:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = PLAN_KEY, json.dumps(manifest["plan"])
+    return model
