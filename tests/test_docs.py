@@ -12,7 +12,7 @@ says how the test runs it, and nothing else does:
     <!-- test: skip (needs a GPU) -->       not run; the reason is required and reported
 
 `fcpass ...` runs in this process (`fcpass.cli.main`), `python FILE ...` in a subprocess of this
-interpreter with this checkout first on its path; `pip install` is checked, not run: every extra it
+interpreter with this checkout first on its path, `mkdir -p` as itself; `pip install` is checked, not run: every extra it
 names exists in pyproject.toml and every package it names is one pyproject.toml depends on. Anything
 else is an error naming the block, so a new kind of command is a decision, not a silent skip.
 The README's first block, the main job, runs exactly as written, with no overrides.
@@ -25,6 +25,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,9 @@ def run_command(argv: list[str], where: str, cwd: Path) -> None:
     shown = shlex.join(argv)
     if argv[:2] == ["pip", "install"]:
         check_pip_install(argv, where)
+    elif argv[:2] == ["mkdir", "-p"]:
+        for name in argv[2:]:
+            (cwd / name).mkdir(parents=True, exist_ok=True)
     elif argv[0] == "fcpass":
         assert main(argv[1:]) == 0, f"{where}: `{shown}` failed"
     elif argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"):
@@ -143,7 +147,7 @@ def run_command(argv: list[str], where: str, cwd: Path) -> None:
                               timeout=SUBPROCESS_TIMEOUT_S)
         assert done.returncode == 0, f"{where}: `{shown}` exited {done.returncode}:\n{done.stderr[-3000:]}"
     else:
-        pytest.fail(f"{where}: `{shown}`: the docs test runs fcpass, python FILE.py and pip install; "
+        pytest.fail(f"{where}: `{shown}`: the docs test runs fcpass, python FILE.py, mkdir -p and pip install; "
                     "mark anything else `<!-- test: skip (REASON) -->`")
 
 
@@ -155,7 +159,10 @@ def run_blocks(blocks: list[Block], cwd: Path) -> dict[str, int]:
             print(f"skipped {block.where()} ({block.skip}): " + "; ".join(map(shlex.join, block.commands)))
             continue
         for argv in block.commands:
-            run_command(argv + block.extra if argv[:2] != ["pip", "install"] else argv, block.where(), cwd)
+            plain = argv[:2] in (["pip", "install"], ["mkdir", "-p"])
+            start = time.perf_counter()
+            run_command(argv if plain else argv + block.extra, block.where(), cwd)
+            print(f"{time.perf_counter() - start:6.1f} s  {block.where()}  {shlex.join(argv[:3])}")
             counts["overridden" if block.extra else "run"] += 1
     return counts
 
@@ -168,7 +175,7 @@ def test_every_block_parses_and_says_how_it_runs() -> None:
             if block.skip:
                 continue
             for argv in block.commands:
-                known = argv[:2] == ["pip", "install"] or argv[0] == "fcpass" or (
+                known = argv[:2] in (["pip", "install"], ["mkdir", "-p"]) or argv[0] == "fcpass" or (
                     argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"))
                 assert known, f"{block.where()}: `{shlex.join(argv)}` needs `<!-- test: skip (REASON) -->`"
 
