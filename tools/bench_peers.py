@@ -1,6 +1,6 @@
 """fcpass's policies against diffusers' own cache hooks on the bundled digits DiT, in one run.
 
-    python tools/bench_peers.py --readme README.md --plot docs/peers.png
+    python tools/bench_peers.py --readme docs/benchmarks.md --plot docs/peers.png
 
 Both sides draw the same samples (classes 0..9 cycled, the same seeds), with the same numpy
 scheduler (the bundled DDIM, or `--scheduler-config`), guidance and host loop (`runtimes.sampler.sample`): fcpass's compiled graphs on ONNX
