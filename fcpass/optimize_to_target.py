@@ -21,8 +21,8 @@ from typing import Any
 from fcpass import tune
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.onnx_io import check_distinct, check_file_output, load_model
-from fcpass.optimize import OptimizeOptions, optimize, save_compiled
 from fcpass.contract.plan import CachePlan, read_plan, write_plan
+from fcpass.optimize import OptimizeOptions, optimize, save_compiled
 from fcpass.policy_graph import graph_for
 from fcpass.sampling import SamplingSetup, load_denoiser
 from fcpass.search import SEARCH_SEED
@@ -57,9 +57,10 @@ class SearchOptions:
             raise FcpassError(f"--target-psnr {self.target_psnr} must be a finite number of dB, e.g. 30")
 
 
-def search_setup(setup: SamplingSetup, search: SearchOptions) -> SamplingSetup:
-    """The setup's request on the search's own samples: its classes cycled to `samples`, its seed."""
-    request = dataclasses.replace(setup.request, seed=search.seed)
+def search_setup(setup: SamplingSetup, search: SearchOptions, steps: int | None = None) -> SamplingSetup:
+    """The setup's request on the search's own samples: its classes cycled to `samples`, its seed, and `steps`
+    where given (optimize samples with the step count it calibrates for)."""
+    request = dataclasses.replace(setup.request, seed=search.seed, steps=steps or setup.request.steps)
     if request.classes is not None:
         request.classes = [request.classes[i % len(request.classes)] for i in range(search.samples)]
     return dataclasses.replace(setup, request=request)
@@ -98,7 +99,7 @@ def optimize_to_target(model_path: str | Path, output: str | Path, options: Opti
         raise FcpassError("--target-psnr needs the calibration; add --calibrate N (e.g. 8)")
     spaces = tune.spaces_for(list(search.policies) or tune.DEFAULT_POLICIES)
     specs = tune.graph_specs(spaces)
-    on_seeds = search_setup(setup, search)
+    on_seeds = search_setup(setup, search, options.calib_steps)
     with tempfile.TemporaryDirectory(prefix="fcpass-search-") as tmp:
         searched, final = Path(tmp) / "search.fc.onnx", Path(tmp) / "final.fc.onnx"
         log.info("search graph: every setting of %s", ", ".join(s.name for s in spaces))

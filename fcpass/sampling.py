@@ -96,11 +96,9 @@ def load_denoiser(
             planned = ",".join(f"{role}={plan.roles.get(role)}" for role in fixed)
             raise FcpassError(f"--inputs {given}: {path} was optimized with {planned}; drop --inputs, or optimize "
                               f"the original export again with --inputs {given}")
-        if policy is None and (default := default_policy(plan)) is not None:
-            spec, why = default
-            log.info("%s: sampling with %s (%s; --policy overrides)", Path(path).name, spec, why)
-            name, spec_options = parse_policy_spec(spec)
-            policy, options = name, {**spec_options, **{k: v for k, v in options.items() if v is not None}}
+        if policy is None and (default := _carried(plan, path, options)) is not None:
+            policy, options = default
+            name = policy
         elif compiled := plan.compiled_for.get(name or "none"):  # unless the command line says otherwise
             log.info("%s: %s as compiled (optimize --for)", name, ",".join(f"{k}={v}" for k, v in compiled.items()))
         options = compiled_defaults(plan, policy or "none", options)
@@ -124,6 +122,17 @@ def load_denoiser(
     denoiser = PlainDenoiser(backend, roles, backend.outputs[0].name, macs, per_row=per_row)
     denoiser.frames_axis = frames_axis(backend.model, roles.latent.name)
     return denoiser
+
+
+def _carried(plan: Any, path: str | Path, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The policy the graph carries (`policy_graph.default_policy`) and its options, under the flags in `options`
+    that are set; said in one line."""
+    if (default := default_policy(plan)) is None:
+        return None
+    spec, why = default
+    log.info("%s: sampling with %s (%s; --policy overrides)", Path(path).name, spec, why)
+    name, spec_options = parse_policy_spec(spec)
+    return name, {**spec_options, **{k: v for k, v in options.items() if v is not None}}
 
 
 def warn_if_calibrated_for_another_sampler(denoiser: Any, setup: SamplingSetup) -> None:

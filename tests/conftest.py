@@ -14,8 +14,12 @@ import pytest
 from fcpass.contract.onnx_io import initializer_tensors
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import SamplingSetup
-from models.digits import SCHEDULER_CONFIG
+from models.digits import DIGITS_DIR
 from runtimes.sampler import SampleRequest
+
+# The tiny random-weight models' samples diverge without DDIM's clipping of x0 (values in the tens, where a
+# float32 trajectory's rounding passes the tests' 1e-5); the trained bundled model samples unclipped.
+SCHEDULER_CONFIG = DIGITS_DIR / "schedulers" / "ddim_clipped.json"
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

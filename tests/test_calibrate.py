@@ -140,7 +140,7 @@ def test_a_model_over_2_gb_calibrates_as_one_under_it(calibrated: tuple[Path, Pa
     ("fastcache", None, 6, None),
     ("fastcache", None, 7, "DDIMScheduler x 6 steps; this run samples with DDIMScheduler x 7 steps,"),
     ("fastcache", "dpmsolver", 6, "DDIMScheduler x 6 steps; this run samples with DPMSolverMultistepScheduler x 6 steps,"),
-    ("fastcache", "ddim_unclipped", 6, "with DDIMScheduler x 6 steps (another config)"),
+    ("fastcache", "../scheduler_config", 6, "with DDIMScheduler x 6 steps (another config)"),
     ("fora:approx=linear", "dpmsolver", 6, "fora rests on a calibration"),
     ("fora", "dpmsolver", 20, None),  # reuse reads nothing calibrated
 ])
@@ -150,8 +150,9 @@ def test_sampling_otherwise_than_calibrated_is_told(calibrated: tuple[Path, Path
     """The plan records the sampler calibration ran; a policy that rests on its fits or thresholds says when a run
     samples with another sampler, config or step count."""
     from fcpass.sampling import load_denoiser, warn_if_calibrated_for_another_sampler
-    from models.digits import DIGITS_DIR, SCHEDULER_CONFIG
+    from models.digits import DIGITS_DIR
     from runtimes.schedulers import config_identity
+    from tests.conftest import SCHEDULER_CONFIG
 
     _, out = calibrated
     recorded = read_plan(onnx.load(str(out), load_external_data=False)).calibration

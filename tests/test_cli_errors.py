@@ -16,7 +16,8 @@ import torch
 from onnx import TensorProto, helper
 
 from fcpass.cli import main
-from models.digits import DIGITS_DIR, DIGITS_DIT, ONNX, SCHEDULER_CONFIG
+from models.digits import DIGITS_DIR, DIGITS_DIT, ONNX
+from tests.conftest import SCHEDULER_CONFIG
 from tests.helpers.cli import user_error
 
 

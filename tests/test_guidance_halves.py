@@ -15,11 +15,10 @@ from fcpass.contract.plan import read_plan
 from fcpass.contract.roles import InputRoles, TensorSpec
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import load_denoiser
-from models.digits import SCHEDULER_CONFIG
 from runtimes.cache import CachedDenoiser
 from runtimes.sampler import SampleRequest, SampleResult, sample, split_halves
 from runtimes.schedulers import scheduler_from_config
-from tests.conftest import calibration_setup, export_tiny_dit
+from tests.conftest import SCHEDULER_CONFIG, calibration_setup, export_tiny_dit
 from tests.helpers.fake_trt import Fake, fake_engine_file, install_fake_trt
 
 REQUEST = {"classes": [1, 2, 7], "steps": 8, "guidance_scale": 1.5, "uncond_class": 10, "seed": 0}

@@ -19,12 +19,11 @@ from fcpass.contract.plan import APPROX_MIX, MIX_WIDTH, MOTION_INPUT, CachePlan
 from fcpass.contract.tokens import TokenOptions
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import SamplingSetup, load_denoiser
-from models.digits import SCHEDULER_CONFIG
 from runtimes.policies import FastCache, FastCacheConfig
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from runtimes.state import Commit
-from tests.conftest import export_tiny_dit, load, tiny_dit_model, tiny_feeds
+from tests.conftest import SCHEDULER_CONFIG, export_tiny_dit, load, tiny_dit_model, tiny_feeds
 
 torch = pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fcpass.contract.errors import FcpassError
-from models.digits import ONNX, SCHEDULER_CONFIG, WEIGHTS
+from models.digits import ONNX, WEIGHTS
 from runtimes.sampler import SampleRequest, SampleResult, sample
 from runtimes.schedulers import scheduler_from_config
 
@@ -16,6 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.skipif(not (ONNX.exists() and WEIGHTS.exists()), reason="bundled model missing")
 
+from tests.conftest import SCHEDULER_CONFIG
 from tools.peers_diffusers import (
     DEFAULTS,
     KNOBS,

@@ -12,11 +12,10 @@ from fcpass.contract.errors import FcpassError
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.policy_graph import graph_for
 from fcpass.sampling import load_denoiser
-from models.digits import SCHEDULER_CONFIG
 from runtimes.policies import make_policy
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
-from tests.conftest import calibration_setup, export_tiny_dit
+from tests.conftest import SCHEDULER_CONFIG, calibration_setup, export_tiny_dit
 
 # policy -> (region names, probes, state kinds) of the graph --for compiles for it
 EXPECTED = {

@@ -10,10 +10,9 @@ import pytest
 
 from fcpass.contract.errors import FcpassError
 from fcpass.sampling import load_denoiser
-from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
-from tests.conftest import all_initializers, load
+from tests.conftest import SCHEDULER_CONFIG, all_initializers, load
 
 
 def _run(path: Path, policy: str | None = None, **request: object) -> np.ndarray:

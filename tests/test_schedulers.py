@@ -424,7 +424,7 @@ def test_unipc_refuses_to_extrapolate_onto_a_final_sigma_of_zero() -> None:
     scheduler_from_config({**WAN_SCHEDULER, "lower_order_final": False, "solver_order": 1})
 
 
-@pytest.mark.parametrize(("name", "kind"), [("ddim_unclipped", DDIMScheduler), ("dpmsolver", DPMSolverMultistepScheduler),
+@pytest.mark.parametrize(("name", "kind"), [("ddim_clipped", DDIMScheduler), ("dpmsolver", DPMSolverMultistepScheduler),
                                             ("unipc", UniPCMultistepScheduler)])
 def test_the_bundled_model_s_other_samplers_share_its_training_schedule(name: str, kind: type[Scheduler]) -> None:
     bundled = scheduler_from_config(REPO_ROOT / "models" / "digits" / "scheduler_config.json")

@@ -17,12 +17,11 @@ from fcpass.contract.plan import MIX_WIDTH, STAT_OUTPUT, read_plan
 from fcpass.contract.segments import MANIFEST, is_segments_artefact, read_manifest, segment_files
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import load_denoiser
-from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from runtimes.segments import SegmentsBackend, SegmentsBoundState
 from runtimes.state import Commit
-from tests.conftest import calibration_setup, tiny_feeds
+from tests.conftest import SCHEDULER_CONFIG, calibration_setup, tiny_feeds
 
 ALL = ("blocks", "tail", "stack")
 

@@ -20,8 +20,7 @@ from fcpass.compiler.graphinfo import GraphIndex, graph_macs, infer_shapes
 from fcpass.compiler.static_shapes import static_dims
 from fcpass.contract.plan import read_plan
 from fcpass.optimize import OptimizeOptions, optimize
-from models.digits import SCHEDULER_CONFIG
-from tests.conftest import export_tiny_dit, forced_compute_error, tiny_feeds
+from tests.conftest import SCHEDULER_CONFIG, export_tiny_dit, forced_compute_error, tiny_feeds
 from tests.helpers.cli import user_error
 from tests.helpers.compiled import Compiled
 

@@ -18,13 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.contract.plan import CTL_INPUT, MIX_INPUT, MIX_WIDTH, THR_INPUT, read_plan
+from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import load_denoiser
-from models.digits import SCHEDULER_CONFIG
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
-from tests.conftest import calibration_setup, export_tiny_dit, load
+from tests.conftest import SCHEDULER_CONFIG, calibration_setup, export_tiny_dit, load
 
 STEPS = 14
 REQUEST = {"classes": [1], "steps": STEPS, "guidance_scale": 1.5, "uncond_class": 10, "seed": 0}

@@ -20,12 +20,11 @@ from fcpass.contract.plan import APPROX_MIX, TOK_INPUT, CachePlan
 from fcpass.contract.tokens import TokenOptions
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import SamplingSetup, load_denoiser
-from models.digits import SCHEDULER_CONFIG
 from runtimes.policies import DuCa, DuCaConfig, ToCa, TokenControls
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from runtimes.state import Commit
-from tests.conftest import load, tiny_feeds, unread_nodes
+from tests.conftest import SCHEDULER_CONFIG, load, tiny_feeds, unread_nodes
 from tests.helpers.compiled import ROLES, Tok
 
 N, D, B = 16, 32, 2  # the tiny DiT: 16 tokens of width 32, batch 2 (one CFG pair)

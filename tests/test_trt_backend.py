@@ -26,10 +26,9 @@ from fcpass.contract.plan import read_plan
 from fcpass.contract.roles import graph_inputs, graph_outputs
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import load_denoiser
-from models.digits import SCHEDULER_CONFIG
 from runtimes.state import Commit
 from runtimes.trt_backend import TrtBackend, TrtBoundState, check_state_io, engine_mismatch, numpy_dtype
-from tests.conftest import export_tiny_dit
+from tests.conftest import SCHEDULER_CONFIG, export_tiny_dit
 from tests.helpers.fake_trt import (
     REQUEST,
     Fake,

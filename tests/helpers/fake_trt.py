@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 import pytest
 
-from models.digits import SCHEDULER_CONFIG
 from runtimes import trt_backend
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
+from tests.conftest import SCHEDULER_CONFIG
 
 MAGIC = b"FAKE-TRT-PLAN\n"
 
