@@ -79,7 +79,7 @@ def search_graph(denoiser: Any, setup: SamplingSetup, search: SearchOptions, mod
     """Run the search on a compiled graph (already loaded as `denoiser`) and write its plot."""
     policies = list(search.policies) or tune.default_policies(denoiser.plan)
     result = tune.tune(denoiser, setup, policies, search.target_psnr, search.budget, classifier_for(setup),
-                       model, search.repeats, seed=search.seed)
+                       model, search.repeats, seed=search.seed, named=bool(search.policies))
     if search.plot is not None:
         tune.plot_trials(result, search.plot, f"{Path(model).name}: {result.samples} samples x {result.steps} steps, "
                          f"{len(result.search.trials)} trials")

@@ -198,15 +198,18 @@ class Tuner:
 
 def tune(denoiser: Any, setup: SamplingSetup, policies: list[str], target_psnr: float, budget: int,
          classifier: Any = None, model: str = "", repeats: int = 1, seed: int = 0,
-         progress: bool = True) -> TuneResult:
+         progress: bool = True, named: bool = False) -> TuneResult:
     """Search `policies` on `denoiser` for the fastest setting at >= `target_psnr` (and no loss of digit
-    accuracy where `classifier` scores), in at most `budget` trials."""
+    accuracy where `classifier` scores), in at most `budget` trials. A policy the graph cannot run is left out
+    with a warning, or refused where the user `named` the policies."""
     if not math.isfinite(target_psnr):
         raise FcpassError(f"--target-psnr {target_psnr} must be a finite number of dB, e.g. 30")
     tuner = Tuner(denoiser, setup, classifier)
     spaces, skipped = [], {}
     for space in spaces_for(policies):
         if isinstance(left := runnable(space, denoiser.plan, tuner.request.steps), str):
+            if named:
+                raise FcpassError(f"--policies {space.name}: {left}")
             skipped[space.name] = left
             log.warning("%s: not searched (%s)", space.name, left)
         else:

@@ -152,6 +152,17 @@ def test_tune_searches_what_the_graph_was_compiled_for(calibrated: tuple[Path, P
     assert all(t["spec"].startswith("fastcache:levels=stack,approx=taylor1,") for t in data["trials"])
 
 
+def test_tune_refuses_a_named_policy_the_graph_cannot_run(calibrated: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The calibrated graph keeps no previous outputs: TaylorSeer cannot run on it."""
+    out = tmp_path / "t.fc.onnx"
+    assert main(["tune", str(calibrated[1]), "-o", str(out), "--policies", "fora", "taylorseer", "--plot",
+                 str(tmp_path / "t.png"), *SEARCH, *SAMPLE]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fcpass:")]
+    assert len(err) == 1 and "--policies taylorseer:" in err[0] and "optimize with --taylor" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tune_refuses_plain_graphs(calibrated: tuple[Path, Path], tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tune", str(calibrated[0]), "--plot", str(tmp_path / "t.png"), *SEARCH, *SAMPLE]) == 2

@@ -16,6 +16,8 @@ samples; digit accuracy is the bundled classifier's. fcpass graphs are calibrate
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from typing import Any
 
 from fcpass.contract.onnx_io import atomic_path, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
+from fcpass.optimize_to_target import SearchOptions, optimize_to_target
 from fcpass.policy_graph import graph_needs
 from fcpass.quality import DigitClassifier, compare_batches
 from fcpass.sampling import SamplingSetup, load_denoiser
@@ -40,6 +43,7 @@ log = logging.getLogger("bench_peers")
 
 # fcpass policy specs (each swept along its main knob) and the region sets of the graph each runs on.
 FCPASS = [
+    "tuned:30",  # the no-flags path: fcpass optimize --target-psnr 30, sampled with the policy it carries
     "fbcache@tail",
     "teacache@stack",
     "magcache@stack",
@@ -108,6 +112,12 @@ def fcpass_rows(args: argparse.Namespace, request: SampleRequest, classifier: Di
     calib_setup = SamplingSetup(args.scheduler_config, request)
     graphs: dict[str, Path] = {}
     for spec in args.fcpass:
+        if spec.startswith("tuned:"):  # the no-flags path: fcpass optimize --target-psnr T
+            graphs[spec] = tmp / f"digits.{len(graphs)}.fc.onnx"
+            optimize_to_target(args.model, graphs[spec], OptimizeOptions(calibrate=args.calibrate),
+                               dataclasses.replace(calib_setup, arch="digits"),
+                               SearchOptions(target_psnr=float(spec.partition(":")[2]), threads=args.threads))
+            continue
         policy, regions = spec.split("@", 1)
         if spec not in graphs:  # each policy's graph holds what it needs and nothing more
             graphs[spec] = tmp / f"digits.{len(graphs)}.fc.onnx"
@@ -118,6 +128,12 @@ def fcpass_rows(args: argparse.Namespace, request: SampleRequest, classifier: Di
     log.info("fcpass uncached original graph: %.3f s", base.wall_seconds)
     rows: list[Row] = []
     for spec in args.fcpass:
+        if spec.startswith("tuned:"):  # sampled with the policy its plan carries, as fcpass sample does
+            den = load_denoiser(graphs[spec], None, {}, threads=args.threads)
+            run = functools.partial(sample, den, scheduler, request, progress=False)
+            rows += sweep("fcpass (ONNX Runtime)", spec, [(den.plan.tuned["policy"], run)], base, request,
+                          args.target_psnr, args.repeats, classifier)
+            continue
         policy, regions = spec.split("@", 1)
         den = load_denoiser(graphs[spec], "none", {}, threads=args.threads)
 
