@@ -118,7 +118,7 @@ METHODS: tuple[str, ...] = tuple(DEFAULTS)
 KNOBS: dict[str, list[dict[str, Any]]] = {
     "fbcache": [{"threshold": t} for t in (0.01, 0.02, 0.03, 0.04, 0.05, 0.08, 0.12, 0.2, 0.4)],
     "taylorseer": [
-        *({"scope": "stack", "cache_interval": n, "disable_cache_before_step": 3} for n in (2, 3, 4, 5, 6, 7, 8)),
+        *({"scope": "stack", "cache_interval": n, "disable_cache_before_step": 3} for n in (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16)),
         *({"scope": "modules", "cache_interval": n, "disable_cache_before_step": 3} for n in (4, 6, 8, 10)),
     ],
     "magcache": [
