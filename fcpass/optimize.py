@@ -26,7 +26,7 @@ from fcpass.compiler.passes.segments import check_lowering, check_segments_outpu
 from fcpass.compiler.static_shapes import dynamic_axes, fix_dims, parse_dims
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.onnx_io import check_distinct, check_file_output, check_types, load_model, save_model
-from fcpass.contract.plan import CachePlan, has_plan, read_plan, write_plan
+from fcpass.contract.plan import CachePlan, check_digest, has_plan, read_plan, write_plan
 from fcpass.contract.roles import infer_roles, parse_role_overrides
 from runtimes.backend import session_setup
 from runtimes.policies import parse_policy_spec, policy_defaults, token_options
@@ -126,6 +126,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
 def save_compiled(model: Any, output: str | Path) -> Path:
     """Write a compiled If graph atomically, its weights external once those in branches pass
     `EXTERNAL_DATA_MIN_BYTES`."""
+    write_plan(model, read_plan(model))  # the digest of the graph as saved (localize_weights moved weights)
     return save_model(model, output, external=branch_weight_bytes(model) >= EXTERNAL_DATA_MIN_BYTES)
 
 
@@ -143,6 +144,7 @@ def _lower_compiled(model: Any, model_path: str | Path, output: str | Path, opti
         raise FcpassError(f"{model_path} is already cache-aware, so {', '.join(changed)} cannot change it; "
                           "drop the flag to lower it as it is, or optimize the original export")
     plan = read_plan(model, str(model_path))
+    check_digest(model, plan, model_path)
     log.info("%s is already cache-aware: lowering it as it is", model_path)
     write_segments(lower_to_segments(model), output)
     return plan

@@ -12,7 +12,7 @@ from typing import Any
 from fcpass.compiler.graphinfo import GraphIndex, frames_axis, graph_macs, sized
 from fcpass.compiler.static_shapes import dynamic_axes, parse_dims
 from fcpass.contract.errors import FcpassError
-from fcpass.contract.plan import has_plan, read_plan
+from fcpass.contract.plan import check_digest, check_plan_fits, has_plan, read_plan
 from fcpass.contract.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
 from fcpass.contract.segments import is_segments_artefact
 from fcpass.policy_graph import compiled_defaults, default_policy, unused_costs
@@ -90,6 +90,9 @@ def load_denoiser(
         if dims:
             raise FcpassError(f"--dims: {path} is compiled at fixed sizes; drop --dims")
         plan = read_plan(backend.model, str(path))
+        check_plan_fits(plan, backend.model, str(path))
+        if not is_segments_artefact(path):  # a segments folder's manifest is checked by its backend
+            check_digest(backend.model, plan, path)
         fixed = {role: name for role, name in parse_role_overrides(inputs).items() if plan.roles.get(role) != name}
         if fixed:  # a cache-aware graph's roles were fixed when it was optimized
             given = ",".join(f"{role}={name}" for role, name in fixed.items())

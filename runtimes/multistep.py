@@ -32,7 +32,9 @@ from runtimes.scheduler_base import (
     cumprod_f32,
     flag,
     format_values,
+    check_timesteps,
     integer,
+    train_timesteps,
     number,
     reject_unless,
     step_count,
@@ -92,13 +94,13 @@ class MultistepScheduler(Scheduler):
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__()
-        self.num_train_timesteps = integer(config, "num_train_timesteps", 1000, 1)
+        self.num_train_timesteps = train_timesteps(config, minimum=2)  # the solvers step between two
         self.order = integer(config, "solver_order", 2, 1)
         if self.order > 3:
             raise unsupported("solver_order", self.order, "1, 2 or 3")
         self.prediction_type: str = choice(config, "prediction_type", "epsilon", PREDICTION_TYPES)
         self.timestep_spacing: str = choice(config, "timestep_spacing", "linspace", TIMESTEP_SPACINGS)
-        self.steps_offset = integer(config, "steps_offset", 0, 0)
+        self.steps_offset = integer(config, "steps_offset", 0, 0, self.num_train_timesteps - 1)
         self.lower_order_final = flag(config, "lower_order_final", True)
         self.final_sigmas_type: str = choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"))
         self.karras = flag(config, "use_karras_sigmas", False)
@@ -127,12 +129,22 @@ class MultistepScheduler(Scheduler):
     # ---- the schedule -----------------------------------------------------------------------------
 
     def _spaced(self, steps: int, last: int) -> np.ndarray:
-        """Integer timesteps below ``last`` spaced as ``timestep_spacing`` says (diffusers' numpy expressions)."""
+        """Integer timesteps below ``last`` spaced as ``timestep_spacing`` says, each once."""
+        spaced = self._spacing(steps, last)
+        if len(np.unique(spaced)) != len(spaced):  # a step of no length: the solver divides by it
+            raise FcpassError(f"{steps} steps over a training schedule of {self.num_train_timesteps} timesteps repeat "
+                              "a timestep; sample with fewer steps, or use the model's own num_train_timesteps.")
+        return spaced
+
+    def _spacing(self, steps: int, last: int) -> np.ndarray:
+        """diffusers' numpy expressions of the spacing."""
         if self.timestep_spacing == "linspace":
             return np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
         if self.timestep_spacing == "leading":
             ratio = last // (steps + 1)
-            return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + self.steps_offset
+            spaced = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + self.steps_offset
+            check_timesteps(spaced, self.num_train_timesteps, self.steps_offset)
+            return spaced
         ratio = self.num_train_timesteps / steps
         return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
 

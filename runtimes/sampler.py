@@ -171,6 +171,7 @@ def sample(
                 cond_out, uncond_out = out[: len(x)], out[len(x) :]
                 out = uncond_out + cfg_scale * (cond_out - uncond_out)
             x = scheduler.step(out, i, x)
+            check_finite(x, i, len(timesteps), scheduler)
             step_seconds.append(time.perf_counter() - t0)
             record = denoiser.last_record()
             macs += record.get("macs", denoiser.uncached_macs)
@@ -438,3 +439,12 @@ class PlainDenoiser:
 
     def last_record(self) -> dict[str, Any]:
         return {"macs": self.uncached_macs * self._calls}
+
+
+def check_finite(x: np.ndarray, index: int, steps: int, scheduler: Any) -> None:
+    """Stop a trajectory whose latent turned NaN or Inf: every step after would only carry it on, and the
+    images would come out blank without a word. The model's output or the sampler's arithmetic is at fault."""
+    if not np.isfinite(x).all():
+        raise FcpassError(f"the latent is not finite after step {index + 1} of {steps} ({type(scheduler).__name__}): "
+                          "the model's output or the scheduler config's values overflow; check the scheduler config "
+                          "against the model's own, and sample the graph without a policy to rule out the cache")

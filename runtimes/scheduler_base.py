@@ -47,11 +47,28 @@ def flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
     return bool(choice(config, key, default, (True, False)))
 
 
-def integer(config: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
+# The longest training schedule a config may name: diffusers' models train on 1000 steps, and a
+# schedule is allocated whole, so a typo of a few more digits must not ask for terabytes.
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
+def integer(config: Mapping[str, Any], key: str, default: int, minimum: int, maximum: int | None = None) -> int:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise unsupported(key, value, f"an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        raise unsupported(key, value, f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else ""))
     return value
+
+
+def train_timesteps(config: Mapping[str, Any], minimum: int = 1) -> int:
+    return integer(config, "num_train_timesteps", 1000, minimum, MAX_TRAIN_TIMESTEPS)
+
+
+def check_timesteps(timesteps: np.ndarray, n: int, steps_offset: int) -> None:
+    """Every spaced timestep indexes the training schedule (steps_offset can push the first past its end)."""
+    if len(timesteps) and (timesteps.max() >= n or timesteps.min() < 0):
+        raise FcpassError(f"scheduler config 'steps_offset' {steps_offset} puts timestep {int(timesteps.max())} past "
+                          f"the training schedule's {n}; use a smaller steps_offset (diffusers' configs use 0 or 1) "
+                          "or more num_train_timesteps.")
 
 
 def number(config: Mapping[str, Any], key: str, default: float, *, positive: bool = False) -> float:
@@ -133,11 +150,13 @@ def training_betas(config: Mapping[str, Any]) -> np.ndarray:
     """The training schedule's betas (float32) that a diffusers config's beta fields describe, as diffusers builds
     them: ``trained_betas``, else ``beta_schedule`` from ``beta_start`` to ``beta_end`` over ``num_train_timesteps``,
     then ``rescale_betas_zero_snr``."""
-    n = integer(config, "num_train_timesteps", 1000, 1)
+    n = train_timesteps(config)
     schedule = choice(config, "beta_schedule", "linear", BETA_SCHEDULES)
     trained = config.get("trained_betas")
     if trained is not None:
-        if not isinstance(trained, (list, tuple, np.ndarray)):
+        numbers = isinstance(trained, np.ndarray) and trained.dtype.kind == "f" or isinstance(trained, (list, tuple)) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in trained)
+        if not numbers:
             raise unsupported("trained_betas", trained, "null or a list of numbers")
         betas = np.asarray(trained, dtype=np.float32)
         if betas.shape != (n,):
@@ -153,6 +172,14 @@ def training_betas(config: Mapping[str, Any]) -> np.ndarray:
         betas = root * root
     else:
         betas = cosine_betas(n)
+    if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
+        raise FcpassError(f"scheduler config's betas leave (0, 1): they run from {float(betas.min()):.3g} to "
+                          f"{float(betas.max()):.3g}; use 0 < beta_start <= beta_end < 1 (or trained_betas inside it), "
+                          "as the model's own scheduler_config.json has them.")
+    if not cumprod_f32(np.float32(1.0) - betas)[-1] >= 1e-20:  # no signal left: the samplers divide by it
+        raise FcpassError(f"scheduler config's betas leave no signal by the last of {n} training timesteps "
+                          "(alphas_cumprod reaches 0); use a smaller beta_end or fewer num_train_timesteps, as the "
+                          "model's own scheduler_config.json has them.")
     if flag(config, "rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     return betas

@@ -42,7 +42,9 @@ from runtimes.scheduler_base import (
     cumprod_f32,
     flag,
     format_values,
+    check_timesteps,
     integer,
+    train_timesteps,
     number,
     reject_unless,
     step_count,
@@ -129,14 +131,14 @@ class DDIMScheduler(Scheduler):
             "timestep_spacing": timestep_spacing,
             "rescale_betas_zero_snr": rescale_betas_zero_snr,
         }
-        self.num_train_timesteps = integer(config, "num_train_timesteps", 1000, 1)
+        self.num_train_timesteps = train_timesteps(config)
         self.beta_schedule: str = choice(config, "beta_schedule", "linear", BETA_SCHEDULES)
         self.prediction_type: str = choice(config, "prediction_type", "epsilon", _DDIM_PREDICTION_TYPES)
         self.timestep_spacing: str = choice(config, "timestep_spacing", "leading", _DDIM_TIMESTEP_SPACINGS)
         self.clip_sample = flag(config, "clip_sample", True)
         self.clip_sample_range = number(config, "clip_sample_range", 1.0, positive=True)
         self.set_alpha_to_one = flag(config, "set_alpha_to_one", True)
-        self.steps_offset = integer(config, "steps_offset", 0, 0)
+        self.steps_offset = integer(config, "steps_offset", 0, 0, self.num_train_timesteps - 1)
         betas = training_betas({**config, "trained_betas": trained_betas})
 
         self.betas: np.ndarray = betas
@@ -158,6 +160,7 @@ class DDIMScheduler(Scheduler):
             ratio = n // steps
             timesteps = (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.int64)
             timesteps += self.steps_offset
+            check_timesteps(timesteps, n, self.steps_offset)
         else:
             timesteps = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
             if len(timesteps) != steps:
@@ -272,7 +275,7 @@ class FlowMatchEulerScheduler(Scheduler):
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, dynamic: dict[str, float] | None = None) -> None:
         super().__init__()
         config = {"num_train_timesteps": num_train_timesteps, "shift": shift}
-        self.num_train_timesteps = integer(config, "num_train_timesteps", 1000, 1)
+        self.num_train_timesteps = train_timesteps(config)
         self.shift = number(config, "shift", 1.0, positive=True)
         self.dynamic = dynamic
         n = self.num_train_timesteps
@@ -302,6 +305,9 @@ class FlowMatchEulerScheduler(Scheduler):
             d = self.dynamic
             slope = (d["max_shift"] - d["base_shift"]) / (d["max_image_seq_len"] - d["base_image_seq_len"])
             mu = image_seq_len * slope + d["base_shift"] - slope * d["base_image_seq_len"]
+            if not -30 <= mu <= 30:  # exp(mu) is the shift: past e^30 every sigma rounds to 0 or 1
+                raise FcpassError(f"scheduler config's base_shift and max_shift give a shift of exp({mu:.3g}) at "
+                                  f"{image_seq_len} tokens; use the model's own values (Flux's: 0.5 and 1.15).")
             sigmas = (math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))).astype(np.float32)
         else:
             sigmas = (self.shift * sigmas / (1 + (self.shift - 1) * sigmas)).astype(np.float32)
@@ -411,6 +417,8 @@ def scheduler_from_config(config: Mapping[str, Any] | str | Path) -> Scheduler:
     """
     cfg = load_config(config)
     class_name = cfg.get("_class_name")
+    if not isinstance(class_name, str):  # a list or an object would not even look up
+        raise unsupported("_class_name", class_name, format_values(SUPPORTED_CLASS_NAMES))
     if class_name in ("DDIMScheduler", "CogVideoXDDIMScheduler"):
         return _ddim_from_config(cfg)
     if class_name == "FlowMatchEulerDiscreteScheduler":

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fcpass.contract.errors import FcpassError
+from fcpass.contract.errors import FcpassError, first_clause
 from fcpass.contract.plan import SKIP_OUTPUT, TOK_INPUT, CachePlan, StateSpec
 
 
@@ -233,7 +233,11 @@ class BoundCall:
     def _run(self) -> dict[str, np.ndarray]:
         """One call; copies of the wanted outputs (their arrays are rewritten by the next call)."""
         b = self.binding
-        self.session.run_with_iobinding(b)
+        try:
+            self.session.run_with_iobinding(b)
+        except RuntimeError as exc:  # ONNX Runtime's refusal of the feeds (a graph whose inputs disagree on sizes)
+            raise FcpassError(f"ONNX Runtime could not run the graph: {first_clause(exc, 140)}; check that its inputs' "
+                              "declared shapes agree with each other, or re-export the model") from None
         if not self._fetched:
             first = [v.numpy() for v in b.get_outputs()[:len(self._wanted)]]
             self._fetched = {name: np.empty_like(v) for name, v in zip(self._wanted, first)}

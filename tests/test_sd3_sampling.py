@@ -130,7 +130,7 @@ def test_negative_embeddings_are_guidance_s_unconditional_half(sd3: dict[str, Pa
     for extra, message in ((["--negative-embeds", two], "--negative-embeds has 2 rows for 3 captions"),
                            (["--negative-embeds", one, "--guidance-scale", "1"],
                             "--negative-embeds is guidance's unconditional half, and this run has none"),
-                           (["--negative-pooled-embeds", sd3["captions"]], "--negative-pooled-embeds rows are (5, 12)")):
+                           (["--negative-pooled-embeds", sd3["captions"]], "negative pooled embeddings of shape (3, 5, 12); they must have 2 axes")):
         capsys.readouterr()
         assert run(["sample", sd3["onnx"], *common, *extra]) == 2
         assert message in capsys.readouterr().err

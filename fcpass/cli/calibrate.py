@@ -35,13 +35,14 @@ def add_parser(sub: Any) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from fcpass.calibrate import CalibrationOptions, calibrate_peers
     from fcpass.contract.onnx_io import check_distinct, check_file_output, load_model
-    from fcpass.contract.plan import read_plan, write_plan
+    from fcpass.contract.plan import check_digest, read_plan, write_plan
     from fcpass.optimize import save_compiled
 
     check_distinct(args.model, args.output)
     check_file_output(args.output)
     model = load_model(args.model)
     plan = read_plan(model, str(args.model))
+    check_digest(model, plan, args.model)
     setup = sampling_setup(args, args.model)
     options = CalibrationOptions(trajectories=args.calibrate, steps=args.calib_steps, provider=args.provider,
                                  threads=args.threads)

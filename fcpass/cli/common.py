@@ -196,7 +196,15 @@ def embeddings(path: Path | None, what: str, rank: int) -> np.ndarray | None:
         return None
     from fcpass.quality import load_npy
 
-    array = load_npy(path, what, "save them with numpy.save").astype(np.float32)
+    array = load_npy(path, what, "save them with numpy.save")
+    if array.dtype.kind not in "biuf":
+        raise FcpassError(f"{path} holds {array.dtype} values, not numbers; save the {what} as float32")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise FcpassError(f"{path} holds NaN or Inf; encode the {what} again (a half-precision overflow makes them)")
+    if array.ndim not in (rank - 1, rank) or 0 in array.shape:
+        raise FcpassError(f"{path} holds {what} of shape {array.shape}; they must have {rank} axes (or {rank - 1} for "
+                          "one sample), none empty")
     return array[None] if array.ndim == rank - 1 else array
 
 

@@ -67,7 +67,7 @@ class GraphIndex:
         for n in g.node:
             if n.op_type == "Constant":
                 for a in n.attribute:
-                    if a.name == "value":
+                    if a.name == "value" and n.output:  # (a damaged graph's Constant may have none)
                         out[n.output[0]] = (a.t.data_type, tuple(a.t.dims))
         return out
 
@@ -203,6 +203,8 @@ def node_macs(node: onnx.NodeProto, index: GraphIndex) -> int:
     """Multiply-accumulates of one node (MatMul, Gemm, Einsum without ellipses, Conv, and ONNX Runtime's
     FusedMatMul); 0 if unknown."""
     attrs = {x.name: x.i for x in node.attribute if x.type == onnx.AttributeProto.INT}
+    if not node.input or not node.output:  # a damaged graph's node: the checks after say what is wrong
+        return 0
     if node.op_type in ("MatMul", "Gemm") or (node.op_type == "FusedMatMul" and not attrs.get("transBatchA")):
         a = index.shape(node.input[0])
         out = index.shape(node.output[0])

@@ -55,12 +55,16 @@ def read_engines_index(engines: Path, segments: Path) -> dict[str, str]:
         index = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
         raise FcpassError(f"cannot read {p} ({type(exc).__name__}); rebuild the engines with {rebuild}") from None
-    if index.get("format") != ENGINES_FORMAT or index.get("format_version") != 1:
+    if not isinstance(index, dict) or index.get("format") != ENGINES_FORMAT or index.get("format_version") != 1:
         raise FcpassError(f"{p} is not an fcpass engines index of format 1; rebuild the engines with {rebuild}")
     if index.get("manifest_sha256") != manifest_digest(segments):
         raise FcpassError(f"the engines in {engines} were not built from {segments} (its manifest differs); "
                           f"rebuild them with {rebuild}")
-    return dict(index["engines"])
+    table = index.get("engines")
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in (*table, *table.values())):
+        raise FcpassError(f"{p} is damaged (its engines are no map of segment to engine file); rebuild the engines "
+                          f"with {rebuild}")
+    return dict(table)
 
 
 def import_tensorrt() -> ModuleType:

@@ -6,6 +6,7 @@ Saving never leaves a half-written artefact: the model (and its external data, f
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -59,6 +60,12 @@ def load_model(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
         raise FcpassError(
             f"{p} is not a readable ONNX model ({type(exc).__name__}); pass an .onnx file exported from the model"
         ) from None
+    try:  # protobuf checks a string field's UTF-8 only when it is read: read them all now
+        _read_strings(model)
+    except UnicodeDecodeError:
+        raise FcpassError(f"{p} is not a readable ONNX model (a name in it is not UTF-8: the file is damaged); "
+                          "pass an .onnx file exported from the model") from None
+    check_initializers(model, p)
     if not model.graph.node:
         raise FcpassError(f"{p} holds no graph nodes; it is not an exported model (re-export it with fcpass export)")
     # Checked whether or not the weights are read now: ONNX Runtime reads them later, and its error
@@ -69,6 +76,36 @@ def load_model(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
 
         load_external_data_for_model(model, str(p.parent))
     return model
+
+
+_KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+
+
+def check_initializers(model: onnx.ModelProto, path: Path) -> None:
+    """Every weight has a type ONNX defines, a shape of sizes >= 0 and, if stored inline, the bytes that shape
+    takes: a damaged file shows here, not as a KeyError or a reshape error deep in a pass."""
+    for t in initializer_tensors(model):
+        bad = t.data_type not in _KNOWN_TYPES or any(d < 0 for d in t.dims)
+        if not bad and t.HasField("raw_data") and t.data_type != onnx.TensorProto.STRING:
+            try:
+                bad = len(t.raw_data) != tensor_nbytes(t)
+            except (KeyError, ValueError):  # a type numpy has no dtype for: leave it to the runtime
+                bad = False
+        if bad:
+            raise FcpassError(f"{path} is damaged: its weight {t.name[:60]!r} has type {t.data_type}, shape "
+                              f"{list(t.dims)[:6]} and {len(t.raw_data)} bytes, which do not agree; export the model "
+                              "again or copy it again from where it was written")
+
+
+def _read_strings(message: Any) -> None:
+    """Read every string field of `message` and the messages inside it (weights' bytes are not strings)."""
+    for fd, value in message.ListFields():
+        if fd.type == fd.TYPE_MESSAGE:
+            for m in value if fd.is_repeated else [value]:
+                _read_strings(m)
+        elif fd.type == fd.TYPE_STRING and any(isinstance(v, bytes) for v in (value if fd.is_repeated else [value])):
+            # protobuf hands a proto2 string that is not UTF-8 over as bytes, which every str method then refuses
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, f"field {fd.name}")
 
 
 def check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -133,6 +170,35 @@ def check_file_output(path: str | Path) -> None:
         raise FcpassError(f"cannot write {dst}: {folder} is not writable; choose an output path in a writable folder")
 
 
+def _temp_prefix(dst: Path) -> str:
+    """Temporary names beside `dst` carry the writer's process id, so a later writer can tell a dead one's."""
+    return f".{dst.name}.fcpass-{os.getpid()}-"
+
+
+def clean_stale(dst: Path) -> None:
+    """Remove what a writer of `dst` killed mid-write left beside it (`.NAME.fcpass-PID-*.tmp` / `.old` of a
+    process that no longer runs): a kill (SIGKILL, out of memory) skips every cleanup, and the names are
+    hidden, so nothing reads them meanwhile. Files of writers still running are left alone."""
+    for p in dst.parent.glob(f".{glob.escape(dst.name)}.fcpass-*-*"):
+        found = re.match(r"fcpass-(\d+)-", p.name[len(dst.name) + 2:])
+        if found is None or not p.name.endswith((".tmp", ".old")) or _alive(int(found.group(1))):
+            continue
+        log.debug("removing %s, left by a writer of %s that was killed", p, dst)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
@@ -140,7 +206,8 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     check_file_output(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix + ".tmp", dir=dst.parent)
+        clean_stale(dst)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(dst), suffix=suffix + ".tmp", dir=dst.parent)
     except OSError as exc:  # a parent is a file, the folder is not writable, ...
         not_folder = isinstance(exc, (FileExistsError, NotADirectoryError))
         why = "part of the path is a file, not a folder" if not_folder else exc.strerror or exc
@@ -181,7 +248,8 @@ def atomic_dir(path: str | Path, ours: Callable[[Path], bool], what: str) -> Ite
     check_dir_output(dst, ours, what)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+        clean_stale(dst)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), suffix=".tmp", dir=dst.parent))
     except OSError as exc:
         why = "part of the path is a file, not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
         raise FcpassError(f"cannot write {dst}: {why}; choose an output path in a writable folder") from None
@@ -190,7 +258,7 @@ def atomic_dir(path: str | Path, ours: Callable[[Path], bool], what: str) -> Ite
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes the folder private; outputs get the usual mode
         yield tmp
         if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), suffix=".old", dir=dst.parent))
             os.replace(dst, old / "artefact")
         try:
             os.replace(tmp, dst)

@@ -68,7 +68,11 @@ def value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     from onnx import helper
 
     tt = value.type.tensor_type
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
+    except (KeyError, TypeError, ValueError):  # a type number ONNX does not define, or none numpy holds
+        raise FcpassError(f"{value.name} has element type {tt.elem_type}, which fcpass cannot feed; re-export the "
+                          "model with float, integer or bool inputs and outputs") from None
     shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
     return TensorSpec(value.name, dtype, shape)
 

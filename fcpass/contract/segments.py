@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from fcpass.contract.errors import FcpassError
+from fcpass.contract.errors import FcpassError, first_clause
 from fcpass.contract.plan import PLAN_KEY
 
 MANIFEST = "manifest.json"
@@ -32,10 +32,40 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
         raise FcpassError(f"cannot read {p} ({type(exc).__name__}); re-run fcpass optimize --lowering segments") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise FcpassError(f"{p} is not an fcpass segments manifest of format {FORMAT_VERSION}; "
                           "re-run fcpass optimize --lowering segments")
+    try:  # its step program and interface, read as the backends read them
+        files = segment_files(manifest)
+        _check_steps(manifest["steps"])
+        interface_model(manifest)
+        names = [manifest["inputs"], manifest["outputs"]]
+        if not all(isinstance(f, str) for f in files) or not all(isinstance(v["name"], str) for vs in names for v in vs):
+            raise TypeError("a name is no string")
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise FcpassError(f"{p} is damaged ({type(exc).__name__}: {first_clause(exc, 60)}); re-run fcpass optimize "
+                          "--lowering segments") from None
     return manifest
+
+
+def _check_steps(steps: Any) -> None:
+    """Every step of a step program has the fields of its kind, of the types the backends read."""
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+    if not isinstance(steps, list):
+        raise TypeError("the steps are no list")
+    for s in steps:
+        kind = s["kind"]
+        if kind == "segment" and not (isinstance(s["file"], str) and names(s["inputs"]) and names(s["outputs"])):
+            raise TypeError("a segment step's file, inputs or outputs")
+        if kind == "alias" and not all(names(p) and len(p) == 2 for p in s["pairs"]):
+            raise TypeError("an alias step's pairs")
+        if kind == "branch":
+            if not isinstance(s["cond"], str) or not isinstance(s.get("region"), (str, type(None))):
+                raise TypeError("a branch step's cond or region")
+            _check_steps(s["then"]["steps"])
+            _check_steps(s["else"]["steps"])
 
 
 def segment_files(manifest: dict[str, Any]) -> list[str]:

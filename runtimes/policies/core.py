@@ -9,6 +9,7 @@ or the policy never needs a rebuild. Every policy computes the first `warmup` st
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from scipy.stats import chi2
 
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.plan import APPROX_MIX, CTL_DECIDE, CTL_PROBE, CTL_SKIP, MIX_WIDTH, CachePlan, RegionSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -506,8 +509,13 @@ class TeaCache(Policy):
 
     def observe(self, step: int, stat: np.ndarray, skip: np.ndarray) -> None:
         if skip[self.stack] == 1:
+            change = float(np.max(stat[self.stack]))
+            if not math.isfinite(change):  # a change that is not a number vouches for no skip: compute next
+                log.warning("teacache: a non-finite statistic at step %d; the next step computes", step)
+                self.accumulated = math.inf
+                return
             # A fitted poly can dip below 0 near d = 0; a change never makes up for an earlier one.
-            self.accumulated += max(float(self.poly(float(np.max(stat[self.stack])))), 0.0)
+            self.accumulated += max(float(self.poly(change)), 0.0)
         else:
             self.accumulated = 0.0
 

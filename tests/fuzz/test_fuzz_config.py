@@ -1,0 +1,120 @@
+"""Scheduler configs, policy specs and the small values the CLI parses: each field a wrong type or out of range."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fcpass.contract.errors import FcpassError
+from models.digits import SCHEDULER_CONFIG
+from runtimes.policies import CONFIGS, POLICIES, make_policy
+from runtimes.sampler import check_finite
+from runtimes.schedulers import load_config, scheduler_from_config
+from tests.fuzz.harness import case_dir, check, examples
+from tests.fuzz.mutate import ODD_VALUES, damaged_text
+
+FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+        "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
+        "max_shift": 1.15}
+CONFIGS_ON_DISK = [SCHEDULER_CONFIG, *sorted((SCHEDULER_CONFIG.parent / "schedulers").glob("*.json"))]
+SCHEDULER_DOCS = [json.loads(p.read_text()) for p in CONFIGS_ON_DISK] + [FLOW]
+SCHEDULER_KEYS = sorted({k for d in SCHEDULER_DOCS for k in d} | {"trained_betas", "rescale_betas_zero_snr",
+                        "thresholding", "solver_order", "algorithm_type", "use_karras_sigmas", "final_sigmas_type"})
+
+
+def run_scheduler(config: dict, steps: int) -> None:
+    """Build the scheduler and take every step of a trajectory: the result must be finite, or an error."""
+    scheduler = scheduler_from_config(config)
+    scheduler.set_timesteps(steps, image_seq_len=16)
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32) * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        out = np.tanh(scheduler.scale_model_input(x, i))
+        x = scheduler.step(out, i, x)
+        check_finite(x, i, len(scheduler.timesteps), scheduler)  # the sampler's guard
+    if not np.all(np.isfinite(x)) or not np.all(np.isfinite(np.asarray(scheduler.timesteps, dtype=float))):
+        raise AssertionError(f"a scheduler built from {config} sampled non-finite values without an error")
+
+
+@settings(max_examples=examples(2500))
+@given(base=st.sampled_from(SCHEDULER_DOCS), key=st.sampled_from(SCHEDULER_KEYS), value=ODD_VALUES,
+       steps=st.sampled_from([1, 2, 3, 10, 25]))
+def test_scheduler_field(base: dict, key: str, value: object, steps: int) -> None:
+    check("scheduler.config", lambda: run_scheduler({**base, key: value}, steps))
+
+
+@settings(max_examples=examples(400))
+@given(base=st.sampled_from(SCHEDULER_DOCS), data=st.data())
+def test_scheduler_file(base: dict, data: st.DataObject) -> None:
+    text = data.draw(damaged_text(json.dumps(base, indent=1)))
+    with case_dir() as d:
+        path = d / "scheduler_config.json"
+        path.write_text(text)
+        check("scheduler.file", lambda: run_scheduler(load_config(path), 4), inputs=[path], folder=d)
+
+
+POLICY_FIELDS = {name: list(cls.__dataclass_fields__) for name, cls in CONFIGS.items()}
+SPEC_VALUES = st.one_of(st.sampled_from(["0", "1", "-1", "0.5", "1e309", "nan", "NaN", "Infinity", "-0", "[]", "[1,2]",
+                                         "{}", "null", "true", "x", "", "stack", "blocks", "stack,blocks", "tail",
+                                         "reuse", "taylor1", "1e-300", "99999999999999999999", '"q"', "\u00e9"]),
+                        st.text(max_size=6))
+
+
+@st.composite
+def policy_specs(draw: st.DrawFn) -> str:
+    name = draw(st.sampled_from([*POLICIES, "unknown", "", "FORA"]))
+    keys = POLICY_FIELDS.get(name, []) + ["bogus"]
+    options = draw(st.lists(st.tuples(st.sampled_from(keys), SPEC_VALUES), max_size=3))
+    return name + (":" + ",".join(f"{k}={v}" for k, v in options) if options else "")
+
+
+@settings(max_examples=examples(3000))
+@given(spec=policy_specs(), alpha=st.one_of(st.none(), st.floats(allow_nan=True)),
+       max_skips=st.one_of(st.none(), st.integers(-3, 10**6)))
+def test_policy_spec(spec: str, alpha: float | None, max_skips: int | None) -> None:
+    def build() -> None:
+        options = {"alpha": alpha, "max_skips": max_skips} if spec.startswith("fastcache") else {}
+        policy = make_policy(spec, **options)
+        policy.describe()
+
+    check("policy.spec", build)
+
+
+@settings(max_examples=examples(1200))
+@given(text=st.one_of(st.text(max_size=24), st.lists(st.tuples(st.sampled_from(["height", "width", "frames", "batch",
+                                                                                  "h", "", "x=1"]),
+                                                                 st.sampled_from(["0", "-1", "64", "1e3", "", "x", "2"])),
+                                                       max_size=3).map(lambda kv: ",".join(f"{k}={v}" for k, v in kv))))
+def test_dims_and_roles(text: str) -> None:
+    from fcpass.contract.roles import parse_role_overrides
+    from fcpass.compiler.static_shapes import parse_dims
+
+    check("cli.dims", lambda: parse_dims(text))
+    check("cli.inputs", lambda: parse_role_overrides(text.replace("height", "latent").replace("width", "timestep")))
+
+
+DDIM, UNIPC = SCHEDULER_DOCS[0], next(d for d in SCHEDULER_DOCS if d["_class_name"] == "UniPCMultistepScheduler")
+# The minimal configs the fuzzer found crashing (a traceback, a MemoryError, or NaN sampled without a word).
+SCHEDULER_REGRESSIONS = [
+    ({**DDIM, "_class_name": []}, 1),  # TypeError: unhashable type
+    ({**DDIM, "beta_start": 0.5}, 1),  # betas past beta_end: NaN samples
+    ({**DDIM, "beta_end": 1e308}, 1),  # betas >= 1: NaN samples
+    ({**DDIM, "num_train_timesteps": 10**12}, 1),  # MemoryError allocating the schedule
+    ({**DDIM, "steps_offset": 10**12}, 1),  # IndexError past the schedule
+    ({**DDIM, "steps_offset": 2**63}, 1),  # OverflowError
+    ({**DDIM, "trained_betas": [""] * 1000}, 1),  # ValueError converting to float
+    ({**UNIPC, "beta_end": 0.5}, 10),  # alphas_cumprod underflows to 0: NaN samples
+    ({**UNIPC, "num_train_timesteps": 2}, 10),  # repeated timesteps: ZeroDivisionError
+    ({**UNIPC, "predict_x0": False}, 10),  # noise prediction stepping to sigma 0: NaN (as diffusers), now stopped
+    ({**FLOW, "max_shift": 1e308}, 1),  # OverflowError in exp
+]
+
+
+@pytest.mark.parametrize("config,steps", SCHEDULER_REGRESSIONS)
+def test_scheduler_regressions(config: dict, steps: int) -> None:
+    with pytest.raises(FcpassError):
+        run_scheduler(config, steps)
