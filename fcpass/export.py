@@ -40,7 +40,7 @@ class ExportSpec:
 
 def arch_names() -> list[str]:
     sizes = [f"dit-{s}-{p}" for s in ("s", "b", "l", "xl") for p in (2, 4, 8)]
-    return ["digits", *sizes, "pixart-tiny", "pixart-xl-2"]
+    return ["digits", "canvas", *sizes, "pixart-tiny", "pixart-xl-2"]
 
 
 def build_model(arch: str, image_size: int = 256) -> tuple[Any, dict[str, Any]]:
@@ -49,10 +49,11 @@ def build_model(arch: str, image_size: int = 256) -> tuple[Any, dict[str, Any]]:
 
     from models.dit import DiT, DiTConfig, dit_config
 
-    if arch == "digits":
+    if arch in ("digits", "canvas"):
+        from models.canvas import CANVAS_DIT
         from models.digits import DIGITS_DIT
 
-        cfg = DiTConfig(**DIGITS_DIT)
+        cfg = DiTConfig(**(DIGITS_DIT if arch == "digits" else CANVAS_DIT))
         return DiT(cfg), {"family": "dit", **asdict(cfg)}
     m = _DIT_NAME.match(arch)
     if m:

@@ -24,7 +24,7 @@ from fcpass.contract.onnx_io import check_distinct, check_file_output, load_mode
 from fcpass.contract.plan import CachePlan, read_plan, write_plan
 from fcpass.optimize import OptimizeOptions, optimize, save_compiled
 from fcpass.policy_graph import graph_for
-from fcpass.sampling import SamplingSetup, load_denoiser
+from fcpass.sampling import SamplingSetup, classifier_for, load_denoiser
 from fcpass.search import SEARCH_SEED
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,6 @@ def search_setup(setup: SamplingSetup, search: SearchOptions, steps: int | None 
     if request.classes is not None:
         request.classes = [request.classes[i % len(request.classes)] for i in range(search.samples)]
     return dataclasses.replace(setup, request=request)
-
-
-def classifier_for(setup: SamplingSetup) -> Any:
-    """The bundled digit classifier where the graph is the bundled model's, else None."""
-    if setup.arch != "digits":
-        return None
-    from fcpass.quality import DigitClassifier
-
-    return DigitClassifier()
 
 
 def search_graph(denoiser: Any, setup: SamplingSetup, search: SearchOptions, model: str) -> tune.TuneResult:

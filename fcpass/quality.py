@@ -15,7 +15,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fcpass.contract.errors import FcpassError
-from models.digits import CLASSIFIER, IMAGE_SIZE
+from models.digits import CLASSIFIER
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +181,18 @@ def digits_heldout_split(
 
 
 class DigitClassifier:
-    """The bundled 16x16 digit classifier (ONNX), used to check that generated digits are legible."""
+    """A bundled digit classifier (ONNX), used to check that generated digits are legible.
+
+    The default is the 16x16 digits model's; the canvas model's (32x32) lies beside its graph. The image
+    side is read from the classifier's input shape.
+    """
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else CLASSIFIER
+        # The canvas model's classifier lies in its own folder and trains with its own flag.
+        self._train = "python tools/train_classifier.py" + (" --model canvas" if self.path.parent.name == "canvas" else "")
         if not self.path.is_file():
-            raise FcpassError(
-                f"digit classifier not found: no file at {self.path}; "
-                "train it with `python tools/train_classifier.py`"
-            )
+            raise FcpassError(f"digit classifier not found: no file at {self.path}; train it with `{self._train}`")
         # Imported here so PSNR/SSIM users don't pay for onnxruntime.
         import onnxruntime as ort
 
@@ -200,23 +203,26 @@ class DigitClassifier:
         except Exception as exc:  # onnxruntime raises its own, unexported exception types
             raise FcpassError(
                 f"could not load the digit classifier {self.path}: {exc}; "
-                "retrain it with `python tools/train_classifier.py`"
+                f"retrain it with `{self._train}`"
             ) from exc
-        self._input = self._session.get_inputs()[0].name
+        first = self._session.get_inputs()[0]
+        self._input = first.name
+        side = first.shape[-1]
+        self.image_size = side if isinstance(side, int) else 16
         log.debug("loaded digit classifier %s (input %r)", self.path, self._input)
 
     def _check_images(self, images: Any) -> np.ndarray:
         x = np.asarray(images)
-        expected = (1, IMAGE_SIZE, IMAGE_SIZE)
-        if x.ndim != 4 or x.shape[1:] != expected:
+        side = self.image_size
+        if x.ndim != 4 or x.shape[1:] != (1, side, side):
             raise FcpassError(
-                f"digit classifier input must be shaped (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}): got {x.shape}; "
-                "pass a batch of single-channel 16x16 images in [-1, 1]"
+                f"digit classifier input must be shaped (N, 1, {side}, {side}): got {x.shape}; "
+                f"pass a batch of single-channel {side}x{side} images in [-1, 1]"
             )
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def logits(self, images: Any) -> np.ndarray:
-        """Raw class scores, shape (N, 10), for images shaped (N, 1, 16, 16) in [-1, 1]."""
+        """Raw class scores, shape (N, 10), for images shaped (N, 1, side, side) in [-1, 1]."""
         x = self._check_images(images)
         if x.shape[0] == 0:
             return np.zeros((0, 10), dtype=np.float32)
@@ -230,7 +236,7 @@ class DigitClassifier:
         return e / e.sum(axis=1, keepdims=True)
 
     def predict(self, images: Any) -> np.ndarray:
-        """Predicted digit (int64) for each image shaped (N, 1, 16, 16) in [-1, 1]."""
+        """Predicted digit (int64) for each image shaped (N, 1, side, side) in [-1, 1]."""
         return np.argmax(self.logits(images), axis=1).astype(np.int64)
 
     def accuracy(self, images: Any, labels: Any) -> float:

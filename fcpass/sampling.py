@@ -36,6 +36,18 @@ class SamplingSetup:
     arch: str | None = None
 
 
+def classifier_for(setup: SamplingSetup) -> Any:
+    """The digit classifier of the bundled model the graph was exported from, else None."""
+    from models import bundled
+
+    model = bundled(setup.arch)
+    if model is None:
+        return None
+    from fcpass.quality import DigitClassifier
+
+    return DigitClassifier(model.classifier)
+
+
 def roles_from_plan(plan_roles: dict[str, str | None], backend: Any) -> InputRoles:
     """The model's own inputs, by the names the plan recorded (state inputs are not candidates)."""
     own = [s for s in graph_inputs(backend.model) if not s.name.startswith("fc")]
@@ -186,10 +198,9 @@ def run_sampling(denoiser: Any, setup: SamplingSetup, model_path: str | Path, po
         "records": result.records,
         "accuracy": None,
     }
-    if setup.arch == "digits" and request.classes:
-        from fcpass.quality import DigitClassifier
-
-        report["accuracy"] = DigitClassifier().accuracy(result.images, request.classes)
+    classifier = classifier_for(setup)
+    if classifier is not None and request.classes:
+        report["accuracy"] = classifier.accuracy(result.images, request.classes)
     return result, report
 
 

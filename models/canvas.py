@@ -69,3 +69,14 @@ def load_canvas(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     digits, labels = source_digits()
     pick = rng.integers(0, len(digits), size=n)
     return place(digits[pick], rng), labels[pick]
+
+
+def heldout_split(seed: int = 0, fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The canvas classifier's split: 8x8 training digits and labels, held-out digits placed on canvases
+    (seeded, one layout each) and their labels. The same stratified split of the real digits as the 16x16
+    classifier's, so neither classifier ever sees its held-out digits."""
+    from sklearn.model_selection import train_test_split
+
+    digits, labels = source_digits()
+    d_tr, d_ho, y_tr, y_ho = train_test_split(digits, labels, test_size=fraction, random_state=seed, stratify=labels)
+    return d_tr, y_tr, place(d_ho, np.random.default_rng(seed)), y_ho

@@ -32,12 +32,13 @@ from typing import Any
 import numpy as np
 
 from fcpass.compiler.passes.motion_tokens import MergeOptions
-from fcpass.contract.onnx_io import atomic_path, replace_marked_block
+from fcpass.contract.onnx_io import atomic_path, load_model, replace_marked_block
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.policy_graph import graph_needs
-from fcpass.quality import DigitClassifier, compare_batches
-from fcpass.sampling import SamplingSetup, load_denoiser
-from models.digits import ONNX, SCHEDULER_CONFIG
+from fcpass.quality import compare_batches
+from fcpass.sampling import SamplingSetup, classifier_for, load_denoiser
+from models import bundled
+from models.digits import ONNX
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import load_config, scheduler_from_config
 
@@ -62,7 +63,8 @@ DEFAULT_POLICIES = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ONNX, help="exported DiT (default: the bundled digits model)")
+    ap.add_argument("--model", type=Path, default=ONNX,
+                    help="a bundled model's export: models/digits/dit_digits.onnx (default) or models/canvas/dit_canvas.onnx")
     ap.add_argument("--calibrate", type=int, default=8, help="calibration trajectories when optimizing here")
     ap.add_argument("--regions", default="blocks,stack", help="region sets of the graph optimized here")
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
@@ -72,7 +74,7 @@ def main() -> None:
                     help="in those graphs the motion tokens attend to all tokens' cached keys and values")
     ap.add_argument("--samples", type=int, default=20, help="samples: classes 0..9 cycled")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--scheduler-config", type=Path, default=SCHEDULER_CONFIG,
+    ap.add_argument("--scheduler-config", type=Path,
                     help="diffusers scheduler config to calibrate and sample with (default: the bundled model's DDIM)")
     ap.add_argument("--guidance-scale", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
@@ -87,8 +89,12 @@ def main() -> None:
 
     request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,
                             guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
-    setup = SamplingSetup(load_config(args.scheduler_config), request,  # read once
-                          arch="digits" if args.model == ONNX else None)
+    arch = export_arch(args.model)
+    if bundled(arch) is None:  # the digit classifier scores the samples: only the bundled models have one
+        raise SystemExit(f"error: {args.model} is not a bundled model's export; pass models/digits/dit_digits.onnx "
+                         "or models/canvas/dit_canvas.onnx")
+    args.scheduler_config = args.scheduler_config or bundled(arch).scheduler_config
+    setup = SamplingSetup(load_config(args.scheduler_config), request, arch=arch)  # read once
     with tempfile.TemporaryDirectory() as tmp:
         graphs: dict[Any, Path] = {}
         for spec in args.policies:
@@ -109,6 +115,13 @@ def main() -> None:
         n = min(10, args.samples)
         save_grid(np.concatenate([img[:n] for img in images.values()]), args.grid, ncol=n)
         print("grid rows: " + ", ".join(images))
+
+
+def export_arch(model: Path) -> str | None:
+    """The architecture the export recorded (`digits`, `canvas`, ...), which picks the classifier and sampler."""
+    from fcpass.cli.common import export_meta
+
+    return export_meta(load_model(model, load_weights=False)).get("arch")
 
 
 def _tuned(args: argparse.Namespace, spec: str, setup: SamplingSetup, path: Path) -> Path:
@@ -142,7 +155,7 @@ def _regions_of(spec: str, default: str) -> str:
 def run(
     args: argparse.Namespace, request: SampleRequest, graphs: dict[Any, Path], config: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    classifier = DigitClassifier()
+    classifier = classifier_for(SamplingSetup(config, request, arch=export_arch(args.model)))
     base = load_denoiser(args.model, None, {}, threads=args.threads)
     denoisers = {"uncached": base}
     for spec in args.policies:
@@ -191,22 +204,25 @@ def run(
     return rows, {key: result.images for key, result in last.items()}
 
 
-MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+def markers(arch: str | None) -> tuple[str, str]:
+    """The README markers around a bundled model's table: `bench` for digits, `bench:canvas` for canvas."""
+    name = "bench" if arch == "digits" else f"bench:{arch}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def _cli_args(args: argparse.Namespace) -> list[str]:
-    out = []
+    out = [] if args.model == ONNX else ["--model", str(args.model)]
     for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions", "motion_ratio"):
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     out += [flag for flag, on in (("--token-merge", args.token_merge), ("--motion-context", args.motion_context)) if on]
-    if args.scheduler_config != SCHEDULER_CONFIG:
+    if args.scheduler_config != bundled(export_arch(args.model)).scheduler_config:
         out += ["--scheduler-config", str(args.scheduler_config)]
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     solver = scheduler_from_config(args.scheduler_config).__class__.__name__.removesuffix("Scheduler")
-    head = (f"Bundled digits DiT ({args.model.name}), {args.samples} samples, {args.steps} {solver} steps, guidance "
+    head = (f"Bundled {export_arch(args.model)} DiT ({args.model.name}), {args.samples} samples, {args.steps} {solver} steps, guidance "
             f"{args.guidance_scale}, ONNX Runtime CPU, {args.threads} thread(s); speedup = median over {args.repeats} "
             "repeats of (uncached original graph's wall time / policy's), each pair run back to back, in "
             "alternating order.")
@@ -221,7 +237,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     with atomic_path(args.out, suffix=".md") as tmp:
         tmp.write_text(text)
     if args.readme:
-        replace_marked_block(args.readme, text, MARK_START, MARK_END)
+        replace_marked_block(args.readme, text, *markers(export_arch(args.model)))
     with atomic_path(args.out.with_suffix(".json"), suffix=".json") as tmp:
         tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

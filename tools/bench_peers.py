@@ -209,6 +209,10 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.scheduler_config != SCHEDULER_CONFIG:
         out += ["--scheduler-config", str(args.scheduler_config)]
+    if args.fcpass != FCPASS:
+        out += ["--fcpass", *[f"'{p}'" for p in args.fcpass]]
+    if args.diffusers != DIFFUSERS:
+        out += ["--diffusers", *args.diffusers]
     return out
 
 

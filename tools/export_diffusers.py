@@ -268,6 +268,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="of the random weights and embeddings")
     ap.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file; its folder gets the rest")
     args = ap.parse_args()
+    if not args.output.parent.is_dir():  # torch.onnx.export's own error here is a traceback
+        ap.exit(2, f"{ap.prog}: error: the folder {args.output.parent} of -o does not exist; create it or pick another\n")
     out = export_family(args.family, args.size, args.output, args.seed)
     print(f"wrote {out.path}, {out.scheduler.name}, {out.captions.name}" + (f", {out.pooled.name}" if out.pooled else ""))
 

@@ -24,10 +24,9 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
-
-import numpy as np
 
 from models import canvas, digits
 from models.dit import DiT, DiTConfig

@@ -122,10 +122,10 @@ def _scheduler_config(given: Path | None, model_path: Path, arch: str | None) ->
     sched_path = given
     if sched_path is None:
         beside = Path(model_path).parent / "scheduler_config.json"
-        if arch == "digits":
-            from models.digits import SCHEDULER_CONFIG
+        from models import bundled
 
-            sched_path = SCHEDULER_CONFIG
+        if bundled(arch) is not None:
+            sched_path = bundled(arch).scheduler_config
         elif beside.is_file():  # where tools/export_diffusers.py, and a diffusers scheduler folder, keep it
             log.info("sampling with %s (no --scheduler-config given)", beside)
             sched_path = beside

@@ -9,7 +9,7 @@ from typing import Any
 
 def add_parser(sub: Any) -> None:
     e = sub.add_parser("export", help="export a PyTorch DiT to static-shaped ONNX")
-    e.add_argument("--arch", required=True, help="digits, dit-{s,b,l,xl}-{2,4,8}, pixart-tiny, pixart-xl-2")
+    e.add_argument("--arch", required=True, help="digits, canvas, dit-{s,b,l,xl}-{2,4,8}, pixart-tiny, pixart-xl-2")
     e.add_argument("--image-size", type=int, default=256, help="image side in pixels (default %(default)s)")
     e.add_argument("--weights", type=Path, help="checkpoint (official DiT .pt, or diffusers layout)")
     e.add_argument("--batch", type=int, default=2, help="static batch (2 = one sample with guidance)")
