@@ -66,26 +66,7 @@ def load_denoiser(
     name = parse_policy_spec(policy)[0] if policy is not None else None
     if name is not None and name not in POLICIES:
         raise FcpassError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    if is_segments_artefact(path):
-        if engine is not None:
-            from runtimes.trt_segments import TrtSegmentsBackend
-
-            backend: Any = TrtSegmentsBackend(engine, path, cuda_graphs=cuda_graphs)
-        else:
-            from runtimes.segments import SegmentsBackend
-
-            backend = SegmentsBackend(path, [provider], threads=threads)
-    elif engine is not None:
-        from fcpass.contract.engines import is_engines_folder
-        from runtimes.trt_backend import TrtBackend
-
-        if is_engines_folder(engine):
-            raise FcpassError(f"{engine} holds the engines of a segments folder; run it with that folder: "
-                              f"fcpass sample MODEL.fc --engine {engine}")
-
-        backend = TrtBackend(engine, path)
-    else:
-        backend = OrtBackend(path, [provider], threads=threads)
+    backend = _open_backend(path, provider, threads, engine, cuda_graphs)
     if has_plan(backend.model):
         if dims:
             raise FcpassError(f"--dims: {path} is compiled at fixed sizes; drop --dims")
@@ -125,6 +106,29 @@ def load_denoiser(
     denoiser = PlainDenoiser(backend, roles, backend.outputs[0].name, macs, per_row=per_row)
     denoiser.frames_axis = frames_axis(backend.model, roles.latent.name)
     return denoiser
+
+
+def _open_backend(path: str | Path, provider: str, threads: int | None, engine: str | Path | None,
+                  cuda_graphs: bool) -> Any:
+    """The backend that runs `path`'s steps (see `load_denoiser`)."""
+    if is_segments_artefact(path):
+        if engine is not None:
+            from runtimes.trt_segments import TrtSegmentsBackend
+
+            return TrtSegmentsBackend(engine, path, cuda_graphs=cuda_graphs)
+        from runtimes.segments import SegmentsBackend
+
+        return SegmentsBackend(path, [provider], threads=threads)
+    if engine is not None:
+        from fcpass.contract.engines import is_engines_folder
+        from runtimes.trt_backend import TrtBackend
+
+        if is_engines_folder(engine):
+            raise FcpassError(f"{engine} holds the engines of a segments folder; run it with that folder: "
+                              f"fcpass sample MODEL.fc --engine {engine}")
+
+        return TrtBackend(engine, path)
+    return OrtBackend(path, [provider], threads=threads)
 
 
 def _carried(plan: Any, path: str | Path, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
