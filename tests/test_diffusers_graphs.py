@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -49,7 +48,7 @@ from fcpass.compiler.trt_check import check_graph
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, MIX_WIDTH, MOTION_INPUT, CachePlan
 from runtimes.state import Commit
-from tests.helpers.diffusers_models import BATCH, LAYERS, SPECS, Spec, _randomize_
+from tests.helpers.diffusers_models import BATCH, LAYERS, SPECS, Spec, _drop_noop_squeeze, _randomize_
 
 TOL = 1e-5
 PROVIDERS = ["CPUExecutionProvider"]
@@ -57,34 +56,6 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 CASES = [(name, exporter) for name in SPECS for exporter in ("legacy", "dynamo")]
 
-
-
-def _drop_noop_squeeze(model: onnx.ModelProto) -> int:
-    """Replace each Squeeze of statically non-1 dimensions by Identity (torch's no-op squeeze(dim))."""
-    g = model.graph
-    shapes = {
-        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        for v in [*g.input, *g.value_info]
-    }
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        for a in n.attribute:
-            if n.op_type == "Constant" and a.name == "value":
-                consts[n.output[0]] = numpy_helper.to_array(a.t)
-    fixed = 0
-    for node in g.node:
-        if node.op_type != "Squeeze" or len(node.input) != 2 or node.input[1] not in consts:
-            continue
-        shape = shapes.get(node.input[0])
-        if not shape:
-            continue
-        axes = [int(a) % len(shape) for a in consts[node.input[1]].ravel()]
-        if axes and all(shape[a] not in (None, 1) for a in axes):
-            identity = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
-            identity.metadata_props.extend(node.metadata_props)
-            node.CopyFrom(identity)
-            fixed += 1
-    return fixed
 
 
 # --- fixtures --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """TensorRT on a segments folder, without a GPU.
 
-`fcpass build` of a segments folder runs against the fake builder of test_trt_build (its plan bytes name
+`fcpass build` of a segments folder runs against the fake builder of tests.helpers.fake_trt_build (its plan bytes name
 the segment they were built from); the engines then run on the fake runtime of tests/helpers/fake_trt.py, whose
 `execute_async_v3` runs that segment on ONNX Runtime CPU through a numpy "device", and whose CUDA
 graphs replay the launches they recorded with the addresses of their capture. Sampling through them
@@ -28,9 +28,9 @@ from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import load_denoiser
 from runtimes import trt_backend
 from runtimes.trt_segments import TrtSegmentsBackend, TrtSegmentsState
-from tests import test_trt_build as build_fake
 from tests.conftest import calibration_setup
 from tests.helpers import fake_trt as runtime_fake
+from tests.helpers import fake_trt_build as build_fake
 
 POLICIES = {
     "fora": {"interval": 2},  # every region forced: no condition is read back
