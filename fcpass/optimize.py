@@ -2,7 +2,7 @@
 
 The artefact is one `.fc.onnx` file with `lowering="if"` (every region an ONNX If; its weights in
 `<name>.data` beside it once they pass `EXTERNAL_DATA_MIN_BYTES`), or a folder of
-If-free segments with `lowering="segments"` (`fcpass.compiler.passes.segments`: the same calibrated graph, cut
+If-free segments with `lowering="segments"` (`fcpass.compiler.passes.lower_segments`: the same calibrated graph, cut
 at its Ifs, for runtimes that must not see an If). An input that is already cache-aware can only be
 lowered to segments, as it is (its regions, calibration and fitted weights are kept).
 """
@@ -20,9 +20,14 @@ from fcpass.compiler.graphinfo import settle_outputs
 from fcpass.compiler.passes.bool_where import rewrite_bool_where
 from fcpass.compiler.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.compiler.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
+from fcpass.compiler.passes.lower_segments import (
+    check_lowering,
+    check_segments_output,
+    lower_to_segments,
+    write_segments,
+)
 from fcpass.compiler.passes.motion_tokens import MergeOptions
 from fcpass.compiler.passes.scatter_reduction import drop_default_reductions
-from fcpass.compiler.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
 from fcpass.compiler.static_shapes import dynamic_axes, fix_dims, parse_dims
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.onnx_io import check_distinct, check_file_output, check_types, load_model, save_model

@@ -12,9 +12,9 @@ from typing import Any
 from fcpass.compiler.graphinfo import GraphIndex, frames_axis, graph_macs, sized
 from fcpass.compiler.static_shapes import dynamic_axes, parse_dims
 from fcpass.contract.errors import FcpassError
+from fcpass.contract.manifest import is_segments_artefact
 from fcpass.contract.plan import check_digest, check_plan_fits, has_plan, read_plan
 from fcpass.contract.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
-from fcpass.contract.segments import is_segments_artefact
 from fcpass.policy_graph import compiled_defaults, default_policy, unused_costs
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
@@ -57,9 +57,9 @@ def load_denoiser(
     """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser, sampled
     at the sizes `dims` gives its named dynamic axes (`fcpass.compiler.static_shapes.parse_dims`).
 
-    With `engine` (a TensorRT plan built from `path`), the engine runs the steps and `path` supplies
+    With `engine` (a TensorRT engine built from `path`), the engine runs the steps and `path` supplies
     the cache plan and the input roles. A folder written by `fcpass optimize --lowering segments`
-    runs on `runtimes.segments.SegmentsBackend` (its manifest supplies the plan and the interface), or
+    runs on `runtimes.segments_backend.SegmentsBackend` (its manifest supplies the plan and the interface), or
     with `engine` (the folder of engines `fcpass build` made from it) on
     `runtimes.trt_segments.TrtSegmentsBackend`, each segment captured in a CUDA graph if `cuda_graphs`.
     """
@@ -116,7 +116,7 @@ def _open_backend(path: str | Path, provider: str, threads: int | None, engine: 
             from runtimes.trt_segments import TrtSegmentsBackend
 
             return TrtSegmentsBackend(engine, path, cuda_graphs=cuda_graphs)
-        from runtimes.segments import SegmentsBackend
+        from runtimes.segments_backend import SegmentsBackend
 
         return SegmentsBackend(path, [provider], threads=threads)
     if engine is not None:

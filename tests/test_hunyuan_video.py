@@ -101,7 +101,7 @@ def test_sample_optimize_calibrate_and_cache(hunyuan: dict[str, object], tmp_pat
     assert run(["optimize", hunyuan["onnx"], "-o", fc, "--calibrate", "2", "--calib-eps", "0.5", *common]) == 0
     assert run(["sample", fc, "--policy", "none", *common, "--out-npy", b]) == 0
     np.testing.assert_allclose(np.load(b), plain, atol=1e-5)
-    assert run(["sample", fc, "--policy", "fastcache", "--levels", "stack", "--sigma-scale", "50", *common,
+    assert run(["sample", fc, "--policy", "fastcache", "--regions", "stack", "--sigma-scale", "50", *common,
                 "--out-npy", b, "--report", report]) == 0
     records = json.loads(report.read_text())["records"]
     assert any(1 in r["skip"] for r in records) and np.isfinite(np.load(b)).all()

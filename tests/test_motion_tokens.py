@@ -176,11 +176,11 @@ def test_declines(exported: Path) -> None:
 
 def test_fastcache_motion_policy_sets_the_flag_after_warmup(exported: Path) -> None:
     m = Motion(exported, 0.5, regions=("stack",))
-    policy = FastCache(FastCacheConfig(levels="stack", motion=True, warmup=2))
+    policy = FastCache(FastCacheConfig(regions="stack", motion=True, warmup=2))
     policy.reset(m.plan, 6)
     assert [policy.controls(i).motion for i in range(6)] == [False, False, True, True, True, False]
     # Every second computing step runs all tokens; a skipped step does not count.
-    policy = FastCache(FastCacheConfig(levels="stack", motion=True, warmup=2, motion_full_every=2))
+    policy = FastCache(FastCacheConfig(regions="stack", motion=True, warmup=2, motion_full_every=2))
     policy.reset(m.plan, 9)
     seen = []
     for i in range(9):
@@ -190,7 +190,7 @@ def test_fastcache_motion_policy_sets_the_flag_after_warmup(exported: Path) -> N
     plain = Motion(exported, 0.5, regions=("stack",))
     plain.plan.motion = {}
     with pytest.raises(FcpassError, match="--motion-ratio"):
-        FastCache(FastCacheConfig(levels="stack", motion=True)).reset(plain.plan, 6)
+        FastCache(FastCacheConfig(regions="stack", motion=True)).reset(plain.plan, 6)
 
 
 @pytest.mark.parametrize("lowering", ["if", "segments"])
@@ -201,7 +201,7 @@ def test_sampling_with_motion_tokens_end_to_end(tmp_path: Path, lowering: str) -
     setup = SamplingSetup(SCHEDULER_CONFIG, request)
     plan = optimize(src, out, OptimizeOptions(regions=("stack",), motion_ratio=0.5, lowering=lowering), setup)
     assert plan.motion["k"] == 8
-    den = load_denoiser(out, "fastcache:levels=stack,motion=1,warmup=2", {})
+    den = load_denoiser(out, "fastcache:regions=stack,motion=1,warmup=2", {})
     runs = [sample(den, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False) for _ in range(2)]
     np.testing.assert_array_equal(runs[0].images, runs[1].images)  # the state is reset between runs
     assert [r["motion"] for r in runs[0].records] == [False, False, True, True, True, False]

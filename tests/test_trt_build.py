@@ -60,7 +60,7 @@ def test_cli_build_without_tensorrt_is_one_line(tmp_path: Path, monkeypatch: pyt
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     model = save(relu_model(), tmp_path / "m.onnx")
-    out = tmp_path / "m.plan"
+    out = tmp_path / "m.engine"
     assert main(["build", str(model), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -72,7 +72,7 @@ def test_a_graph_failing_the_checks_is_refused_before_tensorrt(tmp_path: Path, m
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     model = save(bad_model(), tmp_path / "bad.onnx")
-    out = tmp_path / "bad.plan"
+    out = tmp_path / "bad.engine"
     assert main(["build", str(model), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -85,15 +85,15 @@ def test_a_graph_failing_the_checks_is_refused_before_tensorrt(tmp_path: Path, m
 
 def test_successful_build_writes_the_engine_and_timing_cache(tmp_path: Path, fake: FakeState) -> None:
     model = save(relu_model(), tmp_path / "m.onnx")
-    out, cache = tmp_path / "m.plan", tmp_path / "m.cache"
+    out, cache = tmp_path / "m.engine", tmp_path / "m.cache"
     summary = build_engine(model, out, BuildOptions(fp16=True, timing_cache=cache, workspace_mb=64))
-    assert out.read_bytes() == fake.plan
+    assert out.read_bytes() == fake.engine
     assert cache.read_bytes() == b"+tuned" and fake.timing_cache_in == b""
     assert [f.name for f in fake.flags] == ["FP16"]
     assert [(p.name, size) for p, size in fake.pool_limits] == [("WORKSPACE", 64 << 20)]
     assert fake.profiles == [] and not summary.dynamic_batch  # static batch: no profile
     assert fake.parsed == str(model)  # parsed from the file, so external data resolves beside it
-    assert summary.engine_bytes == len(fake.plan) and summary.layers == 1 and summary.conditionals == 0
+    assert summary.engine_bytes == len(fake.engine) and summary.layers == 1 and summary.conditionals == 0
     assert [(t.name, t.mode, t.dtype, t.shape) for t in summary.io] == [
         ("x", "INPUT", "FLOAT", (2, 4)), ("y", "OUTPUT", "FLOAT", (2, 4)),
     ]
@@ -107,7 +107,7 @@ def test_a_compiled_graph_is_built_without_its_statistic_gates(calibrated: tuple
                                                                fake: FakeState) -> None:
     """TensorRT reads every If condition on the host: the build gets one If per region, none per gate."""
     _, fc = calibrated
-    summary = build_engine(fc, tmp_path / "m.plan", BuildOptions())
+    summary = build_engine(fc, tmp_path / "m.engine", BuildOptions())
     assert fake.parsed == str(fc) and fake.parsed_model is not None
     names = _if_names(fake.parsed_model.graph)
     assert names and all(n.endswith("/If") for n in names)
@@ -128,7 +128,7 @@ def _if_names(graph: onnx.GraphProto) -> list[str]:
 
 def test_dynamic_batch_gets_a_profile(tmp_path: Path, fake: FakeState) -> None:
     model = save(relu_model("N"), tmp_path / "m.onnx")
-    summary = build_engine(model, tmp_path / "m.plan", BuildOptions(batch=3, bf16=True))
+    summary = build_engine(model, tmp_path / "m.engine", BuildOptions(batch=3, bf16=True))
     assert summary.dynamic_batch
     assert fake.profiles == [{"x": ((1, 4), (3, 4), (3, 4))}]
     assert [f.name for f in fake.flags] == ["BF16"]
@@ -136,7 +136,7 @@ def test_dynamic_batch_gets_a_profile(tmp_path: Path, fake: FakeState) -> None:
 
 def test_cli_build_prints_a_summary(tmp_path: Path, fake: FakeState, capsys: pytest.CaptureFixture[str]) -> None:
     model = save(relu_model(), tmp_path / "m.onnx")
-    assert main(["build", str(model), "-o", str(tmp_path / "m.plan"), "--workspace", "16", "--verbose"]) == 0
+    assert main(["build", str(model), "-o", str(tmp_path / "m.engine"), "--workspace", "16", "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "1 layers" in out and "0 If conditionals" in out
     assert "input  x" in out and "output y" in out
@@ -145,7 +145,7 @@ def test_cli_build_prints_a_summary(tmp_path: Path, fake: FakeState, capsys: pyt
 def test_parser_errors_are_one_error_with_the_first_and_the_count(tmp_path: Path, fake: FakeState) -> None:
     fake.parse_errors = [("Assertion failed: unsupported thing", 0, "relu"), ("second", 0, "relu")]
     model = save(relu_model(), tmp_path / "m.onnx")
-    out = tmp_path / "m.plan"
+    out = tmp_path / "m.engine"
     with pytest.raises(FcpassError, match=r"rejected .* at node 0 \(relu\): Assertion failed: unsupported thing "
                                           r"\(and 1 more\)"):
         build_engine(model, out, BuildOptions())
@@ -156,7 +156,7 @@ def test_no_gpu_is_one_line_naming_it(tmp_path: Path, fake: FakeState) -> None:
     fake.builder_fails = True
     model = save(relu_model(), tmp_path / "m.onnx")
     with pytest.raises(FcpassError, match="cannot create a builder.*GPU"):
-        build_engine(model, tmp_path / "m.plan", BuildOptions())
+        build_engine(model, tmp_path / "m.engine", BuildOptions())
 
 
 def test_failed_build_writes_nothing(tmp_path: Path, fake: FakeState) -> None:
@@ -164,7 +164,7 @@ def test_failed_build_writes_nothing(tmp_path: Path, fake: FakeState) -> None:
     model = save(relu_model(), tmp_path / "m.onnx")
     cache = tmp_path / "m.cache"
     with pytest.raises(FcpassError, match="could not build an engine"):
-        build_engine(model, tmp_path / "m.plan", BuildOptions(timing_cache=cache))
+        build_engine(model, tmp_path / "m.engine", BuildOptions(timing_cache=cache))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -172,7 +172,7 @@ def test_fp16_on_tensorrt_11_says_to_convert_the_model(tmp_path: Path, monkeypat
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(FakeState(), trt11=True))
     model = save(relu_model(), tmp_path / "m.onnx")
     with pytest.raises(FcpassError, match="--fp16 needs TensorRT 10.x: TensorRT 11.0.0 removed BuilderFlag.FP16") as err:
-        build_engine(model, tmp_path / "m.plan", BuildOptions(fp16=True))
+        build_engine(model, tmp_path / "m.engine", BuildOptions(fp16=True))
     # A converter run on the compiled graph would sum the statistics in fp16 (and onnxconverter-common
     # cannot follow its Ifs): the export is what to convert.
     assert "convert the exported model to fp16" in str(err.value) and "before fcpass optimize" in str(err.value)
@@ -183,6 +183,6 @@ def test_bad_options(tmp_path: Path, fake: FakeState) -> None:
     with pytest.raises(FcpassError, match="is the input model"):
         build_engine(model, model, BuildOptions())
     with pytest.raises(FcpassError, match="--timing-cache"):
-        build_engine(model, tmp_path / "m.plan", BuildOptions(timing_cache=model))
+        build_engine(model, tmp_path / "m.engine", BuildOptions(timing_cache=model))
     with pytest.raises(FcpassError, match="--workspace 0"):
-        build_engine(model, tmp_path / "m.plan", BuildOptions(workspace_mb=0))
+        build_engine(model, tmp_path / "m.engine", BuildOptions(workspace_mb=0))

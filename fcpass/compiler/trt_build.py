@@ -48,8 +48,8 @@ from fcpass.contract.engines import (
     manifest_digest,
 )
 from fcpass.contract.errors import FcpassError
+from fcpass.contract.manifest import read_manifest, segment_files
 from fcpass.contract.onnx_io import atomic_dir, atomic_path, check_distinct, check_file_output, load_model, subgraphs
-from fcpass.contract.segments import read_manifest, segment_files
 
 log = logging.getLogger(__name__)
 

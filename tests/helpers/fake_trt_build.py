@@ -23,7 +23,7 @@ class FakeState:
         self.timing_cache_in: bytes | None = None
         self.parsed: str | None = None
         self.parsed_model: onnx.ModelProto | None = None
-        self.plan = b"PLAN\x00engine-bytes"
+        self.engine = b"PLAN\x00engine-bytes"
 
 
 def make_fake_trt(state: FakeState, trt11: bool = False) -> types.ModuleType:
@@ -154,7 +154,7 @@ def make_fake_trt(state: FakeState, trt11: bool = False) -> types.ModuleType:
             return Profile()
 
         def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
-            return None if state.build_fails else state.plan
+            return None if state.build_fails else state.engine
 
     class Engine:
         def __init__(self, network: Network) -> None:
@@ -186,7 +186,7 @@ def make_fake_trt(state: FakeState, trt11: bool = False) -> types.ModuleType:
             pass
 
         def deserialize_cuda_engine(self, serialized_engine: bytes) -> Engine:
-            assert bytes(serialized_engine) == state.plan
+            assert bytes(serialized_engine) == state.engine
             assert builders[-1].network is not None
             return Engine(builders[-1].network)
 
