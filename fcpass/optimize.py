@@ -98,10 +98,10 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     elif dims:
         raise FcpassError(f"--dims: {model_path} has no dynamic axes; drop --dims")
     settle_outputs(model)  # output axes the exporter named take the sizes the fixed inputs give them
-    if dropped := drop_default_reductions(model):
+    if dropped := drop_default_reductions(model).count:
         log.info("dropped reduction='none' (the default) from %d scatter nodes: TensorRT's parser up to 10.7 refuses it",
                  dropped)
-    if rewritten := rewrite_bool_where(model):
+    if rewritten := rewrite_bool_where(model).count:
         log.info("rewrote %d bool Where nodes as And/Or/Not: ONNX Runtime's CPU kernels have no bool Where", rewritten)
     roles = infer_roles(model, parse_role_overrides(options.inputs))
     if options.batch is not None and roles.latent.shape[0] != options.batch:
@@ -109,9 +109,10 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
                           "--batch, or re-export with that batch or a dynamic batch axis")
     block_map = discover_blocks(model, roles.latent.name, options.block_pattern)
     tokens = token_options(options.tokens, options.token_score) if options.tokens else None
-    out, plan = insert_cache_regions(model, block_map, roles.names(), options.regions, taylor=options.taylor, tokens=tokens,
-                                     probes=options.probes, motion_ratio=options.motion_ratio,
-                                     merge=options.token_merge, motion_context=options.motion_context)
+    compiled = insert_cache_regions(model, block_map, roles.names(), options.regions, taylor=options.taylor,
+                                    tokens=tokens, probes=options.probes, motion_ratio=options.motion_ratio,
+                                    merge=options.token_merge, motion_context=options.motion_context)
+    out, plan = compiled.model, compiled.plan
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
     if calibration is not None:
         if setup is None:

@@ -149,7 +149,8 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def rewritten(exported: Exported) -> Rewritten:
     block_map = discover_blocks(exported.model, "latent")
     roles = {"latent": "latent", "timestep": "timestep"}
-    model, plan = insert_cache_regions(exported.model, block_map, roles)
+    done = insert_cache_regions(exported.model, block_map, roles)
+    model, plan = done.model, done.plan
     tensors = sorted({t for r in plan.regions for t in (*r.inputs, *r.outputs)} | {s.source for s in plan.states})
     probe = ort.InferenceSession(_with_outputs(exported.model, tensors).SerializeToString(), providers=PROVIDERS)
     names = [o.name for o in probe.get_outputs()]
@@ -306,7 +307,8 @@ def test_motion_tokens_equal_diffusers_blocks_on_the_selected_tokens(exported: E
         with pytest.raises(FcpassError, match="Concat node .* on a subset of tokens: it splits or concatenates along the token axis"):
             insert_cache_regions(exported.model, block_map, roles, ("stack",), motion_ratio=0.5)
         return
-    model, plan = insert_cache_regions(exported.model, block_map, roles, ("stack",), motion_ratio=0.5)
+    done = insert_cache_regions(exported.model, block_map, roles, ("stack",), motion_ratio=0.5)
+    model, plan = done.model, done.plan
     session = ort.InferenceSession(model.SerializeToString(), providers=PROVIDERS)
     names = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(0)

@@ -38,7 +38,8 @@ class Motion:
     def __init__(self, path: Path, ratio: float, regions: tuple[str, ...] = ("blocks", "stack")) -> None:
         self.original = load(path)
         bmap = discover_blocks(self.original, "latent")
-        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=True, motion_ratio=ratio)
+        done = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=True, motion_ratio=ratio)
+        self.model, self.plan = done.model, done.plan
         self.sess = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
         self.orig = ort.InferenceSession(self.original.SerializeToString(), providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.sess.get_outputs()]
@@ -249,8 +250,9 @@ def test_merge_step_equals_the_pytorch_blocks_on_the_merged_tokens(exported: Pat
     with pytest.raises(FcpassError, match="--no-probes"):  # TeaCache's probe reads the tokens too
         insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",), motion_ratio=0.5,
                              merge=MergeOptions())
-    model, plan = insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",),
-                                       motion_ratio=0.5, merge=MergeOptions(), probes=False)
+    done = insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",),
+                                motion_ratio=0.5, merge=MergeOptions(), probes=False)
+    model, plan = done.model, done.plan
     assert plan.motion["merge"] == {"neighbours": 5, "weight": 1.0}
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
@@ -306,7 +308,8 @@ def _torch_context_step(feeds: dict[str, np.ndarray], state: dict[str, np.ndarra
 def test_motion_tokens_attending_to_cached_keys_and_values(exported: Path) -> None:
     original = load(exported)
     bmap = discover_blocks(original, "latent")
-    model, plan = insert_cache_regions(original, bmap, ROLES, ("stack",), motion_ratio=0.5, motion_context=True)
+    done = insert_cache_regions(original, bmap, ROLES, ("stack",), motion_ratio=0.5, motion_context=True)
+    model, plan = done.model, done.plan
     assert plan.motion["context"]
     kv = [s for s in plan.states if s.kind in ("key", "value")]
     assert [s.shape for s in kv[:2]] == [[B, 2, D // 2, N], [B, 2, N, D // 2]]  # (B, H, d, N) and (B, H, N, d)

@@ -92,7 +92,7 @@ def test_every_branch_forced_gives_the_if_graphs_outputs(tiny_dit: Path, tmp_pat
     model = onnx.load(str(fc))
     plan = read_plan(model)
     # The lowering measures every region (its gates are inlined), so it equals the inlined If graph.
-    sess = ort.InferenceSession(inline_gates(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(inline_gates(model).model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(7)
     r = len(plan.regions)

@@ -484,7 +484,7 @@ def test_duca_schedule_on_a_stack_graph(tiny_dit: Path) -> None:
 
 def _plain_plan(path: Path) -> CachePlan:
     model = load(path)
-    return insert_cache_regions(model, discover_blocks(model, "latent"), ROLES, ("stack",))[1]
+    return insert_cache_regions(model, discover_blocks(model, "latent"), ROLES, ("stack",)).plan
 
 
 def test_sampling_with_duca_resets_the_state_between_runs(tiny_dit: Path, tmp_path: Path) -> None:

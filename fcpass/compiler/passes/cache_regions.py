@@ -29,11 +29,15 @@ Cases:
 4. The else-branch is the approximation of `fcpass.contract.plan.APPROX_MIX` (`fcpass.compiler.passes.approximation`).
 5. Declined: a region output that shape inference cannot type, and opsets below 13 (Unsqueeze and
    Slice take attributes there); both raise FcpassError naming the tensor or the opset.
+
+Returns a copy; its input is left as it is. Checked after the pass: the controls are graph inputs and the
+summaries graph outputs, and every value a node reads is defined before it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -42,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fcpass.compiler.discover import Block, BlockMap, boundary_of
 from fcpass.compiler.graphinfo import GraphIndex, graph_macs, rename_values, replace_node_groups
 from fcpass.compiler.passes.approximation import INPUT_COLUMNS, approximation_nodes
+from fcpass.compiler.passes.base import PassResult, graph_pass, unresolved_reads
 from fcpass.compiler.passes.builder import (
     Region,
     RegionBuilder,
@@ -78,6 +83,21 @@ def region_if_name(region: str) -> str:
     return f"fc/{region}/If"
 
 
+@dataclass(frozen=True, kw_only=True)
+class CacheRegions(PassResult):
+    """`insert_cache_regions`' result: the cache-aware model, and its cache plan."""
+
+    plan: CachePlan
+
+
+def _cache_aware(model: onnx.ModelProto) -> list[str]:
+    inputs, outputs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
+    missing = [f"graph input {x} is missing" for x in (CTL_INPUT, THR_INPUT, MIX_INPUT) if x not in inputs]
+    missing += [f"graph output {x} is missing" for x in (STAT_OUTPUT, SKIP_OUTPUT) if x not in outputs]
+    return missing + unresolved_reads(model.graph)
+
+
+@graph_pass(mutates_input=False, invariant=_cache_aware)
 def insert_cache_regions(
     model: onnx.ModelProto,
     block_map: BlockMap,
@@ -89,8 +109,8 @@ def insert_cache_regions(
     motion_ratio: float | None = None,
     merge: MergeOptions | None = None,
     motion_context: bool = False,
-) -> tuple[onnx.ModelProto, CachePlan]:
-    """Return a cache-aware copy of `model` and its plan; `model` itself is not modified.
+) -> CacheRegions:
+    """Return a cache-aware copy of `model` and its plan (`count`: its regions); `model` itself is not modified.
 
     `taylor` adds each region's previous computed output to the state, which `taylor1` needs.
     `probes` adds FBCache's and TeaCache's statistics (case 3); without them a step that skips
@@ -138,7 +158,7 @@ def insert_cache_regions(
         plan.tokens = token_pass.spec()
     if motion_pass is not None:
         plan.motion = motion_pass.spec()
-    return out, plan
+    return CacheRegions(out, True, len(flat), plan=plan)
 
 
 def _check_options(model: onnx.ModelProto, region_sets: tuple[str, ...], tokens: TokenOptions | None,

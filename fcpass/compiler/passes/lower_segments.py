@@ -133,7 +133,7 @@ class _Scope:
 def lower_to_segments(model: onnx.ModelProto) -> Lowered:
     """Lower every If of `model` (an fcpass cache-aware graph, or any graph) to host-chosen segments;
     statistic gates are inlined first (`fcpass.compiler.passes.inline_gates`), not lowered."""
-    model = inline_gates(model)
+    model = inline_gates(model).model
     g = model.graph
     if g.sparse_initializer:
         raise FcpassError("the graph has sparse initializers, which --lowering segments does not carry; "
