@@ -2,9 +2,11 @@
 and returns a `PassResult` (the model and whether it changed it), states in its docstring whether it
 mutates its input and the invariant it keeps, and checks that invariant on what it returns.
 
-`@graph_pass(mutates_input=..., invariant=...)` declares the first (as the function's `mutates_input`
-attribute) and runs the second after the pass: an invariant returns what breaks it (an empty list when it
-holds), and a broken one raises FcpassError naming the pass. A lowering (`lower_segments`) turns a
+`@graph_pass(mutates_input=..., invariant=..., preserves=...)` declares the first (as the function's
+`mutates_input` attribute) and checks the others after the pass: each returns what breaks it (an empty
+list when it holds). `invariant` must hold on what the pass returns; `preserves` must break nowhere the
+input did not (a flaw the input already had is not the pass's). A broken one raises FcpassError naming
+the pass. A lowering (`lower_segments`) turns a
 model into another artefact and is not a pass.
 """
 
@@ -34,17 +36,24 @@ class PassResult:
 R = TypeVar("R", bound=PassResult)
 
 
-def graph_pass(*, mutates_input: bool,
-               invariant: Callable[[onnx.ModelProto], list[str]]) -> Callable[[Callable[..., R]], Callable[..., R]]:
-    """Declare a pass: whether it mutates its input, and the invariant checked on the model it returns."""
+Check = Callable[[onnx.ModelProto], list[str]]
+
+
+def graph_pass(*, mutates_input: bool, invariant: Check | None = None,
+               preserves: Check | None = None) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Declare a pass: whether it mutates its input, the invariant checked on the model it returns, and
+    the property it keeps (checked against its input's)."""
 
     def wrap(fn: Callable[..., R]) -> Callable[..., R]:
         @functools.wraps(fn)
         def run(model: onnx.ModelProto, *args: Any, **kwargs: Any) -> R:
+            before = set(preserves(model)) if preserves is not None else set()
             result = fn(model, *args, **kwargs)
             if mutates_input and result.model is not model:
                 raise AssertionError(f"pass {fn.__name__} declares that it mutates its input but returned another model")
-            broken = invariant(result.model)
+            broken = invariant(result.model) if invariant is not None else []
+            if preserves is not None:
+                broken += [b for b in preserves(result.model) if b not in before]
             if broken:
                 more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
                 raise FcpassError(f"pass {fn.__name__} broke its invariant: {broken[0]}{more}; please report this graph")
@@ -80,5 +89,5 @@ def unresolved_reads(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()
 
 
 def well_formed(model: onnx.ModelProto) -> list[str]:
-    """`unresolved_reads` of the main graph: the invariant of a pass that states no other."""
+    """`unresolved_reads` of the main graph: what every pass preserves."""
     return unresolved_reads(model.graph)

@@ -3,8 +3,8 @@ bool, and torch exports one for `masked_fill` on a bool tensor (HunyuanVideo's c
 so such a graph does not load there.
 
 Mutates its input. Invariant: the graph computes the same values: where(c, x, y) = (c and x) or
-(not c and y), with the same multidirectional broadcasting; every value a node reads is still defined
-before it (checked after the pass). Only the main graph is rewritten (an export has no subgraphs here).
+(not c and y), with the same multidirectional broadcasting; it defines every value it reads before
+reading it (checked after the pass). Only the main graph is rewritten (an export has no subgraphs here).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fcpass.compiler.graphinfo import infer_shapes
 from fcpass.compiler.passes.base import PassResult, graph_pass, well_formed
 
 
-@graph_pass(mutates_input=True, invariant=well_formed)
+@graph_pass(mutates_input=True, preserves=well_formed)
 def rewrite_bool_where(model: onnx.ModelProto) -> PassResult:
     """Replace every bool `Where` of the main graph (in place); `count`: how many were replaced."""
     graph = model.graph

@@ -31,7 +31,7 @@ Cases:
    Slice take attributes there); both raise FcpassError naming the tensor or the opset.
 
 Returns a copy; its input is left as it is. Checked after the pass: the controls are graph inputs and the
-summaries graph outputs, and every value a node reads is defined before it.
+summaries graph outputs, and every value a node reads is defined before it where it was in the input.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fcpass.compiler.discover import Block, BlockMap, boundary_of
 from fcpass.compiler.graphinfo import GraphIndex, graph_macs, rename_values, replace_node_groups
 from fcpass.compiler.passes.approximation import INPUT_COLUMNS, approximation_nodes
-from fcpass.compiler.passes.base import PassResult, graph_pass, unresolved_reads
+from fcpass.compiler.passes.base import PassResult, graph_pass, well_formed
 from fcpass.compiler.passes.builder import (
     Region,
     RegionBuilder,
@@ -94,10 +94,10 @@ def _cache_aware(model: onnx.ModelProto) -> list[str]:
     inputs, outputs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
     missing = [f"graph input {x} is missing" for x in (CTL_INPUT, THR_INPUT, MIX_INPUT) if x not in inputs]
     missing += [f"graph output {x} is missing" for x in (STAT_OUTPUT, SKIP_OUTPUT) if x not in outputs]
-    return missing + unresolved_reads(model.graph)
+    return missing
 
 
-@graph_pass(mutates_input=False, invariant=_cache_aware)
+@graph_pass(mutates_input=False, invariant=_cache_aware, preserves=well_formed)
 def insert_cache_regions(
     model: onnx.ModelProto,
     block_map: BlockMap,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import onnx
 
 from fcpass.compiler.graphinfo import node_inputs, rename_values
-from fcpass.compiler.passes.base import PassResult, all_nodes, graph_pass, unresolved_reads
+from fcpass.compiler.passes.base import PassResult, all_nodes, graph_pass, well_formed
 from fcpass.contract.onnx_io import subgraphs
 
 _GATE = re.compile(r"^fc/(.+)/gate$")
@@ -36,11 +36,10 @@ def gate_name(scope: str) -> str:
 
 
 def _no_gate(model: onnx.ModelProto) -> list[str]:
-    left = [f"gate {n.name!r} is left" for n in all_nodes(model.graph) if _is_gate(n)]
-    return left + unresolved_reads(model.graph)
+    return [f"gate {n.name!r} is left" for n in all_nodes(model.graph) if _is_gate(n)]
 
 
-@graph_pass(mutates_input=False, invariant=_no_gate)
+@graph_pass(mutates_input=False, invariant=_no_gate, preserves=well_formed)
 def inline_gates(model: onnx.ModelProto) -> PassResult:
     """A copy of `model` whose gates, at any depth, are replaced by their then-branches (a region's
     measuring one, an approximation's general form), less what only their conditions and their other

@@ -29,7 +29,7 @@ from fcpass.contract.onnx_io import subgraphs, tensor_nbytes
 EXTERNAL_DATA_MIN_BYTES = 16 * 2**20
 
 
-@graph_pass(mutates_input=True, invariant=well_formed)
+@graph_pass(mutates_input=True, preserves=well_formed)
 def localize_weights(model: onnx.ModelProto) -> PassResult:
     """Move weights into the branches that read them (in place); `count`: how many moved."""
     graph = model.graph
