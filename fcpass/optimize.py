@@ -2,7 +2,7 @@
 
 The artefact is one `.fc.onnx` file with `lowering="if"` (every region an ONNX If; its weights in
 `<name>.data` beside it once they pass `EXTERNAL_DATA_MIN_BYTES`), or a folder of
-If-free segments with `lowering="segments"` (`fcpass.compiler.passes.segments`: the same calibrated graph, cut
+If-free segments with `lowering="segments"` (`fcpass.compiler.passes.lower_segments`: the same calibrated graph, cut
 at its Ifs, for runtimes that must not see an If). An input that is already cache-aware can only be
 lowered to segments, as it is (its regions, calibration and fitted weights are kept).
 """
@@ -20,9 +20,14 @@ from fcpass.compiler.graphinfo import settle_outputs
 from fcpass.compiler.passes.bool_where import rewrite_bool_where
 from fcpass.compiler.passes.cache_regions import REGION_SETS, insert_cache_regions
 from fcpass.compiler.passes.localize_weights import EXTERNAL_DATA_MIN_BYTES, branch_weight_bytes, localize_weights
+from fcpass.compiler.passes.lower_segments import (
+    check_lowering,
+    check_segments_output,
+    lower_to_segments,
+    write_segments,
+)
 from fcpass.compiler.passes.motion_tokens import MergeOptions
 from fcpass.compiler.passes.scatter_reduction import drop_default_reductions
-from fcpass.compiler.passes.segments import check_lowering, check_segments_output, lower_to_segments, write_segments
 from fcpass.compiler.static_shapes import dynamic_axes, fix_dims, parse_dims
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.onnx_io import check_distinct, check_file_output, check_types, load_model, save_model
@@ -93,10 +98,10 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     elif dims:
         raise FcpassError(f"--dims: {model_path} has no dynamic axes; drop --dims")
     settle_outputs(model)  # output axes the exporter named take the sizes the fixed inputs give them
-    if dropped := drop_default_reductions(model):
+    if dropped := drop_default_reductions(model).count:
         log.info("dropped reduction='none' (the default) from %d scatter nodes: TensorRT's parser up to 10.7 refuses it",
                  dropped)
-    if rewritten := rewrite_bool_where(model):
+    if rewritten := rewrite_bool_where(model).count:
         log.info("rewrote %d bool Where nodes as And/Or/Not: ONNX Runtime's CPU kernels have no bool Where", rewritten)
     roles = infer_roles(model, parse_role_overrides(options.inputs))
     if options.batch is not None and roles.latent.shape[0] != options.batch:
@@ -104,9 +109,10 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
                           "--batch, or re-export with that batch or a dynamic batch axis")
     block_map = discover_blocks(model, roles.latent.name, options.block_pattern)
     tokens = token_options(options.tokens, options.token_score) if options.tokens else None
-    out, plan = insert_cache_regions(model, block_map, roles.names(), options.regions, taylor=options.taylor, tokens=tokens,
-                                     probes=options.probes, motion_ratio=options.motion_ratio,
-                                     merge=options.token_merge, motion_context=options.motion_context)
+    compiled = insert_cache_regions(model, block_map, roles.names(), options.regions, taylor=options.taylor,
+                                    tokens=tokens, probes=options.probes, motion_ratio=options.motion_ratio,
+                                    merge=options.token_merge, motion_context=options.motion_context)
+    out, plan = compiled.model, compiled.plan
     log.info("%d blocks (%s) -> %d cache regions", len(block_map), block_map.method, len(plan.regions))
     if calibration is not None:
         if setup is None:

@@ -3,7 +3,7 @@
 A graph compiled with every region set and every probe serves every policy, but a policy pays at each
 skipped step for what it does not use: nested regions pass their states out of a skipped stack, and
 TeaCache's probe runs block 0's normalisation and modulation at every step. `graph_for` maps policy
-specs to the OptimizeOptions fields that serve exactly them: the region sets their levels name, the
+specs to the OptimizeOptions fields that serve exactly them: the region sets their `regions` option names, the
 probes (FBCache, TeaCache), the previous outputs (taylor1 extrapolation), the token mechanism (DuCa,
 ToCa) and the motion tokens (FastCache with motion=1).
 """
@@ -36,9 +36,9 @@ def regions_needed(policy: Policy) -> tuple[str, ...]:
     """The region sets a (built) policy controls, from its settings."""
     name, config = policy.name, getattr(policy, "config", None)
     if name in ("fora", "taylorseer"):
-        return (config.level,)
+        return (config.regions,)
     if name == "fastcache":
-        return tuple(x.strip() for x in config.levels.split(",") if x.strip())
+        return tuple(x.strip() for x in config.regions.split(",") if x.strip())
     if name == "delta-dit":
         return ("blocks",)
     if name == "fbcache":

@@ -12,9 +12,9 @@ from typing import Any
 from fcpass.compiler.graphinfo import GraphIndex, frames_axis, graph_macs, sized
 from fcpass.compiler.static_shapes import dynamic_axes, parse_dims
 from fcpass.contract.errors import FcpassError
+from fcpass.contract.manifest import is_segments_artefact
 from fcpass.contract.plan import check_digest, check_plan_fits, has_plan, read_plan
 from fcpass.contract.roles import InputRoles, graph_inputs, infer_roles, parse_role_overrides
-from fcpass.contract.segments import is_segments_artefact
 from fcpass.policy_graph import compiled_defaults, default_policy, unused_costs
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
@@ -69,35 +69,16 @@ def load_denoiser(
     """A cache-aware graph becomes a CachedDenoiser under `policy`; a plain graph a PlainDenoiser, sampled
     at the sizes `dims` gives its named dynamic axes (`fcpass.compiler.static_shapes.parse_dims`).
 
-    With `engine` (a TensorRT plan built from `path`), the engine runs the steps and `path` supplies
+    With `engine` (a TensorRT engine built from `path`), the engine runs the steps and `path` supplies
     the cache plan and the input roles. A folder written by `fcpass optimize --lowering segments`
-    runs on `runtimes.segments.SegmentsBackend` (its manifest supplies the plan and the interface), or
+    runs on `runtimes.segments_backend.SegmentsBackend` (its manifest supplies the plan and the interface), or
     with `engine` (the folder of engines `fcpass build` made from it) on
     `runtimes.trt_segments.TrtSegmentsBackend`, each segment captured in a CUDA graph if `cuda_graphs`.
     """
     name = parse_policy_spec(policy)[0] if policy is not None else None
     if name is not None and name not in POLICIES:
         raise FcpassError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    if is_segments_artefact(path):
-        if engine is not None:
-            from runtimes.trt_segments import TrtSegmentsBackend
-
-            backend: Any = TrtSegmentsBackend(engine, path, cuda_graphs=cuda_graphs)
-        else:
-            from runtimes.segments import SegmentsBackend
-
-            backend = SegmentsBackend(path, [provider], threads=threads)
-    elif engine is not None:
-        from fcpass.contract.engines import is_engines_folder
-        from runtimes.trt_backend import TrtBackend
-
-        if is_engines_folder(engine):
-            raise FcpassError(f"{engine} holds the engines of a segments folder; run it with that folder: "
-                              f"fcpass sample MODEL.fc --engine {engine}")
-
-        backend = TrtBackend(engine, path)
-    else:
-        backend = OrtBackend(path, [provider], threads=threads)
+    backend = _open_backend(path, provider, threads, engine, cuda_graphs)
     if has_plan(backend.model):
         if dims:
             raise FcpassError(f"--dims: {path} is compiled at fixed sizes; drop --dims")
@@ -137,6 +118,29 @@ def load_denoiser(
     denoiser = PlainDenoiser(backend, roles, backend.outputs[0].name, macs, per_row=per_row)
     denoiser.frames_axis = frames_axis(backend.model, roles.latent.name)
     return denoiser
+
+
+def _open_backend(path: str | Path, provider: str, threads: int | None, engine: str | Path | None,
+                  cuda_graphs: bool) -> Any:
+    """The backend that runs `path`'s steps (see `load_denoiser`)."""
+    if is_segments_artefact(path):
+        if engine is not None:
+            from runtimes.trt_segments import TrtSegmentsBackend
+
+            return TrtSegmentsBackend(engine, path, cuda_graphs=cuda_graphs)
+        from runtimes.segments_backend import SegmentsBackend
+
+        return SegmentsBackend(path, [provider], threads=threads)
+    if engine is not None:
+        from fcpass.contract.engines import is_engines_folder
+        from runtimes.trt_backend import TrtBackend
+
+        if is_engines_folder(engine):
+            raise FcpassError(f"{engine} holds the engines of a segments folder; run it with that folder: "
+                              f"fcpass sample MODEL.fc --engine {engine}")
+
+        return TrtBackend(engine, path)
+    return OrtBackend(path, [provider], threads=threads)
 
 
 def _carried(plan: Any, path: str | Path, options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:

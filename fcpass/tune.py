@@ -39,17 +39,17 @@ _SKIPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20)
 _WARMUP = (1, 2, 3, 4, 5, 6)
 # Each policy's grid: knob values conservative -> aggressive (or a choice), and the start of the search.
 SPACES: dict[str, tuple[tuple[Knob, Any], ...]] = {
-    "fastcache": ((Knob("levels", ("stack", "blocks", "stack,blocks"), ordered=False), "stack"),
+    "fastcache": ((Knob("regions", ("stack", "blocks", "stack,blocks"), ordered=False), "stack"),
                   (Knob("approx", ("taylor1", "linear", "residual"), ordered=False), "taylor1"),
                   (Knob("sigma_scale", (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)), 64),
                   (Knob("max_skips", _SKIPS), 6),
                   (Knob("warmup", _WARMUP), 3)),
-    "taylorseer": ((Knob("level", ("stack", "blocks"), ordered=False), "stack"),
+    "taylorseer": ((Knob("regions", ("stack", "blocks"), ordered=False), "stack"),
                    (Knob("interval", tuple(range(2, 17))), 7),
                    (Knob("warmup", _WARMUP), 3),
                    (Knob("phase", tuple(range(16))), 1),
                    (Knob("last", (1, 0)), 1)),
-    "fora": ((Knob("level", ("stack", "blocks"), ordered=False), "stack"),
+    "fora": ((Knob("regions", ("stack", "blocks"), ordered=False), "stack"),
              (Knob("interval", tuple(range(2, 11))), 4),
              (Knob("warmup", _WARMUP), 2)),
     "fbcache": ((Knob("threshold", (0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32, 0.48)), 0.04),
@@ -62,7 +62,7 @@ SPACES: dict[str, tuple[tuple[Knob, Any], ...]] = {
 }
 DEFAULT_POLICIES = ["fastcache", "taylorseer", "fora", "fbcache", "teacache", "magcache"]
 # The knobs that change what a graph must hold (its region sets, the previous outputs for taylor1).
-STRUCTURAL = ("levels", "level", "approx")
+STRUCTURAL = ("regions", "approx")
 
 
 def space_for(spec: str) -> Space:

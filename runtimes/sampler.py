@@ -100,33 +100,10 @@ def sample(
     """Run the whole sampling loop for every sample in `request`; time it as one wall-clock span."""
     roles = denoiser.roles
     n = request.count
-    if n == 0:
-        raise FcpassError("nothing to sample: give --class C (one or more) or --prompt-embeds FILE.npy")
-    if request.steps < 1:
-        raise FcpassError(f"--steps {request.steps} must be at least 1")
-    if request.seed < 0:
-        raise FcpassError(f"--seed {request.seed} must be 0 or more")
-    # A guidance-distilled graph (FLUX.1-dev, HunyuanVideo) takes the guidance scale as an input; an
-    # unconditional half is its pipelines' "true" guidance, at its own scale.
-    if request.true_cfg_scale != 1.0 and roles.guidance is None:
-        raise FcpassError(f"--true-cfg-scale {request.true_cfg_scale:g} is for graphs that take the guidance scale as an "
-                          "input; this one guides with --guidance-scale")
-    cfg_scale = request.guidance_scale if roles.guidance is None else request.true_cfg_scale
+    cfg_scale, cond_input = _check_request(request, roles)
     cfg = cfg_scale != 1.0
-    cond_input = roles.prompt_embeds if request.prompt_embeds is not None else roles.class_labels
-    if cond_input is None:
-        kind = "--prompt-embeds" if request.prompt_embeds is not None else "--class"
-        raise FcpassError(f"{kind} given but the graph has no matching conditioning input; name it with --inputs")
-    if cfg and request.prompt_embeds is None and request.uncond_class is None:
-        raise FcpassError("classifier-free guidance needs the unconditional label, and the graph's class input indexes "
-                          "no label table to read it from; pass --uncond-class U, or --guidance-scale 1")
     _check_inputs(request, roles, cfg)
-    model_batch = _batch_of(roles)
-    halves = cfg and model_batch == 1  # two calls a step, one per half of guidance
-    if cfg and model_batch is not None and model_batch > 1 and model_batch % 2:
-        raise FcpassError(f"the graph's batch is {model_batch}: guidance needs an even batch (both halves in one call) "
-                          "or batch 1 (a call per half); re-export with --batch 2, or use --guidance-scale 1")
-    per_call = n if model_batch is None else (model_batch // 2 if cfg and not halves else model_batch)
+    per_call, halves = _calls(roles, cfg, n)
     shape = tuple(int(d) for d in roles.latent.shape[1:])  # type: ignore[arg-type]
     packed = len(shape) == 2  # Flux's latent: (tokens, channels) of 2x2 patches
     # (frames of a video latent lead its height and width)
@@ -142,49 +119,106 @@ def sample(
                             sigmas=way.sigmas(request.steps) if way.sigmas else None)
     timesteps = scheduler.timesteps
     images = np.empty_like(noise)
-    step_seconds: list[float] = []
-    records: list[dict[str, Any]] = []
-    macs = 0
     chunks = range(0, n, per_call)
     bar = tqdm(total=len(chunks) * len(timesteps), desc="sample", disable=not progress, leave=False, mininterval=1.0)
+    loop = _Loop(denoiser, scheduler, timesteps, roles, way, cfg_scale, shape, packed, bar)
     start = time.perf_counter()
     for first in chunks:
         idx = np.arange(first, min(first + per_call, n))
         pad = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
-        x = noise[pad]
         rows = len(pad) * (2 if cfg else 1)
         # What stays put through the chunk's steps, built once: the conditioning, and the per-row
         # inputs repeated for both halves of guidance alike.
         constant = {cond_input.name: _conditioning(request, pad, cfg).astype(cond_input.dtype),
                     **_caption_extras(request, roles, pad, cfg),
                     **{name: np.repeat(row, rows, axis=0) for name, row in per_row.items()}, **fixed}
-        denoiser.reset(len(timesteps))
-        for i, t in enumerate(timesteps):
-            t0 = time.perf_counter()
-            latent_in = np.concatenate([x, x]) if cfg else x
-            feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype),
-                     roles.timestep.name: _timestep_feed(t * way.timestep_scale, rows, roles), **constant}
-            out = denoiser(feeds, i)
-            if not packed:
-                out = out[:, : shape[0]]  # learned-sigma graphs output 2C channels; the first C are the mean
-            if cfg:
-                cond_out, uncond_out = out[: len(x)], out[len(x) :]
-                out = uncond_out + cfg_scale * (cond_out - uncond_out)
-            x = scheduler.step(out, i, x)
-            check_finite(x, i, len(timesteps), scheduler)
-            step_seconds.append(time.perf_counter() - t0)
-            record = denoiser.last_record()
-            macs += record.get("macs", denoiser.uncached_macs)
-            records.append({"step": i, "chunk": first // per_call, **record})
-            bar.update()
-        images[idx] = x[: len(idx)]
+        images[idx] = loop.run_chunk(noise[pad], constant, rows, first // per_call)[: len(idx)]
     wall = time.perf_counter() - start
     bar.close()
     calls = len(chunks) * len(timesteps) * (2 if halves else 1)
     if packed:
         images = unpack_latents(images, grid)
-    return SampleResult(images, wall, step_seconds, macs, denoiser.uncached_macs * calls, records, calls,
+    return SampleResult(images, wall, loop.step_seconds, loop.macs, denoiser.uncached_macs * calls, loop.records, calls,
                         getattr(denoiser, "frames_axis", 2))
+
+
+def _check_request(request: SampleRequest, roles: InputRoles) -> tuple[float, Any]:
+    """Raise FcpassError for a request the graph cannot take; return the guidance scale the loop
+    applies and the conditioning input."""
+    if request.count == 0:
+        raise FcpassError("nothing to sample: give --class C (one or more) or --prompt-embeds FILE.npy")
+    if request.steps < 1:
+        raise FcpassError(f"--steps {request.steps} must be at least 1")
+    if request.seed < 0:
+        raise FcpassError(f"--seed {request.seed} must be 0 or more")
+    # A guidance-distilled graph (FLUX.1-dev, HunyuanVideo) takes the guidance scale as an input; an
+    # unconditional half is its pipelines' "true" guidance, at its own scale.
+    if request.true_cfg_scale != 1.0 and roles.guidance is None:
+        raise FcpassError(f"--true-cfg-scale {request.true_cfg_scale:g} is for graphs that take the guidance scale as an "
+                          "input; this one guides with --guidance-scale")
+    cfg_scale = request.guidance_scale if roles.guidance is None else request.true_cfg_scale
+    cond_input = roles.prompt_embeds if request.prompt_embeds is not None else roles.class_labels
+    if cond_input is None:
+        kind = "--prompt-embeds" if request.prompt_embeds is not None else "--class"
+        raise FcpassError(f"{kind} given but the graph has no matching conditioning input; name it with --inputs")
+    if cfg_scale != 1.0 and request.prompt_embeds is None and request.uncond_class is None:
+        raise FcpassError("classifier-free guidance needs the unconditional label, and the graph's class input indexes "
+                          "no label table to read it from; pass --uncond-class U, or --guidance-scale 1")
+    return cfg_scale, cond_input
+
+
+def _calls(roles: InputRoles, cfg: bool, n: int) -> tuple[int, bool]:
+    """(samples per denoiser call, whether each step makes two calls: one per half of guidance)."""
+    model_batch = _batch_of(roles)
+    halves = cfg and model_batch == 1
+    if cfg and model_batch is not None and model_batch > 1 and model_batch % 2:
+        raise FcpassError(f"the graph's batch is {model_batch}: guidance needs an even batch (both halves in one call) "
+                          "or batch 1 (a call per half); re-export with --batch 2, or use --guidance-scale 1")
+    per_call = n if model_batch is None else (model_batch // 2 if cfg and not halves else model_batch)
+    return per_call, halves
+
+
+@dataclass
+class _Loop:
+    """The steps of one chunk of samples, and what they record across chunks."""
+
+    denoiser: Denoiser
+    scheduler: Scheduler
+    timesteps: Any  # the scheduler's, as set for the whole run
+    roles: InputRoles
+    way: Convention
+    cfg_scale: float
+    shape: tuple[int, ...]
+    packed: bool
+    bar: Any
+    step_seconds: list[float] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    macs: int = 0
+
+    def run_chunk(self, x: np.ndarray, constant: dict[str, np.ndarray], rows: int, chunk: int) -> np.ndarray:
+        """Denoise the chunk's noise `x` through every timestep; return the final latent."""
+        cfg = self.cfg_scale != 1.0
+        roles, scheduler, timesteps = self.roles, self.scheduler, self.timesteps
+        self.denoiser.reset(len(timesteps))
+        for i, t in enumerate(timesteps):
+            t0 = time.perf_counter()
+            latent_in = np.concatenate([x, x]) if cfg else x
+            feeds = {roles.latent.name: scheduler.scale_model_input(latent_in, i).astype(roles.latent.dtype),
+                     roles.timestep.name: _timestep_feed(t * self.way.timestep_scale, rows, roles), **constant}
+            out = self.denoiser(feeds, i)
+            if not self.packed:
+                out = out[:, : self.shape[0]]  # learned-sigma graphs output 2C channels; the first C are the mean
+            if cfg:
+                cond_out, uncond_out = out[: len(x)], out[len(x) :]
+                out = uncond_out + self.cfg_scale * (cond_out - uncond_out)
+            x = scheduler.step(out, i, x)
+            check_finite(x, i, len(timesteps), scheduler)
+            self.step_seconds.append(time.perf_counter() - t0)
+            record = self.denoiser.last_record()
+            self.macs += record.get("macs", self.denoiser.uncached_macs)
+            self.records.append({"step": i, "chunk": chunk, **record})
+            self.bar.update()
+        return x
 
 
 def _check_inputs(request: SampleRequest, roles: InputRoles, cfg: bool) -> None:

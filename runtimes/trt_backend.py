@@ -82,7 +82,7 @@ def check_state_io(inputs: list[str], outputs: list[str], plan: CachePlan) -> No
     if missing:
         raise FcpassError(
             f"the engine has no I/O tensor {missing[0]} of the cache plan ({len(missing)} missing): it was built from "
-            "another graph; rebuild it with fcpass build MODEL.fc.onnx -o MODEL.fc.plan"
+            "another graph; rebuild it with fcpass build MODEL.fc.onnx -o MODEL.fc.engine"
         )
 
 

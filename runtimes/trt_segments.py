@@ -3,7 +3,7 @@
 `fcpass build MODEL.fc -o MODEL.engines` (MODEL.fc from `fcpass optimize --lowering segments`) builds
 one engine per segment (`fcpass.compiler.trt_build.build_segments`); `fcpass sample MODEL.fc --engine
 MODEL.engines` runs them here. The step program is the manifest's, interpreted as in
-`runtimes.segments`; what differs is where the values live:
+`runtimes.segments_backend`; what differs is where the values live:
 
 - every value has one device buffer of its own for the whole run (allocated the first time it is
   written, again only if its shape changes): the per-step inputs are copied into theirs, a segment
@@ -16,7 +16,7 @@ MODEL.engines` runs them here. The step program is the manifest's, interpreted a
   through) stays where it is: which buffer is current is kept per state;
 - a branch reads its condition back (one small device-to-host copy and a stream synchronisation, what
   TensorRT pays for an If) unless the host knows it: a region the policy forced, or a token If
-  (`runtimes.segments.forced_branch`);
+  (`runtimes.segments_backend.forced_branch`);
 - with `cuda_graphs` (the default), each segment's `execute_async_v3` is captured into a CUDA graph
   the first time it runs with a given set of buffer addresses and replayed after that. Fixed buffers
   keep the number of address sets small: one per combination of current buffers of the states the
@@ -39,11 +39,11 @@ import numpy as np
 
 from fcpass.contract.engines import IOTensor, import_tensorrt, read_engines_index
 from fcpass.contract.errors import FcpassError
+from fcpass.contract.manifest import interface_model, read_manifest
 from fcpass.contract.onnx_io import load_model
 from fcpass.contract.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan
 from fcpass.contract.roles import graph_inputs, graph_outputs
-from fcpass.contract.segments import interface_model, read_manifest
-from runtimes.segments import compile_program, host_conditions, interpret, region_indices
+from runtimes.segments_backend import compile_program, host_conditions, interpret, region_indices
 from runtimes.state import Commit, with_decisions
 from runtimes.trt_backend import Device, TorchCudaDevice, load_engine, numpy_dtype
 

@@ -76,7 +76,7 @@ DIFFUSERS = [(name, exporter) for name in ("dit", "pixart") for exporter in ("le
 @pytest.fixture(scope="module", params=DIFFUSERS, ids=[f"{n}-{e}" for n, e in DIFFUSERS])
 def diffusers_graph(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     pytest.importorskip("diffusers")
-    from tests import test_diffusers_graphs as dg
+    from tests.helpers import diffusers_models as dg
 
     name, exporter = request.param
     spec = dg.SPECS[name]

@@ -156,7 +156,7 @@ def test_an_fp16_statistic_is_summed_in_fp32(tiny_dit_fp16: Path) -> None:
 def test_only_regions_the_graph_decides_are_measured_and_inlined_gates_measure_all(compiled: Compiled) -> None:
     """A forced region's gate skips its statistic (NaN); with the gates inlined (what TensorRT and the
     segments lowering get) every region is measured and everything else is unchanged."""
-    inlined = inline_gates(compiled.model)
+    inlined = inline_gates(compiled.model).model
     def ifs(graph: onnx.GraphProto) -> list[str]:
         return [x for n in graph.node for x in ([n.name] if n.op_type == "If" else []) + [y for g in subgraphs(n) for y in ifs(g)]]
     assert [n for n in ifs(compiled.model.graph) if n.endswith("/a0/linear/gate")]  # the approximations' gates nest
@@ -404,7 +404,7 @@ def test_localized_weights_compute_the_same_and_live_in_their_branch(compiled: C
     model = onnx.ModelProto()
     model.CopyFrom(compiled.model)
     before = {t.name for t in all_initializers(model)}
-    moved = localize_weights(model)
+    moved = localize_weights(model).count
     assert moved > 0 and {t.name for t in all_initializers(model)} == before
     onnx.checker.check_model(model, full_check=True)
     assert check_graph(model) == []

@@ -391,4 +391,4 @@ def test_motion_token_flags(capsys: pytest.CaptureFixture[str], plain: Path, cac
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "motion tokens in stack: k = 32 of 64 (ratio 0.5), merged by k-NN (K = 3, lambda = 1.0)" in capsys.readouterr().out
-    user_error(capsys, ["sample", cached, "--policy", "fastcache:motion=1,levels=stack", "--steps", "2"], "--motion-ratio")
+    user_error(capsys, ["sample", cached, "--policy", "fastcache:motion=1,regions=stack", "--steps", "2"], "--motion-ratio")

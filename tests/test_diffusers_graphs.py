@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -49,7 +48,7 @@ from fcpass.compiler.trt_check import check_graph
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.plan import APPROX_MIX, CTL_DECIDE, CTL_SKIP, MIX_WIDTH, MOTION_INPUT, CachePlan
 from runtimes.state import Commit
-from tests.helpers.diffusers_models import BATCH, LAYERS, SPECS, Spec, _randomize_
+from tests.helpers.diffusers_models import BATCH, LAYERS, SPECS, Spec, _drop_noop_squeeze, _randomize_
 
 TOL = 1e-5
 PROVIDERS = ["CPUExecutionProvider"]
@@ -57,34 +56,6 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 CASES = [(name, exporter) for name in SPECS for exporter in ("legacy", "dynamo")]
 
-
-
-def _drop_noop_squeeze(model: onnx.ModelProto) -> int:
-    """Replace each Squeeze of statically non-1 dimensions by Identity (torch's no-op squeeze(dim))."""
-    g = model.graph
-    shapes = {
-        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        for v in [*g.input, *g.value_info]
-    }
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        for a in n.attribute:
-            if n.op_type == "Constant" and a.name == "value":
-                consts[n.output[0]] = numpy_helper.to_array(a.t)
-    fixed = 0
-    for node in g.node:
-        if node.op_type != "Squeeze" or len(node.input) != 2 or node.input[1] not in consts:
-            continue
-        shape = shapes.get(node.input[0])
-        if not shape:
-            continue
-        axes = [int(a) % len(shape) for a in consts[node.input[1]].ravel()]
-        if axes and all(shape[a] not in (None, 1) for a in axes):
-            identity = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
-            identity.metadata_props.extend(node.metadata_props)
-            node.CopyFrom(identity)
-            fixed += 1
-    return fixed
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -178,7 +149,8 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def rewritten(exported: Exported) -> Rewritten:
     block_map = discover_blocks(exported.model, "latent")
     roles = {"latent": "latent", "timestep": "timestep"}
-    model, plan = insert_cache_regions(exported.model, block_map, roles)
+    done = insert_cache_regions(exported.model, block_map, roles)
+    model, plan = done.model, done.plan
     tensors = sorted({t for r in plan.regions for t in (*r.inputs, *r.outputs)} | {s.source for s in plan.states})
     probe = ort.InferenceSession(_with_outputs(exported.model, tensors).SerializeToString(), providers=PROVIDERS)
     names = [o.name for o in probe.get_outputs()]
@@ -335,7 +307,8 @@ def test_motion_tokens_equal_diffusers_blocks_on_the_selected_tokens(exported: E
         with pytest.raises(FcpassError, match="Concat node .* on a subset of tokens: it splits or concatenates along the token axis"):
             insert_cache_regions(exported.model, block_map, roles, ("stack",), motion_ratio=0.5)
         return
-    model, plan = insert_cache_regions(exported.model, block_map, roles, ("stack",), motion_ratio=0.5)
+    done = insert_cache_regions(exported.model, block_map, roles, ("stack",), motion_ratio=0.5)
+    model, plan = done.model, done.plan
     session = ort.InferenceSession(model.SerializeToString(), providers=PROVIDERS)
     names = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(0)

@@ -55,7 +55,7 @@ def test_a_batch_1_graph_samples_with_guidance_as_the_batch_2_graph_does(graphs:
         two.macs_uncached // two.calls // 2)
 
 
-@pytest.mark.parametrize("policy", ["none", "fora:interval=3", "fora:interval=2,level=stack", "taylorseer:interval=3"])
+@pytest.mark.parametrize("policy", ["none", "fora:interval=3", "fora:interval=2,regions=stack", "taylorseer:interval=3"])
 def test_a_forced_schedule_on_two_calls_equals_it_on_one(graphs: dict[int, tuple[Path, Path]], policy: str) -> None:
     """Each half's state holds what its rows of the batch-2 graph's state hold: every approximation of the
     two calls equals the one call's."""
@@ -107,7 +107,7 @@ def test_two_bindings_share_one_tensorrt_context(graphs: dict[int, tuple[Path, P
                                                  tmp_path: Path) -> None:
     """On TensorRT the halves' states point one execution context at their buffers in turn."""
     fc = graphs[1][1]
-    engine = fake_engine_file(fc, tmp_path / "b1.fc.plan")
+    engine = fake_engine_file(fc, tmp_path / "b1.fc.engine")
     ref = _sample(fc, "fora:interval=3")
     got = sample(load_denoiser(fc, "fora:interval=3", {}, engine=engine), scheduler_from_config(SCHEDULER_CONFIG),
                  SampleRequest(**REQUEST), progress=False)

@@ -36,7 +36,7 @@ def hunyuan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     d = tmp_path_factory.mktemp("hunyuan")
     e = export_family("hunyuanvideo", "tiny", d / "hunyuan.onnx")
     runnable = onnx.load(str(e.path))
-    assert rewrite_bool_where(runnable) >= 1
+    assert rewrite_bool_where(runnable).count >= 1
     onnx.save(runnable, str(d / "hunyuan.ort.onnx"))
     return {"model": e.model, "onnx": e.path, "ort": d / "hunyuan.ort.onnx", "feeds": e.feeds, "sched": e.scheduler,
             "captions": e.captions, "pooled": e.pooled}
@@ -101,7 +101,7 @@ def test_sample_optimize_calibrate_and_cache(hunyuan: dict[str, object], tmp_pat
     assert run(["optimize", hunyuan["onnx"], "-o", fc, "--calibrate", "2", "--calib-eps", "0.5", *common]) == 0
     assert run(["sample", fc, "--policy", "none", *common, "--out-npy", b]) == 0
     np.testing.assert_allclose(np.load(b), plain, atol=1e-5)
-    assert run(["sample", fc, "--policy", "fastcache", "--levels", "stack", "--sigma-scale", "50", *common,
+    assert run(["sample", fc, "--policy", "fastcache", "--regions", "stack", "--sigma-scale", "50", *common,
                 "--out-npy", b, "--report", report]) == 0
     records = json.loads(report.read_text())["records"]
     assert any(1 in r["skip"] for r in records) and np.isfinite(np.load(b)).all()
@@ -122,7 +122,7 @@ def test_a_bool_where_becomes_and_or_not_with_the_same_values_and_broadcasting()
     rng = np.random.default_rng(0)
     feeds = {"c": np.array([[True], [False]]), "x": rng.random((1, 4)) > 0.5, "y": rng.random((2, 4)) > 0.5}
     want = ReferenceEvaluator(model).run(None, feeds)[0]
-    assert rewrite_bool_where(model) == 1 and [n.op_type for n in model.graph.node] == ["Not", "And", "And", "Or"]
+    assert rewrite_bool_where(model).count == 1 and [n.op_type for n in model.graph.node] == ["Not", "And", "And", "Or"]
     assert all(n.metadata_props[0].value == "['', 'blocks.0']" for n in model.graph.node)  # the scope block discovery reads
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_array_equal(got, want)

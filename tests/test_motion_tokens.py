@@ -38,7 +38,8 @@ class Motion:
     def __init__(self, path: Path, ratio: float, regions: tuple[str, ...] = ("blocks", "stack")) -> None:
         self.original = load(path)
         bmap = discover_blocks(self.original, "latent")
-        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=True, motion_ratio=ratio)
+        done = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=True, motion_ratio=ratio)
+        self.model, self.plan = done.model, done.plan
         self.sess = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
         self.orig = ort.InferenceSession(self.original.SerializeToString(), providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.sess.get_outputs()]
@@ -176,11 +177,11 @@ def test_declines(exported: Path) -> None:
 
 def test_fastcache_motion_policy_sets_the_flag_after_warmup(exported: Path) -> None:
     m = Motion(exported, 0.5, regions=("stack",))
-    policy = FastCache(FastCacheConfig(levels="stack", motion=True, warmup=2))
+    policy = FastCache(FastCacheConfig(regions="stack", motion=True, warmup=2))
     policy.reset(m.plan, 6)
     assert [policy.controls(i).motion for i in range(6)] == [False, False, True, True, True, False]
     # Every second computing step runs all tokens; a skipped step does not count.
-    policy = FastCache(FastCacheConfig(levels="stack", motion=True, warmup=2, motion_full_every=2))
+    policy = FastCache(FastCacheConfig(regions="stack", motion=True, warmup=2, motion_full_every=2))
     policy.reset(m.plan, 9)
     seen = []
     for i in range(9):
@@ -190,7 +191,7 @@ def test_fastcache_motion_policy_sets_the_flag_after_warmup(exported: Path) -> N
     plain = Motion(exported, 0.5, regions=("stack",))
     plain.plan.motion = {}
     with pytest.raises(FcpassError, match="--motion-ratio"):
-        FastCache(FastCacheConfig(levels="stack", motion=True)).reset(plain.plan, 6)
+        FastCache(FastCacheConfig(regions="stack", motion=True)).reset(plain.plan, 6)
 
 
 @pytest.mark.parametrize("lowering", ["if", "segments"])
@@ -201,7 +202,7 @@ def test_sampling_with_motion_tokens_end_to_end(tmp_path: Path, lowering: str) -
     setup = SamplingSetup(SCHEDULER_CONFIG, request)
     plan = optimize(src, out, OptimizeOptions(regions=("stack",), motion_ratio=0.5, lowering=lowering), setup)
     assert plan.motion["k"] == 8
-    den = load_denoiser(out, "fastcache:levels=stack,motion=1,warmup=2", {})
+    den = load_denoiser(out, "fastcache:regions=stack,motion=1,warmup=2", {})
     runs = [sample(den, scheduler_from_config(SCHEDULER_CONFIG), request, progress=False) for _ in range(2)]
     np.testing.assert_array_equal(runs[0].images, runs[1].images)  # the state is reset between runs
     assert [r["motion"] for r in runs[0].records] == [False, False, True, True, True, False]
@@ -249,8 +250,9 @@ def test_merge_step_equals_the_pytorch_blocks_on_the_merged_tokens(exported: Pat
     with pytest.raises(FcpassError, match="--no-probes"):  # TeaCache's probe reads the tokens too
         insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",), motion_ratio=0.5,
                              merge=MergeOptions())
-    model, plan = insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",),
-                                       motion_ratio=0.5, merge=MergeOptions(), probes=False)
+    done = insert_cache_regions(original, discover_blocks(original, "latent"), ROLES, ("stack",),
+                                motion_ratio=0.5, merge=MergeOptions(), probes=False)
+    model, plan = done.model, done.plan
     assert plan.motion["merge"] == {"neighbours": 5, "weight": 1.0}
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
@@ -306,7 +308,8 @@ def _torch_context_step(feeds: dict[str, np.ndarray], state: dict[str, np.ndarra
 def test_motion_tokens_attending_to_cached_keys_and_values(exported: Path) -> None:
     original = load(exported)
     bmap = discover_blocks(original, "latent")
-    model, plan = insert_cache_regions(original, bmap, ROLES, ("stack",), motion_ratio=0.5, motion_context=True)
+    done = insert_cache_regions(original, bmap, ROLES, ("stack",), motion_ratio=0.5, motion_context=True)
+    model, plan = done.model, done.plan
     assert plan.motion["context"]
     kv = [s for s in plan.states if s.kind in ("key", "value")]
     assert [s.shape for s in kv[:2]] == [[B, 2, D // 2, N], [B, 2, N, D // 2]]  # (B, H, d, N) and (B, H, N, d)

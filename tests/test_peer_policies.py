@@ -123,7 +123,7 @@ def test_resample_ratios_is_nearest_index() -> None:
 
 
 def test_policy_specs_parse_and_unknown_options_are_named() -> None:
-    assert parse_policy_spec("fastcache:alpha=0.1,levels=stack,blocks") == ("fastcache", {"alpha": 0.1, "levels": "stack,blocks"})
+    assert parse_policy_spec("fastcache:alpha=0.1,regions=stack,blocks") == ("fastcache", {"alpha": 0.1, "regions": "stack,blocks"})
     assert parse_policy_spec("teacache:coefficients=[1,0]")[1] == {"coefficients": [1, 0]}
     with pytest.raises(FcpassError, match="fbcache has no option alpha; its options are: threshold, warmup"):
         make_policy("fbcache:alpha=0.1")

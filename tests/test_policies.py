@@ -80,8 +80,8 @@ def test_fastcache_warmup_last_step_and_max_skips() -> None:
 def test_fastcache_refuses_an_uncalibrated_graph() -> None:
     with pytest.raises(FcpassError, match="--calibrate"):
         FastCache().reset(_plan(sigma2=[None, None, None]), 10)
-    with pytest.raises(FcpassError, match="calibrated region at levels stack and this graph has none"):
-        FastCache(FastCacheConfig(levels="stack")).reset(_plan(), 10)  # the blocks have sigma^2, the stack none
+    with pytest.raises(FcpassError, match="calibrated region in stack and this graph has none"):
+        FastCache(FastCacheConfig(regions="stack")).reset(_plan(), 10)  # the blocks have sigma^2, the stack none
 
 
 def test_fastcache_says_why_a_calibration_left_nothing_to_skip() -> None:
@@ -108,7 +108,7 @@ def test_make_policy_validates_names_and_options() -> None:
     ("fastcache:alpha=NaN", "alpha=nan is not a finite number"),
     ("fastcache:sigma_scale=-1", "sigma_scale -1.0 must be > 0"),
     ("fastcache:motion=2", "motion=2 is not 0 or 1; pass e.g. motion=1"),
-    ("fastcache:levels=3", "levels=3 is not a word"),
+    ("fastcache:regions=3", "regions=3 is not a word"),
     ("teacache:coefficients=abc", "coefficients='abc' is not a list of numbers"),
     ("delta-dit:blocks=x", "blocks='x' is not a whole number"),
 ])
@@ -124,10 +124,10 @@ def test_spec_values_take_their_option_types() -> None:
     assert make_policy("teacache:coefficients=[1,0.5]").config.coefficients == (1.0, 0.5)
 
 
-def test_fastcache_levels_test_the_stack_first_and_count_unreached_blocks_as_skipped() -> None:
+def test_fastcache_regions_test_the_stack_first_and_count_unreached_blocks_as_skipped() -> None:
     plan = _plan()
     plan.regions[0].calibration = {"sigma2": 0.09}
-    p = FastCache(FastCacheConfig(levels="stack,blocks", max_skips=2, warmup=0))
+    p = FastCache(FastCacheConfig(regions="stack,blocks", max_skips=2, warmup=0))
     p.reset(plan, 10)
     c = p.controls(1)
     assert c.ctl.tolist() == [2, 2, 2, 2]
@@ -136,14 +136,14 @@ def test_fastcache_levels_test_the_stack_first_and_count_unreached_blocks_as_ski
     p.observe(1, np.zeros((4, 2)), stack_skipped)
     p.observe(2, np.zeros((4, 2)), stack_skipped)
     assert p.controls(3).ctl.tolist() == [0, 0, 0, 0]  # every region reached max_skips
-    with pytest.raises(FcpassError, match="levels"):
-        FastCache(FastCacheConfig(levels="stack,bogus")).reset(plan, 10)
+    with pytest.raises(FcpassError, match="regions"):
+        FastCache(FastCacheConfig(regions="stack,bogus")).reset(plan, 10)
     with pytest.raises(FcpassError, match="not in this graph"):
-        FastCache(FastCacheConfig(levels="tail,blocks")).reset(plan, 10)
+        FastCache(FastCacheConfig(regions="tail,blocks")).reset(plan, 10)
 
 
 def test_fora_at_stack_level_skips_one_region() -> None:
-    p = Fora(ForaConfig(interval=2, warmup=1, level="stack"))
+    p = Fora(ForaConfig(interval=2, warmup=1, regions="stack"))
     p.reset(_plan(), 6)
     assert p.controls(2).ctl.tolist() == [1, 0, 0, 0]
     assert not p.controls(1).ctl.any()

@@ -74,7 +74,7 @@ def test_fora_reuse_at_stack_level_equals_fora_reuse_per_block(calibrated: tuple
     sched = scheduler_from_config(SCHEDULER_CONFIG)
     req = SampleRequest(classes=[1, 2], steps=8, guidance_scale=1.5, uncond_class=10)
     per_block = sample(load_denoiser(fc, "fora", {"interval": 2, "warmup": 1}), sched, req, progress=False)
-    stack = sample(load_denoiser(fc, "fora", {"interval": 2, "warmup": 1, "level": "stack"}), sched, req,
+    stack = sample(load_denoiser(fc, "fora", {"interval": 2, "warmup": 1, "regions": "stack"}), sched, req,
                    progress=False)
     np.testing.assert_allclose(stack.images, per_block.images, atol=1e-5)
 
@@ -95,8 +95,8 @@ def test_peer_policies_run_end_to_end(tmp_path: Path, policy: str) -> None:
     assert np.abs(result.images - full.images).max() > 0
 
 
-@pytest.mark.parametrize("policy, options", [("fora", {"interval": 2, "level": "stack", "warmup": 1}),
-                                             ("fastcache", {"levels": "stack", "sigma_scale": 50.0})])
+@pytest.mark.parametrize("policy, options", [("fora", {"interval": 2, "regions": "stack", "warmup": 1}),
+                                             ("fastcache", {"regions": "stack", "sigma_scale": 50.0})])
 def test_state_kept_only_for_live_regions_changes_nothing(calibrated: tuple[Path, Path], policy: str,
                                                           options: dict[str, object]) -> None:
     """A stack-level policy keeps only the stack's state; samples and decisions equal keeping every region's."""

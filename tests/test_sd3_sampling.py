@@ -65,7 +65,7 @@ def test_pooled_embeddings_are_fed_and_the_cache_samples_what_the_graph_does(sd3
                 "--pooled-embeds", sd3["pooled"]]) == 0
     assert run(["sample", fc, "--policy", "none", *common, "--pooled-embeds", sd3["pooled"], "--out-npy", c]) == 0
     np.testing.assert_allclose(np.load(c), plain, atol=1e-5)
-    assert run(["sample", fc, "--policy", "fora:interval=2,level=stack", *common, "--pooled-embeds", sd3["pooled"],
+    assert run(["sample", fc, "--policy", "fora:interval=2,regions=stack", *common, "--pooled-embeds", sd3["pooled"],
                 "--out-npy", c]) == 0
     cached = np.load(c)
     assert np.isfinite(cached).all() and np.abs(cached - plain).max() > 0

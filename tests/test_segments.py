@@ -13,13 +13,13 @@ import pytest
 
 from fcpass.cli import main
 from fcpass.compiler.passes.inline_gates import inline_gates
+from fcpass.contract.manifest import MANIFEST, is_segments_artefact, read_manifest, segment_files
 from fcpass.contract.plan import MIX_WIDTH, STAT_OUTPUT, read_plan
-from fcpass.contract.segments import MANIFEST, is_segments_artefact, read_manifest, segment_files
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import load_denoiser
 from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
-from runtimes.segments import SegmentsBackend, SegmentsBoundState
+from runtimes.segments_backend import SegmentsBackend, SegmentsBoundState
 from runtimes.state import Commit
 from tests.conftest import SCHEDULER_CONFIG, calibration_setup, tiny_feeds
 
@@ -92,7 +92,7 @@ def test_every_branch_forced_gives_the_if_graphs_outputs(tiny_dit: Path, tmp_pat
     model = onnx.load(str(fc))
     plan = read_plan(model)
     # The lowering measures every region (its gates are inlined), so it equals the inlined If graph.
-    sess = ort.InferenceSession(inline_gates(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(inline_gates(model).model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(7)
     r = len(plan.regions)
@@ -153,14 +153,14 @@ def graphs(calibrated: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
 CASES = [
     ("all", "none", {}),
     ("all", "fora", {}),
-    ("all", "fora", {"level": "stack"}),
+    ("all", "fora", {"regions": "stack"}),
     ("all", "fastcache", {"sigma_scale": 30.0}),
-    ("all", "fastcache", {"levels": "stack,blocks", "approx": "residual", "sigma_scale": 30.0}),
+    ("all", "fastcache", {"regions": "stack,blocks", "approx": "residual", "sigma_scale": 30.0}),
     ("stack", "none", {}),
-    ("stack", "fora", {"level": "stack"}),
-    ("stack", "fastcache", {"levels": "stack", "approx": "residual", "sigma_scale": 30.0}),
+    ("stack", "fora", {"regions": "stack"}),
+    ("stack", "fastcache", {"regions": "stack", "approx": "residual", "sigma_scale": 30.0}),
     ("taylor", "taylorseer", {"interval": 3, "warmup": 2}),
-    ("taylor", "taylorseer", {"interval": 3, "warmup": 2, "level": "stack"}),
+    ("taylor", "taylorseer", {"interval": 3, "warmup": 2, "regions": "stack"}),
 ]
 
 
@@ -175,13 +175,13 @@ def test_trajectories_equal_the_if_lowering(graphs: dict[str, tuple[Path, Path]]
         _assert_same(ref, got, ["fc_skip", STAT_OUTPUT])
     skips = np.array([s["fc_skip"] for s in ref_steps])
     assert (skips == 1).any() == (policy != "none")  # the comparison covers skipped branches
-    if options.get("level") == "stack" or "stack" in options.get("levels", ""):
+    if "stack" in options.get("regions", ""):
         assert graph == "stack" or (skips == -1).any()  # and regions nested in a skipped one
 
 
 def test_trajectory_with_io_binding_equals_the_if_lowering(graphs: dict[str, tuple[Path, Path]]) -> None:
     fc, seg = graphs["all"]
-    options = {"levels": "stack,blocks", "approx": "residual", "sigma_scale": 30.0}
+    options = {"regions": "stack,blocks", "approx": "residual", "sigma_scale": 30.0}
     ref_images, ref_steps = _trajectory(fc, "fastcache", options)
     images, steps = _trajectory(seg, "fastcache", options, iobinding=True)
     assert np.abs(images - ref_images).max() <= 1e-5
@@ -209,7 +209,7 @@ def test_cli_optimize_lower_sample_inspect(calibrated: tuple[Path, Path], tmp_pa
     common = ["--scheduler-config", SCHEDULER_CONFIG]
     assert main([str(a) for a in ["optimize", src, "-o", out, "--lowering", "segments", "--regions", "stack", *common]]) == 0
     assert is_segments_artefact(out)
-    sample_args = ["sample", out, "--policy", "fora", "--level", "stack", "--interval", "2", "--steps", "4",
+    sample_args = ["sample", out, "--policy", "fora", "--regions", "stack", "--interval", "2", "--steps", "4",
                    "--class", "1", "2", "--uncond-class", "10", "--out-npy", tmp_path / "x.npy", *common]
     assert main([str(a) for a in sample_args]) == 0
     assert np.isfinite(np.load(tmp_path / "x.npy")).all()

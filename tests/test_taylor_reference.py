@@ -120,7 +120,7 @@ def _diffusers_schedule(interval: int, warmup: int, last: bool) -> Callable[[int
 def test_taylorseer_forecasts_the_reference_taylorseer_at_every_skipped_step(stack_graph: Path, interval: int,
                                                                             warmup: int, last: bool) -> None:
     skipped = _diffusers_schedule(interval, warmup, last)
-    spec = f"taylorseer:interval={interval},warmup={warmup},level=stack" + ("" if last else ",last=0")
+    spec = f"taylorseer:interval={interval},warmup={warmup},regions=stack" + ("" if last else ",last=0")
     got, records, images = _fcpass(stack_graph, spec)
     want, want_images = _reference(stack_graph, skipped)
     assert [r["skip"][0] for r in records] == [float(skipped(i)) for i in range(STEPS)]
@@ -131,7 +131,7 @@ def test_taylorseer_forecasts_the_reference_taylorseer_at_every_skipped_step(sta
 
 
 def test_fastcache_taylor1_forecasts_the_reference_at_the_steps_its_test_skips(stack_graph: Path) -> None:
-    got, records, images = _fcpass(stack_graph, "fastcache:approx=taylor1,levels=stack,sigma_scale=1e6,max_skips=3,warmup=2")
+    got, records, images = _fcpass(stack_graph, "fastcache:approx=taylor1,regions=stack,sigma_scale=1e6,max_skips=3,warmup=2")
     decided = [r["skip"][0] == 1 for r in records]
     assert sum(decided) >= 4  # the test skipped often enough for forecasts to build on forecasts' inputs
     want, want_images = _reference(stack_graph, lambda step: decided[step])

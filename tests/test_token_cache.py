@@ -198,7 +198,7 @@ def test_every_state_binding_samples_toca_alike(tiny_dit: Path, tmp_path: Path, 
     """Runs of conservative steps read the attention caches the last full step left: host arrays,
     ONNX Runtime's I/O binding and both lowerings keep them alike."""
     from runtimes.backend import OrtBackend
-    from runtimes.segments import SegmentsBoundState
+    from runtimes.segments_backend import SegmentsBoundState
     from runtimes.state import BoundState, HostState
 
     out = tmp_path / ("tiny.tok.onnx" if lowering == "if" else "tiny.tok")
@@ -226,7 +226,7 @@ def test_segments_take_every_token_branch_from_fc_tok(tiny_dit: Path, tmp_path: 
     """Lowered to segments, a token graph reads no condition back (its host knows every token If's
     branch from fc_tok, as every forced region's from fc_ctl) and computes what the If graph computes
     in full, conservative and mixed steps."""
-    from runtimes.segments import SegmentsBackend, _run_numpy, interpret
+    from runtimes.segments_backend import SegmentsBackend, _run_numpy, interpret
 
     t = Tok(tiny_dit)
     graph, seg = tmp_path / "tiny.tok.onnx", tmp_path / "tiny.tok"
@@ -484,7 +484,7 @@ def test_duca_schedule_on_a_stack_graph(tiny_dit: Path) -> None:
 
 def _plain_plan(path: Path) -> CachePlan:
     model = load(path)
-    return insert_cache_regions(model, discover_blocks(model, "latent"), ROLES, ("stack",))[1]
+    return insert_cache_regions(model, discover_blocks(model, "latent"), ROLES, ("stack",)).plan
 
 
 def test_sampling_with_duca_resets_the_state_between_runs(tiny_dit: Path, tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Fake:
 def test_tensorrt_path_samples_exactly_like_onnx_runtime(graphs: tuple[Path, Path], fake: Fake,
                                                         tmp_path: Path) -> None:
     _, fc = graphs
-    engine = fake_engine_file(fc, tmp_path / "tiny.fc.plan")
+    engine = fake_engine_file(fc, tmp_path / "tiny.fc.engine")
     ref_den = load_denoiser(fc, "fora", {"interval": 2})
     trt_den = load_denoiser(fc, "fora", {"interval": 2}, engine=engine)
     assert isinstance(trt_den.backend, TrtBackend) and isinstance(trt_den.binding, TrtBoundState)
@@ -152,7 +152,7 @@ def test_tensorrt_path_samples_exactly_like_onnx_runtime(graphs: tuple[Path, Pat
 def test_a_binding_that_never_advances_is_caught(graphs: tuple[Path, Path], fake: Fake, tmp_path: Path) -> None:
     """The comparison above can fail: with the state never taking its new buffers, FORA reuses a stale (zero) state."""
     _, fc = graphs
-    engine = fake_engine_file(fc, tmp_path / "tiny.fc.plan")
+    engine = fake_engine_file(fc, tmp_path / "tiny.fc.engine")
     ref = sample_fixed(load_denoiser(fc, "fora", {"interval": 2}))
     den = load_denoiser(fc, "fora", {"interval": 2}, engine=engine)
 
@@ -170,7 +170,7 @@ def test_a_binding_that_never_advances_is_caught(graphs: tuple[Path, Path], fake
 
 def test_plain_engine_runs_like_onnx_runtime(graphs: tuple[Path, Path], fake: Fake, tmp_path: Path) -> None:
     src, _ = graphs
-    engine = fake_engine_file(src, tmp_path / "tiny.plan")
+    engine = fake_engine_file(src, tmp_path / "tiny.engine")
     ref = sample_fixed(load_denoiser(src, None, {}))
     got = sample_fixed(load_denoiser(src, None, {}, engine=engine))
     np.testing.assert_array_equal(got.images, ref.images)
@@ -179,7 +179,7 @@ def test_plain_engine_runs_like_onnx_runtime(graphs: tuple[Path, Path], fake: Fa
 
 def test_engine_from_another_graph_is_refused(graphs: tuple[Path, Path], fake: Fake, tmp_path: Path) -> None:
     src, fc = graphs
-    engine = fake_engine_file(src, tmp_path / "tiny.plan")  # the original's engine with the compiled graph
+    engine = fake_engine_file(src, tmp_path / "tiny.engine")  # the original's engine with the compiled graph
     with pytest.raises(FcpassError, match=r"was not built from .*tiny\.fc\.onnx: the graph.s output fc\..*\.next "
                                           r"is not an engine output; rebuild it"):
         TrtBackend(engine, fc)
@@ -203,7 +203,7 @@ def test_without_tensorrt_is_one_line(graphs: tuple[Path, Path], tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     _, fc = graphs
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
-    engine = fake_engine_file(fc, tmp_path / "tiny.fc.plan")
+    engine = fake_engine_file(fc, tmp_path / "tiny.fc.engine")
     with pytest.raises(FcpassError) as exc:
         TrtBackend(engine, fc)
     assert "TensorRT is not installed" in _one_line(exc) and "fcpass[trt]" in str(exc.value)
@@ -219,7 +219,7 @@ def test_without_cuda_or_torch_is_one_line(graphs: tuple[Path, Path], tmp_path: 
     torch = pytest.importorskip("torch")
     _, fc = graphs
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(NumpyDevice(), []))
-    engine = fake_engine_file(fc, tmp_path / "tiny.fc.plan")
+    engine = fake_engine_file(fc, tmp_path / "tiny.fc.engine")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FcpassError) as exc:
         TrtBackend(engine, fc)

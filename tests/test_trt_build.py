@@ -4,11 +4,8 @@ flow of a build against a minimal fake `tensorrt` module that has only the docum
 
 from __future__ import annotations
 
-import enum
 import sys
-import types
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -19,6 +16,7 @@ from fcpass.cli import main
 from fcpass.compiler.trt_build import BuildOptions, build_engine
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.plan import read_plan
+from tests.helpers.fake_trt_build import FakeState, make_fake_trt
 
 F = TensorProto.FLOAT
 
@@ -45,203 +43,6 @@ def save(m: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-# --- a fake tensorrt with the documented names -----------------------------------------------
-
-class FakeState:
-    """What the fake records, and how it should misbehave."""
-
-    def __init__(self) -> None:
-        self.parse_errors: list[tuple[str, int, str]] = []
-        self.builder_fails = False
-        self.build_fails = False
-        self.flags: list[Any] = []
-        self.pool_limits: list[tuple[Any, int]] = []
-        self.profiles: list[dict[str, tuple]] = []
-        self.timing_cache_in: bytes | None = None
-        self.parsed: str | None = None
-        self.parsed_model: onnx.ModelProto | None = None
-        self.plan = b"PLAN\x00engine-bytes"
-
-
-def make_fake_trt(state: FakeState, trt11: bool = False) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "11.0.0" if trt11 else "10.15.1"
-
-    class Logger:
-        VERBOSE, INFO, WARNING, ERROR = "VERBOSE", "INFO", "WARNING", "ERROR"
-
-        def __init__(self, severity: str) -> None:
-            self.severity = severity
-
-    MemoryPoolType = enum.Enum("MemoryPoolType", ["WORKSPACE"])
-    BuilderFlag = enum.Enum("BuilderFlag", ["TF32"] if trt11 else ["FP16", "BF16", "TF32"])
-    TensorIOMode = enum.Enum("TensorIOMode", ["INPUT", "OUTPUT"])
-    DataType = enum.Enum("DataType", ["FLOAT", "HALF", "BOOL", "INT64"])
-
-    class Tensor:
-        def __init__(self, name: str, shape: tuple[int, ...]) -> None:
-            self.name, self.shape = name, shape
-
-    class Network:
-        def __init__(self) -> None:
-            self.inputs: list[Tensor] = []
-            self.outputs: list[Tensor] = []
-            self.num_layers = 0
-
-        @property
-        def num_inputs(self) -> int:
-            return len(self.inputs)
-
-        def get_input(self, index: int) -> Tensor:
-            return self.inputs[index]
-
-    class ParserError:
-        def __init__(self, desc: str, node: int, node_name: str) -> None:
-            self._desc, self._node, self._name = desc, node, node_name
-
-        def desc(self) -> str:
-            return self._desc
-
-        def node(self) -> int:
-            return self._node
-
-        def node_name(self) -> str:
-            return self._name
-
-    class OnnxParser:
-        def __init__(self, network: Network, logger: Logger) -> None:
-            self.network = network
-            self.errors = [ParserError(*e) for e in state.parse_errors]
-
-        @property
-        def num_errors(self) -> int:
-            return len(self.errors)
-
-        def get_error(self, index: int) -> ParserError:
-            return self.errors[index]
-
-        def parse(self, model: bytes, path: str | None = None) -> bool:
-            state.parsed = path
-            m = onnx.load_from_string(model)
-            state.parsed_model = m
-
-            def tensor(v: onnx.ValueInfoProto) -> Tensor:
-                dims = v.type.tensor_type.shape.dim
-                return Tensor(v.name, tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims))
-
-            self.network.inputs = [tensor(v) for v in m.graph.input]
-            self.network.outputs = [tensor(v) for v in m.graph.output]
-            self.network.num_layers = len(m.graph.node)
-            return not self.errors
-
-    class TimingCache:
-        def __init__(self, data: bytes) -> None:
-            self.data = bytes(data)
-
-        def serialize(self) -> bytes:
-            return self.data + b"+tuned"
-
-    class BuilderConfig:
-        def __init__(self) -> None:
-            self.cache: TimingCache | None = None
-
-        def set_memory_pool_limit(self, pool: Any, size: int) -> None:
-            state.pool_limits.append((pool, size))
-
-        def set_flag(self, flag: Any) -> None:
-            state.flags.append(flag)
-
-        def create_timing_cache(self, data: bytes) -> TimingCache:
-            state.timing_cache_in = bytes(data)
-            return TimingCache(data)
-
-        def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self) -> TimingCache:
-            assert self.cache is not None
-            return self.cache
-
-        def add_optimization_profile(self, profile: Profile) -> int:
-            state.profiles.append(profile.shapes)
-            return 0
-
-    class Profile:
-        def __init__(self) -> None:
-            self.shapes: dict[str, tuple] = {}
-
-        def set_shape(self, input: str, min: tuple, opt: tuple, max: tuple) -> None:
-            self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
-
-    class Builder:
-        def __init__(self, logger: Logger) -> None:
-            if state.builder_fails:
-                raise TypeError("pybind11::init(): factory function returned nullptr")
-            self.network: Network | None = None
-
-        def create_network(self, flags: int = 0) -> Network:
-            self.network = Network()
-            return self.network
-
-        def create_builder_config(self) -> BuilderConfig:
-            return BuilderConfig()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
-            return None if state.build_fails else state.plan
-
-    class Engine:
-        def __init__(self, network: Network) -> None:
-            self.tensors = [(t, TensorIOMode.INPUT) for t in network.inputs]
-            self.tensors += [(t, TensorIOMode.OUTPUT) for t in network.outputs]
-            self.num_layers = network.num_layers
-
-        @property
-        def num_io_tensors(self) -> int:
-            return len(self.tensors)
-
-        def _find(self, name: str) -> tuple[Tensor, Any]:
-            return next(x for x in self.tensors if x[0].name == name)
-
-        def get_tensor_name(self, index: int) -> str:
-            return self.tensors[index][0].name
-
-        def get_tensor_mode(self, name: str) -> Any:
-            return self._find(name)[1]
-
-        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return self._find(name)[0].shape
-
-        def get_tensor_dtype(self, name: str) -> Any:
-            return DataType.FLOAT
-
-    class Runtime:
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, serialized_engine: bytes) -> Engine:
-            assert bytes(serialized_engine) == state.plan
-            assert builders[-1].network is not None
-            return Engine(builders[-1].network)
-
-    builders: list[Builder] = []
-
-    def make_builder(logger: Logger) -> Builder:
-        b = Builder(logger)
-        builders.append(b)
-        return b
-
-    names = {"Logger": Logger, "MemoryPoolType": MemoryPoolType, "BuilderFlag": BuilderFlag,
-             "TensorIOMode": TensorIOMode, "DataType": DataType, "OnnxParser": OnnxParser,
-             "Builder": make_builder, "Runtime": Runtime}
-    for name, value in names.items():
-        setattr(trt, name, value)
-    return trt
-
-
 @pytest.fixture()
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeState:
     state = FakeState()
@@ -259,7 +60,7 @@ def test_cli_build_without_tensorrt_is_one_line(tmp_path: Path, monkeypatch: pyt
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     model = save(relu_model(), tmp_path / "m.onnx")
-    out = tmp_path / "m.plan"
+    out = tmp_path / "m.engine"
     assert main(["build", str(model), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -271,7 +72,7 @@ def test_a_graph_failing_the_checks_is_refused_before_tensorrt(tmp_path: Path, m
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     model = save(bad_model(), tmp_path / "bad.onnx")
-    out = tmp_path / "bad.plan"
+    out = tmp_path / "bad.engine"
     assert main(["build", str(model), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -284,15 +85,15 @@ def test_a_graph_failing_the_checks_is_refused_before_tensorrt(tmp_path: Path, m
 
 def test_successful_build_writes_the_engine_and_timing_cache(tmp_path: Path, fake: FakeState) -> None:
     model = save(relu_model(), tmp_path / "m.onnx")
-    out, cache = tmp_path / "m.plan", tmp_path / "m.cache"
+    out, cache = tmp_path / "m.engine", tmp_path / "m.cache"
     summary = build_engine(model, out, BuildOptions(fp16=True, timing_cache=cache, workspace_mb=64))
-    assert out.read_bytes() == fake.plan
+    assert out.read_bytes() == fake.engine
     assert cache.read_bytes() == b"+tuned" and fake.timing_cache_in == b""
     assert [f.name for f in fake.flags] == ["FP16"]
     assert [(p.name, size) for p, size in fake.pool_limits] == [("WORKSPACE", 64 << 20)]
     assert fake.profiles == [] and not summary.dynamic_batch  # static batch: no profile
     assert fake.parsed == str(model)  # parsed from the file, so external data resolves beside it
-    assert summary.engine_bytes == len(fake.plan) and summary.layers == 1 and summary.conditionals == 0
+    assert summary.engine_bytes == len(fake.engine) and summary.layers == 1 and summary.conditionals == 0
     assert [(t.name, t.mode, t.dtype, t.shape) for t in summary.io] == [
         ("x", "INPUT", "FLOAT", (2, 4)), ("y", "OUTPUT", "FLOAT", (2, 4)),
     ]
@@ -306,7 +107,7 @@ def test_a_compiled_graph_is_built_without_its_statistic_gates(calibrated: tuple
                                                                fake: FakeState) -> None:
     """TensorRT reads every If condition on the host: the build gets one If per region, none per gate."""
     _, fc = calibrated
-    summary = build_engine(fc, tmp_path / "m.plan", BuildOptions())
+    summary = build_engine(fc, tmp_path / "m.engine", BuildOptions())
     assert fake.parsed == str(fc) and fake.parsed_model is not None
     names = _if_names(fake.parsed_model.graph)
     assert names and all(n.endswith("/If") for n in names)
@@ -327,7 +128,7 @@ def _if_names(graph: onnx.GraphProto) -> list[str]:
 
 def test_dynamic_batch_gets_a_profile(tmp_path: Path, fake: FakeState) -> None:
     model = save(relu_model("N"), tmp_path / "m.onnx")
-    summary = build_engine(model, tmp_path / "m.plan", BuildOptions(batch=3, bf16=True))
+    summary = build_engine(model, tmp_path / "m.engine", BuildOptions(batch=3, bf16=True))
     assert summary.dynamic_batch
     assert fake.profiles == [{"x": ((1, 4), (3, 4), (3, 4))}]
     assert [f.name for f in fake.flags] == ["BF16"]
@@ -335,7 +136,7 @@ def test_dynamic_batch_gets_a_profile(tmp_path: Path, fake: FakeState) -> None:
 
 def test_cli_build_prints_a_summary(tmp_path: Path, fake: FakeState, capsys: pytest.CaptureFixture[str]) -> None:
     model = save(relu_model(), tmp_path / "m.onnx")
-    assert main(["build", str(model), "-o", str(tmp_path / "m.plan"), "--workspace", "16", "--verbose"]) == 0
+    assert main(["build", str(model), "-o", str(tmp_path / "m.engine"), "--workspace", "16", "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "1 layers" in out and "0 If conditionals" in out
     assert "input  x" in out and "output y" in out
@@ -344,7 +145,7 @@ def test_cli_build_prints_a_summary(tmp_path: Path, fake: FakeState, capsys: pyt
 def test_parser_errors_are_one_error_with_the_first_and_the_count(tmp_path: Path, fake: FakeState) -> None:
     fake.parse_errors = [("Assertion failed: unsupported thing", 0, "relu"), ("second", 0, "relu")]
     model = save(relu_model(), tmp_path / "m.onnx")
-    out = tmp_path / "m.plan"
+    out = tmp_path / "m.engine"
     with pytest.raises(FcpassError, match=r"rejected .* at node 0 \(relu\): Assertion failed: unsupported thing "
                                           r"\(and 1 more\)"):
         build_engine(model, out, BuildOptions())
@@ -355,7 +156,7 @@ def test_no_gpu_is_one_line_naming_it(tmp_path: Path, fake: FakeState) -> None:
     fake.builder_fails = True
     model = save(relu_model(), tmp_path / "m.onnx")
     with pytest.raises(FcpassError, match="cannot create a builder.*GPU"):
-        build_engine(model, tmp_path / "m.plan", BuildOptions())
+        build_engine(model, tmp_path / "m.engine", BuildOptions())
 
 
 def test_failed_build_writes_nothing(tmp_path: Path, fake: FakeState) -> None:
@@ -363,7 +164,7 @@ def test_failed_build_writes_nothing(tmp_path: Path, fake: FakeState) -> None:
     model = save(relu_model(), tmp_path / "m.onnx")
     cache = tmp_path / "m.cache"
     with pytest.raises(FcpassError, match="could not build an engine"):
-        build_engine(model, tmp_path / "m.plan", BuildOptions(timing_cache=cache))
+        build_engine(model, tmp_path / "m.engine", BuildOptions(timing_cache=cache))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -371,7 +172,7 @@ def test_fp16_on_tensorrt_11_says_to_convert_the_model(tmp_path: Path, monkeypat
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(FakeState(), trt11=True))
     model = save(relu_model(), tmp_path / "m.onnx")
     with pytest.raises(FcpassError, match="--fp16 needs TensorRT 10.x: TensorRT 11.0.0 removed BuilderFlag.FP16") as err:
-        build_engine(model, tmp_path / "m.plan", BuildOptions(fp16=True))
+        build_engine(model, tmp_path / "m.engine", BuildOptions(fp16=True))
     # A converter run on the compiled graph would sum the statistics in fp16 (and onnxconverter-common
     # cannot follow its Ifs): the export is what to convert.
     assert "convert the exported model to fp16" in str(err.value) and "before fcpass optimize" in str(err.value)
@@ -382,6 +183,6 @@ def test_bad_options(tmp_path: Path, fake: FakeState) -> None:
     with pytest.raises(FcpassError, match="is the input model"):
         build_engine(model, model, BuildOptions())
     with pytest.raises(FcpassError, match="--timing-cache"):
-        build_engine(model, tmp_path / "m.plan", BuildOptions(timing_cache=model))
+        build_engine(model, tmp_path / "m.engine", BuildOptions(timing_cache=model))
     with pytest.raises(FcpassError, match="--workspace 0"):
-        build_engine(model, tmp_path / "m.plan", BuildOptions(workspace_mb=0))
+        build_engine(model, tmp_path / "m.engine", BuildOptions(workspace_mb=0))

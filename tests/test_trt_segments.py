@@ -1,6 +1,6 @@
 """TensorRT on a segments folder, without a GPU.
 
-`fcpass build` of a segments folder runs against the fake builder of test_trt_build (its plan bytes name
+`fcpass build` of a segments folder runs against the fake builder of tests.helpers.fake_trt_build (its engine bytes name
 the segment they were built from); the engines then run on the fake runtime of tests/helpers/fake_trt.py, whose
 `execute_async_v3` runs that segment on ONNX Runtime CPU through a numpy "device", and whose CUDA
 graphs replay the launches they recorded with the addresses of their capture. Sampling through them
@@ -23,30 +23,30 @@ from onnx import helper
 from fcpass.cli import main
 from fcpass.contract.engines import ENGINES_INDEX, engine_file
 from fcpass.contract.errors import FcpassError
-from fcpass.contract.segments import read_manifest, segment_files
+from fcpass.contract.manifest import read_manifest, segment_files
 from fcpass.optimize import OptimizeOptions, optimize
 from fcpass.sampling import load_denoiser
 from runtimes import trt_backend
 from runtimes.trt_segments import TrtSegmentsBackend, TrtSegmentsState
-from tests import test_trt_build as build_fake
 from tests.conftest import calibration_setup
 from tests.helpers import fake_trt as runtime_fake
+from tests.helpers import fake_trt_build as build_fake
 
 POLICIES = {
     "fora": {"interval": 2},  # every region forced: no condition is read back
-    "fastcache": {"levels": "stack,blocks", "approx": "residual", "sigma_scale": 30.0},  # the graph decides
+    "fastcache": {"regions": "stack,blocks", "approx": "residual", "sigma_scale": 30.0},  # the graph decides
 }
 
 
-class PathPlan(build_fake.FakeState):
-    """The fake builder's plan names the segment it parsed, which the fake runtime then runs."""
+class SegmentEngine(build_fake.FakeState):
+    """The fake builder's engine names the segment it parsed, which the fake runtime then runs."""
 
     @property
-    def plan(self) -> bytes:
+    def engine(self) -> bytes:
         return runtime_fake.MAGIC + str(self.parsed).encode()
 
-    @plan.setter
-    def plan(self, value: bytes) -> None:
+    @engine.setter
+    def engine(self, value: bytes) -> None:
         pass
 
 
@@ -65,7 +65,7 @@ def folders(calibrated: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
 
 
 def build(monkeypatch: pytest.MonkeyPatch, segments: Path, engines: Path, state: build_fake.FakeState | None = None) -> int:
-    monkeypatch.setitem(sys.modules, "tensorrt", build_fake.make_fake_trt(state or PathPlan()))
+    monkeypatch.setitem(sys.modules, "tensorrt", build_fake.make_fake_trt(state or SegmentEngine()))
     return main(["build", str(segments), "-o", str(engines)])
 
 
@@ -168,12 +168,12 @@ def test_graphs_keyed_by_segment_alone_would_replay_stale_addresses(folders: dic
 
 def test_stack_only_folder_and_plain_run(folders: dict[str, Path], engines: dict[str, Path], device: runtime_fake.Fake) -> None:
     seg, eng = folders["stack"], engines["stack"]
-    options = {"levels": "stack", "approx": "residual", "sigma_scale": 30.0}
+    options = {"regions": "stack", "approx": "residual", "sigma_scale": 30.0}
     ref = _sample(load_denoiser(seg, "fastcache", options))
     den = load_denoiser(seg, "fastcache", options, engine=eng)
     np.testing.assert_array_equal(_sample(den).images, ref.images)
     # `run`: the state as host feeds, every output back, as the ONNX Runtime backend gives them.
-    from runtimes.segments import SegmentsBackend
+    from runtimes.segments_backend import SegmentsBackend
 
     host = SegmentsBackend(seg)
     rng = np.random.default_rng(3)
@@ -191,14 +191,14 @@ def test_engines_must_come_from_this_folder(folders: dict[str, Path], engines: d
     with pytest.raises(FcpassError, match="were not built from .*rebuild them with fcpass build"):
         load_denoiser(folders["all"], "fora", {}, engine=engines["stack"])
     with pytest.raises(FcpassError, match="not a folder of engines built from a segments folder"):
-        load_denoiser(folders["all"], "fora", {}, engine=tmp_path / "model.plan")
+        load_denoiser(folders["all"], "fora", {}, engine=tmp_path / "model.engine")
     with pytest.raises(FcpassError, match="holds the engines of a segments folder"):
         load_denoiser(folders["all"].parent / "all.fc.onnx", "fora", {}, engine=engines["all"])
     broken = tmp_path / "broken.engines"
     broken.mkdir()
     for p in engines["all"].iterdir():
         (broken / p.name).write_bytes(p.read_bytes())
-    victim = sorted(broken.glob("*.plan"))[3]
+    victim = sorted(broken.glob("*.engine"))[3]
     victim.unlink()
     with pytest.raises(FcpassError, match=f"has no engine for segment {victim.stem}.onnx"):
         load_denoiser(folders["all"], "fora", {}, engine=broken)
@@ -206,7 +206,7 @@ def test_engines_must_come_from_this_folder(folders: dict[str, Path], engines: d
 
 def test_failed_build_leaves_nothing(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    state = PathPlan()
+    state = SegmentEngine()
     state.build_fails = True
     out = tmp_path / "m.engines"
     assert build(monkeypatch, folders["stack"], out, state) == 2

@@ -21,17 +21,17 @@ SEARCH = ["--samples", "2", "--budget", "6"]
 
 
 def test_a_spec_fixes_the_knobs_it_names() -> None:
-    space = space_for("fastcache:levels=stack,max_skips=4")
+    space = space_for("fastcache:regions=stack,max_skips=4")
     names = [k.name for k in space.knobs]
-    assert "levels" not in names and "max_skips" not in names and "sigma_scale" in names
-    assert space.spec(space.start).startswith("fastcache:levels=stack,max_skips=4,approx=taylor1,")
+    assert "regions" not in names and "max_skips" not in names and "sigma_scale" in names
+    assert space.spec(space.start).startswith("fastcache:regions=stack,max_skips=4,approx=taylor1,")
 
 
 def test_the_search_graph_serves_every_structural_choice() -> None:
-    specs = graph_specs(spaces_for(["fastcache", "taylorseer:level=stack"]))
+    specs = graph_specs(spaces_for(["fastcache", "taylorseer:regions=stack"]))
     assert {s.partition(",approx=")[2].split(",")[0] for s in specs if s.startswith("fastcache")} == {
         "taylor1", "linear", "residual"}
-    assert all("level=stack" in s for s in specs if s.startswith("taylorseer"))
+    assert all("regions=stack" in s for s in specs if s.startswith("taylorseer"))
 
 
 def test_a_graph_narrows_what_the_search_tries(calibrated: tuple[Path, Path]) -> None:
@@ -49,10 +49,10 @@ def test_a_graph_narrows_what_the_search_tries(calibrated: tuple[Path, Path]) ->
 def test_tune_writes_table_plot_json_and_a_graph_that_runs_the_winner(calibrated: tuple[Path, Path], tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     plot, js, out = tmp_path / "t.png", tmp_path / "t.json", tmp_path / "tuned.fc.onnx"
-    assert main(["tune", str(calibrated[1]), "-o", str(out), "--target-psnr", "20", "--policies", "fora:level=stack",
+    assert main(["tune", str(calibrated[1]), "-o", str(out), "--target-psnr", "20", "--policies", "fora:regions=stack",
                  "fbcache", "--plot", str(plot), "--json", str(js), *SEARCH, *SAMPLE]) == 0
     stdout = capsys.readouterr().out
-    assert "| fora:level=stack |" in stdout and "(chosen)" in stdout
+    assert "| fora:regions=stack |" in stdout and "(chosen)" in stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(js.read_text())
     assert len(data["trials"]) <= 6 and data["winner"]["psnr"] >= 20 and data["winner"]["holds"]
@@ -66,7 +66,7 @@ def test_tune_writes_table_plot_json_and_a_graph_that_runs_the_winner(calibrated
 def test_sample_with_no_flags_runs_the_winner_bit_for_bit(calibrated: tuple[Path, Path], tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "tuned.fc.onnx"
-    assert main(["tune", str(calibrated[1]), "-o", str(out), "--target-psnr", "20", "--policies", "fora:level=stack",
+    assert main(["tune", str(calibrated[1]), "-o", str(out), "--target-psnr", "20", "--policies", "fora:regions=stack",
                  "--plot", str(tmp_path / "t.png"), *SEARCH, *SAMPLE]) == 0
     winner = read_plan(onnx.load(str(out))).tuned["policy"]
     caplog.set_level("INFO")
@@ -82,7 +82,7 @@ def test_sample_with_no_flags_runs_the_winner_bit_for_bit(calibrated: tuple[Path
 def test_a_flag_overrides_the_tuned_setting(calibrated: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "tuned.fc.onnx"
     assert main(["tune", str(calibrated[1]), "-o", str(out), "--target-psnr", "5", "--policies",
-                 "fora:level=stack,warmup=1", "--plot", str(tmp_path / "t.png"), *SEARCH, *SAMPLE]) == 0
+                 "fora:regions=stack,warmup=1", "--plot", str(tmp_path / "t.png"), *SEARCH, *SAMPLE]) == 0
     winner = read_plan(onnx.load(str(out))).tuned["policy"]
     report = tmp_path / "r.json"
     assert main(["sample", str(out), "--warmup", "4", "--report", str(report), *SAMPLE]) == 0
@@ -100,8 +100,8 @@ def test_optimize_to_a_target_compiles_for_the_winner_alone(calibrated: tuple[Pa
     plan = read_plan(onnx.load(str(out)))
     name, _, options = plan.tuned["policy"].partition(":")
     assert name == "fora" and set(plan.compiled_for) == {"fora"}
-    level = dict(kv.split("=") for kv in options.split(","))["level"]
-    assert {r.region_set for r in plan.regions} == {level}  # compiled --for the winner: its region set only
+    regions = dict(kv.split("=") for kv in options.split(","))["regions"]
+    assert {r.region_set for r in plan.regions} == {regions}  # compiled --for the winner: its region set only
     assert plan.tuned["psnr"] >= 1 and plan.tuned["speedup"] > 0
     assert (tmp_path / "m.fc.search.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fc.onnx", "m.fc.search.png"]
@@ -111,10 +111,10 @@ def test_a_target_no_setting_holds_names_the_best_and_writes_nothing(calibrated:
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "m.fc.onnx"
     assert main(["optimize", str(calibrated[0]), "-o", str(out), "--target-psnr", "1000", "--calibrate", "1",
-                 "--calib-steps", "6", "--calib-eps", "0.5", "--policies", "fora:level=stack", *SEARCH, *ARGS]) == 2
+                 "--calib-steps", "6", "--calib-eps", "0.5", "--policies", "fora:regions=stack", *SEARCH, *ARGS]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fcpass:")]  # not the progress
     assert len(err) == 1 and "no setting holds 1000 dB" in err[0] and "the best reached" in err[0]
-    assert "(fora:level=stack," in err[0] and "lower --target-psnr or raise --budget" in err[0]
+    assert "(fora:regions=stack," in err[0] and "lower --target-psnr or raise --budget" in err[0]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -143,13 +143,13 @@ def test_tune_searches_what_the_graph_was_compiled_for(calibrated: tuple[Path, P
     """A graph compiled --for FastCache at stack level with taylor1 has nothing else: the search keeps those
     choices and tries the other knobs."""
     fc, js = tmp_path / "stack.fc.onnx", tmp_path / "t.json"
-    assert main(["optimize", str(calibrated[0]), "-o", str(fc), "--for", "fastcache:levels=stack,approx=taylor1",
+    assert main(["optimize", str(calibrated[0]), "-o", str(fc), "--for", "fastcache:regions=stack,approx=taylor1",
                  "--calibrate", "1", "--calib-eps", "0.5", "--calib-steps", "6", *ARGS]) == 0
     assert main(["tune", str(fc), "--target-psnr", "1", "--plot", str(tmp_path / "t.png"), "--json", str(js),
                  *SEARCH, *SAMPLE]) == 0
     data = json.loads(js.read_text())
-    assert data["skipped"] == {} and {t["space"] for t in data["trials"]} == {"fastcache:levels=stack,approx=taylor1"}
-    assert all(t["spec"].startswith("fastcache:levels=stack,approx=taylor1,") for t in data["trials"])
+    assert data["skipped"] == {} and {t["space"] for t in data["trials"]} == {"fastcache:regions=stack,approx=taylor1"}
+    assert all(t["spec"].startswith("fastcache:regions=stack,approx=taylor1,") for t in data["trials"])
 
 
 def test_tune_refuses_a_named_policy_the_graph_cannot_run(calibrated: tuple[Path, Path], tmp_path: Path,

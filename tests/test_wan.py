@@ -67,7 +67,7 @@ def test_sample_optimize_calibrate_cache_and_score_over_frames(wan: dict[str, ob
     assert run(["sample", fc, "--policy", "none", *common, "--out-npy", cached]) == 0
     np.testing.assert_allclose(np.load(cached), videos, atol=1e-5)
     capsys.readouterr()
-    assert run(["sample", fc, "--policy", "fora:interval=2,level=stack", *common, "--baseline", "--out", grid,
+    assert run(["sample", fc, "--policy", "fora:interval=2,regions=stack", *common, "--baseline", "--out", grid,
                 "--out-npy", cached]) == 0
     out = capsys.readouterr().out
     assert "PSNR" in out and "SSIM" in out

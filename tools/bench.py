@@ -1,7 +1,7 @@
 """Benchmark cache policies against the uncached graph, in one process, on ONNX Runtime.
 
     python tools/bench.py                       # the bundled digits model, 50 DDIM steps, guidance 1.5
-    python tools/bench.py --policies none fora:interval=3 fastcache 'fastcache:levels=stack,sigma_scale=30@stack'
+    python tools/bench.py --policies none fora:interval=3 fastcache 'fastcache:regions=stack,sigma_scale=30@stack'
     python tools/bench.py --policies tuned:30     # what `fcpass optimize --target-psnr 30` writes, sampled with no flags
 
 A policy runs on a graph optimized with --regions blocks,stack, or with the region sets named after
@@ -51,8 +51,8 @@ DEFAULT_POLICIES = [
     "none@stack",
     # Each policy at a published or usual setting, on a graph compiled for it alone.
     "fastcache@blocks",
-    "fora:interval=3,level=stack@stack",
-    "taylorseer:interval=7,warmup=3,level=stack@stack",
+    "fora:interval=3,regions=stack@stack",
+    "taylorseer:interval=7,warmup=3,regions=stack@stack",
     "fbcache:threshold=0.08@tail",
     "teacache:threshold=0.15@stack",
     "magcache@stack",

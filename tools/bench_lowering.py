@@ -2,7 +2,7 @@
 
     fcpass optimize -o /tmp/x.fc.onnx --calibrate 4
     fcpass optimize /tmp/x.fc.onnx -o /tmp/x.fc --lowering segments
-    python tools/bench_lowering.py /tmp/x.fc.onnx /tmp/x.fc --threads 1 --policies none fora:level=stack
+    python tools/bench_lowering.py /tmp/x.fc.onnx /tmp/x.fc --threads 1 --policies none fora:regions=stack
 
 Runs are interleaved (if, segments, if, ...) so drift in machine load hits both; best of --repeats.
 Also prints the largest difference between the two lowerings' samples.
@@ -36,7 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("if_graph")
     p.add_argument("segments")
-    p.add_argument("--policies", nargs="+", default=["none", "fora:level=stack"])
+    p.add_argument("--policies", nargs="+", default=["none", "fora:regions=stack"])
     p.add_argument("--threads", type=int)
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)

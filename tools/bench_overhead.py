@@ -402,7 +402,7 @@ def _loadable(src: Path, tmp: Path) -> Path:
     """`src`, or where it holds a bool `Where` (ONNX Runtime's CPU kernels have none, so it does not load) a copy
     that computes it with And/Or/Not, as the compiled graph does: the original's own nodes otherwise."""
     model = onnx.load(str(src))
-    if not rewrite_bool_where(model):
+    if not rewrite_bool_where(model).modified:
         return src
     log.warning("%s holds a bool Where that ONNX Runtime's CPU kernels lack: timing the original with it as "
                 "And/Or/Not, as fcpass optimize compiles it", src.name)

@@ -47,10 +47,10 @@ FCPASS = [
     "fbcache@tail",
     "teacache@stack",
     "magcache@stack",
-    "fora:level=stack@stack",
-    "taylorseer:level=stack,warmup=2@stack",
+    "fora:regions=stack@stack",
+    "taylorseer:regions=stack,warmup=2@stack",
     "fastcache@blocks,stack",
-    "fastcache:approx=taylor1,levels=stack,max_skips=8,warmup=3@stack",
+    "fastcache:approx=taylor1,regions=stack,max_skips=8,warmup=3@stack",
 ]
 DIFFUSERS = ["fbcache", "taylorseer", "magcache", "fastercache", "pab", "seacache"]
 MARK_START, MARK_END = "<!-- peers:start -->", "<!-- peers:end -->"

@@ -96,10 +96,10 @@ run() {
   return 1
 }
 
-# build_engine NAME ONNX: a TensorRT engine $OUT/NAME.plan (timing cache shared per model).
+# build_engine NAME ONNX: a TensorRT engine $OUT/NAME.engine (timing cache shared per model).
 build_engine() {
-  if run "build_$1" fcpass build "$2" -o "$OUT/$1.plan" --timing-cache "$OUT/$1.timing.cache"; then
-    echo "  built $OUT/$1.plan: $(head -n 1 "$OUT/build_$1.log")"
+  if run "build_$1" fcpass build "$2" -o "$OUT/$1.engine" --timing-cache "$OUT/$1.timing.cache"; then
+    echo "  built $OUT/$1.engine: $(head -n 1 "$OUT/build_$1.log")"
   else
     return 1
   fi
@@ -111,7 +111,7 @@ suite() {
   local m=$1 b=$2 orig=$3 fc=$4 policies=$5; shift 5
   local orig_args=() fc_args=() p tag base
   case $b in
-    trt) orig_args=(--engine "$OUT/$m.plan"); fc_args=(--engine "$OUT/$m.fc.plan") ;;
+    trt) orig_args=(--engine "$OUT/$m.engine"); fc_args=(--engine "$OUT/$m.fc.engine") ;;
     cuda) orig_args=(--provider cuda); fc_args=(--provider cuda) ;;
   esac
   echo "-- $m on $b"
@@ -214,7 +214,7 @@ if run optimize_digits_tokens fcpass optimize "$DIGITS" -o "$OUT/digits.tok.fc.o
 fi
 if run optimize_digits_motion fcpass optimize "$DIGITS" -o "$OUT/digits.motion.fc.onnx" --regions stack --motion-ratio 0.5 \
     "${CALIB[@]}"; then
-  model digits-motion "$DIGITS" "$OUT/digits.motion.fc.onnx" "none fastcache:levels=stack,motion=1" --steps "$STEPS" \
+  model digits-motion "$DIGITS" "$OUT/digits.motion.fc.onnx" "none fastcache:regions=stack,motion=1" --steps "$STEPS" \
     --class "${CLASSES[@]}"
 fi
 

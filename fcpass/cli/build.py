@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from fcpass.compiler.trt_build import BuildOptions, build_engine, build_segments
-    from fcpass.contract.segments import is_segments_artefact
+    from fcpass.contract.manifest import is_segments_artefact
 
     options = BuildOptions(fp16=args.fp16, bf16=args.bf16, timing_cache=args.timing_cache,
                            workspace_mb=args.workspace, batch=args.batch, verbose=args.trt_verbose)

@@ -25,8 +25,8 @@ def add_parser(sub: Any) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from fcpass.compiler.trt_check import check_graph
+    from fcpass.contract.manifest import is_segments_artefact, read_manifest, segment_files
     from fcpass.contract.onnx_io import load_model
-    from fcpass.contract.segments import is_segments_artefact, read_manifest, segment_files
 
     if is_segments_artefact(args.model):  # every segment of a segments folder
         paths = [args.model / f for f in segment_files(read_manifest(args.model))]

@@ -91,8 +91,8 @@ def export_meta(model: Any) -> dict[str, Any]:
 
 def sampling_setup(args: argparse.Namespace, model_path: Path) -> SamplingSetup:
     """Scheduler, request defaults and roles for a graph: from flags, else its export metadata."""
+    from fcpass.contract.manifest import interface_model, is_segments_artefact, read_manifest
     from fcpass.contract.onnx_io import load_model
-    from fcpass.contract.segments import interface_model, is_segments_artefact, read_manifest
 
     if is_segments_artefact(model_path):  # a segments folder: its manifest holds the export metadata
         model = interface_model(read_manifest(model_path))

@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fcpass.contract.segments import is_segments_artefact
+    from fcpass.contract.manifest import is_segments_artefact
 
     if is_segments_artefact(args.model):
         return _inspect_segments(args)
@@ -176,7 +176,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
 
 def _inspect_segments(args: argparse.Namespace) -> int:
     """The manifest of a segments folder: its step program, one line per segment or branch."""
-    from fcpass.contract.segments import read_manifest
+    from fcpass.contract.manifest import read_manifest
 
     manifest = read_manifest(args.model)
     if args.json:

@@ -34,7 +34,7 @@ def add_parser(sub: Any) -> None:
                    help="compile what these policies need and nothing more (their region sets, probes, previous "
                         "outputs, token caching), in place of --regions, --taylor, --no-probes and --tokens, and "
                         "keep their options as the graph's defaults for fcpass sample; "
-                        "e.g. --for fastcache:levels=stack,approx=taylor1")
+                        "e.g. --for fastcache:regions=stack,approx=taylor1")
     o.add_argument("--regions", default="blocks,tail,stack", help="region sets: blocks, tail (1..L-1), stack")
     o.add_argument("--taylor", action="store_true", help="keep each region's previous output (for taylor1)")
     o.add_argument("--no-probes", dest="probes", action="store_false",
@@ -119,7 +119,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     blocks = len({b for r in plan.regions for b in r.blocks})
     lowered = ""
     if options.lowering == "segments":
-        from fcpass.contract.segments import read_manifest
+        from fcpass.contract.manifest import read_manifest
 
         lowered = f", lowered to {read_manifest(args.output)['segments']} If-free segments"
     elif (data := data_file(args.output)) is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,18 @@ from fcpass.cli.common import (
     sampling_setup,
 )
 from fcpass.contract.errors import FcpassError
+
+log = logging.getLogger(__name__)
+
+
+class _Renamed(argparse.Action):
+    """A flag under the name it had before a rename: sets the current flag and logs one deprecation warning."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = "--" + self.dest.replace("_", "-")
+        log.warning("%s is deprecated: it is now %s (%s %s)", option_string, current, current, values)
+        setattr(namespace, self.dest, values)
 
 
 def add_parser(sub: Any) -> None:
@@ -39,8 +52,9 @@ def add_parser(sub: Any) -> None:
                    help="fora, fastcache: what stands in for a skipped region (default: reuse for fora, linear for "
                         "fastcache; taylor1 needs a graph optimized with --taylor)")
     s.add_argument("--sigma-scale", type=float, help="fastcache: scale every calibrated sigma^2")
-    s.add_argument("--levels", help="fastcache: regions that take the test, e.g. stack,blocks")
-    s.add_argument("--level", choices=["blocks", "stack"], help="fora, taylorseer: per block or the whole stack")
+    s.add_argument("--regions", help="fastcache: the region sets that take the test, e.g. stack,blocks; fora, "
+                                     "taylorseer: blocks (per block) or stack (the whole stack)")
+    s.add_argument("--levels", "--level", dest="regions", action=_Renamed, help=argparse.SUPPRESS)
     s.add_argument("--threshold", type=float, help="fbcache, teacache, magcache: their skip threshold")
     s.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
     s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's, one per core)")
@@ -71,7 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model_path = args.model or bundled_onnx()
     setup = sampling_setup(args, model_path)
     options = {k: getattr(args, k) for k in ("alpha", "dof", "max_skips", "warmup", "interval", "approx",
-                                             "sigma_scale", "levels", "level", "threshold")}
+                                             "sigma_scale", "regions", "threshold")}
     denoiser = load_denoiser(model_path, args.policy, options, provider=args.provider, inputs=setup.inputs,
                              engine=args.engine, cuda_graphs=args.cuda_graphs, threads=args.threads, dims=args.dims)
     if args.baseline and getattr(getattr(denoiser, "policy", None), "name", "none") == "none":

@@ -17,6 +17,7 @@ Two modes:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,39 @@ def _single(node: onnx.NodeProto, t: Axes, mixing: bool) -> int:
     return next(iter(t))
 
 
+@dataclass
+class _Step:
+    """One node being followed: its inputs' token axes, its clone, and what its rules read."""
+
+    index: GraphIndex
+    node: onnx.NodeProto
+    clone: onnx.NodeProto
+    t_in: dict[int, Axes]
+    n: int
+    k: int
+    const: ConstFn
+    mixing: bool
+    r_out: int
+
+    def fail(self, why: str) -> FcpassError:
+        return _fail(self.node, why, self.mixing)
+
+    def rank(self, x: str) -> int:
+        s = self.index.shape(x)
+        if s is None:
+            raise self.fail(f"the shape of {x!r} is unknown")
+        return len(s)
+
+    def axis_attr(self, default: int, r: int) -> int:
+        """The node's `axis` attribute, non-negative for rank r."""
+        a = int(attr(self.node, "axis", default))
+        return a + r if a < 0 else a
+
+    def axes_of(self, values: Any, r: int) -> set[int]:
+        """Axes given as a constant or attribute, non-negative for rank r."""
+        return {int(a) + r if int(a) < 0 else int(a) for a in np.ravel(values)}
+
+
 def _follow(index: GraphIndex, node: onnx.NodeProto, clone: onnx.NodeProto, t_in: dict[int, Axes], n: int, k: int,
             const: ConstFn, mixing: bool) -> Axes:
     """The token axes of `node`'s output, given its inputs'; rewrites `clone`'s shape inputs."""
@@ -133,109 +167,140 @@ def _follow(index: GraphIndex, node: onnx.NodeProto, clone: onnx.NodeProto, t_in
     out_shape = index.shape(node.output[0])
     if out_shape is None:
         raise _fail(node, "its output shape is unknown", mixing)
-    r_out = len(out_shape)
-
-    def fail(why: str) -> FcpassError:
-        return _fail(node, why, mixing)
-
-    def rank(x: str) -> int:
-        s = index.shape(x)
-        if s is None:
-            raise fail(f"the shape of {x!r} is unknown")
-        return len(s)
-
-    def norm(a: int, r: int) -> int:
-        return a + r if a < 0 else a
-
-    first = next(iter(t_in.values()))
+    step = _Step(index, node, clone, t_in, n, k, const, mixing, len(out_shape))
     if op in _UNARY:
         if set(t_in) != {0}:
-            raise fail("the token axis reaches a parameter input")
+            raise step.fail("the token axis reaches a parameter input")
         return t_in[0]
     if op in _ELEMENTWISE:
-        aligned = {frozenset(a + r_out - rank(node.input[j]) for a in t) for j, t in t_in.items()}
-        if len(aligned) != 1:
-            raise fail("its operands carry the token axis at different positions")
-        axes = aligned.pop()
-        for j, x in enumerate(node.input):
-            if j in t_in or not x:
-                continue
-            s = index.shape(x) or ()
-            for a in axes:
-                pos = a - (r_out - len(s))
-                # A symbolic dim (shape inference could not resolve it) is accepted: ORT then rejects a
-                # real mismatch at run time rather than computing something wrong, except for k = 1.
-                if 0 <= pos < len(s) and isinstance(s[pos], int) and s[pos] != 1:
-                    raise fail(f"operand {x!r} (shape {list(s)}) has the token axis without depending on the stream")
-        return axes
-    if op in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
-        ax = norm(int(attr(node, "axis", -1)), rank(node.input[0]))
-        if set(t_in) != {0} or max(t_in[0]) >= ax:
-            raise fail("it normalises over the token axis")
-        return t_in[0]
-    if op in ("Softmax", "LogSoftmax"):
-        if norm(int(attr(node, "axis", -1)), r_out) in t_in[0] and not mixing:
-            raise fail("its softmax runs over the tokens")
-        return t_in[0]
+        return _elementwise(step)
+    if op in _REDUCE:
+        return _reduce(step)
     if op == "MatMul":
-        return _matmul(node, t_in, rank(node.input[0]), rank(node.input[1]), r_out, fail, mixing)
-    if op == "Transpose":
-        perm = list(attr(node, "perm", list(range(r_out))[::-1]))
-        return frozenset(perm.index(a) for a in first)
+        return _matmul(node, t_in, step.rank(node.input[0]), step.rank(node.input[1]), step.r_out, step.fail, mixing)
     if op == "Reshape":
         return frozenset({_reshape(index, node, clone, t_in, n, k, const, mixing)})
-    if op == "Expand":
-        t = _single(node, t_in[0], mixing) + r_out - rank(node.input[0])
-        shape = const_value(index, node.input[1])
-        if shape is None:
-            raise fail("its target shape is not a constant")
-        pos = t - (r_out - len(shape))
-        if 0 <= pos < len(shape) and shape[pos] == n:
-            new = shape.copy()
-            new[pos] = k
-            clone.input[1] = const(f"{clone.output[0]}.shape", new.astype(np.int64))
-        return frozenset({t})
-    if op == "Gather":
-        if 0 not in t_in or 1 in t_in:
-            raise fail("it gathers with token-dependent indices")
-        ax = norm(int(attr(node, "axis", 0)), rank(node.input[0]))
-        if ax in t_in[0]:
-            raise fail("it gathers along the token axis")
-        return frozenset(t if t < ax else t - 1 + rank(node.input[1]) for t in t_in[0])
-    if op in ("Split", "Concat"):
-        ax = norm(int(attr(node, "axis", 0)), r_out)
-        if any(ax in t for t in t_in.values()):
-            raise fail("it splits or concatenates along the token axis")
-        if len({*t_in.values()}) != 1:
-            raise fail("its operands carry the token axis at different positions")
-        return first
-    if op == "Slice":
-        axes = const_value(index, node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        starts = const_value(index, node.input[1])
-        if axes is None:
-            axes = np.arange(len(starts) if starts is not None else r_out)
-        if set(t_in) != {0} or t_in[0] & {norm(int(a), r_out) for a in np.ravel(axes)}:
-            raise fail("it slices the token axis")
-        return t_in[0]
-    if op in ("Squeeze", "Unsqueeze"):
-        axes = const_value(index, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(attr(node, "axes", []))
-        if op == "Squeeze":
-            ax = {norm(int(a), rank(node.input[0])) for a in np.ravel(axes)}
-            if t_in[0] & ax:
-                raise fail("it squeezes the token axis")
-            return frozenset(t - sum(a < t for a in ax) for t in t_in[0])
-        kept = [d for d in range(r_out) if d not in {norm(int(a), r_out) for a in np.ravel(axes)}]
-        return frozenset(kept[t] for t in t_in[0])
-    if op in _REDUCE:
-        r_in = rank(node.input[0])
-        axes = const_value(index, node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "axes", None)
-        ax = set(range(r_in)) if axes is None else {norm(int(a), r_in) for a in np.ravel(axes)}
-        if t_in[0] & ax:
-            raise fail("it reduces over the tokens")
-        return frozenset(t if attr(node, "keepdims", 1) else t - sum(a < t for a in ax) for t in t_in[0])
     if op in ("Shape", "Size"):
         return None  # type: ignore[return-value]
-    raise fail("the token-axis follower does not know this op")
+    rule = _RULES.get(op)
+    if rule is None:
+        raise step.fail("the token-axis follower does not know this op")
+    return rule(step)
+
+
+def _elementwise(step: _Step) -> Axes:
+    """Broadcasting ops: every operand that carries the tokens carries them at one output axis, and an
+    operand that does not has size 1 there."""
+    node, r_out = step.node, step.r_out
+    aligned = {frozenset(a + r_out - step.rank(node.input[j]) for a in t) for j, t in step.t_in.items()}
+    if len(aligned) != 1:
+        raise step.fail("its operands carry the token axis at different positions")
+    axes = aligned.pop()
+    for j, x in enumerate(node.input):
+        if j in step.t_in or not x:
+            continue
+        s = step.index.shape(x) or ()
+        for a in axes:
+            pos = a - (r_out - len(s))
+            # A symbolic dim (shape inference could not resolve it) is accepted: ORT then rejects a
+            # real mismatch at run time rather than computing something wrong, except for k = 1.
+            if 0 <= pos < len(s) and isinstance(s[pos], int) and s[pos] != 1:
+                raise step.fail(f"operand {x!r} (shape {list(s)}) has the token axis without depending on the stream")
+    return axes
+
+
+def _normalization(step: _Step) -> Axes:
+    ax = step.axis_attr(-1, step.rank(step.node.input[0]))
+    if set(step.t_in) != {0} or max(step.t_in[0]) >= ax:
+        raise step.fail("it normalises over the token axis")
+    return step.t_in[0]
+
+
+def _softmax(step: _Step) -> Axes:
+    if step.axis_attr(-1, step.r_out) in step.t_in[0] and not step.mixing:
+        raise step.fail("its softmax runs over the tokens")
+    return step.t_in[0]
+
+
+def _transpose(step: _Step) -> Axes:
+    perm = list(attr(step.node, "perm", list(range(step.r_out))[::-1]))
+    return frozenset(perm.index(a) for a in next(iter(step.t_in.values())))
+
+
+def _expand(step: _Step) -> Axes:
+    node, clone, r_out = step.node, step.clone, step.r_out
+    t = _single(node, step.t_in[0], step.mixing) + r_out - step.rank(node.input[0])
+    shape = const_value(step.index, node.input[1])
+    if shape is None:
+        raise step.fail("its target shape is not a constant")
+    pos = t - (r_out - len(shape))
+    if 0 <= pos < len(shape) and shape[pos] == step.n:
+        new = shape.copy()
+        new[pos] = step.k
+        clone.input[1] = step.const(f"{clone.output[0]}.shape", new.astype(np.int64))
+    return frozenset({t})
+
+
+def _gather(step: _Step) -> Axes:
+    node, t_in = step.node, step.t_in
+    if 0 not in t_in or 1 in t_in:
+        raise step.fail("it gathers with token-dependent indices")
+    ax = step.axis_attr(0, step.rank(node.input[0]))
+    if ax in t_in[0]:
+        raise step.fail("it gathers along the token axis")
+    return frozenset(t if t < ax else t - 1 + step.rank(node.input[1]) for t in t_in[0])
+
+
+def _split_concat(step: _Step) -> Axes:
+    ax = step.axis_attr(0, step.r_out)
+    if any(ax in t for t in step.t_in.values()):
+        raise step.fail("it splits or concatenates along the token axis")
+    if len({*step.t_in.values()}) != 1:
+        raise step.fail("its operands carry the token axis at different positions")
+    return next(iter(step.t_in.values()))
+
+
+def _slice(step: _Step) -> Axes:
+    node, index, r_out = step.node, step.index, step.r_out
+    axes = const_value(index, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    starts = const_value(index, node.input[1])
+    if axes is None:
+        axes = np.arange(len(starts) if starts is not None else r_out)
+    if set(step.t_in) != {0} or step.t_in[0] & step.axes_of(axes, r_out):
+        raise step.fail("it slices the token axis")
+    return step.t_in[0]
+
+
+def _squeeze_unsqueeze(step: _Step) -> Axes:
+    node, t0 = step.node, step.t_in[0]
+    axes = const_value(step.index, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(attr(node, "axes", []))
+    if node.op_type == "Squeeze":
+        ax = step.axes_of(axes, step.rank(node.input[0]))
+        if t0 & ax:
+            raise step.fail("it squeezes the token axis")
+        return frozenset(t - sum(a < t for a in ax) for t in t0)
+    unsqueezed = step.axes_of(axes, step.r_out)
+    kept = [d for d in range(step.r_out) if d not in unsqueezed]
+    return frozenset(kept[t] for t in t0)
+
+
+def _reduce(step: _Step) -> Axes:
+    node = step.node
+    r_in = step.rank(node.input[0])
+    axes = const_value(step.index, node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "axes", None)
+    ax = set(range(r_in)) if axes is None else step.axes_of(axes, r_in)
+    if step.t_in[0] & ax:
+        raise step.fail("it reduces over the tokens")
+    return frozenset(t if attr(node, "keepdims", 1) else t - sum(a < t for a in ax) for t in step.t_in[0])
+
+
+# The follower's rule per op type, where one rule serves a few op types.
+_RULES: dict[str, Callable[[_Step], Axes]] = {
+    "LayerNormalization": _normalization, "SimplifiedLayerNormalization": _normalization,
+    "RMSNormalization": _normalization, "Softmax": _softmax, "LogSoftmax": _softmax, "Transpose": _transpose,
+    "Expand": _expand, "Gather": _gather, "Split": _split_concat, "Concat": _split_concat, "Slice": _slice,
+    "Squeeze": _squeeze_unsqueeze, "Unsqueeze": _squeeze_unsqueeze,
+}
 
 
 def _matmul(node: onnx.NodeProto, t_in: dict[int, Axes], ra: int, rb: int, r_out: int,

@@ -48,8 +48,8 @@ from fcpass.contract.engines import (
     manifest_digest,
 )
 from fcpass.contract.errors import FcpassError
+from fcpass.contract.manifest import read_manifest, segment_files
 from fcpass.contract.onnx_io import atomic_dir, atomic_path, check_distinct, check_file_output, load_model, subgraphs
-from fcpass.contract.segments import read_manifest, segment_files
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def build_engine(model_path: str | Path, output: str | Path, options: BuildOptio
 def check_buildable(model_path: Path, listed_by: Path | None = None) -> onnx.ModelProto:
     """The graph TensorRT is given (weights not loaded, gates inlined); refused with its first
     violation of the static TensorRT rules."""
-    model = inline_gates(load_model(model_path, load_weights=False))
+    model = inline_gates(load_model(model_path, load_weights=False)).model
     violations = check_graph(model, "tensorrt", base_dir=model_path.parent)
     if violations:
         first = violations[0]

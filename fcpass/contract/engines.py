@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from fcpass.contract.errors import FcpassError
-from fcpass.contract.segments import MANIFEST
+from fcpass.contract.manifest import MANIFEST
 
 NOT_INSTALLED = "TensorRT is not installed: pip install 'fcpass[trt]' (needs NVIDIA's package index and a GPU)"
 
@@ -33,7 +33,7 @@ class IOTensor:
 
 
 def engine_file(segment: str) -> str:
-    return segment.removesuffix(".onnx") + ".plan"
+    return segment.removesuffix(".onnx") + ".engine"
 
 
 def manifest_digest(segments: Path) -> str:

@@ -81,7 +81,7 @@ class Policy(ABC):
 
 class Scheduled(Policy):
     """A fixed schedule: full steps during `warmup`, at the last step and every `interval` steps after
-    the warm-up; in between, `skipped` regions (every block, or the stack with `level = "stack"`) skip."""
+    the warm-up; in between, `skipped` regions (every block, or the stack with `regions = "stack"`) skip."""
 
     config: ForaConfig | TaylorSeerConfig | DeltaDiTConfig
 
@@ -98,10 +98,10 @@ class Scheduled(Policy):
 
     def reset(self, plan: CachePlan, num_steps: int) -> None:
         super().reset(plan, num_steps)
-        level = getattr(self.config, "level", "blocks")
-        if level not in ("blocks", "stack"):
-            raise FcpassError(f"{self.name} level {level!r} unknown; use blocks or stack")
-        self.skipped = [plan.region("stack").index] if level == "stack" else _block_indices(plan)
+        regions = getattr(self.config, "regions", "blocks")
+        if regions not in ("blocks", "stack"):
+            raise FcpassError(f"{self.name} regions {regions!r} unknown; use blocks or stack")
+        self.skipped = [plan.region("stack").index] if regions == "stack" else _block_indices(plan)
         self.live = set(self.skipped)
 
 
@@ -132,7 +132,7 @@ class ForaConfig:
     interval: larger is faster and drifts more (3 is FORA's usual setting for DiT).
     warmup: leading steps always computed (the trajectory changes fastest there).
     approx: the stand-in for a skipped block; `reuse` is FORA's own, `residual` is gentler.
-    level: `blocks` skips every block region; `stack` skips the whole stack in one branch, which for
+    regions: `blocks` skips every block region; `stack` skips the whole stack in one branch, which for
         `reuse` and `residual` gives the same result (the per-block approximations telescope) at a
         fraction of the per-step cost.
     """
@@ -140,7 +140,7 @@ class ForaConfig:
     interval: int = 3
     warmup: int = 2
     approx: str = "reuse"
-    level: str = "blocks"
+    regions: str = "blocks"
 
 
 class Fora(Scheduled):
@@ -180,7 +180,7 @@ class FastCacheConfig:
         and gives the others the stack's approximation. Blocks nested in the stack are not tested then.
     motion_full_every: with motion, every n-th computing step runs all tokens (0: only the warm-up
         and the last step do), which refreshes the static tokens' references.
-    levels: which regions take the test. `blocks` is the paper (one test per block). Adding `stack`
+    regions: which region sets take the test. `blocks` is the paper (one test per block). Adding `stack`
         and/or `tail` (an fcpass extension) tests the whole range first with its own calibrated sigma^2
         and fitted W: when the range passes, one cheap branch replaces every block in it; when it
         fails, the blocks inside are tested one by one. A block inside a skipped range counts as skipped
@@ -193,7 +193,7 @@ class FastCacheConfig:
     max_skips: int = 3
     approx: str = "linear"
     sigma_scale: float = 1.0
-    levels: str = "blocks"
+    regions: str = "blocks"
     motion: bool = False
     motion_full_every: int = 0
 
@@ -219,14 +219,14 @@ class FastCache(Policy):
 
     def reset(self, plan: CachePlan, num_steps: int) -> None:
         super().reset(plan, num_steps)
-        levels = {x.strip() for x in self.config.levels.split(",") if x.strip()}
-        unknown = levels - {"blocks", "tail", "stack"}
+        regions = {x.strip() for x in self.config.regions.split(",") if x.strip()}
+        unknown = regions - {"blocks", "tail", "stack"}
         if unknown:
-            raise FcpassError(f"fastcache levels {sorted(unknown)} unknown; use blocks, tail, stack (comma-separated)")
-        tested = [r for r in plan.regions if r.region_set in levels]
-        missing = levels - {r.region_set for r in plan.regions}
+            raise FcpassError(f"fastcache regions {sorted(unknown)} unknown; use blocks, tail, stack (comma-separated)")
+        tested = [r for r in plan.regions if r.region_set in regions]
+        missing = regions - {r.region_set for r in plan.regions}
         if missing:
-            raise FcpassError(f"fastcache levels {sorted(missing)} are not in this graph; optimize with --regions including them")
+            raise FcpassError(f"fastcache regions {sorted(missing)} are not in this graph; optimize with --regions including them")
         self.streak = {r.index: 0 for r in plan.regions}
         self.computed: dict[int, list[int]] = {r.index: [] for r in plan.regions}
         if self.config.approx == "taylor1" and not any(s.kind == "prev" for s in plan.states):
@@ -244,9 +244,9 @@ class FastCache(Policy):
             if sigma2 is not None:
                 nu = self._dof(plan, region.name)
                 self.thresholds[region.index] = chi2_threshold(sigma2 * self.config.sigma_scale, self.config.alpha, nu)
-        blocks = "blocks" in levels and not any(plan.regions[k].region_set == "blocks" for k in self.thresholds)
+        blocks = "blocks" in regions and not any(plan.regions[k].region_set == "blocks" for k in self.thresholds)
         if blocks or not (self.thresholds or self.config.motion):  # nothing the test could ever skip
-            what = "blocks" if blocks else f"region at levels {self.config.levels}"
+            what = "blocks" if blocks else f"region in {self.config.regions}"
             if not plan.calibration:
                 raise FcpassError(f"fastcache needs calibrated {what} and this graph has none; run fcpass optimize "
                                   "with --calibrate N")
@@ -314,13 +314,13 @@ class TaylorSeerConfig:
     last: compute the last step too. Under a DDIM-type sampler its output hardly reaches the sample
         (bundled model: the same PSNR to 0.001 dB with it forecast, one full step fewer); under flow
         matching each step's output counts alike.
-    level: `blocks` extrapolates every block; `stack` extrapolates the whole stack's output in one
+    regions: `blocks` extrapolates every block; `stack` extrapolates the whole stack's output in one
         branch (an fcpass extension: the cheapest skip, and the same idea one level up).
     """
 
     interval: int = 5
     warmup: int = 3
-    level: str = "blocks"
+    regions: str = "blocks"
     phase: int = 1
     last: bool = True
 

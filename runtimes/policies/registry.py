@@ -1,9 +1,10 @@
 """The policy registry: every family by name, its config, and policies built from a spec
-(`fastcache:alpha=0.1,levels=stack`). The one module that imports every family."""
+(`fastcache:alpha=0.1,regions=stack`). The one module that imports every family."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import typing
 from dataclasses import asdict
@@ -30,6 +31,8 @@ from runtimes.policies.core import (
 )
 from runtimes.policies.tokens import DuCa, DuCaConfig, ToCa, ToCaConfig
 
+log = logging.getLogger(__name__)
+
 POLICIES: dict[str, type[Policy]] = {
     "none": NoCache, "fora": Fora, "fastcache": FastCache, "taylorseer": TaylorSeer, "delta-dit": DeltaDiT,
     "fbcache": FBCache, "teacache": TeaCache, "magcache": MagCache, "duca": DuCa, "toca": ToCa,
@@ -46,11 +49,31 @@ def policy_defaults() -> dict[str, dict[str, object]]:
     return {name: asdict(cls()) for name, cls in CONFIGS.items()}
 
 
+# Option names that specs, flags and cache plans written before a rename still use -> the name now.
+RENAMED_OPTIONS = {"level": "regions", "levels": "regions"}
+_warned: set[str] = set()  # the old names already warned about in this process (one warning each)
+
+
+def current_option_names(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with each renamed option under its current name (order kept), logging one deprecation
+    warning per old name; an option given under both names keeps the current name's value."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        new = RENAMED_OPTIONS.get(key, key)
+        if new != key and value is not None and key not in _warned:
+            _warned.add(key)
+            log.warning("policy option %s= is deprecated: it is now %s= (%s=%s)", key, new, new, value)
+        if (new == key and value is not None) or (out.get(new) is None and options.get(new) is None):
+            out[new] = value
+    return out
+
+
 def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """`fastcache:alpha=0.1,levels=stack,blocks` -> ("fastcache", {"alpha": 0.1, "levels": "stack,blocks"}).
+    """`fastcache:alpha=0.1,regions=stack,blocks` -> ("fastcache", {"alpha": 0.1, "regions": "stack,blocks"}).
 
     Values are JSON where they parse (numbers, lists), else strings; a bare word continues the
-    previous value, so comma-separated values need no quoting.
+    previous value, so comma-separated values need no quoting. Renamed options (`RENAMED_OPTIONS`)
+    come back under their current names.
     """
     name, _, rest = text.partition(":")
     options: dict[str, Any] = {}
@@ -68,7 +91,7 @@ def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
             options[key.strip().replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             options[key.strip().replace("-", "_")] = value
-    return name.strip(), options
+    return name.strip(), current_option_names(options)
 
 
 def make_policy(name: str, **options: object) -> Policy:
@@ -78,7 +101,7 @@ def make_policy(name: str, **options: object) -> Policy:
     if name not in POLICIES:
         raise FcpassError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[name]
-    given = {k: v for k, v in {**options, **spec_options}.items() if v is not None}
+    given = {k: v for k, v in {**current_option_names(options), **spec_options}.items() if v is not None}
     config_cls = CONFIGS.get(name)
     fields = config_cls.__dataclass_fields__ if config_cls is not None else {}
     unknown = sorted(set(given) - set(fields))

@@ -43,7 +43,7 @@ def sha(path: Path) -> str:
 def complete(out: Path, kind: str) -> bool:
     """Whether `out` is a whole artefact of its kind."""
     if kind == "segments":
-        from fcpass.contract.segments import read_manifest, segment_files
+        from fcpass.contract.manifest import read_manifest, segment_files
 
         return all(load_model(out / f) is not None for f in segment_files(read_manifest(out)))
     model = load_model(out)

@@ -158,7 +158,7 @@ def manifest(digits_segments: Path) -> dict:
 @settings(max_examples=examples(500))
 @given(data=st.data())
 def test_segments_manifest(digits_segments: Path, manifest: dict, data: st.DataObject) -> None:
-    from fcpass.contract.segments import interface_model, read_manifest, segment_files
+    from fcpass.contract.manifest import interface_model, read_manifest, segment_files
 
     doc = data.draw(damaged_json(manifest))
     with case_dir() as d:
@@ -202,7 +202,7 @@ def test_engines_index(digits_segments: Path, data: st.DataObject) -> None:
 
 def test_regression_manifest_not_an_object(digits_segments: Path) -> None:
     from fcpass.contract.errors import FcpassError
-    from fcpass.contract.segments import read_manifest
+    from fcpass.contract.manifest import read_manifest
 
     with case_dir() as d:
         (d / "manifest.json").write_text("null")  # AttributeError: 'NoneType' object has no attribute 'get'

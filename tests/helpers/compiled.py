@@ -27,7 +27,8 @@ class Compiled:
     def __init__(self, path: Path, regions: tuple[str, ...] = ("blocks", "tail", "stack"), taylor: bool = True) -> None:
         self.original = load(path)
         bmap = discover_blocks(self.original, "latent")
-        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=taylor)
+        done = insert_cache_regions(self.original, bmap, ROLES, regions, taylor=taylor)
+        self.model, self.plan = done.model, done.plan
         write_plan(self.model, self.plan)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -71,8 +72,9 @@ class Tok:
         bmap = discover_blocks(self.original, "latent")
         index = GraphIndex(self.original)
         self.split = [find_branches(index, b) for b in bmap.blocks]
-        self.model, self.plan = insert_cache_regions(self.original, bmap, ROLES, regions,
-                                                     tokens=TokenOptions(k=k, score=score, **options))
+        done = insert_cache_regions(self.original, bmap, ROLES, regions,
+                                    tokens=TokenOptions(k=k, score=score, **options))
+        self.model, self.plan = done.model, done.plan
         write_plan(self.model, self.plan)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3

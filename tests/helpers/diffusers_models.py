@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -119,3 +121,31 @@ def _randomize_(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _drop_noop_squeeze(model: onnx.ModelProto) -> int:
+    """Replace each Squeeze of statically non-1 dimensions by Identity (torch's no-op squeeze(dim))."""
+    g = model.graph
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in [*g.input, *g.value_info]
+    }
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Constant" and a.name == "value":
+                consts[n.output[0]] = numpy_helper.to_array(a.t)
+    fixed = 0
+    for node in g.node:
+        if node.op_type != "Squeeze" or len(node.input) != 2 or node.input[1] not in consts:
+            continue
+        shape = shapes.get(node.input[0])
+        if not shape:
+            continue
+        axes = [int(a) % len(shape) for a in consts[node.input[1]].ravel()]
+        if axes and all(shape[a] not in (None, 1) for a in axes):
+            identity = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
+            identity.metadata_props.extend(node.metadata_props)
+            node.CopyFrom(identity)
+            fixed += 1
+    return fixed

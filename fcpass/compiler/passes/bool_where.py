@@ -2,8 +2,9 @@
 bool, and torch exports one for `masked_fill` on a bool tensor (HunyuanVideo's caption attention mask),
 so such a graph does not load there.
 
-Invariant: the graph computes the same values: where(c, x, y) = (c and x) or (not c and y), with the
-same multidirectional broadcasting. Only the main graph is rewritten (an export has no subgraphs here).
+Mutates its input. Invariant: the graph computes the same values: where(c, x, y) = (c and x) or
+(not c and y), with the same multidirectional broadcasting; it defines every value it reads before
+reading it (checked after the pass). Only the main graph is rewritten (an export has no subgraphs here).
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import onnx
 from onnx import TensorProto, helper
 
 from fcpass.compiler.graphinfo import infer_shapes
+from fcpass.compiler.passes.base import PassResult, graph_pass, well_formed
 
 
-def rewrite_bool_where(model: onnx.ModelProto) -> int:
-    """Replace every bool `Where` of the main graph (in place); returns how many were replaced."""
+@graph_pass(mutates_input=True, preserves=well_formed)
+def rewrite_bool_where(model: onnx.ModelProto) -> PassResult:
+    """Replace every bool `Where` of the main graph (in place); `count`: how many were replaced."""
     graph = model.graph
     if not any(n.op_type == "Where" for n in graph.node):
-        return 0
+        return PassResult(model, False)
     inferred = infer_shapes(model, weights=False).graph
     bools = {v.name for v in [*inferred.value_info, *inferred.input, *inferred.output]
              if v.type.tensor_type.elem_type == TensorProto.BOOL}
@@ -42,4 +45,4 @@ def rewrite_bool_where(model: onnx.ModelProto) -> int:
     if replaced:
         del graph.node[:]
         graph.node.extend(nodes)
-    return replaced
+    return PassResult(model, replaced > 0, replaced)

@@ -29,21 +29,34 @@ Cases:
 4. The else-branch is the approximation of `fcpass.contract.plan.APPROX_MIX` (`fcpass.compiler.passes.approximation`).
 5. Declined: a region output that shape inference cannot type, and opsets below 13 (Unsqueeze and
    Slice take attributes there); both raise FcpassError naming the tensor or the opset.
+
+Returns a copy; its input is left as it is. Checked after the pass: the controls are graph inputs and the
+summaries graph outputs, and every value a node reads is defined before it where it was in the input.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fcpass.compiler.discover import Block, BlockMap, boundary_of
-from fcpass.compiler.graphinfo import GraphIndex, graph_macs, node_inputs, rename_values, replace_node_groups
+from fcpass.compiler.graphinfo import GraphIndex, graph_macs, rename_values, replace_node_groups
 from fcpass.compiler.passes.approximation import INPUT_COLUMNS, approximation_nodes
+from fcpass.compiler.passes.base import PassResult, graph_pass, well_formed
+from fcpass.compiler.passes.builder import (
+    Region,
+    RegionBuilder,
+    RegionHooks,
+    cond_info,
+    copy_node,
+    flatten_regions,
+    region_summaries,
+    toposort,
+)
 from fcpass.compiler.passes.inline_gates import gate_name
 from fcpass.compiler.passes.motion_tokens import MergeOptions, MotionPass
 from fcpass.compiler.passes.token_cache import TokenPass
@@ -56,7 +69,6 @@ from fcpass.contract.plan import (
     STAT_OUTPUT,
     THR_INPUT,
     CachePlan,
-    RegionSpec,
     StateSpec,
 )
 from fcpass.contract.tokens import TokenOptions
@@ -66,44 +78,26 @@ log = logging.getLogger(__name__)
 REGION_SETS = ("blocks", "tail", "stack")
 
 
-@dataclass
-class _Region:
-    spec: RegionSpec
-    nodes: set[int]
-    children: list[_Region] = field(default_factory=list)
-    states_in: list[StateSpec] = field(default_factory=list)
-    states_out: list[StateSpec] = field(default_factory=list)
-    states_prev: list[StateSpec] = field(default_factory=list)
-    states_res: list[StateSpec] = field(default_factory=list)
-    states_mod: list[StateSpec] = field(default_factory=list)
-    probe_pairs: list[tuple[str, str]] = field(default_factory=list)  # head_residual: (region input, head input)
-    probe_input: str | None = None  # modulated_input: the probed tensor
-    states_tok: list[StateSpec] = field(default_factory=list)  # token caching (fcpass.compiler.passes.token_cache)
-    states_kv: list[StateSpec] = field(default_factory=list)  # motion tokens' attention context (motion_tokens)
-    direct: set[str] = field(default_factory=set)  # names of the states read directly off the graph's values
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def own_states(self) -> list[StateSpec]:
-        """Its states but the modulated input (that one is updated every step, outside its `If`)."""
-        return [*self.states_in, *self.states_out, *self.states_prev, *self.states_res, *self.states_tok, *self.states_kv]
-
-    def if_states(self) -> list[StateSpec]:
-        """The states its `If` outputs: those whose next value only the compute branch defines."""
-        return [s for s in self.own_states() if s.name not in self.direct]
-
-    def direct_states(self) -> list[StateSpec]:
-        """The states whose next value is a value the graph computes anyway (see `_Builder.add_state`)."""
-        return [s for s in (*self.own_states(), *self.states_mod) if s.name in self.direct]
-
-
 def region_if_name(region: str) -> str:
     """The name of a region's `If`: then-branch the approximation, else-branch the original nodes."""
     return f"fc/{region}/If"
 
 
+@dataclass(frozen=True, kw_only=True)
+class CacheRegions(PassResult):
+    """`insert_cache_regions`' result: the cache-aware model, and its cache plan."""
+
+    plan: CachePlan
+
+
+def _cache_aware(model: onnx.ModelProto) -> list[str]:
+    inputs, outputs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
+    missing = [f"graph input {x} is missing" for x in (CTL_INPUT, THR_INPUT, MIX_INPUT) if x not in inputs]
+    missing += [f"graph output {x} is missing" for x in (STAT_OUTPUT, SKIP_OUTPUT) if x not in outputs]
+    return missing
+
+
+@graph_pass(mutates_input=False, invariant=_cache_aware, preserves=well_formed)
 def insert_cache_regions(
     model: onnx.ModelProto,
     block_map: BlockMap,
@@ -115,8 +109,8 @@ def insert_cache_regions(
     motion_ratio: float | None = None,
     merge: MergeOptions | None = None,
     motion_context: bool = False,
-) -> tuple[onnx.ModelProto, CachePlan]:
-    """Return a cache-aware copy of `model` and its plan; `model` itself is not modified.
+) -> CacheRegions:
+    """Return a cache-aware copy of `model` and its plan (`count`: its regions); `model` itself is not modified.
 
     `taylor` adds each region's previous computed output to the state, which `taylor1` needs.
     `probes` adds FBCache's and TeaCache's statistics (case 3); without them a step that skips
@@ -126,19 +120,69 @@ def insert_cache_regions(
     `merge` its k-NN token merging at that ratio; `motion_context` lets the motion tokens attend to the
     other tokens' cached keys and values.
     """
+    opset = _check_options(model, region_sets, tokens, motion_ratio, merge, motion_context)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    index = GraphIndex(out)
+    builder = _CacheRegionBuilder(out, index)
+    regions = _plan_regions(index, block_map, block_map.latent, region_sets, builder, probes)
+    flat = flatten_regions(regions)
+    _settle_nodes(index, flat, block_map.latent)
+    builder.add_constants()
+    builder.add_control_inputs(flat)
+    builder.add_unmeasured(regions[0].spec.inputs[0])
+    for r in flat:  # the motion tokens' stack refreshes part of its state: all of it stays in its If
+        builder.add_state(r, taylor, direct=motion_ratio is None or r.name != "stack")
+    token_pass = motion_pass = None
+    if tokens is not None:  # each block's token If, built inside its innermost region's compute branch
+        token_pass = TokenPass(builder, index, block_map, flat, tokens, opset)
+        for r in flat:
+            r.states_tok = token_pass.add_state(r)
+        builder.control_nodes += token_pass.conditions() + token_pass.select_all()
+        builder.hooks.append(token_pass)
+    if motion_ratio is not None:
+        stack = next(r for r in flat if r.name == "stack")
+        motion_pass = MotionPass(builder, index, stack, motion_ratio, block_map.latent, merge,
+                                 block_map.blocks if motion_context else None)
+        builder.hooks.append(motion_pass)
+    _emit_regions(out, builder, regions, flat)
+    plan = CachePlan(
+        regions=[r.spec for r in flat],
+        states=[s for r in flat for s in (*r.own_states(), *r.states_mod)],
+        roles=roles,
+        outputs=[o.name for o in model.graph.output],
+        uncached_macs=graph_macs(index),
+        discovery=block_map.method,
+    )
+    if token_pass is not None:
+        plan.tokens = token_pass.spec()
+    if motion_pass is not None:
+        plan.motion = motion_pass.spec()
+    return CacheRegions(out, True, len(flat), plan=plan)
+
+
+def _check_options(model: onnx.ModelProto, region_sets: tuple[str, ...], tokens: TokenOptions | None,
+                   motion_ratio: float | None, merge: MergeOptions | None, motion_context: bool) -> int:
+    """Raise FcpassError for the declined cases and options that exclude each other; return the opset."""
     opset = _default_opset(model)
     if opset < 13:
         raise FcpassError(f"the model uses opset {opset}; fcpass needs opset >= 13 (re-export with --opset 18)")
     unknown = set(region_sets) - set(REGION_SETS)
     if unknown or not region_sets:
         raise FcpassError(f"--regions {','.join(region_sets)} is not a subset of {','.join(REGION_SETS)}")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    index = GraphIndex(out)
-    latent = block_map.latent
-    builder = _Builder(out, index)
-    regions = _plan_regions(index, block_map, latent, region_sets, builder, probes)
-    flat = _flatten(regions)
+    if (merge is not None or motion_context) and motion_ratio is None:
+        raise FcpassError(f"{'token merging' if merge else '--motion-context'} needs --motion-ratio (the fraction of tokens kept)")
+    if motion_ratio is not None:
+        if "stack" not in region_sets:
+            raise FcpassError("motion tokens run in the stack region; optimize with --regions including stack")
+        if tokens is not None:
+            raise FcpassError("--motion-ratio and --tokens cannot share a graph; optimize for one of them")
+    return opset
+
+
+def _settle_nodes(index: GraphIndex, flat: list[Region], latent: str) -> None:
+    """Give each region its exclusive conditioning (case 1) and take out its hoisted probe (case 3);
+    then count its MACs and number it."""
     dependent = index.descendants({latent})
     for r in sorted(flat, key=lambda r: len(r.nodes)):  # innermost first
         _sink_exclusive_nodes(index, r, dependent)
@@ -149,48 +193,18 @@ def insert_cache_regions(
         r.spec.macs = graph_macs(index, sorted(r.nodes))
     for k, r in enumerate(flat):
         r.spec.index = k
-    builder.add_constants()
-    builder.add_control_inputs(flat)
-    builder.add_unmeasured(regions[0].spec.inputs[0])
-    for r in flat:  # the motion tokens' stack refreshes part of its state: all of it stays in its If
-        builder.add_state(r, taylor, direct=motion_ratio is None or r.name != "stack")
-    if tokens is not None:  # each block's token If, built inside its innermost region's compute branch
-        builder.tokens = TokenPass(builder, index, block_map, flat, tokens, opset)
-        for r in flat:
-            r.states_tok = builder.tokens.add_state(r)
-        builder.control_nodes += builder.tokens.conditions() + builder.tokens.select_all()
-    if (merge is not None or motion_context) and motion_ratio is None:
-        raise FcpassError(f"{'token merging' if merge else '--motion-context'} needs --motion-ratio (the fraction of tokens kept)")
-    if motion_ratio is not None:
-        stack = next((r for r in flat if r.name == "stack"), None)
-        if stack is None:
-            raise FcpassError("motion tokens run in the stack region; optimize with --regions including stack")
-        if tokens is not None:
-            raise FcpassError("--motion-ratio and --tokens cannot share a graph; optimize for one of them")
-        builder.motion = MotionPass(builder, index, stack, motion_ratio, latent, merge,
-                                    block_map.blocks if motion_context else None)
-    main_nodes = list(out.graph.node)
-    new_nodes = builder.replace_regions(main_nodes, regions)
+
+
+def _emit_regions(out: onnx.ModelProto, builder: _CacheRegionBuilder, regions: list[Region], flat: list[Region]) -> None:
+    """Replace the main graph's nodes by the controls, the regions' `If`s and the summary outputs."""
+    new_nodes = builder.replace_regions(list(out.graph.node), regions)
     new_nodes = builder.control_nodes + new_nodes + builder.summary_nodes(flat)
     del out.graph.node[:]
-    out.graph.node.extend(_toposort(new_nodes))
-    out.graph.value_info.extend(_cond_info(regions))
+    out.graph.node.extend(toposort(new_nodes))
+    out.graph.value_info.extend(cond_info(regions))
     builder.export_direct(flat)
     builder.finish_value_info()
     builder.drop_unread_consts()
-    plan = CachePlan(
-        regions=[r.spec for r in flat],
-        states=[s for r in flat for s in (*r.own_states(), *r.states_mod)],
-        roles=roles,
-        outputs=[o.name for o in model.graph.output],
-        uncached_macs=graph_macs(index),
-        discovery=block_map.method,
-    )
-    if builder.tokens is not None:
-        plan.tokens = builder.tokens.spec()
-    if builder.motion is not None:
-        plan.motion = builder.motion.spec()
-    return out, plan
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -201,8 +215,8 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _plan_regions(
-    index: GraphIndex, block_map: BlockMap, latent: str, region_sets: tuple[str, ...], builder: _Builder, probes: bool
-) -> list[_Region]:
+    index: GraphIndex, block_map: BlockMap, latent: str, region_sets: tuple[str, ...], builder: _CacheRegionBuilder, probes: bool
+) -> list[Region]:
     blocks = block_map.blocks
     per_block = [builder.region_for(f"block{b.index}", [b], latent) for b in blocks] if "blocks" in region_sets else []
     tail = builder.region_for("tail", blocks[1:], latent) if "tail" in region_sets and len(blocks) > 2 else None
@@ -229,7 +243,7 @@ def _plan_regions(
     return top_blocks
 
 
-def _residual_pairs(builder: _Builder, inputs: list[str], head: list[str]) -> list[tuple[str, str]]:
+def _residual_pairs(builder: _CacheRegionBuilder, inputs: list[str], head: list[str]) -> list[tuple[str, str]]:
     """Each stream input of the range after the first block, with the first block's input it updates."""
     pairs = []
     for x in inputs:
@@ -264,7 +278,7 @@ def _modulated_input(index: GraphIndex, block: Block, streams: list[str]) -> str
         t = node.output[0]
 
 
-def _hoist_probe(index: GraphIndex, region: _Region, flat: list[_Region]) -> None:
+def _hoist_probe(index: GraphIndex, region: Region, flat: list[Region]) -> None:
     """Move the probed tensor's producers out of the region (and the regions inside it).
 
     The probe is tested before the region's `If`, so its tensor must exist outside it. Its
@@ -276,7 +290,7 @@ def _hoist_probe(index: GraphIndex, region: _Region, flat: list[_Region]) -> Non
         r.nodes -= moved
 
 
-def _sink_exclusive_nodes(index: GraphIndex, region: _Region, dependent: set[int]) -> None:
+def _sink_exclusive_nodes(index: GraphIndex, region: Region, dependent: set[int]) -> None:
     """Move into the region every outside node whose outputs only the region reads (transitively).
 
     Such nodes compute conditioning for the region alone (a DiT block's adaLN modulation): a skipped
@@ -297,98 +311,21 @@ def _sink_exclusive_nodes(index: GraphIndex, region: _Region, dependent: set[int
                 changed = True
 
 
-def _region_inputs(index: GraphIndex, region: _Region) -> list[str]:
+def _region_inputs(index: GraphIndex, region: Region) -> list[str]:
     """Every tensor the region's nodes read from outside it."""
     return [x for i in region.nodes for x in index.nodes[i].input if index.producer.get(x) not in region.nodes]
 
 
-def _flatten(regions: list[_Region]) -> list[_Region]:
-    out: list[_Region] = []
-    for r in regions:
-        out.append(r)
-        out.extend(_flatten(r.children))
-    return out
-
-
-class _Builder:
-    """Creates the nodes, initializers and graph inputs/outputs of the rewrite."""
+class _CacheRegionBuilder(RegionBuilder):
+    """The region builder with what only cache regions emit: controls, states, statistics, probes and
+    each region's `If`; `hooks` are the passes that rewrite inside the regions."""
 
     def __init__(self, model: onnx.ModelProto, index: GraphIndex) -> None:
-        self.model = model
-        self.index = index
-        self.graph = model.graph
+        super().__init__(model, index)
         self.control_nodes: list[onnx.NodeProto] = []
-        self.consts: set[str] = set()
-        self._counter = 0
-        self._inner_value_info: dict[str, onnx.ValueInfoProto] = {v.name: v for v in self.graph.value_info}
-        self.tokens: TokenPass | None = None
-        self.motion: MotionPass | None = None
+        self.hooks: list[RegionHooks] = []
 
-    # --- names and typing -------------------------------------------------------------------
-    def fresh(self, base: str) -> str:
-        self._counter += 1
-        return f"{base}__fc{self._counter}"
-
-    def tensor_type(self, name: str) -> tuple[int, list[int | str | None]]:
-        entry = self.index.value_types.get(name)
-        if entry is None or entry[1] is None:
-            fused = sorted({n.op_type for n in self.index.nodes if n.domain not in ("", "ai.onnx")})
-            if fused:  # ONNX's shape inference knows no contrib op, so nothing after one gets a type
-                raise FcpassError(
-                    f"cannot type region tensor {name!r}: shape inference stops at the graph's {', '.join(fused)} "
-                    "(ONNX Runtime's fusions); run fcpass optimize on the export itself, before ONNX Runtime's "
-                    "offline optimization (it fuses the compiled graph when it loads it)")
-            raise FcpassError(
-                f"cannot type region tensor {name!r} (shape inference gave nothing); "
-                "re-export with static shapes or run onnx shape inference on the model first"
-            )
-        return entry[0], list(entry[1])
-
-    def value_info(self, name: str, like: str) -> onnx.ValueInfoProto:
-        elem, shape = self.tensor_type(like)
-        return helper.make_tensor_value_info(name, elem, shape)
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        self.graph.initializer.append(numpy_helper.from_array(array, name))
-        self.consts.add(name)
-        return name
-
-    def drop_unread_consts(self) -> None:
-        """Remove the constants of the rewrite that no node reads (a region set or option that does not
-        use them): ONNX Runtime warns about each when it loads the graph."""
-        read = {o.name for o in self.graph.output} | {x for n in self.graph.node for x in node_inputs(n)}
-        unread = self.consts - read
-        # deleted in place: rebuilding the list would copy every weight (3 GB for DiT-XL/2)
-        for i in reversed([i for i, t in enumerate(self.graph.initializer) if t.name in unread]):
-            del self.graph.initializer[i]
-
-    # --- regions ----------------------------------------------------------------------------
-    def region_for(self, name: str, blocks: list[Block], latent: str) -> _Region:
-        inputs = blocks[0].inputs
-        outputs = blocks[-1].outputs
-        nodes, ins, outs = boundary_of(self.index, inputs, outputs, latent)
-        for o in outs:
-            self.tensor_type(o)
-        for i in ins:
-            self.tensor_type(i)
-        pairs: list[int | None] = []
-        for o in outs:
-            o_type = self.tensor_type(o)
-            match = next((j for j, i in enumerate(ins) if self.tensor_type(i) == o_type), None)
-            pairs.append(match)
-        approx_macs = 0
-        for o, j in zip(outs, pairs):
-            if j is not None:
-                shape = self.tensor_type(o)[1]
-                if all(isinstance(d, int) for d in shape):
-                    approx_macs += int(np.prod(shape)) * int(shape[-1])
-        spec = RegionSpec(
-            name=name, index=-1, blocks=[b.index for b in blocks], parent=None, inputs=ins, outputs=outs,
-            pairs=pairs, macs=graph_macs(self.index, sorted(nodes)), approx_macs=approx_macs,
-        )
-        return _Region(spec, set(nodes))
-
-    def add_control_inputs(self, flat: list[_Region]) -> None:
+    def add_control_inputs(self, flat: list[Region]) -> None:
         """Graph inputs fc_ctl, fc_thr, fc_mix, and per region its gate's condition (ctl >= 2).
 
         The control logic runs once for all regions (vectorised over R) so its cost does not grow
@@ -443,7 +380,7 @@ class _Builder:
                              value=numpy_helper.from_array(np.array([np.nan], dtype=np.float32))),
         ]
 
-    def add_state(self, region: _Region, taylor: bool, direct: bool) -> None:
+    def add_state(self, region: Region, taylor: bool, direct: bool) -> None:
         """The region's state inputs, and where each one's next value comes from.
 
         With `direct`, a state that tracks a value the graph computes anyway takes that value itself
@@ -488,30 +425,12 @@ class _Builder:
             self.const(f"fc.{n}.A{k}", np.eye(d, dtype=dtype))
             self.const(f"fc.{n}.c{k}", np.zeros((d,), dtype=dtype))
 
-    def replace_regions(self, nodes: list[onnx.NodeProto], regions: list[_Region]) -> list[onnx.NodeProto]:
+    def replace_regions(self, nodes: list[onnx.NodeProto], regions: list[Region]) -> list[onnx.NodeProto]:
         """`nodes` with each region's nodes replaced by its statistic, decision and If nodes."""
         owner = {i: r for r in regions for i in r.nodes}
         return replace_node_groups(self.index, nodes, owner, self.build)
 
-    def exports(self, region: _Region) -> list[str]:
-        """What the region's `If` outputs besides its stream outputs: its `If` states' next values,
-        then `child_exports`."""
-        return [s.next for s in region.if_states()] + self.child_exports(region)
-
-    def child_exports(self, region: _Region) -> list[str]:
-        """Per child its statistic, decision and exports; then the direct state values of the regions
-        inside that only this region's compute branch defines (a block's output inside the stack)."""
-        names: list[str] = []
-        for child in region.children:
-            names += [f"fc.{child.name}.stat", f"fc.{child.name}.skip", *self.exports(child)]
-        defined = {o for i in region.nodes for o in self.index.nodes[i].output}
-        for inner in _flatten(region.children):
-            for s in inner.direct_states():
-                if s.next in defined and s.next not in names and s.next not in region.spec.outputs:
-                    names.append(s.next)
-        return names
-
-    def build(self, region: _Region) -> list[onnx.NodeProto]:
+    def build(self, region: Region) -> list[onnx.NodeProto]:
         n = region.name
         spec = region.spec
         pre = self.statistic_nodes(region)
@@ -520,9 +439,9 @@ class _Builder:
                 pre.append(helper.make_node("Identity", [region.probe_input], [mod.next], name=f"fc/{mod.next}"))
         body_src = [self.index.nodes[i] for i in sorted(region.nodes)]
         body = self.replace_regions(body_src, region.children)
-        if self.tokens is not None:
-            body = self.tokens.rewrite(body, region)
-        body = [_copy(x) for x in body]
+        for hook in self.hooks:
+            body = hook.rewrite_body(body, region)
+        body = [copy_node(x) for x in body]
         exported = list(spec.outputs) + self.exports(region)
         # A value the body computes leaves the compute branch under its branch-output name directly:
         # an Identity there would copy it once per enclosing If (a nested region's state crosses every
@@ -561,7 +480,7 @@ class _Builder:
         own(region.states_tok, [rename[s.next] for s in region.states_tok])
         own(region.states_kv, [s.source for s in region.states_kv])
         batch = self.tensor_type(spec.inputs[0])[1][0]
-        like, summary = self._state_sources(region), _summaries(region)
+        like, summary = self.state_sources(region), region_summaries(region)
         for x in self.child_exports(region):
             if x in summary:
                 assert rename[x] == f"{x}@{n}.run"
@@ -570,44 +489,18 @@ class _Builder:
             else:
                 emit(run_nodes, run_out, rename[x], f"{x}@{n}.run", like[x][0])
         self.unreached_children(region, f"{n}.approx", approx_nodes, approx_out)
-        run_graph = helper.make_graph(_toposort(run_nodes), f"fc_{n}_compute", [], run_out)
-        self._move_value_info(run_graph, body, rename)
-        run_graph.value_info.extend(_cond_info(region.children))
-        if self.motion is not None and self.motion.stack is region:
-            run_graph = self.motion.wrap(run_graph)
+        run_graph = helper.make_graph(toposort(run_nodes), f"fc_{n}_compute", [], run_out)
+        self.move_value_info(run_graph, body, rename)
+        run_graph.value_info.extend(cond_info(region.children))
+        for hook in self.hooks:
+            run_graph = hook.wrap_compute(run_graph, region)
         approx_graph = helper.make_graph(approx_nodes, f"fc_{n}_approx", [], approx_out)
         if_node = helper.make_node(
             "If", [f"fc.{n}.cond"], exported, name=region_if_name(n), then_branch=approx_graph, else_branch=run_graph
         )
         return [*pre, if_node]
 
-    @staticmethod
-    def _state_sources(region: _Region) -> dict[str, tuple[str, str]]:
-        """Next value -> (the tensor it has the type of, a state that takes it) for the regions inside."""
-        out: dict[str, tuple[str, str]] = {}
-        for inner in _flatten(region.children):
-            for s in (*inner.own_states(), *inner.states_mod):
-                out.setdefault(s.next, (s.source, s.name))
-        return out
-
-    def unreached_children(self, region: _Region, tag: str, nodes: list[onnx.NodeProto],
-                           infos: list[onnx.ValueInfoProto]) -> None:
-        """A branch that does not run `region`'s nested regions: per child export (in the compute
-        branch's order) the statistic NaN, the decision -1, a state value passed through."""
-        batch = self.tensor_type(region.spec.inputs[0])[1][0]
-        like, summary = self._state_sources(region), _summaries(region)
-        for x in self.child_exports(region):
-            out = f"{x}@{tag}"
-            if x in summary:
-                stat = summary[x] == "stat"
-                nodes.append(helper.make_node("Identity", ["fc.nan_b" if stat else "fc.minus_one"], [out]))
-                infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch] if stat else [1]))
-            else:
-                source, state = like[x]
-                nodes.append(helper.make_node("Identity", [state], [out], name=f"fc/{out}"))
-                infos.append(self.value_info(out, source))
-
-    def statistic_nodes(self, region: _Region) -> list[onnx.NodeProto]:
+    def statistic_nodes(self, region: Region) -> list[onnx.NodeProto]:
         """stat (B,) = sqrt(sum_j ||H_j - H_ref_j||^2 / sum_j ||H_ref_j||^2); cond = skip this step; skip
         (1,) = cond as a float, the region's entry of fc_skip (made here, so a forced region runs no node
         for it outside its gate).
@@ -668,7 +561,7 @@ class _Builder:
                                 name=gate_name(n), then_branch=branch(measure, "gate"), else_branch=branch(forced, "forced"))
         return [gate]
 
-    def probe_nodes(self, region: _Region) -> list[onnx.NodeProto]:
+    def probe_nodes(self, region: Region) -> list[onnx.NodeProto]:
         """probe (B,) = sum |a - a_ref| / sum |a_ref| over the probed tensors (rel_L1 per sample).
 
         head_residual: a = H_region - H_head (the first block's residual), a_ref its state, which the
@@ -715,7 +608,7 @@ class _Builder:
         nodes.append(helper.make_node("Sum", den, [f"{tag}.den"]))
         return nodes, f"{tag}.num", f"{tag}.den"
 
-    def summary_nodes(self, flat: list[_Region]) -> list[onnx.NodeProto]:
+    def summary_nodes(self, flat: list[Region]) -> list[onnx.NodeProto]:
         """fc_stat (R, B) and fc_skip (R,) from every region's statistic and decision."""
         batch = self.tensor_type(flat[0].spec.inputs[0])[1][0]
         self.const("fc.stat_shape", np.array([len(flat), -1], dtype=np.int64))
@@ -739,75 +632,3 @@ class _Builder:
         self.const("fc.one_f", np.array(1.0, dtype=np.float32))
         self.const("fc.cols_input", np.array(INPUT_COLUMNS, dtype=np.int64))
 
-    def _move_value_info(self, graph: onnx.GraphProto, body: list[onnx.NodeProto], rename: dict[str, str]) -> None:
-        """Carry the shapes of values now defined inside a branch with them (TensorRT and ORT use them)."""
-        inverse = {v: k for k, v in rename.items()}
-        for node in body:
-            for out in node.output:
-                src = inverse.get(out, out)
-                if src in self._inner_value_info:
-                    vi = onnx.ValueInfoProto()
-                    vi.CopyFrom(self._inner_value_info[src])
-                    vi.name = out
-                    graph.value_info.append(vi)
-
-    def export_direct(self, flat: list[_Region]) -> None:
-        """Make each direct state's next value a graph output, once (states may share one: a block's
-        output is the next block's input)."""
-        have = {o.name for o in self.graph.output} | {s.name for r in flat for s in (*r.own_states(), *r.states_mod)}
-        for r in flat:
-            for s in r.direct_states():
-                if s.next not in have:
-                    self.graph.output.append(self.value_info(s.next, s.source))
-                    have.add(s.next)
-
-    def finish_value_info(self) -> None:
-        """Keep top-level value_info only for values the main graph itself defines."""
-        defined = {o for n in self.graph.node for o in n.output}
-        keep = [v for v in self.graph.value_info if v.name in defined]
-        del self.graph.value_info[:]
-        self.graph.value_info.extend(keep)
-
-
-def _summaries(region: _Region) -> dict[str, str]:
-    """The statistic and decision value of every region inside `region` -> "stat" or "skip"."""
-    return {f"fc.{c.name}.{kind}": kind for c in _flatten(region.children) for kind in ("stat", "skip")}
-
-
-def _cond_info(regions: list[_Region]) -> list[onnx.ValueInfoProto]:
-    """TensorRT wants an If condition to be a 0-d bool; say so rather than leave it to inference."""
-    return [helper.make_tensor_value_info(f"fc.{r.name}.cond", TensorProto.BOOL, []) for r in regions]
-
-
-def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
-    c = onnx.NodeProto()
-    c.CopyFrom(node)
-    return c
-
-
-def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """Stable topological order; names not produced by `nodes` count as available (outer scope)."""
-    produced = {o for n in nodes for o in n.output}
-    producer_of = {o: i for i, n in enumerate(nodes) for o in n.output}
-    deps = [{producer_of[x] for x in node_inputs(n) if x in produced and producer_of[x] != i} for i, n in enumerate(nodes)]
-    users: dict[int, list[int]] = {}
-    for i, ds in enumerate(deps):
-        for d in ds:
-            users.setdefault(d, []).append(i)
-    missing = [len(ds) for ds in deps]
-
-
-    ready = [i for i, m in enumerate(missing) if m == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users.get(i, ()):
-            missing[u] -= 1
-            if missing[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        stuck = next(nodes[i] for i in range(len(nodes)) if i not in set(order))
-        raise FcpassError(f"the rewrite left a cycle at node {stuck.name or stuck.op_type!r}; please report this graph")
-    return [nodes[i] for i in order]

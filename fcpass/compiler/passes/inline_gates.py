@@ -1,7 +1,8 @@
 """Replace every gate `If` by its then-branch: a region's statistic is measured at every step, and a
 skipped region's approximation computes every term of the mix row.
 
-Invariant: every output keeps its value for a region the graph decides (ctl >= 2); for a forced
+Returns a copy; its input is left as it is. Invariant: no gate is left, at any depth (checked after
+the pass), and every output keeps its value for a region the graph decides (ctl >= 2); for a forced
 region (ctl 0 or 1) the decision is unchanged and the statistic is measured instead of NaN. An
 approximation's gate leaves every value as it is: its then-branch is right for every mix row, its
 else-branch for the rows its condition leaves to it.
@@ -21,6 +22,7 @@ from collections.abc import Callable
 import onnx
 
 from fcpass.compiler.graphinfo import node_inputs, rename_values
+from fcpass.compiler.passes.base import PassResult, all_nodes, graph_pass, well_formed
 from fcpass.contract.onnx_io import subgraphs
 
 _GATE = re.compile(r"^fc/(.+)/gate$")
@@ -33,14 +35,20 @@ def gate_name(scope: str) -> str:
     return f"fc/{scope}/gate"
 
 
-def inline_gates(model: onnx.ModelProto) -> onnx.ModelProto:
+def _no_gate(model: onnx.ModelProto) -> list[str]:
+    return [f"gate {n.name!r} is left" for n in all_nodes(model.graph) if _is_gate(n)]
+
+
+@graph_pass(mutates_input=False, invariant=_no_gate, preserves=well_formed)
+def inline_gates(model: onnx.ModelProto) -> PassResult:
     """A copy of `model` whose gates, at any depth, are replaced by their then-branches (a region's
     measuring one, an approximation's general form), less what only their conditions and their other
-    branches read."""
+    branches read; `count`: how many gates there were."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    gates = sum(1 for n in all_nodes(out.graph) if _is_gate(n))
     inline_ifs(out.graph, lambda node: "then_branch" if _is_gate(node) else None)
-    return out
+    return PassResult(out, gates > 0, gates)
 
 
 def branch_body(node: onnx.NodeProto, branch: str) -> onnx.GraphProto:

@@ -5,8 +5,9 @@ for initializers of the graph that runs the node: a branch reading a main-graph 
 on every call. On the bundled model that costs a compiled graph with every region computing about
 10% of a step; after this pass the branch owns its weights and they are packed once.
 
-Invariant: the graph computes the same values (each weight keeps its name and data; only its scope
-changes). Cases:
+Mutates its input. Invariant: the graph computes the same values (each weight keeps its name and
+data; only its scope changes), and every weight is still in the scope of each node that reads it
+(checked after the pass). Cases:
 1. A weight read only inside If branches (at any depth) moves to the innermost branch holding every
    reader.
 2. Declined: weights read by a main-graph node, by two sibling branches, or that are graph outputs;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import onnx
 
+from fcpass.compiler.passes.base import PassResult, graph_pass, well_formed
 from fcpass.contract.onnx_io import subgraphs, tensor_nbytes
 
 # Above this many bytes of weights inside If branches a compiled graph is saved with its weights in
@@ -27,8 +29,9 @@ from fcpass.contract.onnx_io import subgraphs, tensor_nbytes
 EXTERNAL_DATA_MIN_BYTES = 16 * 2**20
 
 
-def localize_weights(model: onnx.ModelProto) -> int:
-    """Move weights into the branches that read them (in place); returns how many moved."""
+@graph_pass(mutates_input=True, preserves=well_formed)
+def localize_weights(model: onnx.ModelProto) -> PassResult:
+    """Move weights into the branches that read them (in place); `count`: how many moved."""
     graph = model.graph
     names = {t.name for t in graph.initializer}
     paths: dict[str, list[tuple[onnx.GraphProto, ...]]] = {}
@@ -61,7 +64,7 @@ def localize_weights(model: onnx.ModelProto) -> int:
             keep.append(t)
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return moved
+    return PassResult(model, moved > 0, moved)
 
 
 def branch_weight_bytes(model: onnx.ModelProto) -> int:

@@ -49,6 +49,7 @@ from onnx import TensorProto, helper
 from fcpass.compiler.branches import find_branches
 from fcpass.compiler.graphinfo import GraphIndex, node_inputs, node_macs, node_outputs, rename_values
 from fcpass.compiler.passes.approximation import approximation_nodes
+from fcpass.compiler.passes.builder import RegionHooks
 from fcpass.compiler.token_axis import Axes, clone_on_tokens
 from fcpass.compiler.token_rows import TokenRows
 from fcpass.contract.errors import FcpassError
@@ -56,7 +57,7 @@ from fcpass.contract.plan import MOTION_INPUT, StateSpec
 
 if TYPE_CHECKING:
     from fcpass.compiler.discover import Block
-    from fcpass.compiler.passes.cache_regions import _Builder, _Region
+    from fcpass.compiler.passes.builder import Region, RegionBuilder
 
 TOPK_MAX = 3840  # TensorRT's TopK limit
 
@@ -73,10 +74,10 @@ class MergeOptions:
     weight: float = 1.0
 
 
-class MotionPass:
-    """Builds the stack's motion branch; `fcpass.compiler.passes.cache_regions` calls `wrap` while it builds."""
+class MotionPass(RegionHooks):
+    """Builds the stack's motion branch, as a hook of the region builder (`RegionHooks.wrap_compute`)."""
 
-    def __init__(self, builder: _Builder, index: GraphIndex, stack: _Region, ratio: float, latent: str,
+    def __init__(self, builder: RegionBuilder, index: GraphIndex, stack: Region, ratio: float, latent: str,
                  merge: MergeOptions | None = None, context: list[Block] | None = None) -> None:
         if not 0.0 < ratio <= 1.0:
             raise FcpassError(f"--motion-ratio {ratio} must be in (0, 1]")
@@ -158,12 +159,15 @@ class MotionPass:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
         return StateSpec(name, name + ".next", self.stack.name, kind, source, shape, dtype)
 
-    def wrap(self, run_graph: onnx.GraphProto) -> onnx.GraphProto:
-        """The stack's compute branch as `If(fc_motion > 0, motion, run_graph)`, with run_graph's outputs.
+    def wrap_compute(self, run_graph: onnx.GraphProto, region: Region) -> onnx.GraphProto:
+        """The stack's compute branch as `If(fc_motion > 0, motion, run_graph)`, with run_graph's outputs
+        (any other region's, as it is).
 
         run_graph's values are renamed `@stack.full` (a nested graph may not redefine a name its
         parent defines); the If defines the original names.
         """
+        if region is not self.stack:
+            return run_graph
         n = self.stack.name
         outputs = [_copy_info(vi, vi.name) for vi in run_graph.output]
         rename = {vi.name: vi.name.replace(f"@{n}.run", f"@{n}.full") for vi in outputs}
@@ -285,34 +289,7 @@ class MotionPass:
         assert m is not None
         bn, n, k, d, nb = self.batch, self.tokens, self.k, self.width, m.neighbours
         c = b.const
-        xf = node("Cast", [x], "fc.merge.x32", to=TensorProto.FLOAT) if self.index.dtype(x) != np.float32 else x
-        # Pairwise squared distances within each sample, (B, N, N).
-        sq = node("ReduceSumSquare", [xf, "fc.motion.ax2"], "fc.merge.sq", keepdims=1)
-        gram = node("MatMul", [xf, node("Transpose", [xf], "fc.merge.xt", perm=[0, 2, 1])], "fc.merge.gram")
-        d2 = node("Add", [sq, node("Transpose", [sq], "fc.merge.sqt", perm=[0, 2, 1])], "fc.merge.sqsum")
-        d2 = node("Sub", [d2, node("Mul", [gram, c("fc.merge.two", np.array(2.0, np.float32))], "fc.merge.g2")], "fc.merge.d2r")
-        d2 = node("Max", [d2, c("fc.merge.zero", np.array(0.0, np.float32))], "fc.merge.d2")
-        # The K + 1 nearest (the token itself first, at distance 0); the density ignores the token itself.
-        nodes.append(helper.make_node("TopK", [d2, c("fc.merge.k1", np.array([nb + 1], np.int64))],
-                                      ["fc.merge.nd", "fc.merge.ni"], name="fc/merge/TopK", axis=-1, largest=0, sorted=1))
-        rest = node("Slice", ["fc.merge.nd", c("fc.merge.s1", np.array([1], np.int64)),
-                              c("fc.merge.s2", np.array([nb + 1], np.int64)), c("fc.merge.sax", np.array([2], np.int64))],
-                    "fc.merge.nd_rest")
-        mean_d2 = node("ReduceMean", [rest, "fc.motion.ax2"], "fc.merge.md2", keepdims=0)
-        diff = node("Sub", [x, x_ref], "fc.merge.dx")
-        if self.index.dtype(x) != np.float32:
-            diff = node("Cast", [diff], "fc.merge.dx32", to=TensorProto.FLOAT)
-        motion = node("Sqrt", [node("ReduceSumSquare", [diff, "fc.motion.ax2"], "fc.merge.m2", keepdims=0)], "fc.merge.m")
-        top = node("ReduceMax", [motion, c("fc.merge.ax1", np.array([1], np.int64))], "fc.merge.mmax", keepdims=1)
-        eps = c("fc.merge.eps", np.array(1e-12, np.float32))
-        rho_tm = node("Div", [motion, node("Max", [top, eps], "fc.merge.mmaxe")], "fc.merge.rho_tm")
-        boost = node("Mul", [rho_tm, c("fc.merge.lambda", np.array(m.weight, np.float32))], "fc.merge.lrho")
-        one = c("fc.merge.one", np.array(1.0, np.float32))
-        log_s = node("Sub", [node("Log", [node("Add", [one, boost], "fc.merge.1lrho")], "fc.merge.logtm"), mean_d2],
-                     "fc.merge.logs")
-        # Weights relative to each sample's largest importance: the same ratios, no overflow.
-        s_max = node("ReduceMax", [log_s, "fc.merge.ax1"], "fc.merge.lsmax", keepdims=1)
-        weight = node("Exp", [node("Sub", [log_s, s_max], "fc.merge.lsrel")], "fc.merge.w")
+        d2, log_s, weight = self._importance(nodes, node, x, x_ref)
         nodes.append(helper.make_node("TopK", [log_s, "fc.motion.k"], ["fc.merge.keptv", "fc.merge.kept"],
                                       name="fc/merge/kept", axis=1, largest=1, sorted=1))
         kept = "fc.merge.kept"
@@ -350,6 +327,42 @@ class MotionPass:
         self.macs = self._macs(sorted(region.nodes), axes) + bn * n * n * d + bn * k * (nb + 1) * d
         values = [out, *[s.name for s in (*region.states_in, *region.states_out, *region.states_prev, *region.states_res)]]
         return self._finish(run_out, nodes, values)
+
+    def _importance(self, nodes: list[onnx.NodeProto], node: Any, x: str, x_ref: str) -> tuple[str, str, str]:
+        """Token merging's pairwise squared distances d^2 (B, N, N), log importance log S (B, N) and
+        weights S / max S; the nearest neighbours' indices are `fc.merge.ni` (B, N, K + 1)."""
+        m = self.merge
+        assert m is not None
+        c, nb = self.builder.const, m.neighbours
+        xf = node("Cast", [x], "fc.merge.x32", to=TensorProto.FLOAT) if self.index.dtype(x) != np.float32 else x
+        # Pairwise squared distances within each sample, (B, N, N).
+        sq = node("ReduceSumSquare", [xf, "fc.motion.ax2"], "fc.merge.sq", keepdims=1)
+        gram = node("MatMul", [xf, node("Transpose", [xf], "fc.merge.xt", perm=[0, 2, 1])], "fc.merge.gram")
+        d2 = node("Add", [sq, node("Transpose", [sq], "fc.merge.sqt", perm=[0, 2, 1])], "fc.merge.sqsum")
+        d2 = node("Sub", [d2, node("Mul", [gram, c("fc.merge.two", np.array(2.0, np.float32))], "fc.merge.g2")], "fc.merge.d2r")
+        d2 = node("Max", [d2, c("fc.merge.zero", np.array(0.0, np.float32))], "fc.merge.d2")
+        # The K + 1 nearest (the token itself first, at distance 0); the density ignores the token itself.
+        nodes.append(helper.make_node("TopK", [d2, c("fc.merge.k1", np.array([nb + 1], np.int64))],
+                                      ["fc.merge.nd", "fc.merge.ni"], name="fc/merge/TopK", axis=-1, largest=0, sorted=1))
+        rest = node("Slice", ["fc.merge.nd", c("fc.merge.s1", np.array([1], np.int64)),
+                              c("fc.merge.s2", np.array([nb + 1], np.int64)), c("fc.merge.sax", np.array([2], np.int64))],
+                    "fc.merge.nd_rest")
+        mean_d2 = node("ReduceMean", [rest, "fc.motion.ax2"], "fc.merge.md2", keepdims=0)
+        diff = node("Sub", [x, x_ref], "fc.merge.dx")
+        if self.index.dtype(x) != np.float32:
+            diff = node("Cast", [diff], "fc.merge.dx32", to=TensorProto.FLOAT)
+        motion = node("Sqrt", [node("ReduceSumSquare", [diff, "fc.motion.ax2"], "fc.merge.m2", keepdims=0)], "fc.merge.m")
+        top = node("ReduceMax", [motion, c("fc.merge.ax1", np.array([1], np.int64))], "fc.merge.mmax", keepdims=1)
+        eps = c("fc.merge.eps", np.array(1e-12, np.float32))
+        rho_tm = node("Div", [motion, node("Max", [top, eps], "fc.merge.mmaxe")], "fc.merge.rho_tm")
+        boost = node("Mul", [rho_tm, c("fc.merge.lambda", np.array(m.weight, np.float32))], "fc.merge.lrho")
+        one = c("fc.merge.one", np.array(1.0, np.float32))
+        log_s = node("Sub", [node("Log", [node("Add", [one, boost], "fc.merge.1lrho")], "fc.merge.logtm"), mean_d2],
+                     "fc.merge.logs")
+        # Weights relative to each sample's largest importance: the same ratios, no overflow.
+        s_max = node("ReduceMax", [log_s, "fc.merge.ax1"], "fc.merge.lsmax", keepdims=1)
+        weight = node("Exp", [node("Sub", [log_s, s_max], "fc.merge.lsrel")], "fc.merge.w")
+        return d2, log_s, weight
 
     def _select(self, nodes: list[onnx.NodeProto], node: Any, x: str, x_ref: str) -> str:
         """TopK indices (B, k) of the tokens' saliency ||X_j - X_j_ref||^2; CFG halves select alike."""

@@ -57,6 +57,7 @@ from onnx import TensorProto, helper
 from fcpass.compiler.branches import BlockBranches, Branch, find_branches
 from fcpass.compiler.discover import BlockMap
 from fcpass.compiler.graphinfo import GraphIndex, graph_macs, node_inputs, replace_node_groups
+from fcpass.compiler.passes.builder import RegionHooks
 from fcpass.compiler.token_axis import clone_node, clone_on_tokens
 from fcpass.compiler.token_rows import TokenRows, with_samples
 from fcpass.contract.errors import FcpassError
@@ -73,7 +74,7 @@ from fcpass.contract.plan import (
 from fcpass.contract.tokens import TokenOptions
 
 if TYPE_CHECKING:
-    from fcpass.compiler.passes.cache_regions import _Builder, _Region
+    from fcpass.compiler.passes.builder import Region, RegionBuilder
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class _TokBlock:
     scope: str
     split: BlockBranches
     nodes: list[int]
-    region: _Region
+    region: Region
     tokens: int
     batch: int
     width: int
@@ -99,14 +100,14 @@ class _TokBlock:
     states: dict[str, StateSpec] = field(default_factory=dict)
 
 
-class TokenPass:
-    """Builds the token `If` of every block; `fcpass.compiler.passes.cache_regions` calls it while it builds.
+class TokenPass(RegionHooks):
+    """Builds the token `If` of every block, as a hook of the region builder (`RegionHooks`).
 
     `add_state(region)` adds the token state of the blocks whose innermost region is `region`;
-    `rewrite(body, region)` replaces those blocks' nodes in the region's compute branch by their `If`.
+    `rewrite_body(body, region)` replaces those blocks' nodes in the region's compute branch by their `If`.
     """
 
-    def __init__(self, builder: _Builder, index: GraphIndex, block_map: BlockMap, flat: list[_Region],
+    def __init__(self, builder: RegionBuilder, index: GraphIndex, block_map: BlockMap, flat: list[Region],
                  options: TokenOptions, opset: int) -> None:
         if options.score not in SCORES:
             raise FcpassError(f"--token-score {options.score!r} unknown; use one of {', '.join(SCORES)}")
@@ -202,7 +203,7 @@ class TokenPass:
         c("fc.tok.ax24", np.array([2, 4], np.int64))
         c("fc.tok.axlast", np.array([-1], np.int64))
 
-    def add_state(self, region: _Region) -> list[StateSpec]:
+    def add_state(self, region: Region) -> list[StateSpec]:
         """Graph inputs/outputs of the token state of the blocks `region` owns (innermost)."""
         out: list[StateSpec] = []
         for tb in self.blocks:
@@ -227,7 +228,7 @@ class TokenPass:
             out.extend(tb.states.values())
         return out
 
-    def _state(self, region: _Region, tb: _TokBlock, what: str, kind: str, source: str | None, elem: int,
+    def _state(self, region: Region, tb: _TokBlock, what: str, kind: str, source: str | None, elem: int,
                shape: list[Any], keep: list[int] | None = None) -> StateSpec:
         """A token state; `keep`: the block's token modes that leave it as it is (`StateSpec.token_keep`)."""
         name = f"fc.tok{tb.pos}.{what}"
@@ -317,7 +318,7 @@ class TokenPass:
         return with_samples(emit, c, idx, (b, count * self.kmax), q)
 
     # --- the rewrite ------------------------------------------------------------------------
-    def rewrite(self, body: list[onnx.NodeProto], region: _Region) -> list[onnx.NodeProto]:
+    def rewrite_body(self, body: list[onnx.NodeProto], region: Region) -> list[onnx.NodeProto]:
         """`body` with the nodes of each block `region` owns replaced by that block's token If."""
         mine = [tb for tb in self.blocks if tb.region is region]
         if not mine:
@@ -397,12 +398,12 @@ class _BlockBuilder:
         outs = self._outputs(nodes, [(f"{o}~{p}", f"{o}@{p}.full", o),
                                      *[(values[key], f"{s.next}@{p}.full", s.source) for key, s in tb.states.items()]])
         graph = helper.make_graph(nodes, f"fc_{p}_full", [], outs)
-        inner = self.tp.builder._inner_value_info
         named = {vi.name for vi in outs}
         for n in nodes:
             for x in n.output:
-                if x in inner and x not in named:
-                    graph.value_info.append(inner[x])
+                vi = self.tp.builder.original_value_info(x)
+                if vi is not None and x not in named:
+                    graph.value_info.append(vi)
         return graph
 
     def _outputs(self, nodes: list[onnx.NodeProto], pairs: list[tuple[str, str, str]]) -> list[onnx.ValueInfoProto]:

@@ -3,7 +3,7 @@
 TensorRT reads an If's condition on the host (one sync per If) and cannot capture a step that
 contains one in a CUDA graph. This lowering cuts the compiled graph at its `If` nodes into standalone
 models (head, per-branch, mid and tail segments) and leaves the choice of branch to the host loop
-(`runtimes.segments`), which reads each condition the graph already computes.
+(`runtimes.segments_backend`), which reads each condition the graph already computes.
 
 It lowers the *already optimized* (and calibrated) If graph rather than re-running the cache-region
 pass with a different back end: calibration, fitted weights, statistics and the decision rule are then
@@ -55,9 +55,9 @@ from fcpass import __version__
 from fcpass.compiler.graphinfo import infer_shapes, node_inputs, rename_values
 from fcpass.compiler.passes.inline_gates import inline_gates
 from fcpass.contract.errors import FcpassError
+from fcpass.contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST, is_segments_artefact
 from fcpass.contract.onnx_io import atomic_dir, check_dir_output, save_model, subgraphs
 from fcpass.contract.plan import PLAN_KEY
-from fcpass.contract.segments import FORMAT, FORMAT_VERSION, MANIFEST, is_segments_artefact
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class _Scope:
 def lower_to_segments(model: onnx.ModelProto) -> Lowered:
     """Lower every If of `model` (an fcpass cache-aware graph, or any graph) to host-chosen segments;
     statistic gates are inlined first (`fcpass.compiler.passes.inline_gates`), not lowered."""
-    model = inline_gates(model)
+    model = inline_gates(model).model
     g = model.graph
     if g.sparse_initializer:
         raise FcpassError("the graph has sparse initializers, which --lowering segments does not carry; "

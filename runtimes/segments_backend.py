@@ -1,6 +1,6 @@
 """Run a segments artefact (`fcpass optimize --lowering segments`): the host picks each region's branch.
 
-The artefact (see `fcpass.compiler.passes.segments`) is a folder of If-free ONNX models and a manifest whose
+The artefact (see `fcpass.compiler.passes.lower_segments`) is a folder of If-free ONNX models and a manifest whose
 step program says in which order to run them. `SegmentsBackend` loads every segment once (one ONNX
 Runtime session each) and interprets the program over an environment of named values:
 
@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 
 from fcpass.contract.errors import FcpassError
+from fcpass.contract.manifest import interface_model, read_manifest
 from fcpass.contract.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan, has_plan, read_plan, token_conditions
 from fcpass.contract.roles import graph_inputs, graph_outputs
-from fcpass.contract.segments import interface_model, read_manifest
 from runtimes.backend import device_of, open_session, session_setup
 from runtimes.state import Commit, HostState, with_decisions
 

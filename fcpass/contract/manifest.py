@@ -1,7 +1,7 @@
 """The segments artefact's format: a folder of If-free segment graphs and `manifest.json`, its step program.
 
-Written by the segments lowering (`fcpass.compiler.passes.segments`) and read by the runtimes that run it
-(`runtimes.segments`, `runtimes.trt_segments`) and by the engine build.
+Written by the segments lowering (`fcpass.compiler.passes.lower_segments`) and read by the runtimes that run it
+(`runtimes.segments_backend`, `runtimes.trt_segments`) and by the engine build.
 """
 
 from __future__ import annotations
