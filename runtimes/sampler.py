@@ -121,6 +121,12 @@ def sample(
         raise FcpassError("classifier-free guidance needs the unconditional label, and the graph's class input indexes "
                           "no label table to read it from; pass --uncond-class U, or --guidance-scale 1")
     _check_inputs(request, roles, cfg)
+    latent = roles.latent
+    if latent.rank not in (3, 4, 5) or any(not isinstance(d, (int, np.integer)) or d < 1 for d in latent.shape[1:]):
+        # (a role named with --inputs, or a segments manifest's interface, can give any shape)
+        raise FcpassError(f"latent input {latent.name} {list(latent.shape)} is no (batch, channels, [frames,] height, "
+                          "width) or packed (batch, tokens, channels) latent of fixed sizes; name the latent with "
+                          "--inputs latent=NAME, or re-export the model")
     model_batch = _batch_of(roles)
     halves = cfg and model_batch == 1  # two calls a step, one per half of guidance
     if cfg and model_batch is not None and model_batch > 1 and model_batch % 2:

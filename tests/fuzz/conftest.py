@@ -64,11 +64,13 @@ def digits_fc(fuzz_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_segments(fuzz_root: Path) -> Path:
-    """The bundled digits model lowered to a segments folder."""
+    """The bundled digits model lowered to a segments folder: two regions (stack, tail), calibrated on one short
+    trajectory, so that FORA, FBCache, TeaCache and MagCache sample it and the graph decides its branches."""
     from fcpass.cli import main
 
     out = fuzz_root / "digits.seg"
-    assert main(["optimize", "-o", str(out), "--lowering", "segments", "--regions", "stack"]) == 0
+    assert main(["optimize", "-o", str(out), "--lowering", "segments", "--regions", "stack,tail", "--calibrate", "1",
+                 "--calib-steps", "4"]) == 0
     return out
 
 

@@ -181,7 +181,7 @@ def test_sample_damaged_segments(digits_segments: Path, manifest: dict, data: st
     with case_dir() as d:
         seg = copy_to(digits_segments, d)
         (seg / "manifest.json").write_text(json.dumps(doc))
-        check_cli("segments.sample", ["sample", str(seg), "--steps", "2", "--class", "1", "--policy", "fora"],
+        check_cli("segments.sample", ["sample", str(seg), "--steps", "2", "--class", "1", "--policy", "fora:level=stack"],
                   inputs=[seg], folder=d)
 
 
