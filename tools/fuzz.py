@@ -14,7 +14,7 @@ tests/fuzz/atheris_targets.py READER --seeds DIR FILE`).
 
 At the end it prints how many cases of each reader ran and how each ended: worked, one-line error (for
 kill.* rows: the process was killed mid-write), or failure; the exit code is 1 if any case failed or
-any round did not pass.
+any round did not pass. The last round is stopped at the deadline (SIGINT) and the cases it ran are counted.
 """
 
 from __future__ import annotations
@@ -24,30 +24,49 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.fuzz.harness import table  # noqa: E402
 
+CUT = -2  # run_round's exit code for a round stopped at the deadline: its cases so far are counted
+
 
 def run_round(seed: int, scale: float, seconds: float) -> tuple[Counter, dict[str, str], int]:
+    """One pytest run of tests/fuzz; at `seconds` it is interrupted (SIGINT: pytest still writes the tally of the
+    cases it ran) and then, if it does not stop within two minutes, killed."""
     with tempfile.TemporaryDirectory(prefix="fcfuzz-round.") as d:
         out = Path(d) / "tally.json"
         env = {**os.environ, "FCPASS_FUZZ_SEED": str(seed), "FCPASS_FUZZ_SCALE": str(scale),
                "FCPASS_FUZZ_TALLY": str(out), "FCPASS_FUZZ_KILLS": str(max(1, round(2 * scale)))}
-        cmd = [sys.executable, "-m", "pytest", "tests/fuzz", "-q", "-p", "no:cacheprovider", f"--hypothesis-seed={seed}"]
+        junit = Path(d) / "junit.xml"  # (a round stopped at the deadline exits 2 whatever its tests did)
+        cmd = [sys.executable, "-m", "pytest", "tests/fuzz", "-q", "-p", "no:cacheprovider", f"--hypothesis-seed={seed}",
+               f"--junitxml={junit}"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                timeout=seconds).returncode
+            rc = proc.wait(timeout=max(seconds, 1))
         except subprocess.TimeoutExpired:
-            rc = -1
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            rc = CUT
+        if rc == CUT and junit.exists():
+            suite = ElementTree.parse(junit).getroot()
+            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+            if suite is not None and int(suite.get("failures", 0)) + int(suite.get("errors", 0)):
+                rc = 1  # a test failed before the deadline
         doc = json.loads(out.read_text()) if out.exists() else {"tally": [], "failures": {}}
     return Counter({(r, o): n for r, o, n in doc["tally"]}), doc["failures"], rc
 
@@ -148,15 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     while time.monotonic() < end:
         seed = args.seed if args.seed is not None and rounds == 0 else rng.randrange(2**31)
         start = time.monotonic()
-        tally, failed, rc = run_round(seed, args.scale, max(end - start, 0) + 120)
+        tally, failed, rc = run_round(seed, args.scale, end - start)
         rounds += 1
         total.update(tally)
         for reader, why in failed.items():
             failures.setdefault(reader, f"{why} (seed {seed})")
-        if rc != 0:
+        if rc not in (0, CUT):
             bad_rounds.append(seed)
-        print(f"round {rounds}: seed {seed}, {sum(tally.values())} cases, {time.monotonic() - start:.0f} s, "
-              f"{'passed' if rc == 0 else f'FAILED (pytest exit {rc})'}", flush=True)
+        ended = "passed" if rc == 0 else "stopped at the deadline" if rc == CUT else f"FAILED (pytest exit {rc})"
+        print(f"round {rounds}: seed {seed}, {sum(tally.values())} cases, {time.monotonic() - start:.0f} s, {ended}",
+              flush=True)
     print(f"\n{rounds} rounds in {args.minutes:g} minutes (scale {args.scale:g}):")
     print(table(total))
     for reader, why in sorted(failures.items()):

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz.harness import TALLY
+from tests.fuzz.harness import TALLY, examples
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNS = int(os.environ.get("FCPASS_ATHERIS_RUNS", "2500"))
+RUNS = examples(2500)  # tools/fuzz.py raises it (FCPASS_FUZZ_SCALE) and draws a fresh seed each round
+SEED = int(os.environ.get("FCPASS_FUZZ_SEED", "0")) % (2**31 - 1) + 1
 
 
 def test_atheris_targets_short_run(tmp_path: Path, tiny_onnx: Path, tiny_fc: Path, digits_segments: Path) -> None:
@@ -29,7 +30,7 @@ def test_atheris_targets_short_run(tmp_path: Path, tiny_onnx: Path, tiny_fc: Pat
     tally = tmp_path / "tally.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "fuzz" / "atheris_targets.py"), "all", "--seeds",
-                           str(seeds), "--tally", str(tally), f"-runs={RUNS}", "-seed=1", f"-artifact_prefix={tmp_path}/",
+                           str(seeds), "--tally", str(tally), f"-runs={RUNS}", f"-seed={SEED}", f"-artifact_prefix={tmp_path}/",
                            "-timeout=60", "-max_total_time=120"], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     doc = json.loads(tally.read_text())
