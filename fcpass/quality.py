@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from fcpass.contract.errors import FcpassError
+from fcpass.contract.errors import FcpassError, first_clause
 from models.digits import CLASSIFIER
 
 log = logging.getLogger(__name__)
@@ -151,10 +152,11 @@ def load_npy(path: str | Path, what: str = "image", source: str = "generate the 
     try:
         # No pickles: an image file must never be able to run code when loaded.
         data = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, SyntaxError, TokenError, MemoryError) as exc:
+        # (numpy parses the header with Python's tokenizer: a damaged one raises TokenError or SyntaxError)
         raise FcpassError(
-            f"could not read {p} as a .npy array: {exc}; save it with numpy.save"
-        ) from exc
+            f"could not read {p} as a .npy array ({type(exc).__name__}: {first_clause(exc, 100)}); save it with numpy.save"
+        ) from None
     if not isinstance(data, np.ndarray):
         data.close()
         raise FcpassError(f"{p} is a .npz archive, not a single .npy array; save one array with numpy.save")

@@ -65,6 +65,14 @@ def device_of(provider: str) -> str:
     return "cuda" if provider == "CUDAExecutionProvider" else "cpu"
 
 
+def ort_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises from a load or a run: RuntimeError and its own classes (which derive from Exception)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = (v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+    return (RuntimeError, *own)
+
+
 def open_session(ort: Any, path: Path, opts: Any, providers: list[str], fix: str) -> Any:
     """An InferenceSession of `path`; ORT's load errors become one line ending in `fix`."""
     try:

@@ -103,6 +103,7 @@ def sample(
     cfg_scale, cond_input = _check_request(request, roles)
     cfg = cfg_scale != 1.0
     _check_inputs(request, roles, cfg)
+    _check_latent(roles.latent)
     per_call, halves = _calls(roles, cfg, n)
     shape = tuple(int(d) for d in roles.latent.shape[1:])  # type: ignore[arg-type]
     packed = len(shape) == 2  # Flux's latent: (tokens, channels) of 2x2 patches
@@ -165,6 +166,14 @@ def _check_request(request: SampleRequest, roles: InputRoles) -> tuple[float, An
         raise FcpassError("classifier-free guidance needs the unconditional label, and the graph's class input indexes "
                           "no label table to read it from; pass --uncond-class U, or --guidance-scale 1")
     return cfg_scale, cond_input
+
+
+def _check_latent(latent: Any) -> None:
+    if latent.rank not in (3, 4, 5) or any(not isinstance(d, (int, np.integer)) or d < 1 for d in latent.shape[1:]):
+        # (a role named with --inputs, or a segments manifest's interface, can give any shape)
+        raise FcpassError(f"latent input {latent.name} {list(latent.shape)} is no (batch, channels, [frames,] height, "
+                          "width) or packed (batch, tokens, channels) latent of fixed sizes; name the latent with "
+                          "--inputs latent=NAME, or re-export the model")
 
 
 def _calls(roles: InputRoles, cfg: bool, n: int) -> tuple[int, bool]:

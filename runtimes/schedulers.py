@@ -345,6 +345,9 @@ def load_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         raise FcpassError(
             f"cannot read scheduler config file {path}: {exc.strerror}; check the path and its permissions."
         ) from None
+    except UnicodeDecodeError:
+        raise FcpassError(f"scheduler config file {path} is not UTF-8 text; save it as UTF-8 JSON, "
+                          f"as diffusers writes its {CONFIG_FILE_NAME}") from None
     try:
         loaded = json.loads(text)
     except json.JSONDecodeError as exc:

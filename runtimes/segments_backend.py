@@ -44,11 +44,11 @@ from typing import Any
 
 import numpy as np
 
-from fcpass.contract.errors import FcpassError
+from fcpass.contract.errors import FcpassError, first_clause
 from fcpass.contract.manifest import interface_model, read_manifest
 from fcpass.contract.plan import CTL_INPUT, SKIP_OUTPUT, TOK_INPUT, CachePlan, has_plan, read_plan, token_conditions
 from fcpass.contract.roles import graph_inputs, graph_outputs
-from runtimes.backend import device_of, open_session, session_setup
+from runtimes.backend import device_of, open_session, ort_errors, session_setup
 from runtimes.state import Commit, HostState, with_decisions
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class _Run:
     inputs: list[str]
     outputs: list[str]
     binding: Any = None  # an ONNX Runtime IOBinding, made on first use by SegmentsBoundState
+    file: str = ""  # the segment's file in the folder, for errors
 
 
 @dataclass
@@ -86,7 +87,7 @@ def compile_program(steps: list[dict[str, Any]], segment: Any, regions: dict[str
     for s in steps:
         kind = s["kind"]
         if kind == "segment":
-            program.append(_Run(segment(s["file"]), list(s["inputs"]), list(s["outputs"])))
+            program.append(_Run(segment(s["file"]), list(s["inputs"]), list(s["outputs"]), file=s["file"]))
         elif kind == "alias":
             program.append(_Alias([(d, src) for d, src in s["pairs"]]))
         elif kind == "branch":
@@ -159,6 +160,7 @@ class SegmentsBackend:
                                        host_conditions(self.model))
         if not self.sessions:
             raise FcpassError(f"{self.path} holds no segments; re-run fcpass optimize --lowering segments")
+        _check_sessions(self.program, self.path)
         self.device_id = device_id
         # As for OrtBackend: device-resident state pays off on CUDA; on the CPU numpy feeds are zero-copy.
         self.iobinding = self.provider == "CUDAExecutionProvider" if iobinding is None else iobinding
@@ -202,13 +204,51 @@ def interpret(program: list[Any], env: dict[str, Any], ctl: np.ndarray | None, t
         else:
             cond = forced_branch(op, ctl, tok)
             if cond is None:
-                cond = read(env[op.cond])
+                try:
+                    cond = read(env[op.cond])
+                except (ValueError, TypeError):  # an array of many values, or of strings
+                    raise FcpassError(f"branch condition {op.cond!r} is not one boolean; re-run fcpass optimize "
+                                      "--lowering segments") from None
             interpret(op.then if cond else op.orelse, env, ctl, tok, launch, read)
+
+
+def _runs(program: list[Any]) -> list[_Run]:
+    """Every segment step of a compiled step program, those inside branches too."""
+    out: list[_Run] = []
+    for op in program:
+        if isinstance(op, _Run):
+            out.append(op)
+        elif isinstance(op, _Choose):
+            out += _runs(op.then) + _runs(op.orelse)
+    return out
+
+
+def _check_sessions(program: list[Any], where: Path) -> None:
+    """Every segment step reads exactly its session's inputs and writes outputs its session has."""
+    for op in _runs(program):
+        takes = {i.name for i in op.runner.get_inputs()}
+        gives = {o.name for o in op.runner.get_outputs()}
+        wrong = [f"reads {n!r}, which it does not take" for n in op.inputs if n not in takes]
+        wrong += [f"does not read {n!r}, which it takes" for n in sorted(takes - set(op.inputs))]
+        wrong += [f"writes {n!r}, which it does not give" for n in op.outputs if n not in gives]
+        if wrong:
+            raise FcpassError(f"{where / op.file} does not match its step in the manifest (the step {wrong[0]}); "
+                              "re-run fcpass optimize --lowering segments")
 
 
 def _run_numpy(op: _Run, env: dict[str, Any]) -> None:
     """ONNX Runtime's plain `run` on numpy values."""
-    env.update(zip(op.outputs, op.runner.run(op.outputs, {name: env[name] for name in op.inputs})))
+    try:
+        got = op.runner.run(op.outputs, {name: env[name] for name in op.inputs})
+    except ort_errors() as exc:  # values of another shape or type than the segment takes
+        raise segment_failed(op, exc) from None
+    env.update(zip(op.outputs, got))
+
+
+def segment_failed(op: _Run, exc: BaseException) -> FcpassError:
+    """ONNX Runtime's refusal to run a segment, as one line."""
+    return FcpassError(f"ONNX Runtime could not run segment {op.file}: {first_clause(exc, 140)}; the folder's "
+                       "segments disagree with each other or with its manifest: re-run fcpass optimize --lowering segments")
 
 
 class SegmentsBoundState:
@@ -258,7 +298,10 @@ class SegmentsBoundState:
         b.clear_binding_outputs()
         for name in op.outputs:
             b.bind_output(name, "cpu" if name in self._host else self.device, self.device_id)
-        op.runner.run_with_iobinding(b)
+        try:
+            op.runner.run_with_iobinding(b)
+        except ort_errors() as exc:
+            raise segment_failed(op, exc) from None
         env.update(zip(op.outputs, b.get_outputs()))
 
     def state(self) -> dict[str, np.ndarray]:

@@ -42,8 +42,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         names = [manifest["inputs"], manifest["outputs"]]
         if not all(isinstance(f, str) for f in files) or not all(isinstance(v["name"], str) for vs in names for v in vs):
             raise TypeError("a name is no string")
+        _check_dataflow(manifest)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise FcpassError(f"{p} is damaged ({type(exc).__name__}: {first_clause(exc, 60)}); re-run fcpass optimize "
+        raise FcpassError(f"{p} is damaged ({type(exc).__name__}: {first_clause(exc, 100)}); re-run fcpass optimize "
                           "--lowering segments") from None
     return manifest
 
@@ -66,6 +67,32 @@ def _check_steps(steps: Any) -> None:
                 raise TypeError("a branch step's cond or region")
             _check_steps(s["then"]["steps"])
             _check_steps(s["else"]["steps"])
+
+
+def _check_dataflow(manifest: dict[str, Any]) -> None:
+    """Every value a step reads is an input or written by a step before it, on every path through the branches,
+    and so is every output: a step program that reads what nothing wrote is refused before anything runs."""
+    def walk(steps: list[dict[str, Any]], known: set[str]) -> set[str]:
+        known = set(known)
+        for s in steps:
+            if s["kind"] == "segment":
+                reads, writes = s["inputs"], s["outputs"]
+            elif s["kind"] == "alias":
+                reads, writes = [src for _, src in s["pairs"]], [dst for dst, _ in s["pairs"]]
+            elif s["kind"] == "branch":
+                reads, writes = [s["cond"]], []
+            else:
+                raise ValueError(f"unknown step kind {s['kind']!r}")
+            if missing := [n for n in reads if n not in known]:
+                raise ValueError(f"step {s.get('file') or s['kind']} reads {missing[0]!r}, which nothing before it writes")
+            if s["kind"] == "branch":
+                known |= walk(s["then"]["steps"], known) & walk(s["else"]["steps"], known)
+            known |= set(writes)
+        return known
+
+    written = walk(manifest["steps"], {v["name"] for v in manifest["inputs"]})
+    if missing := [v["name"] for v in manifest["outputs"] if v["name"] not in written]:
+        raise ValueError(f"output {missing[0]!r} is written by no step")
 
 
 def segment_files(manifest: dict[str, Any]) -> list[str]:

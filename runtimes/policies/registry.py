@@ -86,7 +86,7 @@ def parse_policy_spec(text: str) -> tuple[str, dict[str, Any]]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq:
-            raise FcpassError(f"policy option {item!r} in {text!r} needs a value: KEY=VALUE")
+            raise FcpassError(f"policy option {item!r} in {text!r} needs a value; write it as KEY=VALUE")
         try:
             options[key.strip().replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
@@ -106,7 +106,8 @@ def make_policy(name: str, **options: object) -> Policy:
     fields = config_cls.__dataclass_fields__ if config_cls is not None else {}
     unknown = sorted(set(given) - set(fields))
     if unknown:
-        raise FcpassError(f"{name} has no option {', '.join(unknown)}; its options are: {', '.join(fields) or 'none'}")
+        shown = ", ".join(k if k.isidentifier() else repr(k) for k in unknown)  # a key with a newline stays on the line
+        raise FcpassError(f"{name} has no option {shown}; its options are: {', '.join(fields) or 'none'}")
     if config_cls is None:
         return cls()
     hints = typing.get_type_hints(config_cls)

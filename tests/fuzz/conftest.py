@@ -22,13 +22,21 @@ settings.register_profile(
 settings.load_profile("fuzz")
 
 
+def write_tally() -> None:
+    if out := os.environ.get("FCPASS_FUZZ_TALLY"):  # tools/fuzz.py sums its rounds from these
+        doc = {"tally": [[r, o, n] for (r, o), n in TALLY.items()], "failures": FAILURES}
+        Path(out).write_text(json.dumps(doc))
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    write_tally()  # after every test: a round stopped at tools/fuzz.py's deadline still counts what it ran
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if TALLY:
         terminalreporter.write_sep("-", "fuzz cases per reader")
         terminalreporter.write_line(table())
-    if out := os.environ.get("FCPASS_FUZZ_TALLY"):  # tools/fuzz.py sums its rounds from these
-        doc = {"tally": [[r, o, n] for (r, o), n in TALLY.items()], "failures": FAILURES}
-        Path(out).write_text(json.dumps(doc))
+    write_tally()
 
 
 @pytest.fixture(scope="session")
@@ -64,11 +72,13 @@ def digits_fc(fuzz_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_segments(fuzz_root: Path) -> Path:
-    """The bundled digits model lowered to a segments folder."""
+    """The bundled digits model lowered to a segments folder: two regions (stack, tail), calibrated on one short
+    trajectory, so that FORA, FBCache, TeaCache and MagCache sample it and the graph decides its branches."""
     from fcpass.cli import main
 
     out = fuzz_root / "digits.seg"
-    assert main(["optimize", "-o", str(out), "--lowering", "segments", "--regions", "stack"]) == 0
+    assert main(["optimize", "-o", str(out), "--lowering", "segments", "--regions", "stack,tail", "--calibrate", "1",
+                 "--calib-steps", "4"]) == 0
     return out
 
 

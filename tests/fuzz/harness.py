@@ -138,6 +138,8 @@ def check_cli(reader: str, argv: list[str], inputs: list[Path] = (), folder: Pat
                 rc = main(argv)
             except SystemExit as exc:  # argparse's usage errors and --help
                 rc = exc.code if isinstance(exc.code, int) else 2
+            if rc == 130:  # fcpass's own answer to Ctrl-C: the run is being stopped (tools/fuzz.py's deadline)
+                raise KeyboardInterrupt
     except Hang as exc:
         rc, problem = None, f"hang: {exc}"
     except Exception as exc:  # noqa: BLE001

@@ -20,7 +20,7 @@ from runtimes.sampler import SampleRequest, sample
 from runtimes.schedulers import scheduler_from_config
 from tests.fuzz.harness import TALLY, examples
 
-POLICIES = ["fastcache", "fbcache", "teacache", "magcache", "fora:level=stack", "delta-dit"]
+POLICIES = ["fastcache", "fbcache", "teacache", "magcache", "fora:regions=stack", "delta-dit"]
 STEPS = 8
 
 

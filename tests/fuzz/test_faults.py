@@ -1,4 +1,5 @@
-"""Writes under faults: a process SIGKILLed mid-write, two writers of one output, a full disk.
+"""Writes under faults: a process SIGKILLed mid-write (optimize, calibrate, tune -o, export, the segments
+lowering), two writers of one output, a full disk.
 
 Decided: every output is written under a hidden temporary name beside it (`.NAME.fcpass-PID-*.tmp`) and
 renamed into place, so a killed run leaves the input intact and either the complete old output or
@@ -47,6 +48,10 @@ def complete(out: Path, kind: str) -> bool:
 
         return all(load_model(out / f) is not None for f in segment_files(read_manifest(out)))
     model = load_model(out)
+    if kind == "tuned":
+        from fcpass.contract.plan import read_plan
+
+        return read_plan(model, str(out)).tuned is not None
     return kind == "export" or has_plan(model)
 
 
@@ -56,14 +61,19 @@ COMMANDS = {  # name: (argv with {out} and {fc}, output kind)
     "calibrate": (["calibrate", "{fc}", "-o", "{out}", "--for", "teacache", "--calibrate", "1", "--steps", "4"], "onnx"),
     "export": (["export", "--arch", "digits", "--weights", str(WEIGHTS), "--image-size", "16", "--no-verify",
                 "-o", "{out}"], "export"),
+    # the plot goes outside the output's folder: only -o is checked here
+    "tune": (["tune", "{fc}", "-o", "{out}", "--policies", "fora", "--budget", "2", "--samples", "1", "--steps", "4",
+              "--class", "1", "--plot", "{plot}"], "tuned"),
 }
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_sigkill_leaves_old_or_new_output(name: str, tmp_path: Path, digits_fc: Path, fuzz_root: Path) -> None:
     argv, kind = COMMANDS[name]
-    out = tmp_path / ("out.seg" if kind == "segments" else "out.onnx")
-    fill = [a.format(out=out, fc=digits_fc) for a in argv]
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / ("out.seg" if kind == "segments" else "out.onnx")
+    fill = [a.format(out=out, fc=digits_fc, plot=tmp_path / "tune.png") for a in argv]
     start = time.perf_counter()
     assert fcpass(fill).wait(timeout=300) == 0  # the old output, complete
     took = time.perf_counter() - start
@@ -80,11 +90,11 @@ def test_sigkill_leaves_old_or_new_output(name: str, tmp_path: Path, digits_fc: 
             ended = "killed"
         assert {p: sha(p) for p in inputs} == inputs, "an input changed"
         assert out.exists() and (sha(out) == old or complete(out, kind)), "neither the old output nor a whole new one"
-        assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".") and p != out]
+        assert not [p for p in folder.iterdir() if not p.name.startswith(".") and p != out]
         TALLY[f"kill.{name}", "worked" if ended == "finished" else "error"] += 1
     # the next write clears what the killed ones left beside the output
     assert fcpass(fill).wait(timeout=300) == 0
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert [p.name for p in folder.iterdir()] == [out.name]
     assert complete(out, kind)
 
 

@@ -118,3 +118,29 @@ SCHEDULER_REGRESSIONS = [
 def test_scheduler_regressions(config: dict, steps: int) -> None:
     with pytest.raises(FcpassError):
         run_scheduler(config, steps)
+
+
+def test_regression_policy_option_without_a_value() -> None:
+    """Found by the coverage-guided target: the line said what was wrong but named no fix."""
+    from tests.fuzz.harness import one_clear_line
+
+    with pytest.raises(FcpassError) as info:
+        make_policy("teacache:threshold")
+    assert one_clear_line(str(info.value)) is None, str(info.value)
+
+
+def test_regression_scheduler_config_not_utf8() -> None:
+    """Found by the coverage-guided target: a byte that is not UTF-8 raised UnicodeDecodeError."""
+    with case_dir() as d:
+        (d / "scheduler_config.json").write_bytes(b'{"_class_name": "DDIMScheduler\xe1"}')
+        with pytest.raises(FcpassError, match="is not UTF-8 text"):
+            load_config(d / "scheduler_config.json")
+
+
+def test_regression_policy_option_with_a_newline() -> None:
+    """Found by the coverage-guided target: an unknown option's name was shown as it was, newline and all."""
+    from tests.fuzz.harness import one_clear_line
+
+    with pytest.raises(FcpassError) as info:
+        make_policy("fora:le\nvel=stack")
+    assert one_clear_line(str(info.value)) is None, str(info.value)

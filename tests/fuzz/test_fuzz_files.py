@@ -181,7 +181,7 @@ def test_sample_damaged_segments(digits_segments: Path, manifest: dict, data: st
     with case_dir() as d:
         seg = copy_to(digits_segments, d)
         (seg / "manifest.json").write_text(json.dumps(doc))
-        check_cli("segments.sample", ["sample", str(seg), "--steps", "2", "--class", "1", "--policy", "fora"],
+        check_cli("segments.sample", ["sample", str(seg), "--steps", "2", "--class", "1", "--policy", "fora:regions=stack"],
                   inputs=[seg], folder=d)
 
 
@@ -292,3 +292,15 @@ def test_regression_inputs_disagree_on_batch(tiny_onnx: Path) -> None:
         argv = ["sample", str(d / "m.onnx"), "--steps", "1", "--class", "1", "--uncond-class", "10",
                 "--scheduler-config", str(Path("models/digits/scheduler_config.json").resolve())]
         check_cli("onnx.graph", argv)
+
+
+def test_regression_npy_header_cut_inside_its_dict() -> None:
+    """Found by the coverage-guided target: numpy tokenizes the header, and a dict left open raised TokenError."""
+    from fcpass.cli.common import embeddings
+    from fcpass.contract.errors import FcpassError
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3"  # no closing ), }
+    with case_dir() as d:
+        (d / "e.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 24)
+        with pytest.raises(FcpassError, match="could not read .* as a .npy array"):
+            embeddings(d / "e.npy", "prompt embeddings", rank=3)
