@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,10 +94,24 @@ def _batch_of(roles: InputRoles) -> int | None:
     return b if isinstance(b, int) else None
 
 
+def samples_per_call(request: SampleRequest, roles: InputRoles) -> int:
+    """How many of the request's samples one call of the graph draws (one "chunk" of `sample`): the graph's batch,
+    halved where both halves of guidance share a call; every sample where the batch is dynamic."""
+    cfg_scale = request.guidance_scale if roles.guidance is None else request.true_cfg_scale
+    cfg = cfg_scale != 1.0
+    model_batch = _batch_of(roles)
+    if model_batch is None:
+        return request.count
+    return model_batch // 2 if cfg and model_batch != 1 else model_batch
+
+
 def sample(
-    denoiser: Denoiser, scheduler: Scheduler, request: SampleRequest, progress: bool = True
+    denoiser: Denoiser, scheduler: Scheduler, request: SampleRequest, progress: bool = True,
+    chunks: Sequence[int] | None = None,
 ) -> SampleResult:
-    """Run the whole sampling loop for every sample in `request`; time it as one wall-clock span."""
+    """Run the whole sampling loop for every sample in `request`; time it as one wall-clock span. `chunks`, where
+    given, runs only those calls' samples (chunk c: samples c * samples_per_call ..., from the same noise as the
+    whole request draws); the others' images stay zero."""
     roles = denoiser.roles
     n = request.count
     if n == 0:
@@ -126,7 +140,7 @@ def sample(
     if cfg and model_batch is not None and model_batch > 1 and model_batch % 2:
         raise FcpassError(f"the graph's batch is {model_batch}: guidance needs an even batch (both halves in one call) "
                           "or batch 1 (a call per half); re-export with --batch 2, or use --guidance-scale 1")
-    per_call = n if model_batch is None else (model_batch // 2 if cfg and not halves else model_batch)
+    per_call = samples_per_call(request, roles)
     shape = tuple(int(d) for d in roles.latent.shape[1:])  # type: ignore[arg-type]
     packed = len(shape) == 2  # Flux's latent: (tokens, channels) of 2x2 patches
     # (frames of a video latent lead its height and width)
@@ -141,11 +155,12 @@ def sample(
     scheduler.set_timesteps(request.steps, image_seq_len=grid[0] * grid[1],
                             sigmas=way.sigmas(request.steps) if way.sigmas else None)
     timesteps = scheduler.timesteps
-    images = np.empty_like(noise)
+    images = np.zeros_like(noise)
     step_seconds: list[float] = []
     records: list[dict[str, Any]] = []
     macs = 0
-    chunks = range(0, n, per_call)
+    starts = range(0, n, per_call)
+    chunks = starts if chunks is None else [starts[c] for c in chunks]
     bar = tqdm(total=len(chunks) * len(timesteps), desc="sample", disable=not progress, leave=False, mininterval=1.0)
     start = time.perf_counter()
     for first in chunks:
