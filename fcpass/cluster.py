@@ -50,7 +50,7 @@ from fcpass.calibrate import (
     trajectory_share,
 )
 from fcpass.contract.errors import FcpassError
-from fcpass.contract.onnx_io import initializer_tensors, load_model, save_model
+from fcpass.contract.onnx_io import data_file, initializer_tensors, load_model, save_model
 from fcpass.contract.plan import CachePlan
 from fcpass.search import Evaluate, Measurement, SearchResult, Space, search
 
@@ -134,6 +134,15 @@ class RayCluster:
     def resources(self) -> dict[str, float]:
         """What one task or trial asks Ray for: its threads' CPUs, and a GPU where the command runs on CUDA."""
         return {"num_cpus": float(self.threads or 1), "num_gpus": 1.0 if self.provider == "cuda" else 0.0}
+
+    def slots(self) -> int:
+        """How many tasks or trials of `resources` the cluster runs at once."""
+        total = import_ray().cluster_resources()
+        need = self.resources()
+        fits = int(total.get("CPU", 0) // need["num_cpus"])
+        if need["num_gpus"]:
+            fits = min(fits, int(total.get("GPU", 0) // need["num_gpus"]))
+        return max(fits, 1)
 
     @contextmanager
     def passes(self, model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup,
@@ -296,25 +305,95 @@ class TrialFailed(RuntimeError):
     """A trial that failed on the cluster past its retries (not a setting its policy cannot run)."""
 
 
-def pattern_searcher(run: Callable[[Evaluate], SearchResult]) -> Any:
-    """A Ray Tune Searcher (defined here, where Ray is imported) whose suggestions are the settings fcpass's own
-    search asks for."""
+class SearchDriver:
+    """fcpass's search, run where Ray Tune asks for trials: `run(evaluate, ahead)` (the search) runs in a thread of
+    the driver, and each `evaluate(spec)` waits for the trial of that setting. While slots are free (`concurrency`
+    trials at once), the settings it said it may ask for next (`ahead`) are measured meanwhile; one it never asks
+    for is dropped, so the trials, their order and the winner are the search's on one machine."""
+
+    def __init__(self, run: Callable[[Evaluate, Callable[[list[str]], None]], SearchResult], concurrency: int) -> None:
+        self.run, self.concurrency = run, concurrency
+        self.lock = threading.Lock()
+        self.futures: dict[str, Future[Measurement]] = {}  # every setting asked for or measured ahead
+        self.waiting: deque[str] = deque()  # asked for by the search, no trial yet
+        self.upcoming: list[str] = []  # what the search may ask for next, in its order
+        self.running: dict[str, str] = {}  # trial id -> setting
+        self.finished = threading.Event()
+        self.result: SearchResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._search, name="fcpass-search", daemon=True)
+
+    def _search(self) -> None:
+        try:
+            self.result = self.run(self._evaluate, self._ahead)
+        except Exception as exc:  # noqa: BLE001  (raised on the driver's thread once Ray Tune stops)
+            self.error = exc
+        finally:
+            self.finished.set()
+
+    def _evaluate(self, spec: str) -> Measurement:
+        with self.lock:
+            future = self.futures.get(spec)
+            if future is None:
+                future = self.futures[spec] = Future()
+                self.waiting.append(spec)
+        return future.result()
+
+    def _ahead(self, specs: list[str]) -> None:
+        with self.lock:
+            self.upcoming = [s for s in specs if s not in self.futures]
+
+    def next_trial(self, trial_id: str) -> str | None:
+        """The setting trial `trial_id` measures: the one the search waits for, else one it may ask for next; None
+        for none now."""
+        if not self.thread.is_alive() and not self.finished.is_set():
+            self.thread.start()
+        with self.lock:
+            spec = self.waiting.popleft() if self.waiting else None
+            while spec is None and self.upcoming and len(self.running) < self.concurrency and not self.finished.is_set():
+                candidate = self.upcoming.pop(0)
+                if candidate not in self.futures:
+                    spec, self.futures[candidate] = candidate, Future()
+            if spec is not None:
+                self.running[trial_id] = spec
+            return spec
+
+    def done(self, trial_id: str, result: dict | None, error: bool) -> None:
+        """Trial `trial_id` finished: its measurement (or why there is none) to whoever waits for its setting."""
+        with self.lock:
+            spec = self.running.pop(trial_id)
+        future = self.futures[spec]
+        if error or not result:
+            future.set_exception(TrialFailed(f"the trial of {spec} failed on the cluster {TRIAL_RETRIES + 1} times; "
+                                             "see the Ray logs (/tmp/ray/session_latest/logs)"))
+        elif "fcpass_error" in result:
+            future.set_exception(FcpassError(result["fcpass_error"]))
+        else:
+            future.set_result(Measurement(**{f.name: result.get(f"m_{f.name}") for f in dataclasses.fields(Measurement)}))
+
+    def measured(self) -> list[str]:
+        with self.lock:
+            return [spec for spec, future in self.futures.items() if future.done()]
+
+    def abort(self) -> None:
+        """Wake the search where Ray Tune stopped before it finished."""
+        with self.lock:
+            pending = list(self.futures.values())
+        for future in pending:
+            if not future.done():
+                future.set_exception(TrialFailed("the search stopped before it finished"))
+
+
+def pattern_searcher(driver: SearchDriver) -> Any:
+    """A Ray Tune Searcher (defined here, where Ray is imported) whose suggestions are `driver`'s."""
     from ray.tune.search import Searcher
 
     class PatternSearcher(Searcher):  # type: ignore[misc]
-        """`run(evaluate)` (the search) runs in a thread of the driver; each `evaluate(spec)` waits for the trial
-        Ray Tune ran for it, and the search's choices are its own."""
+        """The settings fcpass's search asks for, as Ray Tune trials (`SearchDriver`)."""
 
-        def __init__(self, run: Callable[[Evaluate], SearchResult]) -> None:
+        def __init__(self, driver: SearchDriver) -> None:
             super().__init__()
-            self.run = run
-            self.lock = threading.Lock()
-            self.waiting: deque[tuple[str, Future[Measurement]]] = deque()
-            self.running: dict[str, tuple[str, Future[Measurement]]] = {}
-            self.finished = threading.Event()
-            self.result: SearchResult | None = None
-            self.error: BaseException | None = None
-            self.thread = threading.Thread(target=self._search, name="fcpass-search", daemon=True)
+            self.driver = driver  # an argument, not a closure: Ray Tune pickles the class
 
         def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
             return True
@@ -327,54 +406,19 @@ def pattern_searcher(run: Callable[[Evaluate], SearchResult]) -> Any:
             self.__dict__.update(state)
 
         def save(self, checkpoint_path: str) -> None:
-            """Ray Tune's checkpoint of the searcher: the settings tried so far, for the record."""
-            with self.lock:
-                done = [spec for spec, future in self.running.values() if future.done()]
-            Path(checkpoint_path).write_text("\n".join(done))
-
-        def _search(self) -> None:
-            try:
-                self.result = self.run(self._evaluate)
-            except Exception as exc:  # noqa: BLE001  (raised on the driver's thread once Ray Tune stops)
-                self.error = exc
-            finally:
-                self.finished.set()
-
-        def _evaluate(self, spec: str) -> Measurement:
-            future: Future[Measurement] = Future()
-            with self.lock:
-                self.waiting.append((spec, future))
-            return future.result()
+            """Ray Tune's checkpoint of the searcher: the settings measured so far, for the record."""
+            Path(checkpoint_path).write_text("\n".join(self.driver.measured()))
 
         def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-            if not self.thread.is_alive() and not self.finished.is_set():
-                self.thread.start()
-            with self.lock:
-                if self.waiting:
-                    self.running[trial_id] = self.waiting.popleft()
-                    return {"spec": self.running[trial_id][0]}
-            return Searcher.FINISHED if self.finished.is_set() else None
+            spec = self.driver.next_trial(trial_id)
+            if spec is not None:
+                return {"spec": spec}
+            return Searcher.FINISHED if self.driver.finished.is_set() else None
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            spec, future = self.running.pop(trial_id)
-            if error or not result:
-                future.set_exception(TrialFailed(f"the trial of {spec} failed on the cluster {TRIAL_RETRIES + 1} "
-                                                 "times; see the Ray logs (/tmp/ray/session_latest/logs)"))
-            elif "fcpass_error" in result:
-                future.set_exception(FcpassError(result["fcpass_error"]))
-            else:
-                future.set_result(Measurement(**{f.name: result.get(f"m_{f.name}")
-                                                 for f in dataclasses.fields(Measurement)}))
+            self.driver.done(trial_id, result, error)
 
-        def abort(self) -> None:
-            """Wake the search where Ray Tune stopped before it finished."""
-            with self.lock:
-                pending = [f for _, f in self.waiting] + [f for _, f in self.running.values()]
-            for future in pending:
-                if not future.done():
-                    future.set_exception(TrialFailed("the search stopped"))
-
-    return PatternSearcher(run)
+    return PatternSearcher(driver)
 
 
 class RayTrials:
@@ -385,10 +429,8 @@ class RayTrials:
         ray = import_ray()
         self.cluster, self.setup, self.repeats = cluster, setup, repeats
         files = {"graph.onnx": Path(path).read_bytes()}
-        data = Path(path).with_name(Path(path).name + ".data")  # save_model's name for external weights
-        if data.exists():
-            raise FcpassError(f"--ray: {path} keeps its weights in {data.name}; the search on Ray ships one file "
-                              "under 2 GB (run the search on one machine)")
+        if (data := data_file(path)) is not None:  # the weights beside it, under the name the graph refers to
+            files[data.name] = data.read_bytes()
         self.graph = [ray.put(files)]
         self.key = uuid.uuid4().hex
         self.where = "one Ray worker"
@@ -414,15 +456,16 @@ class RayTrials:
         """fcpass's pattern search, every trial a Ray Tune trial."""
         from ray import tune as ray_tune
 
-        searcher = pattern_searcher(lambda evaluate: search(spaces, evaluate, holds, budget, seed,
-                                                            base.wall_seconds, progress))
+        concurrency = self.cluster.slots()
+        driver = SearchDriver(lambda evaluate, ahead: search(spaces, evaluate, holds, budget, seed, base.wall_seconds,
+                                                             progress, ahead), concurrency)
         trainable = ray_tune.with_parameters(_trial, graph=self.graph, key=self.key, setup=self.setup,
                                              provider=self.cluster.provider, base=base)
         resources = self.cluster.resources()
         trainable = ray_tune.with_resources(trainable, {"cpu": resources["num_cpus"], "gpu": resources["num_gpus"]})
         storage = tempfile.mkdtemp(prefix="fcpass-tune-")
-        tuner = ray_tune.Tuner(trainable, tune_config=ray_tune.TuneConfig(search_alg=searcher, num_samples=-1,
-                                                                                 reuse_actors=True),
+        tuner = ray_tune.Tuner(trainable, tune_config=ray_tune.TuneConfig(
+            search_alg=pattern_searcher(driver), num_samples=-1, max_concurrent_trials=concurrency, reuse_actors=True),
                                run_config=ray_tune.RunConfig(
                                    storage_path=storage, name="search", verbose=0, log_to_file=False,
                                    failure_config=ray_tune.FailureConfig(max_failures=TRIAL_RETRIES)))
@@ -431,16 +474,18 @@ class RayTrials:
         try:
             tuner.fit()
         finally:
-            searcher.abort()
+            driver.abort()
             shutil.rmtree(storage, ignore_errors=True)
             if previous is None:
                 os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
             else:
                 os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous
-        searcher.thread.join(timeout=10)
-        if searcher.error is not None:
-            if isinstance(searcher.error, TrialFailed):
-                raise FcpassError(str(searcher.error)) from None
-            raise searcher.error
-        assert searcher.result is not None
-        return searcher.result
+        driver.thread.join(timeout=10)
+        if isinstance(driver.error, TrialFailed):
+            raise FcpassError(str(driver.error)) from None
+        if driver.error is not None:
+            raise driver.error
+        assert driver.result is not None
+        wasted = len(driver.measured()) - len(driver.result.trials)
+        log.info("search on Ray: %d trials, %d measured ahead and not needed", len(driver.result.trials), wasted)
+        return driver.result
