@@ -14,6 +14,12 @@ makes its state outputs the true input H and output O of every region at every s
 2. Test. Rerun the same trajectories; wherever the fitted approximation reproduces O(i) within
    relative error eps, collect delta^2 = rel(H(i), H(i-g))^2. sigma^2 is their mean (ALGORITHMS 2a);
    a region with no such pair gets none and is never skipped by FastCache.
+
+One trajectory's share of a pass is `accumulate` (over some of the trajectories, into given fits and peer
+records); `reduce` adds the shares of separate runs, in trajectory order, into one pass's totals. On one
+machine a pass is one `accumulate` over every trajectory; on a cluster (`fcpass.cluster`, `--ray`) each
+trajectory is a task returning its `Accumulation`, and `reduce` sums them into the same plan (the same
+sigma^2 and peer records; the fits to rounding of the sums' order).
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
@@ -36,11 +42,12 @@ from scipy import linalg
 from fcpass.contract.errors import FcpassError
 from fcpass.contract.onnx_io import initializer_tensors, save_model
 from fcpass.contract.plan import CachePlan, RegionSpec
+from fcpass.contract.roles import graph_inputs, infer_roles
 from fcpass.peer_calibration import PEERS, PeerStats
 from runtimes.backend import OrtBackend
 from runtimes.cache import CachedDenoiser
 from runtimes.policies import NoCache
-from runtimes.sampler import SampleRequest, sample
+from runtimes.sampler import SampleRequest, sample, samples_per_call
 from runtimes.schedulers import config_identity, scheduler_from_config
 
 if TYPE_CHECKING:
@@ -107,7 +114,7 @@ def _calibration_request(request: SampleRequest, options: CalibrationOptions) ->
 
 
 @contextmanager
-def _recording_session(model: onnx.ModelProto, plan: CachePlan, options: CalibrationOptions) -> Iterator[Callable[..., None]]:
+def recording_session(model: onnx.ModelProto, plan: CachePlan, options: CalibrationOptions) -> Iterator[Callable[..., None]]:
     """One ONNX Runtime session of `model` on `options.provider`; yields record(sink, setup, options), which
     samples the calibration trajectories with every region computing and calls sink after every step."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,17 +128,20 @@ def _recording_session(model: onnx.ModelProto, plan: CachePlan, options: Calibra
 
         roles = roles_from_plan(plan.roles, backend)
 
-        def record(sink: Callable[..., None], setup: SamplingSetup, options: CalibrationOptions) -> None:
+        def record(sink: Callable[..., None], setup: SamplingSetup, options: CalibrationOptions,
+                   chunks: Sequence[int] | None = None) -> None:
             denoiser = _Recorder(backend, plan, NoCache(), roles, keep_all=True, sink=sink)
             scheduler = scheduler_from_config(setup.scheduler_config)
-            sample(denoiser, scheduler, _calibration_request(setup.request, options), progress=True)
+            sample(denoiser, scheduler, _calibration_request(setup.request, options), progress=chunks is None,
+                   chunks=chunks)
 
         yield record
 
 
 def calibrate_peers(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup, which: str,
-                    options: CalibrationOptions) -> dict[str, Any]:
-    """Fit `which` (teacache, magcache) on fresh trajectories and store it in `plan`; see peer_calibration."""
+                    options: CalibrationOptions, cluster: Cluster | None = None) -> dict[str, Any]:
+    """Fit `which` (teacache, magcache) on fresh trajectories and store it in `plan`; see peer_calibration.
+    With `cluster`, the trajectories run there (one task each) and their records are reduced here."""
     if which not in PEERS:
         raise FcpassError(f"--for {which!r} unknown; use one of {', '.join(PEERS)}")
     peers = PeerStats(plan, (which,))
@@ -139,6 +149,16 @@ def calibrate_peers(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetu
         raise FcpassError(f"{which} calibration needs the stack region"
                           + (" with block 0's modulated-input probe" if which == "teacache" else "")
                           + "; optimize with --regions including stack")
+    with _passes(model, plan, setup, options, cluster) as run:
+        run({}, peers, "peers")
+    result = peers.store(options.steps)
+    if which not in result:
+        raise FcpassError(f"{which} calibration saw no usable pair of steps; use --calib-steps >= 2")
+    return result[which]
+
+
+def _peer_sink(peers: PeerStats) -> Callable[[int, dict[str, np.ndarray] | None, np.ndarray | None], None]:
+    """The sink of a peers-only pass: every all-compute step into `peers`, a NaN/Inf refused."""
 
     def sink(step: int, state: dict[str, np.ndarray] | None, output: np.ndarray | None) -> None:
         if state is None or output is None:
@@ -148,12 +168,97 @@ def calibrate_peers(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetu
             raise FcpassError(f"calibration diverged: NaN/Inf at step {step}; check the scheduler config and weights")
         peers.add(step, state, output)
 
-    with _recording_session(model, plan, options) as record:
-        record(sink, setup, options)
-    result = peers.store(options.steps)
-    if which not in result:
-        raise FcpassError(f"{which} calibration saw no usable pair of steps; use --calib-steps >= 2")
-    return result[which]
+    return sink
+
+
+@dataclass
+class Accumulation:
+    """One run's share of a pass: per region its fit's sums and lists (`_Fit.stats`), and the peer policies'
+    records (`PeerStats.stats`) where the pass keeps them."""
+
+    fits: dict[str, dict[str, Any]]
+    peers: dict[str, Any] | None
+
+
+Remote = Callable[[str, "dict[str, Any] | None", "tuple[str, ...] | None"], list[Accumulation]]
+
+
+class Cluster(Protocol):
+    """Where a pass's trajectories run when not here (`fcpass.cluster.RayCluster`): `passes` opens the graph there
+    and yields remote(phase, solutions, peers) -> every trajectory's `trajectory_share`, in trajectory order."""
+
+    def passes(self, model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup,
+               options: CalibrationOptions) -> AbstractContextManager[Remote]: ...
+
+
+def trajectory_count(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup, options: CalibrationOptions) -> int:
+    """The calibration's trajectories: the calls of the graph its request makes (`samples_per_call` samples each)."""
+    own = [s for s in graph_inputs(model) if not s.name.startswith("fc")]
+    roles = infer_roles(model, {k: v for k, v in plan.roles.items() if v}, candidates=own)
+    request = _calibration_request(setup.request, options)
+    return -(-request.count // samples_per_call(request, roles))
+
+
+def accumulate(record: Callable[..., None], sink: Callable[..., None], setup: SamplingSetup,
+               options: CalibrationOptions, chunks: Sequence[int] | None = None) -> None:
+    """Run trajectories `chunks` (default: all) of the calibration request through `sink`."""
+    record(sink, setup, options, chunks)
+
+
+def trajectory_share(record: Callable[..., None], plan: CachePlan, setup: SamplingSetup, options: CalibrationOptions,
+                     chunk: int, phase: str, solutions: dict[str, Any] | None,
+                     which: tuple[str, ...] | None) -> Accumulation:
+    """What trajectory `chunk` adds to `phase` (fit, test, or peers: the peer records alone), from zero: fresh fits
+    (holding `solutions`, each region's (V, b) and (A - I, c) per output, in the test pass) and fresh records of
+    the peer policies `which` (None: none)."""
+    fits = {} if phase == "peers" else {r.name: _Fit(r, plan, options) for r in plan.regions}
+    for name, (solution, affine) in (solutions or {}).items():
+        fits[name].solution, fits[name].affine = solution, affine
+    peers = PeerStats(plan, which) if which is not None else None
+    if phase == "peers":
+        assert peers is not None
+        sink: Callable[..., None] = _peer_sink(peers)
+    else:
+        sink = _Sink(plan, fits, phase, options.max_gap, peers, first=chunk)
+    accumulate(record, sink, setup, options, [chunk])
+    return Accumulation({n: f.stats() for n, f in fits.items()}, peers.stats() if peers is not None else None)
+
+
+def reduce(fits: dict[str, _Fit], peers: PeerStats | None, parts: Sequence[Accumulation]) -> None:
+    """Add trajectories' shares, in trajectory order, into a pass's `fits` and `peers`: the lists as one run
+    appends them, the sums as one run adds them up to the order of addition."""
+    for part in parts:
+        for name, stats in part.fits.items():
+            fits[name].absorb(stats)
+        if peers is not None and part.peers is not None:
+            peers.absorb(part.peers)
+
+
+Run = Callable[[dict[str, "_Fit"], PeerStats | None, str], None]
+
+
+@contextmanager
+def _passes(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup, options: CalibrationOptions,
+            cluster: Cluster | None) -> Iterator[Run]:
+    """Yields run(fits, peers, phase), which adds every trajectory of one pass into `fits` and `peers`: here, in
+    one session, or on `cluster`, reduced here."""
+    if cluster is None:
+        with recording_session(model, plan, options) as record:
+
+            def run(fits: dict[str, _Fit], peers: PeerStats | None, phase: str) -> None:
+                sink = _peer_sink(peers) if phase == "peers" and peers is not None else _Sink(
+                    plan, fits, phase, options.max_gap, peers)
+                accumulate(record, sink, setup, options)
+
+            yield run
+        return
+    with cluster.passes(model, plan, setup, options) as remote:
+
+        def run_remote(fits: dict[str, _Fit], peers: PeerStats | None, phase: str) -> None:
+            solutions = {n: (f.solution, f.affine) for n, f in fits.items()} if phase == "test" else None
+            reduce(fits, peers, remote(phase, solutions, peers.which if peers is not None else None))
+
+        yield run_remote
 
 
 def _pairs(region: RegionSpec) -> list[tuple[int, int]]:
@@ -169,19 +274,21 @@ def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return num / den
 
 
-def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup, options: CalibrationOptions) -> None:
-    """Fit V, b of every region (initializers of `model`) and store per-region numbers in `plan`."""
+def calibrate(model: onnx.ModelProto, plan: CachePlan, setup: SamplingSetup, options: CalibrationOptions,
+              cluster: Cluster | None = None) -> None:
+    """Fit V, b of every region (initializers of `model`) and store per-region numbers in `plan`. With `cluster`,
+    each pass's trajectories run there and are reduced here."""
     request: SampleRequest = setup.request
     n = options.trajectories
     fits = {r.name: _Fit(r, plan, options) for r in plan.regions}
     peers = PeerStats(plan)
-    with _recording_session(model, plan, options) as record:
+    with _passes(model, plan, setup, options, cluster) as run:
         for phase in ("fit", "test"):
             if phase == "test":
                 for f in fits.values():
                     f.solve()
             log.info("calibration, %s pass: %d trajectories x %d steps", phase, n, options.steps)
-            record(_Sink(plan, fits, phase, options.max_gap, peers if phase == "fit" else None), setup, options)
+            run(fits, peers if phase == "fit" else None, phase)
     for r in plan.regions:
         fits[r.name].store(model)
         r.calibration = fits[r.name].summary()
@@ -197,13 +304,13 @@ class _Sink:
     """Keeps the last max_gap states of the current trajectory and feeds (ref, now) pairs to fits."""
 
     def __init__(self, plan: CachePlan, fits: dict[str, _Fit], phase: str, max_gap: int,
-                 peers: PeerStats | None = None) -> None:
+                 peers: PeerStats | None = None, first: int = 0) -> None:
         self.plan = plan
         self.peers = peers
         self.fits = fits
         self.phase = phase
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=max_gap)
-        self.trajectory = -1
+        self.trajectory = first - 1  # the index of the trajectory it records (held-out: every 4th)
 
     def __call__(self, step: int, state: dict[str, np.ndarray] | None, output: np.ndarray | None) -> None:
         if state is None or output is None:
@@ -236,6 +343,9 @@ class _Sink:
                 return f"region {r.name} output"
         name = next(n for n, v in now.items() if not np.isfinite(v).all())
         return f"state {name}"
+
+
+_LISTS = ("good_delta2", "err_linear", "err_residual", "err_reuse", "err_affine")  # _Fit's per-pair lists
 
 
 class _Fit:
@@ -311,6 +421,22 @@ class _Fit:
         xa = np.concatenate([x, np.ones((len(x), 1))], axis=1)
         a, b, c = self.normal.get(key, (np.zeros((d + 1, d + 1)), np.zeros((d + 1, d)), 0.0))
         self.normal[key] = (a + xa.T @ xa, b + xa.T @ y, c + float(np.sum(y * y)))
+
+    def stats(self) -> dict[str, Any]:
+        """What the trajectories added so far (the normal equations, the test pass's counts and lists)."""
+        return {"normal": self.normal, "pairs_seen": self.pairs_seen, **{k: getattr(self, k) for k in _LISTS}}
+
+    def absorb(self, stats: dict[str, Any]) -> None:
+        """Add another run's `stats` (later trajectories) to these."""
+        for key, (a, b, c) in stats["normal"].items():
+            if key in self.normal:
+                a0, b0, c0 = self.normal[key]
+                self.normal[key] = (a0 + a, b0 + b, c0 + c)
+            else:
+                self.normal[key] = (a, b, c)
+        self.pairs_seen += stats["pairs_seen"]
+        for k in _LISTS:
+            getattr(self, k).extend(stats[k])
 
     def solve(self) -> None:
         for k, _ in _pairs(self.region):

@@ -63,6 +63,7 @@ class OptimizeOptions:
     batch: int | None = None  # the batch a graph with a dynamic batch axis is compiled at (default DYNAMIC_BATCH)
     dims: str | None = None  # sizes of other dynamic axes by name: "height=64,width=64"
     for_policies: tuple[str, ...] = ()  # --for: the policy specs the graph was compiled for (stored in the plan)
+    cluster: Any = None  # --ray: where the calibration's trajectories run (fcpass.calibrate.Cluster); None: here
 
 
 # What `fcpass export` writes by default: one sample with classifier-free guidance per call.
@@ -117,7 +118,7 @@ def optimize(model_path: str | Path, output: str | Path, options: OptimizeOption
     if calibration is not None:
         if setup is None:
             raise ValueError("calibration needs a sampling setup")
-        calibrate(out, plan, setup, calibration)
+        calibrate(out, plan, setup, calibration, options.cluster)
     plan.policy_defaults = policy_defaults()
     plan.compiled_for = dict(map(parse_policy_spec, options.for_policies))
     write_plan(out, plan)

@@ -45,6 +45,7 @@ class SearchOptions:
     provider: str = "cpu"
     threads: int | None = None
     plot: Path | None = None
+    cluster: Any = None  # --ray: where the trials run (fcpass.cluster.RayCluster); None: this process
 
     def check(self) -> None:
         if self.samples < 1:
@@ -66,11 +67,18 @@ def search_setup(setup: SamplingSetup, search: SearchOptions, steps: int | None 
     return dataclasses.replace(setup, request=request)
 
 
-def search_graph(denoiser: Any, setup: SamplingSetup, search: SearchOptions, model: str) -> tune.TuneResult:
-    """Run the search on a compiled graph (already loaded as `denoiser`) and write its plot."""
+def search_graph(denoiser: Any, setup: SamplingSetup, search: SearchOptions, model: str,
+                 path: Path | None = None) -> tune.TuneResult:
+    """Run the search on a compiled graph (already loaded as `denoiser`, from `path`) and write its plot; with
+    `search.cluster`, its runs happen there."""
     policies = list(search.policies) or tune.default_policies(denoiser.plan)
+    trials = None
+    if search.cluster is not None:
+        if path is None:
+            raise ValueError("a search on a cluster needs the graph's path")
+        trials = search.cluster.trials(path, setup, search.repeats)
     result = tune.tune(denoiser, setup, policies, search.target_psnr, search.budget, classifier_for(setup),
-                       model, search.repeats, seed=search.seed, named=bool(search.policies))
+                       model, search.repeats, seed=search.seed, named=bool(search.policies), trials=trials)
     if search.plot is not None:
         tune.plot_trials(result, search.plot, f"{Path(model).name}: {result.samples} samples x {result.steps} steps, "
                          f"{len(result.search.trials)} trials")
@@ -98,7 +106,7 @@ def optimize_to_target(model_path: str | Path, output: str | Path, options: Opti
         denoiser = load_denoiser(searched, "none", {}, provider=search.provider, inputs=setup.inputs,
                                  threads=search.threads)
         search = dataclasses.replace(search, policies=tuple(s.name for s in spaces))
-        result = search_graph(denoiser, on_seeds, search, str(output))
+        result = search_graph(denoiser, on_seeds, search, str(output), searched)
         winner = result.winner
         assert winner is not None  # tune raises where none holds
         log.info("compiling %s for %s alone", Path(output).name, winner.spec)

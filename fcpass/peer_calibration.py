@@ -105,6 +105,19 @@ class PeerStats:
                     self.ratio_count[step] = self.ratio_count.get(step, 0) + 1
         self.prev = now
 
+    def stats(self) -> dict[str, Any]:
+        """What the trajectories added so far."""
+        return {"x": self.x, "y": self.y, "ratio_sum": self.ratio_sum, "ratio_count": self.ratio_count}
+
+    def absorb(self, stats: dict[str, Any]) -> None:
+        """Add another run's `stats` (later trajectories) to these: one ratio per step and trajectory, so the sums
+        add in the order one run adds them."""
+        self.x += stats["x"]
+        self.y += stats["y"]
+        for step, value in stats["ratio_sum"].items():
+            self.ratio_sum[step] = self.ratio_sum.get(step, 0.0) + value
+            self.ratio_count[step] = self.ratio_count.get(step, 0) + stats["ratio_count"][step]
+
     def store(self, steps: int) -> dict[str, Any]:
         """Write the fits into the stack region's calibration; return them."""
         assert self.stack is not None or not self.which

@@ -8,7 +8,9 @@ search with random restarts: from the policy's start point it takes the first mo
 score (one step along an ordered knob, then another value of a choice, then a step along two ordered
 knobs at once), runs on along an improving knob with doubling steps, and stops where no move
 improves; then it restarts from a random unseen setting of the most promising policy, until the
-trial budget is spent.
+trial budget is spent. Before each round of moves it can tell a caller (`ahead`) the settings those moves
+reach, in order: a cluster measures some of them meanwhile (`fcpass.cluster`), which changes nothing the
+search does.
 
 The score prefers, in order: holding the target; then, among settings that hold it, the larger
 MAC-ideal speedup; among those that miss it, the higher PSNR (so a search that starts below the
@@ -156,13 +158,14 @@ Evaluate = Callable[[str], Measurement]
 
 
 def search(spaces: Sequence[Space], evaluate: Evaluate, holds: Callable[[Measurement], bool], budget: int,
-           seed: int = 0, baseline_seconds: float | None = None, progress: bool = True) -> SearchResult:
+           seed: int = 0, baseline_seconds: float | None = None, progress: bool = True,
+           ahead: Callable[[list[str]], None] | None = None) -> SearchResult:
     """Run at most `budget` trials over `spaces`, each first from its start point with a share of the
     budget in proportion to its knobs, then restarts for the policy with the best score so far.
 
     `evaluate(spec)` samples under one setting; an FcpassError from it (the policy cannot run on this
     graph) drops that space with the reason. `baseline_seconds` (the uncached run's) gives each trial its
-    wall-time speedup, for the table and the plot."""
+    wall-time speedup, for the table and the plot. `ahead(specs)`, where given, hears what it may try next."""
     if budget < 1:
         raise FcpassError(f"--budget {budget} must be at least 1 trial")
     rng = random.Random(seed)
@@ -197,6 +200,8 @@ def search(spaces: Sequence[Space], evaluate: Evaluate, holds: Callable[[Measure
         that way with doubling steps while it does; stop where no move improves."""
         current = trial(space, point)
         while current is not None:
+            if ahead is not None:
+                ahead(_nearby(space, point, seen))
             for step in space.moves(point):
                 if len(seen) >= limit:
                     return
@@ -223,17 +228,29 @@ def search(spaces: Sequence[Space], evaluate: Evaluate, holds: Callable[[Measure
         descend(space, space.start, len(seen) + max(share, 1))
         spent = len(seen)
     grids = {s.name: s.points() for s in spaces} if len(seen) < budget else {}
-    while len(seen) < budget:  # restarts, for the policy that holds the target fastest so far
-        fresh = {s.name: [p for p in grids[s.name] if s.spec(p) not in seen] for s in spaces if s.name not in result.skipped}
-        live = [s for s in spaces if fresh.get(s.name)]
-        if not live:
-            break
-        best = {s.name: max((t.score() for t in result.trials if t.space == s.name), default=(False, -math.inf, 0.0))
-                for s in live}
-        space = max(live, key=lambda s: best[s.name])
-        descend(space, rng.choice(fresh[space.name]), budget)
+    while len(seen) < budget and (restart := _restart(spaces, grids, seen, result)):
+        descend(restart[0], rng.choice(restart[1]), budget)
     bar.close()
     return result
+
+
+def _nearby(space: Space, point: tuple[int, ...], seen: dict[str, Trial]) -> list[str]:
+    """The settings one move from `point` that the search has not tried, in the order it tries them."""
+    nearby = [_moved(point, step) for step in space.moves(point)]
+    return [spec for spec in (space.spec(p) for p in nearby if space.takes(p)) if spec not in seen]
+
+
+def _restart(spaces: Sequence[Space], grids: dict[str, list[tuple[int, ...]]], seen: dict[str, Trial],
+             result: SearchResult) -> tuple[Space, list[tuple[int, ...]]] | None:
+    """Where the search restarts: the policy that holds the target fastest so far, with its untried settings."""
+    fresh = {s.name: [p for p in grids[s.name] if s.spec(p) not in seen] for s in spaces if s.name not in result.skipped}
+    live = [s for s in spaces if fresh.get(s.name)]
+    if not live:
+        return None
+    best = {s.name: max((t.score() for t in result.trials if t.space == s.name), default=(False, -math.inf, 0.0))
+            for s in live}
+    space = max(live, key=lambda s: best[s.name])
+    return space, fresh[space.name]
 
 
 def finalists(result: SearchResult, per_space: int = 2, within: float = 0.8) -> list[Trial]:

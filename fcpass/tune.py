@@ -15,9 +15,10 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -146,6 +147,7 @@ class TuneResult:
     seed: int
     baseline: Baseline
     search: SearchResult
+    timed_on: str | None = None  # the one worker that timed the finalists, where they ran on a cluster
 
     @property
     def winner(self) -> Trial | None:
@@ -196,15 +198,51 @@ class Tuner:
         return {s: mean / float(np.mean(w)) for s, w in walls.items()}, mean
 
 
+class Trials(Protocol):
+    """Where a search's runs happen: `LocalTrials` (this process), or `fcpass.cluster.RayTrials` (a Ray cluster).
+    `where` names what timed the finalists, once `time` ran."""
+
+    where: str
+
+    def baseline(self) -> Baseline: ...
+
+    def search(self, spaces: Sequence[Space], base: Baseline, holds: Callable[[Measurement], bool], budget: int,
+               seed: int, progress: bool) -> SearchResult: ...
+
+    def time(self, specs: list[str]) -> dict[str, float]: ...
+
+
+class LocalTrials:
+    """Every run of the search on this process's `tuner`, one after another."""
+
+    where = "this machine"
+
+    def __init__(self, tuner: Tuner, repeats: int = 1) -> None:
+        self.tuner, self.repeats = tuner, repeats
+
+    def baseline(self) -> Baseline:
+        return self.tuner.baseline()
+
+    def search(self, spaces: Sequence[Space], base: Baseline, holds: Callable[[Measurement], bool], budget: int,
+               seed: int, progress: bool) -> SearchResult:
+        return search(spaces, lambda spec: self.tuner.measure(spec, base), holds, budget, seed, base.wall_seconds,
+                      progress)
+
+    def time(self, specs: list[str]) -> dict[str, float]:
+        return self.tuner.time(specs, self.repeats)[0]
+
+
 def tune(denoiser: Any, setup: SamplingSetup, policies: list[str], target_psnr: float, budget: int,
          classifier: Any = None, model: str = "", repeats: int = 1, seed: int = 0,
-         progress: bool = True, named: bool = False) -> TuneResult:
+         progress: bool = True, named: bool = False, trials: Trials | None = None) -> TuneResult:
     """Search `policies` on `denoiser` for the fastest setting at >= `target_psnr` (and no loss of digit
     accuracy where `classifier` scores), in at most `budget` trials. A policy the graph cannot run is left out
-    with a warning, or refused where the user `named` the policies."""
+    with a warning, or refused where the user `named` the policies. `trials` (default: this process) runs the
+    baseline, the trials and the finalists' timing."""
     if not math.isfinite(target_psnr):
         raise FcpassError(f"--target-psnr {target_psnr} must be a finite number of dB, e.g. 30")
     tuner = Tuner(denoiser, setup, classifier)
+    trials = trials or LocalTrials(tuner, repeats)
     spaces, skipped = [], {}
     for space in spaces_for(policies):
         if isinstance(left := runnable(space, denoiser.plan, tuner.request.steps), str):
@@ -214,18 +252,19 @@ def tune(denoiser: Any, setup: SamplingSetup, policies: list[str], target_psnr: 
             log.warning("%s: not searched (%s)", space.name, left)
         else:
             spaces.append(left)
-    base = tuner.baseline()
+    base = trials.baseline()
 
     def holds(m: Measurement) -> bool:
         lost = m.accuracy is not None and base.accuracy is not None and m.accuracy < base.accuracy
         return m.psnr >= target_psnr and not lost
 
-    found = search(spaces, lambda spec: tuner.measure(spec, base), holds, budget, seed, base.wall_seconds, progress)
+    found = trials.search(spaces, base, holds, budget, seed, progress)
     found.skipped.update(skipped)
     request = tuner.request
     result = TuneResult(model, target_psnr, request.count, request.steps, request.seed, base, found)
-    if choose(found, lambda specs: tuner.time(specs, repeats)[0]) is None:
+    if choose(found, trials.time) is None:
         raise FcpassError(_none_holds(result))
+    result.timed_on = None if isinstance(trials, LocalTrials) else trials.where
     return result
 
 
@@ -262,7 +301,7 @@ def to_json(result: TuneResult) -> dict[str, Any]:
     return {"model": result.model, "target_psnr": result.target_psnr, "samples": result.samples,
             "steps": result.steps, "baseline_seconds": result.baseline.wall_seconds,
             "baseline_accuracy": result.baseline.accuracy,
-            "winner": _trial_json(result.winner) if result.winner else None,
+            "winner": _trial_json(result.winner) if result.winner else None, "timed_on": result.timed_on,
             "trials": [_trial_json(t) for t in result.search.trials], "skipped": result.search.skipped}
 
 
@@ -275,7 +314,8 @@ def table(result: TuneResult) -> str:
         f"Fastest setting per policy at >= {result.target_psnr:g} dB mean PSNR against the uncached samples "
         f"({Path(result.model).name}, {result.samples} samples x {result.steps} steps, the search's own seeds; "
         f"speedup = the uncached graph's wall time, {result.baseline.wall_seconds:.3f} s, over the setting's, "
-        "timed in one interleaved run" + (f"; uncached digit accuracy {acc:.2f})" if acc is not None else ")"),
+        "timed in one interleaved run" + (f" on {result.timed_on}" if result.timed_on else "")
+        + (f"; uncached digit accuracy {acc:.2f})" if acc is not None else ")"),
         "",
         "| " + " | ".join(columns) + " |",
         "|---|---|" + "---:|" * (len(columns) - 2),

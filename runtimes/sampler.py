@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,10 +94,20 @@ def _batch_of(roles: InputRoles) -> int | None:
     return b if isinstance(b, int) else None
 
 
+def samples_per_call(request: SampleRequest, roles: InputRoles) -> int:
+    """How many of the request's samples one call of the graph draws (one "chunk" of `sample`): the graph's batch,
+    halved where both halves of guidance share a call; every sample where the batch is dynamic."""
+    cfg_scale = request.guidance_scale if roles.guidance is None else request.true_cfg_scale
+    return _calls(roles, cfg_scale != 1.0, request.count)[0]
+
+
 def sample(
-    denoiser: Denoiser, scheduler: Scheduler, request: SampleRequest, progress: bool = True
+    denoiser: Denoiser, scheduler: Scheduler, request: SampleRequest, progress: bool = True,
+    chunks: Sequence[int] | None = None,
 ) -> SampleResult:
-    """Run the whole sampling loop for every sample in `request`; time it as one wall-clock span."""
+    """Run the whole sampling loop for every sample in `request`; time it as one wall-clock span. `chunks`, where
+    given, runs only those calls' samples (chunk c: samples c * samples_per_call ..., from the same noise as the
+    whole request draws); the others' images stay zero."""
     roles = denoiser.roles
     n = request.count
     cfg_scale, cond_input = _check_request(request, roles)
@@ -119,12 +129,13 @@ def sample(
     scheduler.set_timesteps(request.steps, image_seq_len=grid[0] * grid[1],
                             sigmas=way.sigmas(request.steps) if way.sigmas else None)
     timesteps = scheduler.timesteps
-    images = np.empty_like(noise)
-    chunks = range(0, n, per_call)
-    bar = tqdm(total=len(chunks) * len(timesteps), desc="sample", disable=not progress, leave=False, mininterval=1.0)
+    images = np.zeros_like(noise)
+    starts = range(0, n, per_call)
+    firsts = starts if chunks is None else [starts[c] for c in chunks]
+    bar = tqdm(total=len(firsts) * len(timesteps), desc="sample", disable=not progress, leave=False, mininterval=1.0)
     loop = _Loop(denoiser, scheduler, timesteps, roles, way, cfg_scale, shape, packed, bar)
     start = time.perf_counter()
-    for first in chunks:
+    for first in firsts:
         idx = np.arange(first, min(first + per_call, n))
         pad = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
         rows = len(pad) * (2 if cfg else 1)
@@ -136,7 +147,7 @@ def sample(
         images[idx] = loop.run_chunk(noise[pad], constant, rows, first // per_call)[: len(idx)]
     wall = time.perf_counter() - start
     bar.close()
-    calls = len(chunks) * len(timesteps) * (2 if halves else 1)
+    calls = len(firsts) * len(timesteps) * (2 if halves else 1)
     if packed:
         images = unpack_latents(images, grid)
     return SampleResult(images, wall, loop.step_seconds, loop.macs, denoiser.uncached_macs * calls, loop.records, calls,

@@ -12,6 +12,8 @@ from fcpass.cli.common import (
     CALIB_STEPS_HELP,
     INPUTS_HELP,
     calibration_runtime_args,
+    cluster_for,
+    ray_args,
     sampling_args,
     sampling_setup,
 )
@@ -27,6 +29,7 @@ def add_parser(sub: Any) -> None:
     cal.add_argument("--calib-steps", "--steps", dest="calib_steps", type=int, default=50, help=CALIB_STEPS_HELP)
     cal.add_argument("--inputs", help=INPUTS_HELP)
     calibration_runtime_args(cal)
+    ray_args(cal, "the trajectories (as Ray tasks)")
     sampling_args(cal, calibrating=True)
     cal.set_defaults(func=cmd_calibrate)
 
@@ -46,7 +49,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     setup = sampling_setup(args, args.model)
     options = CalibrationOptions(trajectories=args.calibrate, steps=args.calib_steps, provider=args.provider,
                                  threads=args.threads)
-    result = calibrate_peers(model, plan, setup, args.peer, options)
+    with cluster_for(args) as cluster:
+        result = calibrate_peers(model, plan, setup, args.peer, options, cluster)
     write_plan(model, plan)
     save_compiled(model, args.output)
     if args.peer == "teacache":

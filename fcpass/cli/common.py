@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,27 @@ def calibration_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime provider of the calibration runs: cpu or cuda (default %(default)s)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads of the calibration runs (default: one per core)")
+
+
+def ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help=f"run {what} on Ray (pip install 'fcpass[ray]'): alone, on a local cluster started for the "
+                        "command; with the head's ADDRESS (HOST:PORT, as `ray start --head` prints it), on that cluster")
+
+
+@contextmanager
+def cluster_for(args: argparse.Namespace) -> Iterator[Any]:
+    """The Ray cluster --ray names (fcpass.cluster.RayCluster), connected for the command; None without --ray."""
+    if getattr(args, "ray", None) is None:
+        yield None
+        return
+    if args.ray and (args.ray.endswith(".onnx") or Path(args.ray).exists()):
+        raise FcpassError(f"--ray takes a cluster's address, not {args.ray}; put the model before --ray, or write "
+                          "--ray=ADDRESS")
+    from fcpass.cluster import ray_cluster
+
+    with ray_cluster(args.ray or None, provider=args.provider, threads=args.threads) as cluster:
+        yield cluster
 
 
 def sampling_args(p: argparse.ArgumentParser, calibrating: bool = False) -> None:

@@ -14,6 +14,8 @@ from fcpass.cli.common import (
     INPUTS_HELP,
     bundled_onnx,
     calibration_runtime_args,
+    cluster_for,
+    ray_args,
     sampling_args,
     sampling_setup,
     search_args,
@@ -58,6 +60,7 @@ def add_parser(sub: Any) -> None:
     o.add_argument("--calib-steps", "--steps", dest="calib_steps", type=int, default=50, help=CALIB_STEPS_HELP)
     o.add_argument("--calib-eps", type=float, default=0.05, help="relative error that counts as a good skip")
     calibration_runtime_args(o)
+    ray_args(o, "the calibration's trajectories (as Ray tasks) and --target-psnr's trials (as Ray Tune trials)")
     o.add_argument("--block-pattern", help=BLOCK_PATTERN_HELP)
     o.add_argument("--inputs", help=INPUTS_HELP)
     o.add_argument("--batch", type=int, metavar="N",
@@ -75,8 +78,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from fcpass.compiler.passes.motion_tokens import MergeOptions
-    from fcpass.contract.onnx_io import data_file
-    from fcpass.optimize import OptimizeOptions, optimize
+    from fcpass.optimize import OptimizeOptions
 
     model_path = args.model or bundled_onnx()
     graph = {"regions": tuple(x.strip() for x in args.regions.split(",") if x.strip()), "taylor": args.taylor,
@@ -111,6 +113,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         for_policies=tuple(args.for_policies or ()),
         **graph,
     )
+    if args.ray is not None and not args.calibrate and args.target_psnr is None:
+        raise FcpassError("--ray runs the calibration's trajectories (and --target-psnr's trials) on Ray; add "
+                          "--calibrate N, or drop --ray")
+    with cluster_for(args) as options.cluster:
+        return _optimize(args, model_path, options)
+
+
+def _optimize(args: argparse.Namespace, model_path: Path, options: Any) -> int:
+    from fcpass.contract.onnx_io import data_file
+    from fcpass.optimize import optimize
+
     if args.target_psnr is not None:
         return _optimize_to_target(args, model_path, options)
     # Only calibration samples; without it a model needs no scheduler config to be optimized.
@@ -138,6 +151,7 @@ def _optimize_to_target(args: argparse.Namespace, model_path: Path, options: Any
         raise FcpassError("--target-psnr compiles the graph for the setting it finds; drop --for (name the policies "
                           "to search with --policies)")
     search = search_options(args, args.output.with_suffix(".search.png"))
+    search.cluster = options.cluster
     for path in (search.plot, args.json):
         if path:
             check_file_output(path)

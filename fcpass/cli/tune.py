@@ -7,7 +7,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fcpass.cli.common import INPUTS_HELP, sampling_args, sampling_setup, search_args, search_options, write_search_json
+from fcpass.cli.common import (
+    INPUTS_HELP,
+    cluster_for,
+    ray_args,
+    sampling_args,
+    sampling_setup,
+    search_args,
+    search_options,
+    write_search_json,
+)
 from fcpass.contract.errors import FcpassError
 from fcpass.search import SEARCH_SEED
 
@@ -22,6 +31,7 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     t.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu or cuda")
     t.add_argument("--inputs", help=INPUTS_HELP)
+    ray_args(t, "the search's trials (as Ray Tune trials; the baseline and the finalists' timing on one worker)")
     sampling_args(t)
     t.set_defaults(func=cmd_tune, seed=SEARCH_SEED)  # the search's own seeds, apart from sample's and calibration's
 
@@ -48,7 +58,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     denoiser = load_denoiser(args.model, "none", {}, provider=args.provider, inputs=setup.inputs, threads=args.threads)
     if not hasattr(denoiser, "plan"):
         raise FcpassError(f"{args.model} is not cache-aware; run: fcpass optimize {args.model} -o model.fc.onnx --calibrate 8")
-    result = search_graph(denoiser, setup, options, str(args.model))
+    with cluster_for(args) as options.cluster:
+        result = search_graph(denoiser, setup, options, str(args.model), args.model)
     print(tune.table(result))
     print(f"wrote {options.plot}")
     write_search_json(args.json, result)
