@@ -38,15 +38,14 @@ if __name__ == "__main__":  # instrumented as they are imported, where the targe
         from fcpass.cli.common import embeddings
         from fcpass.compiler.static_shapes import parse_dims
         from fcpass.contract.engines import ENGINES_FORMAT, ENGINES_INDEX, manifest_digest, read_engines_index
+        from fcpass.contract.manifest import MANIFEST, interface_model, read_manifest, segment_files
         from fcpass.contract.onnx_io import load_model
         from fcpass.contract.plan import PLAN_KEY, read_plan
         from fcpass.contract.roles import parse_role_overrides
-        from fcpass.contract.manifest import MANIFEST, interface_model, read_manifest, segment_files
         from runtimes.policies import make_policy
         from runtimes.schedulers import load_config
+        from tests.fuzz.cases import CONFIGS_ON_DISK, FLOW, run_scheduler, with_plan
         from tests.fuzz.harness import FAILURES, TALLY, case_dir, check
-        from tests.fuzz.test_fuzz_config import CONFIGS_ON_DISK, FLOW, run_scheduler
-        from tests.fuzz.test_fuzz_plan import with_plan
 
 
 SEEDS: Path = Path()  # set by main: the folder of seeds

@@ -3,41 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fcpass.contract.errors import FcpassError
-from models.digits import SCHEDULER_CONFIG
 from runtimes.policies import CONFIGS, POLICIES, make_policy
-from runtimes.sampler import check_finite
-from runtimes.schedulers import load_config, scheduler_from_config
+from runtimes.schedulers import load_config
+from tests.fuzz.cases import FLOW, SCHEDULER_DOCS, SCHEDULER_KEYS, run_scheduler
 from tests.fuzz.harness import case_dir, check, examples
 from tests.fuzz.mutate import ODD_VALUES, damaged_text
-
-FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-        "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
-        "max_shift": 1.15}
-CONFIGS_ON_DISK = [SCHEDULER_CONFIG, *sorted((SCHEDULER_CONFIG.parent / "schedulers").glob("*.json"))]
-SCHEDULER_DOCS = [json.loads(p.read_text()) for p in CONFIGS_ON_DISK] + [FLOW]
-SCHEDULER_KEYS = sorted({k for d in SCHEDULER_DOCS for k in d} | {"trained_betas", "rescale_betas_zero_snr",
-                        "thresholding", "solver_order", "algorithm_type", "use_karras_sigmas", "final_sigmas_type"})
-
-
-def run_scheduler(config: dict, steps: int) -> None:
-    """Build the scheduler and take every step of a trajectory: the result must be finite, or an error."""
-    scheduler = scheduler_from_config(config)
-    scheduler.set_timesteps(steps, image_seq_len=16)
-    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32) * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps):
-        out = np.tanh(scheduler.scale_model_input(x, i))
-        x = scheduler.step(out, i, x)
-        check_finite(x, i, len(scheduler.timesteps), scheduler)  # the sampler's guard
-    if not np.all(np.isfinite(x)) or not np.all(np.isfinite(np.asarray(scheduler.timesteps, dtype=float))):
-        raise AssertionError(f"a scheduler built from {config} sampled non-finite values without an error")
 
 
 @settings(max_examples=examples(2500))
@@ -90,8 +66,8 @@ def test_policy_spec(spec: str, alpha: float | None, max_skips: int | None) -> N
                                                                  st.sampled_from(["0", "-1", "64", "1e3", "", "x", "2"])),
                                                        max_size=3).map(lambda kv: ",".join(f"{k}={v}" for k, v in kv))))
 def test_dims_and_roles(text: str) -> None:
-    from fcpass.contract.roles import parse_role_overrides
     from fcpass.compiler.static_shapes import parse_dims
+    from fcpass.contract.roles import parse_role_overrides
 
     check("cli.dims", lambda: parse_dims(text))
     check("cli.inputs", lambda: parse_role_overrides(text.replace("height", "latent").replace("width", "timestep")))

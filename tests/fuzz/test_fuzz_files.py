@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fcpass.contract.onnx_io import load_model, save_model
-from fcpass.quality import load_npy
+from tests.fuzz.cases import GRAPH_EDITS, edit_graph
 from tests.fuzz.conftest import copy_to
 from tests.fuzz.harness import case_dir, check, check_cli, examples
 from tests.fuzz.mutate import damaged_bytes, damaged_json
@@ -66,36 +65,6 @@ def test_external_data_damaged(external: Path, cut: float, how: str) -> None:
         else:
             data.write_bytes(data.read_bytes() + b"\0" * int(cut * 100))
         check_cli("onnx.external", ["inspect", str(model)], inputs=[model], folder=d)
-
-
-GRAPH_EDITS = ["elem_type", "shape", "cycle", "dangling", "drop_node", "output_type", "drop_initializer"]
-
-
-def edit_graph(model: onnx.ModelProto, edit: str, draw: st.DrawFn) -> None:
-    g = model.graph
-    if edit == "elem_type":
-        v = draw(st.sampled_from([*g.input, *g.output, *g.value_info]))
-        v.type.tensor_type.elem_type = draw(st.sampled_from([0, 2, 6, 7, 9, 10, 11, 16, 30]))
-    elif edit in ("shape", "output_type"):
-        v = draw(st.sampled_from([*g.input] if edit == "shape" else [*g.output, *g.value_info]))
-        dims = v.type.tensor_type.shape.dim
-        if dims and draw(st.booleans()):
-            dims[draw(st.integers(0, len(dims) - 1))].dim_value = draw(st.sampled_from([0, 1, 3, 7, 10**6]))
-        else:
-            dims.add().dim_value = 5
-    elif edit == "cycle":  # a node reads an output of a later node
-        i = draw(st.integers(0, len(g.node) - 2))
-        j = draw(st.integers(i + 1, len(g.node) - 1))
-        if g.node[i].input and g.node[j].output:
-            g.node[i].input[0] = g.node[j].output[0]
-    elif edit == "dangling":
-        n = g.node[draw(st.integers(0, len(g.node) - 1))]
-        if n.input:
-            n.input[draw(st.integers(0, len(n.input) - 1))] = "no_such_tensor"
-    elif edit == "drop_node":
-        del g.node[draw(st.integers(0, len(g.node) - 1))]
-    elif g.initializer:
-        del g.initializer[draw(st.integers(0, len(g.initializer) - 1))]
 
 
 @settings(max_examples=examples(60))
@@ -216,8 +185,8 @@ def test_regression_manifest_not_an_object(digits_segments: Path) -> None:
 
 
 def test_regression_engines_index_not_an_object(digits_segments: Path) -> None:
-    from fcpass.contract.errors import FcpassError
     from fcpass.contract.engines import ENGINES_INDEX, read_engines_index
+    from fcpass.contract.errors import FcpassError
 
     with case_dir() as d:
         (d / ENGINES_INDEX).write_text("[]")  # AttributeError: 'list' object has no attribute 'get'

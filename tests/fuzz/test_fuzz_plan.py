@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fcpass.contract.plan import PLAN_KEY, read_plan
 from models.digits import SCHEDULER_CONFIG
+from tests.fuzz.cases import with_plan
 from tests.fuzz.harness import case_dir, check, check_cli, examples
 from tests.fuzz.mutate import damaged_json, damaged_text
 
@@ -19,14 +20,6 @@ from tests.fuzz.mutate import damaged_json, damaged_text
 def plan_text(path: Path) -> str:
     model = onnx.load(str(path), load_external_data=False)
     return next(p.value for p in model.metadata_props if p.key == PLAN_KEY)
-
-
-def with_plan(text: str) -> onnx.ModelProto:
-    """A node-less model holding only `text` as its plan: what read_plan reads."""
-    model = onnx.ModelProto()
-    entry = model.metadata_props.add()
-    entry.key, entry.value = PLAN_KEY, text
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz.cases import GRAPH_EDITS, edit_graph
 from tests.fuzz.conftest import copy_to
 from tests.fuzz.harness import LAST_ERROR, case_dir, check_cli, examples
 from tests.fuzz.mutate import ODD_SCALARS, damaged_bytes
-from tests.fuzz.test_fuzz_files import GRAPH_EDITS, edit_graph
 
 # Policies the folder (stack and tail regions, calibrated) runs; thresholds high enough that regions skip.
 POLICIES = ["none", "fora:regions=stack,interval=2,warmup=1", "fbcache:threshold=0.5", "teacache:threshold=2",
