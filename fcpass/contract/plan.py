@@ -281,7 +281,7 @@ def check_plan_fits(plan: CachePlan, model: onnx.ModelProto, path: str) -> None:
     regions = {r.name for r in plan.regions}
     blocks = len(plan.tokens.get("blocks", [])) if isinstance(plan.tokens.get("blocks"), list) else 0
     for s in plan.states:
-        if s.kind != "mod" and s.region not in regions:  # (token and motion passes name kinds of their own)
+        if s.region not in regions:  # every state, probes' too: the host indexes its region's decision
             raise refuse(f"state {s.name[:60]!r} is of kind {s.kind[:20]!r} in region {s.region[:20]!r}")
         if s.token_block is not None and not 0 <= s.token_block < blocks:
             raise refuse(f"state {s.name} names token block {s.token_block} of {blocks}")

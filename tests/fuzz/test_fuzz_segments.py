@@ -186,3 +186,14 @@ def test_regression_a_latent_of_another_rank(digits_segments: Path) -> None:
         seg = with_manifest(digits_segments, d, flat)
         assert check_cli("segments.program", sample(seg, "none")) == "error"
         assert "latent input latent [2, 64]" in LAST_ERROR[0]
+
+
+def test_regression_a_probe_state_in_no_region(digits_segments: Path) -> None:
+    def stray(doc: dict) -> None:
+        (state,) = [st for st in doc["plan"]["states"] if st["kind"] == "mod"]
+        state["region"] = "fc.thr_eff"  # KeyError in runtimes.state.live_states, before the first step
+
+    with case_dir() as d:
+        seg = with_manifest(digits_segments, d, stray)
+        assert check_cli("segments.program", sample(seg, "none")) == "error"
+        assert "is of kind 'mod' in region 'fc.thr_eff'" in LAST_ERROR[0]
