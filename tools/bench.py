@@ -89,7 +89,7 @@ def main() -> None:
 
     request = SampleRequest(classes=[i % 10 for i in range(args.samples)], steps=args.steps,
                             guidance_scale=args.guidance_scale, uncond_class=10, seed=args.seed)
-    arch = export_arch(args.model)
+    args.arch = arch = export_arch(args.model)
     if bundled(arch) is None:  # the digit classifier scores the samples: only the bundled models have one
         raise SystemExit(f"error: {args.model} is not a bundled model's export; pass models/digits/dit_digits.onnx "
                          "or models/canvas/dit_canvas.onnx")
@@ -155,7 +155,7 @@ def _regions_of(spec: str, default: str) -> str:
 def run(
     args: argparse.Namespace, request: SampleRequest, graphs: dict[Any, Path], config: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    classifier = classifier_for(SamplingSetup(config, request, arch=export_arch(args.model)))
+    classifier = classifier_for(SamplingSetup(config, request, arch=args.arch))
     base = load_denoiser(args.model, None, {}, threads=args.threads)
     denoisers = {"uncached": base}
     for spec in args.policies:
@@ -215,14 +215,14 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
     for key in ("samples", "steps", "repeats", "threads", "calibrate", "regions", "motion_ratio"):
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     out += [flag for flag, on in (("--token-merge", args.token_merge), ("--motion-context", args.motion_context)) if on]
-    if args.scheduler_config != bundled(export_arch(args.model)).scheduler_config:
+    if args.scheduler_config != bundled(args.arch).scheduler_config:
         out += ["--scheduler-config", str(args.scheduler_config)]
     return out + ["--policies", *[f"'{p}'" for p in args.policies]]
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     solver = scheduler_from_config(args.scheduler_config).__class__.__name__.removesuffix("Scheduler")
-    head = (f"Bundled {export_arch(args.model)} DiT ({args.model.name}), {args.samples} samples, {args.steps} {solver} steps, guidance "
+    head = (f"Bundled {args.arch} DiT ({args.model.name}), {args.samples} samples, {args.steps} {solver} steps, guidance "
             f"{args.guidance_scale}, ONNX Runtime CPU, {args.threads} thread(s); speedup = median over {args.repeats} "
             "repeats of (uncached original graph's wall time / policy's), each pair run back to back, in "
             "alternating order.")
@@ -237,7 +237,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     with atomic_path(args.out, suffix=".md") as tmp:
         tmp.write_text(text)
     if args.readme:
-        replace_marked_block(args.readme, text, *markers(export_arch(args.model)))
+        replace_marked_block(args.readme, text, *markers(args.arch))
     with atomic_path(args.out.with_suffix(".json"), suffix=".json") as tmp:
         tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

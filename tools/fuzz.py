@@ -93,6 +93,17 @@ def run_atheris(reader: str, seconds: float, seed: int, seeds: Path, crashes: Pa
     return Counter({(r, o): n for r, o, n in doc["tally"]}), doc["failures"], rc
 
 
+def summary(heading: str, total: Counter, failures: dict[str, str], bad: str | None) -> int:
+    """Print the tally and each reader's first failure; the exit code: 1 if anything failed or a run did not pass."""
+    print(f"\n{heading}:")
+    print(table(total))
+    for reader, why in sorted(failures.items()):
+        print(f"failure in {reader}: {why[:300]}")
+    if bad:
+        print(bad)
+    return 1 if failures or bad else 0
+
+
 def main_atheris(args: argparse.Namespace) -> int:
     try:
         from tests.fuzz.atheris_targets import READERS
@@ -134,13 +145,8 @@ def main_atheris(args: argparse.Namespace) -> int:
             if rc == 0 and not failed:
                 break
             bad_runs.append(f"{reader} (seed {seed})")
-    print(f"\natheris, {args.minutes:g} minutes:")
-    print(table(total))
-    for reader, why in sorted(failures.items()):
-        print(f"failure in {reader}: {why[:300]}")
-    if bad_runs:
-        print(f"runs that did not pass: {', '.join(bad_runs)}; their inputs are in {crashes}")
-    return 1 if failures or bad_runs else 0
+    bad = f"runs that did not pass: {', '.join(bad_runs)}; their inputs are in {crashes}" if bad_runs else None
+    return summary(f"atheris, {args.minutes:g} minutes", total, failures, bad)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,13 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         ended = "passed" if rc == 0 else "stopped at the deadline" if rc == CUT else f"FAILED (pytest exit {rc})"
         print(f"round {rounds}: seed {seed}, {sum(tally.values())} cases, {time.monotonic() - start:.0f} s, {ended}",
               flush=True)
-    print(f"\n{rounds} rounds in {args.minutes:g} minutes (scale {args.scale:g}):")
-    print(table(total))
-    for reader, why in sorted(failures.items()):
-        print(f"failure in {reader}: {why[:300]}")
-    if bad_rounds:
-        print(f"rounds that did not pass: seeds {bad_rounds}")
-    return 1 if failures or bad_rounds else 0
+    bad = f"rounds that did not pass: seeds {bad_rounds}" if bad_rounds else None
+    return summary(f"{rounds} rounds in {args.minutes:g} minutes (scale {args.scale:g})", total, failures, bad)
 
 
 if __name__ == "__main__":

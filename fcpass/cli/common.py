@@ -147,8 +147,8 @@ def _scheduler_config(given: Path | None, model_path: Path, arch: str | None) ->
         beside = Path(model_path).parent / "scheduler_config.json"
         from models import bundled
 
-        if bundled(arch) is not None:
-            sched_path = bundled(arch).scheduler_config
+        if (model := bundled(arch)) is not None:
+            sched_path = model.scheduler_config
         elif beside.is_file():  # where tools/export_diffusers.py, and a diffusers scheduler folder, keep it
             log.info("sampling with %s (no --scheduler-config given)", beside)
             sched_path = beside

@@ -115,13 +115,19 @@ def check(reader: str, run: Callable[[], Any], inputs: list[Path] = (), folder: 
         problem = f"hang: {exc}"
     except Exception as exc:  # noqa: BLE001  (any other exception is what this harness looks for)
         problem = f"{type(exc).__name__}: {exc} at {where(exc)}"
-    if problem is None and digest(list(inputs)) != before:
-        problem = "an input file changed"
-    if problem is None and folder is not None:
+    problem = problem or _left_behind(inputs, before, folder, names, outputs)
+    return _record(reader, outcome, problem)
+
+
+def _left_behind(inputs: Any, before: Any, folder: Path | None, names: set[str], outputs: tuple[str, ...]) -> str | None:
+    """What a finished case broke of the property besides its outcome: an input changed, or files left in `folder`."""
+    if digest(list(inputs)) != before:
+        return "an input file changed"
+    if folder is not None:
         extra = {n for n in listing(folder) - names if n.split("/")[0] not in outputs}
         if extra:
-            problem = f"files left behind: {sorted(extra)}"
-    return _record(reader, outcome, problem)
+            return f"files left behind: {sorted(extra)}"
+    return None
 
 
 def check_cli(reader: str, argv: list[str], inputs: list[Path] = (), folder: Path | None = None,
@@ -156,12 +162,7 @@ def check_cli(reader: str, argv: list[str], inputs: list[Path] = (), folder: Pat
             problem = f"error line with {why}: {lines[0]}"
     elif problem is None and rc != 0:
         problem = f"exit code {rc}: {err.getvalue()!r}"
-    if problem is None and digest(list(inputs)) != before:
-        problem = "an input file changed"
-    if problem is None and folder is not None:
-        extra = {n for n in listing(folder) - names if n.split("/")[0] not in outputs}
-        if extra:
-            problem = f"files left behind: {sorted(extra)}"
+    problem = problem or _left_behind(inputs, before, folder, names, outputs)
     return _record(reader, outcome, problem, argv)
 
 
